@@ -1,0 +1,1 @@
+"""Dataset adapters (public layouts -> raw layout) and the built-in demo data."""

@@ -1,0 +1,5 @@
+import sys
+
+from medvol.cli import main
+
+sys.exit(main())

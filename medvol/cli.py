@@ -1,0 +1,124 @@
+"""``medvol <command>``: a thin layer that parses arguments and calls the library.
+
+Errors of the MedvolError family are printed as one line, without a traceback, and the
+command exits with status 2; a preprocessing run in which some cases failed exits 1
+after listing them (the valid cases are processed all the same).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from medvol import __version__
+from medvol.errors import MedvolError
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logging")
+
+
+def _add_plan_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpu-memory", type=float, default=8.0, dest="gpu_memory_gb",
+                   help="GPU memory target in GB for patch/batch size (nnU-Net default 8)")
+    p.add_argument("--interpolation", choices=["linear", "cubic"], default="linear", dest="image_interpolation",
+                   help="image resampling: torch linear (fast, default) or nnU-Net's cubic spline")
+    p.add_argument("--cache-dtype", choices=["float32", "float16"], default="float32", dest="cache_dtype",
+                   help="dtype of the cached images")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medvol", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"medvol {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("preprocess", help="fingerprint -> plan -> crop/normalise/resample into a cache")
+    p.add_argument("raw", type=Path, help="raw dataset: nnU-Net/Decathlon folder, NIfTI folder or DICOM tree")
+    p.add_argument("-o", "--out", type=Path, required=True, help="output (cache) folder")
+    p.add_argument("-j", "--workers", type=int, default=2, help="worker processes (default 2)")
+    p.add_argument("--overwrite", action="store_true", help="start from scratch instead of resuming")
+    p.add_argument("--shard", help="K/N: process cases K, K+N, ... (K from 0); needs `medvol plan` first")
+    _add_plan_options(p)
+    _add_common(p)
+
+    p = sub.add_parser("fingerprint", help="per-case fingerprints (and cropped arrays) only")
+    p.add_argument("raw", type=Path)
+    p.add_argument("-o", "--out", type=Path, required=True)
+    p.add_argument("-j", "--workers", type=int, default=2)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--shard", help="K/N: fingerprint cases K, K+N, ... (K from 0)")
+    _add_common(p)
+
+    p = sub.add_parser("plan", help="merge fingerprints into fingerprint.json and write plans.json")
+    p.add_argument("out", type=Path, help="the folder `medvol fingerprint` wrote")
+    _add_plan_options(p)
+    _add_common(p)
+
+    p = sub.add_parser("demo", help="the main job end to end on the built-in real data")
+    p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default ./demo_out)")
+    p.add_argument("-j", "--workers", type=int, default=2)
+    _add_common(p)
+    return parser
+
+
+def _report(report, out: Path) -> int:
+    print(f"{len(report.done)} case(s) processed, {len(report.skipped)} already done, "
+          f"{len(report.failures)} failed -> {out}")
+    if report.failures:
+        print("failed cases:", file=sys.stderr)
+        for case, err in sorted(report.failures.items()):
+            print(f"  {case}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_preprocess(a) -> int:
+    from medvol.preprocessing import preprocess_dataset
+
+    rep = preprocess_dataset(a.raw, a.out, a.workers, a.overwrite, a.shard, a.quiet, gpu_memory_gb=a.gpu_memory_gb,
+                             image_interpolation=a.image_interpolation, cache_dtype=a.cache_dtype)
+    return _report(rep, a.out)
+
+
+def _cmd_fingerprint(a) -> int:
+    from medvol.preprocessing import fingerprint_dataset
+
+    return _report(fingerprint_dataset(a.raw, a.out, a.workers, a.shard, a.overwrite, a.quiet), a.out)
+
+
+def _cmd_plan(a) -> int:
+    from medvol.preprocessing import plan_dataset
+
+    plans = plan_dataset(a.out, a.gpu_memory_gb, a.image_interpolation, a.cache_dtype)
+    print(f"target spacing {plans['target_spacing']} mm, patch {plans['patch_size']}, "
+          f"batch {plans['batch_size']} -> {a.out / 'plans.json'}")
+    return 0
+
+
+def _cmd_demo(a) -> int:
+    from medvol.datasets.demo import run_demo
+
+    return run_demo(a.out, workers=a.workers, quiet=a.quiet)
+
+
+COMMANDS = {"preprocess": _cmd_preprocess, "fingerprint": _cmd_fingerprint, "plan": _cmd_plan, "demo": _cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except MedvolError as e:
+        print(f"medvol {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

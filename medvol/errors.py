@@ -1,0 +1,29 @@
+"""Exception families. Each message names the file (or key) and says what to fix.
+
+The CLI prints these without a traceback and exits with status 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class MedvolError(Exception):
+    """Base class of every error medvol raises on purpose."""
+
+
+class InputError(MedvolError):
+    """A scan, label or dataset file is unreadable or inconsistent."""
+
+    def __init__(self, path: str | Path | None, problem: str):
+        self.path = None if path is None else str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+class ConfigError(MedvolError):
+    """A recipe, plan or command-line setting is wrong (unknown key, bad value)."""
+
+
+class CacheError(MedvolError):
+    """The preprocessing cache is missing, incomplete or from another version."""

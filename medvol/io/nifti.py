@@ -1,0 +1,80 @@
+"""NIfTI reading and writing with nibabel."""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from medvol.errors import InputError
+from medvol.io.volume import Volume
+from medvol.utils import atomic_path
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def is_nifti(path: str | Path) -> bool:
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def read_nifti(path: str | Path, header_only: bool = False) -> Volume:
+    """Read a 3D or 4D NIfTI file. 4D files are channels (last axis).
+
+    The affine is nibabel's choice (sform when its code is set, else qform), which is
+    also what ITK uses when both agree. A 5D file whose 4th axis has length 1 (a vector
+    image as some tools write it) is read as channels.
+    """
+    path = Path(path)
+    try:
+        img = nib.load(str(path))
+    except FileNotFoundError:
+        raise InputError(path, "file not found") from None
+    except Exception as e:  # nibabel raises many types for bad headers
+        raise InputError(path, f"not a readable NIfTI file ({type(e).__name__}: {e})") from None
+    shape = img.shape
+    if len(shape) == 5 and shape[3] == 1:
+        shape = shape[:3] + shape[4:]
+    if len(shape) == 2:
+        shape = shape + (1,)
+    if len(shape) not in (3, 4):
+        raise InputError(path, f"expected a 3D or 4D image, got shape {img.shape}")
+    meta = {
+        "path": str(path),
+        "format": "nifti",
+        "dtype": str(img.get_data_dtype()),
+        "qform_code": int(img.header["qform_code"]),
+        "sform_code": int(img.header["sform_code"]),
+        "original_shape": list(shape),
+    }
+    if header_only:
+        return Volume(np.empty((0, 0, 0)), img.affine, meta)
+    try:
+        data = np.asanyarray(img.dataobj)
+    except (EOFError, OSError, zlib.error, ValueError) as e:
+        raise InputError(path, f"truncated or corrupt image data ({type(e).__name__}: {e})") from None
+    return Volume(np.asarray(data).reshape(shape), img.affine, meta)
+
+
+def write_nifti(volume: Volume, path: str | Path, dtype=None) -> Path:
+    """Write ``volume`` as NIfTI, atomically, with sform and qform both set to its affine.
+
+    The affine is stored exactly (to the float32 precision of the NIfTI header), so a
+    volume read from a NIfTI file comes back with a bit-identical affine.
+    """
+    path = Path(path)
+    if not is_nifti(path):
+        raise InputError(path, "output name must end in .nii or .nii.gz")
+    array = volume.array if dtype is None else volume.array.astype(dtype, copy=False)
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8)
+    if array.dtype == np.float64:
+        array = array.astype(np.float32)
+    img = nib.Nifti1Image(array, volume.affine)
+    img.set_sform(volume.affine, code=1)
+    img.set_qform(volume.affine, code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return path

@@ -1,0 +1,46 @@
+"""Crop to the nonzero region, as nnU-Net does (before normalisation and resampling)."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.ndimage import binary_fill_holes
+
+OUTSIDE_LABEL = -1  # nnU-Net's marker for label voxels outside the nonzero mask
+
+
+def nonzero_mask(image: np.ndarray) -> np.ndarray:
+    """Voxels where any channel of ``image`` (C, X, Y, Z) is nonzero, with holes filled."""
+    mask = image[0] != 0
+    for c in range(1, image.shape[0]):
+        mask |= image[c] != 0
+    return binary_fill_holes(mask)
+
+
+def bbox_of(mask: np.ndarray) -> list[list[int]]:
+    """``[[start, stop), ...]`` per axis of the True voxels; the whole array if none."""
+    box = []
+    for ax in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != ax)
+        hit = np.flatnonzero(mask.any(axis=other))
+        box.append([int(hit[0]), int(hit[-1]) + 1] if hit.size else [0, int(mask.shape[ax])])
+    return box
+
+
+def crop_to_nonzero(image: np.ndarray, label: np.ndarray | None = None):
+    """Crop ``image`` (C, X, Y, Z) and ``label`` (1, X, Y, Z) to the nonzero bounding box.
+
+    Returns ``(image, seg, bbox)``. ``seg`` is the cropped label with background voxels
+    outside the nonzero mask set to -1, or, without a label, 0 inside the mask and -1
+    outside (so normalisation can ignore the outside either way).
+    """
+    mask = nonzero_mask(image)
+    bbox = bbox_of(mask)
+    sl = tuple(slice(a, b) for a, b in bbox)
+    image = image[(slice(None),) + sl]
+    mask = mask[sl][None]
+    if label is not None:
+        seg = np.array(label[(slice(None),) + sl], dtype=np.int16)
+        seg[(seg == 0) & ~mask] = OUTSIDE_LABEL
+    else:
+        seg = np.where(mask, 0, OUTSIDE_LABEL).astype(np.int16)
+    return image, seg, bbox

@@ -1,0 +1,202 @@
+"""Experiment planning: target spacing, patch and batch size, U-Net topology (nnU-Net v2 rules).
+
+nnU-Net plans in its own axis order: SimpleITK's (z, y, x), then transposed so the
+coarsest axis comes first. Where the rules break ties by axis position (argmax of the
+spacing, argsort when shrinking the patch) that order decides, so we plan in it too and
+map every per-axis result back to medvol's (X, Y, Z) order. The result then equals
+``nnUNetv2_plan_and_preprocess``'s 3d_fullres plan up to axis order.
+"""
+
+from __future__ import annotations
+
+from copy import deepcopy
+
+import numpy as np
+
+from medvol.preprocessing.normalization import MASKABLE, scheme_for_channel
+from medvol.preprocessing.resampling import ANISO_THRESHOLD, compute_new_shape
+
+PLANS_VERSION = 1
+# nnU-Net v2 ExperimentPlanner constants (PlainConvUNet, 8 GB target).
+REFERENCE_VAL_3D = 560_000_000
+REFERENCE_GB = 8
+REFERENCE_BS_3D = 2
+BASE_FEATURES = 32
+MAX_FEATURES_3D = 320
+MIN_EDGE = 4  # smallest feature-map edge in the bottleneck
+MIN_BATCH = 2
+MAX_DATASET_COVERED = 0.05
+CONVS_PER_STAGE = 2
+
+
+def fullres_target_spacing(spacings: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Median spacing; the coarse axis takes its 10th percentile when both spacing and
+    voxel count are anisotropic (never finer than the largest other spacing)."""
+    target = np.percentile(np.vstack(spacings), 50, 0)
+    target_size = np.percentile(np.vstack(sizes), 50, 0)
+    worst = int(np.argmax(target))
+    others = [i for i in range(len(target)) if i != worst]
+    other_spacings = [target[i] for i in others]
+    other_sizes = [target_size[i] for i in others]
+    aniso_spacing = target[worst] > ANISO_THRESHOLD * max(other_spacings)
+    aniso_voxels = target_size[worst] * ANISO_THRESHOLD < min(other_sizes)
+    if aniso_spacing and aniso_voxels:
+        coarse = np.percentile(np.vstack(spacings)[:, worst], 10)
+        if coarse < max(other_spacings):
+            coarse = max(max(other_spacings), coarse) + 1e-5
+        target[worst] = coarse
+    return target
+
+
+def pool_and_conv_props(spacing, patch_size, min_edge: int = MIN_EDGE, max_numpool: int = 999999):
+    """Topology rule: pool an axis while its spacing is within 2x of the finest poolable
+    one and its size stays >= 2*min_edge; kernel 3 once an axis is within 2x of the
+    finest spacing, else 1. Returns (pools per axis, strides, kernels, padded patch, divisor)."""
+    dim = len(spacing)
+    cur_spacing = [float(s) for s in spacing]
+    cur_size = [float(s) for s in patch_size]
+    strides = [[1] * dim]
+    kernels = []
+    num_pool = [0] * dim
+    kernel = [1] * dim
+    while True:
+        valid = [i for i in range(dim) if cur_size[i] >= 2 * min_edge]
+        if not valid:
+            break
+        min_sp = min(cur_spacing[i] for i in valid)
+        valid = [i for i in valid if cur_spacing[i] / min_sp < 2 and num_pool[i] < max_numpool]
+        if len(valid) == 1 and cur_size[valid[0]] < 3 * min_edge:
+            break
+        if not valid:
+            break
+        for d in range(dim):
+            if kernel[d] != 3 and cur_spacing[d] / min(cur_spacing) < 2:
+                kernel[d] = 3
+        stride = [1] * dim
+        for v in valid:
+            stride[v] = 2
+            num_pool[v] += 1
+            cur_spacing[v] *= 2
+            cur_size[v] = np.ceil(cur_size[v] / 2)
+        strides.append(stride)
+        kernels.append(list(kernel))
+    divisor = [2 ** n for n in num_pool]
+    padded = []
+    for s, d in zip(patch_size, divisor):  # sizes may be fractional medians: pad as floats
+        padded.append(int(s if s % d == 0 else s + d - s % d))
+    kernels.append([3] * dim)
+    return num_pool, strides, kernels, padded, divisor
+
+
+def unet_feature_map_size(patch_size, strides, features, num_classes: int, deep_supervision: bool = True) -> int:
+    """Sum of feature-map voxels of nnU-Net's PlainConvUNet (its VRAM proxy)."""
+    total = 0
+    size = list(patch_size)
+    skips = []
+    for s, (stride, f) in enumerate(zip(strides, features)):
+        size = [a // b for a, b in zip(size, stride)]
+        total += CONVS_PER_STAGE * f * int(np.prod(size, dtype=np.int64))
+        if s < len(strides) - 1:
+            skips.append(list(size))
+    for s in range(len(strides) - 1):
+        skip = skips[-(s + 1)]
+        f = features[-(s + 2)]
+        vox = int(np.prod(skip, dtype=np.int64))
+        total += CONVS_PER_STAGE * f * vox + f * vox  # conv block + transposed conv
+        if deep_supervision or s == len(strides) - 2:
+            total += num_classes * vox
+    return total
+
+
+def _features(n_stages: int) -> list[int]:
+    return [min(MAX_FEATURES_3D, BASE_FEATURES * 2 ** i) for i in range(n_stages)]
+
+
+def plan_configuration(spacing, median_shape, num_classes: int, n_voxels_dataset: float,
+                       gpu_memory_gb: float = 8.0) -> dict:
+    """Patch size, batch size and topology for one configuration (in nnU-Net's axis order)."""
+    tmp = 1 / np.array(spacing, float)
+    initial = [round(i) for i in tmp * (256 ** 3 / np.prod(tmp)) ** (1 / 3)]
+    initial = np.array([min(i, j) for i, j in zip(initial, median_shape)])
+    num_pool, strides, kernels, patch, divisor = pool_and_conv_props(spacing, initial)
+    reference = REFERENCE_VAL_3D * (gpu_memory_gb / REFERENCE_GB)
+    cache: dict = {}
+
+    def estimate(patch, strides):
+        key = (tuple(patch), str(strides))
+        if key not in cache:
+            cache[key] = unet_feature_map_size(patch, strides, _features(len(strides)), num_classes)
+        return cache[key]
+
+    est = estimate(patch, strides)
+    while est / REFERENCE_BS_3D * 2 > reference:
+        axis = int(np.argsort([i / j for i, j in zip(patch, median_shape)])[-1])
+        trial = list(patch)
+        trial[axis] -= divisor[axis]
+        *_, divisor = pool_and_conv_props(spacing, trial)
+        patch = list(patch)
+        patch[axis] -= divisor[axis]
+        num_pool, strides, kernels, patch, divisor = pool_and_conv_props(spacing, patch)
+        est = estimate(patch, strides)
+    batch = round(reference / est * REFERENCE_BS_3D)
+    bs_5pct = round(n_voxels_dataset * MAX_DATASET_COVERED / np.prod(patch, dtype=np.float64))
+    batch = max(min(batch, bs_5pct), MIN_BATCH)
+    return {"patch_size": [int(p) for p in patch], "batch_size": int(batch), "strides": strides,
+            "kernel_sizes": kernels, "num_pool_per_axis": num_pool, "features_per_stage": _features(len(strides)),
+            "vram_estimate": int(est)}
+
+
+def plan_experiment(fingerprint: dict, dataset_json: dict, gpu_memory_gb: float = 8.0,
+                    image_interpolation: str = "linear", cache_dtype: str = "float32") -> dict:
+    """Build ``plans.json`` content from a merged fingerprint (all per-axis values in X, Y, Z)."""
+    spacings = np.asarray(fingerprint["spacings"], float)
+    sizes = np.asarray(fingerprint["shapes_after_crop"], float)
+    rev = [2, 1, 0]  # medvol (X,Y,Z) -> SimpleITK (z,y,x)
+    target_nn = fullres_target_spacing(spacings[:, rev], sizes[:, rev])
+    target = target_nn[np.argsort(rev)]  # back to X,Y,Z (rev is its own inverse)
+    max_axis_nn = int(np.argmax(target_nn))
+    transpose_nn = [max_axis_nn] + [i for i in range(3) if i != max_axis_nn]
+    work_axes = [rev[i] for i in transpose_nn]  # planning axis k is medvol axis work_axes[k]
+
+    new_shapes = np.array([compute_new_shape(sh, sp, target) for sp, sh in zip(spacings, sizes.astype(int))])
+    median_shape = np.median(new_shapes, 0)
+    n_vox = float(np.prod(median_shape, dtype=np.float64) * len(spacings))
+    num_classes = len(dataset_json["labels"])
+    cfg = plan_configuration(target[work_axes], median_shape[work_axes], num_classes, n_vox, gpu_memory_gb)
+    back = np.argsort(work_axes)  # planning order -> X,Y,Z
+
+    def to_xyz(v):
+        return [v[i] for i in back]
+
+    channel_names = {int(k): v for k, v in dataset_json["channel_names"].items()}
+    schemes = [scheme_for_channel(channel_names[c]) for c in sorted(channel_names)]
+    use_mask = [s in MASKABLE and fingerprint["median_relative_size_after_cropping"] < 0.75 for s in schemes]
+    stats = fingerprint["foreground_intensity_properties_per_channel"]
+    return {
+        "plans_version": PLANS_VERSION,
+        "axis_order": "XYZ",
+        "target_spacing": [float(s) for s in target],
+        "median_shape_after_resampling": [float(s) for s in median_shape],
+        "patch_size": to_xyz(cfg["patch_size"]),
+        "batch_size": cfg["batch_size"],
+        "network": {
+            "n_stages": len(cfg["strides"]),
+            "features_per_stage": cfg["features_per_stage"],
+            "kernel_sizes": [to_xyz(k) for k in cfg["kernel_sizes"]],
+            "strides": [to_xyz(s) for s in cfg["strides"]],
+            "num_pool_per_axis": to_xyz(cfg["num_pool_per_axis"]),
+            "n_conv_per_stage": CONVS_PER_STAGE,
+            "vram_estimate": cfg["vram_estimate"],
+            "gpu_memory_gb": gpu_memory_gb,
+        },
+        "normalization": [
+            {"channel": c, "name": channel_names[c], "scheme": schemes[c], "use_mask_for_norm": bool(use_mask[c]),
+             "statistics": stats[str(c)]} for c in range(len(schemes))
+        ],
+        "resampling": {"image": image_interpolation, "label": "onehot_linear_argmax",
+                       "separate_z_anisotropy_threshold": ANISO_THRESHOLD},
+        "labels": dict(dataset_json["labels"]),
+        "channel_names": {str(k): v for k, v in channel_names.items()},
+        "cache_dtype": cache_dtype,
+        "nnunet_transpose_forward": transpose_nn,
+    }

@@ -1,0 +1,170 @@
+"""Resampling to a target spacing with nnU-Net's rules, computed with torch.
+
+nnU-Net resamples images with cubic splines (order 3) and labels with per-label linear
+interpolation, and when the current or target spacing is anisotropic (max/min > 3) it
+resamples in-plane with that order and along the coarse axis with nearest neighbour (the
+"separate z" rule). medvol keeps those rules and the same sampling grid (voxel centres at
+half-pixel offsets, edge clamping) but interpolates with torch: trilinear for images
+(``order="linear"``, the default; agrees with nnU-Net's cubic at Pearson r > 0.999 on real
+scans at a fraction of the time) and one-hot linear + argmax for labels. ``order="cubic"``
+uses scikit-image's cubic spline, nnU-Net's exact interpolant, when that matters more than speed.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ANISO_THRESHOLD = 3.0
+LABEL_CHUNK = 8  # labels interpolated together in one call (memory vs speed)
+
+
+def compute_new_shape(old_shape: Sequence[int], old_spacing: Sequence[float],
+                      new_spacing: Sequence[float]) -> tuple[int, ...]:
+    """nnU-Net's rule: round(old_spacing / new_spacing * old_shape) per axis."""
+    return tuple(int(round(float(s) / float(t) * int(n))) for n, s, t in zip(old_shape, old_spacing, new_spacing))
+
+
+def _is_aniso(spacing: Sequence[float], threshold: float = ANISO_THRESHOLD) -> bool:
+    return max(spacing) / min(spacing) > threshold
+
+
+def separate_z_axis(current_spacing: Sequence[float], new_spacing: Sequence[float],
+                    threshold: float = ANISO_THRESHOLD) -> int | None:
+    """The axis to resample with nearest neighbour, or None (nnU-Net's rule).
+
+    Checked on the current spacing first, then on the target; only when exactly one axis
+    has the largest spacing (two equally coarse axes, e.g. 0.24 x 1.25 x 1.25, do not count).
+    """
+    for spacing in (current_spacing, new_spacing):
+        if _is_aniso(spacing, threshold):
+            s = np.asarray(spacing, float)
+            axes = np.flatnonzero(s.max() / s == 1)
+            return int(axes[0]) if len(axes) == 1 else None
+    return None
+
+
+def _nearest_indices(n_in: int, n_out: int) -> torch.Tensor:
+    # scipy.ndimage.map_coordinates(order=0, mode="nearest") at nnU-Net's coordinates
+    # scale * (i + 0.5) - 0.5, rounded half up.
+    coords = (n_in / n_out) * (np.arange(n_out) + 0.5) - 0.5
+    return torch.from_numpy(np.clip(np.floor(coords + 0.5), 0, n_in - 1).astype(np.int64))
+
+
+def _interp(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Linear interpolation of ``x`` (N, C, *spatial) with half-pixel centres."""
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
+    return F.interpolate(x, size=tuple(int(s) for s in size), mode=mode, align_corners=False)
+
+
+def _cubic(x: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    from skimage.transform import resize
+
+    return resize(x.astype(np.float64, copy=False), tuple(size), order=3, mode="edge",
+                  anti_aliasing=False).astype(np.float32)
+
+
+def resample_image(data: np.ndarray, new_shape: Sequence[int], current_spacing: Sequence[float],
+                   new_spacing: Sequence[float], order: str = "linear",
+                   separate_z: int | None | str = "auto") -> np.ndarray:
+    """Resample an image ``(C, X, Y, Z)`` to ``new_shape``; returns float32."""
+    new_shape = tuple(int(s) for s in new_shape)
+    data = np.asarray(data, dtype=np.float32)
+    if data.shape[1:] == new_shape:
+        return data
+    axis = separate_z_axis(current_spacing, new_spacing) if separate_z == "auto" else separate_z
+    if order == "cubic":
+        return _resample_cubic(data, new_shape, axis)
+    if order != "linear":
+        raise ValueError(f"order must be 'linear' or 'cubic', got {order!r}")
+    with torch.no_grad():
+        t = torch.from_numpy(np.ascontiguousarray(data))
+        if axis is None:
+            return _interp(t[None], new_shape)[0].numpy()
+        return _separate_z(t, new_shape, axis, lambda x, size: _interp(x, size)).numpy()
+
+
+def _separate_z(t: torch.Tensor, new_shape: tuple[int, ...], axis: int, inplane) -> torch.Tensor:
+    """In-plane ``inplane`` per slice along ``axis``, then nearest neighbour along it."""
+    c = t.shape[0]
+    moved = t.movedim(axis + 1, 1)  # (C, S, P, Q)
+    s = moved.shape[1]
+    plane = [new_shape[a] for a in range(3) if a != axis]
+    flat = moved.reshape(c * s, 1, *moved.shape[2:])
+    out = inplane(flat, plane).reshape(c, s, *plane)
+    if s != new_shape[axis]:
+        out = out.index_select(1, _nearest_indices(s, new_shape[axis]))
+    return out.movedim(1, axis + 1).contiguous()
+
+
+def _resample_cubic(data: np.ndarray, new_shape: tuple[int, ...], axis: int | None) -> np.ndarray:
+    if axis is None:
+        return np.stack([_cubic(ch, new_shape) for ch in data])
+    plane = [new_shape[a] for a in range(3) if a != axis]
+    out = []
+    for ch in data:
+        moved = np.moveaxis(ch, axis, 0)
+        slices = np.stack([_cubic(sl, plane) for sl in moved])
+        idx = _nearest_indices(slices.shape[0], new_shape[axis]).numpy()
+        out.append(np.moveaxis(slices[idx], 0, axis))
+    return np.ascontiguousarray(np.stack(out))
+
+
+def _label_argmax(seg: torch.Tensor, labels: np.ndarray, size: Sequence[int]) -> torch.Tensor:
+    """Argmax over labels of linearly interpolated one-hot masks; seg is (N, 1, *spatial)."""
+    best = None
+    out = None
+    for start in range(0, len(labels), LABEL_CHUNK):
+        chunk = torch.as_tensor(labels[start:start + LABEL_CHUNK], dtype=seg.dtype)
+        onehot = (seg == chunk.view(1, -1, *([1] * (seg.ndim - 2)))).float()
+        probs = _interp(onehot, size)
+        val, arg = probs.max(dim=1, keepdim=True)
+        lab = chunk[arg]
+        if best is None:
+            best, out = val, lab
+        else:
+            better = val > best
+            best = torch.where(better, val, best)
+            out = torch.where(better, lab, out)
+    return out
+
+
+def resample_label(seg: np.ndarray, new_shape: Sequence[int], current_spacing: Sequence[float],
+                   new_spacing: Sequence[float], separate_z: int | None | str = "auto") -> np.ndarray:
+    """Resample a label map ``(1, X, Y, Z)`` (may hold -1) by one-hot linear + argmax."""
+    new_shape = tuple(int(s) for s in new_shape)
+    if seg.shape[1:] == new_shape:
+        return np.asarray(seg, dtype=np.int16)
+    axis = separate_z_axis(current_spacing, new_spacing) if separate_z == "auto" else separate_z
+    labels = np.unique(seg)
+    with torch.no_grad():
+        t = torch.from_numpy(np.ascontiguousarray(seg, dtype=np.int16))
+        if len(labels) == 1:
+            return np.full((1,) + new_shape, labels[0], dtype=np.int16)
+        if axis is None:
+            out = _label_argmax(t[None], labels, new_shape)[0]
+        else:
+            out = _separate_z(t, new_shape, axis, lambda x, size: _label_argmax(x, labels, size))
+    return out.numpy().astype(np.int16)
+
+
+def resample_probabilities(probs: np.ndarray | torch.Tensor, new_shape: Sequence[int],
+                           current_spacing: Sequence[float], new_spacing: Sequence[float],
+                           separate_z: int | None | str = "auto") -> torch.Tensor:
+    """Resample class probabilities / logits ``(C, X, Y, Z)`` linearly (separate z aware)."""
+    t = torch.as_tensor(probs)
+    new_shape = tuple(int(s) for s in new_shape)
+    if tuple(t.shape[1:]) == new_shape:
+        return t
+    axis = separate_z_axis(current_spacing, new_spacing) if separate_z == "auto" else separate_z
+    dtype = t.dtype
+    t = t.float()
+    with torch.no_grad():
+        if axis is None:
+            out = _interp(t[None], new_shape)[0]
+        else:
+            out = _separate_z(t, new_shape, axis, lambda x, size: _interp(x, size))
+    return out.to(dtype)
