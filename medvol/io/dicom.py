@@ -8,6 +8,7 @@ Multi-frame files (enhanced or legacy) give one slice per frame.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 from medvol.errors import InputError
 from medvol.io.volume import Volume
 
+log = logging.getLogger(__name__)
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Relative tolerance on slice-to-slice distance before spacing counts as uneven.
 SPACING_TOLERANCE = 0.01
@@ -61,7 +63,7 @@ def _first(seq_owner, name):
     return seq[0] if seq else None
 
 
-def _frames_of(path: Path, ds) -> list[_Frame]:
+def _frames_of(path: Path, ds, no_geometry_ok: bool = False) -> list[_Frame]:
     rows, cols = int(ds.Rows), int(ds.Columns)
     n = int(getattr(ds, "NumberOfFrames", 1) or 1)
     shared = _first(ds, "SharedFunctionalGroupsSequence")
@@ -88,6 +90,11 @@ def _frames_of(path: Path, ds) -> list[_Frame]:
         px = px if px is not None else getattr(ds, "PixelSpacing", None)
         slope = slope if slope is not None else getattr(ds, "RescaleSlope", 1.0)
         intercept = intercept if intercept is not None else getattr(ds, "RescaleIntercept", 0.0)
+        if pos is None and getattr(ds, "ImagePositionPatient", None) is None and ori is None and no_geometry_ok:
+            # A lone file without any geometry (secondary capture, anonymised test data):
+            # identity orientation, frames 1 apart. Flagged in meta; warned once.
+            ori, pos = [1.0, 0, 0, 0, 1.0, 0], [0.0, 0.0, float(i)]
+            px = px if px is not None else (1.0, 1.0)
         if pos is None:
             base = getattr(ds, "ImagePositionPatient", None)
             if base is None or ori is None:
@@ -117,8 +124,11 @@ def group_series(files: list[Path]) -> dict[str, list[Path]]:
     series: dict[str, list[Path]] = defaultdict(list)
     for f in files:
         ds = _read_header(f)
-        if "Rows" not in ds:  # SR, RT plan, etc: no image in it
-            continue
+        if "Rows" not in ds:
+            sop = getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None) or ds.get("SOPClassUID")
+            if sop is not None and "Image Storage" in getattr(sop, "name", ""):
+                raise InputError(f, f"truncated or corrupt: a {sop.name} file without image attributes")
+            continue  # SR, RT plan, etc: no image in it
         series[str(getattr(ds, "SeriesInstanceUID", "<no SeriesInstanceUID>"))].append(f)
     return dict(series)
 
@@ -165,10 +175,16 @@ def read_dicom_series(folder: str | Path) -> Volume:
     (uid, files), = series.items()
     frames: list[_Frame] = []
     modality = None
+    geometry_missing = False
     for f in files:
         ds = _read_header(f)
         modality = modality or str(getattr(ds, "Modality", ""))
-        frames.extend(_frames_of(f, ds))
+        if len(files) == 1 and not any(k in ds for k in ("ImagePositionPatient", "ImageOrientationPatient",
+                                                          "SharedFunctionalGroupsSequence",
+                                                          "PerFrameFunctionalGroupsSequence")):
+            geometry_missing = True
+            log.warning("%s: no patient geometry in the file; assuming identity orientation", f)
+        frames.extend(_frames_of(f, ds, no_geometry_ok=len(files) == 1))
 
     ori = frames[0].orientation
     for fr in frames:
@@ -206,7 +222,7 @@ def read_dicom_series(folder: str | Path) -> Volume:
     lps[:3, 2] = normal * step
     lps[:3, 3] = frames[0].position
     meta = {"path": str(folder), "format": "dicom", "series_instance_uid": uid, "modality": modality,
-            "num_files": len(files)}
+            "num_files": len(files), "geometry": "missing (identity assumed)" if geometry_missing else "patient"}
     return Volume(array, LPS_TO_RAS @ lps, meta)
 
 

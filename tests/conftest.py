@@ -1,0 +1,74 @@
+"""Shared fixtures: small real datasets built once per session, and synthetic writers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medvol.datasets.brain import Acquisition, build_brain_dataset
+
+
+@pytest.fixture(scope="session")
+def brain_raw(tmp_path_factory) -> Path:
+    """A tiny real brain-tissue dataset (nnU-Net v2 layout): 5 training + 1 test case at
+    ~4 mm, with LPS, oblique, cropped and anisotropic acquisitions among them."""
+    root = tmp_path_factory.mktemp("raw") / "Dataset001_BrainTissue"
+    acqs = [
+        Acquisition((4.0, 4.0, 4.0)),
+        Acquisition((4.0, 4.0, 4.0), flip=(0, 1), intensity=(0.8, 20.0), noise=0.02, seed=1),
+        Acquisition((3.5, 3.5, 5.0), oblique_deg=12.0, seed=2),
+        Acquisition((4.0, 4.0, 4.5), crop=(0.1, 0.15, 0.2), noise=0.02, seed=3),
+        Acquisition((4.5, 4.0, 4.0), flip=(2,), intensity=(1.2, 0.0), seed=4),
+        Acquisition((4.0, 4.0, 4.0), noise=0.01, seed=5),
+    ]
+    return build_brain_dataset(root, n_train=5, n_test=1, acquisitions=acqs)
+
+
+@pytest.fixture(scope="session")
+def brain_pre(brain_raw, tmp_path_factory) -> Path:
+    from medvol.preprocessing import preprocess_dataset
+
+    out = tmp_path_factory.mktemp("pre")
+    report = preprocess_dataset(brain_raw, out, num_workers=2, quiet=True)
+    assert not report.failures
+    return out
+
+
+def write_nifti(path: Path, array: np.ndarray, affine=None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(np.asarray(array), np.eye(4) if affine is None else affine)
+    nib.save(img, str(path))
+    return path
+
+
+def write_v2_dataset(root: Path, cases: dict, channel_names=None, labels=None, extra_json=None) -> Path:
+    """cases: {case_id: (list of channel arrays, label array or None, affine)}."""
+    channel_names = channel_names or {"0": "MRI"}
+    labels = labels or {"background": 0, "fg": 1}
+    for cid, (chans, lab, aff) in cases.items():
+        for c, arr in enumerate(chans):
+            write_nifti(root / "imagesTr" / f"{cid}_{c:04d}.nii.gz", arr, aff)
+        if lab is not None:
+            write_nifti(root / "labelsTr" / f"{cid}.nii.gz", lab, aff)
+    meta = {"channel_names": channel_names, "labels": labels, "numTraining": len(cases), "file_ending": ".nii.gz"}
+    meta.update(extra_json or {})
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+def sphere_case(shape=(24, 24, 20), radius=6.0, value=100.0, seed=0, spacing=(1.0, 1.0, 1.0)):
+    """A bright sphere (label 1) in a noisy nonzero head-like box surrounded by zeros."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"))
+    centre = (np.array(shape) - 1) / 2
+    d = np.sqrt((((grid - centre[:, None, None, None])) ** 2).sum(0))
+    label = (d <= radius).astype(np.uint8)
+    image = np.zeros(shape, np.float32)
+    box = tuple(slice(2, s - 2) for s in shape)
+    image[box] = 20 + rng.normal(0, 2, image[box].shape)
+    image[label > 0] = value + rng.normal(0, 5, int(label.sum()))
+    return image, label, np.diag(list(spacing) + [1.0])
