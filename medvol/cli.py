@@ -23,8 +23,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _add_plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory", type=float, default=8.0, dest="gpu_memory_gb",
                    help="GPU memory target in GB for patch/batch size (nnU-Net default 8)")
-    p.add_argument("--interpolation", choices=["linear", "cubic"], default="linear", dest="image_interpolation",
-                   help="image resampling: torch linear (fast, default) or nnU-Net's cubic spline")
+    p.add_argument("--interpolation", choices=["cubic", "linear"], default="cubic", dest="image_interpolation",
+                   help="image resampling: cubic spline as nnU-Net (default) or torch trilinear (faster)")
     p.add_argument("--cache-dtype", choices=["float32", "float16"], default="float32", dest="cache_dtype",
                    help="dtype of the cached images")
 

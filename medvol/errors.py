@@ -20,6 +20,9 @@ class InputError(MedvolError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
 
+    def __reduce__(self):  # picklable, so worker processes can pass it back and forth
+        return (type(self), (self.path, self.problem))
+
 
 class ConfigError(MedvolError):
     """A recipe, plan or command-line setting is wrong (unknown key, bad value)."""

@@ -147,7 +147,7 @@ def plan_configuration(spacing, median_shape, num_classes: int, n_voxels_dataset
 
 
 def plan_experiment(fingerprint: dict, dataset_json: dict, gpu_memory_gb: float = 8.0,
-                    image_interpolation: str = "linear", cache_dtype: str = "float32") -> dict:
+                    image_interpolation: str = "cubic", cache_dtype: str = "float32") -> dict:
     """Build ``plans.json`` content from a merged fingerprint (all per-axis values in X, Y, Z)."""
     spacings = np.asarray(fingerprint["spacings"], float)
     sizes = np.asarray(fingerprint["shapes_after_crop"], float)

@@ -251,6 +251,18 @@ def _run_jobs(fn: Callable, cases: list[RawCase], args: tuple, num_workers: int,
     return report
 
 
+def _clean_partial(out: Path, case_ids: list[str]) -> None:
+    """Remove temp files of these cases' writes cut short by a kill (atomic writes rename
+    only when complete). Other cases' temp files may belong to a running shard: kept."""
+    suffixes = (".npy", "_seg.npy", ".json", "_image.npy", "_intensities.npy")
+    prefixes = tuple(f".{cid}{suf}." for cid in case_ids for suf in suffixes)
+    for sub in ("cases", "fingerprints", "staging"):
+        if (out / sub).is_dir():
+            for junk in (out / sub).glob(".*.part*"):
+                if junk.name.startswith(prefixes):
+                    junk.unlink(missing_ok=True)
+
+
 def _prepare_out(raw: RawDataset, out: Path, overwrite: bool) -> None:
     if overwrite and out.exists():
         for sub in ("cases", "fingerprints", "staging"):
@@ -280,6 +292,7 @@ def fingerprint_dataset(raw: str | Path, out: str | Path, num_workers: int = 2, 
     _prepare_out(ds, out, overwrite)
     sh = parse_shard(shard)
     mine = _select(ds.training, sh)
+    _clean_partial(out, [c.case_id for c in mine])
     n_samples = samples_per_case(len(ds.training))
     todo = [c for c in mine if not case_fingerprint_done(out / "fingerprints", c.case_id)]
     report = _run_jobs(_fingerprint_job, todo, (ds, out, n_samples), num_workers, "fingerprint", quiet)
@@ -287,7 +300,7 @@ def fingerprint_dataset(raw: str | Path, out: str | Path, num_workers: int = 2, 
     return report
 
 
-def plan_dataset(out: str | Path, gpu_memory_gb: float = 8.0, image_interpolation: str = "linear",
+def plan_dataset(out: str | Path, gpu_memory_gb: float = 8.0, image_interpolation: str = "cubic",
                  cache_dtype: str = "float32") -> dict:
     """Merge the per-case fingerprints into ``fingerprint.json`` and write ``plans.json``."""
     out = Path(out)
@@ -321,6 +334,7 @@ def preprocess_cases(raw: str | Path, out: str | Path, num_workers: int = 2, sha
     digest = plans_digest(plans)
     failed = set(read_json(out / "fingerprint.json").get("failed_cases", [])) if (out / "fingerprint.json").exists() else set()
     mine = [c for c in _select(ds.training, parse_shard(shard)) if c.case_id not in failed]
+    _clean_partial(out, [c.case_id for c in mine])
     todo = [c for c in mine if not case_is_complete(out, c.case_id, digest)]
     report = _run_jobs(_preprocess_job, todo, (ds, out, plans, digest), num_workers, "preprocess", quiet)
     report.skipped += [c.case_id for c in mine if c not in todo]

@@ -37,6 +37,7 @@ class RawCase:
     label: Path | None = None
     multichannel_file: bool = False  # True when images[0] is one 4D file holding all channels
     extra: dict = field(default_factory=dict)
+    problem: InputError | None = None  # found at discovery (missing file): reported when processed
 
 
 @dataclass
@@ -193,19 +194,21 @@ def _v2_cases(root: Path, img_dir: str, lab_dir: str, ending: str, n_channels: i
         by_case.setdefault(stem[:-5], {})[int(stem[-4:])] = p
     cases = []
     for case, chans in sorted(by_case.items()):
+        problem = None
         missing = [c for c in range(n_channels) if c not in chans]
-        if missing:
-            raise_path = idir / f"{case}_{missing[0]:04d}{ending}"
-            raise InputError(raise_path, f"case '{case}' is missing channel file(s) {missing}")
         extra = sorted(set(chans) - set(range(n_channels)))
-        if extra:
-            raise InputError(chans[extra[0]], f"channel {extra[0]} is not declared in channel_names")
         lab = root / lab_dir / f"{case}{ending}"
+        if missing:
+            problem = InputError(idir / f"{case}_{missing[0]:04d}{ending}",
+                                 f"case '{case}' is missing channel file(s) {missing}")
+        elif extra:
+            problem = InputError(chans[extra[0]], f"channel {extra[0]} is not declared in channel_names")
         if not lab.exists():
-            if not labels_optional:
-                raise InputError(lab, f"label file of case '{case}' is missing")
+            if not labels_optional and problem is None:
+                problem = InputError(lab, f"label file of case '{case}' is missing")
             lab = None
-        cases.append(RawCase(case, [chans[c] for c in range(n_channels)], lab))
+        cases.append(RawCase(case, [chans.get(c, idir / f"{case}_{c:04d}{ending}") for c in range(n_channels)],
+                             lab, problem=problem))
     return cases
 
 
@@ -219,6 +222,8 @@ class LoadedCase:
 def load_raw_case(case: RawCase, dataset: RawDataset, check_labels: bool = True) -> LoadedCase:
     """Read and validate one case: channels present and agreeing in shape and affine with
     each other and the label, intensities finite, label values declared."""
+    if case.problem is not None:
+        raise case.problem
     vols = [read_volume(p) for p in case.images]
     ref = vols[0]
     channels = []
@@ -260,5 +265,7 @@ def _check_geometry(path: Path, vol: Volume, ref_path: Path, ref: Volume) -> Non
         raise InputError(path, f"shape {vol.spatial_shape} differs from {ref_path.name}'s {ref.spatial_shape}")
     # nnU-Net's tolerance: direction/origin/spacing equal to about 1e-4 relative.
     if not np.allclose(vol.affine, ref.affine, rtol=1e-4, atol=1e-3):
-        raise InputError(path, f"affine differs from {ref_path.name}'s: image and label are not on the same grid\n"
-                               f"{np.round(vol.affine, 4).tolist()}\nvs\n{np.round(ref.affine, 4).tolist()}")
+        diff = float(np.abs(vol.affine - ref.affine).max())
+        raise InputError(path, f"affine differs from {ref_path.name}'s by up to {diff:.4g} (mm or direction "
+                               f"cosine): not on the same voxel grid; origin {np.round(vol.affine[:3, 3], 3).tolist()} "
+                               f"vs {np.round(ref.affine[:3, 3], 3).tolist()}")
