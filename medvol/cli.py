@@ -56,6 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_options(p)
     _add_common(p)
 
+    p = sub.add_parser("train", help="train a recipe on a preprocessing cache")
+    p.add_argument("recipe", help="recipe YAML (a path, or the name of one in pipelines/, e.g. quickstart)")
+    p.add_argument("--data", type=Path, required=True, help="the preprocessing cache (medvol preprocess -o)")
+    p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs, recipe, plans)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set trainer.steps=500 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest.pt")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+    p.add_argument("--nproc", type=int, default=1, help="processes on this node (DDP through torchrun)")
+    _add_common(p)
+
     p = sub.add_parser("demo", help="the main job end to end on the built-in real data")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default ./demo_out)")
     p.add_argument("-j", "--workers", type=int, default=2)
@@ -97,13 +108,36 @@ def _cmd_plan(a) -> int:
     return 0
 
 
+def _cmd_train(a) -> int:
+    import os
+
+    from medvol.config import load_recipe
+
+    recipe = load_recipe(a.recipe, a.overrides)  # fail early, before any process is spawned
+    if a.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from medvol.training.distributed import launch
+
+        argv = [x for x in sys.argv[1:]]
+        i = argv.index("--nproc")
+        del argv[i:i + 2]
+        return launch(a.nproc, argv)
+    from medvol.training import train
+
+    metrics = train(recipe, a.data, a.out, resume=a.resume, device=a.device, quiet=a.quiet)
+    if int(os.environ.get("RANK", "0")) == 0:
+        summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        print(f"trained {recipe.name} -> {a.out}" + (f" ({summary})" if summary else ""))
+    return 0
+
+
 def _cmd_demo(a) -> int:
     from medvol.datasets.demo import run_demo
 
     return run_demo(a.out, workers=a.workers, quiet=a.quiet)
 
 
-COMMANDS = {"preprocess": _cmd_preprocess, "fingerprint": _cmd_fingerprint, "plan": _cmd_plan, "demo": _cmd_demo}
+COMMANDS = {"preprocess": _cmd_preprocess, "fingerprint": _cmd_fingerprint, "plan": _cmd_plan, "train": _cmd_train,
+            "demo": _cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

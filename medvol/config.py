@@ -1,0 +1,234 @@
+"""Recipes: YAML files parsed into dataclasses. Unknown keys are errors naming the key and
+the file; ``--set a.b=c`` overrides any value (parsed as YAML)."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medvol.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "dynunet"
+    base_features: int = 32  # nnU-Net: 32 * 2**stage, capped at max_features
+    max_features: int = 320
+    deep_supervision: bool = True
+    options: dict = field(default_factory=dict)  # architecture-specific keyword arguments
+
+
+@dataclass
+class AugmentConfig:
+    """nnU-Net's default augmentation, with MONAI transforms (probabilities per sample)."""
+
+    enabled: bool = True
+    rotate_prob: float = 0.2
+    rotate_deg: float = 30.0
+    scale_prob: float = 0.2
+    scale_range: tuple = (0.7, 1.4)
+    elastic_prob: float = 0.0
+    noise_prob: float = 0.1
+    noise_std: float = 0.1
+    blur_prob: float = 0.2
+    blur_sigma: tuple = (0.5, 1.0)
+    brightness_prob: float = 0.15
+    brightness_range: tuple = (0.75, 1.25)
+    contrast_prob: float = 0.15
+    contrast_range: tuple = (0.75, 1.25)
+    lowres_prob: float = 0.25
+    lowres_zoom: tuple = (0.5, 1.0)
+    gamma_prob: float = 0.3
+    gamma_range: tuple = (0.7, 1.5)
+    flip_prob: float = 0.5
+    flip_axes: tuple = (0, 1, 2)
+
+
+@dataclass
+class DataConfig:
+    patch_size: list | None = None  # None: the plan's
+    batch_size: int | None = None  # per process; None: the plan's
+    oversample_foreground: float = 0.33  # share of each global batch centred on foreground
+    num_workers: int = 2
+    val_fraction: float = 0.2
+    val_cases: list | None = None  # explicit validation case ids (overrides val_fraction)
+    labelled: int | list | None = None  # semi-supervised: how many (or which) training cases keep labels
+    unlabelled_per_batch: int = 0  # two-stream batches: this many unlabelled samples in each batch
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"  # sgd | adam | adamw
+    lr: float = 0.01
+    momentum: float = 0.99
+    nesterov: bool = True
+    weight_decay: float = 3e-5
+    betas: tuple = (0.9, 0.999)
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "poly"  # poly | step | cosine | constant
+    power: float = 0.9
+    milestones: list = field(default_factory=list)  # step schedule: steps at which lr *= gamma
+    gamma: float = 0.1
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    name: str = "supervised"
+    steps: int = 1000
+    val_every: int = 250
+    log_every: int = 10
+    loss: str = "dice_ce"  # dice_ce | ce | dice
+    grad_clip: float | None = 12.0
+    amp: bool = True  # CUDA only; CPU always runs fp32
+    seed: int = 0
+    val_overlap: float = 0.5
+
+
+@dataclass
+class Recipe:
+    name: str = "unnamed"
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    method: dict = field(default_factory=dict)  # method-specific options, checked by the method's trainer
+    inference: dict = field(default_factory=dict)
+    init_from: str | None = None  # weights to start from (loaded by name and shape)
+
+
+def _coerce(value: Any, tp: Any, where: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{where}' must be a mapping, got {value!r}")
+        return from_dict(tp, value, source, where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where, source)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{source}: bad value for '{where}': {value!r}")
+    if tp in (list, tuple) or origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: '{where}' must be a list, got {value!r}")
+        return tuple(value) if (tp is tuple or origin is tuple) else list(value)
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{where}' must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: '{where}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: '{where}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: '{where}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: '{where}' must be a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls, data: dict, source: str = "<recipe>", prefix: str = ""):
+    """Build dataclass ``cls`` from ``data``; unknown keys raise ConfigError naming them."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"{source}: unknown key '{where}' (known keys{' of ' + prefix if prefix else ''}: "
+                          f"{', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k, source) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(obj) -> dict:
+    d = dataclasses.asdict(obj)
+
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(d)
+
+
+def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
+    """``["trainer.steps=50", "optimizer.lr=1e-3"]`` applied onto the raw recipe dict."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        path, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML ({e})") from None
+        node = data
+        keys = path.strip().split(".")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: '{k}' is not a section")
+        node[keys[-1]] = value
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.exists():
+        builtin = Path(__file__).resolve().parent.parent / "pipelines" / f"{path.name}"
+        candidates = [builtin, builtin.with_suffix(".yaml")]
+        path = next((c for c in candidates if c.exists()), path)
+    if not path.exists():
+        raise ConfigError(f"{path}: recipe not found (a path, or the name of one in pipelines/)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of sections")
+    data = apply_overrides(data, overrides or [], str(path))
+    return from_dict(Recipe, data, str(path))
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    from medvol.utils import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))

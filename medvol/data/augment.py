@@ -1,0 +1,60 @@
+"""nnU-Net's default augmentation, expressed with MONAI dictionary transforms.
+
+Spatial transforms (rotation, scaling, optional elastic deformation, flips) act on image and
+label together (label with nearest neighbour), so they stay aligned; intensity transforms
+(noise, blur, brightness, contrast, low-resolution simulation, gamma) act on the image only.
+Every random transform draws from the state set by :func:`seed_transforms`, so a sample is a
+pure function of its seed (exact resume, identical data under any number of processes).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from medvol.config import AugmentConfig
+
+
+def build_augmentation(cfg: AugmentConfig, ndim: int = 3):
+    import monai.transforms as T
+
+    if not cfg.enabled:
+        return None
+    keys, img = ["image", "label"], ["image"]
+    rot = np.deg2rad(cfg.rotate_deg)
+    t = []
+    if cfg.rotate_prob > 0 or cfg.scale_prob > 0:
+        # One affine draw per sample; rotation and scaling each applied with its own probability
+        # would need two resamplings, so they share one (probability = the larger of the two).
+        t.append(T.RandAffined(keys, prob=max(cfg.rotate_prob, cfg.scale_prob),
+                               rotate_range=[rot] * ndim if cfg.rotate_prob > 0 else None,
+                               scale_range=[(cfg.scale_range[0] - 1, cfg.scale_range[1] - 1)] * ndim
+                               if cfg.scale_prob > 0 else None,
+                               mode=("bilinear", "nearest"), padding_mode="zeros"))
+    if cfg.elastic_prob > 0:
+        t.append(T.Rand3DElasticd(keys, sigma_range=(9, 13), magnitude_range=(0, 900), prob=cfg.elastic_prob,
+                                  mode=("bilinear", "nearest"), padding_mode="zeros"))
+    if cfg.noise_prob > 0:
+        t.append(T.RandGaussianNoised(img, prob=cfg.noise_prob, std=cfg.noise_std))
+    if cfg.blur_prob > 0:
+        s = cfg.blur_sigma
+        t.append(T.RandGaussianSmoothd(img, sigma_x=s, sigma_y=s, sigma_z=s, prob=cfg.blur_prob))
+    if cfg.brightness_prob > 0:
+        lo, hi = cfg.brightness_range
+        t.append(T.RandScaleIntensityd(img, factors=(lo - 1, hi - 1), prob=cfg.brightness_prob))
+    if cfg.contrast_prob > 0:
+        lo, hi = cfg.contrast_range
+        t.append(T.RandScaleIntensityFixedMeand(img, factors=(lo - 1, hi - 1), preserve_range=True,
+                                                prob=cfg.contrast_prob))
+    if cfg.lowres_prob > 0:
+        t.append(T.RandSimulateLowResolutiond(img, prob=cfg.lowres_prob, zoom_range=tuple(cfg.lowres_zoom)))
+    if cfg.gamma_prob > 0:
+        t.append(T.RandAdjustContrastd(img, prob=cfg.gamma_prob, gamma=tuple(cfg.gamma_range), retain_stats=True))
+    for ax in cfg.flip_axes:
+        if cfg.flip_prob > 0:
+            t.append(T.RandFlipd(keys, prob=cfg.flip_prob, spatial_axis=int(ax)))
+    return T.Compose(t) if t else None
+
+
+def seed_transforms(transform, seed: int) -> None:
+    if transform is not None:
+        transform.set_random_state(seed=int(seed) % (2**32))

@@ -1,0 +1,165 @@
+"""Training data over the preprocessing cache.
+
+Sampling is a pure function of ``(seed, step, slot)``, where ``slot`` is a sample's position
+in the *global* batch (all processes together). That makes resumed runs reproduce
+uninterrupted ones exactly, and makes a run on N processes with per-process batch b draw
+the same samples as one process with batch N*b: process ``r`` simply takes slots
+``r*b .. r*b+b-1`` of each step.
+
+Batch composition (slots are filled in this order):
+- labelled only: every slot from the labelled training cases;
+- two streams (semi-supervised): the first ``B - U`` slots labelled, the last ``U`` from the
+  unlabelled cases (their label is all -1 and ``labelled`` is False);
+- partial labels: each sample also carries whatever per-case fields the cache properties
+  hold for it (``task_id``, ``annotated`` channels...), passed through unchanged.
+Within the labelled slots the last ``round(B_labelled * oversample)`` are centred on
+foreground, as nnU-Net does per batch position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from medvol.data.augment import build_augmentation, seed_transforms
+from medvol.data.sampling import choose_patch_start, extract_patch
+from medvol.preprocessing.cache import list_cases, load_case
+
+PASSTHROUGH_KEYS = ("task_id", "annotated")
+
+
+def split_cases(cases: list[str], val_fraction: float, val_cases: list | None, seed: int) -> tuple[list, list]:
+    """(train, val): explicit ``val_cases``, else a seeded ``val_fraction`` (at least one
+    validation case when there are two or more cases)."""
+    if val_cases:
+        missing = sorted(set(val_cases) - set(cases))
+        if missing:
+            from medvol.errors import ConfigError
+
+            raise ConfigError(f"data.val_cases: not in the cache: {missing}")
+        return [c for c in cases if c not in val_cases], [c for c in cases if c in val_cases]
+    n_val = int(round(len(cases) * val_fraction))
+    if val_fraction > 0 and len(cases) > 1:
+        n_val = max(n_val, 1)
+    order = np.random.default_rng(seed).permutation(len(cases))
+    val = sorted(cases[i] for i in order[:n_val])
+    return [c for c in cases if c not in val], val
+
+
+@dataclass
+class Streams:
+    labelled: list[str]
+    unlabelled: list[str]
+    global_batch: int
+    unlabelled_per_batch: int = 0
+
+    def labelled_slots(self) -> int:
+        return self.global_batch - self.unlabelled_per_batch
+
+
+class PatchDataset(Dataset):
+    """Map-style dataset indexed by ``step * global_batch + slot``."""
+
+    def __init__(self, cache_dir, streams: Streams, patch_size: Sequence[int], oversample: float = 0.33,
+                 augment=None, seed: int = 0):
+        self.cache_dir = str(cache_dir)
+        self.streams = streams
+        self.patch = [int(p) for p in patch_size]
+        self.oversample = oversample
+        self.transform = augment
+        self.seed = seed
+        self._cases: dict = {}  # per worker process: case id -> (image memmap, label memmap, props)
+        nl = streams.labelled_slots()
+        self.first_fg_slot = int(round(nl * (1 - oversample)))
+
+    def _case(self, case_id: str):
+        if case_id not in self._cases:
+            self._cases[case_id] = load_case(self.cache_dir, case_id, mmap=True)
+        return self._cases[case_id]
+
+    def __len__(self) -> int:  # effectively unbounded; the sampler decides what is drawn
+        return 2**62
+
+    def sample(self, step: int, slot: int) -> dict:
+        rng = np.random.default_rng([self.seed, step, slot])
+        labelled_slot = slot < self.streams.labelled_slots()
+        pool = self.streams.labelled if labelled_slot else self.streams.unlabelled
+        case_id = pool[int(rng.integers(len(pool)))]
+        image, label, props = self._case(case_id)
+        force_fg = labelled_slot and slot >= self.first_fg_slot
+        start, _ = choose_patch_start(image.shape[1:], self.patch, rng, props.get("class_locations"), force_fg)
+        img = extract_patch(image, start, self.patch, 0.0).astype(np.float32, copy=False)
+        if label is not None and labelled_slot:
+            lab = extract_patch(label, start, self.patch, -1).astype(np.int64)
+            lab[lab < 0] = 0  # outside the nonzero mask counts as background for the loss
+        else:
+            lab = np.full((1,) + tuple(self.patch), -1, np.int64)  # unlabelled: no target
+        out = {"image": torch.from_numpy(img), "label": torch.from_numpy(lab)}
+        if self.transform is not None:
+            seed_transforms(self.transform, rng.integers(2**31))
+            out = self.transform(out)
+            out = {"image": torch.as_tensor(out["image"]).float(), "label": torch.as_tensor(out["label"]).long()}
+        out["labelled"] = torch.tensor(labelled_slot and label is not None)
+        out["slot"] = torch.tensor(slot)
+        for k in PASSTHROUGH_KEYS:
+            if k in props:
+                out[k] = torch.as_tensor(props[k])
+        return out
+
+    def __getitem__(self, index: int) -> dict:
+        step, slot = divmod(int(index), self.streams.global_batch)
+        return self.sample(step, slot)
+
+
+class StepSampler(Sampler):
+    """Yields this process's dataset indices for steps ``start .. stop-1``."""
+
+    def __init__(self, start_step: int, stop_step: int, global_batch: int, rank: int = 0, world_size: int = 1):
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} is not divisible by {world_size} processes")
+        self.start, self.stop, self.B = start_step, stop_step, global_batch
+        self.b = global_batch // world_size
+        self.rank = rank
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            base = step * self.B + self.rank * self.b
+            yield from range(base, base + self.b)
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) * self.b
+
+
+def make_loader(dataset: PatchDataset, start_step: int, stop_step: int, per_process_batch: int, rank: int,
+                world_size: int, num_workers: int):
+    from torch.utils.data import DataLoader
+
+    sampler = StepSampler(start_step, stop_step, per_process_batch * world_size, rank, world_size)
+    return DataLoader(dataset, batch_size=per_process_batch, sampler=sampler, num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                      prefetch_factor=4 if num_workers else None)
+
+
+def training_cases(cache_dir, data_cfg, seed: int) -> tuple[list[str], list[str], list[str]]:
+    """(labelled train, unlabelled train, validation) case ids from the cache and the recipe."""
+    cases = list_cases(cache_dir)
+    train, val = split_cases(cases, data_cfg.val_fraction, data_cfg.val_cases, seed)
+    has_label = {c: load_case(cache_dir, c)[2].get("has_label", False) for c in train}
+    labelled = [c for c in train if has_label[c]]
+    unlabelled = [c for c in train if not has_label[c]]
+    if isinstance(data_cfg.labelled, int):
+        keep = labelled[: data_cfg.labelled]
+        unlabelled += [c for c in labelled if c not in keep]
+        labelled = keep
+    elif isinstance(data_cfg.labelled, list):
+        unlabelled += [c for c in labelled if c not in data_cfg.labelled]
+        labelled = [c for c in labelled if c in data_cfg.labelled]
+    return labelled, unlabelled, val
+
+
+__all__ = ["PatchDataset", "StepSampler", "Streams", "make_loader", "split_cases", "training_cases",
+           "build_augmentation"]

@@ -1,0 +1,56 @@
+"""Patch sampling with nnU-Net's foreground oversampling.
+
+A patch is either random (uniform over all positions that keep it within the padded case)
+or centred on a random stored voxel of a random class present in the case (the class
+locations sampled at preprocessing time). Cases smaller than the patch are padded (image
+with 0, label with -1, nnU-Net's convention).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def patch_bounds(shape: Sequence[int], patch: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Lowest and highest patch start per axis (negative / beyond: padding)."""
+    shape, patch = np.asarray(shape), np.asarray(patch)
+    need = np.maximum(patch - shape, 0)
+    lbs = -(need // 2)
+    ubs = shape + need // 2 + need % 2 - patch
+    return lbs, ubs
+
+
+def choose_patch_start(shape, patch, rng: np.random.Generator, class_locations: dict | None = None,
+                       force_fg: bool = False) -> tuple[np.ndarray, int | None]:
+    """Start corner of a patch; with ``force_fg`` centred on a stored foreground voxel.
+
+    Returns (start, the class it was centred on or None).
+    """
+    lbs, ubs = patch_bounds(shape, patch)
+    if force_fg and class_locations:
+        present = [c for c, locs in class_locations.items() if len(locs)]
+        if present:
+            cls = present[rng.integers(len(present))]
+            locs = class_locations[cls]
+            loc = np.asarray(locs[rng.integers(len(locs))])
+            start = np.clip(loc - np.asarray(patch) // 2, lbs, ubs)
+            return start, int(cls)
+    return np.array([rng.integers(lo, hi + 1) for lo, hi in zip(lbs, ubs)]), None
+
+
+def extract_patch(array: np.ndarray, start: Sequence[int], patch: Sequence[int], pad_value: float) -> np.ndarray:
+    """``array[:, start:start+patch]`` (channel-first), padded with ``pad_value`` where it
+    leaves the array. Reads only the patch from a memory map."""
+    start = np.asarray(start)
+    stop = start + np.asarray(patch)
+    shape = np.asarray(array.shape[1:])
+    lo, hi = np.maximum(start, 0), np.minimum(stop, shape)
+    src = array[(slice(None),) + tuple(slice(a, b) for a, b in zip(lo, hi))]
+    if np.all(lo == start) and np.all(hi == stop):
+        return np.array(src)
+    out = np.full((array.shape[0],) + tuple(int(p) for p in patch), pad_value, dtype=array.dtype)
+    dst = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))
+    out[(slice(None),) + dst] = src
+    return out

@@ -1,0 +1,32 @@
+"""nnU-Net's 3D U-Net as MONAI's DynUNet, configured from ``plans.json``: kernel sizes and
+strides from the plan's topology, features 32 * 2**stage capped at 320 (both settable for
+tiny test models), instance norm, leaky ReLU, deep supervision on all but the two lowest
+resolutions (nnU-Net ignores the lowest)."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from medvol.networks import register
+
+
+def features_per_stage(n_stages: int, base: int, cap: int) -> list[int]:
+    return [min(cap, base * 2 ** i) for i in range(n_stages)]
+
+
+@register("dynunet")
+def build_dynunet(model_cfg, plans: dict, in_channels: int, num_classes: int) -> nn.Module:
+    from monai.networks.nets import DynUNet
+
+    net = plans["network"]
+    kernels, strides = net["kernel_sizes"], net["strides"]
+    n = len(strides)
+    options = dict(model_cfg.options)
+    return DynUNet(
+        spatial_dims=3, in_channels=in_channels, out_channels=num_classes,
+        kernel_size=kernels, strides=strides, upsample_kernel_size=strides[1:],
+        filters=features_per_stage(n, model_cfg.base_features, model_cfg.max_features),
+        norm_name=("INSTANCE", {"affine": True}), act_name=("leakyrelu", {"negative_slope": 0.01, "inplace": True}),
+        deep_supervision=model_cfg.deep_supervision, deep_supr_num=max(1, n - 2),
+        res_block=bool(options.pop("res_block", False)), **options,
+    )

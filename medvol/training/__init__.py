@@ -1,0 +1,44 @@
+"""Training: the engine, method trainers (by recipe ``trainer.name``), schedules, checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from medvol.errors import ConfigError
+
+_TRAINERS: dict = {}
+
+
+def register_trainer(cls):
+    _TRAINERS[cls.name] = cls
+    return cls
+
+
+def get_trainer(name: str):
+    from medvol.training import supervised  # noqa: F401  (registers)
+
+    if name not in _TRAINERS:
+        raise ConfigError(f"trainer.name '{name}' is unknown; known: {sorted(_TRAINERS)}")
+    return _TRAINERS[name]
+
+
+def train(recipe, data: str | Path, out: str | Path, resume: bool = False, device: str = "auto",
+          stop_at: int | None = None, quiet: bool = False) -> dict:
+    """Train ``recipe`` (a Recipe, or a path/name plus overrides already applied) on the
+    preprocessing cache ``data``, writing the run folder ``out``. Joins a process group
+    when started by torchrun."""
+    from medvol.config import Recipe, load_recipe
+    from medvol.training.distributed import setup, teardown
+    from medvol.training.engine import fit
+
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    out = Path(out)
+    if not resume and (out / "checkpoints" / "latest.pt").exists():
+        raise ConfigError(f"{out}: holds a run already; pass --resume to continue it or choose another --out")
+    info = setup(device)
+    try:
+        trainer = get_trainer(recipe.trainer.name)(recipe, data, out, info)
+        return fit(trainer, resume=resume, stop_at=stop_at, quiet=quiet)
+    finally:
+        teardown(info)

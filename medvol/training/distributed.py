@@ -1,0 +1,86 @@
+"""torch.distributed set-up: torchrun / SLURM environment, NCCL on GPU, gloo on CPU."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(*names: str, default: int) -> int:
+    for n in names:
+        if n in os.environ:
+            return int(os.environ[n])
+    return default
+
+
+def setup(device: str = "auto") -> DistInfo:
+    """Read torchrun's (or SLURM's) variables and join the process group if there is one."""
+    world = _env_int("WORLD_SIZE", default=1)
+    rank = _env_int("RANK", default=0)
+    local = _env_int("LOCAL_RANK", default=0)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            from medvol.errors import ConfigError
+
+            raise ConfigError("--device cuda: no CUDA device is available here")
+        dev = torch.device("cuda", local if world > 1 else (torch.device(device).index or 0))
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        if dev.type == "cpu":  # share the cores between the processes
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // _env_int("LOCAL_WORLD_SIZE", default=world)))
+    return DistInfo(rank, world, local, dev)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
+def teardown(info: DistInfo) -> None:
+    if info.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def params_identical_across_ranks(module: torch.nn.Module, info: DistInfo) -> bool:
+    """All ranks hold bit-identical parameters (a cheap checksum compared across ranks)."""
+    if not info.distributed:
+        return True
+    with torch.no_grad():
+        flat = torch.cat([p.detach().float().reshape(-1) for p in module.parameters()])
+        sig = torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, device=flat.device) % 9973).sum(),
+                           flat.abs().max()]).double().to(info.device)
+    gathered = [torch.zeros_like(sig) for _ in range(info.world_size)]
+    dist.all_gather(gathered, sig)
+    return all(torch.equal(gathered[0], g) for g in gathered[1:])
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Re-run ``medvol <argv>`` under torchrun with ``nproc`` processes on this node."""
+    from torch.distributed.run import main as torchrun_main
+
+    torchrun_main(["--standalone", f"--nproc-per-node={nproc}", "-m", "medvol", *argv])
+    return 0

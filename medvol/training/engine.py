@@ -1,0 +1,268 @@
+"""The training loop that every method trainer plugs into.
+
+A trainer (subclass of :class:`Trainer`) says what to build and what one step computes:
+``build_models``/``build_optimizers`` and ``training_step(batch, step) -> {name: loss}``
+(``"loss"`` is what is back-propagated). Methods with several optimisers (a discriminator,
+say) override ``optimization_step``. The engine owns everything else: devices, AMP (bf16
+where supported, else fp16 with a scaler; fp32 on CPU), DDP, gradient clipping, schedules,
+validation, logs, checkpoints (latest + best) and exact resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from medvol.config import Recipe, save_recipe
+from medvol.data import PatchDataset, Streams, build_augmentation, make_loader, training_cases
+from medvol.errors import ConfigError
+from medvol.preprocessing.cache import load_case, load_plans
+from medvol.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from medvol.training.distributed import DistInfo, barrier, params_identical_across_ranks
+from medvol.training.logger import RunLogger
+from medvol.training.schedules import make_optimizer, make_scheduler
+from medvol.utils import write_json
+
+log = logging.getLogger(__name__)
+
+
+def unwrap(m: nn.Module) -> nn.Module:
+    return m.module if isinstance(m, nn.parallel.DistributedDataParallel) else m
+
+
+class Trainer:
+    """Base trainer: supervised segmentation over the cache. Subclasses override hooks."""
+
+    name = "supervised"
+    Options = None  # a dataclass for the recipe's ``method`` section, or None (must be empty)
+    primary_metric = "val/dice_mean"
+
+    def __init__(self, recipe: Recipe, cache_dir: str | Path, run_dir: str | Path, dist: DistInfo):
+        self.recipe, self.cache_dir, self.run_dir, self.dist = recipe, Path(cache_dir), Path(run_dir), dist
+        self.device = dist.device
+        self.options = self._parse_options()
+        self.plans = load_plans(cache_dir)
+        self.num_classes = len(self.plans["labels"])
+        self.in_channels = len(self.plans["normalization"])
+        d = recipe.data
+        self.patch_size = list(d.patch_size or self.plans["patch_size"])
+        self.batch_size = int(d.batch_size or self.plans["batch_size"])  # per process
+        self.global_batch = self.batch_size * dist.world_size
+        self.labelled, self.unlabelled, self.val_cases = training_cases(cache_dir, d, recipe.trainer.seed)
+        if not self.labelled:
+            raise ConfigError(f"{cache_dir}: no labelled training case left after the validation split")
+        self.amp_dtype = None
+        if self.device.type == "cuda" and recipe.trainer.amp:
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            torch.backends.cudnn.benchmark = True
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        torch.manual_seed(recipe.trainer.seed)  # identical initial weights on every rank
+        self.models = {k: m.to(self.device) for k, m in self.build_models().items()}
+        self.optimizers = self.build_optimizers()
+        self.schedulers = {k: make_scheduler(recipe.schedule, o, recipe.trainer.steps, o.defaults["lr"])
+                           for k, o in self.optimizers.items()}
+        if dist.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            for k, m in self.models.items():
+                if any(p.requires_grad for p in m.parameters()) and k in self.optimizers:
+                    self.models[k] = nn.parallel.DistributedDataParallel(m, device_ids=ids)
+
+    # ------------------------------------------------------------------ hooks
+    def _parse_options(self):
+        if self.Options is None:
+            if self.recipe.method:
+                raise ConfigError(f"recipe section 'method' has keys {sorted(self.recipe.method)}, but trainer "
+                                  f"'{self.name}' takes none")
+            return None
+        from medvol.config import from_dict
+
+        return from_dict(self.Options, self.recipe.method, f"recipe '{self.recipe.name}'", "method")
+
+    def build_models(self) -> dict[str, nn.Module]:
+        from medvol.networks import build_model
+
+        return {"model": build_model(self.recipe.model, self.plans, self.in_channels, self.num_classes)}
+
+    def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"model": make_optimizer(self.recipe.optimizer, self.models["model"].parameters())}
+
+    def streams(self) -> Streams:
+        return Streams(self.labelled, self.unlabelled, self.global_batch, 0)
+
+    def make_dataset(self) -> PatchDataset:
+        return PatchDataset(self.cache_dir, self.streams(), self.patch_size, self.recipe.data.oversample_foreground,
+                            build_augmentation(self.recipe.data.augment), seed=self.recipe.trainer.seed)
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+
+    def training_step(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def optimization_step(self, batch: dict, step: int) -> dict[str, float]:
+        """One step of the single optimiser ``"model"``: forward, backward, clip, update."""
+        opt = self.optimizers["model"]
+        opt.zero_grad(set_to_none=True)
+        with self.autocast():
+            losses = self.training_step(batch, step)
+        self.scaler.scale(losses["loss"]).backward()
+        if self.recipe.trainer.grad_clip:
+            self.scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(self.models["model"].parameters(), self.recipe.trainer.grad_clip)
+        self.scaler.step(opt)
+        self.scaler.update()
+        self.schedulers["model"].step()
+        return {k: float(v.detach()) for k, v in losses.items()}
+
+    def inference_model(self) -> nn.Module:
+        """The network that prediction uses (e.g. an EMA teacher for mean-teacher methods)."""
+        return unwrap(self.models["model"])
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Sliding-window per-class Dice on the validation cases (preprocessed space)."""
+        from monai.inferers import sliding_window_inference
+        from monai.metrics import compute_dice  # functional: MONAI's metric classes would all-gather
+        from monai.networks.utils import one_hot
+
+        if not self.val_cases:
+            return {}
+        model = self.inference_model()
+        was_training = model.training
+        model.eval()
+        per_case = []
+        for case in self.val_cases:
+            image, label, _ = load_case(self.cache_dir, case)
+            x = torch.from_numpy(np.array(image, np.float32))[None].to(self.device)
+            with self.autocast():
+                logits = sliding_window_inference(x, self.patch_size, 2, model, overlap=self.recipe.trainer.val_overlap,
+                                                  mode="gaussian")
+            pred = logits.argmax(1, keepdim=True).cpu()
+            ref = torch.from_numpy(np.clip(np.asarray(label, np.int64), 0, None))[None]
+            per_case.append(compute_dice(one_hot(pred, self.num_classes), one_hot(ref.long(), self.num_classes),
+                                         include_background=False, ignore_empty=False)[0])
+        dice = torch.stack(per_case).mean(0).cpu().numpy()
+        model.train(was_training)
+        names = {v: k for k, v in self.plans["labels"].items()}
+        out = {f"val/dice_{names.get(c + 1, c + 1)}": float(d) for c, d in enumerate(dice)}
+        out["val/dice_mean"] = float(np.mean(dice))
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def state(self, step: int, best: float) -> dict:
+        return {
+            "format": "medvol-checkpoint-1",
+            "trainer": self.name,
+            "step": step,
+            "best_metric": best,
+            "models": {k: unwrap(m).state_dict() for k, m in self.models.items()},
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "extra": self.extra_state(),
+        }
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, extra: dict) -> None:
+        pass
+
+    def load_state(self, ckpt: dict) -> tuple[int, float]:
+        for k, sd in ckpt["models"].items():
+            unwrap(self.models[k]).load_state_dict(sd)
+        for k, sd in ckpt["optimizers"].items():
+            self.optimizers[k].load_state_dict(sd)
+        for k, sd in ckpt["schedulers"].items():
+            self.schedulers[k].load_state_dict(sd)
+        self.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        self.load_extra_state(ckpt.get("extra", {}))
+        return int(ckpt["step"]), float(ckpt["best_metric"])
+
+
+def fit(trainer: Trainer, resume: bool = False, stop_at: int | None = None, quiet: bool = False) -> dict:
+    """Run (or resume) training; returns the last validation metrics.
+
+    ``stop_at`` stops after that many steps as if interrupted (tests, debugging); the run
+    can then be resumed and ends exactly as an uninterrupted one.
+    """
+    r, dist = trainer.recipe, trainer.dist
+    run = trainer.run_dir
+    ckpt_dir = run / "checkpoints"
+    start, best = 0, -np.inf
+    if resume and (ckpt_dir / "latest.pt").exists():
+        start, best = trainer.load_state(load_checkpoint(ckpt_dir / "latest.pt", map_location=trainer.device))
+        if dist.is_main:
+            log.info("resumed from %s at step %d", ckpt_dir / "latest.pt", start)
+    elif dist.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        save_recipe(r, run / "recipe.yaml")
+        write_json(run / "plans.json", trainer.plans)
+        for name in ("dataset.json",):
+            if (trainer.cache_dir / name).exists():
+                (run / name).write_text((trainer.cache_dir / name).read_text())
+        write_json(run / "split.json", {"labelled": trainer.labelled, "unlabelled": trainer.unlabelled,
+                                        "validation": trainer.val_cases})
+    barrier(dist)
+    logger = RunLogger(run, dist.is_main, start)
+    total = r.trainer.steps
+    stop = min(total, stop_at) if stop_at else total
+    loader = make_loader(trainer.make_dataset(), start, stop, trainer.batch_size, dist.rank, dist.world_size,
+                         r.data.num_workers)
+    for m in trainer.models.values():
+        m.train()
+    from tqdm import tqdm
+
+    bar = tqdm(total=stop - start, desc=f"train {r.name}", unit="step", disable=quiet or not dist.is_main
+               or not sys.stderr.isatty())
+    metrics: dict = {}
+    t0 = time.perf_counter()
+    step = start
+    for step, batch in zip(range(start, stop), loader):
+        batch = {k: v.to(trainer.device, non_blocking=True) for k, v in batch.items()}
+        losses = trainer.optimization_step(batch, step)
+        if not all(np.isfinite(v) for v in losses.values()):
+            raise FloatingPointError(f"non-finite loss at step {step}: {losses}")
+        done = step + 1
+        if dist.is_main and (step % r.trainer.log_every == 0 or done == stop):
+            vals = {f"train/{k}": v for k, v in losses.items()}
+            vals["train/lr"] = trainer.optimizers[next(iter(trainer.optimizers))].param_groups[0]["lr"]
+            logger.log(step, vals)
+        bar.update()
+        bar.set_postfix(loss=f"{losses['loss']:.4f}")
+        if done % r.trainer.val_every == 0 or done == total:
+            if dist.is_main:
+                metrics = trainer.validate()
+                logger.log(step, metrics)
+                score = metrics.get(trainer.primary_metric, -np.inf)
+                improved = score > best
+                best = max(best, score)
+                state = trainer.state(done, best)
+                save_checkpoint(ckpt_dir / "latest.pt", state)
+                if improved:
+                    save_checkpoint(ckpt_dir / "best.pt", state)
+                logger.plot()
+                log.info("step %d: %s", done, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            barrier(dist)
+    bar.close()
+    if dist.is_main and stop_at and stop < total:  # "interrupted": leave a resumable checkpoint
+        save_checkpoint(ckpt_dir / "latest.pt", trainer.state(stop, best))
+    same = params_identical_across_ranks(unwrap(trainer.models["model"]), dist)
+    if dist.is_main:
+        logger.plot()
+        write_json(run / "train_summary.json", {
+            "steps_done": stop, "steps_total": total, "seconds": time.perf_counter() - t0,
+            "world_size": dist.world_size, "device": str(trainer.device),
+            "amp": str(trainer.amp_dtype) if trainer.amp_dtype else "fp32",
+            "params_identical_across_ranks": bool(same), "last_validation": metrics, "best_metric": best,
+        })
+    return metrics

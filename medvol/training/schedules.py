@@ -1,0 +1,68 @@
+"""Learning-rate schedules, ramp-ups and the EMA helper shared by the method trainers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from medvol.errors import ConfigError
+
+
+def lr_factor(cfg, step: int, total: int) -> float:
+    """Multiplier of the base learning rate at ``step`` (0-based) of ``total``."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    t = min(step, total) / max(total, 1)
+    if cfg.name == "poly":
+        return (1 - t) ** cfg.power
+    if cfg.name == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * t))
+    if cfg.name == "step":
+        return cfg.gamma ** sum(step >= m for m in cfg.milestones)
+    if cfg.name == "constant":
+        return 1.0
+    raise ConfigError(f"schedule.name '{cfg.name}' is unknown; known: poly, cosine, step, constant")
+
+
+def make_scheduler(cfg, optimizer: torch.optim.Optimizer, total_steps: int, base_lr: float):
+    min_frac = cfg.min_lr / base_lr if base_lr else 0.0
+
+    def f(step: int) -> float:
+        return max(lr_factor(cfg, step, total_steps), min_frac)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
+
+
+def make_optimizer(cfg, params) -> torch.optim.Optimizer:
+    name = cfg.name.lower()
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    raise ConfigError(f"optimizer.name '{cfg.name}' is unknown; known: sgd, adam, adamw")
+
+
+def sigmoid_rampup(current: float, length: float) -> float:
+    """exp(-5 (1 - t)^2), t = current / length clipped to [0, 1] (Laine & Aila)."""
+    if length <= 0:
+        return 1.0
+    t = float(np.clip(current / length, 0.0, 1.0))
+    return float(math.exp(-5.0 * (1.0 - t) ** 2))
+
+
+def linear_rampup(current: float, length: float) -> float:
+    return 1.0 if length <= 0 else float(np.clip(current / length, 0.0, 1.0))
+
+
+@torch.no_grad()
+def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float) -> None:
+    """teacher = decay * teacher + (1 - decay) * student (parameters); buffers copied."""
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.mul_(decay).add_(s.detach(), alpha=1 - decay)
+    for t, s in zip(teacher.buffers(), student.buffers()):
+        t.copy_(s)

@@ -1,0 +1,24 @@
+"""Supervised segmentation (the nnU-Net recipe): Dice + CE with deep supervision."""
+
+from __future__ import annotations
+
+import torch
+
+from medvol.losses import segmentation_loss
+from medvol.training import register_trainer
+from medvol.training.engine import Trainer
+
+
+@register_trainer
+class SupervisedTrainer(Trainer):
+    name = "supervised"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_fn = segmentation_loss(self.recipe.trainer.loss, self.recipe.model.deep_supervision)
+
+    def training_step(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        out = self.models["model"](batch["image"])
+        if self.recipe.model.deep_supervision and out.dim() == batch["image"].dim() + 1:
+            out = list(out.unbind(1))  # DynUNet stacks the deep-supervision heads on dim 1
+        return {"loss": self.loss_fn(out, batch["label"])}

@@ -1,0 +1,101 @@
+"""Patch sampling, foreground oversampling, augmentation alignment, batch composition."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medvol.config import AugmentConfig
+from medvol.data import PatchDataset, StepSampler, Streams, build_augmentation, extract_patch, split_cases
+from medvol.preprocessing import preprocess_dataset
+
+from conftest import write_v2_dataset
+
+
+@pytest.fixture(scope="module")
+def small_fg_cache(tmp_path_factory):
+    """Cases with a small sphere in a large head: a random patch rarely hits it."""
+    tmp = tmp_path_factory.mktemp("fg")
+    cases = {}
+    for i in range(3):
+        shape = (64, 64, 48)
+        img = np.zeros(shape, np.float32)
+        img[2:-2, 2:-2, 2:-2] = 10 + np.random.default_rng(i).normal(0, 1, (60, 60, 44))
+        lab = np.zeros(shape, np.uint8)
+        lab[10 + i:14 + i, 40:44, 30:34] = 1
+        img[lab > 0] += 50
+        cases[f"c{i}"] = ([img], lab, np.eye(4))
+    root = write_v2_dataset(tmp / "Dataset010_Small", cases)
+    out = tmp / "pre"
+    preprocess_dataset(root, out, num_workers=1, quiet=True)
+    return out
+
+
+def test_foreground_oversampling_ratio(small_fg_cache):
+    streams = Streams(["c0", "c1", "c2"], [], global_batch=6)
+    ds = PatchDataset(small_fg_cache, streams, (16, 16, 16), oversample=0.33, augment=None, seed=0)
+    centre_fg, random_fg = [], []
+    for step in range(60):
+        for slot in range(6):
+            s = ds.sample(step, slot)
+            hit = bool(s["label"][0, 8, 8, 8] > 0)
+            (centre_fg if slot >= ds.first_fg_slot else random_fg).append(hit)
+    assert ds.first_fg_slot == 4  # round(6 * 0.67): the last 2 of 6 slots are forced
+    assert all(centre_fg)  # forced patches are centred on foreground
+    ratio = (sum(centre_fg) + sum(random_fg)) / (len(centre_fg) + len(random_fg))
+    assert ratio == pytest.approx(1 / 3, abs=0.05)  # random patches almost never centre on the sphere
+
+
+def test_small_cases_are_padded():
+    arr = np.arange(2 * 3 * 4, dtype=np.float32).reshape(1, 2, 3, 4)
+    p = extract_patch(arr, (-1, 0, 1), (4, 3, 2), pad_value=-5)
+    assert p.shape == (1, 4, 3, 2)
+    np.testing.assert_array_equal(p[0, 0], -5)
+    np.testing.assert_array_equal(p[0, 1:3], arr[0, :, :, 1:3])
+    np.testing.assert_array_equal(p[0, 3], -5)
+
+
+def test_augmentation_keeps_image_and_label_aligned():
+    cfg = AugmentConfig(rotate_prob=1.0, scale_prob=1.0, flip_prob=0.5, noise_prob=0, blur_prob=0,
+                        brightness_prob=0, contrast_prob=0, lowres_prob=0, gamma_prob=0)
+    aug = build_augmentation(cfg)
+    lab = np.zeros((1, 32, 32, 24), np.int64)
+    lab[0, 8:20, 10:26, 6:18] = 1
+    lab[0, 12:16, 14:20, 9:14] = 2
+    from medvol.data import seed_transforms
+
+    for seed in range(5):
+        seed_transforms(aug, seed)
+        out = aug({"image": torch.from_numpy(lab * 100.0).float(), "label": torch.from_numpy(lab)})
+        img, l2 = np.asarray(out["image"]), np.asarray(out["label"])
+        moved = (l2 != lab).mean()
+        assert moved > 0.02, "the transform did nothing"
+        agree = (np.round(img / 100.0) == l2).mean()  # the label-derived image moved with the label
+        assert agree > 0.97
+
+
+def test_same_seed_same_sample_different_step_different_sample(small_fg_cache):
+    streams = Streams(["c0", "c1"], ["c2"], global_batch=4, unlabelled_per_batch=1)
+    ds = PatchDataset(small_fg_cache, streams, (16, 16, 16), augment=build_augmentation(AugmentConfig()), seed=3)
+    a, b = ds.sample(5, 1), ds.sample(5, 1)
+    torch.testing.assert_close(a["image"], b["image"])
+    assert not torch.equal(ds.sample(6, 1)["image"], a["image"])
+    u = ds.sample(5, 3)  # last slot: unlabelled stream
+    assert not bool(u["labelled"]) and bool(torch.all(u["label"] == -1))
+    assert bool(ds.sample(5, 0)["labelled"])
+
+
+def test_step_sampler_shards_the_global_batch():
+    one = list(StepSampler(2, 4, 8, 0, 1))
+    two = [list(StepSampler(2, 4, 8, r, 2)) for r in range(2)]
+    assert one == list(range(16, 32))
+    assert sorted(two[0] + two[1]) == one and two[0][:4] == [16, 17, 18, 19]
+
+
+def test_validation_split_is_seeded_and_explicit_cases_win():
+    cases = [f"c{i}" for i in range(10)]
+    tr, va = split_cases(cases, 0.2, None, seed=0)
+    assert len(va) == 2 and set(tr) | set(va) == set(cases) and split_cases(cases, 0.2, None, 0) == (tr, va)
+    tr, va = split_cases(cases, 0.2, ["c3"], seed=0)
+    assert va == ["c3"] and len(tr) == 9

@@ -1,0 +1,61 @@
+"""Recipes: parsing into dataclasses, unknown keys, overrides, the built-in recipes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medvol.config import Recipe, load_recipe, save_recipe
+from medvol.errors import ConfigError
+
+PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
+
+
+def test_builtin_recipes_load():
+    recipes = sorted(PIPELINES.glob("*.yaml"))
+    assert recipes, "pipelines/ holds no recipe"
+    for p in recipes:
+        r = load_recipe(p)
+        assert isinstance(r, Recipe) and r.name == p.stem
+    assert load_recipe("quickstart").trainer.name == "supervised"  # by name
+
+
+def test_unknown_key_names_the_key_and_the_file(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("name: r\ntrainer:\n  stepz: 10\n")
+    with pytest.raises(ConfigError, match=r"r.yaml: unknown key 'trainer.stepz'"):
+        load_recipe(p)
+    p.write_text("name: r\nmodle: {}\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'modle'"):
+        load_recipe(p)
+
+
+def test_type_errors_and_overrides(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("name: r\ntrainer:\n  steps: ten\n")
+    with pytest.raises(ConfigError, match="'trainer.steps' must be an integer"):
+        load_recipe(p)
+    p.write_text("name: r\n")
+    r = load_recipe(p, ["trainer.steps=7", "optimizer.lr=1e-3", "data.patch_size=[32, 32, 16]",
+                        "data.augment.enabled=false"])
+    assert r.trainer.steps == 7 and r.optimizer.lr == 1e-3 and r.data.patch_size == [32, 32, 16]
+    assert r.data.augment.enabled is False
+    with pytest.raises(ConfigError, match="unknown key 'trainer.nope'"):
+        load_recipe(p, ["trainer.nope=1"])
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_recipe(p, ["trainer.steps"])
+
+
+def test_saved_recipe_round_trips(tmp_path):
+    r = load_recipe("quickstart", ["trainer.steps=3"])
+    save_recipe(r, tmp_path / "x.yaml")
+    assert load_recipe(tmp_path / "x.yaml") == r
+
+
+def test_method_section_is_checked_by_the_trainer(brain_pre, tmp_path):
+    from medvol.training import train
+
+    r = load_recipe("quickstart", ["method.beta=0.3"])
+    with pytest.raises(ConfigError, match="trainer 'supervised' takes none"):
+        train(r, brain_pre, tmp_path / "run", device="cpu")
