@@ -55,7 +55,7 @@ class DataConfig:
     patch_size: list | None = None  # None: the plan's
     batch_size: int | None = None  # per process; None: the plan's
     oversample_foreground: float = 0.33  # share of each global batch centred on foreground
-    num_workers: int = 2
+    num_workers: int | None = None  # data worker processes; None: one per core but one, at most 12
     val_fraction: float = 0.2
     val_cases: list | None = None  # explicit validation case ids (overrides val_fraction)
     labelled: int | list | None = None  # semi-supervised: how many (or which) training cases keep labels

@@ -99,3 +99,30 @@ def test_validation_split_is_seeded_and_explicit_cases_win():
     assert len(va) == 2 and set(tr) | set(va) == set(cases) and split_cases(cases, 0.2, None, 0) == (tr, va)
     tr, va = split_cases(cases, 0.2, ["c3"], seed=0)
     assert va == ["c3"] and len(tr) == 9
+
+
+def test_worker_processes_give_the_same_batches(small_fg_cache):
+    from medvol.data import make_loader
+
+    streams = Streams(["c0", "c1", "c2"], [], global_batch=2)
+    ds = PatchDataset(small_fg_cache, streams, (16, 16, 16), augment=build_augmentation(AugmentConfig()), seed=1)
+    a = [b["image"] for b in make_loader(ds, 3, 6, 2, 0, 1, num_workers=0)]
+    b = [b["image"] for b in make_loader(ds, 3, 6, 2, 0, 1, num_workers=2)]
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+
+
+def test_partial_label_fields_travel_with_the_sample(small_fg_cache, tmp_path):
+    import json
+    import shutil
+
+    cache = tmp_path / "c"
+    shutil.copytree(small_fg_cache, cache)
+    props = cache / "cases" / "c1.json"
+    p = json.loads(props.read_text())
+    p.update(task_id=4, annotated=[0, 1])  # e.g. a tumour-only dataset of a partially labelled union
+    props.write_text(json.dumps(p))
+    ds = PatchDataset(cache, Streams(["c1"], [], 2), (16, 16, 16), seed=0)
+    s = ds.sample(0, 0)
+    assert int(s["task_id"]) == 4 and s["annotated"].tolist() == [0, 1]

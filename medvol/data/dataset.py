@@ -136,8 +136,12 @@ class StepSampler(Sampler):
 
 def make_loader(dataset: PatchDataset, start_step: int, stop_step: int, per_process_batch: int, rank: int,
                 world_size: int, num_workers: int):
+    import os
+
     from torch.utils.data import DataLoader
 
+    if num_workers is None:
+        num_workers = max(1, min(12, (os.cpu_count() or 2) - 1))
     sampler = StepSampler(start_step, stop_step, per_process_batch * world_size, rank, world_size)
     return DataLoader(dataset, batch_size=per_process_batch, sampler=sampler, num_workers=num_workers,
                       pin_memory=torch.cuda.is_available(), persistent_workers=False,

@@ -34,6 +34,14 @@ def _env_int(*names: str, default: int) -> int:
 
 def setup(device: str = "auto") -> DistInfo:
     """Read torchrun's (or SLURM's) variables and join the process group if there is one."""
+    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        # srun without torchrun: one task per process; MASTER_ADDR/PORT must be exported by the job script
+        if "MASTER_ADDR" not in os.environ:
+            from medvol.errors import ConfigError
+
+            raise ConfigError("SLURM job with several tasks: export MASTER_ADDR and MASTER_PORT (or use torchrun)")
+        os.environ.update(WORLD_SIZE=os.environ["SLURM_NTASKS"], RANK=os.environ["SLURM_PROCID"],
+                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
     world = _env_int("WORLD_SIZE", default=1)
     rank = _env_int("RANK", default=0)
     local = _env_int("LOCAL_RANK", default=0)

@@ -94,7 +94,14 @@ class Trainer:
         return {"model": make_optimizer(self.recipe.optimizer, self.models["model"].parameters())}
 
     def streams(self) -> Streams:
-        return Streams(self.labelled, self.unlabelled, self.global_batch, 0)
+        """Batch composition: labelled only, or two streams when the recipe asks for
+        ``data.unlabelled_per_batch`` unlabelled samples in every (per-process) batch."""
+        u = self.recipe.data.unlabelled_per_batch * self.dist.world_size
+        if u and not self.unlabelled:
+            raise ConfigError("data.unlabelled_per_batch > 0 but no unlabelled training case (see data.labelled)")
+        if u >= self.global_batch:
+            raise ConfigError("data.unlabelled_per_batch must leave room for labelled samples in the batch")
+        return Streams(self.labelled, self.unlabelled, self.global_batch, u)
 
     def make_dataset(self) -> PatchDataset:
         return PatchDataset(self.cache_dir, self.streams(), self.patch_size, self.recipe.data.oversample_foreground,
