@@ -67,9 +67,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=1, help="processes on this node (DDP through torchrun)")
     _add_common(p)
 
+    p = sub.add_parser("predict", help="predict whole scans with a trained run, in the scans' own geometry")
+    p.add_argument("-m", "--model", type=Path, required=True, help="run folder written by `medvol train`")
+    p.add_argument("-i", "--input", type=Path, required=True,
+                   help="a NIfTI file, a folder of them (e.g. imagesTs), or a DICOM series folder")
+    p.add_argument("-o", "--out", type=Path, required=True, help="output folder (<case>.nii.gz)")
+    p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation over the trained axes")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
+    p.add_argument("--sw-batch-size", type=int, default=2, help="windows per forward pass")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--save-probabilities", action="store_true", help="also write <case>.npz (float16)")
+    p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
+    p.add_argument("--no-pictures", action="store_true", help="skip the PNGs and index.html")
+    _add_common(p)
+
+    p = sub.add_parser("evaluate", help="metrics (Dice, Jaccard, HD95, ASD in mm, volumes) against references")
+    p.add_argument("--pred", type=Path, required=True, help="folder of predicted label maps")
+    p.add_argument("--ref", type=Path, required=True, help="folder of reference label maps (same file names)")
+    p.add_argument("-o", "--out", type=Path, help="metrics file stem (default PRED/metrics): .json and .csv")
+    p.add_argument("--images", type=Path, help="images folder: also draw pictures and an index.html in PRED")
+    _add_common(p)
+
     p = sub.add_parser("demo", help="the main job end to end on the built-in real data")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default ./demo_out)")
     p.add_argument("-j", "--workers", type=int, default=2)
+    p.add_argument("--steps", type=int, default=150, help="training steps (default 150, a few minutes on 2 cores)")
+    p.add_argument("--device", default="auto")
     _add_common(p)
     return parser
 
@@ -130,14 +153,53 @@ def _cmd_train(a) -> int:
     return 0
 
 
+def _cmd_predict(a) -> int:
+    from medvol.inference import predict
+
+    written = predict(a.model, a.input, a.out, a.device, a.tta, a.overlap, a.sw_batch_size, a.save_probabilities,
+                      a.checkpoint, a.quiet)
+    if not a.no_pictures:
+        from medvol.evaluation.report import write_report
+        from medvol.inference.predictor import _case_groups, load_run
+        from medvol.utils import read_json
+
+        plans = read_json(a.model / "plans.json")
+        groups = dict(_case_groups(a.input, len(plans["normalization"])))
+        names = {v: k for k, v in plans["labels"].items()}
+        index = write_report(a.out, {p.name[:-7]: (groups[p.name[:-7]][0], p, None) for p in written}, names=names,
+                             title=f"medvol predictions ({a.model.name})")
+        print(f"pictures: {index}")
+    print(f"{len(written)} prediction(s) -> {a.out}")
+    return 0
+
+
+def _cmd_evaluate(a) -> int:
+    from medvol.evaluation import evaluate_folders
+
+    out = a.out or (a.pred / "metrics")
+    res = evaluate_folders(a.pred, a.ref, out)
+    for cls, s in res["summary"].items():
+        print(f"{cls}: Dice {s['dice']['mean']:.4f} ± {s['dice']['std']:.4f}, HD95 {s['hd95']['mean']:.2f} mm, "
+              f"ASD {s['asd']['mean']:.2f} mm (n={s['dice']['n']})")
+    print(f"metrics: {out.with_suffix('.json')} and .csv")
+    if a.images:
+        from medvol.evaluation.report import write_report
+        from medvol.inference.predictor import _case_groups
+
+        groups = dict(_case_groups(a.images, 1))
+        cases = {c: (groups[c][0], a.pred / f"{c}.nii.gz", a.ref / f"{c}.nii.gz") for c in res["cases"] if c in groups}
+        print(f"report: {write_report(a.pred, cases, res)}")
+    return 0
+
+
 def _cmd_demo(a) -> int:
     from medvol.datasets.demo import run_demo
 
-    return run_demo(a.out, workers=a.workers, quiet=a.quiet)
+    return run_demo(a.out, workers=a.workers, quiet=a.quiet, steps=a.steps, device=a.device)
 
 
 COMMANDS = {"preprocess": _cmd_preprocess, "fingerprint": _cmd_fingerprint, "plan": _cmd_plan, "train": _cmd_train,
-            "demo": _cmd_demo}
+            "predict": _cmd_predict, "evaluate": _cmd_evaluate, "demo": _cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,6 +43,7 @@ class Trainer:
     name = "supervised"
     Options = None  # a dataclass for the recipe's ``method`` section, or None (must be empty)
     primary_metric = "val/dice_mean"
+    inference_key = "model"  # which of self.models prediction uses (e.g. "teacher")
 
     def __init__(self, recipe: Recipe, cache_dir: str | Path, run_dir: str | Path, dist: DistInfo):
         self.recipe, self.cache_dir, self.run_dir, self.dist = recipe, Path(cache_dir), Path(run_dir), dist
@@ -130,7 +131,7 @@ class Trainer:
 
     def inference_model(self) -> nn.Module:
         """The network that prediction uses (e.g. an EMA teacher for mean-teacher methods)."""
-        return unwrap(self.models["model"])
+        return unwrap(self.models[self.inference_key])
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -167,6 +168,7 @@ class Trainer:
         return {
             "format": "medvol-checkpoint-1",
             "trainer": self.name,
+            "inference_model": self.inference_key,
             "step": step,
             "best_metric": best,
             "models": {k: unwrap(m).state_dict() for k, m in self.models.items()},

@@ -64,7 +64,7 @@ class RunLogger:
         ax2 = ax.twinx()
         for name, pts in sorted(series.items()):
             steps, vals = zip(*pts)
-            if name.startswith("train/"):
+            if name.startswith("train/") and name != "train/lr":
                 ax.plot(steps, vals, label=name, lw=1)
             elif name.startswith("val/") and "mean" in name:
                 ax2.plot(steps, vals, "o-", label=name, color="black")

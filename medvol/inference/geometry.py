@@ -1,0 +1,40 @@
+"""Undo preprocessing: from the cache's (resampled, cropped) space back to the scan's own grid."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from medvol.preprocessing.resampling import resample_probabilities
+
+
+def restore_geometry(array: np.ndarray | torch.Tensor, properties: dict, fill: str = "background",
+                     dtype=None) -> np.ndarray:
+    """Map ``array (C, X, Y, Z)`` in preprocessed space back to ``(C, *original_shape)``.
+
+    The exact inverse path of preprocessing: linear resampling from the target spacing back
+    to the cropped region's shape (nearest neighbour along the coarse axis when the plan
+    resampled that axis separately), then un-cropping into the original grid. Outside the
+    crop box the result is ``fill``: "background" puts 1 in channel 0 and 0 elsewhere (for
+    probabilities / one-hot maps), a number fills every channel with it.
+
+    Channels are resampled one at a time into the output, so the peak memory is the output
+    plus one float32 channel.
+    """
+    c = array.shape[0]
+    crop_shape = properties["shape_after_crop"]
+    original = properties["original_shape"]
+    box = tuple(slice(a, b) for a, b in properties["crop_bbox"])
+    dtype = dtype or (array.dtype if isinstance(array, np.ndarray) else torch.empty(0, dtype=array.dtype).numpy().dtype)
+    out = np.zeros((c, *original), dtype=dtype)
+    if fill == "background":
+        if c > 1:
+            out[0] = 1
+    else:
+        out[:] = fill
+    for ch in range(c):
+        src = torch.as_tensor(np.asarray(array[ch:ch + 1]) if isinstance(array, np.ndarray) else array[ch:ch + 1])
+        res = resample_probabilities(src.float(), crop_shape, properties["target_spacing"],
+                                     properties["original_spacing"], separate_z=properties.get("separate_z_axis"))
+        out[(ch,) + box] = res[0].numpy().astype(dtype, copy=False)
+    return out

@@ -1,0 +1,194 @@
+"""Sliding-window prediction of whole scans with a trained run, back in the scans' geometry.
+
+Each scan is preprocessed with the run's plan, predicted with MONAI's sliding-window
+inference (Gaussian importance weighting, batched windows, AMP on CUDA, optional mirroring
+TTA inside each window as nnU-Net does), converted to float16 class probabilities, restored
+to the scan's own grid (:func:`restore_geometry`) and written as a label map with exactly the
+input's shape and affine. Accumulation happens in float16, on the GPU when the output fits
+there and on the CPU otherwise, so a process holds about twice the float16 probabilities.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from medvol.errors import ConfigError, InputError
+from medvol.io import Volume, is_nifti, read_volume, write_volume
+from medvol.io.dicom import list_dicom_files
+from medvol.utils import atomic_path, read_json
+
+log = logging.getLogger(__name__)
+
+
+class WindowPredictor(nn.Module):
+    """Runs ``model`` on one batch of windows: float32 in, mirrored TTA, float16 out."""
+
+    def __init__(self, model: nn.Module, mirror_axes: tuple[int, ...] = (), amp_dtype=None):
+        super().__init__()
+        self.model = model
+        self.flips = [c for r in range(len(mirror_axes) + 1) for c in itertools.combinations(mirror_axes, r)]
+        self.amp_dtype = amp_dtype
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        total = None
+        ctx = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else torch.autocast("cpu", enabled=False)
+        with ctx:
+            for axes in self.flips:
+                dims = [a + 2 for a in axes]
+                xi = torch.flip(x, dims) if dims else x
+                y = self.model(xi).float()
+                y = torch.flip(y, dims) if dims else y
+                total = y if total is None else total + y
+        return (total / len(self.flips)).half()
+
+
+@dataclass
+class RunModel:
+    model: nn.Module
+    recipe: object
+    plans: dict
+    run_dir: Path
+
+    @property
+    def patch_size(self) -> list[int]:
+        return list(self.recipe.data.patch_size or self.plans["patch_size"])
+
+    @property
+    def mirror_axes(self) -> tuple[int, ...]:
+        aug = self.recipe.data.augment
+        return tuple(int(a) for a in aug.flip_axes) if aug.enabled and aug.flip_prob > 0 else ()
+
+
+def load_run(run_dir: str | Path, device: torch.device, checkpoint: str = "best") -> RunModel:
+    """Model, recipe and plans of a run folder written by ``medvol train``."""
+    from medvol.config import load_recipe
+    from medvol.networks import build_model
+    from medvol.training.checkpoint import load_checkpoint
+
+    run_dir = Path(run_dir)
+    for f in ("recipe.yaml", "plans.json"):
+        if not (run_dir / f).exists():
+            raise ConfigError(f"{run_dir}: not a medvol run folder (no {f}); pass the --out of `medvol train`")
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    plans = read_json(run_dir / "plans.json")
+    ckpt_path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    if not ckpt_path.exists() and checkpoint == "best":
+        ckpt_path = run_dir / "checkpoints" / "latest.pt"
+    ckpt = load_checkpoint(ckpt_path, map_location="cpu")
+    key = ckpt.get("inference_model", "model")
+    model = build_model(recipe.model, plans, len(plans["normalization"]), len(plans["labels"]))
+    model.load_state_dict(ckpt["models"][key])
+    model.to(device).eval()
+    return RunModel(model, recipe, plans, run_dir)
+
+
+def sliding_window_probabilities(run: RunModel, image: np.ndarray, device: torch.device, overlap: float = 0.5,
+                                 sw_batch_size: int = 2, tta: bool = False, amp: bool = True) -> torch.Tensor:
+    """Class probabilities ``(C, X, Y, Z)`` float16 (on CPU) of a preprocessed image."""
+    from monai.inferers import sliding_window_inference
+
+    amp_dtype = None
+    if device.type == "cuda" and amp:
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        torch.backends.cudnn.benchmark = True
+    predictor = WindowPredictor(run.model, run.mirror_axes if tta else (), amp_dtype)
+    n_classes = len(run.plans["labels"])
+    out_bytes = n_classes * int(np.prod(image.shape[1:])) * 2 * 2  # float16 output + count map headroom
+    acc = device
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if out_bytes > 0.5 * free:
+            acc = torch.device("cpu")
+    x = torch.from_numpy(np.ascontiguousarray(image)).half()[None].to(acc)  # float16 input: float16 accumulators
+    logits = sliding_window_inference(x, run.patch_size, sw_batch_size, predictor, overlap=overlap, mode="gaussian",
+                                      sigma_scale=0.125, padding_mode="constant", cval=0.0, sw_device=device,
+                                      device=acc)[0]
+    for z in range(0, logits.shape[-1], 16):  # softmax in slabs, in place: no float32 copy of the volume
+        sl = logits[..., z:z + 16]
+        sl.copy_(torch.softmax(sl.float(), dim=0).half())
+    return logits.cpu()
+
+
+def _case_groups(inp: Path, num_channels: int) -> list[tuple[str, list[Path]]]:
+    """(case id, channel sources) for a NIfTI file, a folder of them, or a DICOM folder."""
+    if inp.is_file():
+        if not is_nifti(inp):
+            raise InputError(inp, "expected a NIfTI file, a folder of them, or a DICOM series folder")
+        return [(_stem(inp.name), [inp])]
+    if not inp.is_dir():
+        raise InputError(inp, "input not found")
+    niftis = sorted(p for p in inp.iterdir() if p.is_file() and is_nifti(p))
+    if not niftis:
+        if list_dicom_files(inp):
+            return [(inp.name, [inp])]
+        subdirs = sorted(d for d in inp.iterdir() if d.is_dir() and list_dicom_files(d))
+        if subdirs:
+            return [(d.name, [d]) for d in subdirs]
+        raise InputError(inp, "no NIfTI files or DICOM series here")
+    pat = re.compile(r"^(.*)_(\d{4})$")
+    groups: dict[str, dict[int, Path]] = {}
+    for p in niftis:
+        m = pat.match(_stem(p.name))
+        if m and (num_channels > 1 or m.group(2) == "0000"):
+            groups.setdefault(m.group(1), {})[int(m.group(2))] = p
+        else:
+            groups.setdefault(_stem(p.name), {})[0] = p
+    out = []
+    for case, chans in sorted(groups.items()):
+        missing = [c for c in range(num_channels) if c not in chans]
+        if missing and not (len(chans) == 1 and num_channels > 1):
+            raise InputError(inp / f"{case}_{missing[0]:04d}.nii.gz", f"case '{case}' lacks channel(s) {missing}")
+        out.append((case, [chans[c] for c in sorted(chans)]))
+    return out
+
+
+def _stem(name: str) -> str:
+    return name[:-7] if name.lower().endswith(".nii.gz") else name.rsplit(".", 1)[0]
+
+
+def predict(run_dir: str | Path, inputs: str | Path, out_dir: str | Path, device: str = "auto", tta: bool = False,
+            overlap: float = 0.5, sw_batch_size: int = 2, save_probabilities: bool = False,
+            checkpoint: str = "best", quiet: bool = False, postprocess=None) -> list[Path]:
+    """Predict every scan in ``inputs``; write ``<case>.nii.gz`` (and ``.npz``) to ``out_dir``."""
+    from tqdm import tqdm
+
+    from medvol.inference.geometry import restore_geometry
+    from medvol.preprocessing import preprocess_case
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    run = load_run(run_dir, dev, checkpoint)
+    n_ch = len(run.plans["normalization"])
+    cases = _case_groups(Path(inputs), n_ch)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for case, sources in tqdm(cases, desc="predict", unit="case", disable=quiet or not sys.stderr.isatty()):
+        vols = [read_volume(s) for s in sources]
+        image, props = preprocess_case(vols, run.plans)
+        probs = sliding_window_probabilities(run, image, dev, overlap, sw_batch_size, tta)
+        restored = restore_geometry(probs, props, dtype=np.float16)
+        del probs
+        seg = restored.argmax(0).astype(np.uint8 if restored.shape[0] < 256 else np.int16)
+        if postprocess is not None:
+            seg = postprocess(seg)
+        ref = vols[0]
+        path = write_volume(Volume(seg, ref.affine, {}), out_dir / f"{case}.nii.gz")
+        if save_probabilities:
+            with atomic_path(out_dir / f"{case}.npz") as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez_compressed(f, probabilities=restored, affine=ref.affine)
+        written.append(path)
+        log.info("%s -> %s", case, path)
+    return written
