@@ -32,8 +32,12 @@ def restore_geometry(array: np.ndarray | torch.Tensor, properties: dict, fill: s
             out[0] = 1
     else:
         out[:] = fill
+    same_grid = list(array.shape[1:]) == list(crop_shape)
     for ch in range(c):
         src = torch.as_tensor(np.asarray(array[ch:ch + 1]) if isinstance(array, np.ndarray) else array[ch:ch + 1])
+        if same_grid:  # nothing to resample: copy straight across, no float32 temporary
+            out[(ch,) + box] = src[0].numpy()
+            continue
         res = resample_probabilities(src.float(), crop_shape, properties["target_spacing"],
                                      properties["original_spacing"], separate_z=properties.get("separate_z_axis"))
         out[(ch,) + box] = res[0].numpy().astype(dtype, copy=False)

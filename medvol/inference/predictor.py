@@ -93,9 +93,14 @@ def load_run(run_dir: str | Path, device: torch.device, checkpoint: str = "best"
     return RunModel(model, recipe, plans, run_dir)
 
 
-def sliding_window_probabilities(run: RunModel, image: np.ndarray, device: torch.device, overlap: float = 0.5,
-                                 sw_batch_size: int = 2, tta: bool = False, amp: bool = True) -> torch.Tensor:
-    """Class probabilities ``(C, X, Y, Z)`` float16 (on CPU) of a preprocessed image."""
+def sliding_window_probabilities(run: RunModel, image: np.ndarray | torch.Tensor, device: torch.device,
+                                 overlap: float = 0.5, sw_batch_size: int = 2, tta: bool = False,
+                                 amp: bool = True) -> torch.Tensor:
+    """Class probabilities ``(C, X, Y, Z)`` float16 (on CPU) of a preprocessed image.
+
+    Pass the image as a float16 tensor (and drop the float32 array) to hold the least memory:
+    then the process keeps the float16 input, the float16 output and MONAI's float16 count map.
+    """
     from monai.inferers import sliding_window_inference
 
     amp_dtype = None
@@ -110,7 +115,8 @@ def sliding_window_probabilities(run: RunModel, image: np.ndarray, device: torch
         free, _ = torch.cuda.mem_get_info(device)
         if out_bytes > 0.5 * free:
             acc = torch.device("cpu")
-    x = torch.from_numpy(np.ascontiguousarray(image)).half()[None].to(acc)  # float16 input: float16 accumulators
+    x = torch.as_tensor(image)  # a (possibly strided) view of a cropped array: no float32 copy
+    x = x.to(device=acc, dtype=torch.float16)[None]  # float16 input: MONAI accumulates in float16
     logits = sliding_window_inference(x, run.patch_size, sw_batch_size, predictor, overlap=overlap, mode="gaussian",
                                       sigma_scale=0.125, padding_mode="constant", cval=0.0, sw_device=device,
                                       device=acc)[0]
@@ -177,7 +183,9 @@ def predict(run_dir: str | Path, inputs: str | Path, out_dir: str | Path, device
     for case, sources in tqdm(cases, desc="predict", unit="case", disable=quiet or not sys.stderr.isatty()):
         vols = [read_volume(s) for s in sources]
         image, props = preprocess_case(vols, run.plans)
+        image = torch.from_numpy(image).half()  # the float32 array is dropped here
         probs = sliding_window_probabilities(run, image, dev, overlap, sw_batch_size, tta)
+        del image  # from here on only the float16 probabilities and their restored copy are held
         restored = restore_geometry(probs, props, dtype=np.float16)
         del probs
         seg = restored.argmax(0).astype(np.uint8 if restored.shape[0] < 256 else np.int16)

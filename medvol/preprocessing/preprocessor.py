@@ -57,11 +57,15 @@ def sample_class_locations(seg: np.ndarray, classes: Iterable[int], seed: int = 
     return out
 
 
-def _normalise_and_resample(image: np.ndarray, seg: np.ndarray | None, spacing: Sequence[float], plans: dict):
-    """image/seg are cropped, channel-first. Returns resampled (image, seg, new_shape)."""
+def _normalise_and_resample(image: np.ndarray, seg: np.ndarray | None, spacing: Sequence[float], plans: dict,
+                            copy: bool = True):
+    """image/seg are cropped, channel-first. Returns resampled (image, seg, new_shape).
+    ``copy=False`` normalises ``image`` in place (when the caller owns it: saves a copy)."""
     norm = plans["normalization"]
     stats = {str(n["channel"]): n["statistics"] for n in norm}
-    image = normalize(np.array(image, dtype=np.float32), seg, [n["scheme"] for n in norm],
+    if copy or image.dtype != np.float32:
+        image = np.array(image, dtype=np.float32)
+    image = normalize(image, seg, [n["scheme"] for n in norm],
                       [n["use_mask_for_norm"] for n in norm], stats)
     target = plans["target_spacing"]
     new_shape = compute_new_shape(image.shape[1:], spacing, target)
@@ -107,7 +111,7 @@ def preprocess_case(volumes: Volume | Sequence[Volume], plans: dict) -> tuple[np
         raise InputError(ref.meta.get("path"), "non-finite intensity values (NaN/inf)")
     spacing = ref.spacing
     cropped, seg, bbox = crop_to_nonzero(image, None)
-    out, _, new_shape = _normalise_and_resample(cropped, seg, spacing, plans)
+    out, _, new_shape = _normalise_and_resample(cropped, seg, spacing, plans, copy=False)  # image is ours
     props = _geometry_properties(ref, bbox, cropped.shape[1:], spacing, plans, new_shape)
     return out, props
 
