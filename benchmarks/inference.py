@@ -84,6 +84,8 @@ def big(args) -> dict:
     hu = np.full(shape, -1000, np.float32)
     hu[40:-40, 40:-40, 10:-10] = rng.normal(40, 30, (432, 432, 380)).astype(np.float32)
     vol = Volume(hu, np.diag([0.8, 0.8, 1.0, 1.0]))
+    input_mb = hu.nbytes / 2**20
+    del hu  # the Volume holds the scan, as after read_volume
     plans = {"target_spacing": [0.8, 0.8, 1.0], "resampling": {"image": "cubic"},
              "normalization": [{"channel": 0, "scheme": "CTNormalization", "use_mask_for_norm": False,
                                 "statistics": {"mean": 40.0, "std": 30.0, "percentile_00_5": -100.0,
@@ -92,8 +94,8 @@ def big(args) -> dict:
     model = _model(args, 2, device)
     base = _rss_mb()
     t0 = time.perf_counter()
-    image, props = preprocess_case(vol, plans)
-    image = torch.from_numpy(image).half()  # as medvol predict does: drop the float32 array
+    image, props = preprocess_case(vol, plans, inplace=True)  # as medvol predict does
+    image = torch.from_numpy(image).half()  # ... and drops the float32 array
     run = RunModel(model, Recipe(), plans, None)
     probs = sliding_window_probabilities(run, image, device, overlap=args.overlap, sw_batch_size=args.sw_batch)
     del image
@@ -102,7 +104,7 @@ def big(args) -> dict:
     seg = restored.argmax(0).astype(np.uint8)
     sec = time.perf_counter() - t0
     probs_mb = 2 * float(np.prod(shape)) * 2 / 2**20
-    return {"seconds": sec, "input_mb": hu.nbytes / 2**20, "probs_fp16_mb": probs_mb, "peak_rss_mb": _rss_mb(),
+    return {"seconds": sec, "input_mb": input_mb, "probs_fp16_mb": probs_mb, "peak_rss_mb": _rss_mb(),
             "rss_over_input_mb": _rss_mb() - base, "ratio_to_probs": (_rss_mb() - base) / probs_mb,
             "seg_shape": list(seg.shape)}
 

@@ -127,3 +127,14 @@ def test_sharded_preprocess_without_plan_says_what_to_do(brain_raw, tmp_path):
         preprocess_dataset(brain_raw, tmp_path / "x", shard="0/2")
     with pytest.raises(Exception, match="K/N"):
         preprocess_dataset(brain_raw, tmp_path / "x", shard="2")
+
+
+def test_preprocess_case_leaves_the_callers_volume_alone(brain_raw, brain_pre):
+    plans = load_plans(brain_pre)
+    vol = read_volume(brain_raw / "imagesTs" / "brain_005_0000.nii.gz")
+    vol.array = vol.array.astype(np.float32)
+    before = vol.array.copy()
+    a, _ = preprocess_case(vol, plans)
+    np.testing.assert_array_equal(vol.array, before)
+    b, _ = preprocess_case(vol, plans, inplace=True)  # may reuse the array: same result
+    np.testing.assert_allclose(a, b)

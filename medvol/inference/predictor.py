@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from medvol.errors import ConfigError, InputError
+from medvol.networks import as_class_logits
 from medvol.io import Volume, is_nifti, read_volume, write_volume
 from medvol.io.dicom import list_dicom_files
 from medvol.utils import atomic_path, read_json
@@ -47,7 +48,7 @@ class WindowPredictor(nn.Module):
             for axes in self.flips:
                 dims = [a + 2 for a in axes]
                 xi = torch.flip(x, dims) if dims else x
-                y = self.model(xi).float()
+                y = as_class_logits(self.model(xi).float())
                 y = torch.flip(y, dims) if dims else y
                 total = y if total is None else total + y
         return (total / len(self.flips)).half()
@@ -163,10 +164,29 @@ def _stem(name: str) -> str:
     return name[:-7] if name.lower().endswith(".nii.gz") else name.rsplit(".", 1)[0]
 
 
-def predict(run_dir: str | Path, inputs: str | Path, out_dir: str | Path, device: str = "auto", tta: bool = False,
-            overlap: float = 0.5, sw_batch_size: int = 2, save_probabilities: bool = False,
-            checkpoint: str = "best", quiet: bool = False, postprocess=None) -> list[Path]:
-    """Predict every scan in ``inputs``; write ``<case>.nii.gz`` (and ``.npz``) to ``out_dir``."""
+def largest_component(seg: np.ndarray) -> np.ndarray:
+    """Keep, for each foreground label, only its largest 26-connected component."""
+    from scipy import ndimage
+
+    out = np.zeros_like(seg)
+    for c in np.unique(seg):
+        if c == 0:
+            continue
+        comp, n = ndimage.label(seg == c, structure=np.ones((3, 3, 3)))
+        if n:
+            sizes = np.bincount(comp.ravel())[1:]
+            out[comp == int(np.argmax(sizes)) + 1] = c
+    return out
+
+
+def predict(run_dir: str | Path, inputs: str | Path, out_dir: str | Path, device: str = "auto",
+            tta: bool | None = None, overlap: float | None = None, sw_batch_size: int = 2,
+            save_probabilities: bool = False, checkpoint: str = "best", quiet: bool = False, postprocess=None,
+            largest_component_only: bool | None = None) -> list[Path]:
+    """Predict every scan in ``inputs``; write ``<case>.nii.gz`` (and ``.npz``) to ``out_dir``.
+
+    ``tta``, ``overlap`` and ``largest_component_only`` default to the recipe's ``inference``
+    section (else no TTA, overlap 0.5, no post-processing)."""
     from tqdm import tqdm
 
     from medvol.inference.geometry import restore_geometry
@@ -175,6 +195,13 @@ def predict(run_dir: str | Path, inputs: str | Path, out_dir: str | Path, device
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     run = load_run(run_dir, dev, checkpoint)
+    inf = run.recipe.inference
+    tta = bool(inf.get("tta", False)) if tta is None else tta
+    overlap = float(inf.get("overlap", 0.5)) if overlap is None else overlap
+    if largest_component_only is None:
+        largest_component_only = bool(inf.get("largest_component", False))
+    if largest_component_only and postprocess is None:
+        postprocess = largest_component
     n_ch = len(run.plans["normalization"])
     cases = _case_groups(Path(inputs), n_ch)
     out_dir = Path(out_dir)
@@ -182,7 +209,7 @@ def predict(run_dir: str | Path, inputs: str | Path, out_dir: str | Path, device
     written = []
     for case, sources in tqdm(cases, desc="predict", unit="case", disable=quiet or not sys.stderr.isatty()):
         vols = [read_volume(s) for s in sources]
-        image, props = preprocess_case(vols, run.plans)
+        image, props = preprocess_case(vols, run.plans, inplace=True)  # the scans are ours: no extra copy
         image = torch.from_numpy(image).half()  # the float32 array is dropped here
         probs = sliding_window_probabilities(run, image, dev, overlap, sw_batch_size, tta)
         del image  # from here on only the float16 probabilities and their restored copy are held

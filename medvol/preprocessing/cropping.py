@@ -41,6 +41,7 @@ def crop_to_nonzero(image: np.ndarray, label: np.ndarray | None = None):
     if label is not None:
         seg = np.array(label[(slice(None),) + sl], dtype=np.int16)
         seg[(seg == 0) & ~mask] = OUTSIDE_LABEL
-    else:
-        seg = np.where(mask, 0, OUTSIDE_LABEL).astype(np.int16)
+    else:  # built as int16 directly (np.where would allocate an int64 volume first)
+        seg = np.full(mask.shape, OUTSIDE_LABEL, dtype=np.int16)
+        seg[mask] = 0
     return image, seg, bbox

@@ -89,12 +89,14 @@ def _geometry_properties(ref: Volume, bbox, shape_after_crop, spacing, plans, ne
     }
 
 
-def preprocess_case(volumes: Volume | Sequence[Volume], plans: dict) -> tuple[np.ndarray, dict]:
+def preprocess_case(volumes: Volume | Sequence[Volume], plans: dict, inplace: bool = False) -> tuple[np.ndarray, dict]:
     """Preprocess a new scan for inference with the dataset's ``plans``.
 
     ``volumes``: one Volume (3D, or 4D with channels last) or one Volume per channel, on
     the same grid. Returns ``(image (C, X, Y, Z) float32, properties)``; the properties
     hold what :func:`medvol.inference.restore_geometry` needs to undo crop and resampling.
+    ``inplace=True`` lets it normalise inside the volumes' own float32 arrays (saving a copy
+    of the scan) when the caller no longer needs them.
     """
     vols = [volumes] if isinstance(volumes, Volume) else list(volumes)
     if not vols:
@@ -103,7 +105,10 @@ def preprocess_case(volumes: Volume | Sequence[Volume], plans: dict) -> tuple[np
     for v in vols[1:]:
         if v.spatial_shape != ref.spatial_shape or not np.allclose(v.affine, ref.affine, rtol=1e-4, atol=1e-3):
             raise InputError(v.meta.get("path"), "channels are not on the same voxel grid")
-    image = np.concatenate([v.channel_first() for v in vols])
+    chans = [v.channel_first() for v in vols]  # may share memory with the volumes (float32 input)
+    image = chans[0] if len(chans) == 1 else np.concatenate(chans)  # no second copy of a single channel
+    if not inplace and any(np.shares_memory(image, v.array) for v in vols):
+        image = image.copy()
     expected = len(plans["normalization"])
     if image.shape[0] != expected:
         raise InputError(ref.meta.get("path"), f"{image.shape[0]} channel(s) given, the plan expects {expected}")
@@ -111,7 +116,9 @@ def preprocess_case(volumes: Volume | Sequence[Volume], plans: dict) -> tuple[np
         raise InputError(ref.meta.get("path"), "non-finite intensity values (NaN/inf)")
     spacing = ref.spacing
     cropped, seg, bbox = crop_to_nonzero(image, None)
-    out, _, new_shape = _normalise_and_resample(cropped, seg, spacing, plans, copy=False)  # image is ours
+    if not any(n["use_mask_for_norm"] for n in plans["normalization"]):
+        seg = None  # only masked z-scoring reads it: do not keep a label-sized array around
+    out, _, new_shape = _normalise_and_resample(cropped, seg, spacing, plans, copy=False)  # image is ours now
     props = _geometry_properties(ref, bbox, cropped.shape[1:], spacing, plans, new_shape)
     return out, props
 
