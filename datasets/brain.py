@@ -131,15 +131,22 @@ def default_acquisitions(n: int, base_spacing: float = 2.0) -> list[Acquisition]
 
 def build_brain_dataset(out: str | Path, n_train: int = 8, n_test: int = 2, base_spacing: float = 2.0,
                         acquisitions: list[Acquisition] | None = None,
-                        name: str = "Dataset001_BrainTissue") -> Path:
+                        name: str = "Dataset001_BrainTissue", binary: str | None = None,
+                        labelled_cases: int | None = None) -> Path:
     """Write an nnU-Net v2 raw dataset (``dataset.json``, ``imagesTr``, ``labelsTr``,
-    ``imagesTs``, ``labelsTs``) of brain-tissue cases built from the real template."""
+    ``imagesTs``, ``labelsTs``) of brain-tissue cases built from the real template.
+
+    ``binary="white_matter"`` (or "grey_matter") makes a one-structure task; with
+    ``labelled_cases=k`` the dataset declares only its first k training cases labelled
+    (semi-supervised), the other labels staying on disk for evaluation."""
     out = Path(out)
     acqs = acquisitions or default_acquisitions(n_train + n_test, base_spacing)
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     for i, acq in enumerate(acqs):
         image, label = make_case(acq)
+        if binary:
+            label = Volume((label.array == LABELS[binary]).astype(np.uint8), label.affine, {})
         train = i < len(acqs) - n_test
         case = f"brain_{i:03d}"
         write_volume(image, out / ("imagesTr" if train else "imagesTs") / f"{case}_0000.nii.gz")
@@ -150,9 +157,11 @@ def build_brain_dataset(out: str | Path, n_train: int = 8, n_test: int = 2, base
                        "seen through varied spacings, orientations, fields of view and intensities.",
         "reference": "Fonov et al. 2009/2011 (MNI ICBM152 2009a); files from the nilearn wheel",
         "channel_names": {"0": "T1"},
-        "labels": LABELS,
+        "labels": {"background": 0, binary: 1} if binary else LABELS,
         "numTraining": len(acqs) - n_test,
         "file_ending": ".nii.gz",
     }
+    if labelled_cases is not None:
+        meta["labelled_cases"] = [f"brain_{i:03d}" for i in range(labelled_cases)]
     (out / "dataset.json").write_text(json.dumps(meta, indent=1))
     return out

@@ -72,8 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--input", type=Path, required=True,
                    help="a NIfTI file, a folder of them (e.g. imagesTs), or a DICOM series folder")
     p.add_argument("-o", "--out", type=Path, required=True, help="output folder (<case>.nii.gz)")
-    p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation over the trained axes")
-    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
+    p.add_argument("--tta", action="store_true", default=None,
+                   help="mirroring test-time augmentation over the trained axes (default: the recipe's)")
+    p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: the recipe's, or 0.5)")
+    p.add_argument("--largest-component", action="store_true", default=None,
+                   help="keep only the largest connected component of each label (default: the recipe's)")
     p.add_argument("--sw-batch-size", type=int, default=2, help="windows per forward pass")
     p.add_argument("--device", default="auto")
     p.add_argument("--save-probabilities", action="store_true", help="also write <case>.npz (float16)")
@@ -157,7 +160,7 @@ def _cmd_predict(a) -> int:
     from medvol.inference import predict
 
     written = predict(a.model, a.input, a.out, a.device, a.tta, a.overlap, a.sw_batch_size, a.save_probabilities,
-                      a.checkpoint, a.quiet)
+                      a.checkpoint, a.quiet, largest_component_only=a.largest_component)
     if not a.no_pictures:
         from medvol.evaluation.report import write_report
         from medvol.inference.predictor import _case_groups, load_run

@@ -48,6 +48,7 @@ class AugmentConfig:
     gamma_range: tuple = (0.7, 1.5)
     flip_prob: float = 0.5
     flip_axes: tuple = (0, 1, 2)
+    rot90_prob: float = 0.0  # random multiples of 90 degrees in the plane of the first two axes
 
 
 @dataclass

@@ -126,3 +126,9 @@ def test_partial_label_fields_travel_with_the_sample(small_fg_cache, tmp_path):
     ds = PatchDataset(cache, Streams(["c1"], [], 2), (16, 16, 16), seed=0)
     s = ds.sample(0, 0)
     assert int(s["task_id"]) == 4 and s["annotated"].tolist() == [0, 1]
+
+
+def test_samples_are_plain_tensors(small_fg_cache):
+    ds = PatchDataset(small_fg_cache, Streams(["c0"], [], 2), (16, 16, 16), augment=build_augmentation(AugmentConfig()))
+    s = ds.sample(0, 0)
+    assert type(s["image"]) is torch.Tensor and type(s["label"]) is torch.Tensor

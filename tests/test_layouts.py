@@ -70,6 +70,12 @@ def test_ct_normalisation_uses_dataset_foreground_statistics(tmp_path):
     expect = (np.clip(hu, st["percentile_00_5"], st["percentile_99_5"]) - st["mean"]) / st["std"]
     np.testing.assert_allclose(image[0], expect, rtol=1e-5, atol=1e-5)
     assert image[0, 0, 0, 0] == pytest.approx((st["percentile_99_5"] - st["mean"]) / st["std"], rel=1e-5)
+    # inference-time preprocessing of the same scan gives the same array (CT: no mask needed)
+    from medvol.io import read_volume
+    from medvol.preprocessing import preprocess_case
+
+    again, _ = preprocess_case(read_volume(root / "imagesTr" / "ct1_0000.nii.gz"), plans)
+    np.testing.assert_allclose(again, image, rtol=1e-6, atol=1e-6)
 
 
 def test_anisotropic_real_data_plans_separate_z(tmp_path):

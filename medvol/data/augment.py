@@ -49,6 +49,8 @@ def build_augmentation(cfg: AugmentConfig, ndim: int = 3):
         t.append(T.RandSimulateLowResolutiond(img, prob=cfg.lowres_prob, zoom_range=tuple(cfg.lowres_zoom)))
     if cfg.gamma_prob > 0:
         t.append(T.RandAdjustContrastd(img, prob=cfg.gamma_prob, gamma=tuple(cfg.gamma_range), retain_stats=True))
+    if cfg.rot90_prob > 0:
+        t.append(T.RandRotate90d(keys, prob=cfg.rot90_prob, max_k=3, spatial_axes=(0, 1)))
     for ax in cfg.flip_axes:
         if cfg.flip_prob > 0:
             t.append(T.RandFlipd(keys, prob=cfg.flip_prob, spatial_axis=int(ax)))

@@ -102,7 +102,9 @@ class PatchDataset(Dataset):
         if self.transform is not None:
             seed_transforms(self.transform, rng.integers(2**31))
             out = self.transform(out)
-            out = {"image": torch.as_tensor(out["image"]).float(), "label": torch.as_tensor(out["label"]).long()}
+            # plain tensors: MONAI's MetaTensor would carry its per-op overhead into the network
+            out = {k: (v.as_tensor() if hasattr(v, "as_tensor") else torch.as_tensor(v)) for k, v in out.items()}
+            out = {"image": out["image"].float(), "label": out["label"].long()}
         out["labelled"] = torch.tensor(labelled_slot and label is not None)
         out["slot"] = torch.tensor(slot)
         for k in PASSTHROUGH_KEYS:
@@ -155,13 +157,21 @@ def training_cases(cache_dir, data_cfg, seed: int) -> tuple[list[str], list[str]
     has_label = {c: load_case(cache_dir, c)[2].get("has_label", False) for c in train}
     labelled = [c for c in train if has_label[c]]
     unlabelled = [c for c in train if not has_label[c]]
-    if isinstance(data_cfg.labelled, int):
-        keep = labelled[: data_cfg.labelled]
+    wanted = data_cfg.labelled
+    if wanted is None:  # the dataset's own semi-supervised split, when it declares one
+        from pathlib import Path
+
+        from medvol.utils import read_json
+
+        dj = Path(cache_dir) / "dataset.json"
+        wanted = read_json(dj).get("labelled_cases") if dj.exists() else None
+    if isinstance(wanted, int):
+        keep = labelled[:wanted]
         unlabelled += [c for c in labelled if c not in keep]
         labelled = keep
-    elif isinstance(data_cfg.labelled, list):
-        unlabelled += [c for c in labelled if c not in data_cfg.labelled]
-        labelled = [c for c in labelled if c in data_cfg.labelled]
+    elif isinstance(wanted, list):
+        unlabelled += [c for c in labelled if c not in wanted]
+        labelled = [c for c in labelled if c in wanted]
     return labelled, unlabelled, val
 
 

@@ -64,5 +64,6 @@ def normalize(image: np.ndarray, seg: np.ndarray, schemes: list[str], use_mask: 
               stats: dict[str, dict]) -> np.ndarray:
     """Normalise every channel of ``image`` (C, X, Y, Z) in place; returns it."""
     for c in range(image.shape[0]):
-        image[c] = normalize_channel(image[c], schemes[c], seg[0], use_mask[c], stats.get(str(c)))
+        image[c] = normalize_channel(image[c], schemes[c], None if seg is None else seg[0], use_mask[c],
+                                     stats.get(str(c)))
     return image

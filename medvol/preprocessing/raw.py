@@ -25,7 +25,9 @@ NNUNET_V2_KEYS = {"channel_names", "labels", "numTraining", "file_ending"}
 DECATHLON_KEYS = {"modality", "labels", "training"}
 OPTIONAL_KEYS = {"name", "description", "reference", "licence", "license", "release", "tensorImageSize",
                  "numTest", "test", "overwrite_image_reader_writer", "regions_class_order", "dataset_name",
-                 "author", "citation", "converted_by", "link", "relase", "modalities"}
+                 "author", "citation", "converted_by", "link", "relase", "modalities",
+                 # medvol extensions: semi-supervised splits and the ids cases had in their source
+                 "labelled_cases", "source_ids"}
 
 
 @dataclass
@@ -49,6 +51,7 @@ class RawDataset:
     file_ending: str
     training: list[RawCase]
     test: list[RawCase]
+    labelled_cases: list[str] | None = None  # semi-supervised: only these training labels are used
 
     @property
     def num_channels(self) -> int:
@@ -60,7 +63,8 @@ class RawDataset:
 
     def dataset_json(self) -> dict:
         return {"channel_names": {str(k): v for k, v in self.channel_names.items()}, "labels": self.labels,
-                "numTraining": len(self.training), "file_ending": self.file_ending, "layout": self.layout}
+                "numTraining": len(self.training), "file_ending": self.file_ending, "layout": self.layout,
+                "labelled_cases": self.labelled_cases}
 
 
 def _inside(root: Path, rel: str, where: Path) -> Path:
@@ -140,7 +144,12 @@ def _open_with_json(root: Path) -> RawDataset:
         test = _v2_cases(root, "imagesTs", "labelsTs", ending, len(channel_names), jpath, labels_optional=True)
         if "numTraining" in meta and int(meta["numTraining"]) != len(training):
             raise InputError(jpath, f"numTraining is {meta['numTraining']} but imagesTr holds {len(training)} cases")
-        return RawDataset(root, "nnunet_v2", channel_names, labels, ending, training, test)
+        labelled = meta.get("labelled_cases")
+        if labelled is not None:
+            unknown_cases = sorted(set(labelled) - {c.case_id for c in training})
+            if unknown_cases:
+                raise InputError(jpath, f"labelled_cases names cases not in imagesTr: {unknown_cases[:5]}")
+        return RawDataset(root, "nnunet_v2", channel_names, labels, ending, training, test, labelled)
     channel_names = {int(k): str(v) for k, v in meta["modality"].items()}
     training = []
     for item in meta["training"]:

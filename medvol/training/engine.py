@@ -23,6 +23,7 @@ import torch.nn as nn
 from medvol.config import Recipe, save_recipe
 from medvol.data import PatchDataset, Streams, build_augmentation, make_loader, training_cases
 from medvol.errors import ConfigError
+from medvol.networks import as_class_logits
 from medvol.preprocessing.cache import load_case, load_plans
 from medvol.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from medvol.training.distributed import DistInfo, barrier, params_identical_across_ranks
@@ -67,8 +68,7 @@ class Trainer:
         torch.manual_seed(recipe.trainer.seed)  # identical initial weights on every rank
         self.models = {k: m.to(self.device) for k, m in self.build_models().items()}
         self.optimizers = self.build_optimizers()
-        self.schedulers = {k: make_scheduler(recipe.schedule, o, recipe.trainer.steps, o.defaults["lr"])
-                           for k, o in self.optimizers.items()}
+        self.schedulers = self.make_schedulers()
         if dist.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             for k, m in self.models.items():
@@ -93,6 +93,11 @@ class Trainer:
 
     def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"model": make_optimizer(self.recipe.optimizer, self.models["model"].parameters())}
+
+    def make_schedulers(self) -> dict:
+        """The recipe's schedule for every optimiser (override for per-optimiser schedules)."""
+        return {k: make_scheduler(self.recipe.schedule, o, self.recipe.trainer.steps, o.defaults["lr"])
+                for k, o in self.optimizers.items()}
 
     def streams(self) -> Streams:
         """Batch composition: labelled only, or two streams when the recipe asks for
@@ -150,8 +155,8 @@ class Trainer:
             image, label, _ = load_case(self.cache_dir, case)
             x = torch.from_numpy(np.array(image, np.float32))[None].to(self.device)
             with self.autocast():
-                logits = sliding_window_inference(x, self.patch_size, 2, model, overlap=self.recipe.trainer.val_overlap,
-                                                  mode="gaussian")
+                logits = sliding_window_inference(x, self.patch_size, 2, lambda w: as_class_logits(model(w)),
+                                                  overlap=self.recipe.trainer.val_overlap, mode="gaussian")
             pred = logits.argmax(1, keepdim=True).cpu()
             ref = torch.from_numpy(np.clip(np.asarray(label, np.int64), 0, None))[None]
             per_case.append(compute_dice(one_hot(pred, self.num_classes), one_hot(ref.long(), self.num_classes),

@@ -1,0 +1,132 @@
+"""CANet: semi-supervised segmentation with a signed-distance head and an attention
+discriminator (METHODS.md §1).
+
+Segmenter step: soft Dice on sigmoid(seg) and beta * MSE(tanh SDF, ground-truth SDF) on the
+labelled samples, plus lambda(t) * CE(D(SDF_unlabelled, image_unlabelled), "labelled") so
+that unlabelled predictions look like labelled ones; lambda(t) = w * exp(-5 (1 - min(t // 150,
+40) / 40)^2). Discriminator step, segmenter outputs detached: CE with labelled -> 1 and
+unlabelled -> 0. Two optimisers (SGD for the segmenter from the recipe, Adam for D), each with
+its own schedule; every batch holds labelled and unlabelled samples in fixed numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from medvol.config import ScheduleConfig
+from medvol.errors import ConfigError
+from medvol.losses.sdf import signed_distance, soft_dice_loss
+from medvol.networks.discriminators import AttentionDiscriminator
+from medvol.training import register_trainer
+from medvol.training.engine import Trainer, unwrap
+from medvol.training.schedules import make_scheduler
+
+
+@dataclass
+class CANetOptions:
+    beta: float = 0.3  # weight of the SDF regression
+    adv_weight: float = 0.01  # w in lambda(t)
+    adv_ramp_div: int = 150  # t // this ...
+    adv_ramp_len: int = 40  # ... reaches full weight at this value
+    d_lr: float = 1e-4
+    d_betas: tuple = (0.9, 0.99)
+    d_base: int = 64
+    foreground: list | None = None  # label values forming the foreground (None: every label > 0)
+
+
+def adversarial_weight(step: int, o: CANetOptions) -> float:
+    t = min(step // o.adv_ramp_div, o.adv_ramp_len) / o.adv_ramp_len
+    return o.adv_weight * math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+@register_trainer
+class CANetTrainer(Trainer):
+    name = "canet"
+    Options = CANetOptions
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.recipe.model.name != "vnet_transformer":
+            raise ConfigError(f"trainer 'canet' needs model.name vnet_transformer, got '{self.recipe.model.name}'")
+
+    def build_models(self) -> dict[str, nn.Module]:
+        models = super().build_models()
+        o = self.options
+        models["discriminator"] = AttentionDiscriminator(1, self.in_channels, o.d_base)
+        return models
+
+    def build_optimizers(self):
+        opts = super().build_optimizers()
+        o = self.options
+        opts["discriminator"] = torch.optim.Adam(self.models["discriminator"].parameters(), lr=o.d_lr,
+                                                 betas=tuple(o.d_betas))
+        return opts
+
+    def make_schedulers(self):
+        return {"model": make_scheduler(self.recipe.schedule, self.optimizers["model"], self.recipe.trainer.steps,
+                                        self.recipe.optimizer.lr),
+                "discriminator": make_scheduler(ScheduleConfig("constant"), self.optimizers["discriminator"],
+                                                self.recipe.trainer.steps, self.options.d_lr)}
+
+    def _foreground(self, label: torch.Tensor) -> torch.Tensor:
+        fg = self.options.foreground
+        if fg is None:
+            return (label > 0).float()
+        return torch.isin(label, torch.as_tensor(fg, device=label.device)).float()
+
+    def optimization_step(self, batch: dict, step: int) -> dict[str, float]:
+        o = self.options
+        model, disc = self.models["model"], self.models["discriminator"]
+        opt_s, opt_d = self.optimizers["model"], self.optimizers["discriminator"]
+        image, lab_mask = batch["image"], batch["labelled"].bool()
+        if lab_mask.all() or not lab_mask.any():
+            raise ConfigError("canet needs labelled and unlabelled samples in every batch "
+                              "(data.labelled and data.unlabelled_per_batch)")
+        target = self._foreground(batch["label"][lab_mask])
+        gt_sdf = torch.from_numpy(signed_distance(target[:, 0].cpu().numpy().astype(bool)))[:, None]
+        gt_sdf = gt_sdf.to(image.device)
+
+        # segmenter step (the discriminator's raw module: its gradients are discarded below)
+        opt_s.zero_grad(set_to_none=True)
+        with self.autocast():
+            seg, sdf = model(image, return_sdf=True)
+            prob = torch.sigmoid(seg.float())
+            l_dice = soft_dice_loss(prob[lab_mask], target)
+            l_sdf = F.mse_loss(sdf[lab_mask].float(), gt_sdf)
+            d_out = unwrap(disc)(sdf[~lab_mask], image[~lab_mask])
+            l_adv = F.cross_entropy(d_out.float(), torch.ones(d_out.shape[0], dtype=torch.long, device=image.device))
+            lam = adversarial_weight(step, o)
+            loss = l_dice + o.beta * l_sdf + lam * l_adv
+        self.scaler.scale(loss).backward()
+        if self.recipe.trainer.grad_clip:
+            self.scaler.unscale_(opt_s)
+            nn.utils.clip_grad_norm_(model.parameters(), self.recipe.trainer.grad_clip)
+        self.scaler.step(opt_s)
+
+        # what the discriminator has learned so far, without its dropout (before this step's update)
+        with torch.no_grad(), self.autocast():
+            raw_d = unwrap(disc)
+            raw_d.eval()
+            d_eval = raw_d(sdf.detach(), image)
+            raw_d.train()
+        # discriminator step on detached maps: labelled -> 1, unlabelled -> 0
+        opt_d.zero_grad(set_to_none=True)
+        with self.autocast():
+            d_all = disc(sdf.detach(), image)
+            d_target = lab_mask.long()
+            l_d = F.cross_entropy(d_all.float(), d_target)
+        self.scaler.scale(l_d).backward()
+        self.scaler.step(opt_d)
+        self.scaler.update()
+        for s in self.schedulers.values():
+            s.step()
+        d_acc = (d_eval.argmax(1) == d_target).float().mean()
+        return {"loss": float(loss.detach()), "dice": float(l_dice.detach()), "sdf": float(l_sdf.detach()),
+                "adv": float(l_adv.detach()), "adv_weight": lam, "d_loss": float(l_d.detach()),
+                "d_acc": float(d_acc)}

@@ -1,0 +1,209 @@
+"""CANet: network shapes, SDF, discriminator attention, adversarial ramp, training, predict,
+and the LA 2018 adapter."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from medvol.cli import main
+from medvol.config import load_recipe
+from medvol.datasets.brain import Acquisition, build_brain_dataset
+from medvol.datasets.la2018 import convert_la2018
+from medvol.errors import InputError
+from medvol.io import read_volume
+from medvol.losses.sdf import signed_distance, soft_dice_loss
+from medvol.networks.discriminators import AttentionDiscriminator
+from medvol.networks.vnet_transformer import VNetTransformer
+from medvol.preprocessing import open_raw_dataset, preprocess_dataset
+from medvol.training import train
+from medvol.training.canet import CANetOptions, adversarial_weight
+
+TINY_NET = dict(base=4, hidden=16, layers=1, heads=2, mlp_dim=32)
+
+
+def test_faithful_configuration_shapes():
+    torch.manual_seed(0)
+    net = VNetTransformer().eval()  # the paper's sizes: base 16, 12 blocks of 12 heads, 168 -> 3072
+    assert net.transformer.pos.shape == (1, 168, 7, 7, 5)  # 245 tokens for a 112x112x80 patch
+    assert len(net.transformer.blocks) == 12
+    x = torch.randn(1, 1, 112, 112, 80)
+    with torch.no_grad():
+        seg, sdf = net(x, return_sdf=True)
+    assert seg.shape == sdf.shape == (1, 1, 112, 112, 80)
+    assert float(sdf.abs().max()) <= 1.0  # tanh head
+    d = AttentionDiscriminator()
+    assert d(sdf, x).shape == (1, 2)
+
+
+def test_other_patch_sizes_interpolate_the_position_embedding():
+    net = VNetTransformer(patch_size=(32, 32, 32), **TINY_NET).eval()
+    assert net.transformer.pos.shape[2:] == (2, 2, 2)
+    with torch.no_grad():
+        seg = net(torch.randn(2, 1, 48, 32, 64))
+    assert seg.shape == (2, 1, 48, 32, 64)
+    assert net.transformer.position_embedding((3, 2, 4)).shape == (1, 16, 3, 2, 4)
+    assert net.transformer.position_embedding((2, 2, 2)) is net.transformer.pos
+    d = AttentionDiscriminator(base=8)
+    assert d(torch.randn(2, 1, 48, 32, 64), torch.randn(2, 1, 48, 32, 64)).shape == (2, 2)  # global pooling
+
+
+def test_sdf_of_a_sphere():
+    grid = np.stack(np.meshgrid(*[np.arange(33)] * 3, indexing="ij"))
+    dist = np.sqrt(((grid - 16) ** 2).sum(0))
+    sphere = dist <= 8
+    sdf = signed_distance(sphere[None])[0]
+    assert sdf[16, 16, 16] == pytest.approx(-1.0)  # deepest inside: -1
+    assert sdf[0, 0, 0] == pytest.approx(1.0)  # farthest outside: +1
+    from skimage.segmentation import find_boundaries
+
+    assert np.all(sdf[find_boundaries(sphere, mode="inner")] == 0)
+    assert np.all(sdf[~sphere] > 0) and np.all(sdf[sphere & (dist < 7)] < 0)
+    # magnitude: outside, distance to the sphere / largest such distance
+    from scipy.ndimage import distance_transform_edt
+
+    out_d = distance_transform_edt(~sphere)
+    assert sdf[16, 16, 30] == pytest.approx(out_d[16, 16, 30] / out_d.max())
+    assert signed_distance(np.zeros((1, 4, 4, 4), bool)).max() == 0  # no object: zeros
+
+
+def test_soft_dice_loss_values():
+    p = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    g = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    assert float(soft_dice_loss(p, g, smooth=0)) == pytest.approx(1 - 2 / 3)
+    assert float(soft_dice_loss(g, g)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_discriminator_attention_is_a_trained_module():
+    d = AttentionDiscriminator(base=8)
+    assert any(k.startswith("attention.") for k in d.state_dict())  # registered, saved with the model
+    out = d(torch.randn(2, 1, 32, 32, 32), torch.randn(2, 1, 32, 32, 32))
+    torch.nn.functional.cross_entropy(out, torch.tensor([0, 1])).backward()
+    for p in d.attention.parameters():
+        assert p.grad is not None and float(p.grad.abs().sum()) > 0
+
+
+def test_adversarial_weight_ramp():
+    o = CANetOptions()
+    assert adversarial_weight(0, o) == pytest.approx(0.01 * math.exp(-5))
+    assert adversarial_weight(150 * 20, o) == pytest.approx(0.01 * math.exp(-5 * 0.25))
+    assert adversarial_weight(150 * 40, o) == pytest.approx(0.01)
+    assert adversarial_weight(10 ** 6, o) == pytest.approx(0.01)
+    assert adversarial_weight(149, o) == adversarial_weight(0, o)  # t // 150
+
+
+@pytest.fixture(scope="module")
+def wm_data(tmp_path_factory):
+    """White matter (binary) from the real template; 2 labelled training cases of 5. The
+    unlabelled training scans (2-4) come from a noisier, darker acquisition, something for
+    the discriminator to detect; validation (5) and test (6) scans are like the labelled ones."""
+    tmp = tmp_path_factory.mktemp("wm")
+    shifted = {2, 3, 4}
+    acqs = [Acquisition((4.0, 4.0, 4.0), seed=i, noise=0.12 if i in shifted else 0.01,
+                        intensity=(0.7, 0.0) if i in shifted else (1.0, 0.0), flip=(0, 1) if i % 2 else ())
+            for i in range(7)]
+    raw = build_brain_dataset(tmp / "Dataset008_WM", n_train=6, n_test=1, acquisitions=acqs, binary="white_matter",
+                              labelled_cases=2)
+    preprocess_dataset(raw, tmp / "pre", num_workers=1, quiet=True)
+    return raw, tmp / "pre"
+
+
+@pytest.fixture(scope="module")
+def canet_run(wm_data, tmp_path_factory):
+    raw, pre = wm_data
+    run = tmp_path_factory.mktemp("canet") / "run"
+    r = load_recipe("canet_demo", ["trainer.steps=80", "trainer.val_every=40", "data.val_cases=[brain_005]",
+                                   "data.patch_size=[32, 32, 32]", "model.options.patch_size=[32, 32, 32]",
+                                   "method.adv_ramp_div=1"])
+    train(r, pre, run, device="cpu", quiet=True)
+    return run
+
+
+def _series(run) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    with open(run / "metrics.csv") as f:
+        for r in csv.DictReader(f):
+            out.setdefault(r["name"], []).append(float(r["value"]))
+    return out
+
+
+def test_canet_demo_learns_and_the_discriminator_beats_chance(canet_run):
+    s = _series(canet_run)
+    split = json.loads((canet_run / "split.json").read_text())
+    assert split["labelled"] == ["brain_000", "brain_001"] and len(split["unlabelled"]) == 3
+    assert np.mean(s["train/dice"][-10:]) < 0.7 * np.mean(s["train/dice"][:5])
+    assert s["val/dice_white_matter"][-1] > s["val/dice_white_matter"][0]
+    assert s["val/dice_white_matter"][-1] > 0.6
+    d_acc = s["train/d_acc"]  # measured without dropout, before each update: what D has learned
+    assert np.mean(d_acc[-20:]) > 0.58 and np.mean(d_acc[-20:]) > np.mean(d_acc[:10])
+    assert s["train/adv_weight"][-1] > s["train/adv_weight"][0]
+
+
+def test_canet_checkpoint_predicts_in_the_input_geometry(canet_run, wm_data, tmp_path):
+    raw, _ = wm_data
+    out = tmp_path / "pred"
+    assert main(["predict", "-m", str(canet_run), "-i", str(raw / "imagesTs"), "-o", str(out), "--device", "cpu",
+                 "--quiet", "--no-pictures"]) == 0
+    src = read_volume(raw / "imagesTs" / "brain_006_0000.nii.gz")
+    pred = read_volume(out / "brain_006.nii.gz")
+    assert pred.spatial_shape == src.spatial_shape
+    np.testing.assert_array_equal(pred.affine, src.affine)
+    from scipy import ndimage
+
+    assert ndimage.label(pred.array > 0, np.ones((3, 3, 3)))[1] == 1  # largest component (recipe default)
+    ref = np.asarray(read_volume(raw / "labelsTs" / "brain_006.nii.gz").array) > 0
+    p = np.asarray(pred.array) > 0
+    assert 2 * (p & ref).sum() / (p.sum() + ref.sum()) > 0.5
+
+
+def _write_la(root, names, shape=(24, 20, 16), bad_label=False):
+    rng = np.random.default_rng(0)
+    for n in names:
+        (root / n).mkdir(parents=True)
+        lab = np.zeros(shape, np.uint8)
+        lab[6:14, 5:13, 4:10] = 2 if bad_label else 1
+        img = rng.normal(0, 1, shape).astype(np.float32) + 2 * lab
+        with h5py.File(root / n / "mri_norm2.h5", "w") as f:
+            f["image"], f["label"] = img, lab
+
+
+def test_la2018_adapter_writes_a_semi_supervised_raw_dataset(tmp_path):
+    src = tmp_path / "LA"
+    _write_la(src, ["CASEA", "CASEB", "CASEC", "TEST1"])
+    (src / "train.list").write_text("CASEB\nCASEA\nCASEC\n")
+    (src / "test.list").write_text("TEST1\n")
+    out = convert_la2018(src, tmp_path / "raw" / "Dataset009_LA", labelled=2)
+    ds = open_raw_dataset(out)
+    assert [c.case_id for c in ds.training] == ["la_000", "la_001", "la_002"]
+    assert ds.labelled_cases == ["la_000", "la_001"] and ds.labels == {"background": 0, "left_atrium": 1}
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["source_ids"]["la_000"] == "CASEB"  # train.list order is kept
+    v = read_volume(out / "imagesTr" / "la_000_0000.nii.gz")
+    with h5py.File(src / "CASEB" / "mri_norm2.h5") as f:
+        np.testing.assert_array_equal(v.array, f["image"][:])
+    assert v.spacing == pytest.approx((0.625, 0.625, 0.625))
+    pre = tmp_path / "pre"
+    preprocess_dataset(out, pre, num_workers=1, quiet=True)
+    from medvol.config import DataConfig
+    from medvol.data import training_cases
+
+    lab, unlab, val = training_cases(pre, DataConfig(val_fraction=0.0), 0)
+    assert lab == ["la_000", "la_001"] and unlab == ["la_002"] and val == []
+
+
+def test_la2018_adapter_errors_name_the_file(tmp_path):
+    src = tmp_path / "LA"
+    _write_la(src, ["A"], bad_label=True)
+    (src / "train.list").write_text("A\nMISSING\n")
+    (src / "test.list").write_text("")
+    with pytest.raises(InputError, match="A/mri_norm2.h5: label values"):
+        convert_la2018(src, tmp_path / "out", labelled=1)
+    (src / "train.list").write_text("MISSING\n")
+    with pytest.raises(InputError, match="MISSING/mri_norm2.h5: missing"):
+        convert_la2018(src, tmp_path / "out", labelled=1)
