@@ -101,7 +101,9 @@ def big(args) -> dict:
     del image
     restored = restore_geometry(probs, props, dtype=np.float16)
     del probs
-    seg = restored.argmax(0).astype(np.uint8)
+    from medvol.inference.predictor import argmax_labels
+
+    seg = argmax_labels(restored)
     sec = time.perf_counter() - t0
     probs_mb = 2 * float(np.prod(shape)) * 2 / 2**20
     return {"seconds": sec, "input_mb": input_mb, "probs_fp16_mb": probs_mb, "peak_rss_mb": _rss_mb(),

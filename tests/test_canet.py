@@ -207,3 +207,24 @@ def test_la2018_adapter_errors_name_the_file(tmp_path):
     (src / "train.list").write_text("MISSING\n")
     with pytest.raises(InputError, match="MISSING/mri_norm2.h5: missing"):
         convert_la2018(src, tmp_path / "out", labelled=1)
+
+
+def test_canet_resume_with_two_models_and_two_optimisers(wm_data, tmp_path):
+    _, pre = wm_data
+    sets = ["trainer.steps=4", "trainer.val_every=2", "data.val_cases=[brain_005]", "data.patch_size=[32, 32, 32]",
+            "model.options.patch_size=[32, 32, 32]", "model.base_features=4", "method.d_base=8",
+            "method.adv_ramp_div=1"]
+    r = load_recipe("canet_demo", sets)
+    train(r, pre, tmp_path / "full", device="cpu", quiet=True)
+    train(r, pre, tmp_path / "cut", device="cpu", stop_at=2, quiet=True)
+    train(r, pre, tmp_path / "cut", device="cpu", resume=True, quiet=True)
+    from medvol.training.checkpoint import load_checkpoint
+
+    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "latest.pt")
+    b = load_checkpoint(tmp_path / "cut" / "checkpoints" / "latest.pt")
+    assert set(a["models"]) == {"model", "discriminator"} and set(a["optimizers"]) == {"model", "discriminator"}
+    for name in ("model", "discriminator"):
+        for k in a["models"][name]:
+            torch.testing.assert_close(a["models"][name][k], b["models"][name][k], rtol=0, atol=0)
+    full, cut = _series(tmp_path / "full"), _series(tmp_path / "cut")
+    assert full["train/loss"] == cut["train/loss"] and full["train/d_loss"] == cut["train/d_loss"]

@@ -122,3 +122,12 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     metrics = json.loads((tmp_path / "demo" / "predictions" / "metrics.json").read_text())
     assert len(metrics["cases"]) == 2
     assert (tmp_path / "demo" / "index.html").exists()
+
+
+def test_slabwise_argmax_equals_numpy_argmax():
+    from medvol.inference.predictor import argmax_labels
+
+    p = np.random.default_rng(0).random((4, 7, 6, 19)).astype(np.float16)
+    out = argmax_labels(p, slab=5)
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, p.argmax(0))

@@ -145,9 +145,12 @@ def make_loader(dataset: PatchDataset, start_step: int, stop_step: int, per_proc
     if num_workers is None:
         num_workers = max(1, min(12, (os.cpu_count() or 2) - 1))
     sampler = StepSampler(start_step, stop_step, per_process_batch * world_size, rank, world_size)
+    # Its own generator: the loader's base seed must not draw from the global RNG, whose
+    # state (dropout masks...) a resumed run restores from the checkpoint.
     return DataLoader(dataset, batch_size=per_process_batch, sampler=sampler, num_workers=num_workers,
                       pin_memory=torch.cuda.is_available(), persistent_workers=False,
-                      prefetch_factor=4 if num_workers else None)
+                      prefetch_factor=4 if num_workers else None,
+                      generator=torch.Generator().manual_seed(dataset.seed + start_step))
 
 
 def training_cases(cache_dir, data_cfg, seed: int) -> tuple[list[str], list[str], list[str]]:

@@ -164,6 +164,15 @@ def _stem(name: str) -> str:
     return name[:-7] if name.lower().endswith(".nii.gz") else name.rsplit(".", 1)[0]
 
 
+def argmax_labels(probs: np.ndarray, slab: int = 8) -> np.ndarray:
+    """argmax over classes of ``probs (C, X, Y, Z)`` into a uint8 (int16 past 255 classes)
+    label map, slab by slab: a whole-volume argmax would allocate an int64 volume."""
+    out = np.empty(probs.shape[1:], np.uint8 if probs.shape[0] < 256 else np.int16)
+    for z in range(0, probs.shape[-1], slab):
+        out[..., z:z + slab] = probs[..., z:z + slab].argmax(0)
+    return out
+
+
 def largest_component(seg: np.ndarray) -> np.ndarray:
     """Keep, for each foreground label, only its largest 26-connected component."""
     from scipy import ndimage
@@ -215,7 +224,7 @@ def predict(run_dir: str | Path, inputs: str | Path, out_dir: str | Path, device
         del image  # from here on only the float16 probabilities and their restored copy are held
         restored = restore_geometry(probs, props, dtype=np.float16)
         del probs
-        seg = restored.argmax(0).astype(np.uint8 if restored.shape[0] < 256 else np.int16)
+        seg = argmax_labels(restored)
         if postprocess is not None:
             seg = postprocess(seg)
         ref = vols[0]
