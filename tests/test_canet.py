@@ -228,3 +228,20 @@ def test_canet_resume_with_two_models_and_two_optimisers(wm_data, tmp_path):
             torch.testing.assert_close(a["models"][name][k], b["models"][name][k], rtol=0, atol=0)
     full, cut = _series(tmp_path / "full"), _series(tmp_path / "cut")
     assert full["train/loss"] == cut["train/loss"] and full["train/d_loss"] == cut["train/d_loss"]
+
+
+def test_canet_under_two_gloo_processes(wm_data, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    _, pre = wm_data
+    sets = ["trainer.steps=2", "trainer.val_every=2", "data.val_cases=[brain_005]", "data.patch_size=[32, 32, 32]",
+            "model.options.patch_size=[32, 32, 32]", "model.base_features=4", "method.d_base=8",
+            "data.batch_size=2", "data.unlabelled_per_batch=1"]
+    cmd = [sys.executable, "-m", "medvol", "train", "canet_demo", "--data", str(pre), "--out", str(tmp_path / "ddp"),
+           "--device", "cpu", "--nproc", "2", "--quiet", *sum((["--set", s] for s in sets), [])]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["params_identical_across_ranks"] is True

@@ -132,3 +132,9 @@ def test_samples_are_plain_tensors(small_fg_cache):
     ds = PatchDataset(small_fg_cache, Streams(["c0"], [], 2), (16, 16, 16), augment=build_augmentation(AugmentConfig()))
     s = ds.sample(0, 0)
     assert type(s["image"]) is torch.Tensor and type(s["label"]) is torch.Tensor
+
+
+def test_two_streams_are_mixed_inside_every_process_batch():
+    s = Streams(["a"], ["u"], global_batch=8, unlabelled_per_batch=1, per_process_batch=4)  # 2 processes
+    assert [s.labelled_index(k) for k in range(8)] == [0, 1, 2, None, 3, 4, 5, None]
+    assert s.labelled_slots() == 6

@@ -8,12 +8,13 @@ the same samples as one process with batch N*b: process ``r`` simply takes slots
 
 Batch composition (slots are filled in this order):
 - labelled only: every slot from the labelled training cases;
-- two streams (semi-supervised): the first ``B - U`` slots labelled, the last ``U`` from the
-  unlabelled cases (their label is all -1 and ``labelled`` is False);
+- two streams (semi-supervised): in *every process's* batch of b the first ``b - u`` slots
+  are labelled and the last ``u`` come from the unlabelled cases (their label is all -1 and
+  ``labelled`` is False);
 - partial labels: each sample also carries whatever per-case fields the cache properties
   hold for it (``task_id``, ``annotated`` channels...), passed through unchanged.
-Within the labelled slots the last ``round(B_labelled * oversample)`` are centred on
-foreground, as nnU-Net does per batch position.
+Of the labelled slots of the global batch (counted across processes) the last
+``round(n_labelled * oversample)`` are centred on foreground, as nnU-Net does per batch position.
 """
 
 from __future__ import annotations
@@ -55,10 +56,22 @@ class Streams:
     labelled: list[str]
     unlabelled: list[str]
     global_batch: int
-    unlabelled_per_batch: int = 0
+    unlabelled_per_batch: int = 0  # per process batch
+    per_process_batch: int | None = None  # None: one process
+
+    @property
+    def b(self) -> int:
+        return self.per_process_batch or self.global_batch
 
     def labelled_slots(self) -> int:
-        return self.global_batch - self.unlabelled_per_batch
+        """Labelled slots in the global batch."""
+        return (self.global_batch // self.b) * (self.b - self.unlabelled_per_batch)
+
+    def labelled_index(self, slot: int) -> int | None:
+        """Position of ``slot`` among the global batch's labelled slots, or None if unlabelled."""
+        proc, local = divmod(slot, self.b)
+        per = self.b - self.unlabelled_per_batch
+        return proc * per + local if local < per else None
 
 
 class PatchDataset(Dataset):
@@ -86,11 +99,12 @@ class PatchDataset(Dataset):
 
     def sample(self, step: int, slot: int) -> dict:
         rng = np.random.default_rng([self.seed, step, slot])
-        labelled_slot = slot < self.streams.labelled_slots()
+        index = self.streams.labelled_index(slot)
+        labelled_slot = index is not None
         pool = self.streams.labelled if labelled_slot else self.streams.unlabelled
         case_id = pool[int(rng.integers(len(pool)))]
         image, label, props = self._case(case_id)
-        force_fg = labelled_slot and slot >= self.first_fg_slot
+        force_fg = labelled_slot and index >= self.first_fg_slot
         start, _ = choose_patch_start(image.shape[1:], self.patch, rng, props.get("class_locations"), force_fg)
         img = extract_patch(image, start, self.patch, 0.0).astype(np.float32, copy=False)
         if label is not None and labelled_slot:

@@ -49,6 +49,8 @@ def adversarial_weight(step: int, o: CANetOptions) -> float:
 class CANetTrainer(Trainer):
     name = "canet"
     Options = CANetOptions
+    # MONAI's TransformerBlock always builds a cross-attention branch that self-attention never uses
+    ddp_find_unused = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -45,6 +45,7 @@ class Trainer:
     Options = None  # a dataclass for the recipe's ``method`` section, or None (must be empty)
     primary_metric = "val/dice_mean"
     inference_key = "model"  # which of self.models prediction uses (e.g. "teacher")
+    ddp_find_unused = False  # True when a model holds parameters some steps do not use
 
     def __init__(self, recipe: Recipe, cache_dir: str | Path, run_dir: str | Path, dist: DistInfo):
         self.recipe, self.cache_dir, self.run_dir, self.dist = recipe, Path(cache_dir), Path(run_dir), dist
@@ -73,7 +74,8 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             for k, m in self.models.items():
                 if any(p.requires_grad for p in m.parameters()) and k in self.optimizers:
-                    self.models[k] = nn.parallel.DistributedDataParallel(m, device_ids=ids)
+                    self.models[k] = nn.parallel.DistributedDataParallel(
+                        m, device_ids=ids, find_unused_parameters=self.ddp_find_unused)
 
     # ------------------------------------------------------------------ hooks
     def _parse_options(self):
@@ -102,12 +104,12 @@ class Trainer:
     def streams(self) -> Streams:
         """Batch composition: labelled only, or two streams when the recipe asks for
         ``data.unlabelled_per_batch`` unlabelled samples in every (per-process) batch."""
-        u = self.recipe.data.unlabelled_per_batch * self.dist.world_size
+        u = self.recipe.data.unlabelled_per_batch
         if u and not self.unlabelled:
             raise ConfigError("data.unlabelled_per_batch > 0 but no unlabelled training case (see data.labelled)")
-        if u >= self.global_batch:
-            raise ConfigError("data.unlabelled_per_batch must leave room for labelled samples in the batch")
-        return Streams(self.labelled, self.unlabelled, self.global_batch, u)
+        if u >= self.batch_size:
+            raise ConfigError("data.unlabelled_per_batch must leave room for labelled samples in each batch")
+        return Streams(self.labelled, self.unlabelled, self.global_batch, u, self.batch_size)
 
     def make_dataset(self) -> PatchDataset:
         return PatchDataset(self.cache_dir, self.streams(), self.patch_size, self.recipe.data.oversample_foreground,
