@@ -143,9 +143,14 @@ def _cmd_train(a) -> int:
     if a.nproc > 1 and "WORLD_SIZE" not in os.environ:
         from medvol.training.distributed import launch
 
-        argv = [x for x in sys.argv[1:]]
-        i = argv.index("--nproc")
-        del argv[i:i + 2]
+        argv, skip = [], False
+        for x in sys.argv[1:]:  # the same command minus --nproc N / --nproc=N
+            if skip:
+                skip = False
+            elif x == "--nproc":
+                skip = True
+            elif not x.startswith("--nproc="):
+                argv.append(x)
         return launch(a.nproc, argv)
     from medvol.training import train
 

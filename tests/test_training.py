@@ -88,3 +88,17 @@ def test_two_gloo_processes_match_one_process_with_double_batch(brain_pre, tmp_p
     init = build_model(single.model, load_plans(brain_pre), 1, 3).state_dict()
     moved = max(float((init[k] - b[k]).abs().max()) for k in b)
     assert moved > 1e-4
+
+
+@pytest.mark.parametrize("form", [["--nproc", "3"], ["--nproc=3"]])
+def test_nproc_relaunches_the_same_command_under_torchrun(form, monkeypatch):
+    from medvol import cli
+    from medvol.training import distributed
+
+    seen = {}
+    monkeypatch.setattr(distributed, "launch", lambda n, argv: seen.update(n=n, argv=argv) or 0)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    argv = ["train", "quickstart", "--data", "d", "--out", "o", *form, "--set", "trainer.steps=1"]
+    monkeypatch.setattr(sys, "argv", ["medvol", *argv])
+    assert cli.main(argv) == 0
+    assert seen == {"n": 3, "argv": ["train", "quickstart", "--data", "d", "--out", "o", "--set", "trainer.steps=1"]}
