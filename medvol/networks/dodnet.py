@@ -8,7 +8,7 @@ fusion feature, concatenated with the task one-hot, 1x1x1 conv -> the head's par
 (their count derived from the head widths: 162 for 8 -> 8 -> 8 -> 2). Decoder: trilinear x2,
 add the skip, residual block, 256 -> 128 -> 64 -> 32 -> 32, then GN-ReLU-1x1x1 conv -> 8.
 Dynamic head: per sample three 1x1x1 convolutions with that sample's parameters, for the
-whole batch at once as grouped convolutions (groups = batch), never a per-sample loop.
+whole batch at once as batched matrix products, never a per-sample loop.
 """
 
 from __future__ import annotations
@@ -58,20 +58,24 @@ def head_param_count(widths: Sequence[int]) -> int:
 
 def dynamic_head(features: torch.Tensor, params: torch.Tensor, widths: Sequence[int]) -> torch.Tensor:
     """Apply per-sample 1x1x1 layers to ``features`` (B, widths[0], ...) with ``params``
-    (B, head_param_count(widths)): grouped convolutions over the whole batch, ReLU between."""
+    (B, head_param_count(widths)), ReLU between layers.
+
+    A 1x1x1 convolution is a matrix product over channels, so each layer is one batched
+    matrix multiply (``baddbmm``) for the whole batch: no per-sample loop, and faster than a
+    grouped convolution (groups = batch) on both CPU and GPU.
+    """
     b = features.shape[0]
     spatial = features.shape[2:]
-    x = features.reshape(1, b * widths[0], *spatial)
-    ws, bs, offset = [], [], 0
-    for cin, cout in zip(widths[:-1], widths[1:]):
-        ws.append(params[:, offset:offset + cin * cout].reshape(b * cout, cin, 1, 1, 1))
-        offset += cin * cout
-    for cout in widths[1:]:
-        bs.append(params[:, offset:offset + cout].reshape(b * cout))
+    x = features.reshape(b, widths[0], -1)
+    offset = sum(cin * cout for cin, cout in zip(widths[:-1], widths[1:]))  # biases follow the weights
+    w_off, layers = 0, list(zip(widths[:-1], widths[1:]))
+    for i, (cin, cout) in enumerate(layers):
+        w = params[:, w_off:w_off + cin * cout].reshape(b, cout, cin)
+        bias = params[:, offset:offset + cout]
+        w_off += cin * cout
         offset += cout
-    for i, (w, bias) in enumerate(zip(ws, bs)):
-        x = F.conv3d(x, w, bias, groups=b)
-        if i < len(ws) - 1:
+        x = torch.baddbmm(bias[:, :, None], w, x)
+        if i < len(layers) - 1:
             x = F.relu(x)
     return x.reshape(b, widths[-1], *spatial)
 

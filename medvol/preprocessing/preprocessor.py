@@ -203,6 +203,7 @@ def _preprocess_job(case: RawCase, dataset: RawDataset, out: Path, plans: dict, 
         image, seg_r, new_shape = _normalise_and_resample(cropped, seg, spacing, plans)
         props = _geometry_properties(ref, bbox, cropped.shape[1:], spacing, plans, new_shape)
         props["original_shape"] = [int(s) for s in original_shape]
+        props.update(dataset.case_meta.get(case.case_id, {}))  # partial labels: task_id, annotated
         props.update({"case_id": case.case_id, "has_label": has_label, "cache_version": CACHE_VERSION,
                       "plans_digest": digest, "source_files": [str(p) for p in case.images],
                       "label_file": str(case.label) if case.label else None})

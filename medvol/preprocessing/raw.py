@@ -27,7 +27,7 @@ OPTIONAL_KEYS = {"name", "description", "reference", "licence", "license", "rele
                  "numTest", "test", "overwrite_image_reader_writer", "regions_class_order", "dataset_name",
                  "author", "citation", "converted_by", "link", "relase", "modalities",
                  # medvol extensions: semi-supervised splits and the ids cases had in their source
-                 "labelled_cases", "source_ids"}
+                 "labelled_cases", "source_ids", "case_tasks", "tasks"}
 
 
 @dataclass
@@ -52,6 +52,7 @@ class RawDataset:
     training: list[RawCase]
     test: list[RawCase]
     labelled_cases: list[str] | None = None  # semi-supervised: only these training labels are used
+    case_meta: dict = field(default_factory=dict)  # per case: task_id, annotated channels (partial labels)
 
     @property
     def num_channels(self) -> int:
@@ -149,7 +150,10 @@ def _open_with_json(root: Path) -> RawDataset:
             unknown_cases = sorted(set(labelled) - {c.case_id for c in training})
             if unknown_cases:
                 raise InputError(jpath, f"labelled_cases names cases not in imagesTr: {unknown_cases[:5]}")
-        return RawDataset(root, "nnunet_v2", channel_names, labels, ending, training, test, labelled)
+        case_meta = meta.get("case_tasks") or {}
+        if not isinstance(case_meta, dict) or not all(isinstance(v, dict) for v in case_meta.values()):
+            raise InputError(jpath, "case_tasks must map case ids to {task_id, annotated}")
+        return RawDataset(root, "nnunet_v2", channel_names, labels, ending, training, test, labelled, case_meta)
     channel_names = {int(k): str(v) for k, v in meta["modality"].items()}
     training = []
     for item in meta["training"]:
