@@ -165,3 +165,23 @@ def build_brain_dataset(out: str | Path, n_train: int = 8, n_test: int = 2, base
         meta["labelled_cases"] = [f"brain_{i:03d}" for i in range(labelled_cases)]
     (out / "dataset.json").write_text(json.dumps(meta, indent=1))
     return out
+
+
+PARTIAL_TASKS = {"0": {"name": "brain", "organ": [1, 2], "tumour": None},
+                 "1": {"name": "white_matter", "organ": None, "tumour": [2]}}
+
+
+def build_brain_partial_dataset(out: str | Path, n_train: int = 8, n_test: int = 2, base_spacing: float = 2.0,
+                                acquisitions: list[Acquisition] | None = None) -> Path:
+    """A partially labelled brain dataset for DoDNet: even cases are annotated for the whole
+    brain only (task 0, "organ" channel), odd cases for white matter only (task 1, "tumour"
+    channel); no case is fully labelled. Label files keep all tissue values; the tasks'
+    rules in dataset.json say which of them each task's annotators drew."""
+    out = build_brain_dataset(out, n_train, n_test, base_spacing, acquisitions, name="Dataset021_BrainPartial")
+    meta = json.loads((out / "dataset.json").read_text())
+    n = n_train + n_test
+    meta["tasks"] = PARTIAL_TASKS
+    meta["case_tasks"] = {f"brain_{i:03d}": {"task_id": i % 2, "annotated": [1, 0] if i % 2 == 0 else [0, 1]}
+                          for i in range(n)}
+    (out / "dataset.json").write_text(json.dumps(meta, indent=1))
+    return out

@@ -44,9 +44,19 @@ DECATHLON_TASKS = {"HepaticVessel": 2, "Pancreas": 3, "Colon": 4, "Lung": 5, "Sp
 TEST_SHARE = {0: 27 / 131, 1: 42 / 210, 2: 61 / 303, 3: 57 / 281, 4: 26 / 126, 5: 13 / 63, 6: 9 / 41}
 
 
-def channel_targets(label: np.ndarray, task_id: int) -> tuple[np.ndarray, np.ndarray]:
+def task_rules(dataset_json: dict | None) -> dict[int, tuple[str, tuple | None, tuple | None]]:
+    """The dataset's own rules (dataset.json ``tasks``: {id: {name, organ, tumour}}) when it
+    declares them as mappings, else MOTS's."""
+    tasks = (dataset_json or {}).get("tasks")
+    if isinstance(tasks, dict) and tasks and all(isinstance(v, dict) for v in tasks.values()):
+        return {int(k): (v["name"], tuple(v["organ"]) if v.get("organ") else None,
+                         tuple(v["tumour"]) if v.get("tumour") else None) for k, v in tasks.items()}
+    return TASK_RULES
+
+
+def channel_targets(label: np.ndarray, task_id: int, rules=None) -> tuple[np.ndarray, np.ndarray]:
     """(targets (2, ...) float32 for organ and tumour, annotated (2,) bool) of one sample."""
-    _, organ, tumour = TASK_RULES[int(task_id)]
+    _, organ, tumour = (rules or TASK_RULES)[int(task_id)]
     out = np.zeros((2,) + label.shape, np.float32)
     for i, rule in enumerate((organ, tumour)):
         if rule is not None:

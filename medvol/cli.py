@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--save-probabilities", action="store_true", help="also write <case>.npz (float16)")
     p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
+    p.add_argument("--task", help="task-conditioned models (DoDNet): a task id or name, or 'all' (default)")
     p.add_argument("--no-pictures", action="store_true", help="skip the PNGs and index.html")
     _add_common(p)
 
@@ -165,7 +166,7 @@ def _cmd_predict(a) -> int:
     from medvol.inference import predict
 
     written = predict(a.model, a.input, a.out, a.device, a.tta, a.overlap, a.sw_batch_size, a.save_probabilities,
-                      a.checkpoint, a.quiet, largest_component_only=a.largest_component)
+                      a.checkpoint, a.quiet, largest_component_only=a.largest_component, task=a.task)
     if not a.no_pictures:
         from medvol.evaluation.report import write_report
         from medvol.inference.predictor import _case_groups, load_run
@@ -174,7 +175,10 @@ def _cmd_predict(a) -> int:
         plans = read_json(a.model / "plans.json")
         groups = dict(_case_groups(a.input, len(plans["normalization"])))
         names = {v: k for k, v in plans["labels"].items()}
-        index = write_report(a.out, {p.name[:-7]: (groups[p.name[:-7]][0], p, None) for p in written}, names=names,
+        def source(stem):  # "<case>" or "<case>_<task>" -> the case's image
+            return next(groups[c][0] for c in sorted(groups, key=len, reverse=True) if stem.startswith(c))
+
+        index = write_report(a.out, {p.name[:-7]: (source(p.name[:-7]), p, None) for p in written}, names=names,
                              title=f"medvol predictions ({a.model.name})")
         print(f"pictures: {index}")
     print(f"{len(written)} prediction(s) -> {a.out}")

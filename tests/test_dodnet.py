@@ -81,3 +81,69 @@ def test_unannotated_channels_get_no_gradient():
     full = torch.stack([partial_dice_bce(logits[i:i + 1, c:c + 1], target[i:i + 1, c:c + 1], torch.ones(1, 1))
                         for i, c in [(0, 0), (1, 0), (1, 1)]]).mean()
     assert float(partial_dice_bce(logits, target, annotated)) == pytest.approx(float(full), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def partial_brain(tmp_path_factory):
+    from medvol.datasets.brain import Acquisition, build_brain_partial_dataset
+    from medvol.preprocessing import preprocess_dataset
+
+    tmp = tmp_path_factory.mktemp("partial")
+    acqs = [Acquisition((4.0, 4.0, 4.0), seed=i, noise=0.02, flip=(0, 1) if i % 3 == 1 else ()) for i in range(7)]
+    raw = build_brain_partial_dataset(tmp / "Dataset021_BrainPartial", n_train=6, n_test=1, acquisitions=acqs)
+    preprocess_dataset(raw, tmp / "pre", num_workers=1, quiet=True)
+    return raw, tmp / "pre"
+
+
+@pytest.fixture(scope="module")
+def dodnet_run(partial_brain, tmp_path_factory):
+    from medvol.config import load_recipe
+    from medvol.training import train
+
+    _, pre = partial_brain
+    run = tmp_path_factory.mktemp("dod") / "run"
+    r = load_recipe("dodnet_demo", ["trainer.steps=60", "trainer.val_every=30", "data.patch_size=[32, 32, 32]",
+                                    "model.base_features=8", "model.options.groups=8", "optimizer.lr=0.01",
+                                    "trainer.log_every=1", "data.val_cases=[brain_004, brain_005]"])
+    train(r, pre, run, device="cpu", quiet=True)
+    return run
+
+
+def test_dodnet_demo_learns_every_task(dodnet_run):
+    import csv
+
+    import numpy as np
+
+    s: dict[str, list[float]] = {}
+    with open(dodnet_run / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            s.setdefault(row["name"], []).append(float(row["value"]))
+    loss = s["train/loss"]
+    assert np.mean(loss[-10:]) < 0.8 * np.mean(loss[:5])
+    for key in ("val/dice_brain_organ", "val/dice_white_matter_tumour"):  # one annotated channel per task
+        assert len(s[key]) == 2 and s[key][-1] > s[key][0], (key, s[key])
+    assert "val/dice_brain_tumour" not in s  # the unannotated channel is never scored
+
+
+def test_dodnet_predicts_each_task_in_the_input_geometry(dodnet_run, partial_brain, tmp_path):
+    import numpy as np
+
+    from medvol.cli import main
+    from medvol.io import read_volume
+
+    raw, _ = partial_brain
+    out = tmp_path / "all"
+    assert main(["predict", "-m", str(dodnet_run), "-i", str(raw / "imagesTs"), "-o", str(out), "--device", "cpu",
+                 "--quiet"]) == 0
+    src = read_volume(raw / "imagesTs" / "brain_006_0000.nii.gz")
+    maps = {t: read_volume(out / f"brain_006_{t}.nii.gz") for t in ("brain", "white_matter")}
+    for v in maps.values():
+        assert v.spatial_shape == src.spatial_shape
+        np.testing.assert_array_equal(v.affine, src.affine)
+    assert not np.array_equal(maps["brain"].array, maps["white_matter"].array)  # the task changes the output
+    one = tmp_path / "one"
+    assert main(["predict", "-m", str(dodnet_run), "-i", str(raw / "imagesTs"), "-o", str(one), "--device", "cpu",
+                 "--quiet", "--task", "white_matter", "--no-pictures"]) == 0
+    np.testing.assert_array_equal(read_volume(one / "brain_006.nii.gz").array, maps["white_matter"].array)
+    assert main(["predict", "-m", str(dodnet_run), "-i", str(raw / "imagesTs"), "-o", str(one), "--device", "cpu",
+                 "--quiet", "--task", "liver"]) == 2

@@ -33,11 +33,13 @@ log = logging.getLogger(__name__)
 class WindowPredictor(nn.Module):
     """Runs ``model`` on one batch of windows: float32 in, mirrored TTA, float16 out."""
 
-    def __init__(self, model: nn.Module, mirror_axes: tuple[int, ...] = (), amp_dtype=None):
+    def __init__(self, model: nn.Module, mirror_axes: tuple[int, ...] = (), amp_dtype=None,
+                 task: int | None = None):
         super().__init__()
         self.model = model
         self.flips = [c for r in range(len(mirror_axes) + 1) for c in itertools.combinations(mirror_axes, r)]
         self.amp_dtype = amp_dtype
+        self.task = task  # task-conditioned multi-label models (DoDNet): sigmoid channels out
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -48,10 +50,14 @@ class WindowPredictor(nn.Module):
             for axes in self.flips:
                 dims = [a + 2 for a in axes]
                 xi = torch.flip(x, dims) if dims else x
-                y = as_class_logits(self.model(xi).float())
+                if self.task is None:
+                    y = as_class_logits(self.model(xi).float())
+                else:
+                    y = self.model(xi, torch.full((xi.shape[0],), self.task, device=xi.device)).float()
                 y = torch.flip(y, dims) if dims else y
                 total = y if total is None else total + y
-        return (total / len(self.flips)).half()
+        mean = total / len(self.flips)
+        return (torch.sigmoid(mean) if self.task is not None else mean).half()
 
 
 @dataclass
@@ -96,7 +102,7 @@ def load_run(run_dir: str | Path, device: torch.device, checkpoint: str = "best"
 
 def sliding_window_probabilities(run: RunModel, image: np.ndarray | torch.Tensor, device: torch.device,
                                  overlap: float = 0.5, sw_batch_size: int = 2, tta: bool = False,
-                                 amp: bool = True) -> torch.Tensor:
+                                 amp: bool = True, task: int | None = None) -> torch.Tensor:
     """Class probabilities ``(C, X, Y, Z)`` float16 (on CPU) of a preprocessed image.
 
     Pass the image as a float16 tensor (and drop the float32 array) to hold the least memory:
@@ -108,7 +114,7 @@ def sliding_window_probabilities(run: RunModel, image: np.ndarray | torch.Tensor
     if device.type == "cuda" and amp:
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         torch.backends.cudnn.benchmark = True
-    predictor = WindowPredictor(run.model, run.mirror_axes if tta else (), amp_dtype)
+    predictor = WindowPredictor(run.model, run.mirror_axes if tta else (), amp_dtype, task)
     n_classes = len(run.plans["labels"])
     out_bytes = n_classes * int(np.prod(image.shape[1:])) * 2 * 2  # float16 output + count map headroom
     acc = device
@@ -121,6 +127,8 @@ def sliding_window_probabilities(run: RunModel, image: np.ndarray | torch.Tensor
     logits = sliding_window_inference(x, run.patch_size, sw_batch_size, predictor, overlap=overlap, mode="gaussian",
                                       sigma_scale=0.125, padding_mode="constant", cval=0.0, sw_device=device,
                                       device=acc)[0]
+    if task is not None:  # multi-label: already per-channel sigmoid probabilities
+        return logits.cpu()
     for z in range(0, logits.shape[-1], 16):  # softmax in slabs, in place: no float32 copy of the volume
         sl = logits[..., z:z + 16]
         sl.copy_(torch.softmax(sl.float(), dim=0).half())
@@ -191,7 +199,7 @@ def largest_component(seg: np.ndarray) -> np.ndarray:
 def predict(run_dir: str | Path, inputs: str | Path, out_dir: str | Path, device: str = "auto",
             tta: bool | None = None, overlap: float | None = None, sw_batch_size: int = 2,
             save_probabilities: bool = False, checkpoint: str = "best", quiet: bool = False, postprocess=None,
-            largest_component_only: bool | None = None) -> list[Path]:
+            largest_component_only: bool | None = None, task: str | int | None = None) -> list[Path]:
     """Predict every scan in ``inputs``; write ``<case>.nii.gz`` (and ``.npz``) to ``out_dir``.
 
     ``tta``, ``overlap`` and ``largest_component_only`` default to the recipe's ``inference``
@@ -212,6 +220,7 @@ def predict(run_dir: str | Path, inputs: str | Path, out_dir: str | Path, device
     if largest_component_only and postprocess is None:
         postprocess = largest_component
     n_ch = len(run.plans["normalization"])
+    tasks = _resolve_tasks(run, task)
     cases = _case_groups(Path(inputs), n_ch)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -220,19 +229,47 @@ def predict(run_dir: str | Path, inputs: str | Path, out_dir: str | Path, device
         vols = [read_volume(s) for s in sources]
         image, props = preprocess_case(vols, run.plans, inplace=True)  # the scans are ours: no extra copy
         image = torch.from_numpy(image).half()  # the float32 array is dropped here
-        probs = sliding_window_probabilities(run, image, dev, overlap, sw_batch_size, tta)
-        del image  # from here on only the float16 probabilities and their restored copy are held
-        restored = restore_geometry(probs, props, dtype=np.float16)
-        del probs
-        seg = argmax_labels(restored)
-        if postprocess is not None:
-            seg = postprocess(seg)
         ref = vols[0]
-        path = write_volume(Volume(seg, ref.affine, {}), out_dir / f"{case}.nii.gz")
-        if save_probabilities:
-            with atomic_path(out_dir / f"{case}.npz") as tmp:
-                with open(tmp, "wb") as f:
-                    np.savez_compressed(f, probabilities=restored, affine=ref.affine)
-        written.append(path)
-        log.info("%s -> %s", case, path)
+        for tid, tname in tasks:
+            probs = sliding_window_probabilities(run, image, dev, overlap, sw_batch_size, tta, task=tid)
+            if tid is None:
+                restored = restore_geometry(probs, props, dtype=np.float16)
+                seg = argmax_labels(restored)
+            else:  # organ / tumour sigmoid channels -> 0 background, 1 organ, 2 tumour
+                restored = restore_geometry(probs, props, fill=0.0, dtype=np.float16)
+                seg = (restored[0] > 0.5).astype(np.uint8)
+                seg[restored[1] > 0.5] = 2
+            del probs
+            if postprocess is not None:
+                seg = postprocess(seg)
+            name = case if tid is None or len(tasks) == 1 else f"{case}_{tname}"
+            path = write_volume(Volume(seg, ref.affine, {}), out_dir / f"{name}.nii.gz")
+            if save_probabilities:
+                with atomic_path(out_dir / f"{name}.npz") as tmp:
+                    with open(tmp, "wb") as f:
+                        np.savez_compressed(f, probabilities=restored, affine=ref.affine)
+            written.append(path)
+            log.info("%s -> %s", name, path)
+        del image
     return written
+
+
+def _resolve_tasks(run: RunModel, task) -> list[tuple[int | None, str]]:
+    """[(task id, name)] to predict: [(None, "")] for ordinary models; for task-conditioned
+    ones the given task (id or name) or all of them."""
+    n = getattr(run.model, "num_tasks", None)
+    if n is None:
+        if task not in (None, "all"):
+            raise ConfigError(f"--task {task}: this run's model is not task-conditioned")
+        return [(None, "")]
+    from medvol.datasets.mots import task_rules
+
+    dj = run.run_dir / "dataset.json"
+    rules = task_rules(read_json(dj) if dj.exists() else None)
+    names = {t: rules[t][0] if t in rules else f"task{t}" for t in range(n)}
+    if task in (None, "all"):
+        return sorted(names.items())
+    for t, name in names.items():
+        if str(task) in (str(t), name):
+            return [(t, name)]
+    raise ConfigError(f"--task {task}: unknown; this run knows {', '.join(f'{t} ({n_})' for t, n_ in names.items())}")

@@ -53,6 +53,7 @@ class RawDataset:
     test: list[RawCase]
     labelled_cases: list[str] | None = None  # semi-supervised: only these training labels are used
     case_meta: dict = field(default_factory=dict)  # per case: task_id, annotated channels (partial labels)
+    tasks: dict | None = None  # partial labels: task id -> name (and its channel rules)
 
     @property
     def num_channels(self) -> int:
@@ -65,7 +66,7 @@ class RawDataset:
     def dataset_json(self) -> dict:
         return {"channel_names": {str(k): v for k, v in self.channel_names.items()}, "labels": self.labels,
                 "numTraining": len(self.training), "file_ending": self.file_ending, "layout": self.layout,
-                "labelled_cases": self.labelled_cases}
+                "labelled_cases": self.labelled_cases, "tasks": self.tasks}
 
 
 def _inside(root: Path, rel: str, where: Path) -> Path:
@@ -153,7 +154,8 @@ def _open_with_json(root: Path) -> RawDataset:
         case_meta = meta.get("case_tasks") or {}
         if not isinstance(case_meta, dict) or not all(isinstance(v, dict) for v in case_meta.values()):
             raise InputError(jpath, "case_tasks must map case ids to {task_id, annotated}")
-        return RawDataset(root, "nnunet_v2", channel_names, labels, ending, training, test, labelled, case_meta)
+        return RawDataset(root, "nnunet_v2", channel_names, labels, ending, training, test, labelled, case_meta,
+                          meta.get("tasks"))
     channel_names = {int(k): str(v) for k, v in meta["modality"].items()}
     training = []
     for item in meta["training"]:
