@@ -27,6 +27,10 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
                    help="image resampling: cubic spline as nnU-Net (default) or torch trilinear (faster)")
     p.add_argument("--cache-dtype", choices=["float32", "float16"], default="float32", dest="cache_dtype",
                    help="dtype of the cached images")
+    p.add_argument("--target-spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), dest="target_spacing",
+                   help="fixed target spacing in mm instead of nnU-Net's rule (e.g. DoDNet: 0.8 0.8 1.5)")
+    p.add_argument("--ct-window", type=float, nargs=2, metavar=("LO", "HI"), dest="ct_window",
+                   help="CT channels: clip to this HU window and divide by max(|LO|,|HI|) (DoDNet: -325 325)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,7 +120,8 @@ def _cmd_preprocess(a) -> int:
     from medvol.preprocessing import preprocess_dataset
 
     rep = preprocess_dataset(a.raw, a.out, a.workers, a.overwrite, a.shard, a.quiet, gpu_memory_gb=a.gpu_memory_gb,
-                             image_interpolation=a.image_interpolation, cache_dtype=a.cache_dtype)
+                             image_interpolation=a.image_interpolation, cache_dtype=a.cache_dtype,
+                             target_spacing=a.target_spacing, ct_window=a.ct_window)
     return _report(rep, a.out)
 
 
@@ -129,7 +134,7 @@ def _cmd_fingerprint(a) -> int:
 def _cmd_plan(a) -> int:
     from medvol.preprocessing import plan_dataset
 
-    plans = plan_dataset(a.out, a.gpu_memory_gb, a.image_interpolation, a.cache_dtype)
+    plans = plan_dataset(a.out, a.gpu_memory_gb, a.image_interpolation, a.cache_dtype, a.target_spacing, a.ct_window)
     print(f"target spacing {plans['target_spacing']} mm, patch {plans['patch_size']}, "
           f"batch {plans['batch_size']} -> {a.out / 'plans.json'}")
     return 0

@@ -94,3 +94,26 @@ def test_anisotropic_real_data_plans_separate_z(tmp_path):
     for case in list_cases(out):
         _, _, props = load_case(out, case)
         assert props["separate_z_axis"] == 2
+
+
+def test_fixed_target_spacing_and_ct_window(tmp_path):
+    from medvol.cli import main
+
+    rng = np.random.default_rng(1)
+    cases = {}
+    for i in range(2):
+        hu = rng.normal(-200, 300, (24, 24, 10)).astype(np.float32)
+        lab = np.zeros(hu.shape, np.uint8)
+        lab[8:16, 8:16, 3:7] = 1
+        cases[f"ct{i}"] = ([hu], lab, np.diag([0.7, 0.7, 2.5, 1.0]))
+    root = write_v2_dataset(tmp_path / "Dataset030_Win", cases, channel_names={"0": "CT"})
+    out = tmp_path / "out"
+    assert main(["preprocess", str(root), "-o", str(out), "-j", "1", "--quiet", "--target-spacing", "0.8", "0.8",
+                 "1.5", "--ct-window", "-325", "325"]) == 0
+    plans = load_plans(out)
+    assert plans["target_spacing"] == [0.8, 0.8, 1.5]
+    assert plans["normalization"][0]["scheme"] == "CTWindowNormalization"
+    image, _, props = load_case(out, "ct0")
+    assert props["shape_after_resampling"] == [21, 21, 17]  # 24*0.7/0.8, 10*2.5/1.5
+    assert float(image.min()) >= -1.0 - 1e-6 and float(image.max()) <= 1.0 + 1e-6
+    assert (np.abs(np.asarray(image)) > 0.999).mean() > 0.05  # values beyond the window were clipped

@@ -242,6 +242,8 @@ def predict(run_dir: str | Path, inputs: str | Path, out_dir: str | Path, device
             del probs
             if postprocess is not None:
                 seg = postprocess(seg)
+            if tid is not None and inf.get("dodnet_postprocess", False):
+                seg = dodnet_postprocess(seg, tname)
             name = case if tid is None or len(tasks) == 1 else f"{case}_{tname}"
             path = write_volume(Volume(seg, ref.affine, {}), out_dir / f"{name}.nii.gz")
             if save_probabilities:
@@ -273,3 +275,41 @@ def _resolve_tasks(run: RunModel, task) -> list[tuple[int | None, str]]:
         if str(task) in (str(t), name):
             return [(t, name)]
     raise ConfigError(f"--task {task}: unknown; this run knows {', '.join(f'{t} ({n_})' for t, n_ in names.items())}")
+
+
+def keep_largest_components(mask: np.ndarray, k: int = 1) -> np.ndarray:
+    """The ``k`` largest 26-connected components of ``mask``."""
+    from scipy import ndimage
+
+    comp, n = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    if n <= k:
+        return mask.astype(bool)
+    sizes = np.bincount(comp.ravel())[1:]
+    keep = np.argsort(sizes)[::-1][:k] + 1
+    return np.isin(comp, keep)
+
+
+def dodnet_postprocess(seg: np.ndarray, task_name: str, min_tumour_voxels: int = 50) -> np.ndarray:
+    """DoDNet's post-processing of one task's map (0 bg, 1 organ, 2 tumour): the largest organ
+    component (two for kidney); tumour components of <= ``min_tumour_voxels`` voxels, or not
+    touching the organ (when the task annotates one), removed."""
+    from scipy import ndimage
+
+    organ_any = seg > 0
+    out = np.zeros_like(seg)
+    if (seg == 1).any():
+        organ = keep_largest_components(organ_any, 2 if task_name == "kidney" else 1)
+        out[organ] = 1
+    else:
+        organ = None
+    comp, n = ndimage.label(seg == 2, structure=np.ones((3, 3, 3)))
+    if n:
+        sizes = np.bincount(comp.ravel())
+        for c in range(1, n + 1):
+            if sizes[c] <= min_tumour_voxels:
+                continue
+            region = comp == c
+            if organ is not None and not (region & organ).any():
+                continue
+            out[region] = 2
+    return out

@@ -1,7 +1,8 @@
 """Intensity normalisation schemes, chosen per channel from ``channel_names`` as in nnU-Net.
 
 - ``CT``: clip to the dataset's foreground 0.5/99.5 percentiles, subtract the dataset
-  foreground mean, divide by its std.
+  foreground mean, divide by its std; or, with a fixed window (``--ct-window LO HI``), clip
+  to it and divide by max(|LO|, |HI|).
 - ``noNorm``: unchanged. ``rescale_to_0_1``: per image min-max. ``rgb_to_0_1``: /255.
 - anything else (MRI, T1, ...): z-score per image, inside the nonzero mask when the plan
   says so (``use_mask_for_norm``, when cropping removed a lot of the image).
@@ -11,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-SCHEMES = ("CTNormalization", "ZScoreNormalization", "NoNormalization", "RescaleTo01Normalization",
-           "RGBTo01Normalization")
+SCHEMES = ("CTNormalization", "CTWindowNormalization", "ZScoreNormalization", "NoNormalization",
+           "RescaleTo01Normalization", "RGBTo01Normalization")
 # Only z-score leaves the outside of the mask at zero, so only it may normalise inside the mask.
 MASKABLE = {"ZScoreNormalization"}
 
@@ -34,6 +35,11 @@ def normalize_channel(image: np.ndarray, scheme: str, seg: np.ndarray | None = N
         np.clip(image, stats["percentile_00_5"], stats["percentile_99_5"], out=image)
         image -= np.float32(stats["mean"])
         image /= np.float32(max(stats["std"], 1e-8))
+        return image
+    if scheme == "CTWindowNormalization":  # a fixed HU window (e.g. DoDNet's [-325, 325] / 325)
+        lo, hi = stats["lower"], stats["upper"]
+        np.clip(image, lo, hi, out=image)
+        image /= np.float32(max(abs(lo), abs(hi)))
         return image
     if scheme == "ZScoreNormalization":
         if use_mask and seg is not None:

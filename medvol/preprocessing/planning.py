@@ -147,12 +147,23 @@ def plan_configuration(spacing, median_shape, num_classes: int, n_voxels_dataset
 
 
 def plan_experiment(fingerprint: dict, dataset_json: dict, gpu_memory_gb: float = 8.0,
-                    image_interpolation: str = "cubic", cache_dtype: str = "float32") -> dict:
-    """Build ``plans.json`` content from a merged fingerprint (all per-axis values in X, Y, Z)."""
+                    image_interpolation: str = "cubic", cache_dtype: str = "float32",
+                    target_spacing=None, ct_window=None) -> dict:
+    """Build ``plans.json`` content from a merged fingerprint (all per-axis values in X, Y, Z).
+
+    ``target_spacing`` (mm, X Y Z) replaces nnU-Net's rule (e.g. DoDNet's 0.8 x 0.8 x 1.5);
+    ``ct_window`` (lo, hi) replaces CT channels' dataset statistics with a fixed window."""
     spacings = np.asarray(fingerprint["spacings"], float)
     sizes = np.asarray(fingerprint["shapes_after_crop"], float)
     rev = [2, 1, 0]  # medvol (X,Y,Z) -> SimpleITK (z,y,x)
-    target_nn = fullres_target_spacing(spacings[:, rev], sizes[:, rev])
+    if target_spacing is not None:
+        if len(target_spacing) != 3 or min(target_spacing) <= 0:
+            from medvol.errors import ConfigError
+
+            raise ConfigError(f"target spacing must be three positive numbers (mm, X Y Z), got {target_spacing}")
+        target_nn = np.asarray(target_spacing, float)[rev]
+    else:
+        target_nn = fullres_target_spacing(spacings[:, rev], sizes[:, rev])
     target = target_nn[np.argsort(rev)]  # back to X,Y,Z (rev is its own inverse)
     max_axis_nn = int(np.argmax(target_nn))
     transpose_nn = [max_axis_nn] + [i for i in range(3) if i != max_axis_nn]
@@ -171,7 +182,12 @@ def plan_experiment(fingerprint: dict, dataset_json: dict, gpu_memory_gb: float 
     channel_names = {int(k): v for k, v in dataset_json["channel_names"].items()}
     schemes = [scheme_for_channel(channel_names[c]) for c in sorted(channel_names)]
     use_mask = [s in MASKABLE and fingerprint["median_relative_size_after_cropping"] < 0.75 for s in schemes]
-    stats = fingerprint["foreground_intensity_properties_per_channel"]
+    stats = dict(fingerprint["foreground_intensity_properties_per_channel"])
+    if ct_window is not None:
+        for c, s in enumerate(schemes):
+            if s == "CTNormalization":
+                schemes[c] = "CTWindowNormalization"
+                stats[str(c)] = {"lower": float(ct_window[0]), "upper": float(ct_window[1])}
     return {
         "plans_version": PLANS_VERSION,
         "axis_order": "XYZ",

@@ -313,7 +313,7 @@ def fingerprint_dataset(raw: str | Path, out: str | Path, num_workers: int = 2, 
 
 
 def plan_dataset(out: str | Path, gpu_memory_gb: float = 8.0, image_interpolation: str = "cubic",
-                 cache_dtype: str = "float32") -> dict:
+                 cache_dtype: str = "float32", target_spacing=None, ct_window=None) -> dict:
     """Merge the per-case fingerprints into ``fingerprint.json`` and write ``plans.json``."""
     out = Path(out)
     if not (out / "dataset.json").exists():
@@ -326,7 +326,7 @@ def plan_dataset(out: str | Path, gpu_memory_gb: float = 8.0, image_interpolatio
         raise CacheError(f"{out}: no valid training case to plan from (failed: {', '.join(failed) or 'none'})")
     fp = merge_fingerprints(fp_dir, cases, len(desc["channel_names"]))
     fp["failed_cases"] = failed
-    plans = plan_experiment(fp, desc, gpu_memory_gb, image_interpolation, cache_dtype)
+    plans = plan_experiment(fp, desc, gpu_memory_gb, image_interpolation, cache_dtype, target_spacing, ct_window)
     write_json(out / "fingerprint.json", fp)
     old = out / "plans.json"
     if not old.exists() or read_json(old) != plans:
