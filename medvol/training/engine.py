@@ -34,6 +34,23 @@ from medvol.utils import write_json
 log = logging.getLogger(__name__)
 
 
+def init_from(model: nn.Module, path: str | Path) -> dict:
+    """Load the tensors of ``path`` (a medvol checkpoint or a plain state dict, read with
+    weights_only=True) whose names and shapes match ``model``'s; report what happened."""
+    ckpt = load_checkpoint(path)
+    sd = ckpt["models"][ckpt.get("inference_model", "model")] if "models" in ckpt else ckpt.get("encoder", ckpt)
+    own = model.state_dict()
+    loaded = [k for k, v in sd.items() if k in own and own[k].shape == v.shape]
+    skipped = sorted(k for k, v in sd.items() if k in own and own[k].shape != v.shape)
+    unused = sorted(k for k in sd if k not in own)
+    model.load_state_dict({k: sd[k] for k in loaded}, strict=False)
+    report = {"loaded": sorted(loaded), "shape_mismatch": skipped, "not_in_model": unused,
+              "missing_from_file": sorted(k for k in own if k not in sd)}
+    log.info("init_from %s: %d tensors loaded, %d shape mismatches, %d not in the model, %d left as initialised",
+             path, len(loaded), len(skipped), len(unused), len(report["missing_from_file"]))
+    return report
+
+
 def unwrap(m: nn.Module) -> nn.Module:
     return m.module if isinstance(m, nn.parallel.DistributedDataParallel) else m
 
@@ -68,6 +85,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         torch.manual_seed(recipe.trainer.seed)  # identical initial weights on every rank
         self.models = {k: m.to(self.device) for k, m in self.build_models().items()}
+        if recipe.init_from:
+            self.init_report = init_from(self.models["model"], recipe.init_from)
         self.optimizers = self.build_optimizers()
         self.schedulers = self.make_schedulers()
         if dist.distributed:
@@ -228,6 +247,8 @@ def fit(trainer: Trainer, resume: bool = False, stop_at: int | None = None, quie
                 (run / name).write_text((trainer.cache_dir / name).read_text())
         write_json(run / "split.json", {"labelled": trainer.labelled, "unlabelled": trainer.unlabelled,
                                         "validation": trainer.val_cases})
+        if getattr(trainer, "init_report", None):
+            write_json(run / "init_report.json", trainer.init_report)
     barrier(dist)
     logger = RunLogger(run, dist.is_main, start)
     total = r.trainer.steps
