@@ -174,7 +174,7 @@ def _cmd_predict(a) -> int:
                       a.checkpoint, a.quiet, largest_component_only=a.largest_component, task=a.task)
     if not a.no_pictures:
         from medvol.evaluation.report import write_report
-        from medvol.inference.predictor import _case_groups, load_run
+        from medvol.inference.predictor import _case_groups
         from medvol.utils import read_json
 
         plans = read_json(a.model / "plans.json")

@@ -183,16 +183,10 @@ def argmax_labels(probs: np.ndarray, slab: int = 8) -> np.ndarray:
 
 def largest_component(seg: np.ndarray) -> np.ndarray:
     """Keep, for each foreground label, only its largest 26-connected component."""
-    from scipy import ndimage
-
     out = np.zeros_like(seg)
     for c in np.unique(seg):
-        if c == 0:
-            continue
-        comp, n = ndimage.label(seg == c, structure=np.ones((3, 3, 3)))
-        if n:
-            sizes = np.bincount(comp.ravel())[1:]
-            out[comp == int(np.argmax(sizes)) + 1] = c
+        if c != 0:
+            out[keep_largest_components(seg == c, 1)] = c
     return out
 
 

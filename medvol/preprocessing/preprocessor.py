@@ -379,5 +379,6 @@ def preprocess_dataset(raw: str | Path, out: str | Path, num_workers: int = 2, o
         write_json(failures_file, report.failures)
     elif failures_file.exists() and shard is None:
         failures_file.unlink()
-    shutil.rmtree(out / "staging", ignore_errors=True) if shard is None and not report.failures else None
+    if shard is None and not report.failures:  # every case is cached: the cropped copies are spent
+        shutil.rmtree(out / "staging", ignore_errors=True)
     return report

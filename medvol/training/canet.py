@@ -71,10 +71,10 @@ class CANetTrainer(Trainer):
         return opts
 
     def make_schedulers(self):
-        return {"model": make_scheduler(self.recipe.schedule, self.optimizers["model"], self.recipe.trainer.steps,
-                                        self.recipe.optimizer.lr),
-                "discriminator": make_scheduler(ScheduleConfig("constant"), self.optimizers["discriminator"],
-                                                self.recipe.trainer.steps, self.options.d_lr)}
+        scheds = super().make_schedulers()  # the recipe's schedule for the segmenter
+        scheds["discriminator"] = make_scheduler(ScheduleConfig("constant"), self.optimizers["discriminator"],
+                                                 self.recipe.trainer.steps, self.options.d_lr)
+        return scheds
 
     def _foreground(self, label: torch.Tensor) -> torch.Tensor:
         fg = self.options.foreground
