@@ -203,3 +203,33 @@ def test_real_multiframe_mr_from_pydicom_data(tmp_path):
     frames = ds.pixel_array.astype(np.float32)  # (frames, rows, cols), no rescale in this file
     np.testing.assert_array_equal(v.array, frames.transpose(2, 1, 0))
     assert v.meta["geometry"].startswith("missing")  # this anonymised file carries no geometry
+
+
+def test_metaimage_reads_with_the_same_geometry_as_nifti(tmp_path):
+    """A .mhd (LUNA16's format) and a NIfTI written by SimpleITK from one oblique image read
+    back as the same array and RAS affine; a truncated .mha is one clear error."""
+    import SimpleITK as sitk
+
+    from medvol.errors import InputError
+    from medvol.io import read_volume
+
+    arr = np.arange(5 * 6 * 7, dtype=np.int16).reshape(7, 6, 5)  # ITK order (z, y, x)
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((0.7, 0.8, 2.5))
+    img.SetOrigin((-100.0, 50.0, 20.0))
+    c, s = np.cos(0.3), np.sin(0.3)
+    img.SetDirection((c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0))
+    sitk.WriteImage(img, str(tmp_path / "scan.mhd"))
+    sitk.WriteImage(img, str(tmp_path / "scan.nii.gz"))
+    mhd, nii = read_volume(tmp_path / "scan.mhd"), read_volume(tmp_path / "scan.nii.gz")
+    assert mhd.array.shape == (5, 6, 7) and mhd.array[4, 2, 1] == arr[1, 2, 4]
+    np.testing.assert_array_equal(mhd.array, nii.array)
+    np.testing.assert_allclose(mhd.affine, nii.affine, atol=1e-4)
+    np.testing.assert_allclose(mhd.spacing, (0.7, 0.8, 2.5), atol=1e-6)
+    # voxel (0, 0, 0) sits at the LPS origin, i.e. RAS (100, -50, 20)
+    np.testing.assert_allclose(mhd.affine[:3, 3], (100.0, -50.0, 20.0))
+    sitk.WriteImage(img, str(tmp_path / "t.mha"))
+    data = (tmp_path / "t.mha").read_bytes()
+    (tmp_path / "t.mha").write_bytes(data[: len(data) - 100])
+    with pytest.raises(InputError, match="t.mha: not a readable ITK image"):
+        read_volume(tmp_path / "t.mha")

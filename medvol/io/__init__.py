@@ -1,4 +1,5 @@
-"""Scan I/O: ``read_volume`` (NIfTI file or DICOM series folder) and ``write_volume``."""
+"""Scan I/O: ``read_volume`` (NIfTI file, MetaImage/NRRD file or DICOM series folder) and
+``write_volume`` (NIfTI)."""
 
 from __future__ import annotations
 
@@ -6,22 +7,26 @@ from pathlib import Path
 
 from medvol.errors import InputError
 from medvol.io.dicom import read_dicom_series
+from medvol.io.itk import ITK_SUFFIXES, is_itk, read_itk
 from medvol.io.nifti import is_nifti, read_nifti, write_nifti
 from medvol.io.volume import Volume, spacing_from_affine
 
-__all__ = ["Volume", "read_volume", "write_volume", "spacing_from_affine", "is_nifti"]
+__all__ = ["Volume", "read_volume", "write_volume", "spacing_from_affine", "is_nifti", "is_itk", "ITK_SUFFIXES"]
 
 
 def read_volume(path: str | Path) -> Volume:
-    """Read a NIfTI file (``.nii``/``.nii.gz``) or a folder holding one DICOM series."""
+    """Read a NIfTI file (``.nii``/``.nii.gz``), a MetaImage/NRRD file (``.mhd``, ``.mha``,
+    ``.nrrd``) or a folder holding one DICOM series."""
     path = Path(path)
     if path.is_dir():
         return read_dicom_series(path)
     if is_nifti(path):
         return read_nifti(path)
+    if is_itk(path):
+        return read_itk(path)
     if not path.exists():
         raise InputError(path, "file not found")
-    raise InputError(path, "unknown scan format: expected .nii/.nii.gz or a folder of DICOM files")
+    raise InputError(path, "unknown scan format: expected .nii/.nii.gz, .mhd/.mha/.nrrd or a folder of DICOM files")
 
 
 def write_volume(volume: Volume, path: str | Path, dtype=None) -> Path:
