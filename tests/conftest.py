@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -72,3 +73,12 @@ def sphere_case(shape=(24, 24, 20), radius=6.0, value=100.0, seed=0, spacing=(1.
     image[box] = 20 + rng.normal(0, 2, image[box].shape)
     image[label > 0] = value + rng.normal(0, 5, int(label.sum()))
     return image, label, np.diag(list(spacing) + [1.0])
+
+
+def metric_series(run: Path) -> dict[str, list[float]]:
+    """A run's metrics.csv as {name: values in step order}."""
+    out: dict[str, list[float]] = {}
+    with open(run / "metrics.csv") as f:
+        for r in csv.DictReader(f):
+            out.setdefault(r["name"], []).append(float(r["value"]))
+    return out

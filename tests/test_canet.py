@@ -3,7 +3,6 @@ and the LA 2018 adapter."""
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import metric_series
 from medvol.cli import main
 from medvol.config import load_recipe
 from medvol.datasets.brain import Acquisition, build_brain_dataset
@@ -125,16 +125,9 @@ def canet_run(wm_data, tmp_path_factory):
     return run
 
 
-def _series(run) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {}
-    with open(run / "metrics.csv") as f:
-        for r in csv.DictReader(f):
-            out.setdefault(r["name"], []).append(float(r["value"]))
-    return out
-
 
 def test_canet_demo_learns_and_the_discriminator_beats_chance(canet_run):
-    s = _series(canet_run)
+    s = metric_series(canet_run)
     split = json.loads((canet_run / "split.json").read_text())
     assert split["labelled"] == ["brain_000", "brain_001"] and len(split["unlabelled"]) == 3
     assert np.mean(s["train/dice"][-10:]) < 0.7 * np.mean(s["train/dice"][:5])
@@ -226,7 +219,7 @@ def test_canet_resume_with_two_models_and_two_optimisers(wm_data, tmp_path):
     for name in ("model", "discriminator"):
         for k in a["models"][name]:
             torch.testing.assert_close(a["models"][name][k], b["models"][name][k], rtol=0, atol=0)
-    full, cut = _series(tmp_path / "full"), _series(tmp_path / "cut")
+    full, cut = metric_series(tmp_path / "full"), metric_series(tmp_path / "cut")
     assert full["train/loss"] == cut["train/loss"] and full["train/d_loss"] == cut["train/d_loss"]
 
 
