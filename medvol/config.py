@@ -95,6 +95,7 @@ class TrainerConfig:
     amp: bool = True  # CUDA only; CPU always runs fp32
     seed: int = 0
     val_overlap: float = 0.5
+    freeze_init_steps: int = 0  # with init_from: the loaded tensors get no update for this many steps
 
 
 @dataclass
@@ -108,7 +109,7 @@ class Recipe:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     method: dict = field(default_factory=dict)  # method-specific options, checked by the method's trainer
     inference: dict = field(default_factory=dict)
-    init_from: str | None = None  # weights to start from (loaded by name and shape)
+    init_from: str | None = None  # weights to start from (loaded by name and shape; e.g. PCRL's encoder.pt)
 
 
 def _coerce(value: Any, tp: Any, where: str, source: str) -> Any:

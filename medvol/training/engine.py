@@ -43,6 +43,10 @@ def init_from(model: nn.Module, path: str | Path) -> dict:
     loaded = [k for k, v in sd.items() if k in own and own[k].shape == v.shape]
     skipped = sorted(k for k, v in sd.items() if k in own and own[k].shape != v.shape)
     unused = sorted(k for k in sd if k not in own)
+    if not loaded:
+        raise ConfigError(f"init_from {path}: none of its {len(sd)} tensors matches a tensor of the model by name "
+                          f"and shape (is it weights for another architecture? e.g. PCRL's encoder.pt needs "
+                          f"model.name pcrl_unet)")
     model.load_state_dict({k: sd[k] for k in loaded}, strict=False)
     report = {"loaded": sorted(loaded), "shape_mismatch": skipped, "not_in_model": unused,
               "missing_from_file": sorted(k for k in own if k not in sd)}
@@ -61,6 +65,7 @@ class Trainer:
     name = "supervised"
     Options = None  # a dataclass for the recipe's ``method`` section, or None (must be empty)
     primary_metric = "val/dice_mean"
+    higher_is_better = True  # of the primary metric (best.pt keeps the best)
     inference_key = "model"  # which of self.models prediction uses (e.g. "teacher")
     ddp_find_unused = False  # True when a model holds parameters some steps do not use
 
@@ -68,16 +73,9 @@ class Trainer:
         self.recipe, self.cache_dir, self.run_dir, self.dist = recipe, Path(cache_dir), Path(run_dir), dist
         self.device = dist.device
         self.options = self._parse_options()
-        self.plans = load_plans(cache_dir)
-        self.num_classes = len(self.plans["labels"])
-        self.in_channels = len(self.plans["normalization"])
-        d = recipe.data
-        self.patch_size = list(d.patch_size or self.plans["patch_size"])
-        self.batch_size = int(d.batch_size or self.plans["batch_size"])  # per process
+        self.current_step = 0
+        self.setup_data()
         self.global_batch = self.batch_size * dist.world_size
-        self.labelled, self.unlabelled, self.val_cases = training_cases(cache_dir, d, recipe.trainer.seed)
-        if not self.labelled:
-            raise ConfigError(f"{cache_dir}: no labelled training case left after the validation split")
         self.amp_dtype = None
         if self.device.type == "cuda" and recipe.trainer.amp:
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -85,9 +83,13 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         torch.manual_seed(recipe.trainer.seed)  # identical initial weights on every rank
         self.models = {k: m.to(self.device) for k, m in self.build_models().items()}
+        self.init_report = None
         if recipe.init_from:
             self.init_report = init_from(self.models["model"], recipe.init_from)
+        elif recipe.trainer.freeze_init_steps:
+            raise ConfigError("trainer.freeze_init_steps needs init_from (it freezes the tensors loaded from it)")
         self.optimizers = self.build_optimizers()
+        self._freeze_loaded_tensors()
         self.schedulers = self.make_schedulers()
         if dist.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -97,6 +99,43 @@ class Trainer:
                         m, device_ids=ids, find_unused_parameters=self.ddp_find_unused)
 
     # ------------------------------------------------------------------ hooks
+    def setup_data(self) -> None:
+        """Plans, channels/classes, patch and (per-process) batch size, and the case split."""
+        d = self.recipe.data
+        self.plans = load_plans(self.cache_dir)
+        self.num_classes = len(self.plans["labels"])
+        self.in_channels = len(self.plans["normalization"])
+        self.patch_size = list(d.patch_size or self.plans["patch_size"])
+        self.batch_size = int(d.batch_size or self.plans["batch_size"])  # per process
+        self.labelled, self.unlabelled, self.val_cases = training_cases(self.cache_dir, d, self.recipe.trainer.seed)
+        if not self.labelled:
+            raise ConfigError(f"{self.cache_dir}: no labelled training case left after the validation split")
+
+    def _freeze_loaded_tensors(self) -> None:
+        """``trainer.freeze_init_steps``: the parameters init_from loaded get no update for
+        that many steps (their gradients are dropped before the optimiser step, so neither
+        momentum nor weight decay moves them). BatchNorm statistics keep adapting."""
+        n = self.recipe.trainer.freeze_init_steps
+        if not n:
+            return
+        names = set(self.init_report["loaded"])
+        frozen = [p for k, p in self.models["model"].named_parameters() if k in names]
+
+        def drop_grads(opt, args, kwargs):
+            if self.current_step < n:
+                for p in frozen:
+                    p.grad = None
+
+        self.optimizers["model"].register_step_pre_hook(drop_grads)
+        log.info("freezing %d loaded parameter tensors for the first %d steps", len(frozen), n)
+
+    def before_training(self, start_step: int) -> None:
+        """Called on every process right before the first step of a run (or of a resume)."""
+
+    def export(self) -> None:
+        """Called on the main process after each checkpoint and at the end (e.g. PCRL writes
+        ``encoder.pt``)."""
+
     def _parse_options(self):
         if self.Options is None:
             if self.recipe.method:
@@ -233,6 +272,7 @@ def fit(trainer: Trainer, resume: bool = False, stop_at: int | None = None, quie
     r, dist = trainer.recipe, trainer.dist
     run = trainer.run_dir
     ckpt_dir = run / "checkpoints"
+    sign = 1.0 if trainer.higher_is_better else -1.0  # ``best`` is kept as sign * metric
     start, best = 0, -np.inf
     if resume and (ckpt_dir / "latest.pt").exists():
         start, best = trainer.load_state(load_checkpoint(ckpt_dir / "latest.pt", map_location=trainer.device))
@@ -241,13 +281,14 @@ def fit(trainer: Trainer, resume: bool = False, stop_at: int | None = None, quie
     elif dist.is_main:
         run.mkdir(parents=True, exist_ok=True)
         save_recipe(r, run / "recipe.yaml")
-        write_json(run / "plans.json", trainer.plans)
+        if trainer.plans is not None:
+            write_json(run / "plans.json", trainer.plans)
         for name in ("dataset.json",):
             if (trainer.cache_dir / name).exists():
                 (run / name).write_text((trainer.cache_dir / name).read_text())
         write_json(run / "split.json", {"labelled": trainer.labelled, "unlabelled": trainer.unlabelled,
                                         "validation": trainer.val_cases})
-        if getattr(trainer, "init_report", None):
+        if trainer.init_report:
             write_json(run / "init_report.json", trainer.init_report)
     barrier(dist)
     logger = RunLogger(run, dist.is_main, start)
@@ -257,6 +298,7 @@ def fit(trainer: Trainer, resume: bool = False, stop_at: int | None = None, quie
                          r.data.num_workers)
     for m in trainer.models.values():
         m.train()
+    trainer.before_training(start)
     from tqdm import tqdm
 
     bar = tqdm(total=stop - start, desc=f"train {r.name}", unit="step", disable=quiet or not dist.is_main
@@ -266,6 +308,7 @@ def fit(trainer: Trainer, resume: bool = False, stop_at: int | None = None, quie
     step = start
     for step, batch in zip(range(start, stop), loader):
         batch = {k: v.to(trainer.device, non_blocking=True) for k, v in batch.items()}
+        trainer.current_step = step
         losses = trainer.optimization_step(batch, step)
         if not all(np.isfinite(v) for v in losses.values()):
             raise FloatingPointError(f"non-finite loss at step {step}: {losses}")
@@ -280,13 +323,14 @@ def fit(trainer: Trainer, resume: bool = False, stop_at: int | None = None, quie
             if dist.is_main:
                 metrics = trainer.validate()
                 logger.log(step, metrics)
-                score = metrics.get(trainer.primary_metric, -np.inf)
+                score = sign * metrics.get(trainer.primary_metric, -sign * np.inf)
                 improved = score > best
                 best = max(best, score)
                 state = trainer.state(done, best)
                 save_checkpoint(ckpt_dir / "latest.pt", state)
                 if improved:
                     save_checkpoint(ckpt_dir / "best.pt", state)
+                trainer.export()
                 logger.plot()
                 log.info("step %d: %s", done, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             barrier(dist)
@@ -296,10 +340,12 @@ def fit(trainer: Trainer, resume: bool = False, stop_at: int | None = None, quie
     same = params_identical_across_ranks(unwrap(trainer.models["model"]), dist)
     if dist.is_main:
         logger.plot()
+        trainer.export()
         write_json(run / "train_summary.json", {
             "steps_done": stop, "steps_total": total, "seconds": time.perf_counter() - t0,
             "world_size": dist.world_size, "device": str(trainer.device),
             "amp": str(trainer.amp_dtype) if trainer.amp_dtype else "fp32",
-            "params_identical_across_ranks": bool(same), "last_validation": metrics, "best_metric": best,
+            "params_identical_across_ranks": bool(same), "last_validation": metrics,
+            "best_metric": sign * best if np.isfinite(best) else None,
         })
     return metrics
