@@ -60,16 +60,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_options(p)
     _add_common(p)
 
-    p = sub.add_parser("train", help="train a recipe on a preprocessing cache")
-    p.add_argument("recipe", help="recipe YAML (a path, or the name of one in pipelines/, e.g. quickstart)")
-    p.add_argument("--data", type=Path, required=True, help="the preprocessing cache (medvol preprocess -o)")
-    p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs, recipe, plans)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe value, e.g. --set trainer.steps=500 (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest.pt")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
-    p.add_argument("--nproc", type=int, default=1, help="processes on this node (DDP through torchrun)")
-    _add_common(p)
+    for name in ("train", "pretrain"):
+        if name == "train":
+            p = sub.add_parser("train", help="train a recipe on a preprocessing cache")
+            p.add_argument("recipe", help="recipe YAML (a path, or the name of one in pipelines/, e.g. quickstart)")
+        else:
+            p = sub.add_parser("pretrain", help="PCRL self-supervised pretraining; writes OUT/encoder.pt")
+            p.add_argument("--recipe", default="pcrl_pretrain",
+                           help="a PCRL recipe (default pcrl_pretrain, the paper's; pcrl_demo is small)")
+        p.add_argument("--data", type=Path, required=True,
+                       help="the preprocessing cache (medvol preprocess -o); PCRL also takes any folder of scans")
+        p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs, recipe, plans)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe value, e.g. --set trainer.steps=500 (repeatable)")
+        p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest.pt")
+        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+        p.add_argument("--nproc", type=int, default=1, help="processes on this node (DDP through torchrun)")
+        _add_common(p)
 
     p = sub.add_parser("predict", help="predict whole scans with a trained run, in the scans' own geometry")
     p.add_argument("-m", "--model", type=Path, required=True, help="run folder written by `medvol train`")
@@ -164,6 +171,8 @@ def _cmd_train(a) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         print(f"trained {recipe.name} -> {a.out}" + (f" ({summary})" if summary else ""))
+        if (Path(a.out) / "encoder.pt").exists():
+            print(f"encoder weights: {Path(a.out) / 'encoder.pt'} (fine-tune with --set init_from=...)")
     return 0
 
 
@@ -216,7 +225,7 @@ def _cmd_demo(a) -> int:
 
 
 COMMANDS = {"preprocess": _cmd_preprocess, "fingerprint": _cmd_fingerprint, "plan": _cmd_plan, "train": _cmd_train,
-            "predict": _cmd_predict, "evaluate": _cmd_evaluate, "demo": _cmd_demo}
+            "pretrain": _cmd_train, "predict": _cmd_predict, "evaluate": _cmd_evaluate, "demo": _cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

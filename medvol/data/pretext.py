@@ -1,0 +1,351 @@
+"""Pretext data for PCRL (METHODS.md §3): pairs of overlapping random crops of unlabelled scans,
+Models-Genesis distortions, and the indicated flips/rot90 whose indicator conditions the decoder.
+
+One sample, all channel-first ``(C, *patch)`` in [0, 1]:
+- two overlapping crops of one scan, each ``patch * s`` voxels with ``s ~ U(crop_scale)``
+  (isotropic), resized (trilinear) to ``patch``, optionally through a small random affine;
+  these are the clean views ``g1``, ``g2``;
+- ``alpha ~ Beta(1, 1)``, ``alpha = max(alpha, 1 - alpha)``: the same alpha mixes the images
+  here (``alpha g1 + (1 - alpha) g2``) and the features in the network (the published code
+  draws the two independently, so the hybrid target did not match the hybrid features);
+- targets ``t1 = T_o(g1)``, ``t2 = T_m(g2)``, ``th = T_h(mix)`` with independent random
+  transforms T (flip of each spatial axis with p = 0.5, then rot90 k ~ U{0..3} in the plane
+  of the first two spatial axes; k = 0 when those sizes differ) and their indicators
+  ``[flip0, flip1, flip2, onehot(k)]``;
+- inputs ``x1 = D(g1)``, ``x2 = D(g2)``, D the Models-Genesis distortions: local pixel
+  shuffle, in-painting or out-painting, Gaussian blur, each with its probability.
+Every operation is a vectorised numpy/torch call (no per-voxel Python loop), run in the data
+workers; sampling is a pure function of (seed, step, slot), like the segmentation patches.
+
+Sources: the cases of a preprocessing cache (their z-scored intensities mapped to [0, 1] by
+the 0.5/99.5 percentiles of each case) or any folder of scans (NIfTI, MetaImage/NRRD, DICOM
+series), converted once by :func:`prepare_scan_folder` (CT: HU window [-1000, 1000] -> [0, 1]).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from medvol.data.sampling import extract_patch, patch_bounds
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PretextConfig:
+    crop_scale: tuple = (1.0, 2.0)  # crop side = patch side * s before the resize
+    min_overlap: float = 0.5  # the second crop's centre moves at most (1 - this) crop sides per axis
+    affine_prob: float = 0.3
+    affine_deg: float = 10.0
+    affine_scale: tuple = (0.9, 1.1)
+    flip_prob: float = 0.5  # per axis, in the indicated transforms
+    rot90: bool = True  # indicated rot90 in the plane of the first two spatial axes
+    shuffle_prob: float = 0.5  # local pixel shuffle
+    shuffle_blocks: int = 10000  # blocks per shuffled crop (Models Genesis: 10,000 on 64x64x32)
+    paint_prob: float = 0.9
+    inpaint_prob: float = 0.2  # share of the painted crops that are in-painted (else out-painted)
+    blur_prob: float = 0.4
+    blur_sigma: tuple = (0.5, 1.0)
+    intensity: str = "auto"  # auto (cache: percentile, folder: percentile) | percentile | ct
+    ct_window: tuple = (-1000.0, 1000.0)
+    spacing: list | None = None  # folders only: resample scans to this spacing (mm) first
+
+
+# ---------------------------------------------------------------- distortions (vectorised)
+def local_pixel_shuffle(img: np.ndarray, rng: np.random.Generator, n_blocks: int, max_frac: float = 0.1,
+                        groups: int = 4) -> np.ndarray:
+    """Shuffle the voxels inside ``n_blocks`` random small blocks (side up to ``max_frac`` of the
+    crop); values are drawn from the undistorted crop. Blocks come in ``groups`` sizes, each
+    group handled by one gather/scatter."""
+    src = np.ascontiguousarray(img)
+    out = src.copy()
+    c, shape = src.shape[0], np.asarray(src.shape[1:])
+    flat_src, flat_out = src.reshape(c, -1), out.reshape(c, -1)
+    for n in np.diff(np.linspace(0, n_blocks, groups + 1).astype(int)):
+        if n == 0:
+            continue
+        size = np.array([rng.integers(1, max(1, int(s * max_frac)) + 1) for s in shape])
+        corners = rng.integers(0, shape - size + 1, size=(n, 3))
+        offs = np.stack(np.meshgrid(*[np.arange(b) for b in size], indexing="ij"), -1).reshape(-1, 3)
+        coords = corners[:, None, :] + offs[None]  # (n, m, 3)
+        flat = np.ravel_multi_index(tuple(np.moveaxis(coords, -1, 0)), tuple(shape))  # (n, m)
+        perm = np.argsort(rng.random(flat.shape), axis=1)
+        flat_out[:, flat] = np.take_along_axis(flat_src[:, flat], perm[None], axis=2)
+    return out
+
+
+def _box(rng: np.random.Generator, shape: np.ndarray, lo: float, hi: float) -> tuple[slice, ...]:
+    size = np.maximum(1, (shape * rng.uniform(lo, hi, 3)).astype(int))
+    start = rng.integers(0, shape - size + 1)
+    return (slice(None),) + tuple(slice(a, a + b) for a, b in zip(start, size))
+
+
+def in_painting(img: np.ndarray, rng: np.random.Generator, max_boxes: int = 5) -> np.ndarray:
+    """Up to ``max_boxes`` boxes (1/6 to 1/3 of each side) replaced by uniform noise."""
+    out = img.copy()
+    shape = np.asarray(img.shape[1:])
+    for i in range(max_boxes):
+        if i and rng.random() >= 0.95:
+            break
+        sl = _box(rng, shape, 1 / 6, 1 / 3)
+        out[sl] = rng.random(out[sl].shape, dtype=np.float32)
+    return out
+
+
+def out_painting(img: np.ndarray, rng: np.random.Generator, max_boxes: int = 5) -> np.ndarray:
+    """Uniform noise everywhere but inside up to ``max_boxes`` boxes (3/7 to 4/7 of each side)."""
+    out = rng.random(img.shape, dtype=np.float32)
+    shape = np.asarray(img.shape[1:])
+    for i in range(max_boxes):
+        if i and rng.random() >= 0.95:
+            break
+        sl = _box(rng, shape, 3 / 7, 4 / 7)
+        out[sl] = img[sl]
+    return out
+
+
+def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter
+
+    return gaussian_filter(img, sigma=(0, sigma, sigma, sigma), mode="nearest").astype(np.float32)
+
+
+def distort(img: np.ndarray, rng: np.random.Generator, cfg: PretextConfig) -> np.ndarray:
+    if rng.random() < cfg.shuffle_prob:
+        img = local_pixel_shuffle(img, rng, cfg.shuffle_blocks)
+    if rng.random() < cfg.paint_prob:
+        img = in_painting(img, rng) if rng.random() < cfg.inpaint_prob else out_painting(img, rng)
+    if rng.random() < cfg.blur_prob:
+        img = gaussian_blur(img, rng.uniform(*cfg.blur_sigma))
+    return np.ascontiguousarray(img, dtype=np.float32)
+
+
+def indicated_transform(img: np.ndarray, rng: np.random.Generator, cfg: PretextConfig
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Random flips then rot90 of a ``(C, X, Y, Z)`` crop, and their 7-number indicator."""
+    flips = rng.random(3) < cfg.flip_prob
+    k = int(rng.integers(4)) if cfg.rot90 and img.shape[1] == img.shape[2] else 0
+    return apply_indicated(img, flips, k), indicator(flips, k)
+
+
+def apply_indicated(img: np.ndarray, flips: Sequence[bool], k: int) -> np.ndarray:
+    axes = tuple(a + 1 for a in range(3) if flips[a])
+    out = np.flip(img, axes) if axes else img
+    return np.ascontiguousarray(np.rot90(out, k, axes=(1, 2)))
+
+
+def indicator(flips: Sequence[bool], k: int) -> np.ndarray:
+    ind = np.zeros(7, np.float32)
+    ind[:3] = np.asarray(flips, np.float32)
+    ind[3 + k] = 1
+    return ind
+
+
+def random_affine(img: np.ndarray, rng: np.random.Generator, max_deg: float, scale: Sequence[float]) -> np.ndarray:
+    """Small random rotation (about each axis) and isotropic scaling, trilinear, zero padding."""
+    a = np.deg2rad(rng.uniform(-max_deg, max_deg, 3))
+    cx, cy, cz = np.cos(a)
+    sx, sy, sz = np.sin(a)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    m = (rz @ ry @ rx) / rng.uniform(*scale)  # output voxel offsets -> input voxel offsets (X, Y, Z)
+    half = np.asarray(img.shape[1:], float) / 2
+    m = np.diag(1 / half) @ m @ np.diag(half)  # ... in affine_grid's normalised coordinates
+    theta = torch.zeros(1, 3, 4)
+    theta[0, :, :3] = torch.from_numpy(m[::-1, ::-1].copy())  # whose order is (Z, Y, X)
+    t = torch.from_numpy(np.ascontiguousarray(img))[None]
+    grid = F.affine_grid(theta.float(), list(t.shape), align_corners=False)
+    return F.grid_sample(t, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0].numpy()
+
+
+def resize(img: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    if tuple(img.shape[1:]) == tuple(size):
+        return img
+    t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None]
+    return F.interpolate(t, size=tuple(int(s) for s in size), mode="trilinear", align_corners=False)[0].numpy()
+
+
+def overlapping_crops(shape: Sequence[int], patch: Sequence[int], rng: np.random.Generator, cfg: PretextConfig
+                      ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Two (start, size) boxes: sizes ``patch * s`` (at most the volume), the second centred
+    within ``(1 - min_overlap)`` crop sides of the first."""
+    shape, patch = np.asarray(shape), np.asarray(patch)
+    sizes = [np.maximum(1, np.minimum(np.round(patch * rng.uniform(*cfg.crop_scale)).astype(int),
+                                      np.maximum(shape, patch))) for _ in range(2)]
+    lbs, ubs = patch_bounds(shape, sizes[0])
+    start1 = np.array([rng.integers(lo, hi + 1) for lo, hi in zip(lbs, ubs)])
+    centre = start1 + sizes[0] / 2 + rng.uniform(-1, 1, 3) * (1 - cfg.min_overlap) * sizes[0]
+    lbs2, ubs2 = patch_bounds(shape, sizes[1])
+    start2 = np.clip(np.round(centre - sizes[1] / 2).astype(int), lbs2, ubs2)
+    return [(start1, sizes[0]), (start2, sizes[1])]
+
+
+# ---------------------------------------------------------------- sources
+def case_range(image: np.ndarray) -> tuple[float, float]:
+    """0.5 / 99.5 percentiles of a case (on every second voxel per axis: a memory map stays cheap)."""
+    sub = np.asarray(image[:, ::2, ::2, ::2], dtype=np.float32)
+    lo, hi = np.percentile(sub, [0.5, 99.5])
+    return float(lo), float(hi) if hi > lo else float(lo) + 1.0
+
+
+class PretextDataset(Dataset):
+    """Map-style dataset indexed by ``step * global_batch + slot`` (see :mod:`medvol.data.dataset`).
+
+    ``root`` is a preprocessing cache (``kind="cache"``) or a folder that
+    :func:`prepare_scan_folder` wrote (``kind="folder"``: ``<case>.npy`` already in [0, 1]).
+    """
+
+    def __init__(self, root, cases: list[str], kind: str, patch_size: Sequence[int], cfg: PretextConfig,
+                 global_batch: int, seed: int = 0):
+        if not cases:
+            raise ValueError("no scans to draw pretext crops from")
+        self.root, self.cases, self.kind = str(root), list(cases), kind
+        self.patch = [int(p) for p in patch_size]
+        self.cfg, self.global_batch, self.seed = cfg, global_batch, seed
+        self._volumes: dict = {}  # per worker: case -> (array, lo, hi)
+
+    def _volume(self, case: str):
+        if case not in self._volumes:
+            if self.kind == "cache":
+                from medvol.preprocessing.cache import load_case
+
+                image = load_case(self.root, case, mmap=True)[0]
+                self._volumes[case] = (image, *case_range(image))
+            else:
+                self._volumes[case] = (np.load(Path(self.root) / f"{case}.npy", mmap_mode="r"), 0.0, 1.0)
+        return self._volumes[case]
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def sample(self, step: int, slot: int) -> dict:
+        rng = np.random.default_rng([self.seed, step, slot])
+        cfg = self.cfg
+        image, lo, hi = self._volume(self.cases[int(rng.integers(len(self.cases)))])
+        clean = []
+        for start, size in overlapping_crops(image.shape[1:], self.patch, rng, cfg):
+            crop = extract_patch(image, start, size, lo).astype(np.float32)
+            crop = np.clip((crop - lo) / (hi - lo), 0.0, 1.0)
+            crop = resize(crop, self.patch)
+            if rng.random() < cfg.affine_prob:
+                crop = random_affine(crop, rng, cfg.affine_deg, cfg.affine_scale)
+            clean.append(np.ascontiguousarray(crop, dtype=np.float32))
+        g1, g2 = clean
+        alpha = float(rng.beta(1.0, 1.0))
+        alpha = max(alpha, 1.0 - alpha)
+        t1, ind_o = indicated_transform(g1, rng, cfg)
+        t2, ind_m = indicated_transform(g2, rng, cfg)
+        th, ind_h = indicated_transform(alpha * g1 + (1 - alpha) * g2, rng, cfg)
+        out = {"x1": distort(g1, rng, cfg), "x2": distort(g2, rng, cfg), "t1": t1, "t2": t2, "th": th,
+               "ind_o": ind_o, "ind_m": ind_m, "ind_h": ind_h}
+        out = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in out.items()}
+        out["alpha"] = torch.tensor(alpha, dtype=torch.float32)
+        out["slot"] = torch.tensor(slot)
+        return out
+
+    def __getitem__(self, index: int) -> dict:
+        step, slot = divmod(int(index), self.global_batch)
+        return self.sample(step, slot)
+
+
+# ---------------------------------------------------------------- scan folders
+SCAN_SUFFIXES = (".nii", ".nii.gz", ".mhd", ".mha", ".nrrd", ".nhdr")
+
+
+def find_scans(folder: str | Path) -> list[Path]:
+    """Scan files (NIfTI, MetaImage, NRRD) and DICOM series folders under ``folder``."""
+    from medvol.io.dicom import looks_like_dicom
+
+    folder = Path(folder)
+    scans = []
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name.lower().endswith(SCAN_SUFFIXES) and not p.name.startswith("."):
+            scans.append(p)
+        elif p.is_dir() and any(looks_like_dicom(f) for f in sorted(p.iterdir())[:20] if f.is_file()):
+            scans.append(p)
+    return scans
+
+
+def _scan_name(folder: Path, p: Path) -> str:
+    rel = p.relative_to(folder).as_posix()
+    for suf in SCAN_SUFFIXES:
+        if rel.lower().endswith(suf):
+            rel = rel[: -len(suf)]
+            break
+    return rel.replace("/", "__") or "scan"
+
+
+def to_unit_range(data: np.ndarray, mode: str, ct_window: Sequence[float]) -> np.ndarray:
+    """``ct``: clip to the HU window and map it to [0, 1]; ``percentile``: per channel, the
+    0.5/99.5 percentiles to [0, 1]."""
+    data = data.astype(np.float32, copy=False)
+    if mode == "ct":
+        lo, hi = float(ct_window[0]), float(ct_window[1])
+        return np.clip((data - lo) / (hi - lo), 0, 1)
+    out = np.empty_like(data)
+    for c in range(data.shape[0]):
+        lo, hi = np.percentile(data[c], [0.5, 99.5])
+        out[c] = np.clip((data[c] - lo) / max(hi - lo, 1e-6), 0, 1)
+    return out
+
+
+def prepare_scan_folder(folder: str | Path, out_dir: str | Path, cfg: PretextConfig, quiet: bool = False
+                        ) -> list[str]:
+    """Convert every scan under ``folder`` to ``out_dir/<name>.npy`` (C, X, Y, Z), float16 in
+    [0, 1]; returns the names. A scan that cannot be read (or holds NaNs) is reported in one
+    line naming the file and skipped; the others carry on. Done scans are kept on a rerun."""
+    from tqdm import tqdm
+
+    from medvol.errors import ConfigError, InputError
+    from medvol.io import read_volume
+    from medvol.utils import read_json, save_npy, write_json
+
+    folder, out_dir = Path(folder), Path(out_dir)
+    scans = find_scans(folder)
+    if not scans:
+        raise ConfigError(f"{folder}: no plans.json (not a preprocessing cache) and no scans found "
+                          f"(NIfTI, MetaImage/NRRD or DICOM series)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = out_dir / "manifest.json"
+    manifest = read_json(manifest_path) if manifest_path.exists() else {"scans": {}, "failed": {}}
+    mode = "percentile" if cfg.intensity == "auto" else cfg.intensity
+    if mode not in ("percentile", "ct"):
+        raise ConfigError(f"method.pretext.intensity '{cfg.intensity}' is unknown; known: auto, percentile, ct")
+    names = []
+    for p in tqdm(scans, desc="pretext scans", unit="scan", disable=quiet):
+        name = _scan_name(folder, p)
+        target = out_dir / f"{name}.npy"
+        if name in manifest["scans"] and target.exists():
+            names.append(name)
+            continue
+        try:
+            vol = read_volume(p)
+            data = vol.channel_first()
+            if not np.isfinite(data).all():
+                raise InputError(p, "image holds NaN or infinite values")
+            if cfg.spacing:
+                from medvol.preprocessing.resampling import compute_new_shape, resample_image
+
+                shape = compute_new_shape(data.shape[1:], vol.spacing, cfg.spacing)
+                data = resample_image(data, shape, vol.spacing, cfg.spacing, order="linear")
+            save_npy(target, to_unit_range(data, mode, cfg.ct_window).astype(np.float16))
+        except InputError as e:
+            log.error("%s", e)
+            manifest["failed"][name] = str(e)
+            continue
+        manifest["scans"][name] = {"source": str(p), "shape": list(data.shape)}
+        manifest["failed"].pop(name, None)
+        names.append(name)
+    write_json(manifest_path, manifest)
+    if not names:
+        raise ConfigError(f"{folder}: none of the {len(scans)} scans could be read (see {manifest_path})")
+    return names
