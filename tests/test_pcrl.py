@@ -221,7 +221,7 @@ def test_short_pretraining_lowers_contrastive_and_reconstruction_losses(pcrl_run
     assert contrast[0] == pytest.approx(math.log(17), abs=0.3)
     assert np.mean(contrast[-3:]) < contrast[0] - 0.3
     assert np.mean(recon[-3:]) < 0.8 * recon[0]
-    assert len(s["val/recon_mse"]) == 2 and "val/retrieval_acc" in s
+    assert len(s["val/recon_mse"]) == 2 and "val/retrieval_acc" in s and s["val/embedding_std"][0] > 0
     enc = torch.load(pcrl_run / "encoder.pt", weights_only=True)
     assert enc["format"] == "medvol-encoder-1" and enc["model"] == "pcrl_unet"
     assert enc["encoder"] and all(k.startswith("encoder.") for k in enc["encoder"])

@@ -208,8 +208,9 @@ class PCRLTrainer(Trainer):
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Ordinary-path reconstruction MSE and key retrieval accuracy (each query's nearest
-        key among the validation keys is its own) on fixed pretext samples of the validation scans."""
+        """On fixed pretext samples of the validation scans: ordinary-path reconstruction MSE, key
+        retrieval accuracy (each query's nearest key among the validation keys is its own) and
+        the spread of the queries (mean per-dimension std; near 0 = collapsed embeddings)."""
         if not self.val_cases:
             return {}
         student, key = unwrap(self.models["model"]), self.models["momentum"]
@@ -230,7 +231,8 @@ class PCRLTrainer(Trainer):
         student.train(modes[0])
         key.train(modes[1])
         acc = float(((q @ k.t()).argmax(1) == torch.arange(q.shape[0], device=q.device)).float().mean())
-        return {"val/recon_mse": se / batch["t1"].numel(), "val/retrieval_acc": acc}
+        return {"val/recon_mse": se / batch["t1"].numel(), "val/retrieval_acc": acc,
+                "val/embedding_std": float(q.std(0).mean())}
 
     def export(self) -> None:
         enc = unwrap(self.models["model"]).encoder
