@@ -321,7 +321,9 @@ def prepare_scan_folder(folder: str | Path, out_dir: str | Path, cfg: PretextCon
     if mode not in ("percentile", "ct"):
         raise ConfigError(f"method.pretext.intensity '{cfg.intensity}' is unknown; known: auto, percentile, ct")
     names = []
-    for p in tqdm(scans, desc="pretext scans", unit="scan", disable=quiet):
+    import sys
+
+    for p in tqdm(scans, desc="pretext scans", unit="scan", disable=quiet or not sys.stderr.isatty()):
         name = _scan_name(folder, p)
         target = out_dir / f"{name}.npy"
         if name in manifest["scans"] and target.exists():
