@@ -60,9 +60,14 @@ def linear_rampup(current: float, length: float) -> float:
 
 
 @torch.no_grad()
-def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float) -> None:
-    """teacher = decay * teacher + (1 - decay) * student (parameters); buffers copied."""
-    for t, s in zip(teacher.parameters(), student.parameters()):
-        t.mul_(decay).add_(s.detach(), alpha=1 - decay)
-    for t, s in zip(teacher.buffers(), student.buffers()):
-        t.copy_(s)
+def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float, buffers: bool = True) -> None:
+    """teacher = decay * teacher + (1 - decay) * student, for every parameter of the teacher,
+    paired with the student's by name (the teacher may hold a part of the student); with
+    ``buffers`` the teacher's buffers (BatchNorm statistics) are copied from the student."""
+    params = dict(student.named_parameters())
+    for name, t in teacher.named_parameters():
+        t.mul_(decay).add_(params[name].detach(), alpha=1 - decay)
+    if buffers:
+        own = dict(student.named_buffers())
+        for name, t in teacher.named_buffers():
+            t.copy_(own[name])
