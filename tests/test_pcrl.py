@@ -19,7 +19,7 @@ from medvol.losses.contrastive import KeyQueue, info_nce
 from medvol.networks.pcrl import KeyEncoder, PCRLNet, PCRLSegNet, mix_features
 from medvol.training import train
 from medvol.training.distributed import DistInfo
-from medvol.training.pcrl import PCRLTrainer, shuffled_forward
+from medvol.training.pcrl import PCRLTrainer, cross_rank_shuffled_forward, shuffled_forward
 
 TINY = ["model.base_features=2", "data.patch_size=[16, 16, 8]", "data.batch_size=4", "data.num_workers=0",
         "method.queue_size=16", "method.proj_dim=8", "method.proj_hidden=8", "method.attention_hidden=8",
@@ -126,6 +126,23 @@ def test_shuffled_batchnorm_groups_restore_the_order():
         key.train()  # batch statistics: one group is the plain batch, three groups are not
         torch.testing.assert_close(shuffled_forward(key, x, 1, g)[1], key(x)[1])
         assert not torch.allclose(shuffled_forward(key, x, 3, g)[1], key(x)[1], atol=1e-4)
+
+
+def test_cross_rank_shuffle_returns_each_rank_its_own_samples(tmp_path):
+    import torch.distributed as tdist
+
+    torch.manual_seed(0)
+    key = KeyEncoder(1, base=2, proj_dim=8, proj_hidden=8).eval()
+    x = torch.rand(5, 1, 16, 16, 8)
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        feats, k = cross_rank_shuffled_forward(key, x, torch.Generator().manual_seed(1))
+    finally:
+        tdist.destroy_process_group()
+    with torch.no_grad():
+        ref_feats, ref_k = key(x)
+    torch.testing.assert_close(k, ref_k)
+    torch.testing.assert_close(feats[0], ref_feats[0])
 
 
 # ---------------------------------------------------------------- pretext data

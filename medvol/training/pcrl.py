@@ -5,13 +5,13 @@ conditioned on the indicated transform of its target.
 One step:
 1. the momentum encoder follows the student, ``theta_k = m theta_k + (1 - m) theta_q``
    (parameters only; it gets no gradient, its BatchNorm statistics come from its own passes);
-2. it embeds the second views ``x2`` with *shuffled BatchNorm*: the batch is permuted and split
-   into ``key_bn_groups`` groups that each normalise with their own statistics, then
-   un-permuted, so a key never shares its BN statistics with the whole batch its query was
-   normalised with. Under DDP each rank does this with its own samples: a cross-rank shuffle
-   would have to all-gather the key's multi-scale feature maps, which the hybrid path and the
-   momentum reconstruction need (not just the 128-d key as in MoCo); SyncBN is not used, as it
-   would give the keys the statistics of the whole global batch;
+2. it embeds the second views ``x2`` with *shuffled BatchNorm*, so that a key never shares
+   its BN statistics with the batch its query was normalised with. Under DDP the shuffle is
+   across ranks, as in MoCo: the global batch of ``x2`` is all-gathered, permuted with a
+   permutation every rank draws alike, each rank embeds its share, and the outputs (the key
+   *and* its multi-scale feature maps, which the hybrid path and the momentum reconstruction
+   need) are all-gathered back to the ranks that own the samples; SyncBN is not used. On one
+   process the permuted batch is split into ``key_bn_groups`` groups that normalise apart;
 3. the student embeds ``x1`` (query ``q``), mixes its features with the key's at every skip and
    the bottleneck with the sample's ``alpha`` (hybrid embedding ``z_h``) and decodes the three
    feature sets, each gated by the indicator of its target's transform;
@@ -41,6 +41,7 @@ from medvol.training import register_trainer
 from medvol.training.checkpoint import save_checkpoint
 from medvol.training.distributed import barrier
 from medvol.training.engine import Trainer, unwrap
+from medvol.training.schedules import ema_update
 
 ENCODER_FORMAT = "medvol-encoder-1"
 
@@ -53,20 +54,12 @@ class PCRLOptions:
     proj_dim: int = 128
     proj_hidden: int = 128
     attention_hidden: int = 256
-    key_bn_groups: int = 2  # shuffled-BN groups of the momentum encoder's batch (per process)
+    key_bn_groups: int = 2  # one process: shuffled-BN groups of the momentum encoder's batch (DDP: ranks)
     contrast_weight: float = 1.0
     recon_weight: float = 1.0
     val_samples: int = 16  # fixed pretext samples of the validation scans
     queue_warmup: bool = True  # fill the queue with real keys before step 0 (else: random unit vectors)
     pretext: PretextConfig = field(default_factory=PretextConfig)
-
-
-@torch.no_grad()
-def momentum_update(key: nn.Module, student: nn.Module, m: float) -> None:
-    """``key = m * key + (1 - m) * student`` for every parameter of ``key``, paired by name."""
-    params = dict(student.named_parameters())
-    for name, p in key.named_parameters():
-        p.mul_(m).add_(params[name].detach(), alpha=1 - m)
 
 
 def shuffled_forward(net: nn.Module, x: torch.Tensor, groups: int, generator: torch.Generator
@@ -79,6 +72,29 @@ def shuffled_forward(net: nn.Module, x: torch.Tensor, groups: int, generator: to
     outs = [net(chunk) for chunk in x[perm].chunk(max(1, min(groups, b)))]
     feats = [torch.cat([o[0][i] for o in outs])[inv] for i in range(len(outs[0][0]))]
     return feats, torch.cat([o[1] for o in outs])[inv]
+
+
+def _all_gather(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as tdist
+
+    parts = [torch.empty_like(t) for _ in range(tdist.get_world_size())]
+    tdist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def cross_rank_shuffled_forward(net: nn.Module, x: torch.Tensor, generator: torch.Generator
+                                ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """MoCo's shuffled BN across ranks: each rank embeds a random share of the global batch
+    (``generator`` must be seeded alike on every rank); returns this rank's own samples."""
+    import torch.distributed as tdist
+
+    b, rank = x.shape[0], tdist.get_rank()
+    x_all = _all_gather(x)
+    perm = torch.randperm(x_all.shape[0], generator=generator).to(x.device)
+    feats, k = net(x_all[perm[rank * b:(rank + 1) * b]])
+    own = torch.argsort(perm)[rank * b:(rank + 1) * b]  # where this rank's samples sit in perm order
+    return [_all_gather(f)[own] for f in feats], _all_gather(k)[own]
 
 
 @register_trainer
@@ -139,15 +155,20 @@ class PCRLTrainer(Trainer):
 
     # ------------------------------------------------------------------ step
     def _key_generator(self, step: int) -> torch.Generator:
-        seed = (self.recipe.trainer.seed * 1_000_003 + step * 97 + self.dist.rank) % 2**63
-        return torch.Generator().manual_seed(seed)
+        """The same on every rank (the cross-rank permutation must agree)."""
+        return torch.Generator().manual_seed((self.recipe.trainer.seed * 1_000_003 + step * 97) % 2**63)
+
+    def _keys(self, x2: torch.Tensor, step: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        if self.dist.distributed:
+            return cross_rank_shuffled_forward(self.models["momentum"], x2, self._key_generator(step))
+        return shuffled_forward(self.models["momentum"], x2, self.options.key_bn_groups, self._key_generator(step))
 
     def training_step(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         o = self.options
         student, key = self.models["model"], self.models["momentum"]
         with torch.no_grad():
-            momentum_update(key, unwrap(student), o.momentum)
-            key_feats, k = shuffled_forward(key, batch["x2"], o.key_bn_groups, self._key_generator(step))
+            ema_update(key, unwrap(student), o.momentum, buffers=False)
+            key_feats, k = self._keys(batch["x2"], step)
         out = student(batch["x1"], key_feats, batch["ind_o"], batch["ind_m"], batch["ind_h"], batch["alpha"])
         negatives = self.models["queue"].keys
         l_q, acc = info_nce(out["q"], k, negatives, o.temperature)
@@ -191,8 +212,7 @@ class PCRLTrainer(Trainer):
                              self.recipe.data.num_workers)
         for step, batch in enumerate(loader):
             with self.autocast():
-                _, k = shuffled_forward(self.models["momentum"], batch["x2"].to(self.device), self.options.key_bn_groups,
-                                        self._key_generator(-1 - step))
+                _, k = self._keys(batch["x2"].to(self.device), -1 - step)
             self._pending_keys = k.float()
             self._enqueue_pending()
 
