@@ -54,7 +54,7 @@ class PretextConfig:
     inpaint_prob: float = 0.2  # share of the painted crops that are in-painted (else out-painted)
     blur_prob: float = 0.4
     blur_sigma: tuple = (0.5, 1.0)
-    intensity: str = "auto"  # auto (cache: percentile, folder: percentile) | percentile | ct
+    intensity: str = "percentile"  # scan folders: percentile | ct (caches are normalised already: percentile)
     ct_window: tuple = (-1000.0, 1000.0)
     spacing: list | None = None  # folders only: resample scans to this spacing (mm) first
 
@@ -190,11 +190,12 @@ def overlapping_crops(shape: Sequence[int], patch: Sequence[int], rng: np.random
 
 
 # ---------------------------------------------------------------- sources
-def case_range(image: np.ndarray) -> tuple[float, float]:
-    """0.5 / 99.5 percentiles of a case (on every second voxel per axis: a memory map stays cheap)."""
-    sub = np.asarray(image[:, ::2, ::2, ::2], dtype=np.float32)
-    lo, hi = np.percentile(sub, [0.5, 99.5])
-    return float(lo), float(hi) if hi > lo else float(lo) + 1.0
+def percentile_bounds(image: np.ndarray, stride: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel 0.5 / 99.5 percentiles of ``(C, X, Y, Z)`` as ``(C, 1, 1, 1)`` arrays, on
+    every ``stride``-th voxel per axis (a memory-mapped case stays cheap); hi > lo always."""
+    sub = np.asarray(image[:, ::stride, ::stride, ::stride], dtype=np.float32).reshape(image.shape[0], -1)
+    lo, hi = np.percentile(sub, [0.5, 99.5], axis=1).astype(np.float32)
+    return lo[:, None, None, None], np.maximum(hi, lo + 1e-6)[:, None, None, None]
 
 
 class PretextDataset(Dataset):
@@ -211,7 +212,7 @@ class PretextDataset(Dataset):
         self.root, self.cases, self.kind = str(root), list(cases), kind
         self.patch = [int(p) for p in patch_size]
         self.cfg, self.global_batch, self.seed = cfg, global_batch, seed
-        self._volumes: dict = {}  # per worker: case -> (array, lo, hi)
+        self._volumes: dict = {}  # per worker: case -> (array, lo, hi), lo/hi per channel
 
     def _volume(self, case: str):
         if case not in self._volumes:
@@ -219,7 +220,7 @@ class PretextDataset(Dataset):
                 from medvol.preprocessing.cache import load_case
 
                 image = load_case(self.root, case, mmap=True)[0]
-                self._volumes[case] = (image, *case_range(image))
+                self._volumes[case] = (image, *percentile_bounds(image, stride=2))
             else:
                 self._volumes[case] = (np.load(Path(self.root) / f"{case}.npy", mmap_mode="r"), 0.0, 1.0)
         return self._volumes[case]
@@ -233,7 +234,7 @@ class PretextDataset(Dataset):
         image, lo, hi = self._volume(self.cases[int(rng.integers(len(self.cases)))])
         clean = []
         for start, size in overlapping_crops(image.shape[1:], self.patch, rng, cfg):
-            crop = extract_patch(image, start, size, lo).astype(np.float32)
+            crop = extract_patch(image, start, size, -np.inf).astype(np.float32)  # padding -> 0
             crop = np.clip((crop - lo) / (hi - lo), 0.0, 1.0)
             crop = resize(crop, self.patch)
             if rng.random() < cfg.affine_prob:
@@ -291,11 +292,8 @@ def to_unit_range(data: np.ndarray, mode: str, ct_window: Sequence[float]) -> np
     if mode == "ct":
         lo, hi = float(ct_window[0]), float(ct_window[1])
         return np.clip((data - lo) / (hi - lo), 0, 1)
-    out = np.empty_like(data)
-    for c in range(data.shape[0]):
-        lo, hi = np.percentile(data[c], [0.5, 99.5])
-        out[c] = np.clip((data[c] - lo) / max(hi - lo, 1e-6), 0, 1)
-    return out
+    lo, hi = percentile_bounds(data)
+    return np.clip((data - lo) / (hi - lo), 0, 1)
 
 
 def prepare_scan_folder(folder: str | Path, out_dir: str | Path, cfg: PretextConfig, quiet: bool = False
@@ -317,9 +315,9 @@ def prepare_scan_folder(folder: str | Path, out_dir: str | Path, cfg: PretextCon
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / "manifest.json"
     manifest = read_json(manifest_path) if manifest_path.exists() else {"scans": {}, "failed": {}}
-    mode = "percentile" if cfg.intensity == "auto" else cfg.intensity
+    mode = cfg.intensity
     if mode not in ("percentile", "ct"):
-        raise ConfigError(f"method.pretext.intensity '{cfg.intensity}' is unknown; known: auto, percentile, ct")
+        raise ConfigError(f"method.pretext.intensity '{mode}' is unknown; known: percentile, ct")
     names = []
     import sys
 
