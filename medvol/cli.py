@@ -33,6 +33,18 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
                    help="CT channels: clip to this HU window and divide by max(|LO|,|HI|) (DoDNet: -325 325)")
 
 
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, required=True,
+                   help="the preprocessing cache (medvol preprocess -o); PCRL also takes any folder of scans")
+    p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs, recipe, plans)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set trainer.steps=500 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest.pt")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+    p.add_argument("--nproc", type=int, default=1, help="processes on this node (DDP through torchrun)")
+    _add_common(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medvol", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"medvol {__version__}")
@@ -60,23 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_options(p)
     _add_common(p)
 
-    for name in ("train", "pretrain"):
-        if name == "train":
-            p = sub.add_parser("train", help="train a recipe on a preprocessing cache")
-            p.add_argument("recipe", help="recipe YAML (a path, or the name of one in pipelines/, e.g. quickstart)")
-        else:
-            p = sub.add_parser("pretrain", help="PCRL self-supervised pretraining; writes OUT/encoder.pt")
-            p.add_argument("--recipe", default="pcrl_pretrain",
-                           help="a PCRL recipe (default pcrl_pretrain, the paper's; pcrl_demo is small)")
-        p.add_argument("--data", type=Path, required=True,
-                       help="the preprocessing cache (medvol preprocess -o); PCRL also takes any folder of scans")
-        p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs, recipe, plans)")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a recipe value, e.g. --set trainer.steps=500 (repeatable)")
-        p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest.pt")
-        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
-        p.add_argument("--nproc", type=int, default=1, help="processes on this node (DDP through torchrun)")
-        _add_common(p)
+    p = sub.add_parser("train", help="train a recipe on a preprocessing cache")
+    p.add_argument("recipe", help="recipe YAML (a path, or the name of one in pipelines/, e.g. quickstart)")
+    _add_train_options(p)
+
+    p = sub.add_parser("pretrain", help="PCRL self-supervised pretraining; writes OUT/encoder.pt")
+    p.add_argument("--recipe", default="pcrl_pretrain",
+                   help="a PCRL recipe (default pcrl_pretrain, the paper's; pcrl_demo is small)")
+    _add_train_options(p)
 
     p = sub.add_parser("predict", help="predict whole scans with a trained run, in the scans' own geometry")
     p.add_argument("-m", "--model", type=Path, required=True, help="run folder written by `medvol train`")

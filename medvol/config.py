@@ -112,6 +112,9 @@ class Recipe:
     init_from: str | None = None  # weights to start from (loaded by name and shape; e.g. PCRL's encoder.pt)
 
 
+_PLAIN = {dict: "a mapping", bool: "true or false", str: "a string"}  # checked by isinstance only
+
+
 def _coerce(value: Any, tp: Any, where: str, source: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
@@ -135,14 +138,10 @@ def _coerce(value: Any, tp: Any, where: str, source: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{source}: '{where}' must be a list, got {value!r}")
         return tuple(value) if (tp is tuple or origin is tuple) else list(value)
-    if tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{source}: '{where}' must be a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{source}: '{where}' must be true or false, got {value!r}")
-        return value
+    if tp in _PLAIN:
+        if not isinstance(value, tp):
+            raise ConfigError(f"{source}: '{where}' must be {_PLAIN[tp]}, got {value!r}")
+        return dict(value) if tp is dict else value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{source}: '{where}' must be an integer, got {value!r}")
@@ -156,10 +155,6 @@ def _coerce(value: Any, tp: Any, where: str, source: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: '{where}' must be a number, got {value!r}")
         return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{source}: '{where}' must be a string, got {value!r}")
-        return value
     return value
 
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from medvol.errors import ConfigError
 from medvol.networks import register
 
 N_INDICATOR = 7  # 3 flip flags + one-hot of rot90 k in {0, 1, 2, 3}
@@ -163,8 +164,6 @@ class PCRLSegNet(nn.Module):
 @register("pcrl_unet")
 def build_pcrl_unet(model_cfg, plans: dict, in_channels: int, num_classes: int) -> nn.Module:
     """``model.base_features`` sets the width (32 in the paper); one logit per class."""
-    from medvol.errors import ConfigError
-
     if model_cfg.options:
         raise ConfigError(f"model.options {sorted(model_cfg.options)}: pcrl_unet takes none")
     return PCRLSegNet(in_channels, num_classes, model_cfg.base_features)
