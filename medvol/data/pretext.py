@@ -264,14 +264,14 @@ SCAN_SUFFIXES = (".nii", ".nii.gz", ".mhd", ".mha", ".nrrd", ".nhdr")
 
 def find_scans(folder: str | Path) -> list[Path]:
     """Scan files (NIfTI, MetaImage, NRRD) and DICOM series folders under ``folder``."""
-    from medvol.io.dicom import looks_like_dicom
+    from medvol.io.dicom import list_dicom_files
 
     folder = Path(folder)
     scans = []
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.name.lower().endswith(SCAN_SUFFIXES) and not p.name.startswith("."):
             scans.append(p)
-        elif p.is_dir() and any(looks_like_dicom(f) for f in sorted(p.iterdir())[:20] if f.is_file()):
+        elif p.is_dir() and list_dicom_files(p):  # a folder holding a DICOM series
             scans.append(p)
     return scans
 
