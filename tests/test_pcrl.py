@@ -354,3 +354,10 @@ def test_pcrl_under_two_gloo_processes(brain_pre, tmp_path):
     queue = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "latest.pt")["models"]["queue"]
     assert int(queue["count"]) == 16 + 2 * 4  # each step enqueues the keys of both ranks
     assert (tmp_path / "ddp" / "encoder.pt").exists()
+
+
+def test_predict_refuses_a_pretraining_run(pcrl_run):
+    from medvol.inference.predictor import load_run
+
+    with pytest.raises(ConfigError, match="no segmentation model; fine-tune one from its encoder.pt"):
+        load_run(pcrl_run, torch.device("cpu"))

@@ -25,7 +25,7 @@ from medvol.errors import ConfigError, InputError
 from medvol.networks import as_class_logits
 from medvol.io import Volume, is_nifti, read_volume, write_volume
 from medvol.io.dicom import list_dicom_files
-from medvol.utils import atomic_path, read_json
+from medvol.utils import atomic_path, cuda_amp_dtype, read_json
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,9 @@ def load_run(run_dir: str | Path, device: torch.device, checkpoint: str = "best"
         if not (run_dir / f).exists():
             raise ConfigError(f"{run_dir}: not a medvol run folder (no {f}); pass the --out of `medvol train`")
     recipe = load_recipe(run_dir / "recipe.yaml")
+    if recipe.trainer.name == "pcrl":
+        raise ConfigError(f"{run_dir}: a PCRL pretraining run has no segmentation model; fine-tune one from its "
+                          f"encoder.pt (--set init_from={run_dir / 'encoder.pt'})")
     plans = read_json(run_dir / "plans.json")
     ckpt_path = run_dir / "checkpoints" / f"{checkpoint}.pt"
     if not ckpt_path.exists() and checkpoint == "best":
@@ -110,10 +113,7 @@ def sliding_window_probabilities(run: RunModel, image: np.ndarray | torch.Tensor
     """
     from monai.inferers import sliding_window_inference
 
-    amp_dtype = None
-    if device.type == "cuda" and amp:
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        torch.backends.cudnn.benchmark = True
+    amp_dtype = cuda_amp_dtype(device, amp)
     predictor = WindowPredictor(run.model, run.mirror_axes if tta else (), amp_dtype, task)
     n_classes = len(run.plans["labels"])
     out_bytes = n_classes * int(np.prod(image.shape[1:])) * 2 * 2  # float16 output + count map headroom

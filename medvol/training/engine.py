@@ -29,7 +29,7 @@ from medvol.training.checkpoint import load_checkpoint, rng_state, save_checkpoi
 from medvol.training.distributed import DistInfo, barrier, params_identical_across_ranks
 from medvol.training.logger import RunLogger
 from medvol.training.schedules import make_optimizer, make_scheduler
-from medvol.utils import write_json
+from medvol.utils import cuda_amp_dtype, write_json
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +76,7 @@ class Trainer:
         self.current_step = 0
         self.setup_data()
         self.global_batch = self.batch_size * dist.world_size
-        self.amp_dtype = None
-        if self.device.type == "cuda" and recipe.trainer.amp:
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            torch.backends.cudnn.benchmark = True
+        self.amp_dtype = cuda_amp_dtype(self.device, recipe.trainer.amp)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         torch.manual_seed(recipe.trainer.seed)  # identical initial weights on every rank
         self.models = {k: m.to(self.device) for k, m in self.build_models().items()}
