@@ -54,7 +54,7 @@ class PretextConfig:
     inpaint_prob: float = 0.2  # share of the painted crops that are in-painted (else out-painted)
     blur_prob: float = 0.4
     blur_sigma: tuple = (0.5, 1.0)
-    intensity: str = "percentile"  # scan folders: percentile | ct (caches are normalised already: percentile)
+    intensity: str = "percentile"  # scan folders only: percentile | ct (cache cases always by percentiles)
     ct_window: tuple = (-1000.0, 1000.0)
     spacing: list | None = None  # folders only: resample scans to this spacing (mm) first
 

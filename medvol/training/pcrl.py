@@ -112,9 +112,6 @@ class PCRLTrainer(Trainer):
         if (self.cache_dir / "plans.json").exists():
             from medvol.preprocessing.cache import list_cases, load_plans
 
-            if o.pretext.intensity != "percentile":
-                raise ConfigError(f"method.pretext.intensity '{o.pretext.intensity}' is for scan folders: the cache "
-                                  f"{self.cache_dir} is normalised already (each case is mapped to [0, 1] by percentiles)")
             self.kind, self.source_root = "cache", self.cache_dir
             self.plans = load_plans(self.cache_dir)
             cases = list_cases(self.cache_dir)
