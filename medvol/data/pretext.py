@@ -25,6 +25,7 @@ series), converted once by :func:`prepare_scan_folder` (CT: HU window [-1000, 10
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -35,6 +36,10 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from medvol.data.sampling import extract_patch, patch_bounds
+from medvol.errors import ConfigError, InputError
+from medvol.io import read_volume
+from medvol.io.dicom import list_dicom_files
+from medvol.utils import read_json, save_npy, write_json
 
 log = logging.getLogger(__name__)
 
@@ -264,8 +269,6 @@ SCAN_SUFFIXES = (".nii", ".nii.gz", ".mhd", ".mha", ".nrrd", ".nhdr")
 
 def find_scans(folder: str | Path) -> list[Path]:
     """Scan files (NIfTI, MetaImage, NRRD) and DICOM series folders under ``folder``."""
-    from medvol.io.dicom import list_dicom_files
-
     folder = Path(folder)
     scans = []
     for p in sorted(folder.rglob("*")):
@@ -303,10 +306,6 @@ def prepare_scan_folder(folder: str | Path, out_dir: str | Path, cfg: PretextCon
     line naming the file and skipped; the others carry on. Done scans are kept on a rerun."""
     from tqdm import tqdm
 
-    from medvol.errors import ConfigError, InputError
-    from medvol.io import read_volume
-    from medvol.utils import read_json, save_npy, write_json
-
     folder, out_dir = Path(folder), Path(out_dir)
     scans = find_scans(folder)
     if not scans:
@@ -319,8 +318,6 @@ def prepare_scan_folder(folder: str | Path, out_dir: str | Path, cfg: PretextCon
     if mode not in ("percentile", "ct"):
         raise ConfigError(f"method.pretext.intensity '{mode}' is unknown; known: percentile, ct")
     names = []
-    import sys
-
     for p in tqdm(scans, desc="pretext scans", unit="scan", disable=quiet or not sys.stderr.isatty()):
         name = _scan_name(folder, p)
         target = out_dir / f"{name}.npy"

@@ -9,7 +9,6 @@ map every per-axis result back to medvol's (X, Y, Z) order. The result then equa
 
 from __future__ import annotations
 
-from copy import deepcopy
 
 import numpy as np
 

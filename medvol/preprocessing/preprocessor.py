@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 import shutil
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
