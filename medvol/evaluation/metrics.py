@@ -21,6 +21,7 @@ import torch
 
 from medvol.errors import InputError
 from medvol.io import read_volume
+from medvol.manifest import claim_files
 from medvol.utils import atomic_path, write_json
 
 METRICS = ("dice", "jaccard", "hd95", "asd", "volume_pred_ml", "volume_ref_ml", "volume_diff_ml")
@@ -120,6 +121,7 @@ def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, out: str | Path 
               "missing_predictions": sorted(set(refs) - set(preds))}
     if out is not None:
         out = Path(out)
+        claim_files(out.parent, [out.with_suffix(".json").name, out.with_suffix(".csv").name])
         write_json(out.with_suffix(".json"), result)
         with atomic_path(out.with_suffix(".csv")) as tmp:
             with open(tmp, "w", newline="") as f:

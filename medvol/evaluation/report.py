@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medvol.manifest import claim_files
+
 COLOURS = ["#ff3b30", "#34c759", "#0a84ff", "#ffd60a", "#bf5af2", "#ff9f0a", "#64d2ff", "#ff375f"]
 
 
@@ -112,6 +114,7 @@ def write_report(out_dir: str | Path, cases: dict[str, tuple], metrics: dict | N
     from medvol.io import read_volume
 
     out_dir = Path(out_dir)
+    claim_files(out_dir, ["pictures", "index.html"])
     pictures = {}
     for case, (image_src, pred, ref) in sorted(cases.items()):
         png = out_dir / "pictures" / f"{case}.png"

@@ -155,10 +155,12 @@ def _case_groups(inp: Path, num_channels: int) -> list[tuple[str, list[Path]]]:
     groups: dict[str, dict[int, Path]] = {}
     for p in niftis:
         m = pat.match(_stem(p.name))
-        if m and (num_channels > 1 or m.group(2) == "0000"):
-            groups.setdefault(m.group(1), {})[int(m.group(2))] = p
-        else:
-            groups.setdefault(_stem(p.name), {})[0] = p
+        case, channel = (m.group(1), int(m.group(2))) if m and (num_channels > 1 or m.group(2) == "0000") \
+            else (_stem(p.name), 0)
+        other = groups.setdefault(case, {}).setdefault(channel, p)
+        if other != p:
+            raise InputError(p, f"maps to the same case '{case}' (channel {channel}) as {other.name}: "
+                                "rename or move one of them")
     out = []
     for case, chans in sorted(groups.items()):
         missing = [c for c in range(num_channels) if c not in chans]
@@ -217,7 +219,9 @@ def predict(run_dir: str | Path, inputs: str | Path, out_dir: str | Path, device
     tasks = _resolve_tasks(run, task)
     cases = _case_groups(Path(inputs), n_ch)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    names = [_output_name(case, tname, tasks) for case, _ in cases for _, tname in tasks]
+    _claim_outputs(out_dir, [s for _, srcs in cases for s in srcs],
+                   [f"{n}{ext}" for n in names for ext in ((".nii.gz", ".npz") if save_probabilities else (".nii.gz",))])
     written = []
     for case, sources in tqdm(cases, desc="predict", unit="case", disable=quiet or not sys.stderr.isatty()):
         vols = [read_volume(s) for s in sources]
@@ -238,7 +242,7 @@ def predict(run_dir: str | Path, inputs: str | Path, out_dir: str | Path, device
                 seg = postprocess(seg)
             if tid is not None and inf.get("dodnet_postprocess", False):
                 seg = dodnet_postprocess(seg, tname)
-            name = case if tid is None or len(tasks) == 1 else f"{case}_{tname}"
+            name = _output_name(case, tname, tasks)
             path = write_volume(Volume(seg, ref.affine, {}), out_dir / f"{name}.nii.gz")
             if save_probabilities:
                 with atomic_path(out_dir / f"{name}.npz") as tmp:
@@ -248,6 +252,23 @@ def predict(run_dir: str | Path, inputs: str | Path, out_dir: str | Path, device
             log.info("%s -> %s", name, path)
         del image
     return written
+
+
+def _output_name(case: str, task_name: str, tasks: list) -> str:
+    """``<case>``, or ``<case>_<task>`` when several tasks are predicted."""
+    return case if len(tasks) == 1 else f"{case}_{task_name}"
+
+
+def _claim_outputs(out_dir: Path, sources: list[Path], names: list[str]) -> None:
+    """Refuse, before anything is written, an output that would replace one of the inputs
+    (same file after resolving links) or a file that medvol did not write."""
+    from medvol.manifest import claim_files
+
+    inputs = {f.resolve() for s in sources for f in (list_dicom_files(s) if s.is_dir() else [s])}
+    for n in names:
+        if (out_dir / n).resolve() in inputs:
+            raise InputError(out_dir / n, "the prediction would replace this input scan: choose another output folder")
+    claim_files(out_dir, names)
 
 
 def _resolve_tasks(run: RunModel, task) -> list[tuple[int | None, str]]:

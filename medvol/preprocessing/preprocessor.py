@@ -21,6 +21,7 @@ import numpy as np
 
 from medvol.errors import CacheError, InputError, MedvolError
 from medvol.io import Volume
+from medvol.manifest import OutputFolder, refuse_overlap
 from medvol.preprocessing.cache import (CACHE_VERSION, case_is_complete, case_paths, load_plans, plans_digest)
 from medvol.preprocessing.cropping import crop_to_nonzero
 from medvol.preprocessing.fingerprint import (case_fingerprint, case_fingerprint_done, merge_fingerprints,
@@ -274,13 +275,28 @@ def _clean_partial(out: Path, case_ids: list[str]) -> None:
                     junk.unlink(missing_ok=True)
 
 
+CACHE_ENTRIES = ("cases", "fingerprints", "staging", "dataset.json", "fingerprint.json", "plans.json", "failures.json")
+
+
+def cache_folder(out: Path) -> OutputFolder:
+    """The cache folder and its manifest: what preprocessing may write (and --overwrite remove)."""
+    return OutputFolder(out, "preprocess", CACHE_ENTRIES)
+
+
+def _is_legacy_cache(out: Path) -> bool:
+    """A cache written before manifests existed: our dataset.json (it records raw_root)."""
+    try:
+        return "raw_root" in read_json(out / "dataset.json")
+    except (OSError, ValueError):
+        return False
+
+
 def _prepare_out(raw: RawDataset, out: Path, overwrite: bool) -> None:
+    refuse_overlap(out, [raw.root])
+    folder = cache_folder(out)
     if overwrite and out.exists():
-        for sub in ("cases", "fingerprints", "staging"):
-            shutil.rmtree(out / sub, ignore_errors=True)
-        for f in ("fingerprint.json", "plans.json", "dataset.json", "failures.json"):
-            (out / f).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+        folder.clear()
+    folder.claim(adopt=_is_legacy_cache(out))  # refuses a folder of someone else's files
     desc = raw.dataset_json()
     desc["raw_root"] = str(raw.root.resolve())
     desc["training_cases"] = [c.case_id for c in raw.training]
@@ -291,7 +307,8 @@ def _prepare_out(raw: RawDataset, out: Path, overwrite: bool) -> None:
         if old.get("training_cases") != desc["training_cases"] or old.get("raw_root") != desc["raw_root"]:
             raise CacheError(f"{out}: holds a cache of another dataset ({old.get('raw_root')}); "
                              "use another output folder or --overwrite")
-    else:
+    folder.claim(desc["training_cases"])
+    if not djson.exists():
         write_json(djson, desc)
 
 

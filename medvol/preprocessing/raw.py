@@ -87,7 +87,7 @@ def open_raw_dataset(path: str | Path) -> RawDataset:
         return _open_with_json(root)
     niftis = sorted(p for p in root.iterdir() if p.is_file() and is_nifti(p))
     if niftis:
-        cases = [RawCase(_strip(p.name), [p], None, multichannel_file=True) for p in niftis]
+        cases = _unique_ids([RawCase(_strip(p.name), [p], None, multichannel_file=True) for p in niftis])
         return RawDataset(root, "nifti_folder", {0: "MRI"}, {"background": 0}, _ending(niftis[0].name), cases, [])
     series_dirs = sorted({p.parent for p in root.rglob("*") if p.is_file() and p.suffix.lower() in ("", ".dcm", ".ima")
                           and p.name != "DICOMDIR"})
@@ -103,7 +103,7 @@ def open_raw_dataset(path: str | Path) -> RawDataset:
                 cases.append(RawCase(str(d.relative_to(root)).replace("/", "__") if d != root else root.name,
                                      [d], None, multichannel_file=True))
         if cases:
-            return RawDataset(root, "dicom_tree", {0: "DICOM"}, {"background": 0}, "", cases, [])
+            return RawDataset(root, "dicom_tree", {0: "DICOM"}, {"background": 0}, "", _unique_ids(cases), [])
     raise InputError(root, "no scans found: expected dataset.json (nnU-Net/Decathlon), NIfTI files or DICOM series")
 
 
@@ -169,7 +169,19 @@ def _open_with_json(root: Path) -> RawDataset:
         img = _inside(root, item if isinstance(item, str) else item["image"], jpath)
         test.append(RawCase(_strip(img.name), [img], None, multichannel_file=True))
     ending = _ending(training[0].images[0].name) if training else ".nii.gz"
-    return RawDataset(root, "decathlon", channel_names, labels, ending, training, test)
+    return RawDataset(root, "decathlon", channel_names, labels, ending, _unique_ids(training), _unique_ids(test))
+
+
+def _unique_ids(cases: list[RawCase]) -> list[RawCase]:
+    """Refuse two sources that map to one case id (``a/x.nii.gz`` and ``b/x.nii.gz``, or
+    ``x.nii`` and ``x.nii.gz``), naming both: one would silently replace the other."""
+    seen: dict[str, RawCase] = {}
+    for c in cases:
+        other = seen.setdefault(c.case_id, c)
+        if other is not c:
+            raise InputError(c.images[0], f"maps to the same case id '{c.case_id}' as {other.images[0]}: "
+                                          "rename one of them")
+    return cases
 
 
 def _parse_labels(jpath: Path, labels, is_v2: bool) -> dict[str, int]:
