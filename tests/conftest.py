@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
@@ -82,3 +83,23 @@ def metric_series(run: Path) -> dict[str, list[float]]:
         for r in csv.DictReader(f):
             out.setdefault(r["name"], []).append(float(r["value"]))
     return out
+
+
+LEARNING_THREADS = 2
+
+
+@contextmanager
+def pinned(seed: int = 0, threads: int = LEARNING_THREADS):
+    """Seeds and the intra-op thread count fixed for a learning run, so that its numbers do
+    not hinge on the machine's core count (reduction order); restored afterwards. The
+    trainers seed themselves from ``trainer.seed``; this covers anything drawn outside."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

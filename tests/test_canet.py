@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import metric_series
+from conftest import metric_series, pinned
 from medvol.cli import main
 from medvol.config import load_recipe
 from medvol.datasets.brain import Acquisition, build_brain_dataset
@@ -121,7 +121,8 @@ def canet_run(wm_data, tmp_path_factory):
     r = load_recipe("canet_demo", ["trainer.steps=80", "trainer.val_every=40", "data.val_cases=[brain_005]",
                                    "data.patch_size=[32, 32, 32]", "model.options.patch_size=[32, 32, 32]",
                                    "method.adv_ramp_div=1"])
-    train(r, pre, run, device="cpu", quiet=True)
+    with pinned():
+        train(r, pre, run, device="cpu", quiet=True)
     return run
 
 
@@ -153,6 +154,60 @@ def test_canet_checkpoint_predicts_in_the_input_geometry(canet_run, wm_data, tmp
     ref = np.asarray(read_volume(raw / "labelsTs" / "brain_006.nii.gz").array) > 0
     p = np.asarray(pred.array) > 0
     assert 2 * (p & ref).sum() / (p.sum() + ref.sum()) > 0.5
+
+
+def test_discriminator_learns_from_eval_mode_maps_of_the_updated_segmenter(wm_data, tmp_path):
+    """The published step order: the segmenter's adversarial term asks D in eval mode; D then
+    trains on the SDFs of the *updated* segmenter re-run in eval mode without gradient. The
+    V-Net's Dropout3d(0.5) makes train-mode maps differ, so the test would see a wrong order."""
+    from medvol.training.canet import CANetTrainer
+    from medvol.training.distributed import DistInfo
+
+    _, pre = wm_data
+    r = load_recipe("canet_demo", ["data.patch_size=[32, 32, 32]", "model.options.patch_size=[32, 32, 32]",
+                                   "data.val_cases=[brain_005]", "optimizer.lr=0.5"])
+    t = CANetTrainer(r, pre, tmp_path / "run", DistInfo())
+    ds = t.make_dataset()
+    batch = {k: torch.stack([ds[i][k] for i in range(4)]) for k in ("image", "label", "labelled")}
+    model, disc = t.models["model"], t.models["discriminator"]
+    seen = []
+    hook = disc.register_forward_hook(lambda m, args, out: seen.append((m.training, args[0].detach().clone(),
+                                                                         args[0].requires_grad)))
+    with torch.no_grad():
+        before = model.eval()(batch["image"], return_sdf=True)[1]
+    model.train()
+    t.optimization_step(batch, 0)
+    hook.remove()
+    assert model.training and disc.training  # modes restored
+    (adv_mode, _, adv_grad), (eval_mode, eval_in, _), (train_mode, train_in, train_grad) = seen
+    assert not adv_mode and adv_grad  # adversarial term: D in eval mode, gradient to the segmenter
+    assert not eval_mode and train_mode and not train_grad
+    with torch.no_grad():
+        after = model.eval()(batch["image"], return_sdf=True)[1]
+        dropout_on = model.train()(batch["image"], return_sdf=True)[1]
+    torch.testing.assert_close(train_in, after)  # updated segmenter, eval mode
+    torch.testing.assert_close(eval_in, after)
+    assert float((after - before).abs().max()) > 1e-3  # the update changed the maps ...
+    assert float((after - dropout_on).abs().max()) > 1e-3  # ... and dropout would have too
+
+
+def test_canet_recipes_draw_rot90_uniformly():
+    """Published augmentation: k ~ U{0, 1, 2, 3}. MONAI's RandRotate90 draws k in 1..max_k when
+    it fires, so firing with p = 3/4 makes k = 0 as likely as each other k."""
+    from medvol.data.augment import build_augmentation
+
+    for name in ("canet_la", "canet_demo"):
+        aug = load_recipe(name).data.augment
+        aug.flip_prob = 0.0
+        t = build_augmentation(aug)
+        x = torch.arange(16.0).reshape(1, 4, 4, 1)
+        ref = [torch.rot90(x, k, (1, 2)) for k in range(4)]
+        counts = np.zeros(4)
+        for seed in range(800):
+            t.set_random_state(seed)
+            y = torch.as_tensor(t({"image": x.clone(), "label": x.clone()})["image"])
+            counts[[i for i in range(4) if torch.equal(y, ref[i])][0]] += 1
+        assert np.all(np.abs(counts / 800 - 0.25) < 0.05), (name, counts)
 
 
 def _write_la(root, names, shape=(24, 20, 16), bad_label=False):

@@ -5,13 +5,16 @@ Segmenter step: soft Dice on sigmoid(seg) and beta * MSE(tanh SDF, ground-truth 
 labelled samples, plus lambda(t) * CE(D(SDF_unlabelled, image_unlabelled), "labelled") so
 that unlabelled predictions look like labelled ones; lambda(t) = w * exp(-5 (1 - min(t // 150,
 40) / 40)^2). Discriminator step, segmenter outputs detached: CE with labelled -> 1 and
-unlabelled -> 0. Two optimisers (SGD for the segmenter from the recipe, Adam for D), each with
-its own schedule; every batch holds labelled and unlabelled samples in fixed numbers.
+unlabelled -> 0, on the SDF maps of the just-updated segmenter re-run in eval mode without
+gradient (the published order; D judges the segmenter's adversarial term in eval mode too).
+Two optimisers (SGD for the segmenter from the recipe, Adam for D), each with its own
+schedule; every batch holds labelled and unlabelled samples in fixed numbers.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +45,19 @@ class CANetOptions:
 def adversarial_weight(step: int, o: CANetOptions) -> float:
     t = min(step // o.adv_ramp_div, o.adv_ramp_len) / o.adv_ramp_len
     return o.adv_weight * math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+@contextmanager
+def _eval_mode(*modules: nn.Module):
+    """Modules in eval mode inside the block, back to their own modes after it."""
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
 
 
 @register_trainer
@@ -93,14 +109,16 @@ class CANetTrainer(Trainer):
         gt_sdf = torch.from_numpy(signed_distance(target[:, 0].cpu().numpy().astype(bool)))[:, None]
         gt_sdf = gt_sdf.to(image.device)
 
-        # segmenter step (the discriminator's raw module: its gradients are discarded below)
+        # segmenter step; the discriminator judges in eval mode (no dropout), as published, and
+        # its gradients from this term are discarded (zeroed before its own step)
         opt_s.zero_grad(set_to_none=True)
-        with self.autocast():
+        raw_d = unwrap(disc)
+        with self.autocast(), _eval_mode(raw_d):
             seg, sdf = model(image, return_sdf=True)
             prob = torch.sigmoid(seg.float())
             l_dice = soft_dice_loss(prob[lab_mask], target)
             l_sdf = F.mse_loss(sdf[lab_mask].float(), gt_sdf)
-            d_out = unwrap(disc)(sdf[~lab_mask], image[~lab_mask])
+            d_out = raw_d(sdf[~lab_mask], image[~lab_mask])
             l_adv = F.cross_entropy(d_out.float(), torch.ones(d_out.shape[0], dtype=torch.long, device=image.device))
             lam = adversarial_weight(step, o)
             loss = l_dice + o.beta * l_sdf + lam * l_adv
@@ -110,16 +128,14 @@ class CANetTrainer(Trainer):
             nn.utils.clip_grad_norm_(model.parameters(), self.recipe.trainer.grad_clip)
         self.scaler.step(opt_s)
 
-        # what the discriminator has learned so far, without its dropout (before this step's update)
-        with torch.no_grad(), self.autocast():
-            raw_d = unwrap(disc)
-            raw_d.eval()
-            d_eval = raw_d(sdf.detach(), image)
-            raw_d.train()
-        # discriminator step on detached maps: labelled -> 1, unlabelled -> 0
+        # the discriminator learns from the updated segmenter's maps, made in eval mode without
+        # gradient (published order); d_eval is what it has learned so far (eval, before its update)
+        with torch.no_grad(), self.autocast(), _eval_mode(unwrap(model), raw_d):
+            sdf_new = unwrap(model)(image, return_sdf=True)[1]
+            d_eval = raw_d(sdf_new, image)
         opt_d.zero_grad(set_to_none=True)
         with self.autocast():
-            d_all = disc(sdf.detach(), image)
+            d_all = disc(sdf_new, image)
             d_target = lab_mask.long()
             l_d = F.cross_entropy(d_all.float(), d_target)
         self.scaler.scale(l_d).backward()
