@@ -1,5 +1,5 @@
-"""Losses. Segmentation: MONAI's Dice/CE (nnU-Net's batch Dice without background + CE),
-wrapped for deep supervision."""
+"""Losses. Segmentation: nnU-Net's batch Dice without background + CE (values as MONAI's
+DiceCELoss; statistics gathered over DDP ranks), wrapped for deep supervision."""
 
 from __future__ import annotations
 
@@ -10,13 +10,16 @@ from medvol.errors import ConfigError
 
 
 def segmentation_loss(name: str, deep_supervision: bool) -> nn.Module:
-    from monai.losses import DeepSupervisionLoss, DiceCELoss, DiceLoss
+    """nnU-Net's loss: batch Dice without background (statistics gathered over DDP ranks) +
+    CE, over every deep-supervision level with MONAI's exponential weights."""
+    from monai.losses import DeepSupervisionLoss
+
+    from medvol.losses.dice import BatchDiceCELoss, BatchDiceLoss
 
     if name == "dice_ce":
-        base = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True,
-                          smooth_nr=1e-5, smooth_dr=1e-5)
+        base: nn.Module = BatchDiceCELoss()
     elif name == "dice":
-        base = DiceLoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
+        base = BatchDiceLoss()
     elif name == "ce":
         base = _CE()
     else:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from medvol.losses.dice import world_sum
+
 
 def partial_dice_bce(logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor,
                      smooth: float = 1.0) -> torch.Tensor:
@@ -16,11 +18,10 @@ def partial_dice_bce(logits: torch.Tensor, target: torch.Tensor, annotated: torc
     """
     b, k = logits.shape[:2]
     mask = annotated.to(logits.dtype).reshape(b, k)
-    if float(mask.sum()) == 0:
-        return logits.sum() * 0.0
     prob = torch.sigmoid(logits).flatten(2)
     t = target.to(logits.dtype).flatten(2)
     dice = 1 - (2 * (prob * t).sum(-1) + smooth) / (prob.sum(-1) + t.sum(-1) + smooth)
     bce = F.binary_cross_entropy_with_logits(logits.flatten(2), t, reduction="none").mean(-1)
     per = (dice + bce) * mask
-    return per.sum() / mask.sum()
+    total, count = world_sum(torch.stack([per.sum(), mask.sum()]))  # the mean over every rank's pairs
+    return total / count.clamp_min(1.0)  # no annotated pair anywhere: 0, every rank still joins

@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from scipy.ndimage import distance_transform_edt
 
+from medvol.losses.dice import world_sum
+
 
 def signed_distance(mask: np.ndarray) -> np.ndarray:
     """Normalised signed distance of each sample of ``mask`` (B, X, Y, Z) bool.
@@ -32,7 +34,8 @@ def signed_distance(mask: np.ndarray) -> np.ndarray:
 
 
 def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
-    """1 - (2 sum(p g) + s) / (sum(p^2) + sum(g^2) + s), over the whole batch (the paper's)."""
+    """1 - (2 sum(p g) + s) / (sum(p^2) + sum(g^2) + s), over the whole batch (the paper's);
+    under DDP the sums span every rank's part of the batch (:func:`world_sum`)."""
     target = target.float()
-    inter = (prob * target).sum()
-    return 1 - (2 * inter + smooth) / ((prob * prob).sum() + (target * target).sum() + smooth)
+    inter, pp, gg = world_sum(torch.stack([(prob * target).sum(), (prob * prob).sum(), (target * target).sum()]))
+    return 1 - (2 * inter + smooth) / (pp + gg + smooth)
