@@ -16,6 +16,18 @@ from medvol import __version__
 from medvol.errors import MedvolError
 
 
+DESCRIPTION = """\
+medvol: 3D medical image segmentation with nnU-Net-style preprocessing.
+
+  medvol preprocess RAW -o PRE          NIfTI/DICOM dataset -> plan + training cache
+  medvol train quickstart --data PRE --out RUN
+  medvol predict -m RUN -i SCANS -o OUT predictions in the scans' own geometry
+  medvol evaluate --pred OUT --ref LABELS
+  medvol demo                           the whole pipeline on built-in real data
+
+`medvol COMMAND --help` lists a command's options."""
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logging")
 
@@ -46,7 +58,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medvol", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="medvol", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"medvol {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -86,10 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--input", type=Path, required=True,
                    help="a NIfTI file, a folder of them (e.g. imagesTs), or a DICOM series folder")
     p.add_argument("-o", "--out", type=Path, required=True, help="output folder (<case>.nii.gz)")
-    p.add_argument("--tta", action="store_true", default=None,
-                   help="mirroring test-time augmentation over the trained axes (default: the recipe's)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="mirroring test-time augmentation over the trained axes, about 2^axes times the "
+                        "cost (default: the recipe's inference.tta)")
     p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: the recipe's, or 0.5)")
-    p.add_argument("--largest-component", action="store_true", default=None,
+    p.add_argument("--largest-component", action=argparse.BooleanOptionalAction, default=None,
                    help="keep only the largest connected component of each label (default: the recipe's)")
     p.add_argument("--sw-batch-size", type=int, default=2, help="windows per forward pass")
     p.add_argument("--device", default="auto")

@@ -40,6 +40,24 @@ def brain_pre(brain_raw, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A run folder of a tiny quickstart U-Net trained for one step on two spheres."""
+    from medvol.config import load_recipe
+    from medvol.preprocessing import preprocess_dataset
+    from medvol.training import train
+
+    tmp = tmp_path_factory.mktemp("safety")
+    cases = {f"s{i}": ([sphere_case(seed=i)[0]], sphere_case(seed=i)[1], np.eye(4)) for i in range(2)}
+    root = write_v2_dataset(tmp / "Dataset004_Sphere", cases)
+    preprocess_dataset(root, tmp / "pre", num_workers=1, quiet=True)
+    r = load_recipe("quickstart", ["model.base_features=4", "model.max_features=8", "data.patch_size=[16, 16, 16]",
+                                   "data.batch_size=2", "data.num_workers=0", "trainer.steps=1",
+                                   "trainer.val_every=1", "data.val_cases=[s1]"])
+    train(r, tmp / "pre", tmp / "run", device="cpu", quiet=True)
+    return tmp / "run"
+
+
 def write_nifti(path: Path, array: np.ndarray, affine=None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     img = nib.Nifti1Image(np.asarray(array), np.eye(4) if affine is None else affine)

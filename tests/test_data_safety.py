@@ -11,11 +11,9 @@ import numpy as np
 import pytest
 
 from medvol.cli import main
-from medvol.config import load_recipe
 from medvol.errors import InputError
 from medvol.manifest import MANIFEST
 from medvol.preprocessing import open_raw_dataset, preprocess_dataset
-from medvol.training import train
 
 from conftest import sphere_case, write_nifti, write_v2_dataset
 
@@ -115,19 +113,6 @@ def test_two_sources_of_one_case_id_are_refused(tmp_path):
     write_nifti(flat / "x.nii.gz", img, aff)
     with pytest.raises(InputError, match="same case id 'x'"):
         open_raw_dataset(flat)
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("safety")
-    cases = {f"s{i}": ([sphere_case(seed=i)[0]], sphere_case(seed=i)[1], np.eye(4)) for i in range(2)}
-    root = write_v2_dataset(tmp / "Dataset004_Sphere", cases)
-    preprocess_dataset(root, tmp / "pre", num_workers=1, quiet=True)
-    r = load_recipe("quickstart", ["model.base_features=4", "model.max_features=8", "data.patch_size=[16, 16, 16]",
-                                   "data.batch_size=2", "data.num_workers=0", "trainer.steps=1",
-                                   "trainer.val_every=1", "data.val_cases=[s1]"])
-    train(r, tmp / "pre", tmp / "run", device="cpu", quiet=True)
-    return tmp / "run"
 
 
 def _predict(run: Path, inp: Path, out: Path) -> int:

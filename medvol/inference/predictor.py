@@ -140,7 +140,8 @@ def _case_groups(inp: Path, num_channels: int) -> list[tuple[str, list[Path]]]:
     if inp.is_file():
         if not is_nifti(inp):
             raise InputError(inp, "expected a NIfTI file, a folder of them, or a DICOM series folder")
-        return [(_stem(inp.name), [inp])]
+        m = re.match(r"^(.*)_0000$", _stem(inp.name))  # named as in a folder: <case>_0000 -> <case>
+        return [(m.group(1) if m else _stem(inp.name), [inp])]
     if not inp.is_dir():
         raise InputError(inp, "input not found")
     niftis = sorted(p for p in inp.iterdir() if p.is_file() and is_nifti(p))

@@ -1,0 +1,45 @@
+"""The CLI as a new user meets it: help text, predict's switches and output names."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medvol import cli
+from medvol.io import read_volume
+
+from conftest import sphere_case, write_nifti
+
+
+def test_help_opens_with_a_user_facing_description(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    description = out.split("\n\n")[1]
+    assert description.startswith("medvol: 3D medical image segmentation")
+    assert "``" not in out and "thin layer" not in out  # not the module docstring
+    assert "medvol predict -m RUN" in out
+
+
+@pytest.mark.parametrize("flags, tta, lcc", [([], None, None), (["--tta"], True, None), (["--no-tta"], False, None),
+                                             (["--no-largest-component"], None, False)])
+def test_predict_switches_override_the_recipe_both_ways(flags, tta, lcc, monkeypatch):
+    import medvol.inference
+
+    seen = {}
+    monkeypatch.setattr(medvol.inference, "predict",
+                        lambda *a, **k: seen.update(tta=a[4], lcc=k["largest_component_only"]) or [])
+    assert cli.main(["predict", "-m", "run", "-i", "in", "-o", "out", "--no-pictures", *flags]) == 0
+    assert seen == {"tta": tta, "lcc": lcc}
+
+
+def test_a_file_and_its_folder_give_the_same_output_name(tiny_run, tmp_path):
+    inp = tmp_path / "imagesTs"
+    write_nifti(inp / "brain_008_0000.nii.gz", sphere_case()[0])
+    args = ["-m", str(tiny_run), "--device", "cpu", "--quiet", "--no-pictures"]
+    assert cli.main(["predict", *args, "-i", str(inp), "-o", str(tmp_path / "a")]) == 0
+    assert cli.main(["predict", *args, "-i", str(inp / "brain_008_0000.nii.gz"), "-o", str(tmp_path / "b")]) == 0
+    assert [p.name for p in (tmp_path / "a").glob("*.nii.gz")] == ["brain_008.nii.gz"]
+    assert [p.name for p in (tmp_path / "b").glob("*.nii.gz")] == ["brain_008.nii.gz"]
+    np.testing.assert_array_equal(read_volume(tmp_path / "a" / "brain_008.nii.gz").array,
+                                  read_volume(tmp_path / "b" / "brain_008.nii.gz").array)
