@@ -88,3 +88,39 @@ def test_probabilities_resample_to_shape():
     p = np.random.default_rng(0).random((3, 6, 6, 4)).astype(np.float32)
     out = resample_probabilities(p, (12, 12, 8), (1, 1, 1), (0.5, 0.5, 0.5))
     assert tuple(out.shape) == (3, 12, 12, 8)
+
+
+def _nnunet_cubic(x: np.ndarray, new_shape, axis):
+    """nnU-Net's reference path: skimage per channel, or per slice in-plane + nearest along z."""
+    from skimage.transform import resize
+
+    if axis is None:
+        return resize(x.astype(float), new_shape, order=3, mode="edge", anti_aliasing=False)
+    moved = np.moveaxis(x, axis, 0)
+    plane = [new_shape[a] for a in range(3) if a != axis]
+    slices = np.stack([resize(s.astype(float), plane, order=3, mode="edge", anti_aliasing=False) for s in moved])
+    coords = (moved.shape[0] / new_shape[axis]) * (np.arange(new_shape[axis]) + 0.5) - 0.5
+    idx = np.clip(np.floor(coords + 0.5), 0, moved.shape[0] - 1).astype(int)
+    return np.moveaxis(slices[idx], 0, axis)
+
+
+@pytest.mark.parametrize("case", ["up", "down", "mixed", "separate_z_up", "separate_z_down"])
+def test_fast_cubic_equals_skimage_on_a_real_volume(case):
+    """The separable cubic path against nnU-Net's skimage calls on the real MNI152 T1 (with
+    skull): within 1e-4 of the intensity range, isotropic and anisotropic (separate z)."""
+    from medvol.datasets.realdata import package_file
+    from medvol.io import read_volume
+
+    t1 = np.asarray(read_volume(package_file("nilearn", "nilearn/datasets/data/"
+                                            "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")).array)
+    x = t1[60:124, 80:150, 60:110].astype(np.float32)  # 64 x 70 x 50 voxels at 1 mm
+    spacing, new_shape = {"up": ((1, 1, 1), (83, 91, 65)), "down": ((1, 1, 1), (40, 44, 31)),
+                          "mixed": ((1, 1, 1), (80, 50, 50)), "separate_z_up": ((1, 1, 4), (96, 105, 50)),
+                          "separate_z_down": ((1, 1, 4), (40, 44, 120))}[case]
+    target = tuple(s * n / m for s, n, m in zip(spacing, x.shape, new_shape))
+    axis = separate_z_axis(spacing, target)
+    assert (axis == 2) == case.startswith("separate_z")
+    ours = resample_image(x[None], new_shape, spacing, target, order="cubic")[0]
+    ref = _nnunet_cubic(x, new_shape, axis)
+    assert ours.shape == ref.shape == new_shape
+    assert np.abs(ours - ref).max() <= 1e-4 * (x.max() - x.min())
