@@ -203,12 +203,16 @@ def predict(run_dir: str | Path, inputs: str | Path, out_dir: str | Path, device
     from medvol.inference.geometry import restore_geometry
     from medvol.preprocessing import preprocess_case
 
+    from medvol import validation
+
+    validation.device(device)
+    validation.positive_int(sw_batch_size, "--sw-batch-size")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     run = load_run(run_dir, dev, checkpoint)
     inf = run.recipe.inference
     tta = bool(inf.get("tta", False)) if tta is None else tta
-    overlap = float(inf.get("overlap", 0.5)) if overlap is None else overlap
+    overlap = validation.fraction(inf.get("overlap", 0.5) if overlap is None else overlap, "--overlap")
     if largest_component_only is None:
         largest_component_only = bool(inf.get("largest_component", False))
     if largest_component_only and postprocess is None:
