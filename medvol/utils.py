@@ -35,7 +35,7 @@ def output_error(e: OSError, path: str | Path):
 
     if e.errno not in ENVIRONMENT_ERRNOS:
         return None
-    return OutputError(e.filename or path, f"cannot write: {ENVIRONMENT_ERRNOS[e.errno]} "
+    return OutputError(path or e.filename, f"cannot write: {ENVIRONMENT_ERRNOS[e.errno]} "
                                            "(free space or fix permissions, then rerun)")
 
 
