@@ -12,8 +12,30 @@ import logging
 import sys
 from pathlib import Path
 
-from medvol import __version__
-from medvol.errors import MedvolError
+from medvol import __version__, validation
+from medvol.errors import ConfigError, MedvolError
+from medvol.utils import output_error
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (option and problem), exit status 2 as argparse's own."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _checked(check, *args):
+    """An argparse action that stores the value after ``check(value, option, *args)``:
+    options are validated where they are parsed, with the library's own checks."""
+
+    class Checked(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            try:
+                setattr(namespace, self.dest, check(values, option_string, *args))
+            except ConfigError as e:
+                parser.error(str(e))
+
+    return Checked
 
 
 DESCRIPTION = """\
@@ -30,18 +52,21 @@ medvol: 3D medical image segmentation with nnU-Net-style preprocessing.
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logging")
+    p.add_argument("--debug", action="store_true", help="print the full traceback of medvol's own errors too")
 
 
 def _add_plan_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gpu-memory", type=float, default=8.0, dest="gpu_memory_gb",
+    p.add_argument("--gpu-memory", type=float, default=8.0, dest="gpu_memory_gb", action=_checked(validation.positive),
                    help="GPU memory target in GB for patch/batch size (nnU-Net default 8)")
     p.add_argument("--interpolation", choices=["cubic", "linear"], default="cubic", dest="image_interpolation",
                    help="image resampling: cubic spline as nnU-Net (default) or torch trilinear (faster)")
     p.add_argument("--cache-dtype", choices=["float32", "float16"], default="float32", dest="cache_dtype",
                    help="dtype of the cached images")
     p.add_argument("--target-spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), dest="target_spacing",
+                   action=_checked(validation.target_spacing),
                    help="fixed target spacing in mm instead of nnU-Net's rule (e.g. DoDNet: 0.8 0.8 1.5)")
     p.add_argument("--ct-window", type=float, nargs=2, metavar=("LO", "HI"), dest="ct_window",
+                   action=_checked(validation.ct_window),
                    help="CT channels: clip to this HU window and divide by max(|LO|,|HI|) (DoDNet: -325 325)")
 
 
@@ -52,21 +77,23 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set trainer.steps=500 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest.pt")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
-    p.add_argument("--nproc", type=int, default=1, help="processes on this node (DDP through torchrun)")
+    p.add_argument("--device", default="auto", action=_checked(validation.device),
+                   help="cpu, cuda, cuda:1 or auto (default)")
+    p.add_argument("--nproc", type=int, default=1, action=_checked(validation.positive_int),
+                   help="processes on this node (DDP through torchrun)")
     _add_common(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medvol", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="medvol", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"medvol {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("preprocess", help="fingerprint -> plan -> crop/normalise/resample into a cache")
     p.add_argument("raw", type=Path, help="raw dataset: nnU-Net/Decathlon folder, NIfTI folder or DICOM tree")
     p.add_argument("-o", "--out", type=Path, required=True, help="output (cache) folder")
-    p.add_argument("-j", "--workers", type=int, default=2, help="worker processes (default 2)")
+    p.add_argument("-j", "--workers", type=int, default=2, action=_checked(validation.positive_int),
+                   help="worker processes (default 2)")
     p.add_argument("--overwrite", action="store_true", help="start from scratch instead of resuming")
     p.add_argument("--shard", help="K/N: process cases K, K+N, ... (K from 0); needs `medvol plan` first")
     _add_plan_options(p)
@@ -75,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fingerprint", help="per-case fingerprints (and cropped arrays) only")
     p.add_argument("raw", type=Path)
     p.add_argument("-o", "--out", type=Path, required=True)
-    p.add_argument("-j", "--workers", type=int, default=2)
+    p.add_argument("-j", "--workers", type=int, default=2, action=_checked(validation.positive_int))
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--shard", help="K/N: fingerprint cases K, K+N, ... (K from 0)")
     _add_common(p)
@@ -102,11 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="mirroring test-time augmentation over the trained axes, about 2^axes times the "
                         "cost (default: the recipe's inference.tta)")
-    p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: the recipe's, or 0.5)")
+    p.add_argument("--overlap", type=float, default=None, action=_checked(validation.fraction),
+                   help="sliding-window overlap in [0, 1) (default: the recipe's, or 0.5)")
     p.add_argument("--largest-component", action=argparse.BooleanOptionalAction, default=None,
                    help="keep only the largest connected component of each label (default: the recipe's)")
-    p.add_argument("--sw-batch-size", type=int, default=2, help="windows per forward pass")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--sw-batch-size", type=int, default=2, action=_checked(validation.positive_int),
+                   help="windows per forward pass")
+    p.add_argument("--device", default="auto", action=_checked(validation.device))
     p.add_argument("--save-probabilities", action="store_true", help="also write <case>.npz (float16)")
     p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
     p.add_argument("--task", help="task-conditioned models (DoDNet): a task id or name, or 'all' (default)")
@@ -122,9 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job end to end on the built-in real data")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default ./demo_out)")
-    p.add_argument("-j", "--workers", type=int, default=2)
-    p.add_argument("--steps", type=int, default=150, help="training steps (default 150, a few minutes on 2 cores)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("-j", "--workers", type=int, default=2, action=_checked(validation.positive_int))
+    p.add_argument("--steps", type=int, default=150, action=_checked(validation.positive_int),
+                   help="training steps (default 150, a few minutes on 2 cores)")
+    p.add_argument("--device", default="auto", action=_checked(validation.device))
     _add_common(p)
     return parser
 
@@ -251,8 +281,15 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except MedvolError as e:
-        print(f"medvol {args.command}: error: {e}", file=sys.stderr)
+    except (MedvolError, OSError) as e:
+        err = e if isinstance(e, MedvolError) else output_error(e, getattr(e, "filename", None))
+        if err is None:  # any other OSError is not the user's to fix: a real traceback
+            raise
+        if args.debug:
+            import traceback
+
+            traceback.print_exception(e, file=sys.stderr)
+        print(f"medvol {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)

@@ -4,6 +4,7 @@ the file; ``--set a.b=c`` overrides any value (parsed as YAML)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -149,11 +150,13 @@ def _coerce(value: Any, tp: Any, where: str, source: str) -> Any:
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: '{where}' must be a number, got {value!r}")
+        if not math.isfinite(value):  # NaN would pass every later `<` check unnoticed
+            raise ConfigError(f"{source}: '{where}' must be a finite number, got {value!r}")
         return float(value)
     return value
 
@@ -221,7 +224,40 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of sections")
     data = apply_overrides(data, overrides or [], str(path))
-    return from_dict(Recipe, data, str(path))
+    return check_recipe(from_dict(Recipe, data, str(path)), str(path))
+
+
+MODEL_SPATIAL_DIMS = 3  # every registered model is a 3D network
+
+
+def check_recipe(recipe: Recipe, source: str = "<recipe>") -> Recipe:
+    """Values a type alone does not catch: each bad one is a ConfigError naming the key."""
+    def bad(key, want, value):
+        raise ConfigError(f"{source}: '{key}' must be {want}, got {value!r}")
+
+    t, o, d = recipe.trainer, recipe.optimizer, recipe.data
+    if t.steps < 1:
+        bad("trainer.steps", ">= 1", t.steps)
+    if t.val_every < 1 or t.log_every < 1:
+        bad("trainer.val_every/log_every", ">= 1", (t.val_every, t.log_every))
+    if not o.lr > 0:
+        bad("optimizer.lr", "> 0", o.lr)
+    if d.patch_size is not None and (len(d.patch_size) != MODEL_SPATIAL_DIMS or not all(
+            isinstance(p, int) and not isinstance(p, bool) and p >= 1 for p in d.patch_size)):
+        bad("data.patch_size", f"{MODEL_SPATIAL_DIMS} positive integers (the model is {MODEL_SPATIAL_DIMS}D)",
+            d.patch_size)
+    if d.batch_size is not None and d.batch_size < 1:
+        bad("data.batch_size", ">= 1", d.batch_size)
+    if not 0 <= d.val_fraction < 1:
+        bad("data.val_fraction", "in [0, 1)", d.val_fraction)
+    if not 0 <= d.oversample_foreground <= 1:
+        bad("data.oversample_foreground", "in [0, 1]", d.oversample_foreground)
+    if not 0 <= t.val_overlap < 1:
+        bad("trainer.val_overlap", "in [0, 1)", t.val_overlap)
+    ov = recipe.inference.get("overlap")
+    if ov is not None and (isinstance(ov, bool) or not isinstance(ov, (int, float)) or not 0 <= ov < 1):
+        bad("inference.overlap", "in [0, 1)", ov)
+    return recipe
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:

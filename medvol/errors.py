@@ -30,3 +30,17 @@ class ConfigError(MedvolError):
 
 class CacheError(MedvolError):
     """The preprocessing cache is missing, incomplete or from another version."""
+
+
+class OutputError(MedvolError):
+    """An output could not be written: read-only folder, disk full, no permission.
+
+    Not a property of any one case, so a dataset run stops at the first one (a rerun resumes)."""
+
+    def __init__(self, path: str | Path | None, problem: str):
+        self.path = None if path is None else str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.problem))

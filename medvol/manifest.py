@@ -100,16 +100,21 @@ class OutputFolder:
             write_json(self.manifest_path, {"kind": old.get("kind", self.kind), "written_by": "medvol", "entries": entries,
                                             "case_ids": cases})
 
-    def ensure_writable(self, names: Iterable[str]) -> None:
-        """Record top-level ``names`` as medvol's before writing them; refuse (naming it) a
-        name that exists already and was not written by medvol."""
+    def check_writable(self, names: Iterable[str]) -> dict:
+        """Refuse (naming it) a top-level name that exists already and was not written by
+        medvol; writes nothing. Returns the manifest read."""
         m = self.read() or {"entries": [], "case_ids": []}
-        names = list(names)
         for n in names:
             p = self.path / n
             if (p.exists() or p.is_symlink()) and n not in m["entries"]:
                 raise InputError(p, "exists and was not written by medvol: refusing to replace it "
                                     "(move it away or choose another output folder)")
+        return m
+
+    def ensure_writable(self, names: Iterable[str]) -> None:
+        """:meth:`check_writable`, then record ``names`` as medvol's before they are written."""
+        names = list(names)
+        m = self.check_writable(names)
         self._write(sorted(set(m["entries"]) | set(names)), m.get("case_ids", []), m)
 
     def _foreign_top_level(self, m: dict) -> list[Path]:
@@ -151,6 +156,11 @@ class OutputFolder:
                 shutil.rmtree(p)
             elif p.exists():
                 os.remove(p)
+
+
+def check_files(folder: str | Path, names: Iterable[str]) -> None:
+    """Before a run: would writing ``names`` replace a file medvol did not write? Writes nothing."""
+    OutputFolder(folder, "files", ()).check_writable(names)
 
 
 def claim_files(folder: str | Path, names: Iterable[str]) -> None:

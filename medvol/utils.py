@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -21,20 +22,59 @@ def _tmp_name(path: Path) -> Path:
     return Path(tmp)
 
 
+# Write failures that come from the place written to, not from medvol: reported as one line.
+ENVIRONMENT_ERRNOS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
+                      errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                      errno.EPERM: "operation not permitted", errno.EFBIG: "file too large"}
+
+
+def output_error(e: OSError, path: str | Path):
+    """``e`` as an :class:`OutputError` naming ``path`` when it is an environment problem
+    (disk full, read-only, no permission), else None."""
+    from medvol.errors import OutputError
+
+    if e.errno not in ENVIRONMENT_ERRNOS:
+        return None
+    return OutputError(path or e.filename, f"cannot write: {ENVIRONMENT_ERRNOS[e.errno]} "
+                                           "(free space or fix permissions, then rerun)")
+
+
+def _umask() -> int:
+    """The process umask; read from /proc where it can be (setting and restoring it would
+    briefly change it for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it onto ``path``.
 
-    On any exception the temporary file is removed, so no half-written file is left.
+    On any exception the temporary file is removed, so no half-written file is left. The
+    file gets the mode an ordinary ``open`` would give (0666 less the umask), not mkstemp's
+    0600. Disk-full and permission errors become :class:`medvol.errors.OutputError`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp_name(path)
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        err = output_error(e, path) if isinstance(e, OSError) else None
+        if err is not None:
+            raise err from None
         raise
 
 

@@ -61,12 +61,11 @@ def test_folder_evaluation_summary_and_files(tmp_path):
         pred = np.roll(ref, shift, axis=0)
         write_volume(Volume(ref, aff), tmp_path / "ref" / f"c{i}.nii.gz")
         write_volume(Volume(pred, aff), tmp_path / "pred" / f"c{i}.nii.gz")
-    write_volume(Volume(np.zeros((12, 12, 12), np.uint8), aff), tmp_path / "ref" / "c9.nii.gz")  # no prediction
     res = evaluate_folders(tmp_path / "pred", tmp_path / "ref", tmp_path / "m")
     d = [res["cases"]["c0"]["class_1"]["dice"], res["cases"]["c1"]["class_1"]["dice"]]
     assert d == pytest.approx([1.0, 2 * 180 / 432])  # shift by one: overlap 5x6x6 of 6x6x6 each
     assert res["summary"]["class_1"]["dice"]["mean"] == pytest.approx(np.mean(d))
-    assert res["missing_predictions"] == ["c9"]
+    assert res["missing_predictions"] == []
     assert json.loads((tmp_path / "m.json").read_text())["summary"]
     assert (tmp_path / "m.csv").read_text().count("\n") == 3
 
@@ -77,4 +76,27 @@ def test_prediction_on_another_grid_is_refused(tmp_path):
     write_volume(Volume(np.zeros((4, 4, 4), np.uint8), np.eye(4)), tmp_path / "ref" / "a.nii.gz")
     write_volume(Volume(np.zeros((4, 4, 5), np.uint8), np.eye(4)), tmp_path / "pred" / "a.nii.gz")
     with pytest.raises(InputError, match="a.nii.gz: not on the reference's grid"):
+        evaluate_folders(tmp_path / "pred", tmp_path / "ref")
+
+
+def test_missing_predictions_are_an_error_naming_them(tmp_path):
+    from medvol.errors import InputError
+
+    aff = np.eye(4)
+    for c in ("c0", "c1", "c9"):
+        write_volume(Volume(np.zeros((4, 4, 4), np.uint8), aff), tmp_path / "ref" / f"{c}.nii.gz")
+    write_volume(Volume(np.zeros((4, 4, 4), np.uint8), aff), tmp_path / "pred" / "c0.nii.gz")
+    with pytest.raises(InputError, match="no prediction for 2 of the 3 reference case.*: c1, c9"):
+        evaluate_folders(tmp_path / "pred", tmp_path / "ref", tmp_path / "m")
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_affine_mismatch_quotes_both_affines(tmp_path):
+    from medvol.errors import InputError
+
+    shifted = np.eye(4)
+    shifted[0, 3] = 5.0
+    write_volume(Volume(np.zeros((4, 4, 4), np.uint8), np.eye(4)), tmp_path / "ref" / "a.nii.gz")
+    write_volume(Volume(np.zeros((4, 4, 4), np.uint8), shifted), tmp_path / "pred" / "a.nii.gz")
+    with pytest.raises(InputError, match=r"affine \[\[1.0, 0.0, 0.0, 5.0\].* vs \[\[1.0, 0.0, 0.0, 0.0\]"):
         evaluate_folders(tmp_path / "pred", tmp_path / "ref")

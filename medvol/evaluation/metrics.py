@@ -72,6 +72,8 @@ def summarize(per_case: dict[str, dict[int, dict]], names: dict[int, str]) -> di
 
 
 def _label_files(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise InputError(folder, "folder not found" if not folder.exists() else "expected a folder of label maps")
     files = {}
     for p in sorted(folder.iterdir()):
         n = p.name
@@ -80,6 +82,10 @@ def _label_files(folder: Path) -> dict[str, Path]:
         elif n.endswith(".nii"):
             files[n[:-4]] = p
     return files
+
+
+def _affine_text(affine: np.ndarray) -> str:
+    return str(np.round(np.asarray(affine)[:3], 4).tolist())
 
 
 def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, out: str | Path | None = None,
@@ -91,13 +97,20 @@ def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, out: str | Path 
     cases = sorted(set(preds) & set(refs))
     if not cases:
         raise InputError(pred_dir, f"no prediction has a reference of the same name in {ref_dir}")
+    missing = sorted(set(refs) - set(preds))
+    if missing:  # as nnU-Net's compute_metrics_on_folder: a mean over the cases present would flatter
+        raise InputError(pred_dir, f"no prediction for {len(missing)} of the {len(refs)} reference case(s) in "
+                                   f"{ref_dir}: {', '.join(missing[:10])}{'...' if len(missing) > 10 else ''}")
     per_case, all_classes = {}, set()
     loaded = {}
     for case in cases:
         pv, rv = read_volume(preds[case]), read_volume(refs[case])
-        if pv.spatial_shape != rv.spatial_shape or not np.allclose(pv.affine, rv.affine, atol=1e-3, rtol=1e-4):
+        if pv.spatial_shape != rv.spatial_shape:
             raise InputError(preds[case], f"not on the reference's grid ({refs[case].name}): shape "
                                           f"{pv.spatial_shape} vs {rv.spatial_shape}")
+        if not np.allclose(pv.affine, rv.affine, atol=1e-3, rtol=1e-4):
+            raise InputError(preds[case], f"not on the reference's grid ({refs[case].name}): affine "
+                                          f"{_affine_text(pv.affine)} vs {_affine_text(rv.affine)}")
         loaded[case] = (np.asarray(pv.array).astype(np.int64), np.asarray(rv.array).astype(np.int64), rv.spacing)
         all_classes |= set(np.unique(loaded[case][1]).tolist()) | set(np.unique(loaded[case][0]).tolist())
     if labels is None:  # nnU-Net layout: the reference folder's dataset.json names the classes
@@ -118,7 +131,7 @@ def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, out: str | Path 
         per_case[case] = case_metrics(p, r, sp, list(names))
     result = {"cases": {case: {names[c]: m for c, m in per_case[case].items()} for case in cases},
               "summary": summarize(per_case, names), "empty_mask_rule": __doc__.split("Empty masks, by rule:")[1].strip(),
-              "missing_predictions": sorted(set(refs) - set(preds))}
+              "missing_predictions": missing}
     if out is not None:
         out = Path(out)
         claim_files(out.parent, [out.with_suffix(".json").name, out.with_suffix(".csv").name])

@@ -25,6 +25,7 @@ from medvol.errors import ConfigError, InputError
 from medvol.networks import as_class_logits
 from medvol.io import Volume, is_nifti, read_volume, write_volume
 from medvol.io.dicom import list_dicom_files
+from medvol.manifest import check_files, claim_files
 from medvol.utils import atomic_path, cuda_amp_dtype, read_json
 
 log = logging.getLogger(__name__)
@@ -206,12 +207,16 @@ def predict(run_dir: str | Path, inputs: str | Path, out_dir: str | Path, device
     from medvol.inference.geometry import restore_geometry
     from medvol.preprocessing import preprocess_case
 
+    from medvol import validation
+
+    validation.device(device)
+    validation.positive_int(sw_batch_size, "--sw-batch-size")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     run = load_run(run_dir, dev, checkpoint)
     inf = run.recipe.inference
     tta = bool(inf.get("tta", False)) if tta is None else tta
-    overlap = float(inf.get("overlap", 0.5)) if overlap is None else overlap
+    overlap = validation.fraction(inf.get("overlap", 0.5) if overlap is None else overlap, "--overlap")
     if largest_component_only is None:
         largest_component_only = bool(inf.get("largest_component", False))
     if largest_component_only and postprocess is None:
@@ -244,6 +249,7 @@ def predict(run_dir: str | Path, inputs: str | Path, out_dir: str | Path, device
             if tid is not None and inf.get("dodnet_postprocess", False):
                 seg = dodnet_postprocess(seg, tname)
             name = _output_name(case, tname, tasks)
+            claim_files(out_dir, [f"{name}.nii.gz"] + ([f"{name}.npz"] if save_probabilities else []))
             path = write_volume(Volume(seg, ref.affine, {}), out_dir / f"{name}.nii.gz")
             if save_probabilities:
                 with atomic_path(out_dir / f"{name}.npz") as tmp:
@@ -263,13 +269,11 @@ def _output_name(case: str, task_name: str, tasks: list) -> str:
 def _claim_outputs(out_dir: Path, sources: list[Path], names: list[str]) -> None:
     """Refuse, before anything is written, an output that would replace one of the inputs
     (same file after resolving links) or a file that medvol did not write."""
-    from medvol.manifest import claim_files
-
     inputs = {f.resolve() for s in sources for f in (list_dicom_files(s) if s.is_dir() else [s])}
     for n in names:
         if (out_dir / n).resolve() in inputs:
             raise InputError(out_dir / n, "the prediction would replace this input scan: choose another output folder")
-    claim_files(out_dir, names)
+    check_files(out_dir, names)  # before anything is computed; each file is claimed as it is written
 
 
 def _resolve_tasks(run: RunModel, task) -> list[tuple[int | None, str]]:

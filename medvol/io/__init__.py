@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from medvol.errors import InputError
 from medvol.io.dicom import read_dicom_series
 from medvol.io.itk import ITK_SUFFIXES, is_itk, read_itk
@@ -19,14 +21,25 @@ def read_volume(path: str | Path) -> Volume:
     ``.nrrd``) or a folder holding one DICOM series."""
     path = Path(path)
     if path.is_dir():
-        return read_dicom_series(path)
+        return check_grid(read_dicom_series(path), path)
     if is_nifti(path):
-        return read_nifti(path)
+        return check_grid(read_nifti(path), path)
     if is_itk(path):
-        return read_itk(path)
+        return check_grid(read_itk(path), path)
     if not path.exists():
         raise InputError(path, "file not found")
     raise InputError(path, "unknown scan format: expected .nii/.nii.gz, .mhd/.mha/.nrrd or a folder of DICOM files")
+
+
+def check_grid(volume: Volume, path: str | Path) -> Volume:
+    """Refuse a scan with no voxels along an axis, or a voxel size that is zero or not a number."""
+    if 0 in volume.array.shape:
+        raise InputError(path, f"has a zero-size dimension (shape {tuple(volume.array.shape)})")
+    spacing = volume.spacing
+    if not all(np.isfinite(s) and s > 0 for s in spacing) or not np.isfinite(volume.affine).all():
+        raise InputError(path, f"voxel spacing must be finite and > 0, got {[round(s, 6) for s in spacing]} mm "
+                               "(check the header's pixdim / affine)")
+    return volume
 
 
 def write_volume(volume: Volume, path: str | Path, dtype=None) -> Path:

@@ -48,13 +48,47 @@ def read_nifti(path: str | Path, header_only: bool = False) -> Volume:
         "sform_code": int(img.header["sform_code"]),
         "original_shape": list(shape),
     }
+    zooms = _stored_zooms(path, img)
+    if meta["sform_code"] == 0 and not (np.isfinite(zooms).all() and (zooms > 0).all()):
+        # the affine then comes from pixdim, where nibabel quietly turns a 0 into 1 mm
+        raise InputError(path, f"voxel spacing (pixdim) must be finite and > 0, got {zooms.tolist()} mm")
     if header_only:
         return Volume(np.empty((0, 0, 0)), img.affine, meta)
+    _check_declared_size(path, img)
     try:
         data = np.asanyarray(img.dataobj)
     except (EOFError, OSError, zlib.error, ValueError) as e:
         raise InputError(path, f"truncated or corrupt image data ({type(e).__name__}: {e})") from None
     return Volume(np.asarray(data).reshape(shape), img.affine, meta)
+
+
+def _stored_zooms(path: Path, img) -> np.ndarray:
+    """pixdim[1:4] as the file holds it (nibabel's loaded header has zeros already replaced)."""
+    from nibabel.openers import ImageOpener
+
+    with ImageOpener(str(path)) as f:
+        raw = type(img.header).from_fileobj(f, check=False)
+    return np.asarray(raw["pixdim"][1:4], float)
+
+
+# deflate cannot shrink data by more than about 1032:1, so a .gz file this much smaller than
+# its header's voxel count cannot hold them (checked before reading: no MemoryError).
+MAX_GZIP_RATIO = 1032
+
+
+def _check_declared_size(path: Path, img) -> None:
+    hdr = img.header
+    need = int(np.prod(img.shape, dtype=np.float64)) * np.dtype(hdr.get_data_dtype()).itemsize
+    have = path.stat().st_size
+    if str(path).lower().endswith(".gz"):
+        if need > have * MAX_GZIP_RATIO:
+            raise InputError(path, f"header declares shape {img.shape} ({need / 1e9:.3g} GB of voxels) but the "
+                                   f"compressed file holds {have} bytes: truncated or corrupt header")
+    else:
+        offset = int(hdr.get_data_offset())
+        if offset + need > have:
+            raise InputError(path, f"header declares shape {img.shape} ({need} bytes of voxels) but the file holds "
+                                   f"{max(have - offset, 0)}: truncated file or corrupt header")
 
 
 def write_nifti(volume: Volume, path: str | Path, dtype=None) -> Path:

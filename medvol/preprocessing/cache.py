@@ -81,11 +81,26 @@ def load_case(out: str | Path, case_id: str, mmap: bool = True):
         raise CacheError(f"{props}: case '{case_id}' is not in the cache (or unfinished); rerun `medvol preprocess`")
     p = read_json(props)
     mode = "r" if mmap else None
-    image = np.load(img, mmap_mode=mode)
+    image = _load_array(img, mode, p)
     if image.dtype != np.float32 and not mmap:
         image = image.astype(np.float32)
-    label = np.load(seg, mmap_mode=mode) if p.get("has_label") and seg.exists() else None
+    label = _load_array(seg, mode, p) if p.get("has_label") and seg.exists() else None
     return image, label, p
+
+
+def _load_array(path: Path, mode, props: dict) -> np.ndarray:
+    """One cached array, checked against its case's properties; a truncated or damaged file
+    is a CacheError naming it (``medvol preprocess`` redoes such cases)."""
+    fix = "truncated or corrupt cache array; rerun `medvol preprocess` (it redoes broken cases)"
+    try:
+        arr = np.load(path, mmap_mode=mode)
+    except FileNotFoundError:
+        raise CacheError(f"{path}: missing; rerun `medvol preprocess` (it redoes broken cases)") from None
+    except (ValueError, OSError, EOFError) as e:
+        raise CacheError(f"{path}: {fix} ({e})") from None
+    if list(arr.shape[1:]) != props.get("shape_after_resampling", list(arr.shape[1:])):
+        raise CacheError(f"{path}: shape {list(arr.shape)} does not match its properties; {fix}")
+    return arr
 
 
 def load_plans(out: str | Path) -> dict:

@@ -91,6 +91,7 @@ def merge_fingerprints(folder: Path, case_ids: list[str], num_channels: int) -> 
     return {
         "case_ids": list(case_ids),
         "spacings": [per_case[c]["spacing"] for c in case_ids],
+        "shapes_before_crop": [per_case[c]["shape_before_crop"] for c in case_ids],
         "shapes_after_crop": [per_case[c]["shape_after_crop"] for c in case_ids],
         "median_relative_size_after_cropping": float(np.median(
             [per_case[c]["relative_size_after_cropping"] for c in case_ids])),
@@ -117,3 +118,16 @@ def weighted_statistics(values: np.ndarray, weights: np.ndarray) -> dict:
     p005, median, p995 = weighted_quantiles(values, weights, [0.005, 0.5, 0.995])
     return {"mean": mean, "median": float(median), "std": std, "min": float(values.min()),
             "max": float(values.max()), "percentile_99_5": float(p995), "percentile_00_5": float(p005)}
+
+
+def check_dimensionality(fingerprint: dict, where) -> None:
+    """Refuse a dataset mixing 2D images (an axis of one voxel) with 3D ones: one plan
+    (spacing, patch, network) cannot serve both, and nnU-Net trains either 2D or 3D data."""
+    from medvol.errors import InputError
+
+    flat = {c: s for c, s in zip(fingerprint["case_ids"], fingerprint["shapes_before_crop"]) if min(s) == 1}
+    full = {c: s for c, s in zip(fingerprint["case_ids"], fingerprint["shapes_before_crop"]) if min(s) > 1}
+    if flat and full:
+        (c2, s2), (c3, s3) = next(iter(flat.items())), next(iter(full.items()))
+        raise InputError(where, f"the dataset mixes 2D images ({len(flat)}, e.g. case '{c2}' of shape {s2}) and 3D "
+                                f"images ({len(full)}, e.g. case '{c3}' of shape {s3}); preprocess them separately")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from medvol import validation
 from medvol.preprocessing.normalization import MASKABLE, scheme_for_channel
 from medvol.preprocessing.resampling import ANISO_THRESHOLD, compute_new_shape
 
@@ -152,14 +153,14 @@ def plan_experiment(fingerprint: dict, dataset_json: dict, gpu_memory_gb: float 
 
     ``target_spacing`` (mm, X Y Z) replaces nnU-Net's rule (e.g. DoDNet's 0.8 x 0.8 x 1.5);
     ``ct_window`` (lo, hi) replaces CT channels' dataset statistics with a fixed window."""
+    gpu_memory_gb = validation.positive(gpu_memory_gb, "--gpu-memory")
+    if ct_window is not None:
+        ct_window = validation.ct_window(ct_window)
     spacings = np.asarray(fingerprint["spacings"], float)
     sizes = np.asarray(fingerprint["shapes_after_crop"], float)
     rev = [2, 1, 0]  # medvol (X,Y,Z) -> SimpleITK (z,y,x)
     if target_spacing is not None:
-        if len(target_spacing) != 3 or min(target_spacing) <= 0:
-            from medvol.errors import ConfigError
-
-            raise ConfigError(f"target spacing must be three positive numbers (mm, X Y Z), got {target_spacing}")
+        target_spacing = validation.target_spacing(target_spacing)
         target_nn = np.asarray(target_spacing, float)[rev]
     else:
         target_nn = fullres_target_spacing(spacings[:, rev], sizes[:, rev])

@@ -13,22 +13,24 @@ import multiprocessing
 import shutil
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from medvol.errors import CacheError, InputError, MedvolError
+from medvol.errors import CacheError, InputError, MedvolError, OutputError
 from medvol.io import Volume
 from medvol.manifest import OutputFolder, refuse_overlap
 from medvol.preprocessing.cache import (CACHE_VERSION, case_is_complete, case_paths, load_plans, plans_digest)
 from medvol.preprocessing.cropping import crop_to_nonzero
-from medvol.preprocessing.fingerprint import (case_fingerprint, case_fingerprint_done, merge_fingerprints,
-                                              samples_per_case, write_case_fingerprint)
+from medvol.preprocessing.fingerprint import (case_fingerprint, case_fingerprint_done, check_dimensionality,
+                                              merge_fingerprints, samples_per_case, write_case_fingerprint)
 from medvol.preprocessing.normalization import normalize
 from medvol.preprocessing.planning import plan_experiment
 from medvol.preprocessing.raw import RawCase, RawDataset, load_raw_case, open_raw_dataset
+from medvol.preprocessing.sources import changed_sources, log_changed, record_sources
 from medvol.preprocessing.resampling import (compute_new_shape, resample_image, resample_label, separate_z_axis)
 from medvol.utils import read_json, save_npy, write_json
 
@@ -109,6 +111,9 @@ def preprocess_case(volumes: Volume | Sequence[Volume], plans: dict, inplace: bo
     image = chans[0] if len(chans) == 1 else np.concatenate(chans)  # no second copy of a single channel
     if not inplace and any(np.shares_memory(image, v.array) for v in vols):
         image = image.copy()
+    if min(ref.spatial_shape) < 2:
+        raise InputError(ref.meta.get("path"), f"is a 2D image (shape {ref.spatial_shape}); the model is 3D: "
+                                               "give it 3D scans")
     expected = len(plans["normalization"])
     if image.shape[0] != expected:
         raise InputError(ref.meta.get("path"), f"{image.shape[0]} channel(s) given, the plan expects {expected}")
@@ -166,6 +171,7 @@ def _failure_path(out: Path, case_id: str) -> Path:
 def _fingerprint_job(case: RawCase, dataset: RawDataset, out: Path, n_samples: int) -> tuple[str, str | None]:
     try:
         loaded = load_raw_case(case, dataset)
+        sources = record_sources(_source_paths(case))
         spacing = loaded.reference.spacing
         shape_before = loaded.image.shape[1:]
         cropped, seg, bbox = crop_to_nonzero(loaded.image, loaded.label)
@@ -176,11 +182,13 @@ def _fingerprint_job(case: RawCase, dataset: RawDataset, out: Path, n_samples: i
         write_json(props_p, {"bbox": bbox, "has_label": loaded.label is not None,
                              "original_shape": list(loaded.reference.spatial_shape),
                              "original_affine": loaded.reference.affine.tolist(), "spacing": list(spacing),
-                             "source_meta": {k: v for k, v in loaded.reference.meta.items()
+                             "sources": sources, "source_meta": {k: v for k, v in loaded.reference.meta.items()
                                              if isinstance(v, (str, int, float))}})
         _failure_path(out, case.case_id).unlink(missing_ok=True)
-        write_case_fingerprint(out / "fingerprints", case.case_id, fp, samples)
+        write_case_fingerprint(out / "fingerprints", case.case_id, {**fp, "sources": sources}, samples)
         return case.case_id, None
+    except OutputError:
+        raise  # not this case's fault: the run stops (a rerun resumes)
     except MedvolError as e:
         _failure_path(out, case.case_id).parent.mkdir(parents=True, exist_ok=True)
         _failure_path(out, case.case_id).write_text(str(e))
@@ -190,13 +198,15 @@ def _fingerprint_job(case: RawCase, dataset: RawDataset, out: Path, n_samples: i
 def _preprocess_job(case: RawCase, dataset: RawDataset, out: Path, plans: dict, digest: str) -> tuple[str, str | None]:
     try:
         img_p, seg_p, props_p = _staging(out, case.case_id)
-        if props_p.exists() and img_p.exists() and seg_p.exists():
-            st = read_json(props_p)
+        st = read_json(props_p) if props_p.exists() and img_p.exists() and seg_p.exists() else None
+        if st is not None and st.get("sources") and not changed_sources(st["sources"], _source_paths(case)):
+            sources = st["sources"]
             cropped, seg = np.load(img_p), np.load(seg_p)
             ref = Volume(np.empty((0, 0, 0)), np.array(st["original_affine"]), st.get("source_meta", {}))
             original_shape, spacing, bbox, has_label = st["original_shape"], st["spacing"], st["bbox"], st["has_label"]
-        else:  # staging gone (fingerprinted elsewhere, or cleaned): read the raw case again
+        else:  # staging gone (fingerprinted elsewhere, or cleaned) or stale: read the raw case again
             loaded = load_raw_case(case, dataset)
+            sources = record_sources(_source_paths(case))
             ref, spacing = loaded.reference, loaded.reference.spacing
             original_shape, has_label = list(ref.spatial_shape), loaded.label is not None
             cropped, seg, bbox = crop_to_nonzero(loaded.image, loaded.label)
@@ -205,7 +215,7 @@ def _preprocess_job(case: RawCase, dataset: RawDataset, out: Path, plans: dict, 
         props["original_shape"] = [int(s) for s in original_shape]
         props.update(dataset.case_meta.get(case.case_id, {}))  # partial labels: task_id, annotated
         props.update({"case_id": case.case_id, "has_label": has_label, "cache_version": CACHE_VERSION,
-                      "plans_digest": digest, "source_files": [str(p) for p in case.images],
+                      "plans_digest": digest, "sources": sources,
                       "label_file": str(case.label) if case.label else None})
         if has_label:
             fg = [v for v in sorted(set(plans["labels"].values())) if v > 0]
@@ -220,8 +230,26 @@ def _preprocess_job(case: RawCase, dataset: RawDataset, out: Path, plans: dict, 
         for p in (img_p, seg_p, props_p):
             p.unlink(missing_ok=True)
         return case.case_id, None
+    except OutputError:
+        raise
     except MedvolError as e:
         return case.case_id, str(e)
+
+
+def _source_paths(case: RawCase) -> list:
+    return [*case.images, case.label]
+
+
+def _sources_changed(record_file: Path, case: RawCase, stage: str) -> bool:
+    """True (and says so) when ``record_file`` (a finished case's JSON) lists sources that changed."""
+    try:
+        record = read_json(record_file).get("sources")
+    except (OSError, ValueError):
+        return False  # unreadable: the completeness checks redo it anyway
+    changed = changed_sources(record, _source_paths(case))
+    if changed:
+        log_changed(case.case_id, changed, stage)
+    return bool(changed)
 
 
 def _worker_init() -> None:
@@ -249,10 +277,18 @@ def _run_jobs(fn: Callable, cases: list[RawCase], args: tuple, num_workers: int,
         ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         with ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx, initializer=_worker_init) as ex:
             futs = {ex.submit(fn, c, *args): c for c in cases}
-            for f in as_completed(futs):
-                results.append(f.result())
-                bar.set_postfix_str(futs[f].case_id)
-                bar.update()
+            try:
+                for f in as_completed(futs):
+                    results.append(f.result())
+                    bar.set_postfix_str(futs[f].case_id)
+                    bar.update()
+            except BrokenProcessPool:
+                raise MedvolError(f"{desc}: a worker process died (killed, or out of memory?) while "
+                                  f"{len(cases) - len(results)} case(s) were unfinished; finished cases are kept: "
+                                  "rerun the same command to resume (with fewer -j workers if memory ran out)") from None
+            except BaseException:
+                ex.shutdown(wait=True, cancel_futures=True)
+                raise
     bar.close()
     for case_id, err in results:
         if err:
@@ -322,25 +358,41 @@ def fingerprint_dataset(raw: str | Path, out: str | Path, num_workers: int = 2, 
     mine = _select(ds.training, sh)
     _clean_partial(out, [c.case_id for c in mine])
     n_samples = samples_per_case(len(ds.training))
-    todo = [c for c in mine if not case_fingerprint_done(out / "fingerprints", c.case_id)]
+    fp_dir = out / "fingerprints"
+    todo = [c for c in mine if not case_fingerprint_done(fp_dir, c.case_id)
+            or _sources_changed(fp_dir / f"{c.case_id}.json", c, "fingerprint")]
     report = _run_jobs(_fingerprint_job, todo, (ds, out, n_samples), num_workers, "fingerprint", quiet)
     report.skipped += [c.case_id for c in mine if c not in todo]
     return report
+
+
+def _cache_description(out: Path) -> dict:
+    """The ``dataset.json`` that ``medvol fingerprint`` wrote into ``out`` (not a raw dataset's)."""
+    first = f"run `medvol fingerprint RAW -o {out}` first"
+    try:
+        desc = read_json(out / "dataset.json")
+    except FileNotFoundError:
+        raise CacheError(f"{out}: no dataset.json; {first}") from None
+    except (OSError, ValueError):
+        desc = None
+    if not isinstance(desc, dict) or "training_cases" not in desc:
+        raise CacheError(f"{out}: a raw dataset (or another folder), not one `medvol fingerprint` wrote: run "
+                         f"`medvol fingerprint {out} -o CACHE`, then `medvol plan CACHE`")
+    return desc
 
 
 def plan_dataset(out: str | Path, gpu_memory_gb: float = 8.0, image_interpolation: str = "cubic",
                  cache_dtype: str = "float32", target_spacing=None, ct_window=None) -> dict:
     """Merge the per-case fingerprints into ``fingerprint.json`` and write ``plans.json``."""
     out = Path(out)
-    if not (out / "dataset.json").exists():
-        raise CacheError(f"{out}: no dataset.json; run `medvol fingerprint RAW -o {out}` first")
-    desc = read_json(out / "dataset.json")
+    desc = _cache_description(out)
     fp_dir = out / "fingerprints"
     failed = sorted(p.name[: -len(".failed.txt")] for p in fp_dir.glob("*.failed.txt")) if fp_dir.is_dir() else []
     cases = [c for c in desc["training_cases"] if c not in failed]
     if not cases:
         raise CacheError(f"{out}: no valid training case to plan from (failed: {', '.join(failed) or 'none'})")
     fp = merge_fingerprints(fp_dir, cases, len(desc["channel_names"]))
+    check_dimensionality(fp, desc.get("raw_root", out))
     fp["failed_cases"] = failed
     plans = plan_experiment(fp, desc, gpu_memory_gb, image_interpolation, cache_dtype, target_spacing, ct_window)
     write_json(out / "fingerprint.json", fp)
@@ -363,7 +415,8 @@ def preprocess_cases(raw: str | Path, out: str | Path, num_workers: int = 2, sha
     failed = set(read_json(out / "fingerprint.json").get("failed_cases", [])) if (out / "fingerprint.json").exists() else set()
     mine = [c for c in _select(ds.training, parse_shard(shard)) if c.case_id not in failed]
     _clean_partial(out, [c.case_id for c in mine])
-    todo = [c for c in mine if not case_is_complete(out, c.case_id, digest)]
+    todo = [c for c in mine if not case_is_complete(out, c.case_id, digest)
+            or _sources_changed(case_paths(out, c.case_id)[2], c, "preprocessing")]
     report = _run_jobs(_preprocess_job, todo, (ds, out, plans, digest), num_workers, "preprocess", quiet)
     report.skipped += [c.case_id for c in mine if c not in todo]
     return report

@@ -119,7 +119,9 @@ def _strip(name: str) -> str:
 def _open_with_json(root: Path) -> RawDataset:
     jpath = root / "dataset.json"
     try:
-        meta = json.loads(jpath.read_text())
+        meta = json.loads(jpath.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise InputError(jpath, f"not UTF-8 text (byte {e.start}); save it as UTF-8 JSON") from None
     except json.JSONDecodeError as e:
         raise InputError(jpath, f"invalid JSON ({e})") from None
     if not isinstance(meta, dict):
@@ -135,16 +137,14 @@ def _open_with_json(root: Path) -> RawDataset:
     if unknown:
         raise InputError(jpath, f"unknown key(s) {sorted(unknown)}; known keys are "
                                 f"{sorted(NNUNET_V2_KEYS | DECATHLON_KEYS | OPTIONAL_KEYS)}")
+    _check_types(jpath, meta)
     labels = _parse_labels(jpath, meta["labels"], is_v2)
     if is_v2:
-        channels = meta["channel_names"]
         ending = meta["file_ending"]
-        channel_names = {int(k): str(v) for k, v in channels.items()}
-        if sorted(channel_names) != list(range(len(channel_names))):
-            raise InputError(jpath, f"channel_names keys must be 0..N-1, got {sorted(channel_names)}")
+        channel_names = _channel_names(jpath, meta["channel_names"], "channel_names")
         training = _v2_cases(root, "imagesTr", "labelsTr", ending, len(channel_names), jpath)
         test = _v2_cases(root, "imagesTs", "labelsTs", ending, len(channel_names), jpath, labels_optional=True)
-        if "numTraining" in meta and int(meta["numTraining"]) != len(training):
+        if "numTraining" in meta and meta["numTraining"] != len(training):
             raise InputError(jpath, f"numTraining is {meta['numTraining']} but imagesTr holds {len(training)} cases")
         labelled = meta.get("labelled_cases")
         if labelled is not None:
@@ -156,16 +156,18 @@ def _open_with_json(root: Path) -> RawDataset:
             raise InputError(jpath, "case_tasks must map case ids to {task_id, annotated}")
         return RawDataset(root, "nnunet_v2", channel_names, labels, ending, training, test, labelled, case_meta,
                           meta.get("tasks"))
-    channel_names = {int(k): str(v) for k, v in meta["modality"].items()}
+    channel_names = _channel_names(jpath, meta["modality"], "modality")
     training = []
     for item in meta["training"]:
-        if not isinstance(item, dict) or "image" not in item or "label" not in item:
-            raise InputError(jpath, f"each 'training' entry needs 'image' and 'label', got {item!r}")
+        if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in ("image", "label")):
+            raise InputError(jpath, f"each 'training' entry needs 'image' and 'label' paths, got {item!r}")
         img = _inside(root, item["image"], jpath)
         lab = _inside(root, item["label"], jpath)
         training.append(RawCase(_strip(img.name), [img], lab, multichannel_file=True))
     test = []
     for item in meta.get("test", []):
+        if not isinstance(item, str) and not (isinstance(item, dict) and isinstance(item.get("image"), str)):
+            raise InputError(jpath, f"each 'test' entry must be an image path (or {{'image': path}}), got {item!r}")
         img = _inside(root, item if isinstance(item, str) else item["image"], jpath)
         test.append(RawCase(_strip(img.name), [img], None, multichannel_file=True))
     ending = _ending(training[0].images[0].name) if training else ".nii.gz"
@@ -184,7 +186,50 @@ def _unique_ids(cases: list[RawCase]) -> list[RawCase]:
     return cases
 
 
+# Expected JSON types of dataset.json keys (nnU-Net v2 and Decathlon); absent optional keys pass.
+JSON_TYPES = {"channel_names": (dict, "a mapping channel -> name"), "modality": (dict, "a mapping channel -> name"),
+              "labels": (dict, "a mapping"), "numTraining": (int, "an integer"), "numTest": (int, "an integer"),
+              "file_ending": (str, "a string such as \".nii.gz\""), "training": (list, "a list"),
+              "test": (list, "a list"), "labelled_cases": (list, "a list of case ids"),
+              "case_tasks": (dict, "a mapping"), "tasks": ((dict, type(None)), "a mapping")}
+
+
+def _check_types(jpath: Path, meta: dict) -> None:
+    for key, (tp, what) in JSON_TYPES.items():
+        v = meta.get(key)
+        if key in meta and (not isinstance(v, tp) or isinstance(v, bool)):
+            raise InputError(jpath, f"'{key}' must be {what}, got {type(v).__name__} {v!r:.60}")
+    ending = meta.get("file_ending")
+    if ending is not None and not (ending.startswith(".") and len(ending) > 1):
+        raise InputError(jpath, f"'file_ending' must start with a dot (e.g. \".nii.gz\"), got {ending!r}")
+    if "labelled_cases" in meta and not all(isinstance(c, str) for c in meta["labelled_cases"]):
+        raise InputError(jpath, "'labelled_cases' must be a list of case ids (strings)")
+
+
+def _channel_names(jpath: Path, channels: dict, key: str) -> dict[int, str]:
+    out = {}
+    for k, v in channels.items():
+        if not k.isdigit() or not isinstance(v, str):
+            raise InputError(jpath, f"'{key}' maps channel numbers to names (e.g. {{\"0\": \"CT\"}}), "
+                                    f"got {k!r}: {v!r}")
+        out[int(k)] = v
+    if sorted(out) != list(range(len(out))) or not out:
+        raise InputError(jpath, f"{key} keys must be 0..N-1, got {sorted(out)}")
+    return out
+
+
+def _label_value(jpath: Path, name, value) -> int:
+    """An integer, or (Decathlon keys) a string of one; 1.5, true or "one" are refused."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    raise InputError(jpath, f"label '{name}': value {value!r} is not an integer")
+
+
 def _parse_labels(jpath: Path, labels, is_v2: bool) -> dict[str, int]:
+    """Label name -> value. As nnU-Net requires, the values are consecutive from 0
+    (background): a gap would become an index error in training."""
     if not isinstance(labels, dict) or not labels:
         raise InputError(jpath, "'labels' must be a non-empty mapping")
     out = {}
@@ -194,13 +239,16 @@ def _parse_labels(jpath: Path, labels, is_v2: bool) -> dict[str, int]:
                 raise InputError(jpath, f"label '{k}' is a region {v}: region-based training is not supported")
             name, value = str(k), v
         else:  # Decathlon: "0": "background"
-            name, value = str(v), k
-        try:
-            out[name] = int(value)
-        except (TypeError, ValueError):
-            raise InputError(jpath, f"label '{k}': value {value!r} is not an integer") from None
+            if not isinstance(v, str):
+                raise InputError(jpath, f"'labels' maps values to names (e.g. {{\"1\": \"tumour\"}}), got {k!r}: {v!r}")
+            name, value = v, k
+        out[name] = _label_value(jpath, k, value)
     if 0 not in out.values():
         raise InputError(jpath, "labels must declare background as 0")
+    values = sorted(out.values())
+    if values != list(range(len(values))):
+        raise InputError(jpath, f"label values must be consecutive from 0 (0, 1, 2, ...) as nnU-Net requires, "
+                                f"got {values}")
     return out
 
 
@@ -272,19 +320,25 @@ def load_raw_case(case: RawCase, dataset: RawDataset, check_labels: bool = True)
         if lv.array.ndim != 3:
             raise InputError(case.label, f"label must be a 3D image, got shape {lv.array.shape}")
         _check_geometry(case.label, lv, case.images[0], ref)
-        lab = np.asarray(lv.array)
-        if not np.issubdtype(lab.dtype, np.integer):
-            if not np.all(np.isfinite(lab)) or not np.array_equal(lab, np.round(lab)):
-                raise InputError(case.label, "label values must be integers")
-        lab = lab.astype(np.int16)
-        if check_labels:
-            present = np.unique(lab)
-            undeclared = sorted(set(present.tolist()) - set(dataset.label_values))
-            if undeclared:
-                raise InputError(case.label, f"label value(s) {undeclared} are not declared in dataset.json "
-                                             f"(declared: {dataset.label_values})")
-        label = lab[None]
+        label = _label_array(case.label, np.asarray(lv.array), dataset.label_values if check_labels else None)[None]
     return LoadedCase(image, label, ref)
+
+
+def _label_array(path: Path, lab: np.ndarray, declared: list[int] | None) -> np.ndarray:
+    """``lab`` as int16, after checking its values in the file's own dtype (a cast first
+    would turn 65538 into 2 and 1e10 into 0): integers, and declared when ``declared`` is given."""
+    present = np.unique(lab)
+    if not np.issubdtype(lab.dtype, np.integer):
+        if not np.all(np.isfinite(present)) or not np.array_equal(present, np.round(present)):
+            bad = present[~np.isfinite(present) | (present != np.round(present))]
+            raise InputError(path, f"label values must be integers, found {bad[:5].tolist()}")
+    values = [int(v) if abs(v) < 2**62 else float(v) for v in present.tolist()]
+    allowed = set(declared) if declared is not None else set(range(np.iinfo(np.int16).max + 1))
+    undeclared = sorted(v for v in values if v not in allowed)
+    if undeclared:
+        where = f"declared: {declared}" if declared is not None else "labels are 0..32767"
+        raise InputError(path, f"label value(s) {undeclared[:10]} are not declared in dataset.json ({where})")
+    return lab.astype(np.int16)
 
 
 def _check_geometry(path: Path, vol: Volume, ref_path: Path, ref: Volume) -> None:

@@ -1,0 +1,428 @@
+"""The catalogue of bad input (issue 20): one row per case.
+
+Each row builds its inputs in a fresh folder, runs one ``medvol`` command and states:
+- the exit status (2: one error line ``medvol <command>: error: ...``; 1: a dataset run in
+  which cases failed, each listed on its own line under ``failed cases:``);
+- a regular expression the error line must match (it names the file or option);
+- which paths must come out untouched (sha256 of every file under them before and after:
+  no file changed, none added, none removed).
+No row may print a traceback. To add a case, append a ``Row`` to ``CATALOGUE``.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medvol.cli import main
+
+from conftest import sphere_case, write_nifti, write_v2_dataset
+
+
+# --------------------------------------------------------------------------- shared inputs
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A raw dataset of three sphere cases, its cache, and a one-step trained run."""
+    from medvol.config import load_recipe
+    from medvol.preprocessing import preprocess_dataset
+    from medvol.training import train
+
+    base = tmp_path_factory.mktemp("tiny")
+    raw = write_v2_dataset(base / "Dataset009_Tiny", {c: ([sphere_case(seed=i)[0]], sphere_case(seed=i)[1], np.eye(4))
+                                                       for i, c in enumerate("abc")})
+    assert not preprocess_dataset(raw, base / "cache", num_workers=1, quiet=True).failures
+    recipe = load_recipe("quickstart", ["model.base_features=4", "model.max_features=8", "data.num_workers=0",
+                                        "trainer.steps=1", "trainer.val_every=1", "data.batch_size=2"])
+    train(recipe, base / "cache", base / "run", device="cpu", quiet=True)
+    return {"raw": raw, "cache": base / "cache", "run": base / "run"}
+
+
+@dataclass
+class Ctx:
+    tmp: Path
+    monkeypatch: pytest.MonkeyPatch
+    tiny: dict
+
+    def raw(self) -> Path:
+        """A private copy of the tiny raw dataset."""
+        dst = self.tmp / "raw"
+        if not dst.exists():
+            shutil.copytree(self.tiny["raw"], dst)
+        return dst
+
+    def cache(self) -> Path:
+        dst = self.tmp / "cache"
+        if not dst.exists():
+            shutil.copytree(self.tiny["cache"], dst)
+        return dst
+
+    def edit_json(self, change: Callable[[dict], None]) -> Path:
+        path = self.raw() / "dataset.json"
+        meta = json.loads(path.read_text())
+        change(meta)
+        path.write_text(json.dumps(meta))
+        return self.raw()
+
+
+@dataclass
+class Row:
+    id: str
+    make: Callable[[Ctx], list[str]]  # builds the inputs, returns the command line
+    error: str  # regex the error line must match
+    rc: int = 2
+    untouched: Callable[[Ctx], list[Path]] = field(default=lambda c: [c.tmp / "raw"])
+
+
+# --------------------------------------------------------------------------- input builders
+def _preprocess(c: Ctx, *extra) -> list[str]:
+    return ["preprocess", str(c.raw()), "-o", str(c.tmp / "out"), "-j", "1", "--quiet", *extra]
+
+
+def _label(value, dtype):
+    def make(c: Ctx):
+        lab = sphere_case(seed=0)[1].astype(dtype)
+        lab[0, 0, 0] = value
+        write_nifti(c.raw() / "labelsTr" / "a.nii.gz", lab)
+        return _preprocess(c)
+
+    return make
+
+
+def _image(array, name="a_0000.nii.gz"):
+    def make(c: Ctx):
+        write_nifti(c.raw() / "imagesTr" / name, array)
+        return _preprocess(c)
+
+    return make
+
+
+def _patched_nifti(path: Path, offset: int, dtype: str, values, gz: bool = True) -> Path:
+    """A valid 24x24x20 NIfTI (qform only) with header bytes at ``offset`` overwritten."""
+    img = nib.Nifti1Image(sphere_case(seed=0)[0], np.eye(4))
+    img.set_sform(None, code=0)
+    img.set_qform(np.eye(4), code=1)
+    plain = path.with_name("plain.nii")
+    nib.save(img, str(plain))
+    data = bytearray(plain.read_bytes())
+    plain.unlink()
+    raw = np.array(values, dtype).tobytes()
+    data[offset:offset + len(raw)] = raw
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(bytes(data)) if gz else bytes(data))
+    return path
+
+
+PIXDIM_XYZ, DIM_XYZ = 80, 42  # NIfTI-1 header offsets of pixdim[1:4] (float32) and dim[1:4] (int16)
+
+
+def _header(offset, dtype, values):
+    def make(c: Ctx):
+        _patched_nifti(c.raw() / "imagesTr" / "a_0000.nii.gz", offset, dtype, values)
+        return _preprocess(c)
+
+    return make
+
+
+def _json(change):
+    def make(c: Ctx):
+        c.edit_json(change)
+        return _preprocess(c)
+
+    return make
+
+
+def _decathlon(meta_change):
+    def make(c: Ctx):
+        root = c.tmp / "raw"
+        img, lab, aff = sphere_case()
+        write_nifti(root / "imagesTr" / "a.nii.gz", img, aff)
+        write_nifti(root / "labelsTr" / "a.nii.gz", lab, aff)
+        meta = {"modality": {"0": "MRI"}, "labels": {"0": "background", "1": "ball"},
+                "training": [{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"}], "test": []}
+        meta_change(meta)
+        (root / "dataset.json").write_text(json.dumps(meta))
+        return _preprocess(c)
+
+    return make
+
+
+def _train(*overrides):
+    def make(c: Ctx):
+        argv = ["train", "quickstart", "--data", str(c.tiny["cache"]), "--out", str(c.tmp / "run"), "--quiet"]
+        for o in overrides:
+            argv += ["--set", o]
+        return argv
+
+    return make
+
+
+def _predict(*extra, image=None):
+    def make(c: Ctx):
+        src = c.tmp / "in" / "x.nii.gz"
+        write_nifti(src, sphere_case()[0] if image is None else image)
+        return ["predict", "-m", str(c.tiny["run"]), "-i", str(src), "-o", str(c.tmp / "pred"), "--device", "cpu",
+                "--quiet", *extra]
+
+    return make
+
+
+def _predict_huge_header_nii(c: Ctx):
+    argv = _predict()(c)
+    argv[argv.index("-i") + 1] = str(_patched_nifti(c.tmp / "in" / "big.nii", DIM_XYZ, "<i2", [900, 900, 900],
+                                                    gz=False))
+    return argv
+
+
+def _no_cuda(make):
+    def wrapped(c: Ctx):
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("CUDA is available here")
+        return make(c)
+
+    return wrapped
+
+
+def _read_only_out(c: Ctx):
+    out = c.tmp / "out"
+    out.mkdir()
+    out.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere: refuse as the kernel would for a user
+        import medvol.utils
+
+        real = medvol.utils._tmp_name
+
+        def refuse(path):
+            if out in Path(path).parents:
+                raise PermissionError(errno.EACCES, "Permission denied", str(path.parent))
+            return real(path)
+
+        c.monkeypatch.setattr(medvol.utils, "_tmp_name", refuse)
+    return _preprocess(c)
+
+
+def _disk_full(c: Ctx):
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    c.monkeypatch.setattr(np, "save", full)
+    return _preprocess(c)
+
+
+def _worker_killed(c: Ctx):
+    from medvol.preprocessing import preprocessor
+
+    real = preprocessor.load_raw_case
+
+    def load(case, *a, **k):  # runs in a forked worker: dies the way an OOM kill does
+        if case.case_id == "b":
+            os._exit(9)
+        return real(case, *a, **k)
+
+    c.monkeypatch.setattr(preprocessor, "load_raw_case", load)
+    return ["preprocess", str(c.raw()), "-o", str(c.tmp / "out"), "-j", "2", "--quiet"]
+
+
+def _evaluate(missing=False, shifted=False):
+    def make(c: Ctx):
+        aff = np.eye(4)
+        for case in ("a", "b"):
+            write_nifti(c.tmp / "ref" / f"{case}.nii.gz", sphere_case()[1], aff)
+        moved = aff.copy()
+        moved[0, 3] = 3.0 if shifted else 0.0
+        write_nifti(c.tmp / "pred" / "a.nii.gz", sphere_case()[1], moved)
+        if not missing:
+            write_nifti(c.tmp / "pred" / "b.nii.gz", sphere_case()[1], moved)
+        return ["evaluate", "--pred", str(c.tmp / "pred"), "--ref", str(c.tmp / "ref"), "--quiet"]
+
+    return make
+
+
+def _truncated_cache(c: Ctx):
+    cache = c.cache()
+    for case in "abc":
+        arr = cache / "cases" / f"{case}.npy"
+        arr.write_bytes(arr.read_bytes()[: arr.stat().st_size // 2])
+    return ["train", "quickstart", "--data", str(cache), "--out", str(c.tmp / "run"), "--quiet", "--device", "cpu",
+            "--set", "trainer.steps=1", "--set", "data.num_workers=0", "--set", "model.base_features=4",
+            "--set", "model.max_features=8"]
+
+
+def _mixed_2d_3d(c: Ctx):
+    img, lab, _ = sphere_case(seed=7)
+    write_nifti(c.raw() / "imagesTr" / "flat_0000.nii.gz", img[:, :, 10:11])
+    write_nifti(c.raw() / "labelsTr" / "flat.nii.gz", lab[:, :, 10:11])
+    c.edit_json(lambda m: m.update(numTraining=4))
+    return _preprocess(c)
+
+
+def _non_utf8(c: Ctx):
+    path = c.raw() / "dataset.json"
+    path.write_bytes(path.read_bytes().replace(b'"fg"', b'"f\xe9"'))
+    return _preprocess(c)
+
+
+def _cache_and(*names):
+    return lambda c: [c.tmp / n for n in names]
+
+
+CATALOGUE = [
+    # 4. label values, checked before any cast; declared labels consecutive from 0
+    Row("label-65538-int32", _label(65538, np.int32), r"a\.nii\.gz: label value\(s\) \[65538\] are not declared", 1),
+    Row("label-65536-int32", _label(65536, np.int32), r"a\.nii\.gz: label value\(s\) \[65536\] are not declared", 1),
+    Row("label-1e10-float", _label(1e10, np.float64), r"a\.nii\.gz: label value\(s\) \[10000000000\] are not", 1),
+    Row("label-fraction", _label(0.5, np.float32), r"a\.nii\.gz: label values must be integers, found \[0\.5\]", 1),
+    Row("label-negative", _label(-1, np.int16), r"a\.nii\.gz: label value\(s\) \[-1\] are not declared", 1),
+    Row("labels-not-consecutive", _json(lambda m: m.update(labels={"background": 0, "fg": 1, "x": 5})),
+        r"dataset\.json: label values must be consecutive from 0 .* got \[0, 1, 5\]"),
+    Row("label-value-float", _json(lambda m: m.update(labels={"background": 0, "fg": 1.5})),
+        r"dataset\.json: label 'fg': value 1\.5 is not an integer"),
+    # 5. options validated where they are parsed, recipe values alike; NaN never passes
+    Row("ct-window-empty", lambda c: _preprocess(c, "--ct-window", "0", "0"), r"--ct-window: LO must be below HI",
+        untouched=_cache_and("raw", "out")),
+    Row("ct-window-reversed", lambda c: _preprocess(c, "--ct-window", "100", "-100"), r"--ct-window: LO must be below",
+        untouched=_cache_and("raw", "out")),
+    Row("ct-window-nan", lambda c: _preprocess(c, "--ct-window", "nan", "1"), r"--ct-window: must be a finite number",
+        untouched=_cache_and("raw", "out")),
+    Row("gpu-memory-negative", lambda c: _preprocess(c, "--gpu-memory", "-5"), r"--gpu-memory: must be > 0",
+        untouched=_cache_and("raw", "out")),
+    Row("gpu-memory-nan", lambda c: _preprocess(c, "--gpu-memory", "nan"), r"--gpu-memory: must be a finite number",
+        untouched=_cache_and("raw", "out")),
+    Row("target-spacing-zero", lambda c: _preprocess(c, "--target-spacing", "1", "0", "1"),
+        r"--target-spacing: must be > 0", untouched=_cache_and("raw", "out")),
+    Row("target-spacing-inf", lambda c: _preprocess(c, "--target-spacing", "1", "inf", "1"),
+        r"--target-spacing: must be a finite number", untouched=_cache_and("raw", "out")),
+    Row("workers-zero", lambda c: _preprocess(c, "-j", "0"), r"-j: must be an integer >= 1",
+        untouched=_cache_and("raw", "out")),
+    Row("overlap-one", _predict("--overlap", "1"), r"--overlap: must be in \[0, 1\)", untouched=_cache_and("in", "pred")),
+    Row("overlap-nan", _predict("--overlap", "nan"), r"--overlap: must be a finite number",
+        untouched=_cache_and("in", "pred")),
+    Row("sw-batch-size-zero", _predict("--sw-batch-size", "0"), r"--sw-batch-size: must be an integer >= 1",
+        untouched=_cache_and("in", "pred")),
+    Row("device-cuda-without-cuda", _no_cuda(_predict("--device", "cuda")), r"--device cuda: no CUDA device",
+        untouched=_cache_and("in", "pred")),
+    Row("device-unknown", _predict("--device", "gpu0"), r"--device: expected auto, cpu, cuda or cuda:N",
+        untouched=_cache_and("in", "pred")),
+    Row("recipe-steps-zero", _train("trainer.steps=0"), r"'trainer\.steps' must be >= 1", untouched=_cache_and("run")),
+    Row("recipe-lr-nan", _train("optimizer.lr=nan"), r"'optimizer\.lr' must be a finite number",
+        untouched=_cache_and("run")),
+    Row("recipe-lr-zero", _train("optimizer.lr=0"), r"'optimizer\.lr' must be > 0", untouched=_cache_and("run")),
+    Row("recipe-patch-2d", _train("data.patch_size=[32, 32]"), r"'data\.patch_size' must be 3 positive integers",
+        untouched=_cache_and("run")),
+    # 8. evaluate: missing predictions are an error; the affine message quotes both affines
+    Row("evaluate-missing-prediction", _evaluate(missing=True),
+        r"pred: no prediction for 1 of the 2 reference case\(s\) in .*ref: b$", untouched=_cache_and("pred", "ref")),
+    Row("evaluate-affine-mismatch", _evaluate(shifted=True),
+        r"a\.nii\.gz: not on the reference's grid \(a\.nii\.gz\): affine \[\[1\.0, 0\.0, 0\.0, 3\.0\].* vs "
+        r"\[\[1\.0, 0\.0, 0\.0, 0\.0\]", untouched=_cache_and("pred", "ref")),
+    Row("evaluate-missing-folder", lambda c: ["evaluate", "--pred", str(c.tmp / "nope"), "--ref", str(c.tmp / "ref")],
+        r"nope: folder not found", untouched=_cache_and("nope", "ref")),
+    # 9. one line naming the file or option and the problem
+    Row("zero-size-dimension", _image(np.zeros((24, 24, 0), np.float32)),
+        r"a_0000\.nii\.gz: has a zero-size dimension \(shape \(24, 24, 0\)\)", 1),
+    Row("zero-spacing", _header(PIXDIM_XYZ, "<f4", [1, 0, 1]),
+        r"a_0000\.nii\.gz: voxel spacing \(pixdim\) must be finite and > 0, got \[1\.0, 0\.0, 1\.0\]", 1),
+    Row("nan-spacing", _header(PIXDIM_XYZ, "<f4", [1, np.nan, 1]),
+        r"a_0000\.nii\.gz: voxel spacing \(pixdim\) must be finite and > 0", 1),
+    Row("header-declares-too-many-voxels-gz", _header(DIM_XYZ, "<i2", [30000, 30000, 30000]),
+        r"a_0000\.nii\.gz: header declares shape \(30000, 30000, 30000\) .* truncated or corrupt header", 1),
+    Row("header-declares-too-many-voxels-nii", _predict_huge_header_nii,
+        r"big\.nii: header declares shape \(900, 900, 900\)", untouched=_cache_and("in", "pred")),
+    Row("dataset-json-not-utf8", _non_utf8, r"dataset\.json: not UTF-8 text"),
+    Row("channel-names-a-list", _json(lambda m: m.update(channel_names=["MRI"])),
+        r"dataset\.json: 'channel_names' must be a mapping channel -> name, got list"),
+    Row("channel-name-not-a-string", _json(lambda m: m.update(channel_names={"0": 1})),
+        r"dataset\.json: 'channel_names' maps channel numbers to names"),
+    Row("num-training-a-string", _json(lambda m: m.update(numTraining="3")),
+        r"dataset\.json: 'numTraining' must be an integer, got str"),
+    Row("file-ending-a-number", _json(lambda m: m.update(file_ending=5)),
+        r"dataset\.json: 'file_ending' must be a string"),
+    Row("file-ending-without-dot", _json(lambda m: m.update(file_ending="nii.gz")),
+        r"dataset\.json: 'file_ending' must start with a dot"),
+    Row("labels-a-list", _json(lambda m: m.update(labels=["background", "fg"])), r"dataset\.json: 'labels' must be"),
+    Row("decathlon-modality-a-list", _decathlon(lambda m: m.update(modality=["MRI"])),
+        r"dataset\.json: 'modality' must be a mapping"),
+    Row("decathlon-training-a-dict", _decathlon(lambda m: m.update(training={"image": "a"})),
+        r"dataset\.json: 'training' must be a list"),
+    Row("decathlon-image-not-a-path", _decathlon(lambda m: m["training"][0].update(image=3)),
+        r"dataset\.json: each 'training' entry needs 'image' and 'label' paths"),
+    Row("decathlon-test-entry-a-number", _decathlon(lambda m: m.update(test=[1])),
+        r"dataset\.json: each 'test' entry must be an image path"),
+    Row("decathlon-label-name-not-a-string", _decathlon(lambda m: m.update(labels={"0": "background", "1": 2})),
+        r"dataset\.json: 'labels' maps values to names"),
+    Row("read-only-output-folder", _read_only_out, r"out/\.medvol-manifest\.json: cannot write: permission denied",
+        untouched=_cache_and("raw", "out")),
+    Row("disk-full", _disk_full, r"cannot write: disk full \(free space or fix permissions, then rerun\)"),
+    Row("worker-killed", _worker_killed, r"a worker process died .* rerun the same command to resume"),
+    Row("plan-on-a-raw-folder", lambda c: ["plan", str(c.raw()), "--quiet"],
+        r"raw: a raw dataset \(or another folder\), not one `medvol fingerprint` wrote"),
+    Row("truncated-cache-array-in-training", _truncated_cache,
+        r"cache/cases/[abc]\.npy: truncated or corrupt cache array; rerun `medvol preprocess`",
+        untouched=_cache_and("cache")),
+    Row("predict-2d-image", _predict(image=sphere_case()[0][:, :, 10:11]),
+        r"x\.nii\.gz: is a 2D image \(shape \(24, 24, 1\)\); the model is 3D", untouched=_cache_and("in", "pred")),
+    Row("predict-empty-image", _predict(image=np.zeros((24, 24, 0), np.float32)),
+        r"x\.nii\.gz: has a zero-size dimension", untouched=_cache_and("in", "pred")),
+    Row("dataset-mixing-2d-and-3d", _mixed_2d_3d,
+        r"raw: the dataset mixes 2D images \(1, e\.g\. case 'flat' of shape \[24, 24, 1\]\) and 3D images \(3"),
+]
+
+
+# --------------------------------------------------------------------------- the runner
+def checksums(paths: list[Path]) -> dict[str, str]:
+    """sha256 of every file at or under ``paths`` (a path that does not exist has none)."""
+    out = {}
+    for p in paths:
+        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+        for f in files:
+            out[str(f)] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
+
+
+def run_cli(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse: usage errors
+        return int(e.code)
+
+
+@pytest.mark.parametrize("row", CATALOGUE, ids=lambda r: r.id)
+def test_bad_input_catalogue(row: Row, tiny, tmp_path, monkeypatch, capsys):
+    ctx = Ctx(tmp_path, monkeypatch, tiny)
+    argv = row.make(ctx)
+    watched = row.untouched(ctx)
+    before = checksums(watched)
+    capsys.readouterr()
+    rc = run_cli(argv)
+    err = capsys.readouterr().err
+    if (tmp_path / "out").exists():
+        (tmp_path / "out").chmod(0o755)  # let pytest clean up a read-only output folder
+    assert "Traceback" not in err, err
+    assert rc == row.rc, err
+    if rc == 2:
+        lines = [ln for ln in err.splitlines() if ln.startswith("medvol ")]
+        assert len(lines) == 1, err
+        assert lines[0].startswith(f"medvol {argv[0]}: error: "), err
+        assert re.search(row.error, lines[0]), lines[0]
+    else:
+        failed = err.split("failed cases:\n", 1)[1].splitlines()
+        assert any(re.search(row.error, ln) for ln in failed), err
+    assert checksums(watched) == before
+
+
+def test_catalogue_ids_are_unique():
+    ids = [r.id for r in CATALOGUE]
+    assert len(ids) == len(set(ids))
