@@ -1,0 +1,159 @@
+"""GRU slice aggregator: per-slice feature vectors -> one subject-level prediction (METHODS.md §7).
+
+After DC-MT's aggregation network (Huo et al., MedIA 2022): per-slice features ``(B, S, F)``
+(F = 512 from the slice classifier) go through dropout + 1x1 convolutions F -> 256 -> 128
+(BatchNorm, ReLU); then two branches whose outputs are summed:
+
+(a) a learned weighted sum over slices of the 128-d slice embeddings, then a linear layer -> 192;
+(b) a 2-layer bidirectional GRU (hidden 96, so 192 per slice), a learned weighted sum over
+    slices, then a linear layer -> 192;
+
+and a linear classifier maps the sum to subject classes.
+
+Differences from the published network, and why:
+
+- The published weighted sums are convolutions whose kernel spans exactly 24 slice positions,
+  which ties the network to 24 slices. Here each weighted sum is a softmax attention over slices
+  (a learned score per slice embedding), masked so padded slices get weight 0: any number of
+  slices works, batched with a padding mask ``(B, S)`` (True = real slice, real slices first).
+- The GRU runs on packed sequences, and the 1x1 convolutions run on the real slices only, so
+  padded slices never reach an output, nor the BatchNorm statistics in training.
+- ``fixed_slices=24`` keeps the published input rule: every scan is centre-cropped or
+  zero-padded to 24 slices (:func:`to_fixed_slices`) and all 24 positions, zeros included, are
+  treated as slices, as the published network treats them.
+- Dropout is element-wise (published: ``Dropout2d`` over feature channels), p = 0.5 as published.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from medvol.errors import ConfigError
+from medvol.networks import register
+
+
+def slice_lengths(mask: torch.Tensor | None, batch: int, slices: int, device=None) -> torch.Tensor:
+    """Real slices per subject ``(B,)`` from a padding mask ``(B, S)`` (True = real, real slices
+    first; ``None`` = all real). Raises ``ValueError`` for any other mask."""
+    if mask is None:
+        return torch.full((batch,), slices, dtype=torch.long, device=device)
+    if mask.dtype != torch.bool or tuple(mask.shape) != (batch, slices):
+        raise ValueError(f"mask must be a bool tensor of shape {(batch, slices)}, got {mask.dtype} {tuple(mask.shape)}")
+    lengths = mask.sum(1)
+    prefix = torch.arange(slices, device=mask.device)[None] < lengths[:, None]
+    if not torch.equal(prefix, mask) or bool((lengths == 0).any()):
+        raise ValueError("each mask row must be True for its real slices, at the start, and False after; "
+                         "every subject needs at least one real slice")
+    return lengths
+
+
+def to_fixed_slices(features: torch.Tensor, mask: torch.Tensor | None = None, n: int = 24):
+    """Centre-crop or zero-pad each subject's real slices to exactly ``n`` (DC-MT's 24-slice input).
+
+    ``features`` ``(B, S, F)``, ``mask`` ``(B, S)`` or ``None`` -> ``(fixed (B, n, F), real (B, n))``,
+    ``real`` marking the positions that hold a real slice. A subject with ``L > n`` slices keeps
+    slices ``(L - n) // 2`` to ``(L - n) // 2 + n - 1`` (an odd one out is dropped at the end); one
+    with ``L < n`` gets ``(n - L) // 2`` zero slices before and the rest (one more when odd) after.
+    """
+    b, s, f = features.shape
+    lengths = slice_lengths(mask, b, s, features.device)
+    start = torch.where(lengths >= n, (lengths - n) // 2, -((n - lengths) // 2))
+    src = start[:, None] + torch.arange(n, device=features.device)  # (B, n) source slice per position
+    real = (src >= 0) & (src < lengths[:, None])
+    picked = features.gather(1, src.clamp(0, s - 1)[..., None].expand(b, n, f))
+    return torch.where(real[..., None], picked, torch.zeros_like(picked)), real
+
+
+class MaskedAttentionPool(nn.Module):
+    """A learned weighted sum over slices: ``(B, S, C)`` + mask ``(B, S)`` -> ``(B, C)``, weights
+    the softmax over real slices of a linear score (no bias: softmax ignores a shared shift)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.score = nn.Linear(channels, 1, bias=False)
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        scores = self.score(h).squeeze(-1).masked_fill(~mask, float("-inf"))
+        return torch.einsum("bs,bsc->bc", scores.softmax(1), h)
+
+
+def _slice_embedding(in_features: int, widths: tuple[int, ...], dropout: float) -> nn.Sequential:
+    """Dropout + 1x1 convs (BN, ReLU) over ``(N, F, 1)`` slice vectors, dropout after the last."""
+    layers: list[nn.Module] = []
+    for w_in, w_out in zip((in_features,) + widths[:-1], widths):
+        layers += [nn.Dropout(dropout), nn.Conv1d(w_in, w_out, 1, bias=False), nn.BatchNorm1d(w_out), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Dropout(dropout))
+
+
+class GRUSliceAggregator(nn.Module):
+    """Per-slice features ``(B, S, F)`` (+ padding mask ``(B, S)``) -> subject logits ``(B, K)``.
+
+    Args:
+        num_classes: K subject classes.
+        in_features: F, the per-slice feature width (512 in DC-MT).
+        hidden: widths of the 1x1 convs (256, 128 published).
+        gru_hidden: GRU hidden size per direction (96 published); both branches give ``2 * gru_hidden``.
+        dropout: dropout probability before each 1x1 conv and after the last.
+        fixed_slices: ``None`` (any length, masked) or a slice count (24 published) every input is
+            centre-cropped / zero-padded to.
+    """
+
+    to_fixed_slices = staticmethod(to_fixed_slices)
+
+    def __init__(self, num_classes: int, in_features: int = 512, hidden: tuple[int, ...] = (256, 128),
+                 gru_hidden: int = 96, dropout: float = 0.5, fixed_slices: int | None = None):
+        super().__init__()
+        hidden = tuple(int(w) for w in hidden)
+        width, out = hidden[-1], 2 * gru_hidden
+        self.fixed_slices = fixed_slices
+        self.embed = _slice_embedding(in_features, hidden, dropout)
+        self.pool_a = MaskedAttentionPool(width)
+        self.proj_a = nn.Linear(width, out)
+        self.gru = nn.GRU(width, gru_hidden, num_layers=2, batch_first=True, bidirectional=True)
+        self.pool_b = MaskedAttentionPool(out)
+        self.proj_b = nn.Linear(out, out)
+        self.classifier = nn.Linear(out, num_classes, bias=False)  # the branches carry the biases
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``features`` ``(B, S, F)``, ``mask`` ``(B, S)`` bool (True = real slice, real slices
+        first; ``None`` = all real) -> logits ``(B, K)``."""
+        if self.fixed_slices is not None:
+            features, _ = to_fixed_slices(features, mask, self.fixed_slices)
+            mask = None  # the zero slices are input, as in the published network
+        b, s, _ = features.shape
+        lengths = slice_lengths(mask, b, s, features.device)
+        if mask is None:
+            mask = torch.ones(b, s, dtype=torch.bool, device=features.device)
+        h = self._embed(features, mask)
+        branch_a = self.proj_a(self.pool_a(h, mask))
+        branch_b = self.proj_b(self.pool_b(self._gru(h, lengths), mask))
+        return self.classifier(branch_a + branch_b)
+
+    def _embed(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The 1x1 convs on the real slices only -> ``(B, S, C)``, zeros at padded slices."""
+        real = self.embed(features[mask].unsqueeze(-1)).squeeze(-1)  # (N_real, C)
+        h = real.new_zeros(*mask.shape, real.shape[-1])
+        h[mask] = real
+        return h
+
+    def _gru(self, h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Bidirectional GRU over the real slices (packed) -> ``(B, S, 2 * gru_hidden)``."""
+        packed = pack_padded_sequence(h, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = self.gru(packed)
+        return pad_packed_sequence(out, batch_first=True, total_length=h.shape[1])[0]
+
+
+_OPTIONS = {"hidden", "gru_hidden", "dropout", "fixed_slices"}
+
+
+@register("gru_aggregator")
+def build_gru_aggregator(model_cfg, plans: dict, in_channels: int, num_classes: int) -> nn.Module:
+    """``in_channels`` is the per-slice feature width F; ``model.options`` may set ``hidden``,
+    ``gru_hidden``, ``dropout`` and ``fixed_slices`` (``model.base_features`` is not used)."""
+    opts = dict(model_cfg.options)
+    unknown = sorted(set(opts) - _OPTIONS)
+    if unknown:
+        raise ConfigError(f"model.options {unknown}: gru_aggregator takes {sorted(_OPTIONS)}")
+    return GRUSliceAggregator(num_classes, in_features=in_channels, **opts)
