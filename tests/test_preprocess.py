@@ -138,3 +138,32 @@ def test_preprocess_case_leaves_the_callers_volume_alone(brain_raw, brain_pre):
     np.testing.assert_array_equal(vol.array, before)
     b, _ = preprocess_case(vol, plans, inplace=True)  # may reuse the array: same result
     np.testing.assert_allclose(a, b)
+
+
+def test_foreground_locations_live_beside_the_case_not_in_its_json(brain_pre, tmp_path):
+    import json
+    import shutil
+
+    from medvol.preprocessing.cache import CACHE_VERSION, locations_path, plans_digest
+
+    case = list_cases(brain_pre)[0]
+    raw_props = json.loads((brain_pre / "cases" / f"{case}.json").read_text())
+    assert "class_locations" not in raw_props and raw_props["cache_version"] == CACHE_VERSION == 2
+    with np.load(locations_path(brain_pre, case)) as z:
+        assert sorted(z.files) == ["1", "2"] and all(z[k].dtype == np.int32 and z[k].shape[1] == 3 for k in z.files)
+    # a case written by the format before (locations inside the JSON, digest without the
+    # version) is not complete for this version: a rerun redoes it instead of misreading it
+    from medvol.preprocessing.cache import case_is_complete
+
+    old = tmp_path / "old"
+    shutil.copytree(brain_pre, old)
+    props = json.loads((old / "cases" / f"{case}.json").read_text())
+    plans = json.loads((old / "plans.json").read_text())
+    import hashlib
+
+    props["plans_digest"] = hashlib.sha1(json.dumps(plans, sort_keys=True).encode()).hexdigest()[:16]
+    (old / "cases" / f"{case}.json").write_text(json.dumps(props))
+    assert case_is_complete(old, case, plans_digest(plans)) is False
+    assert case_is_complete(brain_pre, case, plans_digest(plans)) is True
+    locations_path(old, list_cases(old)[1]).unlink()
+    assert case_is_complete(old, list_cases(old)[1], plans_digest(plans)) is False

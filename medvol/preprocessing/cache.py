@@ -1,4 +1,4 @@
-"""The preprocessing cache on disk (format version 1).
+"""The preprocessing cache on disk (format version 2).
 
 ``OUT/`` holds ``dataset.json`` (the raw dataset's description), ``fingerprint.json``,
 ``plans.json`` and per training case, under ``OUT/cases/``:
@@ -7,8 +7,15 @@
   training reads patches through a memory map without loading the case;
 - ``<case>_seg.npy``: label, int8 (int16 when labels exceed 127), ``(1, X, Y, Z)``; -1 marks
   background outside the nonzero mask (nnU-Net's convention);
-- ``<case>.json``: properties (original shape/affine/spacing, crop box, resampled shape,
-  sampled foreground locations per class, ...). Written last: it marks a finished case.
+- ``<case>_locations.npz`` (labelled cases): per class ``"<value>"`` an ``(n, 3)`` int32
+  array of sampled foreground voxels for oversampling (a binary file: as JSON these were
+  most of preprocessing's writing time);
+- ``<case>.json``: small properties (original shape/affine/spacing, crop box, resampled
+  shape, sources, ...). Written last: it marks a finished case. ``load_case`` puts the
+  locations back under ``class_locations``.
+
+Format version 2 (1 kept the locations inside the JSON). The version is part of every
+case's plan digest, so a cache of another version is redone, never misread.
 
 Per-case fingerprints live in ``OUT/fingerprints/``; cropped arrays waiting for the plan
 in ``OUT/staging/`` (removed as each case finishes).
@@ -23,9 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from medvol.errors import CacheError
-from medvol.utils import read_json
+from medvol.utils import atomic_path, read_json
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def cases_dir(out: Path) -> Path:
@@ -33,12 +40,34 @@ def cases_dir(out: Path) -> Path:
 
 
 def plans_digest(plans: dict) -> str:
-    return hashlib.sha1(json.dumps(plans, sort_keys=True).encode()).hexdigest()[:16]
+    """What a cached case was made with: the plan and the cache format version."""
+    key = json.dumps({"plans": plans, "cache_version": CACHE_VERSION}, sort_keys=True)
+    return hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
 def case_paths(out: Path, case_id: str) -> tuple[Path, Path, Path]:
     d = cases_dir(out)
     return d / f"{case_id}.npy", d / f"{case_id}_seg.npy", d / f"{case_id}.json"
+
+
+def locations_path(out: Path, case_id: str) -> Path:
+    return cases_dir(out) / f"{case_id}_locations.npz"
+
+
+def save_locations(out: Path, case_id: str, locations: dict[str, np.ndarray]) -> None:
+    with atomic_path(locations_path(out, case_id)) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **{k: np.asarray(v, np.int32) for k, v in locations.items()})
+
+
+def load_locations(out: Path, case_id: str) -> dict[str, np.ndarray]:
+    path = locations_path(out, case_id)
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise CacheError(f"{path}: missing or corrupt; rerun `medvol preprocess` (it redoes broken cases) ({e})") \
+            from None
 
 
 def case_is_complete(out: Path, case_id: str, digest: str | None = None) -> bool:
@@ -56,6 +85,8 @@ def case_is_complete(out: Path, case_id: str, digest: str | None = None) -> bool
             return False
         if p.get("has_label"):
             if not seg.exists() or list(np.load(seg, mmap_mode="r").shape[1:]) != p["shape_after_resampling"]:
+                return False
+            if not locations_path(out, case_id).exists():
                 return False
     except (ValueError, KeyError, OSError, json.JSONDecodeError):
         return False
@@ -85,6 +116,8 @@ def load_case(out: str | Path, case_id: str, mmap: bool = True):
     if image.dtype != np.float32 and not mmap:
         image = image.astype(np.float32)
     label = _load_array(seg, mode, p) if p.get("has_label") and seg.exists() else None
+    if label is not None:
+        p["class_locations"] = load_locations(out, case_id)
     return image, label, p
 
 

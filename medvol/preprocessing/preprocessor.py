@@ -23,7 +23,8 @@ import numpy as np
 from medvol.errors import CacheError, InputError, MedvolError, OutputError
 from medvol.io import Volume
 from medvol.manifest import OutputFolder, refuse_overlap
-from medvol.preprocessing.cache import (CACHE_VERSION, case_is_complete, case_paths, load_plans, plans_digest)
+from medvol.preprocessing.cache import (CACHE_VERSION, case_is_complete, case_paths, load_plans, plans_digest,
+                                       save_locations)
 from medvol.preprocessing.cropping import crop_to_nonzero
 from medvol.preprocessing.fingerprint import (case_fingerprint, case_fingerprint_done, check_dimensionality,
                                               merge_fingerprints, samples_per_case, write_case_fingerprint)
@@ -41,9 +42,9 @@ MIN_LOCATION_COVERAGE = 0.01
 
 
 # --------------------------------------------------------------------------- one case
-def sample_class_locations(seg: np.ndarray, classes: Iterable[int], seed: int = 1234) -> dict[str, list]:
+def sample_class_locations(seg: np.ndarray, classes: Iterable[int], seed: int = 1234) -> dict[str, np.ndarray]:
     """Up to 10,000 voxel positions (x, y, z) per class (at least 1 % of its voxels), for
-    foreground oversampling; fixed seed, as nnU-Net."""
+    foreground oversampling, as ``(n, 3)`` int32 arrays; fixed seed, as nnU-Net."""
     rs = np.random.RandomState(seed)
     flat = seg.reshape(-1)
     spatial = seg.shape[1:]
@@ -51,11 +52,11 @@ def sample_class_locations(seg: np.ndarray, classes: Iterable[int], seed: int = 
     for c in classes:
         idx = np.flatnonzero(flat == c)
         if idx.size == 0:
-            out[str(c)] = []
+            out[str(c)] = np.zeros((0, len(spatial)), np.int32)
             continue
         n = max(min(NUM_LOCATION_SAMPLES, idx.size), int(np.ceil(idx.size * MIN_LOCATION_COVERAGE)))
         chosen = idx[rs.choice(idx.size, n, replace=False)]
-        out[str(c)] = np.stack(np.unravel_index(chosen, spatial), axis=1).astype(int).tolist()
+        out[str(c)] = np.stack(np.unravel_index(chosen, spatial), axis=1).astype(np.int32)
     return out
 
 
@@ -217,15 +218,14 @@ def _preprocess_job(case: RawCase, dataset: RawDataset, out: Path, plans: dict, 
         props.update({"case_id": case.case_id, "has_label": has_label, "cache_version": CACHE_VERSION,
                       "plans_digest": digest, "sources": sources,
                       "label_file": str(case.label) if case.label else None})
-        if has_label:
-            fg = [v for v in sorted(set(plans["labels"].values())) if v > 0]
-            props["class_locations"] = sample_class_locations(seg_r, fg)
         i_out, s_out, p_out = case_paths(out, case.case_id)
         p_out.unlink(missing_ok=True)  # an old properties file must not vouch for new arrays
         save_npy(i_out, image.astype(plans.get("cache_dtype", "float32"), copy=False))
         if has_label:
             dtype = np.int16 if seg_r.max() > 127 else np.int8
             save_npy(s_out, seg_r.astype(dtype))
+            fg = [v for v in sorted(set(plans["labels"].values())) if v > 0]
+            save_locations(out, case.case_id, sample_class_locations(seg_r, fg))
         write_json(p_out, props)
         for p in (img_p, seg_p, props_p):
             p.unlink(missing_ok=True)
