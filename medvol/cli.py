@@ -92,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("preprocess", help="fingerprint -> plan -> crop/normalise/resample into a cache")
     p.add_argument("raw", type=Path, help="raw dataset: nnU-Net/Decathlon folder, NIfTI folder or DICOM tree")
     p.add_argument("-o", "--out", type=Path, required=True, help="output (cache) folder")
-    p.add_argument("-j", "--workers", type=int, default=2, action=_checked(validation.positive_int),
-                   help="worker processes (default 2)")
+    p.add_argument("-j", "--workers", type=int, default=None, action=_checked(validation.positive_int),
+                   help="worker processes (default: the usable CPUs, fewer when memory would not hold them)")
     p.add_argument("--overwrite", action="store_true", help="start from scratch instead of resuming")
     p.add_argument("--shard", help="K/N: process cases K, K+N, ... (K from 0); needs `medvol plan` first")
     _add_plan_options(p)
@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fingerprint", help="per-case fingerprints (and cropped arrays) only")
     p.add_argument("raw", type=Path)
     p.add_argument("-o", "--out", type=Path, required=True)
-    p.add_argument("-j", "--workers", type=int, default=2, action=_checked(validation.positive_int))
+    p.add_argument("-j", "--workers", type=int, default=None, action=_checked(validation.positive_int),
+                   help="worker processes (default: the usable CPUs, fewer when memory would not hold them)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--shard", help="K/N: fingerprint cases K, K+N, ... (K from 0)")
     _add_common(p)
@@ -151,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job end to end on the built-in real data")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default ./demo_out)")
-    p.add_argument("-j", "--workers", type=int, default=2, action=_checked(validation.positive_int))
+    p.add_argument("-j", "--workers", type=int, default=None, action=_checked(validation.positive_int),
+                   help="worker processes (default: the usable CPUs, fewer when memory would not hold them)")
     p.add_argument("--steps", type=int, default=150, action=_checked(validation.positive_int),
                    help="training steps (default 150, a few minutes on 2 cores)")
     p.add_argument("--device", default="auto", action=_checked(validation.device))

@@ -23,6 +23,7 @@ import numpy as np
 from medvol.errors import CacheError, InputError, MedvolError, OutputError
 from medvol.io import Volume
 from medvol.manifest import OutputFolder, refuse_overlap
+from medvol.resources import worker_count
 from medvol.preprocessing.cache import (CACHE_VERSION, case_is_complete, case_paths, load_plans, plans_digest,
                                        save_locations)
 from medvol.preprocessing.cropping import crop_to_nonzero
@@ -258,10 +259,37 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def _run_jobs(fn: Callable, cases: list[RawCase], args: tuple, num_workers: int, desc: str, quiet: bool) -> Report:
+BYTES_PER_VOXEL = 40  # peak bytes of one worker per voxel and channel (arrays, copies, resampling)
+
+
+def _case_bytes(case: RawCase) -> int | None:
+    """A worker's peak memory for this case, from the NIfTI headers (None when unknown)."""
+    from medvol.io import is_nifti
+
+    if not all(is_nifti(p) for p in case.images):
+        return None
+    import nibabel as nib
+
+    try:
+        return sum(int(np.prod(nib.load(str(p)).shape)) for p in case.images) * BYTES_PER_VOXEL
+    except Exception:  # noqa: BLE001 - an unreadable header is reported when the case is read
+        return None
+
+
+def _workers(cases: list[RawCase], requested: int | None) -> int:
+    """-j: as asked, or the usable CPUs kept within the available memory (largest case)."""
+    if requested is not None:
+        return requested
+    sizes = [b for b in (_case_bytes(c) for c in cases) if b]
+    return worker_count(len(cases), max(sizes) if sizes else None)
+
+
+def _run_jobs(fn: Callable, cases: list[RawCase], args: tuple, num_workers: int | None, desc: str,
+              quiet: bool) -> Report:
     report = Report()
     if not cases:
         return report
+    num_workers = _workers(cases, num_workers)
     from tqdm import tqdm
 
     bar = tqdm(total=len(cases), desc=desc, unit="case", disable=quiet or not sys.stderr.isatty())
@@ -348,7 +376,7 @@ def _prepare_out(raw: RawDataset, out: Path, overwrite: bool) -> None:
         write_json(djson, desc)
 
 
-def fingerprint_dataset(raw: str | Path, out: str | Path, num_workers: int = 2, shard: str | None = None,
+def fingerprint_dataset(raw: str | Path, out: str | Path, num_workers: int | None = None, shard: str | None = None,
                         overwrite: bool = False, quiet: bool = False) -> Report:
     """Per-case fingerprints (and cropped staging arrays) of the training cases."""
     ds = open_raw_dataset(raw)
@@ -402,7 +430,7 @@ def plan_dataset(out: str | Path, gpu_memory_gb: float = 8.0, image_interpolatio
     return plans
 
 
-def preprocess_cases(raw: str | Path, out: str | Path, num_workers: int = 2, shard: str | None = None,
+def preprocess_cases(raw: str | Path, out: str | Path, num_workers: int | None = None, shard: str | None = None,
                      quiet: bool = False) -> Report:
     """Crop, normalise and resample the training cases with ``OUT/plans.json``.
 
@@ -422,7 +450,7 @@ def preprocess_cases(raw: str | Path, out: str | Path, num_workers: int = 2, sha
     return report
 
 
-def preprocess_dataset(raw: str | Path, out: str | Path, num_workers: int = 2, overwrite: bool = False,
+def preprocess_dataset(raw: str | Path, out: str | Path, num_workers: int | None = None, overwrite: bool = False,
                        shard: str | None = None, quiet: bool = False, **plan_options) -> Report:
     """fingerprint -> plan -> preprocess in one call (what ``medvol preprocess`` runs).
 
