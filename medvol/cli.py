@@ -76,6 +76,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs, recipe, plans)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set trainer.steps=500 (repeatable)")
+    p.add_argument("--fold", help="cross-validation fold of DATA/splits_final.json: 0-4 or 'all' (written with "
+                                  "nnU-Net's rule when absent); data.val_cases in the recipe wins")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest.pt")
     p.add_argument("--device", default="auto", action=_checked(validation.device),
                    help="cpu, cuda, cuda:1 or auto (default)")
@@ -201,6 +203,8 @@ def _cmd_train(a) -> int:
 
     from medvol.config import load_recipe
 
+    if a.fold is not None:
+        a.overrides = [*a.overrides, f"data.fold={a.fold}"]
     recipe = load_recipe(a.recipe, a.overrides)  # fail early, before any process is spawned
     if a.nproc > 1 and "WORLD_SIZE" not in os.environ:
         from medvol.training.distributed import launch

@@ -59,7 +59,8 @@ class DataConfig:
     oversample_foreground: float = 0.33  # share of each global batch centred on foreground
     num_workers: int | None = None  # data worker processes; None: one per core but one, at most 12
     val_fraction: float = 0.2
-    val_cases: list | None = None  # explicit validation case ids (overrides val_fraction)
+    val_cases: list | None = None  # explicit validation case ids (overrides fold and val_fraction)
+    fold: int | str | None = None  # cross-validation fold of PRE/splits_final.json (0-4 or "all"; --fold)
     labelled: int | list | None = None  # semi-supervised: how many (or which) training cases keep labels
     unlabelled_per_batch: int = 0  # two-stream batches: this many unlabelled samples in each batch
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -248,6 +249,8 @@ def check_recipe(recipe: Recipe, source: str = "<recipe>") -> Recipe:
             d.patch_size)
     if d.batch_size is not None and d.batch_size < 1:
         bad("data.batch_size", ">= 1", d.batch_size)
+    if d.fold is not None and str(d.fold) != "all" and not (str(d.fold).isdigit() and not isinstance(d.fold, bool)):
+        bad("data.fold", "a fold index >= 0 or 'all'", d.fold)
     if not 0 <= d.val_fraction < 1:
         bad("data.val_fraction", "in [0, 1)", d.val_fraction)
     if not 0 <= d.oversample_foreground <= 1:

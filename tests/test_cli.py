@@ -43,3 +43,15 @@ def test_a_file_and_its_folder_give_the_same_output_name(tiny_run, tmp_path):
     assert [p.name for p in (tmp_path / "b").glob("*.nii.gz")] == ["brain_008.nii.gz"]
     np.testing.assert_array_equal(read_volume(tmp_path / "a" / "brain_008.nii.gz").array,
                                   read_volume(tmp_path / "b" / "brain_008.nii.gz").array)
+
+
+def test_train_fold_option_sets_the_recipes_fold(monkeypatch, tmp_path):
+    import medvol.training
+
+    seen = {}
+    monkeypatch.setattr(medvol.training, "train", lambda recipe, *a, **k: seen.update(fold=recipe.data.fold) or {})
+    assert cli.main(["train", "quickstart", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--fold", "3",
+                     "--quiet"]) == 0
+    assert seen == {"fold": 3}
+    assert cli.main(["train", "quickstart", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--fold", "x",
+                     "--quiet"]) == 2

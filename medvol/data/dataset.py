@@ -19,6 +19,8 @@ Of the labelled slots of the global batch (counted across processes) the last
 
 from __future__ import annotations
 
+import logging
+
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -31,6 +33,9 @@ from medvol.data.sampling import choose_patch_start, extract_patch
 from medvol.preprocessing.cache import list_cases, load_case
 
 PASSTHROUGH_KEYS = ("task_id", "annotated")
+
+
+log = logging.getLogger(__name__)
 
 
 def split_cases(cases: list[str], val_fraction: float, val_cases: list | None, seed: int) -> tuple[list, list]:
@@ -170,7 +175,14 @@ def make_loader(dataset: PatchDataset, start_step: int, stop_step: int, per_proc
 def training_cases(cache_dir, data_cfg, seed: int) -> tuple[list[str], list[str], list[str]]:
     """(labelled train, unlabelled train, validation) case ids from the cache and the recipe."""
     cases = list_cases(cache_dir)
-    train, val = split_cases(cases, data_cfg.val_fraction, data_cfg.val_cases, seed)
+    if data_cfg.fold is not None and not data_cfg.val_cases:
+        from medvol.data.splits import fold_cases
+
+        train, val = fold_cases(cache_dir, cases, data_cfg.fold)
+    else:
+        if data_cfg.fold is not None:
+            log.warning("data.val_cases is set: it wins over fold %s", data_cfg.fold)
+        train, val = split_cases(cases, data_cfg.val_fraction, data_cfg.val_cases, seed)
     has_label = {c: load_case(cache_dir, c)[2].get("has_label", False) for c in train}
     labelled = [c for c in train if has_label[c]]
     unlabelled = [c for c in train if not has_label[c]]
