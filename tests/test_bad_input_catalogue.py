@@ -353,6 +353,18 @@ CATALOGUE = [
     Row("file-ending-without-dot", _json(lambda m: m.update(file_ending="nii.gz")),
         r"dataset\.json: 'file_ending' must start with a dot"),
     Row("labels-a-list", _json(lambda m: m.update(labels=["background", "fg"])), r"dataset\.json: 'labels' must be"),
+    Row("missing-key-near-miss", _json(lambda m: m.update(chanel_names=m.pop("channel_names"))),
+        r"dataset\.json: missing key\(s\) \['channel_names'\] required by the nnU-Net v2 layout; "
+        r"found 'chanel_names': did you mean 'channel_names'\?"),
+    Row("reader-with-reorient", _json(lambda m: m.update(overwrite_image_reader_writer="NibabelIOWithReorient")),
+        r"dataset\.json: 'overwrite_image_reader_writer': 'NibabelIOWithReorient' is not supported: medvol keeps "
+        r"each scan's own voxel order"),
+    Row("reader-tiff", _json(lambda m: m.update(overwrite_image_reader_writer="Tiff3DIO")),
+        r"dataset\.json: 'overwrite_image_reader_writer': 'Tiff3DIO' is not supported"),
+    Row("regions-class-order", _json(lambda m: m.update(regions_class_order=[1])),
+        r"dataset\.json: 'regions_class_order': region-based training is not supported"),
+    Row("nnunet-dataset-table", _json(lambda m: m.update(dataset={"a": {"images": ["x.nii.gz"]}})),
+        r"dataset\.json: 'dataset': cases listed in 'dataset' .* are not supported"),
     Row("decathlon-modality-a-list", _decathlon(lambda m: m.update(modality=["MRI"])),
         r"dataset\.json: 'modality' must be a mapping"),
     Row("decathlon-training-a-dict", _decathlon(lambda m: m.update(training={"image": "a"})),
