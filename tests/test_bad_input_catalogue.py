@@ -363,6 +363,8 @@ CATALOGUE = [
         r"dataset\.json: 'overwrite_image_reader_writer': 'Tiff3DIO' is not supported"),
     Row("regions-class-order", _json(lambda m: m.update(regions_class_order=[1])),
         r"dataset\.json: 'regions_class_order': region-based training is not supported"),
+    Row("nnunet-ignore-label", _json(lambda m: m.update(labels={"background": 0, "fg": 1, "ignore": 2})),
+        r"dataset\.json: label 'ignore' \(nnU-Net's ignore label for unannotated voxels\) is not supported"),
     Row("nnunet-dataset-table", _json(lambda m: m.update(dataset={"a": {"images": ["x.nii.gz"]}})),
         r"dataset\.json: 'dataset': cases listed in 'dataset' .* are not supported"),
     Row("decathlon-modality-a-list", _decathlon(lambda m: m.update(modality=["MRI"])),

@@ -168,6 +168,16 @@ def test_reader_key_is_honoured_where_medvol_reads_alike_else_refused(tmp_path):
             open_raw_dataset(root)
 
 
+def test_nnunet_ignore_label_is_refused_not_learnt(tmp_path):
+    root = _v2_with(tmp_path / "Dataset043_Ignore")
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["labels"] = {"background": 0, "fg": 1, "ignore": 2}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match=r"dataset.json: label 'ignore' \(nnU-Net's ignore label .*\) is not "
+                                         r"supported"):
+        open_raw_dataset(root)
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("regions_class_order", [1, 2], "region-based training is not supported"),
     ("dataset", {"a": {"images": ["x.nii.gz"], "label": "y.nii.gz"}}, "put the files in imagesTr/ and labelsTr/"),

@@ -288,6 +288,9 @@ def _parse_labels(jpath: Path, labels, is_v2: bool) -> dict[str, int]:
         if is_v2:
             if isinstance(v, (list, tuple)):
                 raise InputError(jpath, f"label '{k}' is a region {v}: region-based training is not supported")
+            if k == "ignore":  # nnU-Net leaves these voxels out of the loss; medvol would train them as a class
+                raise InputError(jpath, "label 'ignore' (nnU-Net's ignore label for unannotated voxels) is not "
+                                        "supported: medvol would learn it as a class")
             name, value = str(k), v
         else:  # Decathlon: "0": "background"
             if not isinstance(v, str):
