@@ -42,6 +42,7 @@ DESCRIPTION = """\
 medvol: 3D medical image segmentation with nnU-Net-style preprocessing.
 
   medvol preprocess RAW -o PRE          NIfTI/DICOM dataset -> plan + training cache
+  medvol recipes                        the built-in recipes and what each is for
   medvol train quickstart --data PRE --out RUN
   medvol predict -m RUN -i SCANS -o OUT predictions in the scans' own geometry
   medvol evaluate --pred OUT --ref LABELS
@@ -115,8 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_options(p)
     _add_common(p)
 
+    p = sub.add_parser("recipes", help="list the built-in recipes (name and purpose)")
+    _add_common(p)
+
     p = sub.add_parser("train", help="train a recipe on a preprocessing cache")
-    p.add_argument("recipe", help="recipe YAML (a path, or the name of one in pipelines/, e.g. quickstart)")
+    p.add_argument("recipe", help="recipe YAML (a path, or a built-in recipe's name, e.g. quickstart: "
+                                  "see medvol recipes)")
     _add_train_options(p)
 
     p = sub.add_parser("pretrain", help="PCRL self-supervised pretraining; writes OUT/encoder.pt")
@@ -195,6 +200,16 @@ def _cmd_plan(a) -> int:
     plans = plan_dataset(a.out, a.gpu_memory_gb, a.image_interpolation, a.cache_dtype, a.target_spacing, a.ct_window)
     print(f"target spacing {plans['target_spacing']} mm, patch {plans['patch_size']}, "
           f"batch {plans['batch_size']} -> {a.out / 'plans.json'}")
+    return 0
+
+
+def _cmd_recipes(a) -> int:
+    from medvol.config import recipe_purposes
+
+    purposes = recipe_purposes()
+    width = max(map(len, purposes), default=0)
+    for name, purpose in purposes.items():
+        print(f"{name:<{width}}  {purpose}")
     return 0
 
 
@@ -277,7 +292,8 @@ def _cmd_demo(a) -> int:
     return run_demo(a.out, workers=a.workers, quiet=a.quiet, steps=a.steps, device=a.device)
 
 
-COMMANDS = {"preprocess": _cmd_preprocess, "fingerprint": _cmd_fingerprint, "plan": _cmd_plan, "train": _cmd_train,
+COMMANDS = {"preprocess": _cmd_preprocess, "fingerprint": _cmd_fingerprint, "plan": _cmd_plan,
+            "recipes": _cmd_recipes, "train": _cmd_train,
             "pretrain": _cmd_train, "predict": _cmd_predict, "evaluate": _cmd_evaluate, "demo": _cmd_demo}
 
 

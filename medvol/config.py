@@ -210,14 +210,40 @@ def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
     return data
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+def builtin_recipes() -> dict:
+    """The recipes shipped with medvol, name -> file: the top-level ``pipelines/`` folder,
+    installed as the package data of ``medvol.pipelines``."""
+    from importlib import resources
+
+    try:
+        folder = resources.files("medvol.pipelines")
+    except ModuleNotFoundError:  # an editable install made before medvol.pipelines existed
+        folder = Path(__file__).resolve().parent.parent / "pipelines"
+    return {f.name[: -len(".yaml")]: f for f in sorted(folder.iterdir(), key=lambda f: f.name)
+            if f.name.endswith(".yaml")}
+
+
+def recipe_purposes() -> dict[str, str]:
+    """Built-in recipe name -> its one-line purpose (the recipe's ``description``)."""
+    return {name: str((yaml.safe_load(f.read_text()) or {}).get("description", "")).strip()
+            for name, f in builtin_recipes().items()}
+
+
+def find_recipe(path: str | Path):
+    """``path`` when it exists, else the built-in recipe of that name (``quickstart``)."""
     path = Path(path)
-    if not path.exists():
-        builtin = Path(__file__).resolve().parent.parent / "pipelines" / f"{path.name}"
-        candidates = [builtin, builtin.with_suffix(".yaml")]
-        path = next((c for c in candidates if c.exists()), path)
-    if not path.exists():
-        raise ConfigError(f"{path}: recipe not found (a path, or the name of one in pipelines/)")
+    if path.exists():
+        return path
+    builtin = builtin_recipes()
+    found = builtin.get(path.name.removesuffix(".yaml"))
+    if found is None:
+        raise ConfigError(f"{path}: recipe not found (a path, or a built-in recipe: {', '.join(builtin)}; "
+                          "see `medvol recipes`)")
+    return found
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = find_recipe(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:

@@ -1,8 +1,11 @@
-"""Other raw layouts (plain NIfTI folder, DICOM tree), CT normalisation and anisotropic data."""
+"""Other raw layouts (plain NIfTI folder, DICOM tree), dataset.json as people write it, CT normalisation
+and anisotropic data."""
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 
 import numpy as np
 import pytest
@@ -13,7 +16,7 @@ from medvol.errors import InputError
 from medvol.io import Volume
 from medvol.preprocessing import list_cases, load_case, load_plans, open_raw_dataset, preprocess_dataset
 
-from conftest import write_nifti, write_v2_dataset
+from conftest import sphere_case, write_nifti, write_v2_dataset
 
 
 def test_plain_nifti_folder_is_one_case_per_file(tmp_path):
@@ -117,3 +120,68 @@ def test_fixed_target_spacing_and_ct_window(tmp_path):
     assert props["shape_after_resampling"] == [21, 21, 17]  # 24*0.7/0.8, 10*2.5/1.5
     assert float(image.min()) >= -1.0 - 1e-6 and float(image.max()) <= 1.0 + 1e-6
     assert (np.abs(np.asarray(image)) > 0.999).mean() > 0.05  # values beyond the window were clipped
+
+
+def _v2_with(root, **extra):
+    img, lab, aff = sphere_case(shape=(12, 12, 10), radius=3.0)
+    return write_v2_dataset(root, {"a": ([img], lab, aff)}, extra_json=extra)
+
+
+def test_unknown_dataset_json_keys_warn_once_each_and_the_dataset_opens(tmp_path, caplog):
+    informative = {"description": "d", "reference": "r", "licence": "CC-BY", "release": "1.0",
+                   "tensorImageSize": "3D"}
+    root = _v2_with(tmp_path / "Dataset040_Keys", chanel_names={"0": "T1"}, cases=[{"id": "a", "age": 40}],
+                    myTool_version="2.1", **informative)
+    with caplog.at_level(logging.WARNING, logger="medvol.preprocessing.raw"):
+        ds = open_raw_dataset(root)
+        open_raw_dataset(root)  # commands open a dataset more than once: still one line per key
+    assert ds.channel_names == {0: "MRI"} and [c.case_id for c in ds.training] == ["a"]
+    lines = sorted(r.getMessage() for r in caplog.records)
+    jpath = root / "dataset.json"
+    assert lines == [f"{jpath}: unknown key 'cases' ignored",
+                     f"{jpath}: unknown key 'chanel_names' ignored (did you mean 'channel_names'?)",
+                     f"{jpath}: unknown key 'myTool_version' ignored"]
+
+
+def test_missing_dataset_json_key_suggests_the_near_miss(tmp_path):
+    root = _v2_with(tmp_path / "Dataset041_Typo", chanel_names={"0": "T1"})
+    meta = json.loads((root / "dataset.json").read_text())
+    del meta["channel_names"]
+    (root / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match=r"dataset.json: missing key\(s\) \['channel_names'\] required by the "
+                                         r"nnU-Net v2 layout; found 'chanel_names': did you mean 'channel_names'\?"):
+        open_raw_dataset(root)
+
+
+def test_reader_key_is_honoured_where_medvol_reads_alike_else_refused(tmp_path):
+    for i, reader in enumerate(["None", "SimpleITKIO", "NibabelIO"]):
+        ds = open_raw_dataset(_v2_with(tmp_path / f"ok{i}", overwrite_image_reader_writer=reader))
+        assert [c.case_id for c in ds.training] == ["a"]
+    refused = [("NibabelIOWithReorient", ".nii.gz", "'NibabelIOWithReorient' is not supported: medvol keeps each "
+                                                    "scan's own voxel order and does not reorient it to RAS"),
+               ("Tiff3DIO", ".nii.gz", "'Tiff3DIO' is not supported: medvol reads NIfTI"),
+               ("NibabelIO", ".nrrd", "'NibabelIO' reads .nii and .nii.gz files, but file_ending is '.nrrd'"),
+               (3, ".nii.gz", "must be a reader class name")]
+    for i, (reader, ending, message) in enumerate(refused):
+        root = _v2_with(tmp_path / f"bad{i}", overwrite_image_reader_writer=reader, file_ending=ending)
+        with pytest.raises(InputError, match=r"dataset.json: 'overwrite_image_reader_writer'.*" + re.escape(message)):
+            open_raw_dataset(root)
+
+
+def test_nnunet_ignore_label_is_refused_not_learnt(tmp_path):
+    root = _v2_with(tmp_path / "Dataset043_Ignore")
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["labels"] = {"background": 0, "fg": 1, "ignore": 2}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match=r"dataset.json: label 'ignore' \(nnU-Net's ignore label .*\) is not "
+                                         r"supported"):
+        open_raw_dataset(root)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("regions_class_order", [1, 2], "region-based training is not supported"),
+    ("dataset", {"a": {"images": ["x.nii.gz"], "label": "y.nii.gz"}}, "put the files in imagesTr/ and labelsTr/"),
+])
+def test_keys_that_change_the_meaning_are_refused(tmp_path, key, value, message):
+    with pytest.raises(InputError, match=rf"dataset.json: '{key}': .*{message}"):
+        open_raw_dataset(_v2_with(tmp_path / "Dataset042_Meaning", **{key: value}))

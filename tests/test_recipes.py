@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
+from medvol.cli import main
 from medvol.config import Recipe, load_recipe, save_recipe
 from medvol.errors import ConfigError
 
@@ -19,6 +21,21 @@ def test_builtin_recipes_load():
         r = load_recipe(p)
         assert isinstance(r, Recipe) and r.name == p.stem
     assert load_recipe("quickstart").trainer.name == "supervised"  # by name
+
+
+def test_recipes_command_lists_each_builtin_recipe_with_its_purpose(capsys):
+    assert main(["recipes"]) == 0
+    rows = [line.split(None, 1) for line in capsys.readouterr().out.splitlines()]
+    expected = [[p.stem, yaml.safe_load(p.read_text())["description"]] for p in sorted(PIPELINES.glob("*.yaml"))]
+    assert rows == expected and ["quickstart", load_recipe("quickstart").description] in rows
+
+
+def test_unknown_recipe_name_lists_the_builtin_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # found from anywhere, not only inside the checkout
+    assert load_recipe("quickstart.yaml").name == "quickstart"
+    with pytest.raises(ConfigError, match=r"quickstrat: recipe not found .*canet_demo, .*quickstart; "
+                                          r"see `medvol recipes`"):
+        load_recipe("quickstrat")
 
 
 def test_unknown_key_names_the_key_and_the_file(tmp_path):

@@ -11,7 +11,9 @@ Accepted layouts:
 
 from __future__ import annotations
 
+import difflib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,13 +23,27 @@ from medvol.errors import InputError
 from medvol.io import Volume, is_nifti, read_volume
 from medvol.io.dicom import group_series, list_dicom_files
 
+log = logging.getLogger(__name__)
+
 NNUNET_V2_KEYS = {"channel_names", "labels", "numTraining", "file_ending"}
 DECATHLON_KEYS = {"modality", "labels", "training"}
+# Read (or only informative) keys; any other key is ignored with a warning naming it.
 OPTIONAL_KEYS = {"name", "description", "reference", "licence", "license", "release", "tensorImageSize",
-                 "numTest", "test", "overwrite_image_reader_writer", "regions_class_order", "dataset_name",
-                 "author", "citation", "converted_by", "link", "relase", "modalities",
+                 "numTest", "test", "dataset_name", "author", "citation", "converted_by", "link", "relase",
+                 "modalities", "overwrite_image_reader_writer",
                  # medvol extensions: semi-supervised splits and the ids cases had in their source
                  "labelled_cases", "source_ids", "case_tasks", "tasks"}
+# nnU-Net keys that change what the dataset means: medvol does not do what they ask, so they are refused.
+REFUSED_KEYS = {"regions_class_order": "region-based training is not supported; declare one value per label",
+                "dataset": "cases listed in 'dataset' (files outside imagesTr/labelsTr) are not supported; "
+                           "put the files in imagesTr/ and labelsTr/"}
+KNOWN_KEYS = NNUNET_V2_KEYS | DECATHLON_KEYS | OPTIONAL_KEYS | set(REFUSED_KEYS)
+# overwrite_image_reader_writer: nnU-Net reader classes that read as medvol's own readers do (each scan
+# on its own voxel grid, geometry kept), with the file endings they read (None: any medvol reads).
+# "None" is nnU-Net's spelling of "not set"; SimpleITKIO is its default for NIfTI, MetaImage and NRRD.
+SAME_READERS = {"None": None, "SimpleITKIO": None, "NibabelIO": (".nii", ".nii.gz")}
+READER_REFUSALS = {"NibabelIOWithReorient": "medvol keeps each scan's own voxel order and does not reorient "
+                                            "it to RAS; remove the key (or reorient the files) to train on them"}
 
 
 @dataclass
@@ -126,18 +142,10 @@ def _open_with_json(root: Path) -> RawDataset:
         raise InputError(jpath, f"invalid JSON ({e})") from None
     if not isinstance(meta, dict):
         raise InputError(jpath, "must hold a JSON object")
-    keys = set(meta)
     is_v2 = "channel_names" in meta or "file_ending" in meta
-    required = NNUNET_V2_KEYS if is_v2 else DECATHLON_KEYS
-    missing = required - keys
-    if missing:
-        kind = "nnU-Net v2" if is_v2 else "Decathlon"
-        raise InputError(jpath, f"missing key(s) {sorted(missing)} required by the {kind} layout")
-    unknown = keys - NNUNET_V2_KEYS - DECATHLON_KEYS - OPTIONAL_KEYS
-    if unknown:
-        raise InputError(jpath, f"unknown key(s) {sorted(unknown)}; known keys are "
-                                f"{sorted(NNUNET_V2_KEYS | DECATHLON_KEYS | OPTIONAL_KEYS)}")
+    _check_keys(jpath, meta, is_v2)
     _check_types(jpath, meta)
+    _check_reader(jpath, meta)
     labels = _parse_labels(jpath, meta["labels"], is_v2)
     if is_v2:
         ending = meta["file_ending"]
@@ -174,6 +182,48 @@ def _open_with_json(root: Path) -> RawDataset:
     return RawDataset(root, "decathlon", channel_names, labels, ending, _unique_ids(training), _unique_ids(test))
 
 
+def _check_keys(jpath: Path, meta: dict, is_v2: bool) -> None:
+    """Missing required keys are an error (suggesting a present near miss such as 'chanel_names');
+    unknown keys are ignored with one warning each; keys medvol cannot honour are refused."""
+    required = NNUNET_V2_KEYS if is_v2 else DECATHLON_KEYS
+    unknown = sorted(set(meta) - KNOWN_KEYS)
+    missing = sorted(required - set(meta))
+    if missing:
+        kind = "nnU-Net v2" if is_v2 else "Decathlon"
+        hints = "".join(f"; found '{close[0]}': did you mean '{m}'?" for m in missing
+                        if (close := difflib.get_close_matches(m, unknown, n=1, cutoff=0.8)))
+        raise InputError(jpath, f"missing key(s) {missing} required by the {kind} layout{hints}")
+    for key in unknown:
+        _warn_once(jpath, key)
+    for key, why in REFUSED_KEYS.items():
+        if key in meta:
+            raise InputError(jpath, f"'{key}': {why}")
+
+
+_warned: set[tuple[str, str]] = set()  # a dataset is opened more than once per command: warn once
+
+
+def _warn_once(jpath: Path, key: str) -> None:
+    if (str(jpath.resolve()), key) in _warned:
+        return
+    _warned.add((str(jpath.resolve()), key))
+    close = difflib.get_close_matches(key, sorted(KNOWN_KEYS), n=1, cutoff=0.8)
+    log.warning("%s: unknown key '%s' ignored%s", jpath, key, f" (did you mean '{close[0]}'?)" if close else "")
+
+
+def _check_reader(jpath: Path, meta: dict) -> None:
+    """Honour ``overwrite_image_reader_writer`` where medvol reads as that nnU-Net class does, else refuse."""
+    key, reader = "overwrite_image_reader_writer", meta.get("overwrite_image_reader_writer", "None")
+    if reader not in SAME_READERS:
+        why = READER_REFUSALS.get(reader, "medvol reads NIfTI (nibabel), MetaImage/NRRD (SimpleITK) and DICOM "
+                                          "with its own readers, as 'SimpleITKIO' and 'NibabelIO' do")
+        raise InputError(jpath, f"'{key}': {reader!r} is not supported: {why}")
+    endings, ending = SAME_READERS[reader], meta.get("file_ending")
+    if endings is not None and ending is not None and ending not in endings:
+        raise InputError(jpath, f"'{key}': {reader!r} reads {' and '.join(endings)} files, "
+                                f"but file_ending is {ending!r}")
+
+
 def _unique_ids(cases: list[RawCase]) -> list[RawCase]:
     """Refuse two sources that map to one case id (``a/x.nii.gz`` and ``b/x.nii.gz``, or
     ``x.nii`` and ``x.nii.gz``), naming both: one would silently replace the other."""
@@ -191,7 +241,8 @@ JSON_TYPES = {"channel_names": (dict, "a mapping channel -> name"), "modality": 
               "labels": (dict, "a mapping"), "numTraining": (int, "an integer"), "numTest": (int, "an integer"),
               "file_ending": (str, "a string such as \".nii.gz\""), "training": (list, "a list"),
               "test": (list, "a list"), "labelled_cases": (list, "a list of case ids"),
-              "case_tasks": (dict, "a mapping"), "tasks": ((dict, type(None)), "a mapping")}
+              "case_tasks": (dict, "a mapping"), "tasks": ((dict, type(None)), "a mapping"),
+              "overwrite_image_reader_writer": (str, "a reader class name such as \"SimpleITKIO\"")}
 
 
 def _check_types(jpath: Path, meta: dict) -> None:
@@ -237,6 +288,9 @@ def _parse_labels(jpath: Path, labels, is_v2: bool) -> dict[str, int]:
         if is_v2:
             if isinstance(v, (list, tuple)):
                 raise InputError(jpath, f"label '{k}' is a region {v}: region-based training is not supported")
+            if k == "ignore":  # nnU-Net leaves these voxels out of the loss; medvol would train them as a class
+                raise InputError(jpath, "label 'ignore' (nnU-Net's ignore label for unannotated voxels) is not "
+                                        "supported: medvol would learn it as a class")
             name, value = str(k), v
         else:  # Decathlon: "0": "background"
             if not isinstance(v, str):
