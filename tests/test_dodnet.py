@@ -174,3 +174,21 @@ def test_dodnet_postprocessing():
     colon = np.zeros_like(seg)
     colon[25:29, 2:6, 2:6] = 2  # tumour-only task: no organ to be inside of
     assert (dodnet_postprocess(colon, "colon") == colon).all()
+
+
+def test_mots_recipe_states_the_published_settings():
+    """dodnet_mots.yaml: SGD 0.99 Nesterov 1e-2, poly 0.9, no weight decay, no clipping; the
+    only augmentations are random scale (p 0.2, 0.7-1.4) and flips (p 0.5 per axis)."""
+    from medvol.config import load_recipe
+    from medvol.data.dataset import PatchDataset, Streams
+
+    r = load_recipe("dodnet_mots")
+    o, a = r.optimizer, r.data.augment
+    assert (o.name, o.lr, o.momentum, o.nesterov, o.weight_decay) == ("sgd", 0.01, 0.99, True, 0.0)
+    assert (r.schedule.name, r.schedule.power, r.trainer.grad_clip) == ("poly", 0.9, None)
+    assert (a.scale_prob, tuple(a.scale_range), a.flip_prob, tuple(a.flip_axes)) == (0.2, (0.7, 1.4), 0.5, (0, 1, 2))
+    others = [k for k, v in vars(a).items() if k.endswith("_prob") and k not in ("scale_prob", "flip_prob") and v]
+    assert others == []
+    # the foreground share as the recipe's comment states it: both slots of a batch of 2
+    ds = PatchDataset("unused", Streams(["a"], [], r.data.batch_size), [8, 8, 8], r.data.oversample_foreground)
+    assert ds.first_fg_slot == 0  # every slot from 0 on is foreground-centred: 100 %
