@@ -77,25 +77,38 @@ def test_batch_dice_equals_monais_on_one_process():
     assert float(segmentation_loss("dice_ce", False)(x, y)) == pytest.approx(float(ref), rel=1e-6)
 
 
-def test_two_gloo_processes_match_one_process_with_double_batch(brain_pre, tmp_path):
-    """With the default loss (batch Dice + CE, deep supervision): the Dice statistics are
-    gathered over the ranks, so 2 processes x batch 1 train like 1 process x batch 2."""
-    common = ["model.base_features=4", "model.max_features=16", "data.num_workers=0",
+DDP_COMMON = ["model.base_features=4", "model.max_features=16", "data.num_workers=0",
               "data.patch_size=[32, 32, 32]", "trainer.steps=4", "trainer.val_every=4",
               "trainer.log_every=1", "data.val_cases=[brain_004]"]
+
+
+def _train_argv(pre, out, *extra):
+    sets = sum((["--set", s] for s in DDP_COMMON + ["data.batch_size=1"]), [])
+    return [sys.executable, "-m", "medvol", "train", "quickstart", "--data", str(pre), "--out", str(out),
+            "--device", "cpu", "--quiet", *sets, *extra]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(brain_pre, tmp_path_factory):
+    """2 gloo processes x batch 1 through `--nproc 2` (torchrun)."""
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    ddp = subprocess.run(_train_argv(brain_pre, out, "--nproc", "2"), capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    return out
+
+
+def test_two_gloo_processes_match_one_process_with_double_batch(brain_pre, ddp_run, tmp_path):
+    """With the default loss (batch Dice + CE, deep supervision): the Dice statistics are
+    gathered over the ranks, so 2 processes x batch 1 train like 1 process x batch 2."""
+    common = DDP_COMMON
     assert load_recipe("quickstart", common).trainer.loss == "dice_ce"
     assert load_recipe("quickstart", common).model.deep_supervision
-    sets = sum((["--set", s] for s in common), [])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run([sys.executable, "-m", "medvol", "train", "quickstart", "--data", str(brain_pre),
-                          "--out", str(tmp_path / "ddp"), "--device", "cpu", "--nproc", "2", "--quiet",
-                          "--set", "data.batch_size=1", *sets], capture_output=True, text=True, env=env, timeout=600)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
     single = load_recipe("quickstart", common + ["data.batch_size=2"])
     train(single, brain_pre, tmp_path / "one", device="cpu", quiet=True)
-    summary = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())
+    summary = json.loads((ddp_run / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["params_identical_across_ranks"] is True
-    a = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "latest.pt")["models"]["model"]
+    a = load_checkpoint(ddp_run / "checkpoints" / "latest.pt")["models"]["model"]
     b = load_checkpoint(tmp_path / "one" / "checkpoints" / "latest.pt")["models"]["model"]
     assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-5
     # and the runs really trained (parameters left their initial values)
@@ -106,6 +119,32 @@ def test_two_gloo_processes_match_one_process_with_double_batch(brain_pre, tmp_p
     init = build_model(single.model, load_plans(brain_pre), 1, 3).state_dict()
     moved = max(float((init[k] - b[k]).abs().max()) for k in b)
     assert moved > 1e-4
+
+
+def test_srun_style_launch_matches_nproc(brain_pre, ddp_run, tmp_path):
+    """Two processes started the way `srun` starts tasks (SLURM_* variables, MASTER_ADDR/PORT,
+    no torchrun) train exactly like `--nproc 2`."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "srun"
+    procs = []
+    for rank in range(2):
+        env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+        env.update(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank), SLURM_NTASKS_PER_NODE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen(_train_argv(brain_pre, out), env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    assert json.loads((out / "train_summary.json").read_text())["world_size"] == 2
+    a = load_checkpoint(ddp_run / "checkpoints" / "latest.pt")["models"]["model"]
+    b = load_checkpoint(out / "checkpoints" / "latest.pt")["models"]["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("form", [["--nproc", "3"], ["--nproc=3"]])

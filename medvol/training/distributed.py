@@ -42,6 +42,9 @@ def setup(device: str = "auto") -> DistInfo:
             raise ConfigError("SLURM job with several tasks: export MASTER_ADDR and MASTER_PORT (or use torchrun)")
         os.environ.update(WORLD_SIZE=os.environ["SLURM_NTASKS"], RANK=os.environ["SLURM_PROCID"],
                           LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
+        per_node = os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0].split(",")[0]  # e.g. "4(x2)"
+        if per_node.isdigit():
+            os.environ.setdefault("LOCAL_WORLD_SIZE", per_node)
     world = _env_int("WORLD_SIZE", default=1)
     rank = _env_int("RANK", default=0)
     local = _env_int("LOCAL_RANK", default=0)
