@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes (default: the usable CPUs, fewer when memory would not hold them)")
     p.add_argument("--overwrite", action="store_true", help="start from scratch instead of resuming")
     p.add_argument("--shard", help="K/N: process cases K, K+N, ... (K from 0); needs `medvol plan` first")
+    p.add_argument("--orientation", choices=["stored", "RAS"], default="stored",
+                   help="voxel order of the cache: each file's own (default, as nnU-Net) or every case "
+                        "reoriented to RAS (datasets that mix storage orders); predictions come back as stored")
     _add_plan_options(p)
     _add_common(p)
 
@@ -109,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes (default: the usable CPUs, fewer when memory would not hold them)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--shard", help="K/N: fingerprint cases K, K+N, ... (K from 0)")
+    p.add_argument("--orientation", choices=["stored", "RAS"], default="stored",
+                   help="as for preprocess: the cache's voxel order (every shard must use the same)")
     _add_common(p)
 
     p = sub.add_parser("plan", help="merge fingerprints into fingerprint.json and write plans.json")
@@ -184,14 +189,14 @@ def _cmd_preprocess(a) -> int:
 
     rep = preprocess_dataset(a.raw, a.out, a.workers, a.overwrite, a.shard, a.quiet, gpu_memory_gb=a.gpu_memory_gb,
                              image_interpolation=a.image_interpolation, cache_dtype=a.cache_dtype,
-                             target_spacing=a.target_spacing, ct_window=a.ct_window)
+                             target_spacing=a.target_spacing, ct_window=a.ct_window, orientation=a.orientation)
     return _report(rep, a.out)
 
 
 def _cmd_fingerprint(a) -> int:
     from medvol.preprocessing import fingerprint_dataset
 
-    return _report(fingerprint_dataset(a.raw, a.out, a.workers, a.shard, a.overwrite, a.quiet), a.out)
+    return _report(fingerprint_dataset(a.raw, a.out, a.workers, a.shard, a.overwrite, a.quiet, a.orientation), a.out)
 
 
 def _cmd_plan(a) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from medvol.io.orientation import undo_orientation
 from medvol.preprocessing.resampling import resample_probabilities
 
 
@@ -14,7 +15,8 @@ def restore_geometry(array: np.ndarray | torch.Tensor, properties: dict, fill: s
 
     The exact inverse path of preprocessing: linear resampling from the target spacing back
     to the cropped region's shape (nearest neighbour along the coarse axis when the plan
-    resampled that axis separately), then un-cropping into the original grid. Outside the
+    resampled that axis separately), then un-cropping into the original grid, and, when the
+    plan reoriented the scans (``--orientation RAS``), the axes back to the file's order. Outside the
     crop box the result is ``fill``: "background" puts 1 in channel 0 and 0 elsewhere (for
     probabilities / one-hot maps), a number fills every channel with it.
 
@@ -23,7 +25,7 @@ def restore_geometry(array: np.ndarray | torch.Tensor, properties: dict, fill: s
     """
     c = array.shape[0]
     crop_shape = properties["shape_after_crop"]
-    original = properties["original_shape"]
+    original = properties.get("oriented_shape", properties["original_shape"])  # the grid the crop box is in
     box = tuple(slice(a, b) for a, b in properties["crop_bbox"])
     dtype = dtype or (array.dtype if isinstance(array, np.ndarray) else torch.empty(0, dtype=array.dtype).numpy().dtype)
     out = np.zeros((c, *original), dtype=dtype)
@@ -41,4 +43,6 @@ def restore_geometry(array: np.ndarray | torch.Tensor, properties: dict, fill: s
         res = resample_probabilities(src.float(), crop_shape, properties["target_spacing"],
                                      properties["original_spacing"], separate_z=properties.get("separate_z_axis"))
         out[(ch,) + box] = res[0].numpy().astype(dtype, copy=False)
+    if properties.get("orientation", "stored") != "stored":  # back to the file's own voxel order
+        out = undo_orientation(out, properties["original_affine"])
     return out

@@ -131,3 +131,23 @@ def check_dimensionality(fingerprint: dict, where) -> None:
         (c2, s2), (c3, s3) = next(iter(flat.items())), next(iter(full.items()))
         raise InputError(where, f"the dataset mixes 2D images ({len(flat)}, e.g. case '{c2}' of shape {s2}) and 3D "
                                 f"images ({len(full)}, e.g. case '{c3}' of shape {s3}); preprocess them separately")
+
+
+def warn_mixed_coarse_axes(fingerprint: dict, ratio: float = 2.0) -> dict[int, list[str]]:
+    """Warn, naming the cases, when anisotropic cases of one dataset keep their coarse
+    (through-plane) axis on different array axes, e.g. KiTS19's (slices, H, W) beside LiTS's
+    (H, W, slices): a per-axis target spacing then means different things per case, and
+    ``--orientation RAS`` puts every case in one voxel order. Returns {axis: cases}."""
+    import logging
+
+    by_axis: dict[int, list[str]] = {}
+    for case, sp in zip(fingerprint["case_ids"], fingerprint["spacings"]):
+        sp = np.asarray(sp, float)
+        if sp.max() / sp.min() >= ratio:
+            by_axis.setdefault(int(np.argmax(sp)), []).append(case)
+    if len(by_axis) > 1:
+        parts = "; ".join(f"axis {a}: {len(c)} case(s), e.g. {', '.join(c[:3])}" for a, c in sorted(by_axis.items()))
+        logging.getLogger(__name__).warning(
+            "the coarse (through-plane) axis is not the same array axis in every case (%s); "
+            "consider medvol preprocess --orientation RAS", parts)
+    return by_axis

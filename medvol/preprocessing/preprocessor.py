@@ -22,13 +22,16 @@ import numpy as np
 
 from medvol.errors import CacheError, InputError, MedvolError, OutputError
 from medvol.io import Volume
+from medvol.io.orientation import orient_channels
+from medvol.io.volume import spacing_from_affine
 from medvol.manifest import OutputFolder, refuse_overlap
 from medvol.resources import worker_count
 from medvol.preprocessing.cache import (CACHE_VERSION, case_is_complete, case_paths, load_plans, plans_digest,
                                        save_locations)
 from medvol.preprocessing.cropping import crop_to_nonzero
 from medvol.preprocessing.fingerprint import (case_fingerprint, case_fingerprint_done, check_dimensionality,
-                                              merge_fingerprints, samples_per_case, write_case_fingerprint)
+                                              merge_fingerprints, samples_per_case, warn_mixed_coarse_axes,
+                                              write_case_fingerprint)
 from medvol.preprocessing.normalization import normalize
 from medvol.preprocessing.planning import plan_experiment
 from medvol.preprocessing.raw import RawCase, RawDataset, load_raw_case, open_raw_dataset
@@ -113,6 +116,9 @@ def preprocess_case(volumes: Volume | Sequence[Volume], plans: dict, inplace: bo
     image = chans[0] if len(chans) == 1 else np.concatenate(chans)  # no second copy of a single channel
     if not inplace and any(np.shares_memory(image, v.array) for v in vols):
         image = image.copy()
+    orientation = plans.get("orientation", "stored")
+    if orientation != "stored":  # the plan's voxel order; the properties say how to undo it
+        image, affine = orient_channels(image, ref.affine, orientation)
     if min(ref.spatial_shape) < 2:
         raise InputError(ref.meta.get("path"), f"is a 2D image (shape {ref.spatial_shape}); the model is 3D: "
                                                "give it 3D scans")
@@ -121,12 +127,14 @@ def preprocess_case(volumes: Volume | Sequence[Volume], plans: dict, inplace: bo
         raise InputError(ref.meta.get("path"), f"{image.shape[0]} channel(s) given, the plan expects {expected}")
     if not np.isfinite(image).all():
         raise InputError(ref.meta.get("path"), "non-finite intensity values (NaN/inf)")
-    spacing = ref.spacing
+    spacing = ref.spacing if orientation == "stored" else spacing_from_affine(affine)
     cropped, seg, bbox = crop_to_nonzero(image, None)
     if not any(n["use_mask_for_norm"] for n in plans["normalization"]):
         seg = None  # only masked z-scoring reads it: do not keep a label-sized array around
     out, _, new_shape = _normalise_and_resample(cropped, seg, spacing, plans, copy=False)  # image is ours now
     props = _geometry_properties(ref, bbox, cropped.shape[1:], spacing, plans, new_shape)
+    if orientation != "stored":
+        props.update(orientation=orientation, oriented_shape=[int(s) for s in image.shape[1:]])
     return out, props
 
 
@@ -170,11 +178,12 @@ def _failure_path(out: Path, case_id: str) -> Path:
     return out / "fingerprints" / f"{case_id}.failed.txt"
 
 
-def _fingerprint_job(case: RawCase, dataset: RawDataset, out: Path, n_samples: int) -> tuple[str, str | None]:
+def _fingerprint_job(case: RawCase, dataset: RawDataset, out: Path, n_samples: int,
+                     orientation: str | None = None) -> tuple[str, str | None]:
     try:
-        loaded = load_raw_case(case, dataset)
+        loaded = load_raw_case(case, dataset, orientation=orientation)
         sources = record_sources(_source_paths(case))
-        spacing = loaded.reference.spacing
+        spacing = loaded.spacing
         shape_before = loaded.image.shape[1:]
         cropped, seg, bbox = crop_to_nonzero(loaded.image, loaded.label)
         fp, samples = case_fingerprint(cropped, seg, spacing, shape_before, n_samples, loaded.label is not None)
@@ -185,7 +194,8 @@ def _fingerprint_job(case: RawCase, dataset: RawDataset, out: Path, n_samples: i
                              "original_shape": list(loaded.reference.spatial_shape),
                              "original_affine": loaded.reference.affine.tolist(), "spacing": list(spacing),
                              "sources": sources, "source_meta": {k: v for k, v in loaded.reference.meta.items()
-                                             if isinstance(v, (str, int, float))}})
+                                             if isinstance(v, (str, int, float))},
+                             "orientation_properties": loaded.orientation_properties()})
         _failure_path(out, case.case_id).unlink(missing_ok=True)
         write_case_fingerprint(out / "fingerprints", case.case_id, {**fp, "sources": sources}, samples)
         return case.case_id, None
@@ -200,21 +210,25 @@ def _fingerprint_job(case: RawCase, dataset: RawDataset, out: Path, n_samples: i
 def _preprocess_job(case: RawCase, dataset: RawDataset, out: Path, plans: dict, digest: str) -> tuple[str, str | None]:
     try:
         img_p, seg_p, props_p = _staging(out, case.case_id)
+        orientation = plans.get("orientation", "stored")
         st = read_json(props_p) if props_p.exists() and img_p.exists() and seg_p.exists() else None
-        if st is not None and st.get("sources") and not changed_sources(st["sources"], _source_paths(case)):
+        if st is not None and st.get("sources") and not changed_sources(st["sources"], _source_paths(case)) \
+                and st.get("orientation_properties", {}).get("orientation", "stored") == orientation:
             sources = st["sources"]
             cropped, seg = np.load(img_p), np.load(seg_p)
             ref = Volume(np.empty((0, 0, 0)), np.array(st["original_affine"]), st.get("source_meta", {}))
             original_shape, spacing, bbox, has_label = st["original_shape"], st["spacing"], st["bbox"], st["has_label"]
+            oriented = st.get("orientation_properties", {})
         else:  # staging gone (fingerprinted elsewhere, or cleaned) or stale: read the raw case again
-            loaded = load_raw_case(case, dataset)
+            loaded = load_raw_case(case, dataset, orientation=orientation)
             sources = record_sources(_source_paths(case))
-            ref, spacing = loaded.reference, loaded.reference.spacing
+            ref, spacing, oriented = loaded.reference, loaded.spacing, loaded.orientation_properties()
             original_shape, has_label = list(ref.spatial_shape), loaded.label is not None
             cropped, seg, bbox = crop_to_nonzero(loaded.image, loaded.label)
         image, seg_r, new_shape = _normalise_and_resample(cropped, seg, spacing, plans)
         props = _geometry_properties(ref, bbox, cropped.shape[1:], spacing, plans, new_shape)
         props["original_shape"] = [int(s) for s in original_shape]
+        props.update(oriented)
         props.update(dataset.case_meta.get(case.case_id, {}))  # partial labels: task_id, annotated
         props.update({"case_id": case.case_id, "has_label": has_label, "cache_version": CACHE_VERSION,
                       "plans_digest": digest, "sources": sources,
@@ -355,7 +369,7 @@ def _is_legacy_cache(out: Path) -> bool:
         return False
 
 
-def _prepare_out(raw: RawDataset, out: Path, overwrite: bool) -> None:
+def _prepare_out(raw: RawDataset, out: Path, overwrite: bool, orientation: str = "stored") -> None:
     refuse_overlap(out, [raw.root])
     folder = cache_folder(out)
     if overwrite and out.exists():
@@ -365,23 +379,28 @@ def _prepare_out(raw: RawDataset, out: Path, overwrite: bool) -> None:
     desc["raw_root"] = str(raw.root.resolve())
     desc["training_cases"] = [c.case_id for c in raw.training]
     desc["test_cases"] = [c.case_id for c in raw.test]
+    desc["orientation"] = orientation
     djson = out / "dataset.json"
     if djson.exists():
         old = read_json(djson)
         if old.get("training_cases") != desc["training_cases"] or old.get("raw_root") != desc["raw_root"]:
             raise CacheError(f"{out}: holds a cache of another dataset ({old.get('raw_root')}); "
                              "use another output folder or --overwrite")
+        if old.get("orientation", "stored") != orientation:
+            raise CacheError(f"{out}: was made with --orientation {old.get('orientation', 'stored')}, not "
+                             f"{orientation}; use another output folder or --overwrite")
     folder.claim(desc["training_cases"])
     if not djson.exists():
         write_json(djson, desc)
 
 
 def fingerprint_dataset(raw: str | Path, out: str | Path, num_workers: int | None = None, shard: str | None = None,
-                        overwrite: bool = False, quiet: bool = False) -> Report:
-    """Per-case fingerprints (and cropped staging arrays) of the training cases."""
+                        overwrite: bool = False, quiet: bool = False, orientation: str = "stored") -> Report:
+    """Per-case fingerprints (and cropped staging arrays) of the training cases, in the
+    files' own voxel order or (``orientation="RAS"``) reoriented to RAS."""
     ds = open_raw_dataset(raw)
     out = Path(out)
-    _prepare_out(ds, out, overwrite)
+    _prepare_out(ds, out, overwrite, orientation)
     sh = parse_shard(shard)
     mine = _select(ds.training, sh)
     _clean_partial(out, [c.case_id for c in mine])
@@ -389,7 +408,7 @@ def fingerprint_dataset(raw: str | Path, out: str | Path, num_workers: int | Non
     fp_dir = out / "fingerprints"
     todo = [c for c in mine if not case_fingerprint_done(fp_dir, c.case_id)
             or _sources_changed(fp_dir / f"{c.case_id}.json", c, "fingerprint")]
-    report = _run_jobs(_fingerprint_job, todo, (ds, out, n_samples), num_workers, "fingerprint", quiet)
+    report = _run_jobs(_fingerprint_job, todo, (ds, out, n_samples, orientation), num_workers, "fingerprint", quiet)
     report.skipped += [c.case_id for c in mine if c not in todo]
     return report
 
@@ -422,7 +441,9 @@ def plan_dataset(out: str | Path, gpu_memory_gb: float = 8.0, image_interpolatio
     fp = merge_fingerprints(fp_dir, cases, len(desc["channel_names"]))
     check_dimensionality(fp, desc.get("raw_root", out))
     fp["failed_cases"] = failed
+    warn_mixed_coarse_axes(fp)
     plans = plan_experiment(fp, desc, gpu_memory_gb, image_interpolation, cache_dtype, target_spacing, ct_window)
+    plans["orientation"] = desc.get("orientation", "stored")
     write_json(out / "fingerprint.json", fp)
     old = out / "plans.json"
     if not old.exists() or read_json(old) != plans:
@@ -451,8 +472,12 @@ def preprocess_cases(raw: str | Path, out: str | Path, num_workers: int | None =
 
 
 def preprocess_dataset(raw: str | Path, out: str | Path, num_workers: int | None = None, overwrite: bool = False,
-                       shard: str | None = None, quiet: bool = False, **plan_options) -> Report:
+                       shard: str | None = None, quiet: bool = False, orientation: str = "stored",
+                       **plan_options) -> Report:
     """fingerprint -> plan -> preprocess in one call (what ``medvol preprocess`` runs).
+
+    ``orientation``: "stored" (each file's voxel order, nnU-Net's behaviour) or "RAS" (every
+    case reoriented to the closest canonical order first; predictions are turned back).
 
     With ``shard='K/N'`` only this shard's cases are preprocessed, and the plan must already
     exist (``medvol fingerprint --shard`` on every shard, then ``medvol plan``).
@@ -460,7 +485,7 @@ def preprocess_dataset(raw: str | Path, out: str | Path, num_workers: int | None
     out = Path(out)
     report = Report()
     if shard is None:
-        report.merge(fingerprint_dataset(raw, out, num_workers, None, overwrite, quiet))
+        report.merge(fingerprint_dataset(raw, out, num_workers, None, overwrite, quiet, orientation))
         plan_dataset(out, **plan_options)
         pre = preprocess_cases(raw, out, num_workers, None, quiet)
         report.done = pre.done

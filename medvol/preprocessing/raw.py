@@ -21,6 +21,8 @@ import numpy as np
 
 from medvol.errors import InputError
 from medvol.io import Volume, is_nifti, read_volume
+from medvol.io.orientation import orient_channels
+from medvol.io.volume import spacing_from_affine
 from medvol.io.dicom import group_series, list_dicom_files
 
 log = logging.getLogger(__name__)
@@ -345,12 +347,26 @@ def _v2_cases(root: Path, img_dir: str, lab_dir: str, ending: str, n_channels: i
 class LoadedCase:
     image: np.ndarray  # (C, X, Y, Z) float32
     label: np.ndarray | None  # (1, X, Y, Z) int16
-    reference: Volume  # first channel's volume (geometry)
+    reference: Volume  # first channel's volume as stored in its file (the geometry outputs return to)
+    affine: np.ndarray | None = None  # the arrays' affine when reoriented (else the reference's)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size along the arrays' axes (after any reorientation)."""
+        return spacing_from_affine(self.reference.affine if self.affine is None else self.affine)
+
+    def orientation_properties(self) -> dict:
+        """What :func:`medvol.inference.restore_geometry` needs to undo a reorientation."""
+        if self.affine is None:
+            return {}
+        return {"orientation": "RAS", "oriented_shape": [int(s) for s in self.image.shape[1:]]}
 
 
-def load_raw_case(case: RawCase, dataset: RawDataset, check_labels: bool = True) -> LoadedCase:
+def load_raw_case(case: RawCase, dataset: RawDataset, check_labels: bool = True,
+                  orientation: str | None = None) -> LoadedCase:
     """Read and validate one case: channels present and agreeing in shape and affine with
-    each other and the label, intensities finite, label values declared."""
+    each other and the label, intensities finite, label values declared. With
+    ``orientation="RAS"`` the arrays come back in RAS voxel order (``LoadedCase.affine``)."""
     if case.problem is not None:
         raise case.problem
     vols = [read_volume(p) for p in case.images]
@@ -375,7 +391,11 @@ def load_raw_case(case: RawCase, dataset: RawDataset, check_labels: bool = True)
             raise InputError(case.label, f"label must be a 3D image, got shape {lv.array.shape}")
         _check_geometry(case.label, lv, case.images[0], ref)
         label = _label_array(case.label, np.asarray(lv.array), dataset.label_values if check_labels else None)[None]
-    return LoadedCase(image, label, ref)
+    if orientation in (None, "stored"):
+        return LoadedCase(image, label, ref)
+    image, affine = orient_channels(image, ref.affine, orientation)
+    label = None if label is None else orient_channels(label, ref.affine, orientation)[0]
+    return LoadedCase(image, label, ref, affine)
 
 
 def _label_array(path: Path, lab: np.ndarray, declared: list[int] | None) -> np.ndarray:
