@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(p)
 
     p = sub.add_parser("predict", help="predict whole scans with a trained run, in the scans' own geometry")
-    p.add_argument("-m", "--model", type=Path, required=True, help="run folder written by `medvol train`")
+    p.add_argument("-m", "--model", type=Path, required=True,
+                   help="run folder written by `medvol train`, or a model file from `medvol export` (.zip)")
     p.add_argument("-i", "--input", type=Path, required=True,
                    help="a NIfTI file, a folder of them (e.g. imagesTs), or a DICOM series folder")
     p.add_argument("-o", "--out", type=Path, required=True, help="output folder (<case>.nii.gz)")
@@ -153,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
     p.add_argument("--task", help="task-conditioned models (DoDNet): a task id or name, or 'all' (default)")
     p.add_argument("--no-pictures", action="store_true", help="skip the PNGs and index.html")
+    _add_common(p)
+
+    p = sub.add_parser("export", help="pack a run's model into one portable file for predict -m")
+    p.add_argument("run", type=Path, help="run folder written by `medvol train`")
+    p.add_argument("-o", "--out", type=Path, required=True, help="the model file to write (.zip)")
+    p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
     _add_common(p)
 
     p = sub.add_parser("evaluate", help="metrics (Dice, Jaccard, HD95, ASD in mm, volumes) against references")
@@ -259,7 +266,14 @@ def _cmd_predict(a) -> int:
         from medvol.inference.predictor import _case_groups
         from medvol.utils import read_json
 
-        plans = read_json(a.model / "plans.json")
+        if a.model.suffix == ".zip":
+            import json
+
+            from medvol.export import read_model_zip
+
+            plans = json.loads(read_model_zip(a.model)["plans.json"])
+        else:
+            plans = read_json(a.model / "plans.json")
         groups = dict(_case_groups(a.input, len(plans["normalization"])))
         names = {v: k for k, v in plans["labels"].items()}
         def source(stem):  # "<case>" or "<case>_<task>" -> the case's image
@@ -269,6 +283,17 @@ def _cmd_predict(a) -> int:
                              title=f"medvol predictions ({a.model.name})")
         print(f"pictures: {index}")
     print(f"{len(written)} prediction(s) -> {a.out}")
+    return 0
+
+
+def _cmd_export(a) -> int:
+    from medvol.export import export_model
+    from medvol.manifest import claim_files
+
+    if a.out.suffix != ".zip":
+        raise ConfigError(f"export -o {a.out}: the model file must end in .zip")
+    claim_files(a.out.parent, [a.out.name])
+    print(f"model -> {export_model(a.run, a.out, a.checkpoint)} (medvol predict -m {a.out} ...)")
     return 0
 
 
@@ -298,7 +323,7 @@ def _cmd_demo(a) -> int:
 
 
 COMMANDS = {"preprocess": _cmd_preprocess, "fingerprint": _cmd_fingerprint, "plan": _cmd_plan,
-            "recipes": _cmd_recipes, "train": _cmd_train,
+            "recipes": _cmd_recipes, "train": _cmd_train, "export": _cmd_export,
             "pretrain": _cmd_train, "predict": _cmd_predict, "evaluate": _cmd_evaluate, "demo": _cmd_demo}
 
 

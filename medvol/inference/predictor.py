@@ -201,7 +201,14 @@ def predict(run_dir: str | Path, inputs: str | Path, out_dir: str | Path, device
     """Predict every scan in ``inputs``; write ``<case>.nii.gz`` (and ``.npz``) to ``out_dir``.
 
     ``tta``, ``overlap`` and ``largest_component_only`` default to the recipe's ``inference``
-    section (else no TTA, overlap 0.5, no post-processing)."""
+    section (else no TTA, overlap 0.5, no post-processing). ``run_dir`` may also be a model
+    file written by ``medvol export`` (``.zip``)."""
+    if Path(run_dir).suffix == ".zip":
+        from medvol.export import unpacked_model
+
+        with unpacked_model(run_dir) as run:
+            return predict(run, inputs, out_dir, device, tta, overlap, sw_batch_size, save_probabilities, "best",
+                           quiet, postprocess, largest_component_only, task)
     from tqdm import tqdm
 
     from medvol.inference.geometry import restore_geometry
