@@ -14,7 +14,7 @@ from pathlib import Path
 
 from medvol import __version__, validation
 from medvol.errors import ConfigError, MedvolError
-from medvol.utils import output_error
+from medvol.utils import ENVIRONMENT_ERRNOS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,14 +24,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _checked(check, *args):
-    """An argparse action that stores the value after ``check(value, option, *args)``:
-    options are validated where they are parsed, with the library's own checks."""
+def _checked(check):
+    """An argparse action that stores the value after ``check(value, option)``: options
+    are validated where they are parsed, with the library's own checks."""
 
     class Checked(argparse.Action):
         def __call__(self, parser, namespace, values, option_string=None):
             try:
-                setattr(namespace, self.dest, check(values, option_string, *args))
+                setattr(namespace, self.dest, check(values, option_string))
             except ConfigError as e:
                 parser.error(str(e))
 
@@ -334,9 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (MedvolError, OSError) as e:
-        err = e if isinstance(e, MedvolError) else output_error(e, getattr(e, "filename", None))
-        if err is None:  # any other OSError is not the user's to fix: a real traceback
-            raise
+        if isinstance(e, OSError) and e.errno not in ENVIRONMENT_ERRNOS:
+            raise  # not the user's to fix: a real traceback
+        err = e if isinstance(e, MedvolError) else (f"{e.filename}: {e.strerror}" if e.filename else e.strerror)
         if args.debug:
             import traceback
 

@@ -92,3 +92,14 @@ def test_real_bugs_keep_their_traceback(monkeypatch, bug):
     monkeypatch.setitem(COMMANDS, "evaluate", broken)
     with pytest.raises(type(bug)):
         main(["evaluate", "--pred", "p", "--ref", "r"])
+
+
+def test_an_unreadable_or_unwritable_path_is_one_line(monkeypatch, capsys):
+    import errno
+
+    def denied(args):
+        raise PermissionError(errno.EACCES, "Permission denied", "/data/raw/a.nii.gz")
+
+    monkeypatch.setitem(COMMANDS, "evaluate", denied)
+    assert main(["evaluate", "--pred", "p", "--ref", "r"]) == 2
+    assert capsys.readouterr().err.splitlines() == ["medvol evaluate: error: /data/raw/a.nii.gz: Permission denied"]

@@ -165,11 +165,11 @@ def test_init_from_loads_matching_tensors_and_reports(brain_pre, tmp_path):
     r = load_recipe("quickstart", TINY + ["trainer.steps=2", "trainer.val_every=2"])
     train(r, brain_pre, tmp_path / "a", device="cpu", quiet=True)
     src = load_checkpoint(tmp_path / "a" / "checkpoints" / "latest.pt")["models"]["model"]
-    r2 = load_recipe("quickstart", TINY + ["trainer.steps=1", "trainer.val_every=1", "optimizer.lr=0.0",
+    r2 = load_recipe("quickstart", TINY + ["trainer.steps=1", "trainer.val_every=1", "trainer.freeze_init_steps=1",
                                            f"init_from={tmp_path / 'a' / 'checkpoints' / 'latest.pt'}"])
     train(r2, brain_pre, tmp_path / "b", device="cpu", quiet=True)
     report = json.loads((tmp_path / "b" / "init_report.json").read_text())
     assert len(report["loaded"]) == len(src) and not report["shape_mismatch"]
     b = load_checkpoint(tmp_path / "b" / "checkpoints" / "latest.pt")["models"]["model"]
     k = next(k for k in src if k.endswith("weight"))
-    torch.testing.assert_close(b[k], src[k])  # lr 0: the loaded weights are still there
+    torch.testing.assert_close(b[k], src[k])  # frozen for the one step: the loaded weights are still there
