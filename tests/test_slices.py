@@ -145,3 +145,17 @@ def test_plans_without_a_2d_configuration():
     with pytest.raises(CacheError, match="rerun `medvol plan`"):
         slice_config({"patch_size": [8, 8, 8]})
     assert slice_config({"configurations": {"2d": {"slice_axis": 2}}})["slice_axis"] == 2
+
+
+def test_loader_batches_and_ranks_take_their_slots(cache):
+    from medvol.data import make_loader
+
+    streams = Streams(["a", "b"], ["u"], global_batch=4, unlabelled_per_batch=1, per_process_batch=2)
+    ds = SliceDataset(cache, streams, (8, 6), slice_axis=2, context=1, seed=9)
+    ranks = [list(make_loader(ds, 3, 5, per_process_batch=2, rank=r, world_size=2, num_workers=0)) for r in (0, 1)]
+    assert ranks[0][0]["image"].shape == (2, 6, 8, 6) and ranks[0][0]["label"].shape == (2, 1, 8, 6)
+    for step in range(2):
+        expect = [ds.sample(3 + step, slot) for slot in range(4)]  # rank r takes slots 2r, 2r + 1
+        got = torch.cat([ranks[0][step]["image"], ranks[1][step]["image"]])
+        assert torch.equal(got, torch.stack([e["image"] for e in expect]))
+        assert ranks[1][step]["labelled"].tolist() == [True, False]  # each rank's last slot is unlabelled
