@@ -9,8 +9,9 @@ import torch
 
 from medvol.config import AugmentConfig
 from medvol.data import Streams, build_augmentation
-from medvol.data.slices import SliceDataset, extract_slices, slice_config
+from medvol.data.slices import SliceDataset, extract_slices, raw_slice_counts, raw_slice_of, slice_config
 from medvol.errors import CacheError
+from medvol.io.slice_labels import read_slice_labels
 from medvol.networks.slice_adapter import SliceAdapter
 from medvol.preprocessing.cache import case_paths, save_locations
 from medvol.utils import save_npy, write_json
@@ -20,12 +21,14 @@ SHAPE = (20, 24, 30)  # X, Y, Z
 
 def _write_case(out, case_id, fg_z: int | None):
     """Channel 0 holds the voxel's Z index, channel 1 its X index; with ``fg_z`` a 3 x 3 square
-    of class 1 at X 8-10, Y 5-7 in that one Z slice."""
+    of class 1 at X 8-10, Y 5-7 in that one Z slice. Geometry: the raw scan had 40 Z slices,
+    cropped to 5..19 (15 slices) and resampled to 30 (twice as fine)."""
     x, _, z = np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij")
     image = np.stack([z, x]).astype(np.float32)
     img_p, seg_p, props_p = case_paths(out, case_id)
     save_npy(img_p, image)
-    props = {"shape_after_resampling": list(SHAPE), "has_label": fg_z is not None}
+    props = {"case_id": case_id, "shape_after_resampling": list(SHAPE), "has_label": fg_z is not None,
+             "original_shape": [20, 24, 40], "crop_bbox": [[0, 20], [0, 24], [5, 20]], "shape_after_crop": [20, 24, 15]}
     if fg_z is not None:
         label = np.zeros((1,) + SHAPE, np.int8)
         label[0, 8:11, 5:8, fg_z] = 1
@@ -159,3 +162,32 @@ def test_loader_batches_and_ranks_take_their_slots(cache):
         got = torch.cat([ranks[0][step]["image"], ranks[1][step]["image"]])
         assert torch.equal(got, torch.stack([e["image"] for e in expect]))
         assert ranks[1][step]["labelled"].tolist() == [True, False]  # each rank's last slot is unlabelled
+
+
+def test_cached_slices_take_the_class_of_the_nearest_raw_slice(cache, tmp_path):
+    props = {"shape_after_crop": [20, 24, 15], "shape_after_resampling": list(SHAPE),
+             "crop_bbox": [[0, 20], [0, 24], [5, 20]]}
+    # cached j sits at cropped (j + 0.5) / 2 - 0.5 = j / 2 - 0.25: nearest j // 2, plus the crop's 5
+    np.testing.assert_array_equal(raw_slice_of(props, 2), np.arange(30) // 2 + 5)
+    np.testing.assert_array_equal(raw_slice_of(props, 0), np.arange(20))  # untouched axis
+    assert raw_slice_counts(cache, 2) == {"a": 40, "b": 40, "u": 40}
+    csv = tmp_path / "slice_labels.csv"
+    csv.write_text("subject,slice_index,label\na,7,2\na,,1\nb,17,3\nu,2,1\n")  # fg: a at 4 -> 7, b at 25 -> 17
+    labels = read_slice_labels(csv, raw_slice_counts(cache, 2))
+    streams = Streams(["a", "b"], ["u"], global_batch=3, unlabelled_per_batch=1)
+    ds = SliceDataset(cache, streams, (8, 8), slice_axis=2, oversample=1.0, seed=0, slice_labels=labels)
+    seen = set()
+    for step in range(12):
+        s = ds.sample(step, 0)
+        z = int(s["slice_index"])
+        expect = {4: (2, 1), 25: (3, -1)}[z]  # b has no subject class
+        assert (int(s["class"]), int(s["subject_class"])) == expect
+        seen.add(z)
+        u = ds.sample(step, 2)  # unlabelled stream: labels hidden even where the CSV has one
+        assert int(u["class"]) == -1 and int(u["subject_class"]) == -1
+    assert seen == {4, 25}
+    # random slices of a: cached 4 and 5 both come from raw slice 7, the others have no class
+    random = SliceDataset(cache, Streams(["a"], [], global_batch=1), (8, 8), slice_axis=2, oversample=0.0,
+                          slice_labels=labels)
+    classes = {int(s["slice_index"]): int(s["class"]) for s in (random.sample(t, 0) for t in range(200))}
+    assert len(classes) == 30 and all(c == (2 if z in (4, 5) else -1) for z, c in classes.items())

@@ -17,6 +17,11 @@ voxel of that class, its slice, and the patch centred on that voxel; a random sa
 uniform slice and a uniform in-plane position. Both are :func:`choose_patch_start` on the
 3D case with a patch one slice thick. Everything else (streams, ``(seed, step, slot)``
 purity, augmentation, pass-through keys) is :class:`PatchDataset`'s.
+
+Classification labels (``slice_labels.csv``, :mod:`medvol.io.slice_labels`) index the raw
+scan's slices; a cached slice takes the class of the raw slice nearest its centre
+(:func:`raw_slice_of`: crop undone, resampling grid inverted). Samples of the unlabelled
+stream get class -1, so a semi-supervised trainer never sees their labels.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ import torch
 from medvol.data.dataset import PatchDataset, Streams
 from medvol.data.sampling import choose_patch_start, extract_patch
 from medvol.errors import CacheError
+from medvol.io.slice_labels import SliceLabels
+from medvol.preprocessing.cache import case_paths, list_cases
+from medvol.utils import read_json
 
 
 def slice_config(plans: dict) -> dict:
@@ -64,17 +72,32 @@ def extract_slices(array: np.ndarray, axis: int, index: int, start: Sequence[int
     return block.reshape(-1, *block.shape[2:])
 
 
+def raw_slice_of(props: dict, axis: int) -> np.ndarray:
+    """For each cached slice across ``axis``, the raw scan's slice nearest its centre. The
+    resampling grid puts cached slice j at cropped position (j + 0.5) * n_crop / n_cache - 0.5."""
+    n_in, n_out = int(props["shape_after_crop"][axis]), int(props["shape_after_resampling"][axis])
+    pos = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    return np.clip(np.floor(pos + 0.5), 0, n_in - 1).astype(np.int64) + int(props["crop_bbox"][axis][0])
+
+
+def raw_slice_counts(cache_dir, axis: int) -> dict[str, int]:
+    """``{case: slices of its raw scan across axis}``, what ``read_slice_labels`` checks against."""
+    return {c: int(read_json(case_paths(cache_dir, c)[2])["original_shape"][axis]) for c in list_cases(cache_dir)}
+
+
 class SliceDataset(PatchDataset):
     """2D patches across ``slice_axis`` (0, 1 or 2 of X, Y, Z), indexed like :class:`PatchDataset`."""
 
     def __init__(self, cache_dir, streams: Streams, patch_size: Sequence[int], slice_axis: int,
-                 oversample: float = 0.33, augment=None, seed: int = 0, context: int = 0):
+                 oversample: float = 0.33, augment=None, seed: int = 0, context: int = 0,
+                 slice_labels: SliceLabels | None = None):
         if len(patch_size) != 2 or slice_axis not in (0, 1, 2) or context < 0:
             raise ValueError(f"SliceDataset: a 2D patch_size, slice_axis 0-2 and context >= 0 are needed, got "
                              f"{list(patch_size)}, {slice_axis}, {context}")
         super().__init__(cache_dir, streams, patch_size, oversample, augment, seed)
         self.slice_axis = int(slice_axis)
         self.context = int(context)
+        self.slice_labels = slice_labels
 
     @classmethod
     def from_plans(cls, cache_dir, plans: dict, streams: Streams, **kwargs) -> "SliceDataset":
@@ -93,7 +116,18 @@ class SliceDataset(PatchDataset):
             lab = extract_slices(label, self.slice_axis, index, start, self.patch, 0, -1)
         out = self._finish(img, lab, rng, props, slot)
         out["slice_index"] = torch.tensor(index)
+        if self.slice_labels is not None:
+            out.update(self._classes(props, index, labelled_slot))
         return out
 
+    def _classes(self, props: dict, index: int, labelled_slot: bool) -> dict:
+        """``class`` of the slice and ``subject_class`` of its case (-1: none, or an unlabelled slot)."""
+        case = props["case_id"]
+        slice_class = self.slice_labels.slices.get(case, {}).get(int(raw_slice_of(props, self.slice_axis)[index]), -1)
+        subject_class = self.slice_labels.subjects.get(case, -1)
+        if not labelled_slot:
+            slice_class = subject_class = -1
+        return {"class": torch.tensor(slice_class), "subject_class": torch.tensor(subject_class)}
 
-__all__ = ["SliceDataset", "choose_slice", "extract_slices", "slice_config"]
+
+__all__ = ["SliceDataset", "choose_slice", "extract_slices", "raw_slice_counts", "raw_slice_of", "slice_config"]

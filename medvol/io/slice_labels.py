@@ -18,8 +18,8 @@ caller: unknown subject, slice index out of range or not a whole number, label n
 number >= 0, a duplicate row, a missing mask file, unknown or missing columns. Each problem is
 one :class:`medvol.errors.InputError` naming the CSV and the line.
 
-The indices refer to the raw slices; the 3D cache is cropped and resampled, so mapping them
-onto cached slices is the caller's (the crop box and spacings are in the case properties).
+The indices refer to the raw slices; the 3D cache is cropped and resampled:
+:func:`medvol.data.slices.raw_slice_of` maps cached slices back to raw ones.
 """
 
 from __future__ import annotations
