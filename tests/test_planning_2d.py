@@ -91,3 +91,10 @@ def test_the_2d_block_leaves_the_cache_digest_alone():
     assert plans_digest(plans) == plans_digest(without)
     changed = dict(without, batch_size=without["batch_size"] + 1)
     assert plans_digest(changed) != plans_digest(without)
+
+
+def test_isotropic_data_is_sliced_across_z():
+    # all spacings equal: nnU-Net's argmax over its (z, y, x) order picks z first, medvol's Z (axis 2)
+    fp = dict(_fingerprint(4), spacings=[[1.0, 1.0, 1.0]] * 4, shapes_after_crop=[[40, 48, 10]] * 4)
+    c2 = plan_experiment(fp, DATASET)["configurations"]["2d"]
+    assert c2["slice_axis"] == 2 and c2["in_plane_axes"] == [0, 1] and c2["patch_size"] == [40, 48]

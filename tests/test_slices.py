@@ -191,3 +191,25 @@ def test_cached_slices_take_the_class_of_the_nearest_raw_slice(cache, tmp_path):
                           slice_labels=labels)
     classes = {int(s["slice_index"]): int(s["class"]) for s in (random.sample(t, 0) for t in range(200))}
     assert len(classes) == 30 and all(c == (2 if z in (4, 5) else -1) for z, c in classes.items())
+
+
+def test_from_a_real_preprocessed_cache(tmp_path):
+    from conftest import write_v2_dataset
+
+    from medvol.preprocessing import load_plans, preprocess_dataset
+
+    cases = {}
+    for i in range(2):
+        img = np.random.default_rng(i).normal(10, 1, (32, 28, 8)).astype(np.float32)
+        lab = np.zeros(img.shape, np.uint8)
+        lab[10:14, 12:16, 3 + i] = 1
+        cases[f"c{i}"] = ([img + 40 * lab], lab, np.diag([1.0, 1.0, 4.0, 1.0]))  # thick Z slices
+    preprocess_dataset(write_v2_dataset(tmp_path / "Dataset011_Thick", cases), tmp_path / "pre", num_workers=1,
+                       quiet=True)
+    plans = load_plans(tmp_path / "pre")
+    cfg = slice_config(plans)
+    assert cfg["slice_axis"] == 2 and cfg["patch_size"] == [32, 28]  # the whole X, Y plane
+    ds = SliceDataset.from_plans(tmp_path / "pre", plans, Streams(["c0", "c1"], [], global_batch=2), oversample=0.5)
+    s = ds.sample(0, 1)  # the forced slot
+    assert s["image"].shape == (1, 32, 28) and int(s["slice_index"]) in (3, 4)
+    assert int(s["label"].sum()) == 16  # the 4 x 4 square of that slice
