@@ -170,6 +170,8 @@ def test_cached_slices_take_the_class_of_the_nearest_raw_slice(cache, tmp_path):
     # cached j sits at cropped (j + 0.5) / 2 - 0.5 = j / 2 - 0.25: nearest j // 2, plus the crop's 5
     np.testing.assert_array_equal(raw_slice_of(props, 2), np.arange(30) // 2 + 5)
     np.testing.assert_array_equal(raw_slice_of(props, 0), np.arange(20))  # untouched axis
+    with pytest.raises(CacheError, match="case 'r': cached with --orientation RAS"):
+        raw_slice_of(dict(props, orientation="RAS", case_id="r"), 2)  # reordered axes: raw indices mean nothing
     assert raw_slice_counts(cache, 2) == {"a": 40, "b": 40, "u": 40}
     csv = tmp_path / "slice_labels.csv"
     csv.write_text("subject,slice_index,label\na,7,2\na,,1\nb,17,3\nu,2,1\n")  # fg: a at 4 -> 7, b at 25 -> 17

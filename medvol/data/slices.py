@@ -72,9 +72,18 @@ def extract_slices(array: np.ndarray, axis: int, index: int, start: Sequence[int
     return block.reshape(-1, *block.shape[2:])
 
 
+def _check_raw_voxel_order(props: dict) -> None:
+    """Raw slice indices mean something in the cache only when it kept the files' voxel order."""
+    if props.get("orientation", "stored") != "stored":
+        raise CacheError(f"case '{props.get('case_id')}': cached with --orientation {props['orientation']}, which "
+                         "reorders the raw axes that slice labels index; preprocess slice-labelled data with the "
+                         "default --orientation stored")
+
+
 def raw_slice_of(props: dict, axis: int) -> np.ndarray:
     """For each cached slice across ``axis``, the raw scan's slice nearest its centre. The
     resampling grid puts cached slice j at cropped position (j + 0.5) * n_crop / n_cache - 0.5."""
+    _check_raw_voxel_order(props)
     n_in, n_out = int(props["shape_after_crop"][axis]), int(props["shape_after_resampling"][axis])
     pos = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
     return np.clip(np.floor(pos + 0.5), 0, n_in - 1).astype(np.int64) + int(props["crop_bbox"][axis][0])
@@ -82,7 +91,12 @@ def raw_slice_of(props: dict, axis: int) -> np.ndarray:
 
 def raw_slice_counts(cache_dir, axis: int) -> dict[str, int]:
     """``{case: slices of its raw scan across axis}``, what ``read_slice_labels`` checks against."""
-    return {c: int(read_json(case_paths(cache_dir, c)[2])["original_shape"][axis]) for c in list_cases(cache_dir)}
+    counts = {}
+    for case in list_cases(cache_dir):
+        props = read_json(case_paths(cache_dir, case)[2])
+        _check_raw_voxel_order(props)
+        counts[case] = int(props["original_shape"][axis])
+    return counts
 
 
 class SliceDataset(PatchDataset):
