@@ -90,8 +90,30 @@ def compare(medvol_out: Path, nn_npy: Path) -> dict:
         "target_spacing_medvol": plans["target_spacing"], "target_spacing_nnunet": nn_spacing_zyx[::-1].tolist(),
         "patch_medvol": plans["patch_size"], "patch_nnunet": nn_patch_zyx[::-1].tolist(),
         "batch_medvol": plans["batch_size"], "batch_nnunet": cfg["batch_size"],
+        "plan_2d_medvol": _plan_2d_medvol(plans), "plan_2d_nnunet": nnunet_2d_in_xyz(nn_plans),
         "cases": rows,
     }
+
+
+def _plan_2d_medvol(plans: dict) -> dict:
+    c2 = plans["configurations"]["2d"]
+    return {"slice_axis": c2["slice_axis"], "spacing": c2["spacing"], "patch_size": c2["patch_size"],
+            "batch_size": c2["batch_size"], "strides": c2["network"]["strides"]}
+
+
+def nnunet_2d_in_xyz(nn_plans: dict) -> dict:
+    """nnU-Net's 2d configuration in medvol's terms: its two axes are transposed axes 1, 2 =
+    SimpleITK (z, y, x) axes tf[1], tf[2] = medvol axes 2 - tf[1], 2 - tf[2]; listed in X, Y, Z order."""
+    c2, tf = nn_plans["configurations"]["2d"], nn_plans["transpose_forward"]
+    xyz = [2 - tf[1], 2 - tf[2]]
+    order = np.argsort(xyz)
+
+    def to_xyz(v):
+        return [v[i] for i in order]
+
+    strides = c2["architecture"]["arch_kwargs"]["strides"]
+    return {"slice_axis": 2 - tf[0], "spacing": to_xyz(c2["spacing"]), "patch_size": to_xyz(c2["patch_size"]),
+            "batch_size": c2["batch_size"], "strides": [to_xyz(s) for s in strides]}
 
 
 def main() -> int:
@@ -151,6 +173,7 @@ def main() -> int:
           f"nnU-Net {np.round(res['target_spacing_nnunet'], 4).tolist()}")
     print(f"patch / batch   medvol {res['patch_medvol']} / {res['batch_medvol']}  "
           f"nnU-Net {res['patch_nnunet']} / {res['batch_nnunet']}")
+    print(f"2d plan         medvol {res['plan_2d_medvol']}\n                nnU-Net {res['plan_2d_nnunet']}")
     for r in res["cases"]:
         dice_txt = " ".join(f"{k}:{v:.4f}" for k, v in r.get("dice", {}).items())
         print(f"  {r['case']}: shape {r['shape_medvol']} vs {r['shape_nnunet']}  "

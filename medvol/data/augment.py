@@ -5,6 +5,10 @@ label together (label with nearest neighbour), so they stay aligned; intensity t
 (noise, blur, brightness, contrast, low-resolution simulation, gamma) act on the image only.
 Every random transform draws from the state set by :func:`seed_transforms`, so a sample is a
 pure function of its seed (exact resume, identical data under any number of processes).
+
+``ndim=2`` builds the same pipeline for ``(C, H, W)`` slices: flips only over the axes a slice
+has (nnU-Net's 2d configuration mirrors the two in-plane axes), bilinear upsampling in the
+low-resolution simulation; elastic deformation is 3D only here and refused for slices.
 """
 
 from __future__ import annotations
@@ -30,6 +34,10 @@ def build_augmentation(cfg: AugmentConfig, ndim: int = 3):
                                scale_range=[(cfg.scale_range[0] - 1, cfg.scale_range[1] - 1)] * ndim
                                if cfg.scale_prob > 0 else None,
                                mode=("bilinear", "nearest"), padding_mode="zeros"))
+    if cfg.elastic_prob > 0 and ndim == 2:
+        from medvol.errors import ConfigError
+
+        raise ConfigError("data.augment.elastic_prob: elastic deformation is 3D only; set it to 0 for 2D data")
     if cfg.elastic_prob > 0:
         t.append(T.Rand3DElasticd(keys, sigma_range=(9, 13), magnitude_range=(0, 900), prob=cfg.elastic_prob,
                                   mode=("bilinear", "nearest"), padding_mode="zeros"))
@@ -46,13 +54,14 @@ def build_augmentation(cfg: AugmentConfig, ndim: int = 3):
         t.append(T.RandScaleIntensityFixedMeand(img, factors=(lo - 1, hi - 1), preserve_range=True,
                                                 prob=cfg.contrast_prob))
     if cfg.lowres_prob > 0:
-        t.append(T.RandSimulateLowResolutiond(img, prob=cfg.lowres_prob, zoom_range=tuple(cfg.lowres_zoom)))
+        t.append(T.RandSimulateLowResolutiond(img, prob=cfg.lowres_prob, zoom_range=tuple(cfg.lowres_zoom),
+                                               upsample_mode="trilinear" if ndim == 3 else "bilinear"))
     if cfg.gamma_prob > 0:
         t.append(T.RandAdjustContrastd(img, prob=cfg.gamma_prob, gamma=tuple(cfg.gamma_range), retain_stats=True))
     if cfg.rot90_prob > 0:
         t.append(T.RandRotate90d(keys, prob=cfg.rot90_prob, max_k=3, spatial_axes=(0, 1)))
     for ax in cfg.flip_axes:
-        if cfg.flip_prob > 0:
+        if cfg.flip_prob > 0 and int(ax) < ndim:
             t.append(T.RandFlipd(keys, prob=cfg.flip_prob, spatial_axis=int(ax)))
     return T.Compose(t) if t else None
 

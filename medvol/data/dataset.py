@@ -20,7 +20,6 @@ Of the labelled slots of the global batch (counted across processes) the last
 from __future__ import annotations
 
 import logging
-
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -104,19 +103,31 @@ class PatchDataset(Dataset):
 
     def sample(self, step: int, slot: int) -> dict:
         rng = np.random.default_rng([self.seed, step, slot])
+        image, label, props, labelled_slot, force_fg = self._draw_case(rng, slot)
+        start, _ = choose_patch_start(image.shape[1:], self.patch, rng, props.get("class_locations"), force_fg)
+        img = extract_patch(image, start, self.patch, 0.0)
+        lab = extract_patch(label, start, self.patch, -1) if label is not None and labelled_slot else None
+        return self._finish(img, lab, rng, props, slot)
+
+    def _draw_case(self, rng: np.random.Generator, slot: int):
+        """``(image, label, props, labelled slot?, centre on foreground?)`` of the case drawn for ``slot``."""
         index = self.streams.labelled_index(slot)
         labelled_slot = index is not None
         pool = self.streams.labelled if labelled_slot else self.streams.unlabelled
         case_id = pool[int(rng.integers(len(pool)))]
         image, label, props = self._case(case_id)
-        force_fg = labelled_slot and index >= self.first_fg_slot
-        start, _ = choose_patch_start(image.shape[1:], self.patch, rng, props.get("class_locations"), force_fg)
-        img = extract_patch(image, start, self.patch, 0.0).astype(np.float32, copy=False)
-        if label is not None and labelled_slot:
-            lab = extract_patch(label, start, self.patch, -1).astype(np.int64)
+        return image, label, props, labelled_slot, labelled_slot and index >= self.first_fg_slot
+
+    def _finish(self, img: np.ndarray, lab: np.ndarray | None, rng: np.random.Generator, props: dict,
+                slot: int) -> dict:
+        """The sample dict from an image patch and its label patch (None: unlabelled), augmented."""
+        img = img.astype(np.float32, copy=False)
+        labelled = lab is not None
+        if labelled:
+            lab = lab.astype(np.int64)
             lab[lab < 0] = 0  # outside the nonzero mask counts as background for the loss
         else:
-            lab = np.full((1,) + tuple(self.patch), -1, np.int64)  # unlabelled: no target
+            lab = np.full((1,) + img.shape[1:], -1, np.int64)  # unlabelled: no target
         out = {"image": torch.from_numpy(img), "label": torch.from_numpy(lab)}
         if self.transform is not None:
             seed_transforms(self.transform, rng.integers(2**31))
@@ -124,7 +135,7 @@ class PatchDataset(Dataset):
             # plain tensors: MONAI's MetaTensor would carry its per-op overhead into the network
             out = {k: (v.as_tensor() if hasattr(v, "as_tensor") else torch.as_tensor(v)) for k, v in out.items()}
             out = {"image": out["image"].float(), "label": out["label"].long()}
-        out["labelled"] = torch.tensor(labelled_slot and label is not None)
+        out["labelled"] = torch.tensor(labelled)
         out["slot"] = torch.tensor(slot)
         for k in PASSTHROUGH_KEYS:
             if k in props:

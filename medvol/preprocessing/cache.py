@@ -40,7 +40,9 @@ def cases_dir(out: Path) -> Path:
 
 
 def plans_digest(plans: dict) -> str:
-    """What a cached case was made with: the plan and the cache format version."""
+    """What a cached case was made with: the plan and the cache format version. The extra
+    ``configurations`` (the 2d plan) are left out: 2d training slices this same cache."""
+    plans = {k: v for k, v in plans.items() if k != "configurations"}
     key = json.dumps({"plans": plans, "cache_version": CACHE_VERSION}, sort_keys=True)
     return hashlib.sha1(key.encode()).hexdigest()[:16]
 

@@ -5,10 +5,19 @@ coarsest axis comes first. Where the rules break ties by axis position (argmax o
 spacing, argsort when shrinking the patch) that order decides, so we plan in it too and
 map every per-axis result back to medvol's (X, Y, Z) order. The result then equals
 ``nnUNetv2_plan_and_preprocess``'s 3d_fullres plan up to axis order.
+
+``plans.json`` keeps the 3d_fullres plan at the top level and adds nnU-Net's ``2d``
+configuration under ``"configurations": {"2d": {...}}``: slices across the coarsest axis
+(nnU-Net's transposed axis 0, stored as ``slice_axis`` in X, Y, Z), in-plane target spacing =
+the 3d spacing of the other two axes, patch/batch/topology by the same rules with nnU-Net's 2D
+constants (reference 85e6 feature-map voxels for batch 12 at 8 GB, features capped at 512, an
+initial 2048^2 patch). Per-axis values of the 2d block are in the order of the in-plane axes
+in X, Y, Z (``in_plane_axes``). nnU-Net resamples its 2d data in-plane only; medvol's 2d
+training reads the 3d_fullres cache (same in-plane grid; along the slice axis the 3d target
+spacing instead of each case's own), so the block does not change what is cached.
 """
 
 from __future__ import annotations
-
 
 import numpy as np
 
@@ -23,6 +32,10 @@ REFERENCE_GB = 8
 REFERENCE_BS_3D = 2
 BASE_FEATURES = 32
 MAX_FEATURES_3D = 320
+REFERENCE_VAL_2D = 85_000_000
+REFERENCE_BS_2D = 12
+MAX_FEATURES_2D = 512
+INITIAL_EDGE = {2: 2048, 3: 256}  # the initial patch has the voxels of an EDGE^dim cube
 MIN_EDGE = 4  # smallest feature-map edge in the bottleneck
 MIN_BATCH = 2
 MAX_DATASET_COVERED = 0.05
@@ -108,28 +121,32 @@ def unet_feature_map_size(patch_size, strides, features, num_classes: int, deep_
     return total
 
 
-def _features(n_stages: int) -> list[int]:
-    return [min(MAX_FEATURES_3D, BASE_FEATURES * 2 ** i) for i in range(n_stages)]
+def _features(n_stages: int, max_features: int = MAX_FEATURES_3D) -> list[int]:
+    return [min(max_features, BASE_FEATURES * 2 ** i) for i in range(n_stages)]
 
 
 def plan_configuration(spacing, median_shape, num_classes: int, n_voxels_dataset: float,
                        gpu_memory_gb: float = 8.0) -> dict:
-    """Patch size, batch size and topology for one configuration (in nnU-Net's axis order)."""
+    """Patch size, batch size and topology for one 3d or 2d configuration (in nnU-Net's axis
+    order); the dimension is ``len(spacing)`` and picks nnU-Net's 3d or 2d constants."""
+    dim = len(spacing)
     tmp = 1 / np.array(spacing, float)
-    initial = [round(i) for i in tmp * (256 ** 3 / np.prod(tmp)) ** (1 / 3)]
+    initial = [round(i) for i in tmp * (INITIAL_EDGE[dim] ** dim / np.prod(tmp)) ** (1 / dim)]
     initial = np.array([min(i, j) for i, j in zip(initial, median_shape)])
     num_pool, strides, kernels, patch, divisor = pool_and_conv_props(spacing, initial)
-    reference = REFERENCE_VAL_3D * (gpu_memory_gb / REFERENCE_GB)
+    ref_val, ref_bs, max_features = ((REFERENCE_VAL_2D, REFERENCE_BS_2D, MAX_FEATURES_2D) if dim == 2 else
+                                     (REFERENCE_VAL_3D, REFERENCE_BS_3D, MAX_FEATURES_3D))
+    reference = ref_val * (gpu_memory_gb / REFERENCE_GB)
     cache: dict = {}
 
     def estimate(patch, strides):
         key = (tuple(patch), str(strides))
         if key not in cache:
-            cache[key] = unet_feature_map_size(patch, strides, _features(len(strides)), num_classes)
+            cache[key] = unet_feature_map_size(patch, strides, _features(len(strides), max_features), num_classes)
         return cache[key]
 
     est = estimate(patch, strides)
-    while est / REFERENCE_BS_3D * 2 > reference:
+    while est / ref_bs * 2 > reference:
         axis = int(np.argsort([i / j for i, j in zip(patch, median_shape)])[-1])
         trial = list(patch)
         trial[axis] -= divisor[axis]
@@ -138,11 +155,12 @@ def plan_configuration(spacing, median_shape, num_classes: int, n_voxels_dataset
         patch[axis] -= divisor[axis]
         num_pool, strides, kernels, patch, divisor = pool_and_conv_props(spacing, patch)
         est = estimate(patch, strides)
-    batch = round(reference / est * REFERENCE_BS_3D)
+    batch = round(reference / est * ref_bs)
     bs_5pct = round(n_voxels_dataset * MAX_DATASET_COVERED / np.prod(patch, dtype=np.float64))
     batch = max(min(batch, bs_5pct), MIN_BATCH)
     return {"patch_size": [int(p) for p in patch], "batch_size": int(batch), "strides": strides,
-            "kernel_sizes": kernels, "num_pool_per_axis": num_pool, "features_per_stage": _features(len(strides)),
+            "kernel_sizes": kernels, "num_pool_per_axis": num_pool,
+            "features_per_stage": _features(len(strides), max_features),
             "vram_estimate": int(est)}
 
 
@@ -195,16 +213,7 @@ def plan_experiment(fingerprint: dict, dataset_json: dict, gpu_memory_gb: float 
         "median_shape_after_resampling": [float(s) for s in median_shape],
         "patch_size": to_xyz(cfg["patch_size"]),
         "batch_size": cfg["batch_size"],
-        "network": {
-            "n_stages": len(cfg["strides"]),
-            "features_per_stage": cfg["features_per_stage"],
-            "kernel_sizes": [to_xyz(k) for k in cfg["kernel_sizes"]],
-            "strides": [to_xyz(s) for s in cfg["strides"]],
-            "num_pool_per_axis": to_xyz(cfg["num_pool_per_axis"]),
-            "n_conv_per_stage": CONVS_PER_STAGE,
-            "vram_estimate": cfg["vram_estimate"],
-            "gpu_memory_gb": gpu_memory_gb,
-        },
+        "network": _network_block(cfg, to_xyz, gpu_memory_gb),
         "normalization": [
             {"channel": c, "name": channel_names[c], "scheme": schemes[c], "use_mask_for_norm": bool(use_mask[c]),
              "statistics": stats[str(c)]} for c in range(len(schemes))
@@ -215,4 +224,42 @@ def plan_experiment(fingerprint: dict, dataset_json: dict, gpu_memory_gb: float 
         "channel_names": {str(k): v for k, v in channel_names.items()},
         "cache_dtype": cache_dtype,
         "nnunet_transpose_forward": transpose_nn,
+        "configurations": {"2d": plan_2d(target, median_shape, work_axes, num_classes, n_vox, gpu_memory_gb)},
+    }
+
+
+def plan_2d(target, median_shape, work_axes, num_classes: int, n_vox: float, gpu_memory_gb: float) -> dict:
+    """nnU-Net's ``2d`` configuration: slices across ``work_axes[0]`` (the coarsest axis),
+    planned on the other two axes' 3d target spacing and median resampled shape; the 5 % batch
+    cap uses the 3d dataset's voxels, as nnU-Net does. Per-axis values in X, Y, Z order."""
+    in_plane_nn = list(work_axes[1:])
+    cfg = plan_configuration(target[in_plane_nn], median_shape[in_plane_nn], num_classes, n_vox, gpu_memory_gb)
+    back = np.argsort(in_plane_nn)  # planning order -> ascending X, Y, Z
+
+    def to_xy(v):
+        return [v[i] for i in back]
+
+    return {
+        "slice_axis": int(work_axes[0]),
+        "in_plane_axes": sorted(int(a) for a in in_plane_nn),
+        "spacing": to_xy([float(s) for s in target[in_plane_nn]]),
+        "median_shape": to_xy([float(s) for s in median_shape[in_plane_nn]]),
+        "patch_size": to_xy(cfg["patch_size"]),
+        "batch_size": cfg["batch_size"],
+        "batch_dice": True,
+        "network": _network_block(cfg, to_xy, gpu_memory_gb),
+        "data": "3d_fullres cache, sliced along slice_axis",
+    }
+
+
+def _network_block(cfg: dict, to_axes, gpu_memory_gb: float) -> dict:
+    return {
+        "n_stages": len(cfg["strides"]),
+        "features_per_stage": cfg["features_per_stage"],
+        "kernel_sizes": [to_axes(k) for k in cfg["kernel_sizes"]],
+        "strides": [to_axes(s) for s in cfg["strides"]],
+        "num_pool_per_axis": to_axes(cfg["num_pool_per_axis"]),
+        "n_conv_per_stage": CONVS_PER_STAGE,
+        "vram_estimate": cfg["vram_estimate"],
+        "gpu_memory_gb": gpu_memory_gb,
     }
