@@ -275,11 +275,74 @@ def _non_utf8(c: Ctx):
     return _preprocess(c)
 
 
+def _overwrite_into(where: str):
+    """1. preprocess --overwrite into the raw folder's parent, the raw folder, or a folder in it."""
+    def make(c: Ctx):
+        raw = c.raw()
+        (c.tmp / "notes.txt").write_text("the user's own file beside the dataset")
+        out = {"parent": c.tmp, "raw": raw, "inside": raw / "pre"}[where]
+        return ["preprocess", str(raw), "-o", str(out), "-j", "1", "--quiet", "--overwrite"]
+
+    return make
+
+
+def _overwrite_foreign(c: Ctx):
+    """1. --overwrite on a medvol cache into which someone else's file has moved."""
+    out = c.tmp / "out"
+    shutil.copytree(c.tiny["cache"], out)
+    (out / "cases" / "notes.txt").write_text("keep me")
+    return ["preprocess", str(c.raw()), "-o", str(out), "-j", "1", "--quiet", "--overwrite"]
+
+
+def _predict_into_input(c: Ctx):
+    """2. predict -i d -o d where d holds scan.nii.gz: the output would replace the input."""
+    write_nifti(c.tmp / "d" / "scan.nii.gz", sphere_case()[0])
+    return ["predict", "-m", str(c.tiny["run"]), "-i", str(c.tmp / "d"), "-o", str(c.tmp / "d"), "--device", "cpu",
+            "--quiet"]
+
+
+def _duplicate_case_ids(kind: str):
+    """3. two sources of one case id: Decathlon a/x + b/x, or predict inputs x.nii + x.nii.gz."""
+    def make(c: Ctx):
+        img, lab, aff = sphere_case()
+        if kind == "predict":
+            write_nifti(c.tmp / "in" / "x.nii", img)
+            write_nifti(c.tmp / "in" / "x.nii.gz", img)
+            return ["predict", "-m", str(c.tiny["run"]), "-i", str(c.tmp / "in"), "-o", str(c.tmp / "pred"),
+                    "--device", "cpu", "--quiet"]
+        raw = c.tmp / "raw"
+        for sub in ("a", "b"):
+            write_nifti(raw / sub / "x.nii.gz", img, aff)
+            write_nifti(raw / "labels" / sub / "x.nii.gz", lab, aff)
+        (raw / "dataset.json").write_text(json.dumps({
+            "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "fg"},
+            "training": [{"image": f"./{s}/x.nii.gz", "label": f"./labels/{s}/x.nii.gz"} for s in ("a", "b")]}))
+        return ["preprocess", str(raw), "-o", str(c.tmp / "out"), "-j", "1", "--quiet"]
+
+    return make
+
+
 def _cache_and(*names):
     return lambda c: [c.tmp / n for n in names]
 
 
 CATALOGUE = [
+    # 1-3. nothing of the user's is lost
+    Row("overwrite-parent-of-raw", _overwrite_into("parent"),
+        r"output folder contains the raw dataset .*raw: choose a folder outside it", untouched=_cache_and("")),
+    Row("overwrite-the-raw-folder", _overwrite_into("raw"), r"output folder is the raw dataset",
+        untouched=_cache_and("")),
+    Row("overwrite-inside-raw", _overwrite_into("inside"), r"output folder lies inside the raw dataset",
+        untouched=_cache_and("")),
+    Row("overwrite-foreign-file-in-cache", _overwrite_foreign,
+        r"out/cases/notes\.txt: was not written by medvol .*--overwrite refuses to delete them",
+        untouched=_cache_and("raw", "out")),
+    Row("predict-output-is-its-input", _predict_into_input, r"d/scan\.nii\.gz: the prediction would replace this input",
+        untouched=_cache_and("d")),
+    Row("predict-two-scans-one-case", _duplicate_case_ids("predict"),
+        r"x\.nii(\.gz)?: maps to the same case 'x' \(channel 0\) as x\.nii", untouched=_cache_and("in", "pred")),
+    Row("decathlon-two-sources-one-case", _duplicate_case_ids("decathlon"),
+        r"raw/b/x\.nii\.gz: maps to the same case id 'x' as .*raw/a/x\.nii\.gz", untouched=_cache_and("raw", "out")),
     # 4. label values, checked before any cast; declared labels consecutive from 0
     Row("label-65538-int32", _label(65538, np.int32), r"a\.nii\.gz: label value\(s\) \[65538\] are not declared", 1),
     Row("label-65536-int32", _label(65536, np.int32), r"a\.nii\.gz: label value\(s\) \[65536\] are not declared", 1),
