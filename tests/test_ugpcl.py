@@ -134,7 +134,8 @@ def test_anchors_never_come_from_uncertain_pixels():
     grid = labels_on_grid(lab, proj.shape[-2:])
     assert torch.equal(grid, lab[:, ::8, ::8])
     # tag every cell's embedding with its flat index to trace each anchor back to its pixel
-    tagged = torch.arange(b * (h // 8) * (w // 8), dtype=torch.float).view(b, h // 8, w // 8)[:, None].repeat(1, 8, 1, 1)
+    cells_total = b * (h // 8) * (w // 8)
+    tagged = torch.arange(cells_total, dtype=torch.float).view(b, 1, h // 8, w // 8).repeat(1, 8, 1, 1)
     anchors, classes = sample_anchors(tagged, grid, max_per_class=1000)
     cells = anchors[:, 0].long()
     bi, rem = cells // ((h // 8) * (w // 8)), cells % ((h // 8) * (w // 8))

@@ -236,7 +236,8 @@ class UGPCLLoss(nn.Module):
                  threshold_rampup: float = 10000.0, temperature: float = 0.07, max_anchors_per_class: int = 256):
         super().__init__()
         self.tf_weight, self.consistency, self.consistency_rampup = tf_weight, consistency, consistency_rampup
-        self.rotation_weight, self.contrast_weight, self.contrast_start = rotation_weight, contrast_weight, contrast_start
+        self.rotation_weight, self.contrast_weight = rotation_weight, contrast_weight
+        self.contrast_start = contrast_start
         self.threshold_rampup = threshold_rampup
         # the paper's Dice averages every class, background included
         self.dice = BatchDiceLoss(include_background=True)
