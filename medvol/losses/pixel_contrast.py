@@ -1,0 +1,272 @@
+"""UGPCL's losses (IJCAI 2022; ``shared/METHODS.md`` §6): uncertainty-guided pixel contrast
+against a per-class memory queue, and the total of the supervised, consistency, rotation and
+contrastive terms.
+
+Shapes: logits ``(B, C, H, W)``, integer labels ``(B, H, W)`` (or ``(B, 1, H, W)``) with
+``IGNORE`` (-1) for pixels that take no part, embeddings ``(B, D, h, w)`` L2-normalised along D.
+
+Changed from the published code (see ``docs/methods/ugpcl.md``): the queue is zero-filled with a
+fill count and unfilled slots are masked out of the negatives (the published queue starts from
+random or zero vectors that act as negatives); its pointer advances by exactly the number of
+entries written; its state lives in buffers, so it is checkpointed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from medvol.losses.contrastive import KeyQueue
+from medvol.losses.dice import BatchDiceLoss
+from medvol.training.schedules import sigmoid_rampup
+
+IGNORE = -1
+
+
+# ------------------------------------------------------------------ uncertainty
+
+
+def uncertainty_map(logits_a: torch.Tensor, logits_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy (natural log) of the mean of both decoders' softmaxes, ``(B, H, W)``, and that
+    mean probability ``(B, C, H, W)``."""
+    mean = 0.5 * (torch.softmax(logits_a.float(), 1) + torch.softmax(logits_b.float(), 1))
+    entropy = -(mean * torch.log(mean.clamp_min(1e-12))).sum(1)
+    return entropy, mean
+
+
+def uncertainty_threshold(step: float, rampup_length: float) -> float:
+    """``(0.75 + 0.25 * sigmoid_rampup(step, rampup_length)) * ln 2``: from 0.75 ln 2 up to ln 2
+    (the paper ramps over the whole training, 10,000 iterations)."""
+    return (0.75 + 0.25 * sigmoid_rampup(step, rampup_length)) * math.log(2.0)
+
+
+@torch.no_grad()
+def contrast_labels(logits_cnn: torch.Tensor, logits_tf: torch.Tensor, threshold: float,
+                    labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels for the pixel contrast, ``(B, H, W)``: the first ``len(labels)`` images keep their
+    ground truth (as the published trainer does); the others take the argmax of the mean
+    softmax, with pixels whose uncertainty exceeds ``threshold`` set to ``IGNORE``. Also
+    returns the uncertain mask ``(B, H, W)``."""
+    entropy, mean = uncertainty_map(logits_cnn, logits_tf)
+    uncertain = entropy > threshold
+    out = mean.argmax(1)
+    out[uncertain] = IGNORE
+    if labels is not None:
+        labels = _squeeze(labels)
+        out[: labels.shape[0]] = labels.to(out)
+    return out, uncertain
+
+
+def _squeeze(labels: torch.Tensor) -> torch.Tensor:
+    return labels[:, 0] if labels.ndim == 4 else labels
+
+
+def labels_on_grid(labels: torch.Tensor, size) -> torch.Tensor:
+    """Nearest-neighbour labels on the embedding grid (stride 8: pixel (8i, 8j) for cell (i, j)).
+    A cell is as certain as the pixel it takes its label from."""
+    labels = _squeeze(labels)
+    return F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
+
+
+# ------------------------------------------------------------------ memory queue
+
+
+class ClassMemoryQueue(nn.Module):
+    """One FIFO queue of ``size`` L2-normalised ``dim``-wide entries per class (UGPCL: 500
+    class-mean embeddings per class), each a :class:`~medvol.losses.contrastive.KeyQueue`.
+
+    Slots start at zero and count as empty until written; :meth:`valid_mask` says which are
+    filled, so an empty slot never enters the loss. State (entries, pointer, count) is in
+    buffers: it travels with ``state_dict``.
+    """
+
+    def __init__(self, num_classes: int, dim: int = 256, size: int = 500):
+        super().__init__()
+        self.queues = nn.ModuleList(KeyQueue(dim, size, generator=torch.Generator().manual_seed(0))
+                                    for _ in range(num_classes))
+        for q in self.queues:
+            q.keys.zero_()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.queues)
+
+    @property
+    def size(self) -> int:
+        return self.queues[0].size
+
+    def filled(self, c: int) -> int:
+        return int(min(int(self.queues[c].count), self.size))
+
+    def bank(self) -> torch.Tensor:
+        """All slots, ``(C, size, dim)``."""
+        return torch.stack([q.keys for q in self.queues])
+
+    def valid_mask(self) -> torch.Tensor:
+        """``(C, size)``: True where a slot holds a written entry (slots fill from 0 upwards)."""
+        slots = torch.arange(self.size, device=self.queues[0].keys.device)
+        counts = torch.stack([q.count for q in self.queues]).clamp(max=self.size)
+        return slots[None] < counts[:, None]
+
+    def ordered(self, c: int) -> torch.Tensor:
+        """Class ``c``'s written entries, oldest first."""
+        n = self.filled(c)
+        return self.queues[c].ordered()[self.size - n:] if n else self.queues[c].keys[:0]
+
+    @torch.no_grad()
+    def enqueue(self, c: int, keys: torch.Tensor) -> None:
+        """Append ``keys`` (n, dim) to class ``c``; the pointer advances by n (mod size)."""
+        if keys.shape[0]:
+            self.queues[c].enqueue(keys)
+
+    @torch.no_grad()
+    def enqueue_class_means(self, proj: torch.Tensor, grid_labels: torch.Tensor) -> list[int]:
+        """For every image and every class present in it (``grid_labels`` ``(B, h, w)`` on the
+        embedding grid, ``IGNORE`` excluded), enqueue the L2-normalised mean embedding of that
+        class's cells. Returns the number written per class."""
+        proj = proj.detach().float()
+        written = [0] * self.num_classes
+        for c in range(self.num_classes):
+            means = [proj[b][:, grid_labels[b] == c].mean(1) for b in range(proj.shape[0])
+                     if bool((grid_labels[b] == c).any())]
+            if means:
+                self.enqueue(c, F.normalize(torch.stack(means), dim=1))
+                written[c] = len(means)
+        return written
+
+
+# ------------------------------------------------------------------ contrastive loss
+
+
+def sample_anchors(proj: torch.Tensor, grid_labels: torch.Tensor, max_per_class: int,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``max_per_class`` cells of each class, drawn at random from the whole batch among
+    cells whose label is not ``IGNORE``. Returns anchors ``(N, D)`` (with gradients) and their
+    classes ``(N,)``."""
+    d = proj.shape[1]
+    flat = proj.permute(0, 2, 3, 1).reshape(-1, d)
+    lab = grid_labels.reshape(-1)
+    picks = []
+    for c in torch.unique(lab[lab >= 0]).tolist():
+        idx = torch.nonzero(lab == c).flatten()
+        if idx.numel() > max_per_class:
+            order = torch.randperm(idx.numel(), generator=generator, device="cpu").to(idx.device)
+            idx = idx[order[:max_per_class]]
+        picks.append(idx)
+    if not picks:
+        return flat[:0], lab[:0]
+    idx = torch.cat(picks)
+    return flat[idx], lab[idx]
+
+
+def queue_info_nce(anchors: torch.Tensor, anchor_classes: torch.Tensor, bank: torch.Tensor,
+                   valid: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
+    """Supervised InfoNCE of anchors against a per-class memory.
+
+    For anchor a of class c, positives P = the filled entries of class c, negatives N = the
+    filled entries of every other class; the loss is
+    ``mean_a mean_{p in P} -log(exp(a.p/T) / (exp(a.p/T) + sum_{n in N} exp(a.n/T)))``.
+    Anchors with no positive or no negative are left out; with none left the loss is a zero
+    that keeps the graph. (With one positive this is :func:`medvol.losses.contrastive.info_nce`;
+    that one takes a single positive and shared negatives, so it cannot serve many positives
+    and class-dependent negatives without copying the anchors once per positive.)
+
+    ``bank`` ``(C, K, D)``, ``valid`` ``(C, K)`` bool: unfilled slots are never used.
+    """
+    C = bank.shape[0]
+    same = anchor_classes[:, None] == torch.arange(C, device=anchors.device)[None]  # (N, C)
+    n_valid = valid.sum(1)  # (C,)
+    has_pos = (same * n_valid[None]).sum(1) > 0
+    has_neg = ((~same) * n_valid[None]).sum(1) > 0
+    keep = has_pos & has_neg
+    if not bool(keep.any()):
+        return anchors.sum() * 0.0
+    a, same = anchors[keep].float(), same[keep]
+    logits = torch.einsum("nd,ckd->nck", a, bank.float()) / temperature  # (N, C, K)
+    pos_mask = same[:, :, None] & valid[None]
+    neg_mask = ~same[:, :, None] & valid[None]
+    neg_lse = torch.logsumexp(logits.masked_fill(~neg_mask, float("-inf")).flatten(1), 1)  # (N,)
+    per_pair = torch.logaddexp(logits, neg_lse[:, None, None]) - logits
+    per_anchor = (per_pair * pos_mask).flatten(1).sum(1) / pos_mask.flatten(1).sum(1)
+    return per_anchor.mean()
+
+
+class PixelContrastLoss(nn.Module):
+    """Anchors sampled per class at the embedding stride (8) from labelled/certain cells,
+    InfoNCE (T = 0.07) against a :class:`ClassMemoryQueue`, then the batch's class means are
+    enqueued (after the loss, so an image is never its own positive)."""
+
+    def __init__(self, temperature: float = 0.07, max_anchors_per_class: int = 256):
+        super().__init__()
+        self.temperature = temperature
+        self.max_anchors_per_class = max_anchors_per_class
+
+    def forward(self, proj: torch.Tensor, labels: torch.Tensor, queue: ClassMemoryQueue,
+                update_queue: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+        grid = labels_on_grid(labels, proj.shape[-2:])
+        anchors, classes = sample_anchors(proj, grid, self.max_anchors_per_class, generator)
+        loss = queue_info_nce(anchors, classes, queue.bank(), queue.valid_mask(), self.temperature)
+        if update_queue:
+            queue.enqueue_class_means(proj, grid)
+        return loss
+
+
+# ------------------------------------------------------------------ total
+
+
+class UGPCLLoss(nn.Module):
+    """The UGPCL objective for a batch whose first ``len(labels)`` images are labelled:
+
+    - supervised: 0.5 Dice + 0.5 CE on the CNN decoder + ``tf_weight`` (0.4) x the same on the
+      Transformer decoder (labelled images);
+    - consistency: MSE between both decoders' softmaxes on the unlabelled images, weight
+      ``consistency`` (0.01) x ``sigmoid_rampup(step, consistency_rampup)``;
+    - rotation: CE of the rotation head x ``rotation_weight`` (0.1);
+    - from ``contrast_start`` (1000) on, the pixel contrast x ``contrast_weight`` (0.1), with the
+      uncertainty threshold ramped over ``threshold_rampup`` (the training length, 10,000).
+
+    Returns a dict of the terms (tensors) and ``total``.
+    """
+
+    def __init__(self, tf_weight: float = 0.4, consistency: float = 0.01, consistency_rampup: float = 4000.0,
+                 rotation_weight: float = 0.1, contrast_weight: float = 0.1, contrast_start: int = 1000,
+                 threshold_rampup: float = 10000.0, temperature: float = 0.07, max_anchors_per_class: int = 256):
+        super().__init__()
+        self.tf_weight, self.consistency, self.consistency_rampup = tf_weight, consistency, consistency_rampup
+        self.rotation_weight, self.contrast_weight = rotation_weight, contrast_weight
+        self.contrast_start = contrast_start
+        self.threshold_rampup = threshold_rampup
+        # the paper's Dice averages every class, background included
+        self.dice = BatchDiceLoss(include_background=True)
+        self.contrast = PixelContrastLoss(temperature, max_anchors_per_class)
+
+    def supervised(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        target = _squeeze(labels).long()
+        return 0.5 * self.dice(logits, target[:, None]) + 0.5 * F.cross_entropy(logits.float(), target)
+
+    def forward(self, out: dict, labels: torch.Tensor, rot_target: torch.Tensor | None, step: int,
+                queue: ClassMemoryQueue | None = None, generator: torch.Generator | None = None) -> dict:
+        n_l = labels.shape[0]
+        seg_cnn, seg_tf = out["seg_cnn"], out["seg_tf"]
+        terms = {"sup_cnn": self.supervised(seg_cnn[:n_l], labels), "sup_tf": self.supervised(seg_tf[:n_l], labels)}
+        zero = seg_cnn.sum() * 0.0
+        if seg_cnn.shape[0] > n_l:
+            diff = torch.softmax(seg_cnn[n_l:].float(), 1) - torch.softmax(seg_tf[n_l:].float(), 1)
+            terms["consistency"] = diff.pow(2).mean()
+        else:
+            terms["consistency"] = zero
+        terms["rotation"] = F.cross_entropy(out["rot"].float(), rot_target) if rot_target is not None else zero
+        cw = self.consistency * sigmoid_rampup(step, self.consistency_rampup)
+        terms["contrast"] = zero
+        if step >= self.contrast_start and self.contrast_weight > 0 and queue is not None:
+            threshold = uncertainty_threshold(step, self.threshold_rampup)
+            lab, uncertain = contrast_labels(seg_cnn, seg_tf, threshold, labels)
+            terms["contrast"] = self.contrast(out["proj"], lab, queue, generator=generator)
+            terms["uncertain_fraction"] = uncertain[n_l:].float().mean() if seg_cnn.shape[0] > n_l else zero.detach()
+        terms["total"] = (terms["sup_cnn"] + self.tf_weight * terms["sup_tf"] + cw * terms["consistency"]
+                          + self.rotation_weight * terms["rotation"] + self.contrast_weight * terms["contrast"])
+        terms["consistency_weight"] = torch.tensor(cw)
+        return terms

@@ -1,0 +1,286 @@
+"""UGPCL network and losses (shared/METHODS.md §6): shapes, registered position embeddings,
+uncertainty threshold, anchor sampling, the per-class memory queue and the contrastive loss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medvol.config import ModelConfig
+from medvol.errors import ConfigError
+from medvol.losses.contrastive import info_nce
+from medvol.losses.pixel_contrast import (IGNORE, ClassMemoryQueue, PixelContrastLoss, UGPCLLoss, contrast_labels,
+                                          labels_on_grid, queue_info_nce, sample_anchors, uncertainty_map,
+                                          uncertainty_threshold)
+from medvol.networks import build_model
+from medvol.networks.slice.ugpcl import UGPCLNet
+
+TINY = dict(width=8, layers=(1, 1, 1, 1), embed_dim=8, heads=(4, 2, 1), depths=(2, 2, 2), proj_dim=16, queue_size=6)
+
+
+@pytest.fixture(autouse=True)
+def pinned_cpu():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(old)
+
+
+def _check_outputs(out, b, classes, size, proj_dim):
+    h, w = size
+    assert out["seg_cnn"].shape == (b, classes, h, w)
+    assert out["seg_tf"].shape == (b, classes, h, w)
+    assert out["proj"].shape == (b, proj_dim, h // 8, w // 8)
+    assert out["rot"].shape == (b, 4)
+    assert torch.allclose(out["proj"].norm(dim=1), torch.ones(()), atol=1e-5)
+
+
+# ---------------------------------------------------------------- network
+
+
+def test_faithful_widths_at_224():
+    net = UGPCLNet(1, 4, (224, 224)).eval()
+    assert [s.pos_embed.shape[-2:] for s in net.tf_decoder.stages] == [(14, 14), (28, 28), (56, 56)]
+    assert [s.blocks.blocks[0].attn.num_heads for s in net.tf_decoder.stages] == [12, 6, 3]
+    assert net.proj_head[0].in_channels == 512 and net.proj_head[-1].out_channels == 256
+    with torch.no_grad():
+        _check_outputs(net(torch.randn(1, 1, 224, 224)), 1, 4, (224, 224), 256)
+
+
+@pytest.mark.parametrize("size", [(224, 224), (96, 160)])
+def test_tiny_widths_shapes(size):
+    net = UGPCLNet(3, 3, size, **TINY)
+    assert net.tf_decoder.stages[0].pos_embed.shape[-2:] == (size[0] // 16, size[1] // 16)
+    _check_outputs(net(torch.randn(2, 3, *size)), 2, 3, size, 16)
+
+
+def test_other_input_size_than_built_runs_and_bad_sizes_fail():
+    net = UGPCLNet(1, 2, (64, 64), **TINY).eval()
+    with torch.no_grad():
+        _check_outputs(net(torch.randn(1, 1, 96, 64)), 1, 2, (96, 64), 16)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        net(torch.randn(1, 1, 70, 64))
+    with pytest.raises(ConfigError, match="multiples of 32"):
+        UGPCLNet(1, 2, (100, 100), **TINY)
+
+
+def test_position_embeddings_are_saved_and_trained():
+    net = UGPCLNet(1, 3, (64, 64), **TINY)
+    names = [k for k in net.state_dict() if k.endswith("pos_embed")]
+    assert names == [f"tf_decoder.stages.{i}.pos_embed" for i in range(3)]
+    assert {n for n, _ in net.named_parameters()} >= set(names)
+    out = net(torch.randn(2, 1, 64, 64))
+    out["seg_tf"].square().mean().backward()
+    for stage in net.tf_decoder.stages:
+        assert stage.pos_embed.grad is not None and stage.pos_embed.grad.abs().sum() > 0
+    # save -> load -> same outputs (the queue buffers travel too)
+    net.memory.enqueue(1, F.normalize(torch.randn(2, 16), dim=1))
+    other = UGPCLNet(1, 3, (64, 64), **TINY)
+    other.load_state_dict(net.state_dict())
+    assert other.memory.filled(1) == 2
+    net.eval(), other.eval()
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        a, b = net(x), other(x)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_registry_builds_ugpcl():
+    cfg = ModelConfig(name="ugpcl", options=dict(TINY))
+    net = build_model(cfg, {"patch_size": [64, 96]}, 1, 4)
+    assert isinstance(net, UGPCLNet) and net.input_size == (64, 96)
+    assert build_model(ModelConfig(name="ugpcl", options=dict(TINY)), {}, 1, 4).input_size == (224, 224)
+    with pytest.raises(ConfigError, match="bogus"):
+        build_model(ModelConfig(name="ugpcl", options={"bogus": 1}), {}, 1, 4)
+
+
+# ---------------------------------------------------------------- uncertainty
+
+
+def test_uncertainty_threshold_schedule():
+    ln2 = math.log(2)
+    assert uncertainty_threshold(0, 10000) == pytest.approx((0.75 + 0.25 * math.exp(-5)) * ln2)
+    assert uncertainty_threshold(5000, 10000) == pytest.approx((0.75 + 0.25 * math.exp(-1.25)) * ln2)
+    assert uncertainty_threshold(10000, 10000) == pytest.approx(ln2)
+    assert uncertainty_threshold(20000, 10000) == pytest.approx(ln2)
+    vals = [uncertainty_threshold(s, 10000) for s in range(0, 10001, 500)]
+    assert all(a <= b for a, b in zip(vals, vals[1:]))
+
+
+def test_uncertainty_is_entropy_of_mean_softmax():
+    a, b = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    ent, mean = uncertainty_map(a, b)
+    p = (a.softmax(1) + b.softmax(1)) / 2
+    assert torch.allclose(mean, p) and torch.allclose(ent, -(p * p.log()).sum(1), atol=1e-6)
+    # two confident decoders that disagree: the mean is 50/50, entropy ln 2
+    x = torch.tensor([10.0, -10.0]).view(1, 2, 1, 1)
+    assert ent.shape == (2, 4, 4) and uncertainty_map(x, -x)[0].item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_anchors_never_come_from_uncertain_pixels():
+    b, c, h, w = 3, 3, 32, 32
+    logits_a, logits_b = torch.randn(b, c, h, w) * 3, torch.randn(b, c, h, w) * 3
+    gt = torch.randint(0, c, (1, h, w))  # the first image is labelled
+    threshold = uncertainty_threshold(0, 10000)
+    lab, uncertain = contrast_labels(logits_a, logits_b, threshold, gt)
+    assert torch.equal(lab[0], gt[0])
+    assert bool(uncertain[1:].any()) and bool((~uncertain[1:]).any())
+    assert bool((lab[1:][uncertain[1:]] == IGNORE).all()) and bool((lab[1:][~uncertain[1:]] >= 0).all())
+    proj = F.normalize(torch.randn(b, 8, h // 8, w // 8), dim=1)
+    grid = labels_on_grid(lab, proj.shape[-2:])
+    assert torch.equal(grid, lab[:, ::8, ::8])
+    # tag every cell's embedding with its flat index to trace each anchor back to its pixel
+    cells_total = b * (h // 8) * (w // 8)
+    tagged = torch.arange(cells_total, dtype=torch.float).view(b, 1, h // 8, w // 8).repeat(1, 8, 1, 1)
+    anchors, classes = sample_anchors(tagged, grid, max_per_class=1000)
+    cells = anchors[:, 0].long()
+    bi, rem = cells // ((h // 8) * (w // 8)), cells % ((h // 8) * (w // 8))
+    yi, xi = rem // (w // 8), rem % (w // 8)
+    assert len(cells) == int((grid >= 0).sum())
+    for n in range(len(cells)):
+        y, x = int(yi[n]) * 8, int(xi[n]) * 8
+        assert bi[n] == 0 or not uncertain[bi[n], y, x]
+        assert classes[n] == lab[bi[n], y, x]
+    # per class at most max_per_class
+    _, few = sample_anchors(tagged, grid, max_per_class=2)
+    assert all(int((few == k).sum()) <= 2 for k in range(c))
+
+
+# ---------------------------------------------------------------- memory queue
+
+
+def test_queue_fifo_order_and_pointer():
+    q = ClassMemoryQueue(num_classes=2, dim=3, size=4)
+    assert not bool(q.valid_mask().any()) and q.filled(0) == 0 and q.ordered(0).shape == (0, 3)
+    e = torch.eye(3)
+    keys = [F.normalize(torch.tensor([1.0, float(i), 0.0]), dim=0) for i in range(7)]
+    q.enqueue(0, torch.stack(keys[:3]))
+    assert int(q.queues[0].ptr) == 3 and q.filled(0) == 3
+    assert torch.allclose(q.ordered(0), torch.stack(keys[:3]))
+    assert q.valid_mask().tolist() == [[True, True, True, False], [False] * 4]
+    q.enqueue(0, torch.stack(keys[3:6]))  # wraps: the two oldest are overwritten
+    assert int(q.queues[0].ptr) == 2 and q.filled(0) == 4
+    assert torch.allclose(q.ordered(0), torch.stack(keys[2:6]))
+    q.enqueue(0, keys[6][None])
+    assert int(q.queues[0].ptr) == 3 and torch.allclose(q.ordered(0), torch.stack(keys[3:7]))
+    # class 1 untouched; it has its own pointer
+    q.enqueue(1, e[:1])
+    assert int(q.queues[1].ptr) == 1 and q.filled(1) == 1 and torch.equal(q.ordered(1), e[:1])
+    assert set(k for k in q.state_dict()) == {f"queues.{i}.{n}" for i in range(2) for n in ("keys", "ptr", "count")}
+
+
+def test_queue_enqueues_one_class_mean_per_image_and_class():
+    q = ClassMemoryQueue(num_classes=3, dim=2, size=10)
+    proj = torch.zeros(2, 2, 2, 2)
+    proj[0, 0] = 1.0  # image 0: every cell (1, 0)
+    proj[1, 1, 0] = 1.0  # image 1: top row (0, 1), bottom row (0, 0) -> class mean picks rows
+    proj[1, 0, 1] = 1.0
+    grid = torch.tensor([[[0, 0], [1, IGNORE]], [[1, 1], [2, 2]]])
+    written = q.enqueue_class_means(proj, grid)
+    assert written == [1, 2, 1]
+    assert [int(qq.ptr) for qq in q.queues] == [1, 2, 1]
+    assert torch.allclose(q.ordered(1), torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    assert torch.allclose(q.ordered(2), torch.tensor([[1.0, 0.0]]))
+
+
+# ---------------------------------------------------------------- contrastive loss
+
+
+def test_contrastive_loss_equals_hand_computation():
+    T = 0.07
+    s = 1 / math.sqrt(2)
+    # 2 classes, queue of 3 slots: class 0 holds 2 entries, class 1 holds 1
+    bank = torch.zeros(2, 3, 2)
+    bank[0, 0] = torch.tensor([1.0, 0.0])
+    bank[0, 1] = torch.tensor([s, s])
+    bank[1, 0] = torch.tensor([0.0, 1.0])
+    valid = torch.tensor([[True, True, False], [True, False, False]])
+    anchors = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+    classes = torch.tensor([0, 0, 1])
+
+    def term(a, p, negs):
+        return -math.log(math.exp(a @ p / T) / (math.exp(a @ p / T) + sum(math.exp(a @ n / T) for n in negs)))
+
+    expected = []
+    for a, c in zip(anchors, classes):
+        pos = [bank[c, k] for k in range(3) if valid[c, k]]
+        neg = [bank[o, k] for o in range(2) if o != c for k in range(3) if valid[o, k]]
+        expected.append(sum(term(a, p, neg) for p in pos) / len(pos))
+    got = queue_info_nce(anchors, classes, bank, valid, T)
+    assert got.item() == pytest.approx(sum(expected) / 3, rel=1e-5)
+    # one positive and shared negatives: the existing MoCo InfoNCE
+    a = anchors[2:]
+    ref, _ = info_nce(a, bank[1, :1], bank[0, :2], temperature=T)
+    assert queue_info_nce(a, classes[2:], bank, valid, T).item() == pytest.approx(ref.item(), rel=1e-4)
+
+
+def test_unfilled_slots_never_act_as_negatives():
+    T = 0.07
+    bank = torch.zeros(2, 4, 3)
+    bank[0, 0] = torch.tensor([1.0, 0.0, 0.0])
+    bank[1, 0] = torch.tensor([0.0, 1.0, 0.0])
+    valid = torch.tensor([[True, False, False, False], [True, False, False, False]])
+    anchors = F.normalize(torch.tensor([[1.0, 0.2, -0.3], [-0.5, 1.0, 0.1]]), dim=1)
+    classes = torch.tensor([0, 1])
+    base = queue_info_nce(anchors, classes, bank, valid, T)
+    # whatever the unfilled slots hold (zeros or garbage), the loss is the same
+    junk = bank.clone()
+    junk[:, 1:] = F.normalize(torch.randn(2, 3, 3), dim=-1)
+    assert torch.equal(queue_info_nce(anchors, classes, junk, valid, T), base)
+    # zero vectors as negatives would change it: exp(0) = 1 each in the denominator
+    with_zeros = queue_info_nce(anchors, classes, bank, torch.ones_like(valid), T)
+    assert not torch.allclose(with_zeros, base)
+    # a class with no filled entry yields no positives: its anchors are left out
+    only0 = torch.tensor([[True, False, False, False], [False] * 4])
+    zero = queue_info_nce(anchors.requires_grad_(), classes, bank, only0, T)
+    assert zero.item() == 0.0
+    zero.backward()
+    assert torch.equal(anchors.grad, torch.zeros_like(anchors))
+
+
+def test_pixel_contrast_loss_uses_queue_before_updating_it():
+    q = ClassMemoryQueue(num_classes=2, dim=4, size=5)
+    loss_fn = PixelContrastLoss(temperature=0.07, max_anchors_per_class=4)
+    proj = F.normalize(torch.randn(2, 4, 2, 2), dim=1).requires_grad_()
+    labels = torch.zeros(2, 16, 16, dtype=torch.long)
+    labels[:, 8:] = 1
+    first = loss_fn(proj, labels, q)  # empty queue: nothing to contrast with
+    assert first.item() == 0.0 and [q.filled(c) for c in range(2)] == [2, 2]
+    second = loss_fn(proj, labels, q)
+    assert second.item() > 0 and [q.filled(c) for c in range(2)] == [4, 4]
+    second.backward()
+    assert proj.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- total
+
+
+def test_ugpcl_loss_terms_and_weights():
+    net = UGPCLNet(1, 3, (64, 64), **TINY)
+    x = torch.randn(4, 1, 64, 64)
+    labels = torch.randint(0, 3, (2, 1, 64, 64))
+    rot = torch.tensor([0, 1, 2, 3])
+    crit = UGPCLLoss(consistency_rampup=100, contrast_start=10, threshold_rampup=100)
+    out = net(x)
+    early = crit(out, labels, rot, step=5, queue=net.memory)
+    assert early["contrast"].item() == 0.0 and net.memory.filled(0) == 0
+    sup = lambda y: 0.5 * crit.dice(y, labels) + 0.5 * F.cross_entropy(y, labels[:, 0])  # noqa: E731
+    assert early["sup_cnn"].item() == pytest.approx(sup(out["seg_cnn"][:2]).item(), rel=1e-5)
+    cons = (out["seg_cnn"][2:].softmax(1) - out["seg_tf"][2:].softmax(1)).pow(2).mean()
+    assert early["consistency"].item() == pytest.approx(cons.item(), rel=1e-5)
+    cw = 0.01 * math.exp(-5 * (1 - 0.05) ** 2)
+    assert early["consistency_weight"].item() == pytest.approx(cw)
+    total = (early["sup_cnn"] + 0.4 * early["sup_tf"] + cw * early["consistency"]
+             + 0.1 * F.cross_entropy(out["rot"], rot))
+    assert early["total"].item() == pytest.approx(total.item(), rel=1e-5)
+    # from contrast_start the queue fills and, once filled, the contrast term is live
+    crit(net(x), labels, rot, step=10, queue=net.memory)
+    assert net.memory.filled(0) > 0
+    late = crit(net(x), labels, rot, step=11, queue=net.memory, generator=torch.Generator().manual_seed(0))
+    assert late["contrast"].item() > 0
+    late["total"].backward()
+    assert net.proj_head[0].weight.grad.abs().sum() > 0
