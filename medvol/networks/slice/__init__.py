@@ -1,1 +1,1 @@
-"""2D (slice) segmentation networks."""
+"""2D slice networks (run over volumes with :class:`medvol.networks.slice_adapter.SliceAdapter`)."""
