@@ -1,0 +1,1 @@
+"""2D (slice) networks."""
