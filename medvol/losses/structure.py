@@ -19,8 +19,11 @@ import torch.nn.functional as F
 
 
 def structure_weight(target: torch.Tensor, kernel: int = 31, factor: float = 5.0) -> torch.Tensor:
-    """1 + factor·|avgpool_kernel(g) − g| per pixel."""
-    return 1.0 + factor * (F.avg_pool2d(target, kernel, stride=1, padding=kernel // 2) - target).abs()
+    """1 + factor·|avgpool_kernel(g) − g| per pixel. The k×k box mean (zero padding counted) is
+    computed as a k×1 then a 1×k mean: the same numbers, k times fewer operations."""
+    p = kernel // 2
+    box = F.avg_pool2d(F.avg_pool2d(target, (kernel, 1), 1, (p, 0)), (1, kernel), 1, (0, p))
+    return 1.0 + factor * (box - target).abs()
 
 
 def weighted_bce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -39,10 +42,12 @@ def weighted_iou(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     return 1.0 - (inter + 1.0) / (union - inter + 1.0)
 
 
-def structure_loss(logits: torch.Tensor, target: torch.Tensor, official_compat: bool = False) -> torch.Tensor:
+def structure_loss(logits: torch.Tensor, target: torch.Tensor, official_compat: bool = False,
+                   weight: torch.Tensor | None = None) -> torch.Tensor:
     """Weighted BCE + weighted IoU, averaged over the batch. ``official_compat``: unweighted BCE
-    (the published code's effective behaviour); the IoU term is weighted either way."""
-    w = structure_weight(target)
+    (the published code's effective behaviour); the IoU term is weighted either way. ``weight``:
+    :func:`structure_weight` of ``target`` when already computed."""
+    w = structure_weight(target) if weight is None else weight
     bce = weighted_bce(logits, target, None if official_compat else w)
     return (bce + weighted_iou(logits, target, w)).mean()
 
@@ -57,7 +62,8 @@ def infnet_loss(outputs, target: torch.Tensor, edge_target: torch.Tensor,
     """Inf-Net's training loss: Σ structure loss over S_g and the three reverse-attention maps +
     edge BCE. ``outputs`` is an :class:`~medvol.networks.slice.infnet.InfNetOutput`. Returns the
     total and its parts (floats, for logging)."""
-    parts = {name: structure_loss(getattr(outputs, name), target, official_compat)
+    w = structure_weight(target)
+    parts = {name: structure_loss(getattr(outputs, name), target, official_compat, w)
              for name in ("global_map", "ra4", "ra3", "ra2")}
     parts["edge"] = edge_bce(outputs.edge, edge_target)
     total = sum(parts.values())
