@@ -134,6 +134,8 @@ def test_structure_weight_is_one_on_flat_regions_and_larger_at_edges():
     assert float(w[0, 0, 48, 48]) == pytest.approx(1.0)  # 32 px inside: the 31×31 window is flat
     assert float(w[0, 0, 16, 48]) > 3.0 and float(w[0, 0, 15, 48]) > 2.5  # on either side of the edge
     assert float(w.max()) <= 6.0
+    direct = 1 + 5 * (F.avg_pool2d(g, 31, stride=1, padding=15) - g).abs()  # the published 31×31 pool
+    torch.testing.assert_close(w, direct)
 
 
 def test_weighted_bce_is_applied_where_edges_exist():
@@ -257,15 +259,16 @@ def _train(seed: int, steps: int = 60, size: int = 48, lr: float = 3e-3):
         loss, _ = infnet_loss(m(x), y, e)
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(m.parameters(), 0.5)  # the paper's gradient clip
+        torch.nn.utils.clip_grad_value_(m.parameters(), 0.5)  # as published: each gradient element clamped
         opt.step()
         losses.append(float(loss.detach()))
-    return float(np.mean(losses[:5])), float(np.mean(losses[-5:])), d0, _val_dice(m, xv, yv)
+    return float(np.mean(losses[:10])), float(np.mean(losses[-10:])), d0, _val_dice(m, xv, yv)
 
 
 def test_short_cpu_training_lowers_the_loss_and_raises_dice():
     first, last, d0, d1 = _train(seed=0)
-    # Bars set from seeds 0, 1, 2 (measured on CPU: loss of the last 5 / first 5 steps 0.68, 0.78,
-    # 0.70; mean_dice_256 on 4 held-out images 0.07 -> 0.24, 0.06 -> 0.31, 0.04 -> 0.26), with margin.
-    assert last < 0.85 * first
+    # Bars set from seeds 0, 1, 2 (measured on CPU: mean loss of the first 10 -> last 10 steps
+    # 6.70 -> 5.21, 6.79 -> 5.70, 6.76 -> 5.53; mean_dice_256 on 4 held-out images 0.07 -> 0.28,
+    # 0.06 -> 0.29, 0.04 -> 0.38), with margin.
+    assert last < first - 0.5
     assert d1 > d0 + 0.1 and d1 > 0.15
