@@ -137,10 +137,11 @@ class Res2NetV1b(nn.Module):
 
     def load_local_weights(self, path: str | Path) -> dict[str, list[str]]:
         """Load a local state dict (e.g. the Res2Net authors' ImageNet file) by name; nothing is
-        downloaded. Keys may carry ``module.``, ``resnet.`` or ``backbone.`` prefixes (DDP, Inf-Net checkpoints).
-        A 3-channel stem loads into a 1-channel model summed over its RGB kernels (``adapted``).
-        Returns ``loaded``, ``adapted``, ``shape_mismatch``, ``missing`` (model tensors the file
-        lacks) and ``unexpected`` (file tensors the model lacks); loads nothing if nothing matches."""
+        downloaded. Keys may carry ``module.``, ``resnet.`` or ``backbone.`` prefixes (DDP, an
+        Inf-Net checkpoint). A 3-channel stem loads into a 1-channel model summed over its RGB
+        kernels (``adapted``). Returns ``loaded``, ``adapted``, ``shape_mismatch``, ``missing``
+        (model tensors the file lacks) and ``unexpected`` (file tensors the model lacks);
+        InputError when no tensor matches (e.g. other widths) or the file holds pickled objects."""
         path = Path(path)
         if not path.is_file():
             raise InputError(path, "weights file not found (medvol never downloads weights: give a local file)")
