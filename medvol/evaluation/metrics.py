@@ -27,6 +27,13 @@ from medvol.utils import atomic_path, write_json
 METRICS = ("dice", "jaccard", "hd95", "asd", "volume_pred_ml", "volume_ref_ml", "volume_diff_ml")
 
 
+def dice_from_counts(inter, n_pred, n_ref):
+    """Dice 2·|P∩R|/(|P|+|R|) from counts (scalars or arrays), with this module's rule for
+    masks empty on both sides: 1."""
+    inter, denom = np.asarray(inter, float), np.asarray(n_pred, float) + np.asarray(n_ref, float)
+    return np.where(denom == 0, 1.0, 2.0 * inter / np.maximum(denom, 1e-300))
+
+
 def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing, classes: list[int]) -> dict[int, dict[str, float]]:
     """Metrics of each class in ``classes`` for label maps ``pred`` and ``ref`` (same grid)."""
     from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
@@ -43,7 +50,7 @@ def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing, classes: list[int])
         elif np_ == 0 or nr == 0:
             m.update(dice=0.0, jaccard=0.0, hd95=math.nan, asd=math.nan)
         else:
-            m["dice"] = 2.0 * inter / (np_ + nr)
+            m["dice"] = float(dice_from_counts(inter, np_, nr))
             m["jaccard"] = inter / (np_ + nr - inter)
             pt = torch.from_numpy(p)[None, None]
             rt = torch.from_numpy(r)[None, None]
