@@ -38,6 +38,8 @@ def test_short_training_learns_brain_tissue(brain_pre, tmp_path):
     with pinned():
         metrics = train(r, brain_pre, run, device="cpu", quiet=True)
     losses = np.array(list(_losses(run).values()))
+    # Measured with threads pinned to 2, seeds 0/1/2: loss ratio 0.58 / 0.61 / 0.61, validation
+    # Dice 0.67 -> 0.77, 0.70 -> 0.76, 0.71 -> 0.76: the bars below keep a wide margin.
     assert losses[-10:].mean() < 0.8 * losses[:10].mean()
     dice = _metric(run, "val/dice_mean")
     assert len(dice) == 3 and dice[-1] > dice[0]
