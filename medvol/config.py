@@ -99,6 +99,17 @@ class TrainerConfig:
 
 
 @dataclass
+class InferenceConfig:
+    """How ``medvol predict`` runs a trained model (its command-line options override these)."""
+
+    tta: bool = False  # mirroring test-time augmentation over the trained flip axes
+    overlap: float = 0.5  # sliding-window overlap fraction
+    step: list | None = None  # window step in voxels per axis (papers' "stride"); replaces overlap
+    largest_component: bool = False  # keep each label's largest connected component
+    dodnet_postprocess: bool = False  # DoDNet's rules (task-conditioned models only)
+
+
+@dataclass
 class Recipe:
     name: str = "unnamed"
     description: str = ""
@@ -108,7 +119,7 @@ class Recipe:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     method: dict = field(default_factory=dict)  # method-specific options, checked by the method's trainer
-    inference: dict = field(default_factory=dict)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     init_from: str | None = None  # weights to start from (loaded by name and shape; e.g. PCRL's encoder.pt)
 
 
@@ -116,24 +127,14 @@ _PLAIN = {dict: "a mapping", bool: "true or false", str: "a string"}  # checked 
 
 
 def _coerce(value: Any, tp: Any, where: str, source: str) -> Any:
+    """``value`` checked against (and converted to) the field type ``tp``."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: '{where}' must be a mapping, got {value!r}")
         return from_dict(tp, value, source, where)
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, where, source)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{source}: bad value for '{where}': {value!r}")
+        return _coerce_union(value, typing.get_args(tp), where, source)
     if tp in (list, tuple) or origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{source}: '{where}' must be a list, got {value!r}")
@@ -142,20 +143,41 @@ def _coerce(value: Any, tp: Any, where: str, source: str) -> Any:
         if not isinstance(value, tp):
             raise ConfigError(f"{source}: '{where}' must be {_PLAIN[tp]}, got {value!r}")
         return dict(value) if tp is dict else value
+    if tp in (int, float):
+        return _coerce_number(value, tp, where, source)
+    return value
+
+
+def _coerce_union(value: Any, args: tuple, where: str, source: str) -> Any:
+    """The first member of the union that takes ``value``; else the first member's error."""
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for a in args:
+        if a is type(None):
+            continue
+        try:
+            return _coerce(value, a, where, source)
+        except ConfigError as e:
+            errors.append(str(e))
+    raise ConfigError(errors[0] if errors else f"{source}: bad value for '{where}': {value!r}")
+
+
+def _coerce_number(value: Any, tp: type, where: str, source: str) -> int | float:
+    """An int (never a bool) for ``int``; any number for ``float``, which YAML 1.1 may hand
+    over as a string ("1e-3" without a dot)."""
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{source}: '{where}' must be an integer, got {value!r}")
         return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: '{where}' must be a number, got {value!r}")
-        return float(value)
-    return value
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{source}: '{where}' must be a number, got {value!r}")
+    return float(value)
 
 
 def from_dict(cls, data: dict, source: str = "<recipe>", prefix: str = ""):

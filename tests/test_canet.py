@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import metric_series
 from medvol.cli import main
 from medvol.config import load_recipe
 from medvol.datasets.brain import Acquisition, build_brain_dataset
@@ -24,6 +23,8 @@ from medvol.networks.vnet_transformer import VNetTransformer
 from medvol.preprocessing import open_raw_dataset, preprocess_dataset
 from medvol.training import train
 from medvol.training.canet import CANetOptions, adversarial_weight
+
+from conftest import metric_series
 
 TINY_NET = dict(base=4, hidden=16, layers=1, heads=2, mlp_dim=32)
 
@@ -211,7 +212,7 @@ def test_canet_resume_with_two_models_and_two_optimisers(wm_data, tmp_path):
     train(r, pre, tmp_path / "full", device="cpu", quiet=True)
     train(r, pre, tmp_path / "cut", device="cpu", stop_at=2, quiet=True)
     train(r, pre, tmp_path / "cut", device="cpu", resume=True, quiet=True)
-    from medvol.training.checkpoint import load_checkpoint
+    from medvol.checkpoint import load_checkpoint
 
     a = load_checkpoint(tmp_path / "full" / "checkpoints" / "latest.pt")
     b = load_checkpoint(tmp_path / "cut" / "checkpoints" / "latest.pt")

@@ -10,16 +10,24 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import metric_series
 from medvol.config import load_recipe
-from medvol.data.pretext import (PretextConfig, PretextDataset, apply_indicated, indicated_transform,
-                                 local_pixel_shuffle, out_painting, prepare_scan_folder)
+from medvol.data.pretext import (
+    PretextConfig,
+    PretextDataset,
+    apply_indicated,
+    indicated_transform,
+    local_pixel_shuffle,
+    out_painting,
+    prepare_scan_folder,
+)
 from medvol.errors import ConfigError
 from medvol.losses.contrastive import KeyQueue, info_nce
 from medvol.networks.pcrl import KeyEncoder, PCRLNet, PCRLSegNet, mix_features
 from medvol.training import train
 from medvol.training.distributed import DistInfo
 from medvol.training.pcrl import PCRLTrainer, cross_rank_shuffled_forward, shuffled_forward
+
+from conftest import metric_series
 
 TINY = ["model.base_features=2", "data.patch_size=[16, 16, 8]", "data.batch_size=4", "data.num_workers=0",
         "method.queue_size=16", "method.proj_dim=8", "method.proj_hidden=8", "method.attention_hidden=8",
@@ -264,7 +272,7 @@ def test_fine_tuning_loads_the_encoder_and_can_freeze_it(pcrl_run, brain_pre, tm
     train(r, brain_pre, run, device="cpu", quiet=True)
     report = json.loads((run / "init_report.json").read_text())
     assert report["loaded"] == sorted(enc)
-    from medvol.training.checkpoint import load_checkpoint
+    from medvol.checkpoint import load_checkpoint
 
     after = load_checkpoint(run / "checkpoints" / "latest.pt")["models"]["model"]
     params = {n for n, _ in PCRLSegNet(1, 3, base=2).named_parameters()}
@@ -309,7 +317,8 @@ def test_pretraining_on_a_folder_of_scans(brain_raw, tmp_path):
 def test_pcrl_recipes_load_with_the_paper_settings():
     r = load_recipe("pcrl_pretrain")
     assert r.data.patch_size == [64, 64, 32] and r.data.batch_size == 16 and r.model.base_features == 32
-    assert (r.optimizer.name, r.optimizer.lr, r.optimizer.momentum, r.optimizer.weight_decay) == ("sgd", 1e-3, 0.9, 1e-4)
+    opt = r.optimizer
+    assert (opt.name, opt.lr, opt.momentum, opt.weight_decay) == ("sgd", 1e-3, 0.9, 1e-4)
     assert r.schedule.name == "cosine"
     m = r.method
     assert (m["momentum"], m["temperature"], m["queue_size"], m["proj_dim"]) == (0.999, 0.2, 16384, 128)
@@ -322,7 +331,7 @@ def test_pcrl_recipes_load_with_the_paper_settings():
 
 
 def test_pcrl_resume_is_exact_including_the_queue(brain_pre, tmp_path):
-    from medvol.training.checkpoint import load_checkpoint
+    from medvol.checkpoint import load_checkpoint
 
     r = load_recipe("pcrl_demo", TINY + ["trainer.steps=4", "trainer.val_every=2"])
     train(r, brain_pre, tmp_path / "full", device="cpu", quiet=True)
@@ -349,7 +358,7 @@ def test_pcrl_under_two_gloo_processes(brain_pre, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["params_identical_across_ranks"] is True
-    from medvol.training.checkpoint import load_checkpoint
+    from medvol.checkpoint import load_checkpoint
 
     queue = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "latest.pt")["models"]["queue"]
     assert int(queue["count"]) == 16 + 2 * 4  # each step enqueues the keys of both ranks
@@ -357,7 +366,7 @@ def test_pcrl_under_two_gloo_processes(brain_pre, tmp_path):
 
 
 def test_predict_refuses_a_pretraining_run(pcrl_run):
-    from medvol.inference.predictor import load_run
+    from medvol.checkpoint import load_run
 
     with pytest.raises(ConfigError, match="no segmentation model; fine-tune one from its encoder.pt"):
         load_run(pcrl_run, torch.device("cpu"))

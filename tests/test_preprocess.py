@@ -14,8 +14,15 @@ import numpy as np
 import pytest
 
 from medvol.io import read_volume
-from medvol.preprocessing import (fingerprint_dataset, list_cases, load_case, load_plans, plan_dataset,
-                                  preprocess_case, preprocess_dataset)
+from medvol.preprocessing import (
+    fingerprint_dataset,
+    list_cases,
+    load_case,
+    load_plans,
+    plan_dataset,
+    preprocess_case,
+    preprocess_dataset,
+)
 from medvol.preprocessing.resampling import compute_new_shape
 
 

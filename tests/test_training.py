@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from medvol.checkpoint import load_checkpoint
 from medvol.config import load_recipe
 from medvol.training import train
-from medvol.training.checkpoint import load_checkpoint
 
 TINY = ["model.base_features=8", "model.max_features=32", "data.num_workers=0", "data.patch_size=[32, 32, 32]",
         "data.batch_size=2", "trainer.log_every=1"]
@@ -83,9 +83,10 @@ def test_two_gloo_processes_match_one_process_with_double_batch(brain_pre, tmp_p
     # and the runs really trained (parameters left their initial values)
     torch.manual_seed(0)
     from medvol.networks import build_model
+    from medvol.plans import Plans
     from medvol.preprocessing import load_plans
 
-    init = build_model(single.model, load_plans(brain_pre), 1, 3).state_dict()
+    init = build_model(single.model, Plans.from_dict(load_plans(brain_pre)), 1, 3).state_dict()
     moved = max(float((init[k] - b[k]).abs().max()) for k in b)
     assert moved > 1e-4
 

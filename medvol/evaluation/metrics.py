@@ -21,7 +21,19 @@ import torch
 
 from medvol.errors import InputError
 from medvol.io import read_volume
+from medvol.io.discovery import find_scans, scan_stem
 from medvol.utils import atomic_path, write_json
+
+
+def dice(pred, ref) -> float:
+    """Dice of two boolean masks of one grid (numpy arrays or torch tensors); 1 when both are
+    empty, 0 when only one is (the empty-mask rule above). The one Dice of the project:
+    training validation, DoDNet's per-task validation and ``evaluate`` all use it."""
+    n_pred, n_ref = int(pred.sum()), int(ref.sum())
+    if n_pred + n_ref == 0:
+        return 1.0
+    return 2.0 * int((pred & ref).sum()) / (n_pred + n_ref)
+
 
 METRICS = ("dice", "jaccard", "hd95", "asd", "volume_pred_ml", "volume_ref_ml", "volume_diff_ml")
 
@@ -42,7 +54,7 @@ def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing, classes: list[int])
         elif np_ == 0 or nr == 0:
             m.update(dice=0.0, jaccard=0.0, hd95=math.nan, asd=math.nan)
         else:
-            m["dice"] = 2.0 * inter / (np_ + nr)
+            m["dice"] = dice(p, r)
             m["jaccard"] = inter / (np_ + nr - inter)
             pt = torch.from_numpy(p)[None, None]
             rt = torch.from_numpy(r)[None, None]
@@ -71,14 +83,8 @@ def summarize(per_case: dict[str, dict[int, dict]], names: dict[int, str]) -> di
 
 
 def _label_files(folder: Path) -> dict[str, Path]:
-    files = {}
-    for p in sorted(folder.iterdir()):
-        n = p.name
-        if n.endswith(".nii.gz"):
-            files[n[:-7]] = p
-        elif n.endswith(".nii"):
-            files[n[:-4]] = p
-    return files
+    """{case: label map file} of the scan files in ``folder``."""
+    return {scan_stem(p.name): p for p in find_scans(folder) if p.is_file()}
 
 
 def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, out: str | Path | None = None,
@@ -115,8 +121,9 @@ def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, out: str | Path 
     for case in cases:
         p, r, sp = loaded[case]
         per_case[case] = case_metrics(p, r, sp, list(names))
+    rule = (__doc__ or "").split("Empty masks, by rule:")[1].strip()
     result = {"cases": {case: {names[c]: m for c, m in per_case[case].items()} for case in cases},
-              "summary": summarize(per_case, names), "empty_mask_rule": __doc__.split("Empty masks, by rule:")[1].strip(),
+              "summary": summarize(per_case, names), "empty_mask_rule": rule,
               "missing_predictions": sorted(set(refs) - set(preds))}
     if out is not None:
         out = Path(out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.nn.modules.loss import _Loss
 
 from medvol.errors import ConfigError
 
@@ -12,6 +13,7 @@ from medvol.errors import ConfigError
 def segmentation_loss(name: str, deep_supervision: bool) -> nn.Module:
     from monai.losses import DeepSupervisionLoss, DiceCELoss, DiceLoss
 
+    base: _Loss
     if name == "dice_ce":
         base = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True,
                           smooth_nr=1e-5, smooth_dr=1e-5)
@@ -24,7 +26,7 @@ def segmentation_loss(name: str, deep_supervision: bool) -> nn.Module:
     return DeepSupervisionLoss(base, weight_mode="exp") if deep_supervision else base
 
 
-class _CE(nn.Module):
+class _CE(_Loss):
     """Cross-entropy with a ``(B, 1, ...)`` integer target, as MONAI's losses take it."""
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

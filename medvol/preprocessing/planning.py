@@ -9,8 +9,8 @@ map every per-axis result back to medvol's (X, Y, Z) order. The result then equa
 
 from __future__ import annotations
 
-
 import numpy as np
+from numpy.typing import ArrayLike
 
 from medvol.preprocessing.normalization import MASKABLE, scheme_for_channel
 from medvol.preprocessing.resampling import ANISO_THRESHOLD, compute_new_shape
@@ -28,11 +28,12 @@ MAX_DATASET_COVERED = 0.05
 CONVS_PER_STAGE = 2
 
 
-def fullres_target_spacing(spacings: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+def fullres_target_spacing(spacings: ArrayLike, sizes: ArrayLike) -> np.ndarray:
     """Median spacing; the coarse axis takes its 10th percentile when both spacing and
     voxel count are anisotropic (never finer than the largest other spacing)."""
-    target = np.percentile(np.vstack(spacings), 50, 0)
-    target_size = np.percentile(np.vstack(sizes), 50, 0)
+    all_spacings = np.atleast_2d(np.asarray(spacings, float))  # (cases, 3)
+    target = np.percentile(all_spacings, 50, 0)
+    target_size = np.percentile(np.atleast_2d(np.asarray(sizes, float)), 50, 0)
     worst = int(np.argmax(target))
     others = [i for i in range(len(target)) if i != worst]
     other_spacings = [target[i] for i in others]
@@ -40,7 +41,7 @@ def fullres_target_spacing(spacings: np.ndarray, sizes: np.ndarray) -> np.ndarra
     aniso_spacing = target[worst] > ANISO_THRESHOLD * max(other_spacings)
     aniso_voxels = target_size[worst] * ANISO_THRESHOLD < min(other_sizes)
     if aniso_spacing and aniso_voxels:
-        coarse = np.percentile(np.vstack(spacings)[:, worst], 10)
+        coarse = np.percentile(all_spacings[:, worst], 10)
         if coarse < max(other_spacings):
             coarse = max(max(other_spacings), coarse) + 1e-5
         target[worst] = coarse
@@ -115,8 +116,8 @@ def plan_configuration(spacing, median_shape, num_classes: int, n_voxels_dataset
                        gpu_memory_gb: float = 8.0) -> dict:
     """Patch size, batch size and topology for one configuration (in nnU-Net's axis order)."""
     tmp = 1 / np.array(spacing, float)
-    initial = [round(i) for i in tmp * (256 ** 3 / np.prod(tmp)) ** (1 / 3)]
-    initial = np.array([min(i, j) for i, j in zip(initial, median_shape)])
+    budget = [round(i) for i in tmp * (256 ** 3 / np.prod(tmp)) ** (1 / 3)]
+    initial = np.array([min(i, j) for i, j in zip(budget, median_shape)])
     num_pool, strides, kernels, patch, divisor = pool_and_conv_props(spacing, initial)
     reference = REFERENCE_VAL_3D * (gpu_memory_gb / REFERENCE_GB)
     cache: dict = {}
