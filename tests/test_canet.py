@@ -127,6 +127,7 @@ def canet_run(wm_data, tmp_path_factory):
 
 
 
+@pytest.mark.slow
 def test_canet_demo_learns_and_the_discriminator_beats_chance(canet_run):
     s = metric_series(canet_run)
     split = json.loads((canet_run / "split.json").read_text())
@@ -139,6 +140,7 @@ def test_canet_demo_learns_and_the_discriminator_beats_chance(canet_run):
     assert s["train/adv_weight"][-1] > s["train/adv_weight"][0]
 
 
+@pytest.mark.slow
 def test_canet_checkpoint_predicts_in_the_input_geometry(canet_run, wm_data, tmp_path):
     raw, _ = wm_data
     out = tmp_path / "pred"
@@ -203,6 +205,7 @@ def test_la2018_adapter_errors_name_the_file(tmp_path):
         convert_la2018(src, tmp_path / "out", labelled=1)
 
 
+@pytest.mark.slow
 def test_canet_resume_with_two_models_and_two_optimisers(wm_data, tmp_path):
     _, pre = wm_data
     sets = ["trainer.steps=4", "trainer.val_every=2", "data.val_cases=[brain_005]", "data.patch_size=[32, 32, 32]",
@@ -224,6 +227,7 @@ def test_canet_resume_with_two_models_and_two_optimisers(wm_data, tmp_path):
     assert full["train/loss"] == cut["train/loss"] and full["train/d_loss"] == cut["train/d_loss"]
 
 
+@pytest.mark.ddp
 def test_canet_under_two_gloo_processes(wm_data, tmp_path):
     import os
     import subprocess

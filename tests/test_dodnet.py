@@ -109,6 +109,7 @@ def dodnet_run(partial_brain, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_dodnet_demo_learns_every_task(dodnet_run):
     import csv
 
@@ -125,6 +126,7 @@ def test_dodnet_demo_learns_every_task(dodnet_run):
     assert "val/dice_brain_tumour" not in s  # the unannotated channel is never scored
 
 
+@pytest.mark.slow
 def test_dodnet_predicts_each_task_in_the_input_geometry(dodnet_run, partial_brain, tmp_path):
     import numpy as np
 

@@ -39,7 +39,7 @@ def thick_pre(tmp_path_factory):
 NNUNET_REVERT_DICE = {"brain_002": (0.9385, 0.9252)}
 
 
-@pytest.mark.parametrize("which", ["brain", "thick"])
+@pytest.mark.parametrize("which", ["brain", pytest.param("thick", marks=pytest.mark.slow)])
 def test_restore_geometry_inverts_preprocessing(which, brain_raw, brain_pre, thick_pre):
     raw, pre = (brain_raw, brain_pre) if which == "brain" else thick_pre
     for case in list_cases(pre):
@@ -66,6 +66,7 @@ def tiny_run(brain_pre, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_predict_writes_the_inputs_geometry(tiny_run, brain_raw, tmp_path, capsys):
     out = tmp_path / "pred"
     assert main(["predict", "-m", str(tiny_run), "-i", str(brain_raw / "imagesTs"), "-o", str(out),
@@ -87,6 +88,7 @@ def test_predict_writes_the_inputs_geometry(tiny_run, brain_raw, tmp_path, capsy
     assert "brain_005" in (out / "index.html").read_text()
 
 
+@pytest.mark.slow
 def test_predict_a_dicom_series_keeps_the_series_geometry(tiny_run, brain_raw, tmp_path):
     src = read_volume(brain_raw / "imagesTs" / "brain_005_0000.nii.gz")
     write_dicom_series(Volume(np.round(src.array).astype(np.float32), src.affine), tmp_path / "series" / "t1",
@@ -100,6 +102,7 @@ def test_predict_a_dicom_series_keeps_the_series_geometry(tiny_run, brain_raw, t
     np.testing.assert_allclose(pred.affine, dicom.affine, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "6", "--quiet", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
@@ -109,6 +112,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert (tmp_path / "demo" / "index.html").exists()
 
 
+@pytest.mark.slow
 def test_validation_and_predict_give_the_same_probabilities(tiny_run, brain_pre, tmp_path, monkeypatch):
     """The trainer's validation and `medvol predict` run one sliding-window function: the same
     weights on the same preprocessed image give the same probabilities through both."""
@@ -144,6 +148,7 @@ def test_validation_and_predict_give_the_same_probabilities(tiny_run, brain_pre,
     assert set(metrics) == {"val/dice_grey_matter", "val/dice_white_matter", "val/dice_mean"}
 
 
+@pytest.mark.slow
 def test_predict_takes_a_window_step_in_voxels(tiny_run, brain_raw, tmp_path, capsys):
     out = tmp_path / "pred"
     args = ["predict", "-m", str(tiny_run), "-i", str(brain_raw / "imagesTs"), "-o", str(out), "--device", "cpu",

@@ -209,6 +209,7 @@ def _trainer(pre, tmp_path, extra=()):
     return PCRLTrainer(r, pre, tmp_path / "run", DistInfo())
 
 
+@pytest.mark.slow
 def test_momentum_encoder_follows_the_ema_and_gets_no_gradient(brain_pre, tmp_path):
     t = _trainer(brain_pre, tmp_path, ["method.momentum=0.9"])
     student, key = t.models["model"], t.models["momentum"]
@@ -238,6 +239,7 @@ def pcrl_run(brain_pre, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_short_pretraining_lowers_contrastive_and_reconstruction_losses(pcrl_run):
     s = metric_series(pcrl_run)
     contrast, recon = s["train/contrast"], s["train/recon"]
@@ -252,6 +254,7 @@ def test_short_pretraining_lowers_contrastive_and_reconstruction_losses(pcrl_run
     assert enc["encoder"] and all(k.startswith("encoder.") for k in enc["encoder"])
 
 
+@pytest.mark.slow
 def test_fine_tuning_loads_the_encoder_and_can_freeze_it(pcrl_run, brain_pre, tmp_path):
     from medvol.training.supervised import SupervisedTrainer
 
@@ -282,6 +285,7 @@ def test_fine_tuning_loads_the_encoder_and_can_freeze_it(pcrl_run, brain_pre, tm
     assert any(not torch.equal(after[k], t.models["model"].state_dict()[k]) for k in params if k.startswith("decoder."))
 
 
+@pytest.mark.slow
 def test_init_from_an_unrelated_architecture_is_an_error(pcrl_run, brain_pre, tmp_path):
     from medvol.training.supervised import SupervisedTrainer
 
@@ -291,6 +295,7 @@ def test_init_from_an_unrelated_architecture_is_an_error(pcrl_run, brain_pre, tm
         SupervisedTrainer(r, brain_pre, tmp_path / "x", DistInfo())
 
 
+@pytest.mark.slow
 def test_pretraining_on_a_folder_of_scans(brain_raw, tmp_path):
     import shutil
 
@@ -330,6 +335,7 @@ def test_pcrl_recipes_load_with_the_paper_settings():
         from_dict(PCRLOptions, {"pretext": {"bogus": 1}}, "r.yaml", "method")
 
 
+@pytest.mark.slow
 def test_pcrl_resume_is_exact_including_the_queue(brain_pre, tmp_path):
     from medvol.checkpoint import load_checkpoint
 
@@ -346,6 +352,7 @@ def test_pcrl_resume_is_exact_including_the_queue(brain_pre, tmp_path):
     assert int(a["queue"]["count"]) == 16 + 4 * 4  # warm-up fills it once, then 4 keys per step
 
 
+@pytest.mark.ddp
 def test_pcrl_under_two_gloo_processes(brain_pre, tmp_path):
     import os
     import subprocess
@@ -365,6 +372,7 @@ def test_pcrl_under_two_gloo_processes(brain_pre, tmp_path):
     assert (tmp_path / "ddp" / "encoder.pt").exists()
 
 
+@pytest.mark.slow
 def test_predict_refuses_a_pretraining_run(pcrl_run):
     from medvol.checkpoint import load_run
 

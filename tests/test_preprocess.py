@@ -92,6 +92,7 @@ def test_rerun_skips_finished_and_redoes_broken_cases(brain_raw, brain_pre, tmp_
     np.testing.assert_array_equal(before, after)
 
 
+@pytest.mark.slow
 def test_kill_mid_run_then_resume_gives_a_complete_cache(brain_raw, brain_pre, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "medvol", "preprocess", str(brain_raw), "-o", str(out), "-j", "1", "--quiet"]

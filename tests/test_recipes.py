@@ -53,6 +53,7 @@ def test_saved_recipe_round_trips(tmp_path):
     assert load_recipe(tmp_path / "x.yaml") == r
 
 
+@pytest.mark.slow
 def test_method_section_is_checked_by_the_trainer(brain_pre, tmp_path):
     from medvol.training import train
 

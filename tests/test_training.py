@@ -30,6 +30,7 @@ def _metric(run, name) -> list[float]:
         return [float(r["value"]) for r in csv.DictReader(f) if r["name"] == name]
 
 
+@pytest.mark.slow
 def test_short_training_learns_brain_tissue(brain_pre, tmp_path):
     run = tmp_path / "run"
     r = load_recipe("quickstart", TINY + ["trainer.steps=60", "trainer.val_every=20", "optimizer.lr=0.02"])
@@ -45,6 +46,7 @@ def test_short_training_learns_brain_tissue(brain_pre, tmp_path):
     assert ckpt["step"] == 60 and set(ckpt["models"]) == {"model"} and "rng" in ckpt
 
 
+@pytest.mark.slow
 def test_resume_reproduces_an_uninterrupted_run_exactly(brain_pre, tmp_path):
     r = load_recipe("quickstart", TINY + ["trainer.steps=6", "trainer.val_every=3"])
     train(r, brain_pre, tmp_path / "full", device="cpu", quiet=True)
@@ -62,6 +64,7 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(brain_pre, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
+@pytest.mark.ddp
 def test_two_gloo_processes_match_one_process_with_double_batch(brain_pre, tmp_path):
     common = ["model.base_features=4", "model.max_features=16", "data.num_workers=0",
               "data.patch_size=[32, 32, 32]", "trainer.steps=3", "trainer.val_every=3", "trainer.loss=ce",
@@ -105,6 +108,7 @@ def test_nproc_relaunches_the_same_command_under_torchrun(form, monkeypatch):
     assert seen == {"n": 3, "argv": ["train", "quickstart", "--data", "d", "--out", "o", "--set", "trainer.steps=1"]}
 
 
+@pytest.mark.slow
 def test_init_from_loads_matching_tensors_and_reports(brain_pre, tmp_path):
     r = load_recipe("quickstart", TINY + ["trainer.steps=2", "trainer.val_every=2"])
     train(r, brain_pre, tmp_path / "a", device="cpu", quiet=True)
