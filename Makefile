@@ -8,7 +8,7 @@ TORCH_PIN ?= torch==2.13.0
 # their (heavy, unused) dependencies.
 DATA_PKGS := nilearn==0.14.1 nimare==0.22.1 pydicom-data==1.0.0
 
-.PHONY: install test demo clean
+.PHONY: install test test-quick lint demo clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,14 @@ install: $(VENV)/.installed
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The edit loop: everything but the slow and multi-process tests (under 2 minutes).
+test-quick: install
+	$(BIN)/python -m pytest -q -m "not slow and not ddp"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy medvol
 
 demo: install
 	$(BIN)/medvol demo --out demo_out

@@ -24,7 +24,7 @@ def per_sample_loop(features, params, widths):
         for cin, cout in layers:
             ws.append(p[o:o + cin * cout].reshape(cout, cin, 1, 1, 1))
             o += cin * cout
-        for i, (cin, cout) in enumerate(layers):
+        for i, (_, cout) in enumerate(layers):
             x = F.conv3d(x, ws[i], p[o:o + cout])
             o += cout
             if i < len(layers) - 1:

@@ -30,8 +30,10 @@ import torch
 def _model(args, n_classes: int, device):
     from medvol.config import ModelConfig
     from medvol.networks import build_model
+    from medvol.plans import Plans
 
-    plans = {"network": {"kernel_sizes": [[3, 3, 3]] * 5, "strides": [[1, 1, 1]] + [[2, 2, 2]] * 4}}
+    plans = Plans(num_channels=1, label_names={c: str(c) for c in range(n_classes)}, patch_size=list(args.patch),
+                  topology={"kernel_sizes": [[3, 3, 3]] * 5, "strides": [[1, 1, 1]] + [[2, 2, 2]] * 4})
     cfg = ModelConfig(base_features=args.base_features, max_features=args.max_features, deep_supervision=False)
     torch.manual_seed(0)
     return build_model(cfg, plans, 1, n_classes).to(device).eval()
@@ -56,15 +58,14 @@ def worker(args) -> dict:
             out = sliding_window_inference(torch.from_numpy(x)[None].to(device), roi, 1, model)
             probs = torch.softmax(out, 1)[0].cpu()
         else:
-            from medvol.config import Recipe
-            from medvol.inference.predictor import RunModel, sliding_window_probabilities
+            from medvol.inference.sliding_window import sliding_window_probabilities
 
-            run = RunModel(model, Recipe(), {"labels": {str(i): i for i in range(args.classes)},
-                                             "patch_size": list(roi)}, None)
-            probs = sliding_window_probabilities(run, x, device, overlap=args.overlap, sw_batch_size=args.sw_batch)
+            probs = sliding_window_probabilities(model, x, roi, device, n_channels=args.classes,
+                                                 overlap=args.overlap, sw_batch_size=args.sw_batch)
     if device.type == "cuda":
         torch.cuda.synchronize()
     sec = time.perf_counter() - t0
+    del probs  # kept until the clock stopped: the peak RSS holds the output, as in real use
     return {"seconds": sec, "voxels_per_s": float(np.prod(shape)) / sec, "peak_rss_mb": _rss_mb(),
             "rss_over_input_mb": _rss_mb() - base, "probs_fp16_mb": args.classes * float(np.prod(shape)) * 2 / 2**20,
             "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None}
@@ -72,9 +73,8 @@ def worker(args) -> dict:
 
 def big(args) -> dict:
     """512x512x400 through the whole predict path; memory over the loaded input."""
-    from medvol.config import Recipe
     from medvol.inference import restore_geometry
-    from medvol.inference.predictor import RunModel, sliding_window_probabilities
+    from medvol.inference.sliding_window import sliding_window_probabilities
     from medvol.io import Volume
     from medvol.preprocessing import preprocess_case
 
@@ -96,12 +96,12 @@ def big(args) -> dict:
     t0 = time.perf_counter()
     image, props = preprocess_case(vol, plans, inplace=True)  # as medvol predict does
     image = torch.from_numpy(image).half()  # ... and drops the float32 array
-    run = RunModel(model, Recipe(), plans, None)
-    probs = sliding_window_probabilities(run, image, device, overlap=args.overlap, sw_batch_size=args.sw_batch)
+    probs = sliding_window_probabilities(model, image, list(args.patch), device, n_channels=2,
+                                         overlap=args.overlap, sw_batch_size=args.sw_batch)
     del image
     restored = restore_geometry(probs, props, dtype=np.float16)
     del probs
-    from medvol.inference.predictor import argmax_labels
+    from medvol.inference.postprocess import argmax_labels
 
     seg = argmax_labels(restored)
     sec = time.perf_counter() - t0

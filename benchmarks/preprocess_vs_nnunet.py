@@ -83,7 +83,8 @@ def compare(medvol_out: Path, nn_npy: Path) -> dict:
         nseg = nn_to_xyz(np.load(nn_npy / f"{case}_seg.npy"))
         row = {"case": case, "shape_medvol": list(img.shape[1:]), "shape_nnunet": list(nimg.shape[1:])}
         if img.shape == nimg.shape:
-            row["pearson_r"] = float(np.corrcoef(np.asarray(img, np.float64).ravel(), nimg.astype(np.float64).ravel())[0, 1])
+            a, b = np.asarray(img, np.float64).ravel(), nimg.astype(np.float64).ravel()
+            row["pearson_r"] = float(np.corrcoef(a, b)[0, 1])
             row["dice"] = {int(c): dice(seg[0] == c, nseg[0] == c) for c in np.unique(nseg) if c > 0}
         rows.append(row)
     return {
@@ -184,10 +185,12 @@ def main() -> int:
     sp_err = float(np.max(np.abs(np.subtract(res["target_spacing_medvol"], res["target_spacing_nnunet"]))))
     print(f"agreement: shapes identical {ok_shapes}, spacing max |diff| {sp_err:.2e} mm, "
           f"min Pearson r {min_r:.5f}, min per-class Dice {min_dice:.4f}")
-    print(f"wall clock: medvol {mv['seconds']:.1f} s, nnU-Net {nn['seconds']:.1f} s -> medvol {res['speedup']:.2f}x faster")
+    print(f"wall clock: medvol {mv['seconds']:.1f} s, nnU-Net {nn['seconds']:.1f} s "
+          f"-> medvol {res['speedup']:.2f}x faster")
     print(f"peak memory (process tree): medvol {res['medvol_peak_rss_mb']:.0f} MB, "
           f"nnU-Net {res['nnunet_peak_rss_mb']:.0f} MB ({res['medvol_peak_rss_mb'] / res['nnunet_peak_rss_mb']:.2f}x)")
-    res.update({"shapes_identical": ok_shapes, "min_pearson_r": min_r, "min_dice": min_dice, "spacing_max_diff": sp_err})
+    res.update({"shapes_identical": ok_shapes, "min_pearson_r": min_r, "min_dice": min_dice,
+                "spacing_max_diff": sp_err})
     if a.json:
         a.json.write_text(json.dumps(res, indent=1))
     return 0

@@ -57,7 +57,8 @@ def convert_la2018(src: str | Path, out: str | Path, labelled: int = 16, spacing
         raise InputError(src / "train.list", f"lists {len(train)} cases, fewer than labelled={labelled}")
     affine = np.diag(list(spacing) + [1.0])
     ids = {}
-    for split, names, img_dir, lab_dir in (("train", train, "imagesTr", "labelsTr"), ("test", test, "imagesTs", "labelsTs")):
+    splits = (("train", train, "imagesTr", "labelsTr"), ("test", test, "imagesTs", "labelsTs"))
+    for split, names, img_dir, lab_dir in splits:
         for i, name in enumerate(names):
             case = f"la_{'' if split == 'train' else 'test_'}{i:03d}"
             image, label = _read_h5(src / name / "mri_norm2.h5")

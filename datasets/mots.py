@@ -11,8 +11,9 @@ Sources, each in its original layout:
 
 Label values stay as their datasets define them; every case carries its task id and which
 of the two output channels (organ, tumour) its dataset annotates (``case_tasks`` in
-dataset.json, copied into the cache properties), and :data:`TASK_RULES` says how a task's
-labels become the two channel targets (METHODS.md §2). Files are linked, not copied, when the
+dataset.json, copied into the cache properties), and
+:data:`medvol.data.partial_labels.TASK_RULES` says how a task's labels become the two channel
+targets (METHODS.md §2). Files are linked, not copied, when the
 file system allows. The published train/test lists are not distributed with the data: a
 seeded split keeps each task's test share (e.g. LiTS 27 of 131).
 """
@@ -27,41 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
+from medvol.data.partial_labels import TASK_RULES
 from medvol.errors import InputError
 
-# task id -> (name, organ rule, tumour rule); a rule is the set of label values forming the
-# channel's target, None when the task's dataset does not annotate that channel.
-TASK_RULES: dict[int, tuple[str, tuple | None, tuple | None]] = {
-    0: ("liver", (1, 2), (2,)),
-    1: ("kidney", (1, 2), (2,)),
-    2: ("hepatic_vessel", (1,), (2,)),
-    3: ("pancreas", (1, 2), (2,)),
-    4: ("colon", None, (1,)),
-    5: ("lung", None, (1,)),
-    6: ("spleen", (1,), None),
-}
 DECATHLON_TASKS = {"HepaticVessel": 2, "Pancreas": 3, "Colon": 4, "Lung": 5, "Spleen": 6}
 TEST_SHARE = {0: 27 / 131, 1: 42 / 210, 2: 61 / 303, 3: 57 / 281, 4: 26 / 126, 5: 13 / 63, 6: 9 / 41}
-
-
-def task_rules(dataset_json: dict | None) -> dict[int, tuple[str, tuple | None, tuple | None]]:
-    """The dataset's own rules (dataset.json ``tasks``: {id: {name, organ, tumour}}) when it
-    declares them as mappings, else MOTS's."""
-    tasks = (dataset_json or {}).get("tasks")
-    if isinstance(tasks, dict) and tasks and all(isinstance(v, dict) for v in tasks.values()):
-        return {int(k): (v["name"], tuple(v["organ"]) if v.get("organ") else None,
-                         tuple(v["tumour"]) if v.get("tumour") else None) for k, v in tasks.items()}
-    return TASK_RULES
-
-
-def channel_targets(label: np.ndarray, task_id: int, rules=None) -> tuple[np.ndarray, np.ndarray]:
-    """(targets (2, ...) float32 for organ and tumour, annotated (2,) bool) of one sample."""
-    _, organ, tumour = (rules or TASK_RULES)[int(task_id)]
-    out = np.zeros((2,) + label.shape, np.float32)
-    for i, rule in enumerate((organ, tumour)):
-        if rule is not None:
-            out[i] = np.isin(label, rule)
-    return out, np.array([organ is not None, tumour is not None])
 
 
 @dataclass

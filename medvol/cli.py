@@ -138,13 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--model", type=Path, required=True,
                    help="run folder written by `medvol train`, or a model file from `medvol export` (.zip)")
     p.add_argument("-i", "--input", type=Path, required=True,
-                   help="a NIfTI file, a folder of them (e.g. imagesTs), or a DICOM series folder")
+                   help="a scan file (NIfTI, .mhd, .nrrd), a folder of them (e.g. imagesTs) and of DICOM series "
+                        "folders, or one DICOM series folder")
     p.add_argument("-o", "--out", type=Path, required=True, help="output folder (<case>.nii.gz)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="mirroring test-time augmentation over the trained axes, about 2^axes times the "
                         "cost (default: the recipe's inference.tta)")
     p.add_argument("--overlap", type=float, default=None, action=_checked(validation.fraction),
                    help="sliding-window overlap in [0, 1) (default: the recipe's, or 0.5)")
+    p.add_argument("--step", type=int, nargs=3, metavar=("X", "Y", "Z"), default=None,
+                   help="sliding-window step in voxels of the preprocessed grid, per axis (a paper's stride); "
+                        "replaces --overlap")
     p.add_argument("--largest-component", action=argparse.BooleanOptionalAction, default=None,
                    help="keep only the largest connected component of each label (default: the recipe's)")
     p.add_argument("--sw-batch-size", type=int, default=2, action=_checked(validation.positive_int),
@@ -260,10 +264,12 @@ def _cmd_predict(a) -> int:
     from medvol.inference import predict
 
     written = predict(a.model, a.input, a.out, a.device, a.tta, a.overlap, a.sw_batch_size, a.save_probabilities,
-                      a.checkpoint, a.quiet, largest_component_only=a.largest_component, task=a.task)
+                      a.checkpoint, a.quiet, largest_component_only=a.largest_component, task=a.task,
+                      step=a.step)
     if not a.no_pictures:
         from medvol.evaluation.report import write_report
-        from medvol.inference.predictor import _case_groups
+        from medvol.io.discovery import input_cases
+        from medvol.plans import Plans
         from medvol.utils import read_json
 
         if a.model.suffix == ".zip":
@@ -271,11 +277,11 @@ def _cmd_predict(a) -> int:
 
             from medvol.export import read_model_zip
 
-            plans = json.loads(read_model_zip(a.model)["plans.json"])
+            plans = Plans.from_dict(json.loads(read_model_zip(a.model)["plans.json"]))
         else:
-            plans = read_json(a.model / "plans.json")
-        groups = dict(_case_groups(a.input, len(plans["normalization"])))
-        names = {v: k for k, v in plans["labels"].items()}
+            plans = Plans.from_dict(read_json(a.model / "plans.json"))
+        groups = dict(input_cases(a.input, plans.num_channels))
+        names = plans.label_names
         def source(stem):  # "<case>" or "<case>_<task>" -> the case's image
             return next(groups[c][0] for c in sorted(groups, key=len, reverse=True) if stem.startswith(c))
 
@@ -308,16 +314,16 @@ def _cmd_evaluate(a) -> int:
     print(f"metrics: {out.with_suffix('.json')} and .csv")
     if a.images:
         from medvol.evaluation.report import write_report
-        from medvol.inference.predictor import _case_groups
+        from medvol.io.discovery import input_cases
 
-        groups = dict(_case_groups(a.images, 1))
+        groups = dict(input_cases(a.images, 1))
         cases = {c: (groups[c][0], a.pred / f"{c}.nii.gz", a.ref / f"{c}.nii.gz") for c in res["cases"] if c in groups}
         print(f"report: {write_report(a.pred, cases, res)}")
     return 0
 
 
 def _cmd_demo(a) -> int:
-    from medvol.datasets.demo import run_demo
+    from medvol.demo import run_demo
 
     return run_demo(a.out, workers=a.workers, quiet=a.quiet, steps=a.steps, device=a.device)
 

@@ -101,6 +101,17 @@ class TrainerConfig:
 
 
 @dataclass
+class InferenceConfig:
+    """How ``medvol predict`` runs a trained model (its command-line options override these)."""
+
+    tta: bool = False  # mirroring test-time augmentation over the trained flip axes
+    overlap: float = 0.5  # sliding-window overlap fraction
+    step: list | None = None  # window step in voxels per axis (papers' "stride"); replaces overlap
+    largest_component: bool = False  # keep each label's largest connected component
+    dodnet_postprocess: bool = False  # DoDNet's rules (task-conditioned models only)
+
+
+@dataclass
 class Recipe:
     name: str = "unnamed"
     description: str = ""
@@ -110,7 +121,7 @@ class Recipe:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     method: dict = field(default_factory=dict)  # method-specific options, checked by the method's trainer
-    inference: dict = field(default_factory=dict)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     init_from: str | None = None  # weights to start from (loaded by name and shape; e.g. PCRL's encoder.pt)
 
 
@@ -118,24 +129,14 @@ _PLAIN = {dict: "a mapping", bool: "true or false", str: "a string"}  # checked 
 
 
 def _coerce(value: Any, tp: Any, where: str, source: str) -> Any:
+    """``value`` checked against (and converted to) the field type ``tp``."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: '{where}' must be a mapping, got {value!r}")
         return from_dict(tp, value, source, where)
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, where, source)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{source}: bad value for '{where}': {value!r}")
+        return _coerce_union(value, typing.get_args(tp), where, source)
     if tp in (list, tuple) or origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{source}: '{where}' must be a list, got {value!r}")
@@ -144,22 +145,43 @@ def _coerce(value: Any, tp: Any, where: str, source: str) -> Any:
         if not isinstance(value, tp):
             raise ConfigError(f"{source}: '{where}' must be {_PLAIN[tp]}, got {value!r}")
         return dict(value) if tp is dict else value
+    if tp in (int, float):
+        return _coerce_number(value, tp, where, source)
+    return value
+
+
+def _coerce_union(value: Any, args: tuple, where: str, source: str) -> Any:
+    """The first member of the union that takes ``value``; else the first member's error."""
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for a in args:
+        if a is type(None):
+            continue
+        try:
+            return _coerce(value, a, where, source)
+        except ConfigError as e:
+            errors.append(str(e))
+    raise ConfigError(errors[0] if errors else f"{source}: bad value for '{where}': {value!r}")
+
+
+def _coerce_number(value: Any, tp: type, where: str, source: str) -> int | float:
+    """An int (never a bool) for ``int``; any number for ``float``, which YAML 1.1 may hand
+    over as a string ("1e-3" without a dot)."""
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{source}: '{where}' must be an integer, got {value!r}")
         return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: '{where}' must be a number, got {value!r}")
-        if not math.isfinite(value):  # NaN would pass every later `<` check unnoticed
-            raise ConfigError(f"{source}: '{where}' must be a finite number, got {value!r}")
-        return float(value)
-    return value
+    if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{source}: '{where}' must be a number, got {value!r}")
+    if not math.isfinite(value):  # NaN would pass every later `<` check unnoticed
+        raise ConfigError(f"{source}: '{where}' must be a finite number, got {value!r}")
+    return float(value)
 
 
 def from_dict(cls, data: dict, source: str = "<recipe>", prefix: str = ""):
@@ -269,6 +291,18 @@ def check_recipe(recipe: Recipe, source: str = "<recipe>") -> Recipe:
         bad("trainer.val_every/log_every", ">= 1", (t.val_every, t.log_every))
     if not o.lr > 0:
         bad("optimizer.lr", "> 0", o.lr)
+    _check_data(d, bad)
+    if not 0 <= t.val_overlap < 1:
+        bad("trainer.val_overlap", "in [0, 1)", t.val_overlap)
+    inf = recipe.inference
+    if not 0 <= inf.overlap < 1:
+        bad("inference.overlap", "in [0, 1)", inf.overlap)
+    if inf.step is not None and not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in inf.step):
+        bad("inference.step", "positive integers (voxels per axis)", inf.step)
+    return recipe
+
+
+def _check_data(d: DataConfig, bad) -> None:
     if d.patch_size is not None and (len(d.patch_size) != MODEL_SPATIAL_DIMS or not all(
             isinstance(p, int) and not isinstance(p, bool) and p >= 1 for p in d.patch_size)):
         bad("data.patch_size", f"{MODEL_SPATIAL_DIMS} positive integers (the model is {MODEL_SPATIAL_DIMS}D)",
@@ -281,12 +315,6 @@ def check_recipe(recipe: Recipe, source: str = "<recipe>") -> Recipe:
         bad("data.val_fraction", "in [0, 1)", d.val_fraction)
     if not 0 <= d.oversample_foreground <= 1:
         bad("data.oversample_foreground", "in [0, 1]", d.oversample_foreground)
-    if not 0 <= t.val_overlap < 1:
-        bad("trainer.val_overlap", "in [0, 1)", t.val_overlap)
-    ov = recipe.inference.get("overlap")
-    if ov is not None and (isinstance(ov, bool) or not isinstance(ov, (int, float)) or not 0 <= ov < 1):
-        bad("inference.overlap", "in [0, 1)", ov)
-    return recipe
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:

@@ -35,7 +35,7 @@ def _sha256(data: bytes) -> str:
 def export_model(run_dir: str | Path, out: str | Path, checkpoint: str = "best") -> Path:
     """Pack a run folder's model into ``out`` (a .zip)."""
     from medvol import __version__
-    from medvol.training.checkpoint import load_checkpoint
+    from medvol.checkpoint import load_checkpoint
 
     run_dir, out = Path(run_dir), Path(out)
     for f in ("recipe.yaml", "plans.json"):

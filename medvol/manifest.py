@@ -97,7 +97,8 @@ class OutputFolder:
     def _write(self, entries: list[str], cases: list[str], old: dict) -> None:
         if entries != old.get("entries") or cases != old.get("case_ids") or not self.manifest_path.exists():
             self.path.mkdir(parents=True, exist_ok=True)
-            write_json(self.manifest_path, {"kind": old.get("kind", self.kind), "written_by": "medvol", "entries": entries,
+            write_json(self.manifest_path, {"kind": old.get("kind", self.kind), "written_by": "medvol",
+                                            "entries": entries,
                                             "case_ids": cases})
 
     def check_writable(self, names: Iterable[str]) -> dict:

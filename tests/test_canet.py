@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import metric_series, pinned
 from medvol.cli import main
 from medvol.config import load_recipe
 from medvol.datasets.brain import Acquisition, build_brain_dataset
@@ -24,6 +23,8 @@ from medvol.networks.vnet_transformer import VNetTransformer
 from medvol.preprocessing import open_raw_dataset, preprocess_dataset
 from medvol.training import train
 from medvol.training.canet import CANetOptions, adversarial_weight
+
+from conftest import metric_series, pinned
 
 TINY_NET = dict(base=4, hidden=16, layers=1, heads=2, mlp_dim=32)
 
@@ -127,6 +128,7 @@ def canet_run(wm_data, tmp_path_factory):
 
 
 
+@pytest.mark.slow
 def test_canet_demo_learns_and_the_discriminator_beats_chance(canet_run):
     s = metric_series(canet_run)
     split = json.loads((canet_run / "split.json").read_text())
@@ -144,6 +146,7 @@ def test_canet_demo_learns_and_the_discriminator_beats_chance(canet_run):
     assert s["train/adv_weight"][-1] > s["train/adv_weight"][0]
 
 
+@pytest.mark.slow
 def test_canet_checkpoint_predicts_in_the_input_geometry(canet_run, wm_data, tmp_path):
     raw, _ = wm_data
     out = tmp_path / "pred"
@@ -262,6 +265,7 @@ def test_la2018_adapter_errors_name_the_file(tmp_path):
         convert_la2018(src, tmp_path / "out", labelled=1)
 
 
+@pytest.mark.slow
 def test_canet_resume_with_two_models_and_two_optimisers(wm_data, tmp_path):
     _, pre = wm_data
     sets = ["trainer.steps=4", "trainer.val_every=2", "data.val_cases=[brain_005]", "data.patch_size=[32, 32, 32]",
@@ -271,7 +275,7 @@ def test_canet_resume_with_two_models_and_two_optimisers(wm_data, tmp_path):
     train(r, pre, tmp_path / "full", device="cpu", quiet=True)
     train(r, pre, tmp_path / "cut", device="cpu", stop_at=2, quiet=True)
     train(r, pre, tmp_path / "cut", device="cpu", resume=True, quiet=True)
-    from medvol.training.checkpoint import load_checkpoint
+    from medvol.checkpoint import load_checkpoint
 
     a = load_checkpoint(tmp_path / "full" / "checkpoints" / "latest.pt")
     b = load_checkpoint(tmp_path / "cut" / "checkpoints" / "latest.pt")
@@ -283,6 +287,7 @@ def test_canet_resume_with_two_models_and_two_optimisers(wm_data, tmp_path):
     assert full["train/loss"] == cut["train/loss"] and full["train/d_loss"] == cut["train/d_loss"]
 
 
+@pytest.mark.ddp
 def test_canet_under_two_gloo_processes(wm_data, tmp_path):
     import os
     import subprocess

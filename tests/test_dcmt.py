@@ -11,8 +11,16 @@ import torch
 
 from medvol.config import ModelConfig
 from medvol.errors import ConfigError
-from medvol.losses.dcmt import (DCMTLoss, DCMTLossConfig, attention_mse, bound_loss, cam_classes,
-                                class_consistency, consistency_weights, select_cams)
+from medvol.losses.dcmt import (
+    DCMTLoss,
+    DCMTLossConfig,
+    attention_mse,
+    bound_loss,
+    cam_classes,
+    class_consistency,
+    consistency_weights,
+    select_cams,
+)
 from medvol.networks import build_model
 from medvol.networks.slice.dcmt import DCMTNet, lse_pool, refine_cams
 from medvol.networks.slice_adapter import SliceAdapter

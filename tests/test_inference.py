@@ -9,11 +9,10 @@ import pytest
 import torch
 
 from medvol.cli import main
-from medvol.config import Recipe, load_recipe
+from medvol.config import InferenceConfig, load_recipe
 from medvol.datasets.brain import Acquisition, build_brain_dataset
 from medvol.datasets.dicom import write_dicom_series
 from medvol.inference import restore_geometry
-from medvol.inference.predictor import RunModel, sliding_window_probabilities
 from medvol.io import Volume, read_volume
 from medvol.preprocessing import list_cases, load_case, preprocess_dataset
 from medvol.training import train
@@ -22,20 +21,6 @@ from medvol.training import train
 def _dice(a, b):
     s = a.sum() + b.sum()
     return 1.0 if s == 0 else 2 * np.logical_and(a, b).sum() / s
-
-
-def test_sliding_window_equals_a_whole_volume_forward():
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv3d(1, 8, 1), torch.nn.ReLU(), torch.nn.Conv3d(8, 3, 1)).eval()
-    r = Recipe()
-    run = RunModel(net, r, {"labels": {"bg": 0, "a": 1, "b": 2}, "patch_size": [16, 16, 12]}, None)
-    image = np.random.default_rng(0).normal(size=(1, 37, 29, 21)).astype(np.float32)
-    for tta in (False, True):
-        probs = sliding_window_probabilities(run, image, torch.device("cpu"), overlap=0.5, sw_batch_size=3, tta=tta)
-        with torch.no_grad():
-            whole = torch.softmax(net(torch.from_numpy(image)[None].half().float()), 1)[0]
-        assert probs.dtype == torch.float16 and probs.shape == (3, 37, 29, 21)
-        torch.testing.assert_close(probs.float(), whole, atol=3e-3, rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +39,7 @@ def thick_pre(tmp_path_factory):
 NNUNET_REVERT_DICE = {"brain_002": (0.9385, 0.9252)}
 
 
-@pytest.mark.parametrize("which", ["brain", "thick"])
+@pytest.mark.parametrize("which", ["brain", pytest.param("thick", marks=pytest.mark.slow)])
 def test_restore_geometry_inverts_preprocessing(which, brain_raw, brain_pre, thick_pre):
     raw, pre = (brain_raw, brain_pre) if which == "brain" else thick_pre
     for case in list_cases(pre):
@@ -81,6 +66,7 @@ def tiny_run(brain_pre, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_predict_writes_the_inputs_geometry(tiny_run, brain_raw, tmp_path, capsys):
     out = tmp_path / "pred"
     assert main(["predict", "-m", str(tiny_run), "-i", str(brain_raw / "imagesTs"), "-o", str(out),
@@ -102,6 +88,7 @@ def test_predict_writes_the_inputs_geometry(tiny_run, brain_raw, tmp_path, capsy
     assert "brain_005" in (out / "index.html").read_text()
 
 
+@pytest.mark.slow
 def test_predict_a_dicom_series_keeps_the_series_geometry(tiny_run, brain_raw, tmp_path):
     src = read_volume(brain_raw / "imagesTs" / "brain_005_0000.nii.gz")
     write_dicom_series(Volume(np.round(src.array).astype(np.float32), src.affine), tmp_path / "series" / "t1",
@@ -115,6 +102,7 @@ def test_predict_a_dicom_series_keeps_the_series_geometry(tiny_run, brain_raw, t
     np.testing.assert_allclose(pred.affine, dicom.affine, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "6", "--quiet", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
@@ -124,10 +112,49 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert (tmp_path / "demo" / "index.html").exists()
 
 
-def test_slabwise_argmax_equals_numpy_argmax():
-    from medvol.inference.predictor import argmax_labels
+@pytest.mark.slow
+def test_validation_and_predict_give_the_same_probabilities(tiny_run, brain_pre, tmp_path, monkeypatch):
+    """The trainer's validation and `medvol predict` run one sliding-window function: the same
+    weights on the same preprocessed image give the same probabilities through both."""
+    import medvol.inference.sliding_window as sw
+    from medvol.checkpoint import load_checkpoint, load_run
+    from medvol.inference.predictor import case_probabilities
+    from medvol.training import get_trainer
+    from medvol.training.distributed import setup
 
-    p = np.random.default_rng(0).random((4, 7, 6, 19)).astype(np.float16)
-    out = argmax_labels(p, slab=5)
-    assert out.dtype == np.uint8
-    np.testing.assert_array_equal(out, p.argmax(0))
+    recipe = load_recipe(tiny_run / "recipe.yaml")
+    trainer = get_trainer(recipe.trainer.name)(recipe, brain_pre, tmp_path / "t", setup("cpu"))
+    trainer.load_state(load_checkpoint(tiny_run / "checkpoints" / "latest.pt"))
+    run = load_run(tiny_run, torch.device("cpu"), "latest")
+    case = json.loads((tiny_run / "split.json").read_text())["validation"][0]
+    image, _, props = load_case(brain_pre, case)
+    seen = []
+
+    class Spy(sw.WindowPredictor):
+        def forward(self, x):
+            seen.append(type(self.decoder).__name__)
+            return super().forward(x)
+
+    monkeypatch.setattr(sw, "WindowPredictor", Spy)
+    from_validation = trainer.validation_probabilities(image, props)
+    assert seen and set(seen) == {"SoftmaxClasses"}
+    n_validation = len(seen)
+    no_tta = InferenceConfig(tta=False, overlap=recipe.trainer.val_overlap)
+    from_predict = case_probabilities(run, torch.from_numpy(np.array(image)).half(), torch.device("cpu"), no_tta)
+    assert len(seen) == 2 * n_validation  # the same windows
+    assert from_validation.shape == (3,) + image.shape[1:]
+    torch.testing.assert_close(from_validation, from_predict, atol=0, rtol=0)
+    metrics = trainer.validate()
+    assert set(metrics) == {"val/dice_grey_matter", "val/dice_white_matter", "val/dice_mean"}
+
+
+@pytest.mark.slow
+def test_predict_takes_a_window_step_in_voxels(tiny_run, brain_raw, tmp_path, capsys):
+    out = tmp_path / "pred"
+    args = ["predict", "-m", str(tiny_run), "-i", str(brain_raw / "imagesTs"), "-o", str(out), "--device", "cpu",
+            "--quiet", "--no-pictures"]
+    assert main(args + ["--step", "16", "16", "16"]) == 0
+    src = read_volume(brain_raw / "imagesTs" / "brain_005_0000.nii.gz")
+    assert read_volume(out / "brain_005.nii.gz").spatial_shape == src.spatial_shape
+    assert main(args + ["--step", "40", "16", "16"]) == 2  # beyond the 32-voxel patch
+    assert "window step [40, 16, 16]" in capsys.readouterr().err

@@ -83,7 +83,9 @@ def test_write_is_atomic_no_partial_file_left(tmp_path):
     v = Volume(np.zeros((3, 3, 3), np.float32), np.eye(4))
     # An unwritable dtype fails inside nibabel after the temp file exists.
     v.array = np.zeros((3, 3, 3), dtype=object)
-    with pytest.raises(Exception):
+    from nibabel.spatialimages import HeaderDataError
+
+    with pytest.raises(HeaderDataError):
         write_volume(v, tmp_path / "x.nii.gz")
     assert list(tmp_path.iterdir()) == []
 

@@ -41,7 +41,8 @@ def test_dicom_tree_is_one_case_per_series(tmp_path):
     assert [c.case_id for c in ds.training] == ["patientA__ct1", "patientB__ct1"]
     rep = preprocess_dataset(tmp_path / "tree", tmp_path / "out", num_workers=1, quiet=True)
     assert sorted(rep.done) == ["patientA__ct1", "patientB__ct1"]
-    write_dicom_series(hu, tmp_path / "tree" / "patientB" / "ct1", file_names=[f"x{k}.dcm" for k in range(hu.array.shape[2])])
+    names = [f"x{k}.dcm" for k in range(hu.array.shape[2])]
+    write_dicom_series(hu, tmp_path / "tree" / "patientB" / "ct1", file_names=names)
     with pytest.raises(InputError, match="patientB/ct1.*2 series mixed"):
         open_raw_dataset(tmp_path / "tree")
 

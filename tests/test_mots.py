@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from medvol.datasets.mots import TASK_RULES, build_mots, channel_targets
+from medvol.datasets.mots import build_mots
 from medvol.errors import InputError
 from medvol.preprocessing import load_case, open_raw_dataset, preprocess_dataset
 
@@ -60,17 +60,6 @@ def test_build_mots_from_the_original_layouts(sources, tmp_path):
     for case in rep.done:
         _, label, props = load_case(pre, case)
         assert props["task_id"] == tasks[case] and props["annotated"] == meta["case_tasks"][case]["annotated"]
-
-
-def test_channel_targets_follow_the_task_rules():
-    lab = np.array([0, 1, 2])
-    t, a = channel_targets(lab, 0)  # liver: organ = liver + tumour, tumour = 2
-    assert t.tolist() == [[0, 1, 1], [0, 0, 1]] and a.tolist() == [True, True]
-    t, a = channel_targets(lab, 2)  # hepatic vessel: vessel = 1 only
-    assert t.tolist() == [[0, 1, 0], [0, 0, 1]]
-    t, a = channel_targets(np.array([0, 1]), 4)  # colon: tumour only, organ unannotated
-    assert t[1].tolist() == [0, 1] and a.tolist() == [False, True]
-    assert len(TASK_RULES) == 7
 
 
 def test_mots_errors_name_the_folder(sources, tmp_path):

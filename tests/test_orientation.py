@@ -12,7 +12,7 @@ from medvol.cli import main
 from medvol.io import read_volume
 from medvol.preprocessing import list_cases, load_case, preprocess_dataset
 
-from conftest import sphere_case, write_nifti, write_v2_dataset
+from conftest import sphere_case, write_v2_dataset
 
 
 def _lits_and_kits(root, seed):

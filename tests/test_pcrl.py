@@ -10,16 +10,24 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import metric_series, pinned
 from medvol.config import load_recipe
-from medvol.data.pretext import (PretextConfig, PretextDataset, apply_indicated, indicated_transform,
-                                 local_pixel_shuffle, out_painting, prepare_scan_folder)
+from medvol.data.pretext import (
+    PretextConfig,
+    PretextDataset,
+    apply_indicated,
+    indicated_transform,
+    local_pixel_shuffle,
+    out_painting,
+    prepare_scan_folder,
+)
 from medvol.errors import ConfigError
 from medvol.losses.contrastive import KeyQueue, info_nce
 from medvol.networks.pcrl import KeyEncoder, PCRLNet, PCRLSegNet, mix_features
 from medvol.training import train
 from medvol.training.distributed import DistInfo
 from medvol.training.pcrl import PCRLTrainer, cross_rank_shuffled_forward, shuffled_forward
+
+from conftest import metric_series, pinned
 
 TINY = ["model.base_features=2", "data.patch_size=[16, 16, 8]", "data.batch_size=4", "data.num_workers=0",
         "method.queue_size=16", "method.proj_dim=8", "method.proj_hidden=8", "method.attention_hidden=8",
@@ -201,6 +209,7 @@ def _trainer(pre, tmp_path, extra=()):
     return PCRLTrainer(r, pre, tmp_path / "run", DistInfo())
 
 
+@pytest.mark.slow
 def test_momentum_encoder_follows_the_ema_and_gets_no_gradient(brain_pre, tmp_path):
     t = _trainer(brain_pre, tmp_path, ["method.momentum=0.9"])
     student, key = t.models["model"], t.models["momentum"]
@@ -231,6 +240,7 @@ def pcrl_run(brain_pre, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_short_pretraining_lowers_contrastive_and_reconstruction_losses(pcrl_run):
     s = metric_series(pcrl_run)
     contrast, recon = s["train/contrast"], s["train/recon"]
@@ -245,6 +255,7 @@ def test_short_pretraining_lowers_contrastive_and_reconstruction_losses(pcrl_run
     assert enc["encoder"] and all(k.startswith("encoder.") for k in enc["encoder"])
 
 
+@pytest.mark.slow
 def test_fine_tuning_loads_the_encoder_and_can_freeze_it(pcrl_run, brain_pre, tmp_path):
     from medvol.training.supervised import SupervisedTrainer
 
@@ -265,7 +276,7 @@ def test_fine_tuning_loads_the_encoder_and_can_freeze_it(pcrl_run, brain_pre, tm
     train(r, brain_pre, run, device="cpu", quiet=True)
     report = json.loads((run / "init_report.json").read_text())
     assert report["loaded"] == sorted(enc)
-    from medvol.training.checkpoint import load_checkpoint
+    from medvol.checkpoint import load_checkpoint
 
     after = load_checkpoint(run / "checkpoints" / "latest.pt")["models"]["model"]
     params = {n for n, _ in PCRLSegNet(1, 3, base=2).named_parameters()}
@@ -275,6 +286,7 @@ def test_fine_tuning_loads_the_encoder_and_can_freeze_it(pcrl_run, brain_pre, tm
     assert any(not torch.equal(after[k], t.models["model"].state_dict()[k]) for k in params if k.startswith("decoder."))
 
 
+@pytest.mark.slow
 def test_init_from_an_unrelated_architecture_is_an_error(pcrl_run, brain_pre, tmp_path):
     from medvol.training.supervised import SupervisedTrainer
 
@@ -284,6 +296,7 @@ def test_init_from_an_unrelated_architecture_is_an_error(pcrl_run, brain_pre, tm
         SupervisedTrainer(r, brain_pre, tmp_path / "x", DistInfo())
 
 
+@pytest.mark.slow
 def test_pretraining_on_a_folder_of_scans(brain_raw, tmp_path):
     import shutil
 
@@ -310,7 +323,8 @@ def test_pretraining_on_a_folder_of_scans(brain_raw, tmp_path):
 def test_pcrl_recipes_load_with_the_paper_settings():
     r = load_recipe("pcrl_pretrain")
     assert r.data.patch_size == [64, 64, 32] and r.data.batch_size == 16 and r.model.base_features == 32
-    assert (r.optimizer.name, r.optimizer.lr, r.optimizer.momentum, r.optimizer.weight_decay) == ("sgd", 1e-3, 0.9, 1e-4)
+    opt = r.optimizer
+    assert (opt.name, opt.lr, opt.momentum, opt.weight_decay) == ("sgd", 1e-3, 0.9, 1e-4)
     assert r.schedule.name == "cosine"
     m = r.method
     assert (m["momentum"], m["temperature"], m["queue_size"], m["proj_dim"]) == (0.999, 0.2, 16384, 128)
@@ -322,8 +336,9 @@ def test_pcrl_recipes_load_with_the_paper_settings():
         from_dict(PCRLOptions, {"pretext": {"bogus": 1}}, "r.yaml", "method")
 
 
+@pytest.mark.slow
 def test_pcrl_resume_is_exact_including_the_queue(brain_pre, tmp_path):
-    from medvol.training.checkpoint import load_checkpoint
+    from medvol.checkpoint import load_checkpoint
 
     r = load_recipe("pcrl_demo", TINY + ["trainer.steps=4", "trainer.val_every=2"])
     train(r, brain_pre, tmp_path / "full", device="cpu", quiet=True)
@@ -338,6 +353,7 @@ def test_pcrl_resume_is_exact_including_the_queue(brain_pre, tmp_path):
     assert int(a["queue"]["count"]) == 16 + 4 * 4  # warm-up fills it once, then 4 keys per step
 
 
+@pytest.mark.ddp
 def test_pcrl_under_two_gloo_processes(brain_pre, tmp_path):
     import os
     import subprocess
@@ -350,15 +366,16 @@ def test_pcrl_under_two_gloo_processes(brain_pre, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["params_identical_across_ranks"] is True
-    from medvol.training.checkpoint import load_checkpoint
+    from medvol.checkpoint import load_checkpoint
 
     queue = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "latest.pt")["models"]["queue"]
     assert int(queue["count"]) == 16 + 2 * 4  # each step enqueues the keys of both ranks
     assert (tmp_path / "ddp" / "encoder.pt").exists()
 
 
+@pytest.mark.slow
 def test_predict_refuses_a_pretraining_run(pcrl_run):
-    from medvol.inference.predictor import load_run
+    from medvol.checkpoint import load_run
 
     with pytest.raises(ConfigError, match="no segmentation model; fine-tune one from its encoder.pt"):
         load_run(pcrl_run, torch.device("cpu"))

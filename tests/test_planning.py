@@ -10,8 +10,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medvol.preprocessing.planning import (fullres_target_spacing, plan_configuration, plan_experiment,
-                                           pool_and_conv_props, unet_feature_map_size)
+from medvol.preprocessing.planning import (
+    fullres_target_spacing,
+    plan_configuration,
+    plan_experiment,
+    pool_and_conv_props,
+    unet_feature_map_size,
+)
 
 # (spacing, patch in) -> pools per axis, strides, kernels, patch out, feature-map voxels (nnU-Net)
 TOPOLOGY_REFERENCE = [

@@ -10,7 +10,7 @@ median shape; the VRAM estimate is PlainConvUNet's feature-map sum (2 convs per 
 
 from __future__ import annotations
 
-from medvol.preprocessing.cache import plans_digest
+from medvol.cache import plans_digest
 from medvol.preprocessing.planning import plan_configuration, plan_experiment
 
 # Feature-map sum of a 4-stage 2D U-Net (features 32/64/128/256) on a 48 x 40 patch, 2 classes:

@@ -14,8 +14,15 @@ import numpy as np
 import pytest
 
 from medvol.io import read_volume
-from medvol.preprocessing import (fingerprint_dataset, list_cases, load_case, load_plans, plan_dataset,
-                                  preprocess_case, preprocess_dataset)
+from medvol.preprocessing import (
+    fingerprint_dataset,
+    list_cases,
+    load_case,
+    load_plans,
+    plan_dataset,
+    preprocess_case,
+    preprocess_dataset,
+)
 from medvol.preprocessing.resampling import compute_new_shape
 
 
@@ -85,6 +92,7 @@ def test_rerun_skips_finished_and_redoes_broken_cases(brain_raw, brain_pre, tmp_
     np.testing.assert_array_equal(before, after)
 
 
+@pytest.mark.slow
 def test_kill_mid_run_then_resume_gives_a_complete_cache(brain_raw, brain_pre, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "medvol", "preprocess", str(brain_raw), "-o", str(out), "-j", "1", "--quiet"]
@@ -144,7 +152,7 @@ def test_foreground_locations_live_beside_the_case_not_in_its_json(brain_pre, tm
     import json
     import shutil
 
-    from medvol.preprocessing.cache import CACHE_VERSION, locations_path, plans_digest
+    from medvol.cache import CACHE_VERSION, locations_path, plans_digest
 
     case = list_cases(brain_pre)[0]
     raw_props = json.loads((brain_pre / "cases" / f"{case}.json").read_text())
@@ -153,7 +161,7 @@ def test_foreground_locations_live_beside_the_case_not_in_its_json(brain_pre, tm
         assert sorted(z.files) == ["1", "2"] and all(z[k].dtype == np.int32 and z[k].shape[1] == 3 for k in z.files)
     # a case written by the format before (locations inside the JSON, digest without the
     # version) is not complete for this version: a rerun redoes it instead of misreading it
-    from medvol.preprocessing.cache import case_is_complete
+    from medvol.cache import case_is_complete
 
     old = tmp_path / "old"
     shutil.copytree(brain_pre, old)

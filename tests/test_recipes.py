@@ -70,9 +70,24 @@ def test_saved_recipe_round_trips(tmp_path):
     assert load_recipe(tmp_path / "x.yaml") == r
 
 
+@pytest.mark.slow
 def test_method_section_is_checked_by_the_trainer(brain_pre, tmp_path):
     from medvol.training import train
 
     r = load_recipe("quickstart", ["method.beta=0.3"])
     with pytest.raises(ConfigError, match="trainer 'supervised' takes none"):
         train(r, brain_pre, tmp_path / "run", device="cpu")
+
+
+def test_inference_section_is_typed_and_checked(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("name: r\ninference:\n  overlap: 0.25\n  step: [18, 18, 4]\n  tta: true\n")
+    inf = load_recipe(p).inference
+    assert (inf.overlap, inf.step, inf.tta, inf.largest_component) == (0.25, [18, 18, 4], True, False)
+    p.write_text("name: r\ninference:\n  overlapp: 0.25\n")
+    with pytest.raises(ConfigError, match=r"r.yaml: unknown key 'inference.overlapp'"):
+        load_recipe(p)
+    p.write_text("name: r\ninference:\n  tta: 0.5\n")
+    with pytest.raises(ConfigError, match="'inference.tta' must be true or false"):
+        load_recipe(p)
+    assert load_recipe("canet_la").inference.step == [18, 18, 4]

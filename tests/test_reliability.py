@@ -77,7 +77,8 @@ def test_a_cache_is_readable_by_the_group(raw, tmp_path):
 def test_debug_adds_the_traceback_to_the_one_line(tmp_path, capsys):
     argv = ["evaluate", "--pred", str(tmp_path / "nope"), "--ref", str(tmp_path)]
     assert main(argv) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [f"medvol evaluate: error: {tmp_path / 'nope'}: folder not found"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"medvol evaluate: error: {tmp_path / 'nope'}: folder not found"]
     assert main(argv + ["--debug"]) == 2
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and "InputError" in err

@@ -6,8 +6,13 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from medvol.preprocessing.resampling import (compute_new_shape, resample_image, resample_label,
-                                             resample_probabilities, separate_z_axis)
+from medvol.preprocessing.resampling import (
+    compute_new_shape,
+    resample_image,
+    resample_label,
+    resample_probabilities,
+    separate_z_axis,
+)
 
 
 def test_compute_new_shape_rounds_like_nnunet():

@@ -9,8 +9,14 @@ import torch
 
 from medvol.config import OptimizerConfig, ScheduleConfig
 from medvol.errors import ConfigError
-from medvol.training.schedules import (ema_update, linear_rampup, lr_factor, make_optimizer, make_scheduler,
-                                       sigmoid_rampup)
+from medvol.training.schedules import (
+    ema_update,
+    linear_rampup,
+    lr_factor,
+    make_optimizer,
+    make_scheduler,
+    sigmoid_rampup,
+)
 
 
 def test_poly_cosine_step_factors():

@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import pinned
 from medvol.config import ModelConfig
 from medvol.datasets.realdata import package_file
 from medvol.errors import ConfigError
@@ -15,6 +14,8 @@ from medvol.io import Volume, read_volume, write_volume
 from medvol.networks import build_model
 from medvol.networks.aggregator import GRUSliceAggregator, to_fixed_slices
 from medvol.networks.slice_adapter import SliceAdapter
+
+from conftest import pinned
 
 SHAPE = (2, 2, 4, 5, 7)  # (B, C, X, Y, Z): B * S = 8, 10, 14 slices, none divisible by SLICE_BATCH
 SLICE_BATCH = 3
@@ -299,7 +300,7 @@ def held_out_accuracy(seed: int, steps: int = 200) -> tuple[float, float]:
     with pinned(seed, threads=1):
         model = GRUSliceAggregator(2, dropout=0.1, **TINY_AGG)
         opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-        for step in range(steps):
+        for _ in range(steps):
             idx = torch.randint(0, 256, (24,), generator=gen)
             loss = nn.functional.cross_entropy(model(x[idx], mask[idx]), y[idx])
             opt.zero_grad()

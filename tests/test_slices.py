@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from medvol.cache import case_paths, save_locations
 from medvol.config import AugmentConfig
 from medvol.data import Streams, build_augmentation
 from medvol.data.slices import SliceDataset, extract_slices, raw_slice_counts, raw_slice_of, slice_config
 from medvol.errors import CacheError
 from medvol.io.slice_labels import read_slice_labels
 from medvol.networks.slice_adapter import SliceAdapter
-from medvol.preprocessing.cache import case_paths, save_locations
 from medvol.utils import save_npy, write_json
 
 SHAPE = (20, 24, 30)  # X, Y, Z
@@ -196,9 +196,9 @@ def test_cached_slices_take_the_class_of_the_nearest_raw_slice(cache, tmp_path):
 
 
 def test_from_a_real_preprocessed_cache(tmp_path):
-    from conftest import write_v2_dataset
-
     from medvol.preprocessing import load_plans, preprocess_dataset
+
+    from conftest import write_v2_dataset
 
     cases = {}
     for i in range(2):

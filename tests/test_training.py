@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from medvol.checkpoint import load_checkpoint
 from medvol.config import load_recipe
 from medvol.training import train
-from medvol.training.checkpoint import load_checkpoint
 
 from conftest import pinned
 
@@ -32,6 +32,7 @@ def _metric(run, name) -> list[float]:
         return [float(r["value"]) for r in csv.DictReader(f) if r["name"] == name]
 
 
+@pytest.mark.slow
 def test_short_training_learns_brain_tissue(brain_pre, tmp_path):
     run = tmp_path / "run"
     r = load_recipe("quickstart", TINY + ["trainer.steps=60", "trainer.val_every=20", "optimizer.lr=0.02"])
@@ -50,6 +51,7 @@ def test_short_training_learns_brain_tissue(brain_pre, tmp_path):
     assert ckpt["step"] == 60 and set(ckpt["models"]) == {"model"} and "rng" in ckpt
 
 
+@pytest.mark.slow
 def test_resume_reproduces_an_uninterrupted_run_exactly(brain_pre, tmp_path):
     r = load_recipe("quickstart", TINY + ["trainer.steps=6", "trainer.val_every=3"])
     train(r, brain_pre, tmp_path / "full", device="cpu", quiet=True)
@@ -100,6 +102,7 @@ def ddp_run(brain_pre, tmp_path_factory):
     return out
 
 
+@pytest.mark.ddp
 def test_two_gloo_processes_match_one_process_with_double_batch(brain_pre, ddp_run, tmp_path):
     """With the default loss (batch Dice + CE, deep supervision): the Dice statistics are
     gathered over the ranks, so 2 processes x batch 1 train like 1 process x batch 2."""
@@ -116,13 +119,15 @@ def test_two_gloo_processes_match_one_process_with_double_batch(brain_pre, ddp_r
     # and the runs really trained (parameters left their initial values)
     torch.manual_seed(0)
     from medvol.networks import build_model
+    from medvol.plans import Plans
     from medvol.preprocessing import load_plans
 
-    init = build_model(single.model, load_plans(brain_pre), 1, 3).state_dict()
+    init = build_model(single.model, Plans.from_dict(load_plans(brain_pre)), 1, 3).state_dict()
     moved = max(float((init[k] - b[k]).abs().max()) for k in b)
     assert moved > 1e-4
 
 
+@pytest.mark.ddp
 def test_srun_style_launch_matches_nproc(brain_pre, ddp_run, tmp_path):
     """Two processes started the way `srun` starts tasks (SLURM_* variables, MASTER_ADDR/PORT,
     no torchrun) train exactly like `--nproc 2`."""
@@ -163,6 +168,7 @@ def test_nproc_relaunches_the_same_command_under_torchrun(form, monkeypatch):
     assert seen == {"n": 3, "argv": ["train", "quickstart", "--data", "d", "--out", "o", "--set", "trainer.steps=1"]}
 
 
+@pytest.mark.slow
 def test_init_from_loads_matching_tensors_and_reports(brain_pre, tmp_path):
     r = load_recipe("quickstart", TINY + ["trainer.steps=2", "trainer.val_every=2"])
     train(r, brain_pre, tmp_path / "a", device="cpu", quiet=True)

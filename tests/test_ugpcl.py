@@ -12,9 +12,18 @@ import torch.nn.functional as F
 from medvol.config import ModelConfig
 from medvol.errors import ConfigError
 from medvol.losses.contrastive import info_nce
-from medvol.losses.pixel_contrast import (IGNORE, ClassMemoryQueue, PixelContrastLoss, UGPCLLoss, contrast_labels,
-                                          labels_on_grid, queue_info_nce, sample_anchors, uncertainty_map,
-                                          uncertainty_threshold)
+from medvol.losses.pixel_contrast import (
+    IGNORE,
+    ClassMemoryQueue,
+    PixelContrastLoss,
+    UGPCLLoss,
+    contrast_labels,
+    labels_on_grid,
+    queue_info_nce,
+    sample_anchors,
+    uncertainty_map,
+    uncertainty_threshold,
+)
 from medvol.networks import build_model
 from medvol.networks.slice.ugpcl import UGPCLNet
 

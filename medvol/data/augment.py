@@ -19,16 +19,23 @@ from medvol.config import AugmentConfig
 
 
 def build_augmentation(cfg: AugmentConfig, ndim: int = 3):
+    """nnU-Net's augmentation pipeline as MONAI dict transforms (None when it is empty):
+    spatial (affine, elastic), intensity (noise, blur, brightness, contrast, low resolution,
+    gamma), then orientation (rot90, flips), each with its own probability."""
     import monai.transforms as T
 
     if not cfg.enabled:
         return None
-    keys, img = ["image", "label"], ["image"]
-    rot = np.deg2rad(cfg.rotate_deg)
-    t = []
+    t = _spatial(T, cfg, ndim) + _intensity(T, cfg, ndim) + _orientation(T, cfg, ndim)
+    return T.Compose(t) if t else None
+
+
+def _spatial(T, cfg: AugmentConfig, ndim: int) -> list:
+    keys, t = ["image", "label"], []
     if cfg.rotate_prob > 0 or cfg.scale_prob > 0:
         # One affine draw per sample; rotation and scaling each applied with its own probability
         # would need two resamplings, so they share one (probability = the larger of the two).
+        rot = np.deg2rad(cfg.rotate_deg)
         t.append(T.RandAffined(keys, prob=max(cfg.rotate_prob, cfg.scale_prob),
                                rotate_range=[rot] * ndim if cfg.rotate_prob > 0 else None,
                                scale_range=[(cfg.scale_range[0] - 1, cfg.scale_range[1] - 1)] * ndim
@@ -41,6 +48,11 @@ def build_augmentation(cfg: AugmentConfig, ndim: int = 3):
     if cfg.elastic_prob > 0:
         t.append(T.Rand3DElasticd(keys, sigma_range=(9, 13), magnitude_range=(0, 900), prob=cfg.elastic_prob,
                                   mode=("bilinear", "nearest"), padding_mode="zeros"))
+    return t
+
+
+def _intensity(T, cfg: AugmentConfig, ndim: int) -> list:
+    img, t = ["image"], []
     if cfg.noise_prob > 0:
         t.append(T.RandGaussianNoised(img, prob=cfg.noise_prob, std=cfg.noise_std))
     if cfg.blur_prob > 0:
@@ -58,12 +70,16 @@ def build_augmentation(cfg: AugmentConfig, ndim: int = 3):
                                                upsample_mode="trilinear" if ndim == 3 else "bilinear"))
     if cfg.gamma_prob > 0:
         t.append(T.RandAdjustContrastd(img, prob=cfg.gamma_prob, gamma=tuple(cfg.gamma_range), retain_stats=True))
+    return t
+
+
+def _orientation(T, cfg: AugmentConfig, ndim: int) -> list:
+    keys, t = ["image", "label"], []
     if cfg.rot90_prob > 0:
         t.append(T.RandRotate90d(keys, prob=cfg.rot90_prob, max_k=3, spatial_axes=(0, 1)))
-    for ax in cfg.flip_axes:
-        if cfg.flip_prob > 0 and int(ax) < ndim:
-            t.append(T.RandFlipd(keys, prob=cfg.flip_prob, spatial_axis=int(ax)))
-    return T.Compose(t) if t else None
+    if cfg.flip_prob > 0:  # only the axes a sample has (2D slices: the two in-plane axes)
+        t += [T.RandFlipd(keys, prob=cfg.flip_prob, spatial_axis=int(ax)) for ax in cfg.flip_axes if int(ax) < ndim]
+    return t
 
 
 def seed_transforms(transform, seed: int) -> None:

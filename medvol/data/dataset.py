@@ -25,11 +25,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
+from medvol.cache import list_cases, load_case
 from medvol.data.augment import build_augmentation, seed_transforms
 from medvol.data.sampling import choose_patch_start, extract_patch
-from medvol.preprocessing.cache import list_cases, load_case
 
 PASSTHROUGH_KEYS = ("task_id", "annotated")
 
@@ -78,7 +78,14 @@ class Streams:
         return proc * per + local if local < per else None
 
 
-class PatchDataset(Dataset):
+class StepDataset(Dataset):
+    """A dataset whose item ``step * global_batch + slot`` is a pure function of
+    ``(seed, step, slot)``: exact resume and DDP equivalence follow from that."""
+
+    seed: int
+
+
+class PatchDataset(StepDataset):
     """Map-style dataset indexed by ``step * global_batch + slot``."""
 
     def __init__(self, cache_dir, streams: Streams, patch_size: Sequence[int], oversample: float = 0.33,
@@ -130,7 +137,7 @@ class PatchDataset(Dataset):
             lab = np.full((1,) + img.shape[1:], -1, np.int64)  # unlabelled: no target
         out = {"image": torch.from_numpy(img), "label": torch.from_numpy(lab)}
         if self.transform is not None:
-            seed_transforms(self.transform, rng.integers(2**31))
+            seed_transforms(self.transform, int(rng.integers(2**31)))
             out = self.transform(out)
             # plain tensors: MONAI's MetaTensor would carry its per-op overhead into the network
             out = {k: (v.as_tensor() if hasattr(v, "as_tensor") else torch.as_tensor(v)) for k, v in out.items()}
@@ -166,11 +173,11 @@ class StepSampler(Sampler):
         return (self.stop - self.start) * self.b
 
 
-def make_loader(dataset: PatchDataset, start_step: int, stop_step: int, per_process_batch: int, rank: int,
-                world_size: int, num_workers: int):
+def make_loader(dataset: StepDataset, start_step: int, stop_step: int, per_process_batch: int, rank: int,
+                world_size: int, num_workers: int | None) -> DataLoader:
+    """Batches of ``dataset`` for steps ``start_step``..``stop_step`` of this rank; ``num_workers`` None: one
+    per core but one, at most 12."""
     import os
-
-    from torch.utils.data import DataLoader
 
     if num_workers is None:
         num_workers = max(1, min(12, (os.cpu_count() or 2) - 1))

@@ -33,12 +33,12 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
+from medvol.data.dataset import StepDataset
 from medvol.data.sampling import extract_patch, patch_bounds
 from medvol.errors import ConfigError, InputError
 from medvol.io import read_volume
-from medvol.io.dicom import list_dicom_files
+from medvol.io.discovery import find_scans, scan_id
 from medvol.utils import read_json, save_npy, write_json
 
 log = logging.getLogger(__name__)
@@ -141,13 +141,13 @@ def indicated_transform(img: np.ndarray, rng: np.random.Generator, cfg: PretextC
     return apply_indicated(img, flips, k), indicator(flips, k)
 
 
-def apply_indicated(img: np.ndarray, flips: Sequence[bool], k: int) -> np.ndarray:
+def apply_indicated(img: np.ndarray, flips: Sequence[bool] | np.ndarray, k: int) -> np.ndarray:
     axes = tuple(a + 1 for a in range(3) if flips[a])
     out = np.flip(img, axes) if axes else img
     return np.ascontiguousarray(np.rot90(out, k, axes=(1, 2)))
 
 
-def indicator(flips: Sequence[bool], k: int) -> np.ndarray:
+def indicator(flips: Sequence[bool] | np.ndarray, k: int) -> np.ndarray:
     ind = np.zeros(7, np.float32)
     ind[:3] = np.asarray(flips, np.float32)
     ind[3 + k] = 1
@@ -162,7 +162,7 @@ def random_affine(img: np.ndarray, rng: np.random.Generator, max_deg: float, sca
     rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
     ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
     rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    m = (rz @ ry @ rx) / rng.uniform(*scale)  # output voxel offsets -> input voxel offsets (X, Y, Z)
+    m = (rz @ ry @ rx) / rng.uniform(scale[0], scale[1])  # output voxel offsets -> input voxel offsets (X, Y, Z)
     half = np.asarray(img.shape[1:], float) / 2
     m = np.diag(1 / half) @ m @ np.diag(half)  # ... in affine_grid's normalised coordinates
     theta = torch.zeros(1, 3, 4)
@@ -183,9 +183,9 @@ def overlapping_crops(shape: Sequence[int], patch: Sequence[int], rng: np.random
                       ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Two (start, size) boxes: sizes ``patch * s`` (at most the volume), the second centred
     within ``(1 - min_overlap)`` crop sides of the first."""
-    shape, patch = np.asarray(shape), np.asarray(patch)
-    sizes = [np.maximum(1, np.minimum(np.round(patch * rng.uniform(*cfg.crop_scale)).astype(int),
-                                      np.maximum(shape, patch))) for _ in range(2)]
+    vol, window = np.asarray(shape), np.asarray(patch)
+    sizes = [np.maximum(1, np.minimum(np.round(window * rng.uniform(*cfg.crop_scale)).astype(int),
+                                      np.maximum(vol, window))) for _ in range(2)]
     lbs, ubs = patch_bounds(shape, sizes[0])
     start1 = np.array([rng.integers(lo, hi + 1) for lo, hi in zip(lbs, ubs)])
     centre = start1 + sizes[0] / 2 + rng.uniform(-1, 1, 3) * (1 - cfg.min_overlap) * sizes[0]
@@ -203,7 +203,7 @@ def percentile_bounds(image: np.ndarray, stride: int = 1) -> tuple[np.ndarray, n
     return lo[:, None, None, None], np.maximum(hi, lo + 1e-6)[:, None, None, None]
 
 
-class PretextDataset(Dataset):
+class PretextDataset(StepDataset):
     """Map-style dataset indexed by ``step * global_batch + slot`` (see :mod:`medvol.data.dataset`).
 
     ``root`` is a preprocessing cache (``kind="cache"``) or a folder that
@@ -222,7 +222,7 @@ class PretextDataset(Dataset):
     def _volume(self, case: str):
         if case not in self._volumes:
             if self.kind == "cache":
-                from medvol.preprocessing.cache import load_case
+                from medvol.cache import load_case
 
                 image = load_case(self.root, case, mmap=True)[0]
                 self._volumes[case] = (image, *percentile_bounds(image, stride=2))
@@ -251,9 +251,9 @@ class PretextDataset(Dataset):
         t1, ind_o = indicated_transform(g1, rng, cfg)
         t2, ind_m = indicated_transform(g2, rng, cfg)
         th, ind_h = indicated_transform(alpha * g1 + (1 - alpha) * g2, rng, cfg)
-        out = {"x1": distort(g1, rng, cfg), "x2": distort(g2, rng, cfg), "t1": t1, "t2": t2, "th": th,
-               "ind_o": ind_o, "ind_m": ind_m, "ind_h": ind_h}
-        out = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in out.items()}
+        arrays = {"x1": distort(g1, rng, cfg), "x2": distort(g2, rng, cfg), "t1": t1, "t2": t2, "th": th,
+                  "ind_o": ind_o, "ind_m": ind_m, "ind_h": ind_h}
+        out = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in arrays.items()}
         out["alpha"] = torch.tensor(alpha, dtype=torch.float32)
         out["slot"] = torch.tensor(slot)
         return out
@@ -264,30 +264,6 @@ class PretextDataset(Dataset):
 
 
 # ---------------------------------------------------------------- scan folders
-SCAN_SUFFIXES = (".nii", ".nii.gz", ".mhd", ".mha", ".nrrd", ".nhdr")
-
-
-def find_scans(folder: str | Path) -> list[Path]:
-    """Scan files (NIfTI, MetaImage, NRRD) and DICOM series folders under ``folder``."""
-    folder = Path(folder)
-    scans = []
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name.lower().endswith(SCAN_SUFFIXES) and not p.name.startswith("."):
-            scans.append(p)
-        elif p.is_dir() and list_dicom_files(p):  # a folder holding a DICOM series
-            scans.append(p)
-    return scans
-
-
-def _scan_name(folder: Path, p: Path) -> str:
-    rel = p.relative_to(folder).as_posix()
-    for suf in SCAN_SUFFIXES:
-        if rel.lower().endswith(suf):
-            rel = rel[: -len(suf)]
-            break
-    return rel.replace("/", "__") or "scan"
-
-
 def to_unit_range(data: np.ndarray, mode: str, ct_window: Sequence[float]) -> np.ndarray:
     """``ct``: clip to the HU window and map it to [0, 1]; ``percentile``: per channel, the
     0.5/99.5 percentiles to [0, 1]."""
@@ -295,8 +271,8 @@ def to_unit_range(data: np.ndarray, mode: str, ct_window: Sequence[float]) -> np
     if mode == "ct":
         lo, hi = float(ct_window[0]), float(ct_window[1])
         return np.clip((data - lo) / (hi - lo), 0, 1)
-    lo, hi = percentile_bounds(data)
-    return np.clip((data - lo) / (hi - lo), 0, 1)
+    p_lo, p_hi = percentile_bounds(data)
+    return np.clip((data - p_lo) / (p_hi - p_lo), 0, 1)
 
 
 def prepare_scan_folder(folder: str | Path, out_dir: str | Path, cfg: PretextConfig, quiet: bool = False
@@ -307,7 +283,7 @@ def prepare_scan_folder(folder: str | Path, out_dir: str | Path, cfg: PretextCon
     from tqdm import tqdm
 
     folder, out_dir = Path(folder), Path(out_dir)
-    scans = find_scans(folder)
+    scans = find_scans(folder, recursive=True)
     if not scans:
         raise ConfigError(f"{folder}: no plans.json (not a preprocessing cache) and no scans found "
                           f"(NIfTI, MetaImage/NRRD or DICOM series)")
@@ -319,7 +295,7 @@ def prepare_scan_folder(folder: str | Path, out_dir: str | Path, cfg: PretextCon
         raise ConfigError(f"method.pretext.intensity '{mode}' is unknown; known: percentile, ct")
     names = []
     for p in tqdm(scans, desc="pretext scans", unit="scan", disable=quiet or not sys.stderr.isatty()):
-        name = _scan_name(folder, p)
+        name = scan_id(folder, p)
         target = out_dir / f"{name}.npy"
         if name in manifest["scans"] and target.exists():
             names.append(name)

@@ -11,14 +11,15 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 
 def patch_bounds(shape: Sequence[int], patch: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """Lowest and highest patch start per axis (negative / beyond: padding)."""
-    shape, patch = np.asarray(shape), np.asarray(patch)
-    need = np.maximum(patch - shape, 0)
+    size, window = np.asarray(shape), np.asarray(patch)
+    need = np.maximum(window - size, 0)
     lbs = -(need // 2)
-    ubs = shape + need // 2 + need % 2 - patch
+    ubs = size + need // 2 + need % 2 - window
     return lbs, ubs
 
 
@@ -40,17 +41,16 @@ def choose_patch_start(shape, patch, rng: np.random.Generator, class_locations: 
     return np.array([rng.integers(lo, hi + 1) for lo, hi in zip(lbs, ubs)]), None
 
 
-def extract_patch(array: np.ndarray, start: Sequence[int], patch: Sequence[int], pad_value: float) -> np.ndarray:
+def extract_patch(array: np.ndarray, start: ArrayLike, patch: ArrayLike, pad_value: float) -> np.ndarray:
     """``array[:, start:start+patch]`` (channel-first), padded with ``pad_value`` where it
     leaves the array. Reads only the patch from a memory map."""
-    start = np.asarray(start)
-    stop = start + np.asarray(patch)
-    shape = np.asarray(array.shape[1:])
-    lo, hi = np.maximum(start, 0), np.minimum(stop, shape)
+    first, size = np.asarray(start), np.asarray(patch)
+    stop = first + size
+    lo, hi = np.maximum(first, 0), np.minimum(stop, np.asarray(array.shape[1:]))
     src = array[(slice(None),) + tuple(slice(a, b) for a, b in zip(lo, hi))]
-    if np.all(lo == start) and np.all(hi == stop):
+    if np.all(lo == first) and np.all(hi == stop):
         return np.array(src)
-    out = np.full((array.shape[0],) + tuple(int(p) for p in patch), pad_value, dtype=array.dtype)
-    dst = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))
+    out = np.full((array.shape[0],) + tuple(int(p) for p in size), pad_value, dtype=array.dtype)
+    dst = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, first))
     out[(slice(None),) + dst] = src
     return out

@@ -31,11 +31,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from medvol.cache import case_paths, list_cases
 from medvol.data.dataset import PatchDataset, Streams
 from medvol.data.sampling import choose_patch_start, extract_patch
 from medvol.errors import CacheError
 from medvol.io.slice_labels import SliceLabels
-from medvol.preprocessing.cache import case_paths, list_cases
 from medvol.utils import read_json
 
 

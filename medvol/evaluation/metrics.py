@@ -21,8 +21,17 @@ import torch
 
 from medvol.errors import InputError
 from medvol.io import read_volume
+from medvol.io.discovery import find_scans, scan_stem
 from medvol.manifest import claim_files
 from medvol.utils import atomic_path, write_json
+
+
+def dice(pred, ref) -> float:
+    """Dice of two boolean masks of one grid (numpy arrays or torch tensors); 1 when both are
+    empty, 0 when only one is (the empty-mask rule above). The one Dice of the project:
+    training validation, DoDNet's per-task validation and ``evaluate`` all use it."""
+    return float(dice_from_counts(int((pred & ref).sum()), int(pred.sum()), int(ref.sum())))
+
 
 METRICS = ("dice", "jaccard", "hd95", "asd", "volume_pred_ml", "volume_ref_ml", "volume_diff_ml")
 
@@ -50,7 +59,7 @@ def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing, classes: list[int])
         elif np_ == 0 or nr == 0:
             m.update(dice=0.0, jaccard=0.0, hd95=math.nan, asd=math.nan)
         else:
-            m["dice"] = float(dice_from_counts(inter, np_, nr))
+            m["dice"] = dice(p, r)
             m["jaccard"] = inter / (np_ + nr - inter)
             pt = torch.from_numpy(p)[None, None]
             rt = torch.from_numpy(r)[None, None]
@@ -79,20 +88,38 @@ def summarize(per_case: dict[str, dict[int, dict]], names: dict[int, str]) -> di
 
 
 def _label_files(folder: Path) -> dict[str, Path]:
+    """{case: label map file} of the scan files in ``folder``."""
     if not folder.is_dir():
         raise InputError(folder, "folder not found" if not folder.exists() else "expected a folder of label maps")
-    files = {}
-    for p in sorted(folder.iterdir()):
-        n = p.name
-        if n.endswith(".nii.gz"):
-            files[n[:-7]] = p
-        elif n.endswith(".nii"):
-            files[n[:-4]] = p
-    return files
+    return {scan_stem(p.name): p for p in find_scans(folder) if p.is_file()}
 
 
 def _affine_text(affine: np.ndarray) -> str:
     return str(np.round(np.asarray(affine)[:3], 4).tolist())
+
+
+def _load_pair(pred: Path, ref: Path) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """(prediction, reference, spacing) of one case, refused when not on one grid."""
+    pv, rv = read_volume(pred), read_volume(ref)
+    if pv.spatial_shape != rv.spatial_shape:
+        raise InputError(pred, f"not on the reference's grid ({ref.name}): shape "
+                               f"{pv.spatial_shape} vs {rv.spatial_shape}")
+    if not np.allclose(pv.affine, rv.affine, atol=1e-3, rtol=1e-4):
+        raise InputError(pred, f"not on the reference's grid ({ref.name}): affine "
+                               f"{_affine_text(pv.affine)} vs {_affine_text(rv.affine)}")
+    return np.asarray(pv.array).astype(np.int64), np.asarray(rv.array).astype(np.int64), rv.spacing
+
+
+def _dataset_labels(root: Path) -> dict[str, int] | None:
+    """The label names of an nnU-Net/Decathlon dataset folder, if it is one."""
+    if not (root / "dataset.json").exists():
+        return None
+    from medvol.preprocessing.raw import open_raw_dataset
+
+    try:
+        return open_raw_dataset(root).labels
+    except InputError:
+        return None
 
 
 def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, out: str | Path | None = None,
@@ -109,26 +136,11 @@ def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, out: str | Path 
         raise InputError(pred_dir, f"no prediction for {len(missing)} of the {len(refs)} reference case(s) in "
                                    f"{ref_dir}: {', '.join(missing[:10])}{'...' if len(missing) > 10 else ''}")
     per_case, all_classes = {}, set()
-    loaded = {}
-    for case in cases:
-        pv, rv = read_volume(preds[case]), read_volume(refs[case])
-        if pv.spatial_shape != rv.spatial_shape:
-            raise InputError(preds[case], f"not on the reference's grid ({refs[case].name}): shape "
-                                          f"{pv.spatial_shape} vs {rv.spatial_shape}")
-        if not np.allclose(pv.affine, rv.affine, atol=1e-3, rtol=1e-4):
-            raise InputError(preds[case], f"not on the reference's grid ({refs[case].name}): affine "
-                                          f"{_affine_text(pv.affine)} vs {_affine_text(rv.affine)}")
-        loaded[case] = (np.asarray(pv.array).astype(np.int64), np.asarray(rv.array).astype(np.int64), rv.spacing)
-        all_classes |= set(np.unique(loaded[case][1]).tolist()) | set(np.unique(loaded[case][0]).tolist())
+    loaded = {case: _load_pair(preds[case], refs[case]) for case in cases}
+    for p, r, _ in loaded.values():
+        all_classes |= set(np.unique(r).tolist()) | set(np.unique(p).tolist())
     if labels is None:  # nnU-Net layout: the reference folder's dataset.json names the classes
-        dj = ref_dir.parent / "dataset.json"
-        if dj.exists():
-            from medvol.preprocessing.raw import open_raw_dataset
-
-            try:
-                labels = open_raw_dataset(ref_dir.parent).labels
-            except InputError:
-                labels = None
+        labels = _dataset_labels(ref_dir.parent)
     if labels:
         names = {v: k for k, v in labels.items() if v > 0}
     else:
@@ -136,8 +148,9 @@ def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, out: str | Path 
     for case in cases:
         p, r, sp = loaded[case]
         per_case[case] = case_metrics(p, r, sp, list(names))
+    rule = (__doc__ or "").split("Empty masks, by rule:")[1].strip()
     result = {"cases": {case: {names[c]: m for c, m in per_case[case].items()} for case in cases},
-              "summary": summarize(per_case, names), "empty_mask_rule": __doc__.split("Empty masks, by rule:")[1].strip(),
+              "summary": summarize(per_case, names), "empty_mask_rule": rule,
               "missing_predictions": missing}
     if out is not None:
         out = Path(out)

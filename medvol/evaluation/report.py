@@ -44,7 +44,9 @@ def case_picture(image_vol, pred_vol, out_png: str | Path, ref_vol=None, title: 
     views = [("axial", 2), ("coronal", 1), ("sagittal", 0)]
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.4), dpi=100)
     for ax, (name, axis) in zip(axes, views):
-        take = lambda a: np.take(a, centre[axis], axis=axis).T  # noqa: E731  (rows = next axis up)
+        def take(a, axis=axis):  # the slice through the centre; rows = next axis up
+            return np.take(a, centre[axis], axis=axis).T
+
         other = [zooms[i] for i in range(3) if i != axis]
         ax.imshow(take(img), cmap="gray", vmin=lo, vmax=hi, origin="lower", aspect=other[1] / other[0])
         for i, c in enumerate(classes):
@@ -85,7 +87,8 @@ def write_index(out_dir: str | Path, pictures: dict[str, str], metrics: dict | N
         summary_html = "<h2>Summary (mean ± std)</h2><table><tr><th>class</th><th>Dice</th><th>Jaccard</th>" \
                        "<th>HD95 (mm)</th><th>ASD (mm)</th></tr>" + "".join(
                            f"<tr><td>{html.escape(c)}</td>" + "".join(
-                               f"<td>{_fmt(s[k]['mean'])} ± {_fmt(s[k]['std'])}</td>" for k in ("dice", "jaccard", "hd95", "asd"))
+                               f"<td>{_fmt(s[k]['mean'])} ± {_fmt(s[k]['std'])}</td>"
+                               for k in ("dice", "jaccard", "hd95", "asd"))
                            + "</tr>" for c, s in summary.items()) + "</table>"
     for case, png in sorted(pictures.items()):
         cells = ""

@@ -9,7 +9,7 @@ from medvol.io.orientation import undo_orientation
 from medvol.preprocessing.resampling import resample_probabilities
 
 
-def restore_geometry(array: np.ndarray | torch.Tensor, properties: dict, fill: str = "background",
+def restore_geometry(array: np.ndarray | torch.Tensor, properties: dict, fill: str | float = "background",
                      dtype=None) -> np.ndarray:
     """Map ``array (C, X, Y, Z)`` in preprocessed space back to ``(C, *original_shape)``.
 

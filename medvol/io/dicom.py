@@ -98,7 +98,8 @@ def _frames_of(path: Path, ds, no_geometry_ok: bool = False) -> list[_Frame]:
         if pos is None:
             base = getattr(ds, "ImagePositionPatient", None)
             if base is None or ori is None:
-                raise InputError(path, "no ImagePositionPatient/ImageOrientationPatient: cannot place the slice in space")
+                raise InputError(path, "no ImagePositionPatient/ImageOrientationPatient: "
+                                       "cannot place the slice in space")
             # Legacy multi-frame: frames stacked along the normal at SpacingBetweenSlices.
             o = np.asarray(ori, float)
             normal = np.cross(o[:3], o[3:])
@@ -133,7 +134,7 @@ def group_series(files: list[Path]) -> dict[str, list[Path]]:
     return dict(series)
 
 
-def _decode(path: Path) -> np.ndarray:
+def _decode(path: Path) -> np.ndarray | tuple[str, np.ndarray]:
     """Stored pixel values as ``(frames, rows, columns)``, before rescaling."""
     pydicom = _pydicom()
     try:
@@ -158,9 +159,9 @@ def _decode(path: Path) -> np.ndarray:
     return arr
 
 
-def read_dicom_series(folder: str | Path) -> Volume:
-    """Read the one DICOM series in ``folder`` into a :class:`Volume` (RAS affine)."""
-    folder = Path(folder)
+def _the_one_series(folder: Path) -> tuple[str, list[Path]]:
+    """(SeriesInstanceUID, files) of the one image series in ``folder``; an error naming the
+    folder otherwise."""
     if not folder.is_dir():
         raise InputError(folder, "not a folder")
     files = list_dicom_files(folder)
@@ -172,7 +173,27 @@ def read_dicom_series(folder: str | Path) -> Volume:
     if len(series) > 1:
         desc = "; ".join(f"{uid} ({len(fs)} files)" for uid, fs in series.items())
         raise InputError(folder, f"{len(series)} series mixed in one folder: {desc}. Put each series in its own folder")
-    (uid, files), = series.items()
+    return next(iter(series.items()))
+
+
+def _check_frames_agree(frames: list[_Frame]) -> None:
+    """Every frame has the first one's orientation, size and pixel spacing."""
+    first = frames[0]
+    for fr in frames:
+        if not np.allclose(fr.orientation, first.orientation, atol=1e-4):
+            raise InputError(fr.path, f"ImageOrientationPatient {fr.orientation.tolist()} differs from the "
+                                      f"series' {first.orientation.tolist()}")
+        if fr.shape != first.shape:
+            raise InputError(fr.path, f"image size {fr.shape} differs from the series' {first.shape}")
+        if not np.allclose(fr.pixel_spacing, first.pixel_spacing, rtol=1e-4):
+            raise InputError(fr.path, f"PixelSpacing {fr.pixel_spacing} differs from the series' "
+                                      f"{first.pixel_spacing}")
+
+
+def read_dicom_series(folder: str | Path) -> Volume:
+    """Read the one DICOM series in ``folder`` into a :class:`Volume` (RAS affine)."""
+    folder = Path(folder)
+    uid, files = _the_one_series(folder)
     frames: list[_Frame] = []
     modality = None
     geometry_missing = False
@@ -187,13 +208,7 @@ def read_dicom_series(folder: str | Path) -> Volume:
         frames.extend(_frames_of(f, ds, no_geometry_ok=len(files) == 1))
 
     ori = frames[0].orientation
-    for fr in frames:
-        if not np.allclose(fr.orientation, ori, atol=1e-4):
-            raise InputError(fr.path, f"ImageOrientationPatient {fr.orientation.tolist()} differs from the series' {ori.tolist()}")
-        if fr.shape != frames[0].shape:
-            raise InputError(fr.path, f"image size {fr.shape} differs from the series' {frames[0].shape}")
-        if not np.allclose(fr.pixel_spacing, frames[0].pixel_spacing, rtol=1e-4):
-            raise InputError(fr.path, f"PixelSpacing {fr.pixel_spacing} differs from the series' {frames[0].pixel_spacing}")
+    _check_frames_agree(frames)
     row_dir, col_dir = ori[:3], ori[3:]
     normal = np.cross(row_dir, col_dir)
     proj = np.array([fr.position @ normal for fr in frames])
@@ -203,7 +218,7 @@ def read_dicom_series(folder: str | Path) -> Volume:
     step = _check_slice_positions(folder, proj)
 
     # Pixels: decode each file once, then place its frames.
-    decoded: dict[Path, object] = {}
+    decoded: dict[Path, np.ndarray | tuple[str, np.ndarray]] = {}
     slices = []
     for fr in frames:
         if fr.path not in decoded:
@@ -233,7 +248,8 @@ def _check_slice_positions(folder: Path, proj: np.ndarray) -> float:
     d = np.diff(proj)
     if np.any(d < 1e-3):
         i = int(np.argmin(d))
-        raise InputError(folder, f"two slices at the same position {proj[i]:.3f} mm along the normal (duplicate slice?)")
+        raise InputError(folder, f"two slices at the same position {proj[i]:.3f} mm along the normal "
+                                 "(duplicate slice?)")
     step = float(np.median(d))
     bad = np.flatnonzero(np.abs(d - step) > SPACING_TOLERANCE * step)
     if bad.size:

@@ -33,6 +33,8 @@ def read_nifti(path: str | Path, header_only: bool = False) -> Volume:
         raise InputError(path, "file not found") from None
     except Exception as e:  # nibabel raises many types for bad headers
         raise InputError(path, f"not a readable NIfTI file ({type(e).__name__}: {e})") from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):  # e.g. an Analyze file named .nii
+        raise InputError(path, f"not a NIfTI image (nibabel reads it as {type(img).__name__})")
     shape = img.shape
     if len(shape) == 5 and shape[3] == 1:
         shape = shape[:3] + shape[4:]

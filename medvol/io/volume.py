@@ -10,7 +10,8 @@ import numpy as np
 
 def spacing_from_affine(affine: np.ndarray) -> tuple[float, float, float]:
     """Voxel size in mm along each array axis: the norms of the affine's first 3 columns."""
-    return tuple(float(v) for v in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
+    x, y, z = (float(v) for v in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
+    return x, y, z
 
 
 @dataclass
@@ -40,7 +41,8 @@ class Volume:
 
     @property
     def spatial_shape(self) -> tuple[int, int, int]:
-        return tuple(int(s) for s in self.array.shape[:3])
+        x, y, z = (int(s) for s in self.array.shape[:3])
+        return x, y, z
 
     @property
     def num_channels(self) -> int:

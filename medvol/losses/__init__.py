@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.nn.modules.loss import _Loss
 
 from medvol.errors import ConfigError
 
@@ -16,6 +17,7 @@ def segmentation_loss(name: str, deep_supervision: bool) -> nn.Module:
 
     from medvol.losses.dice import BatchDiceCELoss, BatchDiceLoss
 
+    base: _Loss
     if name == "dice_ce":
         base: nn.Module = BatchDiceCELoss()
     elif name == "dice":
@@ -27,7 +29,7 @@ def segmentation_loss(name: str, deep_supervision: bool) -> nn.Module:
     return DeepSupervisionLoss(base, weight_mode="exp") if deep_supervision else base
 
 
-class _CE(nn.Module):
+class _CE(_Loss):
     """Cross-entropy with a ``(B, 1, ...)`` integer target, as MONAI's losses take it."""
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

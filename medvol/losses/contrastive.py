@@ -15,6 +15,10 @@ class KeyQueue(nn.Module):
     checkpointed with the models.
     """
 
+    keys: torch.Tensor  # (size, dim) buffers, registered in __init__
+    ptr: torch.Tensor
+    count: torch.Tensor
+
     def __init__(self, dim: int = 128, size: int = 16384, generator: torch.Generator | None = None):
         super().__init__()
         if size < 1:

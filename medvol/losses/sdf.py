@@ -27,7 +27,8 @@ def signed_distance(mask: np.ndarray) -> np.ndarray:
         negdis = distance_transform_edt(neg)
         posdis = distance_transform_edt(pos)
         boundary = find_boundaries(pos, mode="inner")
-        s = (negdis - negdis.min()) / (negdis.max() - negdis.min()) - (posdis - posdis.min()) / (posdis.max() - posdis.min())
+        neg = (negdis - negdis.min()) / (negdis.max() - negdis.min())
+        s = neg - (posdis - posdis.min()) / (posdis.max() - posdis.min())
         s[boundary] = 0
         out[b] = s
     return out

@@ -7,6 +7,7 @@ from typing import Callable
 import torch.nn as nn
 
 from medvol.errors import ConfigError
+from medvol.plans import Plans
 
 _REGISTRY: dict[str, Callable] = {}
 
@@ -19,7 +20,7 @@ def register(name: str):
     return deco
 
 
-def build_model(model_cfg, plans: dict, in_channels: int, num_classes: int) -> nn.Module:
+def build_model(model_cfg, plans: Plans | None, in_channels: int, num_classes: int) -> nn.Module:
     """Build ``model_cfg.name`` (registered builders: see :data:`_REGISTRY`)."""
     from medvol.networks import aggregator, dodnet, dynunet, pcrl, vnet_transformer  # noqa: F401  (register themselves)
     from medvol.networks.slice import dcmt, infnet, ugpcl  # noqa: F401

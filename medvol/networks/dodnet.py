@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medvol.networks import register
+from medvol.plans import Plans
 
 
 class WSConv3d(nn.Conv3d):
@@ -95,7 +96,8 @@ class DoDNet(nn.Module):
                                           for j in range(n)]))
             cin = w
         self.stages = nn.ModuleList(stages)
-        self.fusion = nn.Sequential(_gn(widths[-1], groups), nn.ReLU(inplace=True), nn.Conv3d(widths[-1], widths[-1], 1))
+        self.fusion = nn.Sequential(_gn(widths[-1], groups), nn.ReLU(inplace=True),
+                                    nn.Conv3d(widths[-1], widths[-1], 1))
         self.controller_pre = nn.Sequential(_gn(widths[-1], groups), nn.ReLU(inplace=True))
         self.controller = nn.Conv3d(widths[-1] + num_tasks, head_param_count(head_widths), 1)
         # after the upsampling the skip is added, so each block takes the skip's width:
@@ -103,7 +105,8 @@ class DoDNet(nn.Module):
         skips = list(widths[-2::-1])
         outs = skips[1:] + [widths[0]]
         self.decoder = nn.ModuleList(PreActBlock(a, b, 1, groups) for a, b in zip(skips, outs))
-        self.pre_head = nn.Sequential(_gn(widths[0], groups), nn.ReLU(inplace=True), nn.Conv3d(widths[0], head_widths[0], 1))
+        self.pre_head = nn.Sequential(_gn(widths[0], groups), nn.ReLU(inplace=True),
+                                      nn.Conv3d(widths[0], head_widths[0], 1))
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = []
@@ -129,7 +132,7 @@ class DoDNet(nn.Module):
 
 
 @register("dodnet")
-def build_dodnet(model_cfg, plans: dict, in_channels: int, num_classes: int) -> nn.Module:
+def build_dodnet(model_cfg, plans: Plans | None, in_channels: int, num_classes: int) -> nn.Module:
     opts = dict(model_cfg.options)
     base = model_cfg.base_features
     widths = opts.pop("widths", [base, 2 * base, 4 * base, 8 * base, 8 * base])

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from medvol.errors import ConfigError
 from medvol.networks import register
+from medvol.plans import Plans
 
 
 def features_per_stage(n_stages: int, base: int, cap: int) -> list[int]:
@@ -15,10 +17,12 @@ def features_per_stage(n_stages: int, base: int, cap: int) -> list[int]:
 
 
 @register("dynunet")
-def build_dynunet(model_cfg, plans: dict, in_channels: int, num_classes: int) -> nn.Module:
+def build_dynunet(model_cfg, plans: Plans | None, in_channels: int, num_classes: int) -> nn.Module:
     from monai.networks.nets import DynUNet
 
-    net = plans["network"]
+    if plans is None:
+        raise ConfigError("model dynunet is configured from a plan: train it on a preprocessing cache")
+    net = plans.topology
     kernels, strides = net["kernel_sizes"], net["strides"]
     n = len(strides)
     options = dict(model_cfg.options)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from medvol.errors import ConfigError
 from medvol.networks import register
+from medvol.plans import Plans
 
 N_INDICATOR = 7  # 3 flip flags + one-hot of rot90 k in {0, 1, 2, 3}
 
@@ -137,8 +138,9 @@ class PCRLNet(KeyEncoder):
         gate = self.attention(indicator).to(feats[-1].dtype)
         return torch.sigmoid(self.decoder(feats[:-1] + [feats[-1] * gate[:, :, None, None, None]]))
 
-    def forward(self, x: torch.Tensor, key_feats: list[torch.Tensor], ind_o: torch.Tensor, ind_m: torch.Tensor,
-                ind_h: torch.Tensor, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, key_feats: list[torch.Tensor],  # type: ignore[override]  # the student
+                ind_o: torch.Tensor, ind_m: torch.Tensor, ind_h: torch.Tensor, alpha: torch.Tensor,  # takes the
+                ) -> dict[str, torch.Tensor]:  # key encoder's features and the indicators too
         """One pass for everything a PCRL step needs (a single call, as DDP wants):
         the query, the hybrid embedding and the three reconstructions (ordinary, momentum,
         hybrid). ``key_feats`` are the momentum encoder's (detached) features of the other view."""
@@ -162,7 +164,7 @@ class PCRLSegNet(nn.Module):
 
 
 @register("pcrl_unet")
-def build_pcrl_unet(model_cfg, plans: dict, in_channels: int, num_classes: int) -> nn.Module:
+def build_pcrl_unet(model_cfg, plans: Plans | None, in_channels: int, num_classes: int) -> nn.Module:
     """``model.base_features`` sets the width (32 in the paper); one logit per class."""
     if model_cfg.options:
         raise ConfigError(f"model.options {sorted(model_cfg.options)}: pcrl_unet takes none")

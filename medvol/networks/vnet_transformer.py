@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medvol.networks import register
+from medvol.plans import Plans
 
 
 def _conv_bn_relu(cin: int, cout: int, k: int = 3, stride: int = 1, pad: int = 1) -> nn.Sequential:
@@ -103,9 +104,9 @@ class VNetTransformer(nn.Module):
 
 
 @register("vnet_transformer")
-def build_vnet_transformer(model_cfg, plans: dict, in_channels: int, num_classes: int) -> nn.Module:
+def build_vnet_transformer(model_cfg, plans: Plans | None, in_channels: int, num_classes: int) -> nn.Module:
     opts = dict(model_cfg.options)
-    patch = opts.pop("patch_size", None) or plans["patch_size"]
+    patch = opts.pop("patch_size", None) or (plans.patch_size if plans else None)
     # binary tasks use one sigmoid channel, as the paper does
     out = 1 if num_classes == 2 else num_classes
     return VNetTransformer(in_channels, out, base=model_cfg.base_features, patch_size=patch, **opts)

@@ -36,7 +36,7 @@ def case_fingerprint(image_cropped: np.ndarray, seg_cropped: np.ndarray, spacing
     keep = min(n_fg, num_samples)
     chosen = rs.choice(n_fg, keep, replace=False) if keep < n_fg else None
     samples = np.empty((image_cropped.shape[0], keep), np.float32)
-    stats = []
+    stats: list[dict[str, float | None]] = []
     for c in range(image_cropped.shape[0]):
         vals = image_cropped[c][fg]
         if vals.size:

@@ -37,6 +37,8 @@ def normalize_channel(image: np.ndarray, scheme: str, seg: np.ndarray | None = N
         image /= np.float32(max(stats["std"], 1e-8))
         return image
     if scheme == "CTWindowNormalization":  # a fixed HU window (e.g. DoDNet's [-325, 325] / 325)
+        if stats is None:
+            raise ValueError("CT window normalisation needs the window's lower and upper bounds")
         lo, hi = stats["lower"], stats["upper"]
         np.clip(image, lo, hi, out=image)
         image /= np.float32(max(abs(lo), abs(hi)))
@@ -66,7 +68,7 @@ def normalize_channel(image: np.ndarray, scheme: str, seg: np.ndarray | None = N
     raise ValueError(f"unknown normalisation scheme {scheme!r}; known: {SCHEMES}")
 
 
-def normalize(image: np.ndarray, seg: np.ndarray, schemes: list[str], use_mask: list[bool],
+def normalize(image: np.ndarray, seg: np.ndarray | None, schemes: list[str], use_mask: list[bool],
               stats: dict[str, dict]) -> np.ndarray:
     """Normalise every channel of ``image`` (C, X, Y, Z) in place; returns it."""
     for c in range(image.shape[0]):

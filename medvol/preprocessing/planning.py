@@ -20,6 +20,7 @@ spacing instead of each case's own), so the block does not change what is cached
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from medvol import validation
 from medvol.preprocessing.normalization import MASKABLE, scheme_for_channel
@@ -42,11 +43,12 @@ MAX_DATASET_COVERED = 0.05
 CONVS_PER_STAGE = 2
 
 
-def fullres_target_spacing(spacings: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+def fullres_target_spacing(spacings: ArrayLike, sizes: ArrayLike) -> np.ndarray:
     """Median spacing; the coarse axis takes its 10th percentile when both spacing and
     voxel count are anisotropic (never finer than the largest other spacing)."""
-    target = np.percentile(np.vstack(spacings), 50, 0)
-    target_size = np.percentile(np.vstack(sizes), 50, 0)
+    all_spacings = np.atleast_2d(np.asarray(spacings, float))  # (cases, 3)
+    target = np.percentile(all_spacings, 50, 0)
+    target_size = np.percentile(np.atleast_2d(np.asarray(sizes, float)), 50, 0)
     worst = int(np.argmax(target))
     others = [i for i in range(len(target)) if i != worst]
     other_spacings = [target[i] for i in others]
@@ -54,7 +56,7 @@ def fullres_target_spacing(spacings: np.ndarray, sizes: np.ndarray) -> np.ndarra
     aniso_spacing = target[worst] > ANISO_THRESHOLD * max(other_spacings)
     aniso_voxels = target_size[worst] * ANISO_THRESHOLD < min(other_sizes)
     if aniso_spacing and aniso_voxels:
-        coarse = np.percentile(np.vstack(spacings)[:, worst], 10)
+        coarse = np.percentile(all_spacings[:, worst], 10)
         if coarse < max(other_spacings):
             coarse = max(max(other_spacings), coarse) + 1e-5
         target[worst] = coarse

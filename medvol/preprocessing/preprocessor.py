@@ -20,23 +20,28 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from medvol.cache import CACHE_VERSION, case_is_complete, case_paths, load_plans, plans_digest, save_locations
 from medvol.errors import CacheError, InputError, MedvolError, OutputError
 from medvol.io import Volume
 from medvol.io.orientation import orient_channels
 from medvol.io.volume import spacing_from_affine
 from medvol.manifest import OutputFolder, refuse_overlap
-from medvol.resources import worker_count
-from medvol.preprocessing.cache import (CACHE_VERSION, case_is_complete, case_paths, load_plans, plans_digest,
-                                       save_locations)
 from medvol.preprocessing.cropping import crop_to_nonzero
-from medvol.preprocessing.fingerprint import (case_fingerprint, case_fingerprint_done, check_dimensionality,
-                                              merge_fingerprints, samples_per_case, warn_mixed_coarse_axes,
-                                              write_case_fingerprint)
+from medvol.preprocessing.fingerprint import (
+    case_fingerprint,
+    case_fingerprint_done,
+    check_dimensionality,
+    merge_fingerprints,
+    samples_per_case,
+    warn_mixed_coarse_axes,
+    write_case_fingerprint,
+)
 from medvol.preprocessing.normalization import normalize
 from medvol.preprocessing.planning import plan_experiment
 from medvol.preprocessing.raw import RawCase, RawDataset, load_raw_case, open_raw_dataset
+from medvol.preprocessing.resampling import compute_new_shape, resample_image, resample_label, separate_z_axis
 from medvol.preprocessing.sources import changed_sources, log_changed, record_sources
-from medvol.preprocessing.resampling import (compute_new_shape, resample_image, resample_label, separate_z_axis)
+from medvol.resources import worker_count
 from medvol.utils import read_json, save_npy, write_json
 
 log = logging.getLogger(__name__)
@@ -52,7 +57,7 @@ def sample_class_locations(seg: np.ndarray, classes: Iterable[int], seed: int = 
     rs = np.random.RandomState(seed)
     flat = seg.reshape(-1)
     spatial = seg.shape[1:]
-    out = {}
+    out: dict[str, list] = {}
     for c in classes:
         idx = np.flatnonzero(flat == c)
         if idx.size == 0:
@@ -327,7 +332,8 @@ def _run_jobs(fn: Callable, cases: list[RawCase], args: tuple, num_workers: int 
             except BrokenProcessPool:
                 raise MedvolError(f"{desc}: a worker process died (killed, or out of memory?) while "
                                   f"{len(cases) - len(results)} case(s) were unfinished; finished cases are kept: "
-                                  "rerun the same command to resume (with fewer -j workers if memory ran out)") from None
+                                  "rerun the same command to resume (with fewer -j workers if memory ran out)") \
+                from None
             except BaseException:
                 ex.shutdown(wait=True, cancel_futures=True)
                 raise
@@ -461,7 +467,8 @@ def preprocess_cases(raw: str | Path, out: str | Path, num_workers: int | None =
     out = Path(out)
     plans = load_plans(out)
     digest = plans_digest(plans)
-    failed = set(read_json(out / "fingerprint.json").get("failed_cases", [])) if (out / "fingerprint.json").exists() else set()
+    fp_path = out / "fingerprint.json"
+    failed = set(read_json(fp_path).get("failed_cases", [])) if fp_path.exists() else set()
     mine = [c for c in _select(ds.training, parse_shard(shard)) if c.case_id not in failed]
     _clean_partial(out, [c.case_id for c in mine])
     todo = [c for c in mine if not case_is_complete(out, c.case_id, digest)

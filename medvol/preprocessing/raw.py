@@ -5,8 +5,9 @@ Accepted layouts:
   (+ ``numTraining``); ``imagesTr/<case>_<cccc><ext>``, ``labelsTr/<case><ext>``, ``imagesTs/``.
 - Medical Segmentation Decathlon: ``dataset.json`` with ``modality``, ``labels``
   (value -> name), ``training``/``test`` lists; 4D images hold the channels.
-- A plain folder of NIfTI files: one case per file, no labels.
+- A plain folder of scan files (NIfTI, MetaImage, NRRD): one case per file, no labels.
 - A folder tree of DICOM files: one case per series folder, no labels.
+Which files are scans and which folders are DICOM series: :mod:`medvol.io.discovery`.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from medvol.errors import InputError
-from medvol.io import Volume, is_nifti, read_volume
+from medvol.io import Volume, read_volume
+from medvol.io.dicom import group_series, list_dicom_files
+from medvol.io.discovery import find_scans, scan_id, scan_stem, scan_suffix
 from medvol.io.orientation import orient_channels
 from medvol.io.volume import spacing_from_affine
-from medvol.io.dicom import group_series, list_dicom_files
 
 log = logging.getLogger(__name__)
 
@@ -103,35 +105,25 @@ def open_raw_dataset(path: str | Path) -> RawDataset:
         raise InputError(root, "expected a dataset folder, got a file")
     if (root / "dataset.json").exists():
         return _open_with_json(root)
-    niftis = sorted(p for p in root.iterdir() if p.is_file() and is_nifti(p))
-    if niftis:
-        cases = _unique_ids([RawCase(_strip(p.name), [p], None, multichannel_file=True) for p in niftis])
-        return RawDataset(root, "nifti_folder", {0: "MRI"}, {"background": 0}, _ending(niftis[0].name), cases, [])
-    series_dirs = sorted({p.parent for p in root.rglob("*") if p.is_file() and p.suffix.lower() in ("", ".dcm", ".ima")
-                          and p.name != "DICOMDIR"})
-    series_dirs = [d for d in series_dirs if list_dicom_files(d)]
-    if series_dirs:
-        cases = []
-        for d in series_dirs:
-            series = group_series(list_dicom_files(d))
-            if len(series) > 1:
-                raise InputError(d, f"{len(series)} series mixed in one folder ({', '.join(series)}): "
-                                    "put each series in its own folder")
-            if series:
-                cases.append(RawCase(str(d.relative_to(root)).replace("/", "__") if d != root else root.name,
-                                     [d], None, multichannel_file=True))
-        if cases:
-            return RawDataset(root, "dicom_tree", {0: "DICOM"}, {"background": 0}, "", _unique_ids(cases), [])
+    files = [p for p in find_scans(root) if p.is_file()]
+    if files:
+        cases = _unique_ids([RawCase(scan_stem(p.name), [p], None, multichannel_file=True) for p in files])
+        return RawDataset(root, "nifti_folder", {0: "MRI"}, {"background": 0}, _ending(files[0].name), cases, [])
+    cases = []
+    for d in (p for p in find_scans(root, recursive=True) if p.is_dir()):
+        series = group_series(list_dicom_files(d))
+        if len(series) > 1:
+            raise InputError(d, f"{len(series)} series mixed in one folder ({', '.join(series)}): "
+                                "put each series in its own folder")
+        if series:
+            cases.append(RawCase(scan_id(root, d), [d], None, multichannel_file=True))
+    if cases:
+        return RawDataset(root, "dicom_tree", {0: "DICOM"}, {"background": 0}, "", _unique_ids(cases), [])
     raise InputError(root, "no scans found: expected dataset.json (nnU-Net/Decathlon), NIfTI files or DICOM series")
 
 
 def _ending(name: str) -> str:
-    return ".nii.gz" if name.lower().endswith(".nii.gz") else Path(name).suffix
-
-
-def _strip(name: str) -> str:
-    e = _ending(name)
-    return name[: -len(e)] if e else name
+    return scan_suffix(name) or Path(name).suffix
 
 
 def _open_with_json(root: Path) -> RawDataset:
@@ -173,13 +165,13 @@ def _open_with_json(root: Path) -> RawDataset:
             raise InputError(jpath, f"each 'training' entry needs 'image' and 'label' paths, got {item!r}")
         img = _inside(root, item["image"], jpath)
         lab = _inside(root, item["label"], jpath)
-        training.append(RawCase(_strip(img.name), [img], lab, multichannel_file=True))
+        training.append(RawCase(scan_stem(img.name), [img], lab, multichannel_file=True))
     test = []
     for item in meta.get("test", []):
         if not isinstance(item, str) and not (isinstance(item, dict) and isinstance(item.get("image"), str)):
             raise InputError(jpath, f"each 'test' entry must be an image path (or {{'image': path}}), got {item!r}")
         img = _inside(root, item if isinstance(item, str) else item["image"], jpath)
-        test.append(RawCase(_strip(img.name), [img], None, multichannel_file=True))
+        test.append(RawCase(scan_stem(img.name), [img], None, multichannel_file=True))
     ending = _ending(training[0].images[0].name) if training else ".nii.gz"
     return RawDataset(root, "decathlon", channel_names, labels, ending, _unique_ids(training), _unique_ids(test))
 
@@ -334,12 +326,10 @@ def _v2_cases(root: Path, img_dir: str, lab_dir: str, ending: str, n_channels: i
                                  f"case '{case}' is missing channel file(s) {missing}")
         elif extra:
             problem = InputError(chans[extra[0]], f"channel {extra[0]} is not declared in channel_names")
-        if not lab.exists():
-            if not labels_optional and problem is None:
-                problem = InputError(lab, f"label file of case '{case}' is missing")
-            lab = None
+        if not lab.exists() and not labels_optional and problem is None:
+            problem = InputError(lab, f"label file of case '{case}' is missing")
         cases.append(RawCase(case, [chans.get(c, idir / f"{case}_{c:04d}{ending}") for c in range(n_channels)],
-                             lab, problem=problem))
+                             lab if lab.exists() else None, problem=problem))
     return cases
 
 
@@ -377,7 +367,8 @@ def load_raw_case(case: RawCase, dataset: RawDataset, check_labels: bool = True,
         channels.append(v.channel_first())
     image = np.concatenate(channels) if len(channels) > 1 else channels[0]
     if image.shape[0] != dataset.num_channels and dataset.layout not in ("nifti_folder", "dicom_tree"):
-        raise InputError(case.images[0], f"holds {image.shape[0]} channel(s), dataset.json declares {dataset.num_channels}")
+        raise InputError(case.images[0], f"holds {image.shape[0]} channel(s), dataset.json declares "
+                                         f"{dataset.num_channels}")
     finite = np.isfinite(image)
     if not finite.all():
         c = int(np.argwhere(~finite)[0][0])

@@ -25,8 +25,8 @@ ANISO_THRESHOLD = 3.0
 LABEL_CHUNK = 8  # labels interpolated together in one call (memory vs speed)
 
 
-def compute_new_shape(old_shape: Sequence[int], old_spacing: Sequence[float],
-                      new_spacing: Sequence[float]) -> tuple[int, ...]:
+def compute_new_shape(old_shape: Sequence[int], old_spacing: Sequence[float] | np.ndarray,
+                      new_spacing: Sequence[float] | np.ndarray) -> tuple[int, ...]:
     """nnU-Net's rule: round(old_spacing / new_spacing * old_shape) per axis."""
     return tuple(int(round(float(s) / float(t) * int(n))) for n, s, t in zip(old_shape, old_spacing, new_spacing))
 
@@ -61,6 +61,16 @@ def _interp(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Linear interpolation of ``x`` (N, C, *spatial) with half-pixel centres."""
     mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
     return F.interpolate(x, size=tuple(int(s) for s in size), mode=mode, align_corners=False)
+
+
+def _z_axis(separate_z: int | None | str, current_spacing: Sequence[float], new_spacing: Sequence[float]
+            ) -> int | None:
+    """``separate_z`` as given, or by nnU-Net's rule when it is ``"auto"``."""
+    if isinstance(separate_z, str):
+        if separate_z != "auto":
+            raise ValueError(f"separate_z must be an axis, None or 'auto', got {separate_z!r}")
+        return separate_z_axis(current_spacing, new_spacing)
+    return separate_z
 
 
 SPLINE_PAD = 12  # scipy.ndimage pads 'nearest'-mode input by 12 edge samples before its prefilter
@@ -116,7 +126,7 @@ def resample_image(data: np.ndarray, new_shape: Sequence[int], current_spacing: 
     data = np.asarray(data, dtype=np.float32)
     if data.shape[1:] == new_shape:
         return data
-    axis = separate_z_axis(current_spacing, new_spacing) if separate_z == "auto" else separate_z
+    axis = _z_axis(separate_z, current_spacing, new_spacing)
     if order == "cubic":
         return _resample_cubic(data, new_shape, axis)
     if order != "linear":
@@ -151,8 +161,8 @@ def _resample_cubic(data: np.ndarray, new_shape: tuple[int, ...], axis: int | No
 
 def _label_argmax(seg: torch.Tensor, labels: np.ndarray, size: Sequence[int]) -> torch.Tensor:
     """Argmax over labels of linearly interpolated one-hot masks; seg is (N, 1, *spatial)."""
-    best = None
-    out = None
+    best: torch.Tensor | None = None
+    out = seg
     for start in range(0, len(labels), LABEL_CHUNK):
         chunk = torch.as_tensor(labels[start:start + LABEL_CHUNK], dtype=seg.dtype)
         onehot = (seg == chunk.view(1, -1, *([1] * (seg.ndim - 2)))).float()
@@ -174,7 +184,7 @@ def resample_label(seg: np.ndarray, new_shape: Sequence[int], current_spacing: S
     new_shape = tuple(int(s) for s in new_shape)
     if seg.shape[1:] == new_shape:
         return np.asarray(seg, dtype=np.int16)
-    axis = separate_z_axis(current_spacing, new_spacing) if separate_z == "auto" else separate_z
+    axis = _z_axis(separate_z, current_spacing, new_spacing)
     labels = np.unique(seg)
     with torch.no_grad():
         t = torch.from_numpy(np.ascontiguousarray(seg, dtype=np.int16))
@@ -195,7 +205,7 @@ def resample_probabilities(probs: np.ndarray | torch.Tensor, new_shape: Sequence
     new_shape = tuple(int(s) for s in new_shape)
     if tuple(t.shape[1:]) == new_shape:
         return t
-    axis = separate_z_axis(current_spacing, new_spacing) if separate_z == "auto" else separate_z
+    axis = _z_axis(separate_z, current_spacing, new_spacing)
     dtype = t.dtype
     t = t.float()
     with torch.no_grad():

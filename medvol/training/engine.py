@@ -20,12 +20,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from medvol.cache import load_case, load_plans
+from medvol.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from medvol.config import Recipe, save_recipe
 from medvol.data import PatchDataset, Streams, build_augmentation, make_loader, training_cases
+from medvol.data.dataset import StepDataset
 from medvol.errors import ConfigError
-from medvol.networks import as_class_logits
-from medvol.preprocessing.cache import load_case, load_plans
-from medvol.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from medvol.evaluation.metrics import dice
+from medvol.inference.postprocess import argmax_labels
+from medvol.inference.sliding_window import SoftmaxClasses, sliding_window_probabilities
+from medvol.plans import Plans
 from medvol.training.distributed import DistInfo, barrier, params_identical_across_ranks
 from medvol.training.logger import RunLogger
 from medvol.training.schedules import make_optimizer, make_scheduler
@@ -55,6 +59,14 @@ def init_from(model: nn.Module, path: str | Path) -> dict:
     return report
 
 
+def mean_scores(scores: dict[str, list[float]]) -> dict[str, float]:
+    """Each metric's mean over cases, and ``val/dice_mean``, the mean of those means."""
+    out = {k: float(np.mean(v)) for k, v in scores.items()}
+    if out:
+        out["val/dice_mean"] = float(np.mean(list(out.values())))
+    return out
+
+
 def unwrap(m: nn.Module) -> nn.Module:
     return m.module if isinstance(m, nn.parallel.DistributedDataParallel) else m
 
@@ -63,7 +75,7 @@ class Trainer:
     """Base trainer: supervised segmentation over the cache. Subclasses override hooks."""
 
     name = "supervised"
-    Options = None  # a dataclass for the recipe's ``method`` section, or None (must be empty)
+    Options: type | None = None  # a dataclass for the recipe's ``method`` section, or None (must be empty)
     primary_metric = "val/dice_mean"
     higher_is_better = True  # of the primary metric (best.pt keeps the best)
     inference_key = "model"  # which of self.models prediction uses (e.g. "teacher")
@@ -99,11 +111,11 @@ class Trainer:
     def setup_data(self) -> None:
         """Plans, channels/classes, patch and (per-process) batch size, and the case split."""
         d = self.recipe.data
-        self.plans = load_plans(self.cache_dir)
-        self.num_classes = len(self.plans["labels"])
-        self.in_channels = len(self.plans["normalization"])
-        self.patch_size = list(d.patch_size or self.plans["patch_size"])
-        self.batch_size = int(d.batch_size or self.plans["batch_size"])  # per process
+        self.plans: Plans | None = Plans.from_dict(load_plans(self.cache_dir))
+        self.num_classes = self.plans.num_classes
+        self.in_channels = self.plans.num_channels
+        self.patch_size = list(d.patch_size or self.plans.patch_size)
+        self.batch_size = int(d.batch_size or self.plans.batch_size)  # per process
         self.labelled, self.unlabelled, self.val_cases = training_cases(self.cache_dir, d, self.recipe.trainer.seed)
         if not self.labelled:
             raise ConfigError(f"{self.cache_dir}: no labelled training case left after the validation split")
@@ -115,7 +127,7 @@ class Trainer:
         n = self.recipe.trainer.freeze_init_steps
         if not n:
             return
-        names = set(self.init_report["loaded"])
+        names = set(self.init_report["loaded"]) if self.init_report else set()
         frozen = [p for k, p in self.models["model"].named_parameters() if k in names]
 
         def drop_grads(opt, args, kwargs):
@@ -166,7 +178,7 @@ class Trainer:
             raise ConfigError("data.unlabelled_per_batch must leave room for labelled samples in each batch")
         return Streams(self.labelled, self.unlabelled, self.global_batch, u, self.batch_size)
 
-    def make_dataset(self) -> PatchDataset:
+    def make_dataset(self) -> StepDataset:
         return PatchDataset(self.cache_dir, self.streams(), self.patch_size, self.recipe.data.oversample_foreground,
                             build_augmentation(self.recipe.data.augment), seed=self.recipe.trainer.seed)
 
@@ -195,35 +207,29 @@ class Trainer:
         """The network that prediction uses (e.g. an EMA teacher for mean-teacher methods)."""
         return unwrap(self.models[self.inference_key])
 
-    @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        """Sliding-window per-class Dice on the validation cases (preprocessed space)."""
-        from monai.inferers import sliding_window_inference
-        from monai.metrics import compute_dice  # functional: MONAI's metric classes would all-gather
-        from monai.networks.utils import one_hot
+    def validation_decoder(self, props: dict):
+        """How the validation windows' outputs become probabilities (class softmax here)."""
+        return SoftmaxClasses()
 
-        if not self.val_cases:
-            return {}
-        model = self.inference_model()
-        was_training = model.training
-        model.eval()
-        per_case = []
+    def validation_probabilities(self, image: np.ndarray, props: dict) -> torch.Tensor:
+        """Probabilities of one cached image by the sliding-window path ``medvol predict`` uses
+        (float16, Gaussian blending, no TTA, the recipe's ``trainer.val_overlap``)."""
+        return sliding_window_probabilities(self.inference_model(), torch.from_numpy(np.array(image, np.float16)),
+                                            self.patch_size, self.device, self.validation_decoder(props),
+                                            n_channels=self.num_classes, overlap=self.recipe.trainer.val_overlap,
+                                            amp=self.recipe.trainer.amp)
+
+    def validate(self) -> dict[str, float]:
+        """Per-class Dice on the validation cases (in the preprocessed space), and their mean."""
+        names = self.plans.label_names if self.plans else {}
+        scores: dict[str, list[float]] = {}
         for case in self.val_cases:
-            image, label, _ = load_case(self.cache_dir, case)
-            x = torch.from_numpy(np.array(image, np.float32))[None].to(self.device)
-            with self.autocast():
-                logits = sliding_window_inference(x, self.patch_size, 2, lambda w: as_class_logits(model(w)),
-                                                  overlap=self.recipe.trainer.val_overlap, mode="gaussian")
-            pred = logits.argmax(1, keepdim=True).cpu()
-            ref = torch.from_numpy(np.clip(np.asarray(label, np.int64), 0, None))[None]
-            per_case.append(compute_dice(one_hot(pred, self.num_classes), one_hot(ref.long(), self.num_classes),
-                                         include_background=False, ignore_empty=False)[0])
-        dice = torch.stack(per_case).mean(0).cpu().numpy()
-        model.train(was_training)
-        names = {v: k for k, v in self.plans["labels"].items()}
-        out = {f"val/dice_{names.get(c + 1, c + 1)}": float(d) for c, d in enumerate(dice)}
-        out["val/dice_mean"] = float(np.mean(dice))
-        return out
+            image, label, props = load_case(self.cache_dir, case)
+            pred = argmax_labels(self.validation_probabilities(image, props).numpy())
+            ref = np.asarray(label[0])
+            for c in range(1, self.num_classes):
+                scores.setdefault(f"val/dice_{names.get(c, c)}", []).append(dice(pred == c, ref == c))
+        return mean_scores(scores)
 
     # ------------------------------------------------------------------ checkpoints
     def state(self, step: int, best: float) -> dict:
@@ -266,83 +272,116 @@ def fit(trainer: Trainer, resume: bool = False, stop_at: int | None = None, quie
     ``stop_at`` stops after that many steps as if interrupted (tests, debugging); the run
     can then be resumed and ends exactly as an uninterrupted one.
     """
-    r, dist = trainer.recipe, trainer.dist
-    run = trainer.run_dir
-    ckpt_dir = run / "checkpoints"
-    sign = 1.0 if trainer.higher_is_better else -1.0  # ``best`` is kept as sign * metric
-    start, best = 0, -np.inf
-    if resume and (ckpt_dir / "latest.pt").exists():
-        start, best = trainer.load_state(load_checkpoint(ckpt_dir / "latest.pt", map_location=trainer.device))
+    dist, total = trainer.dist, trainer.recipe.trainer.steps
+    start, best = setup_run_folder(trainer, resume)
+    barrier(dist)
+    stop = min(total, stop_at) if stop_at else total
+    loop = _Loop(trainer, RunLogger(trainer.run_dir, dist.is_main, start), best)
+    t0 = time.perf_counter()
+    loop.run(start, stop, quiet)
+    if dist.is_main and stop < total:  # "interrupted": leave a resumable checkpoint
+        save_checkpoint(trainer.run_dir / "checkpoints" / "latest.pt", trainer.state(stop, loop.best))
+    write_summary(trainer, loop, stop, time.perf_counter() - t0)
+    return loop.metrics
+
+
+def setup_run_folder(trainer: Trainer, resume: bool) -> tuple[int, float]:
+    """(first step, best score so far): from ``latest.pt`` when resuming, else (0, -inf) after
+    the main process wrote the run folder (recipe, plans, dataset.json, split, init report)."""
+    run, dist = trainer.run_dir, trainer.dist
+    latest = run / "checkpoints" / "latest.pt"
+    if resume and latest.exists():
+        start, best = trainer.load_state(load_checkpoint(latest, map_location=trainer.device))
         if dist.is_main:
-            log.info("resumed from %s at step %d", ckpt_dir / "latest.pt", start)
-    elif dist.is_main:
+            log.info("resumed from %s at step %d", latest, start)
+        return start, best
+    if dist.is_main:
         run.mkdir(parents=True, exist_ok=True)
-        save_recipe(r, run / "recipe.yaml")
+        save_recipe(trainer.recipe, run / "recipe.yaml")
         if trainer.plans is not None:
-            write_json(run / "plans.json", trainer.plans)
-        for name in ("dataset.json",):
-            if (trainer.cache_dir / name).exists():
-                (run / name).write_text((trainer.cache_dir / name).read_text())
+            write_json(run / "plans.json", trainer.plans.raw)
+        if (trainer.cache_dir / "dataset.json").exists():
+            (run / "dataset.json").write_text((trainer.cache_dir / "dataset.json").read_text())
         write_json(run / "split.json", {"labelled": trainer.labelled, "unlabelled": trainer.unlabelled,
                                         "validation": trainer.val_cases})
         if trainer.init_report:
             write_json(run / "init_report.json", trainer.init_report)
-    barrier(dist)
-    logger = RunLogger(run, dist.is_main, start)
-    total = r.trainer.steps
-    stop = min(total, stop_at) if stop_at else total
-    loader = make_loader(trainer.make_dataset(), start, stop, trainer.batch_size, dist.rank, dist.world_size,
-                         r.data.num_workers)
-    for m in trainer.models.values():
-        m.train()
-    trainer.before_training(start)
-    from tqdm import tqdm
+    return 0, -np.inf
 
-    bar = tqdm(total=stop - start, desc=f"train {r.name}", unit="step", disable=quiet or not dist.is_main
-               or not sys.stderr.isatty())
-    metrics: dict = {}
-    t0 = time.perf_counter()
-    step = start
-    for step, batch in zip(range(start, stop), loader):
-        batch = {k: v.to(trainer.device, non_blocking=True) for k, v in batch.items()}
-        trainer.current_step = step
-        losses = trainer.optimization_step(batch, step)
+
+class _Loop:
+    """The step loop of :func:`fit`, with its validation + checkpoint stops and their state."""
+
+    def __init__(self, trainer: Trainer, logger: RunLogger, best: float):
+        self.trainer, self.logger, self.best = trainer, logger, best
+        self.sign = 1.0 if trainer.higher_is_better else -1.0  # ``best`` is kept as sign * metric
+        self.metrics: dict = {}
+
+    def run(self, start: int, stop: int, quiet: bool) -> None:
+        from tqdm import tqdm
+
+        t, r = self.trainer, self.trainer.recipe
+        loader = make_loader(t.make_dataset(), start, stop, t.batch_size, t.dist.rank, t.dist.world_size,
+                             r.data.num_workers)
+        for m in t.models.values():
+            m.train()
+        t.before_training(start)
+        bar = tqdm(total=stop - start, desc=f"train {r.name}", unit="step",
+                   disable=quiet or not t.dist.is_main or not sys.stderr.isatty())
+        for step, batch in zip(range(start, stop), loader):
+            losses = self.step(step, batch, stop)
+            bar.update()
+            bar.set_postfix(loss=f"{losses['loss']:.4f}")
+            done = step + 1
+            if done % r.trainer.val_every == 0 or done == r.trainer.steps:
+                if t.dist.is_main:
+                    self.validate_and_checkpoint(step)
+                barrier(t.dist)
+        bar.close()
+
+    def step(self, step: int, batch: dict, stop: int) -> dict[str, float]:
+        """One optimisation step, and its log line every ``trainer.log_every`` steps."""
+        t = self.trainer
+        batch = {k: v.to(t.device, non_blocking=True) for k, v in batch.items()}
+        t.current_step = step
+        losses = t.optimization_step(batch, step)
         if not all(np.isfinite(v) for v in losses.values()):
             raise FloatingPointError(f"non-finite loss at step {step}: {losses}")
-        done = step + 1
-        if dist.is_main and (step % r.trainer.log_every == 0 or done == stop):
+        if t.dist.is_main and (step % t.recipe.trainer.log_every == 0 or step + 1 == stop):
             vals = {f"train/{k}": v for k, v in losses.items()}
-            vals["train/lr"] = trainer.optimizers[next(iter(trainer.optimizers))].param_groups[0]["lr"]
-            logger.log(step, vals)
-        bar.update()
-        bar.set_postfix(loss=f"{losses['loss']:.4f}")
-        if done % r.trainer.val_every == 0 or done == total:
-            if dist.is_main:
-                metrics = trainer.validate()
-                logger.log(step, metrics)
-                score = sign * metrics.get(trainer.primary_metric, -sign * np.inf)
-                improved = score > best
-                best = max(best, score)
-                state = trainer.state(done, best)
-                save_checkpoint(ckpt_dir / "latest.pt", state)
-                if improved:
-                    save_checkpoint(ckpt_dir / "best.pt", state)
-                trainer.export()
-                logger.plot()
-                log.info("step %d: %s", done, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            barrier(dist)
-    bar.close()
-    if dist.is_main and stop_at and stop < total:  # "interrupted": leave a resumable checkpoint
-        save_checkpoint(ckpt_dir / "latest.pt", trainer.state(stop, best))
-    same = params_identical_across_ranks(unwrap(trainer.models["model"]), dist)
-    if dist.is_main:
-        logger.plot()
-        trainer.export()
-        write_json(run / "train_summary.json", {
-            "steps_done": stop, "steps_total": total, "seconds": time.perf_counter() - t0,
-            "world_size": dist.world_size, "device": str(trainer.device),
-            "amp": str(trainer.amp_dtype) if trainer.amp_dtype else "fp32",
-            "params_identical_across_ranks": bool(same), "last_validation": metrics,
-            "best_metric": sign * best if np.isfinite(best) else None,
-        })
-    return metrics
+            vals["train/lr"] = t.optimizers[next(iter(t.optimizers))].param_groups[0]["lr"]
+            self.logger.log(step, vals)
+        return losses
+
+    def validate_and_checkpoint(self, step: int) -> None:
+        """Validate, log, write ``latest.pt`` (and ``best.pt`` when the primary metric improved), export."""
+        t, ckpt_dir = self.trainer, self.trainer.run_dir / "checkpoints"
+        self.metrics = t.validate()
+        self.logger.log(step, self.metrics)
+        score = self.sign * self.metrics.get(t.primary_metric, -self.sign * np.inf)
+        improved = score > self.best
+        self.best = max(self.best, score)
+        state = t.state(step + 1, self.best)
+        save_checkpoint(ckpt_dir / "latest.pt", state)
+        if improved:
+            save_checkpoint(ckpt_dir / "best.pt", state)
+        t.export()
+        self.logger.plot()
+        log.info("step %d: %s", step + 1, ", ".join(f"{k} {v:.4f}" for k, v in self.metrics.items()))
+
+
+def write_summary(trainer: Trainer, loop: _Loop, stop: int, seconds: float) -> None:
+    """``train_summary.json`` (and the final plot and export) on the main process."""
+    same = params_identical_across_ranks(unwrap(trainer.models["model"]), trainer.dist)
+    if not trainer.dist.is_main:
+        return
+    loop.logger.plot()
+    trainer.export()
+    best = loop.best
+    write_json(trainer.run_dir / "train_summary.json", {
+        "steps_done": stop, "steps_total": trainer.recipe.trainer.steps, "seconds": seconds,
+        "world_size": trainer.dist.world_size, "device": str(trainer.device),
+        "amp": str(trainer.amp_dtype) if trainer.amp_dtype else "fp32",
+        "params_identical_across_ranks": bool(same), "last_validation": loop.metrics,
+        "best_metric": loop.sign * best if np.isfinite(best) else None,
+    })

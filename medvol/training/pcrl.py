@@ -31,14 +31,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from monai.networks import eval_mode
 
-from medvol.data.dataset import split_cases
+from medvol.checkpoint import save_checkpoint
+from medvol.data.dataset import StepDataset, split_cases
 from medvol.data.pretext import PretextConfig, PretextDataset, prepare_scan_folder
 from medvol.errors import ConfigError
 from medvol.losses.contrastive import KeyQueue, info_nce
 from medvol.networks.pcrl import KeyEncoder, PCRLNet
+from medvol.plans import Plans
 from medvol.training import register_trainer
-from medvol.training.checkpoint import save_checkpoint
 from medvol.training.distributed import barrier
 from medvol.training.engine import Trainer, unwrap
 from medvol.training.schedules import ema_update
@@ -110,12 +112,12 @@ class PCRLTrainer(Trainer):
         if self.recipe.model.name != "pcrl":
             raise ConfigError(f"trainer 'pcrl' needs model.name pcrl, got '{self.recipe.model.name}'")
         if (self.cache_dir / "plans.json").exists():
-            from medvol.preprocessing.cache import list_cases, load_plans
+            from medvol.cache import list_cases, load_plans
 
             self.kind, self.source_root = "cache", self.cache_dir
-            self.plans = load_plans(self.cache_dir)
+            self.plans = Plans.from_dict(load_plans(self.cache_dir))
             cases = list_cases(self.cache_dir)
-            self.in_channels = len(self.plans["normalization"])
+            self.in_channels = self.plans.num_channels
         else:  # any folder of scans, converted once into the run folder
             from medvol.utils import read_json
 
@@ -127,7 +129,7 @@ class PCRLTrainer(Trainer):
             self.in_channels = int(np.load(self.source_root / f"{cases[0]}.npy", mmap_mode="r").shape[0])
         if not cases:
             raise ConfigError(f"{self.cache_dir}: no scans to pretrain on")
-        self.num_classes = None
+        self.num_classes = 0  # no segmentation output
         self.patch_size = list(d.patch_size or [64, 64, 32])
         self.batch_size = int(d.batch_size or 16)
         train, self.val_cases = split_cases(cases, d.val_fraction, d.val_cases, self.recipe.trainer.seed)
@@ -136,9 +138,21 @@ class PCRLTrainer(Trainer):
             raise ConfigError(f"{self.cache_dir}: no scan left for pretraining after the validation split")
         if any(p % 8 for p in self.patch_size):
             raise ConfigError(f"data.patch_size {self.patch_size}: PCRL's U-Net pools three times; use multiples of 8")
-        self._val_batch = None
+        self._val_batch: dict | None = None
 
-    def make_dataset(self) -> PretextDataset:
+    @property
+    def queue(self) -> KeyQueue:
+        q = self.models["queue"]
+        assert isinstance(q, KeyQueue)
+        return q
+
+    @property
+    def student(self) -> PCRLNet:
+        s = unwrap(self.models["model"])
+        assert isinstance(s, PCRLNet)
+        return s
+
+    def make_dataset(self) -> StepDataset:
         return PretextDataset(self.source_root, self.labelled, self.kind, self.patch_size, self.options.pretext,
                               self.global_batch, seed=self.recipe.trainer.seed)
 
@@ -147,7 +161,8 @@ class PCRLTrainer(Trainer):
         o, base = self.options, self.recipe.model.base_features
         student = PCRLNet(self.in_channels, base, o.proj_dim, o.proj_hidden, o.attention_hidden)
         key = KeyEncoder(self.in_channels, base, o.proj_dim, o.proj_hidden)
-        key.load_state_dict({k: v for k, v in student.state_dict().items() if k.split(".")[0] in ("encoder", "projector")})
+        shared = ("encoder", "projector")
+        key.load_state_dict({k: v for k, v in student.state_dict().items() if k.split(".")[0] in shared})
         for p in key.parameters():
             p.requires_grad_(False)
         gen = torch.Generator().manual_seed(self.recipe.trainer.seed)
@@ -170,7 +185,7 @@ class PCRLTrainer(Trainer):
             ema_update(key, unwrap(student), o.momentum, buffers=False)
             key_feats, k = self._keys(batch["x2"], step)
         out = student(batch["x1"], key_feats, batch["ind_o"], batch["ind_m"], batch["ind_h"], batch["alpha"])
-        negatives = self.models["queue"].keys
+        negatives = self.queue.keys
         l_q, acc = info_nce(out["q"], k, negatives, o.temperature)
         l_h, _ = info_nce(out["q"], out["z_h"], negatives, o.temperature)
         contrast = (l_q + l_h) / 2
@@ -193,7 +208,7 @@ class PCRLTrainer(Trainer):
             parts = [torch.empty_like(keys) for _ in range(self.dist.world_size)]
             tdist.all_gather(parts, keys.contiguous())
             keys = torch.cat(parts)
-        self.models["queue"].enqueue(keys)
+        self.queue.enqueue(keys)
 
     @torch.no_grad()
     def before_training(self, start_step: int) -> None:
@@ -202,7 +217,7 @@ class PCRLTrainer(Trainer):
         contrast against real keys, not random vectors."""
         from medvol.data import make_loader
 
-        queue = self.models["queue"]
+        queue = self.queue
         if start_step or not self.options.queue_warmup:
             return
         n_steps = -(-queue.size // self.global_batch)
@@ -226,7 +241,6 @@ class PCRLTrainer(Trainer):
             self._val_batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
         return self._val_batch
 
-    @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """On fixed pretext samples of the validation scans: ordinary-path reconstruction MSE, key
         retrieval accuracy (each query's nearest key among the validation keys is its own) and
@@ -234,28 +248,24 @@ class PCRLTrainer(Trainer):
         if not self.val_cases:
             return {}
         student, key = unwrap(self.models["model"]), self.models["momentum"]
-        modes = (student.training, key.training)
-        student.eval()
-        key.eval()
         batch = self._validation_batch()
         se, qs, ks = 0.0, [], []
-        for i in range(0, batch["x1"].shape[0], self.batch_size):
-            b = {k: v[i:i + self.batch_size].to(self.device) for k, v in batch.items()}
-            with self.autocast():
-                key_feats, k = key(b["x2"])
-                out = student(b["x1"], key_feats, b["ind_o"], b["ind_m"], b["ind_h"], b["alpha"])
-            se += float(F.mse_loss(out["rec_o"].float(), b["t1"], reduction="sum"))
-            qs.append(out["q"].float())
-            ks.append(k.float())
+        with eval_mode(student, key):
+            for i in range(0, batch["x1"].shape[0], self.batch_size):
+                b = {k: v[i:i + self.batch_size].to(self.device) for k, v in batch.items()}
+                with self.autocast():
+                    key_feats, k = key(b["x2"])
+                    out = student(b["x1"], key_feats, b["ind_o"], b["ind_m"], b["ind_h"], b["alpha"])
+                se += float(F.mse_loss(out["rec_o"].float(), b["t1"], reduction="sum"))
+                qs.append(out["q"].float())
+                ks.append(k.float())
         q, k = torch.cat(qs), torch.cat(ks)
-        student.train(modes[0])
-        key.train(modes[1])
         acc = float(((q @ k.t()).argmax(1) == torch.arange(q.shape[0], device=q.device)).float().mean())
         return {"val/recon_mse": se / batch["t1"].numel(), "val/retrieval_acc": acc,
                 "val/embedding_std": float(q.std(0).mean())}
 
     def export(self) -> None:
-        enc = unwrap(self.models["model"]).encoder
+        enc = self.student.encoder
         save_checkpoint(self.run_dir / "encoder.pt", {
             "format": ENCODER_FORMAT, "step": self.current_step + 1,
             "encoder": {f"encoder.{k}": v.detach().cpu() for k, v in enc.state_dict().items()},

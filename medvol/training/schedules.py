@@ -69,5 +69,5 @@ def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float,
         t.mul_(decay).add_(params[name].detach(), alpha=1 - decay)
     if buffers:
         own = dict(student.named_buffers())
-        for name, t in teacher.named_buffers():
-            t.copy_(own[name])
+        for name, b in teacher.named_buffers():
+            b.copy_(own[name])

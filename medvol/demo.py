@@ -3,6 +3,9 @@
 preprocess -> train the quickstart U-Net briefly (a narrow one, so that it runs in minutes on
 a 2-core CPU) -> predict the held-out scans in their own geometry -> evaluate against their
 reference labels -> pictures and an index.html.
+
+An application module, like ``cli.py``: it is the one module under ``medvol/`` that uses the
+dataset builders of ``datasets/`` (the library itself never does).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import time
 from pathlib import Path
 
 from medvol.datasets.brain import build_brain_dataset
+from medvol.io.discovery import input_cases, scan_stem
+from medvol.plans import Plans
 
 DEMO_OVERRIDES = ["model.base_features=8", "model.max_features=64", "data.patch_size=[48, 48, 48]",
                   "data.batch_size=2", "optimizer.lr=0.02", "trainer.log_every=5"]
@@ -38,9 +43,9 @@ def run_demo(out: str | Path, workers: int = 2, quiet: bool = False, steps: int 
         for case, err in report.failures.items():
             print(f"failed {case}: {err}")
         return 1
-    plans = load_plans(pre)
-    print(f"      target spacing {[round(s, 3) for s in plans['target_spacing']]} mm, "
-          f"plan patch {plans['patch_size']}, batch {plans['batch_size']}")
+    plans = Plans.from_dict(load_plans(pre))
+    print(f"      target spacing {[round(s, 3) for s in plans.target_spacing]} mm, "
+          f"plan patch {plans.patch_size}, batch {plans.batch_size}")
     run = out / "run"
     recipe = load_recipe("quickstart", DEMO_OVERRIDES + [f"trainer.steps={steps}",
                                                          f"trainer.val_every={max(steps // 3, 1)}"])
@@ -52,9 +57,9 @@ def run_demo(out: str | Path, workers: int = 2, quiet: bool = False, steps: int 
     written = predict(run, raw / "imagesTs", preds, device=device, quiet=quiet)
     print("[5/5] evaluating and drawing")
     metrics = evaluate_folders(preds, raw / "labelsTs", preds / "metrics")
-    cases = {p.name[:-7]: (raw / "imagesTs" / f"{p.name[:-7]}_0000.nii.gz", p, raw / "labelsTs" / p.name)
-             for p in written}
-    names = {v: k for k, v in plans["labels"].items()}
+    images = dict(input_cases(raw / "imagesTs", 1))
+    cases = {scan_stem(p.name): (images[scan_stem(p.name)][0], p, raw / "labelsTs" / p.name) for p in written}
+    names = plans.label_names
     index = write_report(out, cases, metrics, names=names, title="medvol demo: brain tissue (MNI152, nilearn)")
     for cls, s in metrics["summary"].items():
         print(f"      {cls}: Dice {s['dice']['mean']:.3f}, HD95 {s['hd95']['mean']:.1f} mm, "

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -113,7 +114,7 @@ def load_case(out: str | Path, case_id: str, mmap: bool = True):
     if not props.exists():
         raise CacheError(f"{props}: case '{case_id}' is not in the cache (or unfinished); rerun `medvol preprocess`")
     p = read_json(props)
-    mode = "r" if mmap else None
+    mode: Literal["r"] | None = "r" if mmap else None
     image = _load_array(img, mode, p)
     if image.dtype != np.float32 and not mmap:
         image = image.astype(np.float32)

@@ -1,0 +1,108 @@
+"""Checkpoints and run folders, below both training and inference.
+
+A checkpoint holds plain tensors/numbers/strings only and is loaded with ``weights_only=True``.
+A run folder (written by ``medvol train``) holds ``recipe.yaml``, ``plans.json`` and
+``checkpoints/{best,latest}.pt``; :func:`load_run` turns it into a ready model.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from medvol.config import Recipe
+from medvol.errors import CacheError, ConfigError
+from medvol.plans import Plans
+from medvol.utils import atomic_path, read_json
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # the legacy form: (name, key, pos, has_gauss, cached_gaussian)
+    py_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": int(py_state[0]), "state": torch.tensor(py_state[1], dtype=torch.int64),
+                   "gauss": py_state[2]},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | Path, payload: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise CacheError(f"{path}: no checkpoint here")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CacheError(f"{path}: not a readable medvol checkpoint ({type(e).__name__}: {e})") from None
+
+
+@dataclass
+class RunModel:
+    """A trained model with the recipe and plans it was trained with."""
+
+    model: nn.Module
+    recipe: Recipe
+    plans: Plans
+    run_dir: Path | None
+
+    @property
+    def patch_size(self) -> list[int]:
+        return list(self.recipe.data.patch_size or self.plans.patch_size)
+
+    @property
+    def mirror_axes(self) -> tuple[int, ...]:
+        """The spatial axes training flipped: mirroring TTA uses the same ones."""
+        aug = self.recipe.data.augment
+        return tuple(int(a) for a in aug.flip_axes) if aug.enabled and aug.flip_prob > 0 else ()
+
+
+def load_run(run_dir: str | Path, device: torch.device, checkpoint: str = "best") -> RunModel:
+    """Model (in eval mode, on ``device``), recipe and plans of a run folder written by ``medvol train``."""
+    from medvol.config import load_recipe
+    from medvol.networks import build_model
+
+    run_dir = Path(run_dir)
+    for f in ("recipe.yaml", "plans.json"):
+        if not (run_dir / f).exists():
+            raise ConfigError(f"{run_dir}: not a medvol run folder (no {f}); pass the --out of `medvol train`")
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    if recipe.trainer.name == "pcrl":
+        raise ConfigError(f"{run_dir}: a PCRL pretraining run has no segmentation model; fine-tune one from its "
+                          f"encoder.pt (--set init_from={run_dir / 'encoder.pt'})")
+    plans = Plans.from_dict(read_json(run_dir / "plans.json"))
+    ckpt_path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    if not ckpt_path.exists() and checkpoint == "best":
+        ckpt_path = run_dir / "checkpoints" / "latest.pt"
+    ckpt = load_checkpoint(ckpt_path, map_location="cpu")
+    key = ckpt.get("inference_model", "model")
+    model = build_model(recipe.model, plans, plans.num_channels, plans.num_classes)
+    model.load_state_dict(ckpt["models"][key])
+    model.to(device).eval()
+    return RunModel(model, recipe, plans, run_dir)

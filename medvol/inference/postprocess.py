@@ -1,0 +1,68 @@
+"""From probabilities to label maps, and the clean-ups applied to them.
+
+``argmax_labels`` (class probabilities -> labels), ``task_labels`` (a DoDNet task's organ and
+tumour sigmoid channels -> 0 background, 1 organ, 2 tumour), ``largest_component`` (per
+label), ``keep_largest_components`` (of a mask) and DoDNet's rules (``dodnet_postprocess``).
+Label maps are ``(X, Y, Z)``; probabilities ``(C, X, Y, Z)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+_FULL_CONNECTIVITY = np.ones((3, 3, 3))  # 26-connected components
+
+
+def argmax_labels(probs: np.ndarray, slab: int = 8) -> np.ndarray:
+    """argmax over classes of ``probs (C, X, Y, Z)`` into a uint8 (int16 past 255 classes)
+    label map, slab by slab: a whole-volume argmax would allocate an int64 volume."""
+    out = np.empty(probs.shape[1:], np.uint8 if probs.shape[0] < 256 else np.int16)
+    for z in range(0, probs.shape[-1], slab):
+        out[..., z:z + slab] = probs[..., z:z + slab].argmax(0)
+    return out
+
+
+def task_labels(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """A task's organ/tumour sigmoid probabilities ``(2, X, Y, Z)`` -> 0 background, 1 organ,
+    2 tumour (tumour wins where both pass the threshold)."""
+    seg = (probs[0] > threshold).astype(np.uint8)
+    seg[probs[1] > threshold] = 2
+    return seg
+
+
+def keep_largest_components(mask: np.ndarray, k: int = 1) -> np.ndarray:
+    """The ``k`` largest 26-connected components of ``mask``."""
+    comp, n = ndimage.label(mask, structure=_FULL_CONNECTIVITY)
+    if n <= k:
+        return mask.astype(bool)
+    sizes = np.bincount(comp.ravel())[1:]
+    keep = np.argsort(sizes)[::-1][:k] + 1
+    return np.isin(comp, keep)
+
+
+def largest_component(seg: np.ndarray) -> np.ndarray:
+    """Keep, for each foreground label, only its largest 26-connected component."""
+    out = np.zeros_like(seg)
+    for c in np.unique(seg):
+        if c != 0:
+            out[keep_largest_components(seg == c, 1)] = c
+    return out
+
+
+def dodnet_postprocess(seg: np.ndarray, task_name: str, min_tumour_voxels: int = 50) -> np.ndarray:
+    """DoDNet's post-processing of one task's map (0 bg, 1 organ, 2 tumour): the largest organ
+    component (two for kidney); tumour components of <= ``min_tumour_voxels`` voxels, or not
+    touching the organ (when the task annotates one), removed."""
+    out = np.zeros_like(seg)
+    organ = None
+    if (seg == 1).any():
+        organ = keep_largest_components(seg > 0, 2 if task_name == "kidney" else 1)
+        out[organ] = 1
+    comp, n = ndimage.label(seg == 2, structure=_FULL_CONNECTIVITY)
+    sizes = np.bincount(comp.ravel())
+    for c in range(1, n + 1):
+        region = comp == c
+        if sizes[c] > min_tumour_voxels and (organ is None or (region & organ).any()):
+            out[region] = 2
+    return out

@@ -1,0 +1,158 @@
+"""The one sliding-window path: validation during training and ``medvol predict`` both use it.
+
+A preprocessed image ``(C, X, Y, Z)`` is cut into overlapping windows of the patch size,
+which run through the model in batches (MONAI's ``sliding_window_inference``), optionally
+mirrored as nnU-Net's test-time augmentation does (the mean over every combination of the
+trained flip axes, inside each window), and blended with Gaussian or constant weights. The
+image and the accumulated output are float16, on the GPU when the output fits there and on
+the CPU otherwise, so a process holds about twice the float16 probabilities.
+
+What a window's output means is the decoder's business:
+
+- :class:`SoftmaxClasses`: one logit per class (a single channel is a binary sigmoid logit,
+  see :func:`medvol.networks.as_class_logits`); softmax probabilities out;
+- :class:`TaskSigmoid`: a task-conditioned multi-label model (DoDNet) called as
+  ``model(x, task_ids)``; per-channel sigmoid probabilities out;
+- :class:`SliceSoftmax`: a 2D model run slice by slice over each 3D window; softmax out.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from monai.networks import eval_mode
+
+from medvol.errors import ConfigError
+from medvol.networks import as_class_logits
+from medvol.utils import cuda_amp_dtype
+
+
+@dataclass(frozen=True)
+class SoftmaxClasses:
+    """Segmentation: class logits per window, softmax over classes at the end."""
+
+    def window_output(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return as_class_logits(model(x).float())
+
+    def window_mean(self, mean: torch.Tensor) -> torch.Tensor:
+        return mean  # logits are blended; softmax once over the whole volume
+
+    def finish(self, blended: torch.Tensor) -> torch.Tensor:
+        for z in range(0, blended.shape[-1], 16):  # in slabs, in place: no float32 copy of the volume
+            sl = blended[..., z:z + 16]
+            sl.copy_(torch.softmax(sl.float(), dim=0).half())
+        return blended
+
+
+@dataclass(frozen=True)
+class TaskSigmoid:
+    """Task-conditioned multi-label models (DoDNet): sigmoid of each output channel."""
+
+    task: int
+
+    def window_output(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return model(x, torch.full((x.shape[0],), self.task, device=x.device)).float()
+
+    def window_mean(self, mean: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(mean)  # as DoDNet: mirrored logits averaged, then the sigmoid
+
+    def finish(self, blended: torch.Tensor) -> torch.Tensor:
+        return blended
+
+
+@dataclass(frozen=True)
+class SliceSoftmax(SoftmaxClasses):
+    """A 2D model over a volume: every slice across ``axis`` (0, 1 or 2 of X, Y, Z) of a 3D
+    window goes through the model as one 2D image; class softmax at the end."""
+
+    axis: int = 2
+
+    def window_output(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        b, c = x.shape[:2]
+        moved = x.movedim(2 + self.axis, 1)  # (B, S, C, H, W)
+        s, hw = moved.shape[1], moved.shape[3:]
+        y = as_class_logits(model(moved.reshape(b * s, c, *hw)).float())
+        return y.reshape(b, s, y.shape[1], *hw).movedim(1, 2 + self.axis)
+
+
+class WindowPredictor(nn.Module):
+    """Runs ``model`` on one batch of windows: float32 in, mirrored TTA, float16 out."""
+
+    def __init__(self, model: nn.Module, decoder, mirror_axes: Sequence[int] = (), amp_dtype=None):
+        super().__init__()
+        self.model = model
+        self.decoder = decoder
+        self.flips = [c for r in range(len(mirror_axes) + 1) for c in itertools.combinations(mirror_axes, r)]
+        self.amp_dtype = amp_dtype
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        ctx = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else torch.autocast("cpu", enabled=False)
+        with ctx:
+            total = self._mirrored(x, self.flips[0])  # the unflipped pass
+            for axes in self.flips[1:]:
+                total = total + self._mirrored(x, axes)
+        return self.decoder.window_mean(total / len(self.flips)).half()
+
+    def _mirrored(self, x: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
+        """The decoder's window output for ``x`` flipped along ``axes``, flipped back."""
+        dims = [a + 2 for a in axes]
+        y = self.decoder.window_output(self.model, torch.flip(x, dims) if dims else x)
+        return torch.flip(y, dims) if dims else y
+
+
+def overlap_for_step(step: Sequence[int], patch_size: Sequence[int]) -> list[float]:
+    """Per-axis overlap fractions for which MONAI's windows advance exactly ``step`` voxels
+    (MONAI's interval is ``int(patch * (1 - overlap))``)."""
+    if len(step) != len(patch_size) or not all(1 <= int(s) <= int(p) for s, p in zip(step, patch_size)):
+        raise ConfigError(f"window step {list(step)}: one step per axis, each within 1..patch size {list(patch_size)}")
+    out = []
+    for s, p in zip(step, patch_size):
+        o = (p - s) / p
+        while int(p * (1 - o)) < s:  # float rounding: nudge until the interval is exactly s
+            o = np.nextafter(o, -1.0)
+        out.append(float(o))
+    return out
+
+
+def _accumulation_device(device: torch.device, n_channels: int, spatial: Sequence[int]) -> torch.device:
+    """``device`` when the float16 output (and MONAI's count map) fit in half its free memory, else the CPU."""
+    if device.type != "cuda":
+        return device
+    free, _ = torch.cuda.mem_get_info(device)
+    out_bytes = n_channels * int(np.prod(spatial)) * 2 * 2
+    return torch.device("cpu") if out_bytes > 0.5 * free else device
+
+
+def sliding_window_probabilities(model: nn.Module, image: np.ndarray | torch.Tensor, patch_size: Sequence[int],
+                                 device: torch.device, decoder=SoftmaxClasses(), n_channels: int | None = None,
+                                 overlap: float | Sequence[float] = 0.5, step: Sequence[int] | None = None,
+                                 sw_batch_size: int = 2, mirror_axes: Sequence[int] = (), amp: bool = True,
+                                 blend: str = "gaussian") -> torch.Tensor:
+    """Probabilities ``(K, X, Y, Z)`` float16 (on the CPU) of a preprocessed image ``(C, X, Y, Z)``.
+
+    ``step`` (voxels per axis, as papers state strides) replaces ``overlap`` when given;
+    ``blend`` is ``"gaussian"`` (nnU-Net's importance weighting) or ``"constant"``;
+    ``n_channels`` (the output's K) only sizes the GPU-or-CPU accumulation choice. The model
+    runs in eval mode and gets its former mode back. Pass the image as a float16 tensor (and
+    drop the float32 array) to hold the least memory.
+    """
+    from monai.inferers import sliding_window_inference
+
+    if step is not None:
+        overlap = overlap_for_step(step, patch_size)
+    predictor = WindowPredictor(model, decoder, mirror_axes, cuda_amp_dtype(device, amp))
+    acc = _accumulation_device(device, n_channels or 1, image.shape[1:])
+    x = torch.as_tensor(image)  # a (possibly strided) view of a cropped array: no float32 copy
+    x = x.to(device=acc, dtype=torch.float16)[None]  # float16 input: MONAI accumulates in float16
+    with eval_mode(model):
+        out = sliding_window_inference(x, list(patch_size), sw_batch_size, predictor, overlap=overlap, mode=blend,
+                                       sigma_scale=0.125, padding_mode="constant", cval=0.0, sw_device=device,
+                                       device=acc)[0]
+    return decoder.finish(out).cpu()

@@ -1,0 +1,58 @@
+"""The layering promises of docs/ARCHITECTURE.md, checked on the source (imports anywhere in
+a module count, lazy ones inside functions included)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+MEDVOL = Path(__file__).resolve().parents[1] / "medvol"
+APPLICATION_MODULES = {"cli.py", "demo.py", "__main__.py"}  # may use anything, datasets/ included
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module ``path`` imports (``from a.b import c`` counts as ``a.b`` and ``a.b.c``)."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names}
+    return out
+
+
+def library_modules():
+    return [p for p in sorted(MEDVOL.rglob("*.py")) if p.relative_to(MEDVOL).as_posix() not in APPLICATION_MODULES]
+
+
+def test_imports_of_sees_lazy_imports(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("def g():\n    from medvol.datasets.mots import TASK_RULES\n")
+    assert "medvol.datasets.mots" in imports_of(f)
+
+
+def test_no_library_module_imports_datasets():
+    bad = {p.relative_to(MEDVOL).as_posix(): sorted(m for m in imports_of(p) if m.startswith("medvol.datasets")
+                                                    or m == "datasets" or m.startswith("datasets."))
+           for p in library_modules()}
+    assert not {k: v for k, v in bad.items() if v}
+
+
+def test_inference_never_climbs_into_training():
+    for p in (MEDVOL / "inference").rglob("*.py"):
+        assert not [m for m in imports_of(p) if m.startswith("medvol.training")], p
+
+
+def test_checkpoint_sits_below_training_and_inference():
+    assert not [m for m in imports_of(MEDVOL / "checkpoint.py")
+                if m.startswith(("medvol.training", "medvol.inference", "medvol.data"))]
+
+
+def test_data_and_training_read_the_cache_without_the_preprocessing_driver():
+    code = ("import sys, medvol.data, medvol.training.engine, medvol.training.dodnet, medvol.cache\n"
+            "print(sorted(m for m in sys.modules if m.startswith('medvol.preprocessing')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,0 +1,129 @@
+"""The one sliding-window path: decoders, TTA, window steps, mode restoring."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from medvol.errors import ConfigError
+from medvol.inference.sliding_window import (
+    SliceSoftmax,
+    SoftmaxClasses,
+    TaskSigmoid,
+    overlap_for_step,
+    sliding_window_probabilities,
+)
+
+CPU = torch.device("cpu")
+
+
+def _pointwise_net(out_ch=3):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv3d(1, 8, 1), nn.ReLU(), nn.Conv3d(8, out_ch, 1)).eval()
+
+
+def _image(shape=(37, 29, 21)):
+    return np.random.default_rng(0).normal(size=(1, *shape)).astype(np.float32)
+
+
+@pytest.mark.parametrize("blend", ["gaussian", "constant"])
+def test_sliding_window_equals_a_whole_volume_forward(blend):
+    net, image = _pointwise_net(), _image()
+    for mirror in ((), (0, 1, 2)):
+        probs = sliding_window_probabilities(net, image, [16, 16, 12], CPU, overlap=0.5, sw_batch_size=3,
+                                             mirror_axes=mirror, blend=blend)
+        with torch.no_grad():
+            whole = torch.softmax(net(torch.from_numpy(image)[None].half().float()), 1)[0]
+        assert probs.dtype == torch.float16 and probs.shape == (3, 37, 29, 21)
+        torch.testing.assert_close(probs.float(), whole, atol=3e-3, rtol=0)
+
+
+def test_a_one_channel_binary_model_gives_two_class_probabilities():
+    net, image = _pointwise_net(1), _image()
+    probs = sliding_window_probabilities(net, image, [16, 16, 12], CPU)
+    with torch.no_grad():
+        fg = torch.sigmoid(net(torch.from_numpy(image)[None].half().float()))[0, 0]
+    torch.testing.assert_close(probs[1].float(), fg, atol=3e-3, rtol=0)
+    torch.testing.assert_close(probs.float().sum(0), torch.ones_like(fg), atol=2e-3, rtol=0)
+
+
+class _TaskNet(nn.Module):
+    """A task-conditioned 2-channel model: a pointwise net whose output is shifted by the task."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _pointwise_net(2)
+
+    def forward(self, x, task):
+        return self.net(x) + task.float().view(-1, 1, 1, 1, 1)
+
+
+def test_task_decoder_gives_the_tasks_sigmoid_channels():
+    net, image = _TaskNet().eval(), _image()
+    for task in (0, 3):
+        probs = sliding_window_probabilities(net, image, [16, 16, 12], CPU, TaskSigmoid(task), mirror_axes=(0,))
+        with torch.no_grad():
+            x = torch.from_numpy(image)[None].half().float()
+            whole = torch.sigmoid(net(x, torch.tensor([task])))[0]
+        assert probs.shape == (2, 37, 29, 21)
+        # probabilities (not logits) are blended in float16: a few voxels where tiny Gaussian
+        # weights meet differ by up to ~1e-2, the rest agree
+        torch.testing.assert_close(probs.float(), whole, atol=1e-2, rtol=0)
+        assert float((probs.float() - whole).abs().mean()) < 5e-4
+
+
+@pytest.mark.parametrize("axis", [0, 2])
+def test_slice_decoder_runs_a_2d_model_over_each_slice(axis):
+    torch.manual_seed(0)
+    net2d = nn.Conv2d(1, 3, 3, padding=1).eval()
+    image = _image((20, 18, 9))
+    probs = sliding_window_probabilities(net2d, image, [20, 18, 9], CPU, SliceSoftmax(axis))
+    x = torch.from_numpy(image).half().float()  # (1, X, Y, Z)
+    with torch.no_grad():
+        slices = x.movedim(1 + axis, 0)  # (S, 1, H, W)
+        ref = torch.softmax(net2d(slices), 1).movedim(0, 1 + axis)  # (3, X, Y, Z)
+    torch.testing.assert_close(probs.float(), ref, atol=3e-3, rtol=0)
+
+
+def test_window_steps_are_exact_voxel_counts():
+    for p in range(1, 161):
+        for s in range(1, p + 1):
+            o = overlap_for_step([s], [p])[0]
+            assert int(p * (1 - o)) == s, (p, s)  # MONAI's interval rule
+    with pytest.raises(ConfigError, match="window step"):
+        overlap_for_step([0, 4, 4], [8, 8, 8])
+    with pytest.raises(ConfigError, match="one step per axis"):
+        overlap_for_step([4, 4], [8, 8, 8])
+
+
+def test_a_step_equal_to_the_patch_tiles_without_overlap():
+    """Constant blending with step = patch: each voxel from exactly one window, so a model that
+    sees the window's position (its padding) shows the tiling; a pointwise model does not."""
+    net, image = _pointwise_net(), _image((32, 32, 24))
+    tiled = sliding_window_probabilities(net, image, [16, 16, 12], CPU, step=[16, 16, 12], blend="constant")
+    with torch.no_grad():
+        whole = torch.softmax(net(torch.from_numpy(image)[None].half().float()), 1)[0]
+    torch.testing.assert_close(tiled.float(), whole, atol=3e-3, rtol=0)
+    calls = []
+    net.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    sliding_window_probabilities(net, image, [16, 16, 12], CPU, step=[16, 16, 12], sw_batch_size=1)
+    assert len(calls) == 8  # 2 x 2 x 2 windows
+    calls.clear()
+    sliding_window_probabilities(net, image, [16, 16, 12], CPU, step=[8, 16, 12], sw_batch_size=1)
+    assert len(calls) == 3 * 2 * 2
+
+
+def test_the_model_runs_in_eval_mode_and_gets_its_mode_back():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(1, 4, 1), nn.Dropout(0.9), nn.Conv3d(4, 2, 1))
+    net.train()
+    image = _image((16, 16, 12))
+    a = sliding_window_probabilities(net, image, [16, 16, 12], CPU, SoftmaxClasses())
+    b = sliding_window_probabilities(net, image, [16, 16, 12], CPU, SoftmaxClasses())
+    assert net.training and all(m.training for m in net.modules())
+    torch.testing.assert_close(a, b)  # dropout off: deterministic
+    net.eval()
+    sliding_window_probabilities(net, image, [16, 16, 12], CPU)
+    assert not net.training
