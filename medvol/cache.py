@@ -60,7 +60,7 @@ def locations_path(out: Path, case_id: str) -> Path:
 def save_locations(out: Path, case_id: str, locations: dict[str, np.ndarray]) -> None:
     with atomic_path(locations_path(out, case_id)) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, **{k: np.asarray(v, np.int32) for k, v in locations.items()})
+            np.savez(f, **{k: np.asarray(v, np.int32) for k, v in locations.items()})  # type: ignore[arg-type]
 
 
 def load_locations(out: Path, case_id: str) -> dict[str, np.ndarray]:

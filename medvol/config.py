@@ -265,7 +265,7 @@ def find_recipe(path: str | Path):
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    path = find_recipe(path)
+    path = Path(find_recipe(path))
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:

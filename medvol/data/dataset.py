@@ -123,14 +123,14 @@ class PatchDataset(StepDataset):
         pool = self.streams.labelled if labelled_slot else self.streams.unlabelled
         case_id = pool[int(rng.integers(len(pool)))]
         image, label, props = self._case(case_id)
-        return image, label, props, labelled_slot, labelled_slot and index >= self.first_fg_slot
+        return image, label, props, labelled_slot, index is not None and index >= self.first_fg_slot
 
     def _finish(self, img: np.ndarray, lab: np.ndarray | None, rng: np.random.Generator, props: dict,
                 slot: int) -> dict:
         """The sample dict from an image patch and its label patch (None: unlabelled), augmented."""
         img = img.astype(np.float32, copy=False)
         labelled = lab is not None
-        if labelled:
+        if lab is not None:
             lab = lab.astype(np.int64)
             lab[lab < 0] = 0  # outside the nonzero mask counts as background for the loss
         else:

@@ -48,7 +48,7 @@ def slice_config(plans: dict) -> dict:
                          "(the cached cases stay valid)") from None
 
 
-def _with_axis(values: Sequence[int], axis: int, value: int) -> np.ndarray:
+def _with_axis(values: Sequence[int] | np.ndarray, axis: int, value: int) -> np.ndarray:
     """In-plane ``values`` with ``value`` inserted at the slice ``axis``."""
     return np.insert(np.asarray(values, dtype=np.int64), axis, value)
 
@@ -60,7 +60,7 @@ def choose_slice(shape: Sequence[int], axis: int, patch: Sequence[int], rng: np.
     return int(start[axis]), np.delete(start, axis)
 
 
-def extract_slices(array: np.ndarray, axis: int, index: int, start: Sequence[int], patch: Sequence[int],
+def extract_slices(array: np.ndarray, axis: int, index: int, start: Sequence[int] | np.ndarray, patch: Sequence[int],
                    context: int, pad_value: float) -> np.ndarray:
     """Slice ``index`` of ``array`` ``(C, X, Y, Z)`` across ``axis`` with ``context`` neighbours
     on each side (ends repeat): ``(C * (2 * context + 1), *patch)``, lowest slice first."""
@@ -137,6 +137,7 @@ class SliceDataset(PatchDataset):
     def _classes(self, props: dict, index: int, labelled_slot: bool) -> dict:
         """``class`` of the slice and ``subject_class`` of its case (-1: none, or an unlabelled slot)."""
         case = props["case_id"]
+        assert self.slice_labels is not None
         slice_class = self.slice_labels.slices.get(case, {}).get(int(raw_slice_of(props, self.slice_axis)[index]), -1)
         subject_class = self.slice_labels.subjects.get(case, -1)
         if not labelled_slot:

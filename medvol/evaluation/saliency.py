@@ -23,6 +23,7 @@ TN/(TN+FP) at every threshold, and Dice follows :func:`medvol.evaluation.metrics
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import numpy as np
 
@@ -49,7 +50,7 @@ def _prepare(pred, gt) -> tuple[np.ndarray, np.ndarray]:
 
 def _counts(p: np.ndarray, g: np.ndarray, thresholds, strict: bool):
     """(predicted positives, true positives) at each threshold, binarising p >= t (p > t if strict)."""
-    side = "right" if strict else "left"
+    side: Literal["left", "right"] = "right" if strict else "left"
     t = np.asarray(thresholds, float)
     n_pred = p.size - np.searchsorted(np.sort(p.ravel()), t, side=side)
     fg = np.sort(p[g])

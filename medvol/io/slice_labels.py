@@ -119,7 +119,7 @@ def _add_row(path: Path, line: int, row: dict, slice_counts: Mapping[str, int], 
         mask_path = path.parent / mask
         if not mask_path.is_file():
             raise InputError(path, f"line {line}: mask file not found: {mask_path}")
-        out.masks[key] = mask_path
+        out.masks[(subject, index)] = mask_path
 
 
 def _whole(path: Path, line: int, column: str, text: str) -> int:

@@ -144,10 +144,10 @@ def read_h5_slice(path: str | Path) -> dict:
     image = (image[None] if image.ndim == 2 else image).astype(np.float32)
     if not np.isfinite(image).all():
         raise InputError(path, "'image' holds NaN or infinite values")
-    out = {"image": image, "label": None, "masks": None, "grade": None}
+    out: dict = {"image": image, "label": None, "masks": None, "grade": None}
     if "label" in raw:
-        out["label"] = _integer_labels(path, raw["label"], "'label'")
-        _check_same_shape(path, out["label"].shape, image.shape[1:], "'label'")
+        out["label"] = label = _integer_labels(path, raw["label"], "'label'")
+        _check_same_shape(path, label.shape, image.shape[1:], "'label'")
     if "masks" in raw:
         masks = raw["masks"]
         _check_same_shape(path, masks.shape[-2:], image.shape[1:], "'masks'")

@@ -17,16 +17,18 @@ def segmentation_loss(name: str, deep_supervision: bool) -> nn.Module:
 
     from medvol.losses.dice import BatchDiceCELoss, BatchDiceLoss
 
-    base: _Loss
+    base: nn.Module
     if name == "dice_ce":
-        base: nn.Module = BatchDiceCELoss()
+        base = BatchDiceCELoss()
     elif name == "dice":
         base = BatchDiceLoss()
     elif name == "ce":
         base = _CE()
     else:
         raise ConfigError(f"trainer.loss '{name}' is unknown; known: dice_ce, dice, ce")
-    return DeepSupervisionLoss(base, weight_mode="exp") if deep_supervision else base
+    if not deep_supervision:
+        return base
+    return DeepSupervisionLoss(base, weight_mode="exp")  # type: ignore[arg-type]  # any loss module works
 
 
 class _CE(_Loss):

@@ -14,6 +14,7 @@ entries written; its state lives in buffers, so it is checkpointed.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -87,40 +88,46 @@ class ClassMemoryQueue(nn.Module):
         super().__init__()
         self.queues = nn.ModuleList(KeyQueue(dim, size, generator=torch.Generator().manual_seed(0))
                                     for _ in range(num_classes))
-        for q in self.queues:
+        for q in self._all():
             q.keys.zero_()
 
     @property
     def num_classes(self) -> int:
         return len(self.queues)
 
+    def _queue(self, c: int) -> KeyQueue:
+        return cast(KeyQueue, self.queues[c])
+
+    def _all(self) -> list[KeyQueue]:
+        return [cast(KeyQueue, q) for q in self.queues]
+
     @property
     def size(self) -> int:
-        return self.queues[0].size
+        return self._queue(0).size
 
     def filled(self, c: int) -> int:
-        return int(min(int(self.queues[c].count), self.size))
+        return int(min(int(self._queue(c).count), self.size))
 
     def bank(self) -> torch.Tensor:
         """All slots, ``(C, size, dim)``."""
-        return torch.stack([q.keys for q in self.queues])
+        return torch.stack([q.keys for q in self._all()])
 
     def valid_mask(self) -> torch.Tensor:
         """``(C, size)``: True where a slot holds a written entry (slots fill from 0 upwards)."""
-        slots = torch.arange(self.size, device=self.queues[0].keys.device)
-        counts = torch.stack([q.count for q in self.queues]).clamp(max=self.size)
+        slots = torch.arange(self.size, device=self._queue(0).keys.device)
+        counts = torch.stack([q.count for q in self._all()]).clamp(max=self.size)
         return slots[None] < counts[:, None]
 
     def ordered(self, c: int) -> torch.Tensor:
         """Class ``c``'s written entries, oldest first."""
         n = self.filled(c)
-        return self.queues[c].ordered()[self.size - n:] if n else self.queues[c].keys[:0]
+        return self._queue(c).ordered()[self.size - n:] if n else self._queue(c).keys[:0]
 
     @torch.no_grad()
     def enqueue(self, c: int, keys: torch.Tensor) -> None:
         """Append ``keys`` (n, dim) to class ``c``; the pointer advances by n (mod size)."""
         if keys.shape[0]:
-            self.queues[c].enqueue(keys)
+            self._queue(c).enqueue(keys)
 
     @torch.no_grad()
     def enqueue_class_means(self, proj: torch.Tensor, grid_labels: torch.Tensor) -> list[int]:

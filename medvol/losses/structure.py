@@ -66,5 +66,5 @@ def infnet_loss(outputs, target: torch.Tensor, edge_target: torch.Tensor,
     parts = {name: structure_loss(getattr(outputs, name), target, official_compat, w)
              for name in ("global_map", "ra4", "ra3", "ra2")}
     parts["edge"] = edge_bce(outputs.edge, edge_target)
-    total = sum(parts.values())
+    total = torch.stack(list(parts.values())).sum()
     return total, {k: float(v.detach()) for k, v in parts.items()}

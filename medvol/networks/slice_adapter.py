@@ -104,9 +104,9 @@ class SliceAdapter(nn.Module):
                 for i in range(0, n_slices, self.slice_batch)]
         if self.mode == "segmentation":
             return self._restack(torch.cat(outs), xs.shape)
-        logits, feats = zip(*outs)
+        logits, feat_parts = zip(*outs)
         b, s = xs.shape[0], xs.shape[2]
-        feats = None if feats[0] is None else torch.cat(feats).reshape(b, s, -1)
+        feats = None if feat_parts[0] is None else torch.cat(feat_parts).reshape(b, s, -1)
         return SliceOutputs(torch.cat(logits).reshape(b, s, -1), feats)
 
     def _run(self, xs: torch.Tensor, flat: torch.Tensor):

@@ -133,8 +133,8 @@ def plan_configuration(spacing, median_shape, num_classes: int, n_voxels_dataset
     order); the dimension is ``len(spacing)`` and picks nnU-Net's 3d or 2d constants."""
     dim = len(spacing)
     tmp = 1 / np.array(spacing, float)
-    initial = [round(i) for i in tmp * (INITIAL_EDGE[dim] ** dim / np.prod(tmp)) ** (1 / dim)]
-    initial = np.array([min(i, j) for i, j in zip(initial, median_shape)])
+    budget = [round(i) for i in tmp * (INITIAL_EDGE[dim] ** dim / np.prod(tmp)) ** (1 / dim)]
+    initial = np.array([min(i, j) for i, j in zip(budget, median_shape)])
     num_pool, strides, kernels, patch, divisor = pool_and_conv_props(spacing, initial)
     ref_val, ref_bs, max_features = ((REFERENCE_VAL_2D, REFERENCE_BS_2D, MAX_FEATURES_2D) if dim == 2 else
                                      (REFERENCE_VAL_3D, REFERENCE_BS_3D, MAX_FEATURES_3D))

@@ -57,7 +57,7 @@ def sample_class_locations(seg: np.ndarray, classes: Iterable[int], seed: int = 
     rs = np.random.RandomState(seed)
     flat = seg.reshape(-1)
     spatial = seg.shape[1:]
-    out: dict[str, list] = {}
+    out: dict[str, np.ndarray] = {}
     for c in classes:
         idx = np.flatnonzero(flat == c)
         if idx.size == 0:
@@ -290,7 +290,8 @@ def _case_bytes(case: RawCase) -> int | None:
     import nibabel as nib
 
     try:
-        return sum(int(np.prod(nib.load(str(p)).shape)) for p in case.images) * BYTES_PER_VOXEL
+        voxels = [int(np.prod(nib.load(str(p)).shape)) for p in case.images]  # type: ignore[attr-defined]
+        return sum(voxels) * BYTES_PER_VOXEL
     except Exception:  # noqa: BLE001 - an unreadable header is reported when the case is read
         return None
 

@@ -231,7 +231,8 @@ def _unique_ids(cases: list[RawCase]) -> list[RawCase]:
 
 
 # Expected JSON types of dataset.json keys (nnU-Net v2 and Decathlon); absent optional keys pass.
-JSON_TYPES = {"channel_names": (dict, "a mapping channel -> name"), "modality": (dict, "a mapping channel -> name"),
+JSON_TYPES: dict[str, tuple[type | tuple[type, ...], str]] = {
+              "channel_names": (dict, "a mapping channel -> name"), "modality": (dict, "a mapping channel -> name"),
               "labels": (dict, "a mapping"), "numTraining": (int, "an integer"), "numTest": (int, "an integer"),
               "file_ending": (str, "a string such as \".nii.gz\""), "training": (list, "a list"),
               "test": (list, "a list"), "labelled_cases": (list, "a list of case ids"),

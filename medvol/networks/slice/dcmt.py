@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -92,14 +92,16 @@ def se_resnext_trunk(in_channels: int = 3, layers: Sequence[int] = PAPER_LAYERS,
     planes = [int(round(p * width)) for p in STAGE_PLANES]
     if min(planes) * 4 // 64 < 1:  # SEResNeXtBottleneck's grouped width: floor(planes * 4 / 64) * groups
         raise ValueError(f"width {width} makes the first stage's bottleneck empty; use width >= 0.25")
-    kwargs = dict(spatial_dims=2, in_channels=in_channels, layers=layers, groups=groups, reduction=reduction,
-                  dropout_prob=None, inplanes=int(round(64 * width)), downsample_kernel_size=1,
-                  input_3x3=False, num_classes=1)
+    kwargs: dict[str, Any] = dict(
+        spatial_dims=2, in_channels=in_channels, layers=layers, groups=groups, reduction=reduction,
+        dropout_prob=None, inplanes=int(round(64 * width)), downsample_kernel_size=1, input_3x3=False,
+        num_classes=1)
+    net: nn.Module
     if width == 1.0:
         net = SEResNeXt50(pretrained=False, **kwargs)
     else:
         net = _ScaledSENet(width, block=SEResNeXtBottleneck, **kwargs)
-    first = net.layer4[0]
+    first: Any = net.layer4[0]
     # layer4 at stride 1 (256 -> 16): its first block's strided 3x3 conv and its projection.
     # MONAI's 'same' padding for these kernels does not depend on the stride.
     first.conv2.conv.stride = (1, 1)

@@ -88,12 +88,12 @@ class Bottle2neck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         splits = torch.split(self.relu(self.bn1(self.conv1(x))), self.width, 1)
-        outs, y = [], None
+        outs, y = [], splits[0]
         for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
             inp = splits[i] if (i == 0 or self.first) else y + splits[i]
             y = self.relu(bn(conv(inp)))
             outs.append(y)
-        outs.append(self.pool(splits[-1]) if self.first else splits[-1])
+        outs.append(self.pool(splits[-1]) if self.pool is not None else splits[-1])
         out = self.bn3(self.conv3(torch.cat(outs, 1)))
         return self.relu(out + (x if self.downsample is None else self.downsample(x)))
 
@@ -130,8 +130,8 @@ class Res2NetV1b(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         feats = []
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = layer(x)
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            x = getattr(self, name)(x)
             feats.append(x)
         return feats
 
@@ -155,7 +155,8 @@ class Res2NetV1b(nn.Module):
             raise InputError(path, "expected a dict of tensors")
         sd = {_strip(k): v for k, v in sd.items() if torch.is_tensor(v)}
         own = self.state_dict()
-        report = {"loaded": [], "adapted": [], "shape_mismatch": [], "missing": [], "unexpected": []}
+        report: dict[str, list[str]] = {"loaded": [], "adapted": [], "shape_mismatch": [], "missing": [],
+                                        "unexpected": []}
         new = {}
         for k, v in sd.items():
             if k not in own:

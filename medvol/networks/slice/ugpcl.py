@@ -117,7 +117,7 @@ class SwinDecoderStage(nn.Module):
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = self.fuse(torch.cat([x, self.skip_proj(skip)], 1))
-        pos = self.pos_embed
+        pos: torch.Tensor = self.pos_embed
         if pos.shape[-2:] != x.shape[-2:]:  # an input of another size than built for
             pos = F.interpolate(pos, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return self.blocks(x + pos)
