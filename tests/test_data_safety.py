@@ -85,7 +85,7 @@ def test_overwrite_removes_only_what_the_manifest_lists(raw, tmp_path, capsys):
     assert _preprocess(raw, out, "--overwrite") == 0
     assert (out / "cases" / "s0.npy").stat().st_mtime_ns != old
     assert sorted(p.name for p in (out / "cases").iterdir()) == sorted(
-        f"s{i}{suf}" for i in range(2) for suf in (".npy", "_seg.npy", ".json"))
+        f"s{i}{suf}" for i in range(2) for suf in (".npy", "_seg.npy", ".json", "_locations.npz"))
 
 
 def test_a_cache_from_before_manifests_is_adopted(raw, tmp_path):
