@@ -99,15 +99,31 @@ class SliceAdapter(nn.Module):
         if x.ndim != 5:
             raise ValueError(f"SliceAdapter expects (B, C, X, Y, Z), got shape {tuple(x.shape)}")
         xs = x.movedim(self.axis, 2)  # (B, C, S, H, W), a view
-        n_slices = xs.shape[0] * xs.shape[2]
-        outs = [self._run(xs, torch.arange(i, min(i + self.slice_batch, n_slices), device=x.device))
-                for i in range(0, n_slices, self.slice_batch)]
         if self.mode == "segmentation":
-            return self._restack(torch.cat(outs), xs.shape)
+            return self._segment(xs)
+        outs = [self._run(xs, idx) for idx in self._batches(xs)]
         logits, feat_parts = zip(*outs)
         b, s = xs.shape[0], xs.shape[2]
         feats = None if feat_parts[0] is None else torch.cat(feat_parts).reshape(b, s, -1)
         return SliceOutputs(torch.cat(logits).reshape(b, s, -1), feats)
+
+    def _batches(self, xs: torch.Tensor):
+        """Flat slice indices (``b * S + s``), ``slice_batch`` at a time."""
+        n_slices = xs.shape[0] * xs.shape[2]
+        for i in range(0, n_slices, self.slice_batch):
+            yield torch.arange(i, min(i + self.slice_batch, n_slices), device=xs.device)
+
+    def _segment(self, xs: torch.Tensor) -> torch.Tensor:
+        """Each slice batch's logits written into one ``(B * S, K, H, W)`` output as it comes
+        (a list + ``torch.cat`` would hold two output-sized copies at the end), then restacked."""
+        out = None
+        for idx in self._batches(xs):
+            logits = self._run(xs, idx)
+            self._check_logits(logits, xs.shape)
+            if out is None:
+                out = logits.new_empty(xs.shape[0] * xs.shape[2], *logits.shape[1:])
+            out[idx[0]:idx[-1] + 1] = logits
+        return self._restack(out, xs.shape)
 
     def _run(self, xs: torch.Tensor, flat: torch.Tensor):
         """The 2D model on the slices with flat indices ``flat`` (``b * S + s``)."""
@@ -128,12 +144,16 @@ class SliceAdapter(nn.Module):
         stacked = single[inverse]  # (n, 2k+1, C, H, W)
         return stacked.reshape(stacked.shape[0], -1, *stacked.shape[-2:])
 
-    def _restack(self, logits: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        """``(B * S, K, H, W)`` -> ``(B, K, X, Y, Z)``, the sliced axis back in its place."""
-        b, _, s, h, w = shape
+    @staticmethod
+    def _check_logits(logits: torch.Tensor, shape: torch.Size) -> None:
+        h, w = shape[-2:]
         if logits.ndim != 4 or tuple(logits.shape[-2:]) != (h, w):
             raise ValueError(
                 f"the 2D model must return (N, K, {h}, {w}) logits for (N, C, {h}, {w}) slices to be "
                 f"restacked, got {tuple(logits.shape)}; upsample its output to the slice size")
+
+    def _restack(self, logits: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """``(B * S, K, H, W)`` -> ``(B, K, X, Y, Z)``, the sliced axis back in its place."""
+        b, _, s, h, w = shape
         vol = logits.reshape(b, s, -1, h, w).transpose(1, 2)  # (B, K, S, H, W)
         return vol.movedim(2, self.axis)
