@@ -73,7 +73,8 @@ def speed(args) -> None:
                 times[name].append(sec)
         diffs = {name: float((y - outs["per-slice loop"]).abs().max()) for name, y in outs.items()}
     print(f"speed: BasicUNet 2D features {tuple(args.features)}, volume 1x1x{args.size}x{args.size}x{args.slices}, "
-          f"{CLASSES} classes, torch threads {torch.get_num_threads()}, median of {args.rounds} interleaved rounds after a warm-up round")
+          f"{CLASSES} classes, torch threads {torch.get_num_threads()}, "
+          f"median of {args.rounds} interleaved rounds after a warm-up round")
     base = statistics.median(times["per-slice loop"])
     for name, ts in times.items():
         med = statistics.median(ts)

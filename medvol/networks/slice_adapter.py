@@ -123,6 +123,7 @@ class SliceAdapter(nn.Module):
             if out is None:
                 out = logits.new_empty(xs.shape[0] * xs.shape[2], *logits.shape[1:])
             out[idx[0]:idx[-1] + 1] = logits
+        assert out is not None  # a volume has at least one slice
         return self._restack(out, xs.shape)
 
     def _run(self, xs: torch.Tensor, flat: torch.Tensor):
