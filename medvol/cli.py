@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from medvol import __version__, validation
-from medvol.errors import ConfigError, MedvolError
+from medvol.errors import PREEMPTED_EXIT, ConfigError, MedvolError, Preempted
 from medvol.utils import ENVIRONMENT_ERRNOS
 
 
@@ -79,7 +79,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    help="override a recipe value, e.g. --set trainer.steps=500 (repeatable)")
     p.add_argument("--fold", help="cross-validation fold of DATA/splits_final.json: 0-4 or 'all' (written with "
                                   "nnU-Net's rule when absent); data.val_cases in the recipe wins")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest.pt")
+    p.add_argument("--resume", nargs="?", const=True, default=False, choices=[True, "auto"],
+                   help="continue from OUT/checkpoints/latest.pt; `--resume auto` starts fresh when there is "
+                        "none (one job script for the first start and every requeue)")
     p.add_argument("--device", default="auto", action=_checked(validation.device),
                    help="cpu, cuda, cuda:1 or auto (default)")
     p.add_argument("--nproc", type=int, default=1, action=_checked(validation.positive_int),
@@ -349,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exception(e, file=sys.stderr)
         print(f"medvol {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"medvol {args.command}: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -98,6 +98,7 @@ class TrainerConfig:
     seed: int = 0
     val_overlap: float = 0.5
     freeze_init_steps: int = 0  # with init_from: the loaded tensors get no update for this many steps
+    checkpoint_every: int | None = None  # also write latest.pt every N steps (pre-emptible clusters)
 
 
 @dataclass
@@ -287,6 +288,8 @@ def check_recipe(recipe: Recipe, source: str = "<recipe>") -> Recipe:
     t, o, d = recipe.trainer, recipe.optimizer, recipe.data
     if t.steps < 1:
         bad("trainer.steps", ">= 1", t.steps)
+    if t.checkpoint_every is not None and t.checkpoint_every < 1:
+        bad("trainer.checkpoint_every", ">= 1 (or null)", t.checkpoint_every)
     if t.val_every < 1 or t.log_every < 1:
         bad("trainer.val_every/log_every", ">= 1", (t.val_every, t.log_every))
     if not o.lr > 0:

@@ -44,3 +44,15 @@ class OutputError(MedvolError):
 
     def __reduce__(self):
         return (type(self), (self.path, self.problem))
+
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later"; a job script requeues on it
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM/SIGUSR1 after finishing its step and writing ``latest.pt``
+    (how SLURM announces pre-emption); ``medvol train --resume auto`` continues it."""
+
+    def __init__(self, step: int, checkpoint: str | Path):
+        self.step, self.checkpoint = step, str(checkpoint)
+        super().__init__(f"pre-empted after step {step}: {checkpoint} written; rerun with --resume auto to continue")

@@ -22,11 +22,13 @@ def get_trainer(name: str):
     return _TRAINERS[name]
 
 
-def train(recipe, data: str | Path, out: str | Path, resume: bool = False, device: str = "auto",
+def train(recipe, data: str | Path, out: str | Path, resume: bool | str = False, device: str = "auto",
           stop_at: int | None = None, quiet: bool = False) -> dict:
     """Train ``recipe`` (a Recipe, or a path/name plus overrides already applied) on the
     preprocessing cache ``data``, writing the run folder ``out``. Joins a process group
-    when started by torchrun."""
+    when started by torchrun. ``resume``: True continues ``out``'s ``latest.pt`` (which must
+    exist); ``"auto"`` continues it when it exists and starts fresh otherwise, so one job
+    script serves the first start and every requeue after a pre-emption."""
     from medvol.config import Recipe, load_recipe
     from medvol.training.distributed import setup, teardown
     from medvol.training.engine import fit
@@ -34,7 +36,14 @@ def train(recipe, data: str | Path, out: str | Path, resume: bool = False, devic
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     out = Path(out)
-    if not resume and (out / "checkpoints" / "latest.pt").exists():
+    latest = out / "checkpoints" / "latest.pt"
+    if resume == "auto":
+        resume = latest.exists()
+    resume = bool(resume)
+    if resume and not latest.exists():
+        raise ConfigError(f"{out}: nothing to resume (no checkpoints/latest.pt); use --resume auto to start "
+                          "fresh when there is none")
+    if not resume and latest.exists():
         raise ConfigError(f"{out}: holds a run already; pass --resume to continue it or choose another --out")
     info = setup(device)
     try:

@@ -91,7 +91,17 @@ def params_identical_across_ranks(module: torch.nn.Module, info: DistInfo) -> bo
 
 def launch(nproc: int, argv: list[str]) -> int:
     """Re-run ``medvol <argv>`` under torchrun with ``nproc`` processes on this node."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
-    torchrun_main(["--standalone", f"--nproc-per-node={nproc}", "-m", "medvol", *argv])
+    from medvol.errors import PREEMPTED_EXIT
+
+    try:
+        torchrun_main(["--standalone", f"--nproc-per-node={nproc}", "-m", "medvol", *argv])
+    except ChildFailedError as e:  # a worker's own status: pre-empted (75), a medvol error (2), ...
+        codes = {f.exitcode for f in e.failures.values()}
+        return PREEMPTED_EXIT if PREEMPTED_EXIT in codes else max(codes)
+    except SignalException:  # torchrun itself was signalled: it passed the signal on to the workers,
+        return PREEMPTED_EXIT  # which finished their step and wrote latest.pt
     return 0

@@ -25,13 +25,14 @@ from medvol.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_r
 from medvol.config import Recipe, save_recipe
 from medvol.data import PatchDataset, Streams, build_augmentation, make_loader, training_cases
 from medvol.data.dataset import StepDataset
-from medvol.errors import ConfigError
+from medvol.errors import ConfigError, Preempted
 from medvol.evaluation.metrics import dice
 from medvol.inference.postprocess import argmax_labels
 from medvol.inference.sliding_window import SoftmaxClasses, sliding_window_probabilities
 from medvol.plans import Plans
 from medvol.training.distributed import DistInfo, barrier, params_identical_across_ranks
 from medvol.training.logger import RunLogger
+from medvol.training.preemption import PreemptionFlag
 from medvol.training.schedules import make_optimizer, make_scheduler
 from medvol.utils import cuda_amp_dtype, write_json
 
@@ -278,7 +279,8 @@ def fit(trainer: Trainer, resume: bool = False, stop_at: int | None = None, quie
     stop = min(total, stop_at) if stop_at else total
     loop = _Loop(trainer, RunLogger(trainer.run_dir, dist.is_main, start), best)
     t0 = time.perf_counter()
-    loop.run(start, stop, quiet)
+    with PreemptionFlag() as loop.preempt:
+        loop.run(start, stop, quiet)
     if dist.is_main and stop < total:  # "interrupted": leave a resumable checkpoint
         save_checkpoint(trainer.run_dir / "checkpoints" / "latest.pt", trainer.state(stop, loop.best))
     write_summary(trainer, loop, stop, time.perf_counter() - t0)
@@ -316,6 +318,7 @@ class _Loop:
         self.trainer, self.logger, self.best = trainer, logger, best
         self.sign = 1.0 if trainer.higher_is_better else -1.0  # ``best`` is kept as sign * metric
         self.metrics: dict = {}
+        self.preempt = PreemptionFlag()
 
     def run(self, start: int, stop: int, quiet: bool) -> None:
         from tqdm import tqdm
@@ -332,12 +335,25 @@ class _Loop:
             losses = self.step(step, batch, stop)
             bar.update()
             bar.set_postfix(loss=f"{losses['loss']:.4f}")
-            done = step + 1
-            if done % r.trainer.val_every == 0 or done == r.trainer.steps:
-                if t.dist.is_main:
-                    self.validate_and_checkpoint(step)
-                barrier(t.dist)
+            self.after_step(step + 1)
         bar.close()
+
+    def after_step(self, done: int) -> None:
+        """Validation + checkpoint every ``val_every`` steps, ``latest.pt`` alone every
+        ``checkpoint_every`` steps, and a clean stop when the job is being pre-empted."""
+        t, cfg = self.trainer, self.trainer.recipe.trainer
+        latest = t.run_dir / "checkpoints" / "latest.pt"
+        if done % cfg.val_every == 0 or done == cfg.steps:
+            if t.dist.is_main:
+                self.validate_and_checkpoint(done - 1)
+            barrier(t.dist)
+        elif cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and t.dist.is_main:
+            save_checkpoint(latest, t.state(done, self.best))
+        if self.preempt.requested(t.device, t.dist.distributed):
+            if t.dist.is_main:
+                save_checkpoint(latest, t.state(done, self.best))
+            barrier(t.dist)
+            raise Preempted(done, latest)
 
     def step(self, step: int, batch: dict, stop: int) -> dict[str, float]:
         """One optimisation step, and its log line every ``trainer.log_every`` steps."""

@@ -1,0 +1,43 @@
+"""Pre-emption: SLURM (and most schedulers) announce the end of a job with SIGTERM, or a
+chosen signal such as SIGUSR1 (``sbatch --signal=USR1@120``). While training, those signals
+only set a flag; the loop finishes its step, writes ``latest.pt`` and stops with
+:class:`medvol.errors.Preempted` (exit status 75). Under DDP the ranks agree on the flag after
+every step (an all-reduce of one number), so all stop at the same step."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import torch
+import torch.distributed as tdist
+
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class PreemptionFlag:
+    """Context manager: catches :data:`SIGNALS` inside the block (main thread only)."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._old: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+    def __enter__(self) -> PreemptionFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+    def requested(self, device: torch.device, distributed: bool) -> bool:
+        """Whether any process was signalled (all processes get the same answer)."""
+        if not distributed:
+            return self.raised
+        flag = torch.tensor([float(self.raised)], device=device)
+        tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+        return bool(flag.item())

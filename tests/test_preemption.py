@@ -1,0 +1,112 @@
+"""Pre-emption as SLURM does it: SIGTERM mid-run -> the step finishes, latest.pt is written,
+exit status 75; `--resume auto` then ends exactly like an uninterrupted run."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from medvol.checkpoint import load_checkpoint
+from medvol.errors import PREEMPTED_EXIT
+
+SETS = ["model.base_features=4", "model.max_features=8", "data.patch_size=[16, 16, 16]", "data.batch_size=2",
+        "data.num_workers=0", "trainer.steps=40", "trainer.val_every=40", "trainer.log_every=1",
+        "data.val_cases=[s1]"]
+
+
+def _argv(pre, out, *extra):
+    return [sys.executable, "-m", "medvol", "train", "quickstart", "--data", str(pre), "--out", str(out),
+            "--device", "cpu", "--quiet", *sum((["--set", s] for s in SETS), []), *extra]
+
+
+def _losses(run) -> dict[int, float]:
+    with open(run / "metrics.csv") as f:
+        return {int(r["step"]): float(r["value"]) for r in csv.DictReader(f) if r["name"] == "train/loss"}
+
+
+def _logged_steps(run) -> int:
+    try:
+        return len(_losses(run))
+    except (FileNotFoundError, KeyError):
+        return 0
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_mid_run_stops_cleanly_and_resume_auto_matches_the_full_run(tiny_run, tmp_path, sig):
+    pre = tiny_run.parent / "pre"
+    full = tmp_path / "full"
+    assert subprocess.run(_argv(pre, full, "--resume", "auto"), env=ENV, timeout=600).returncode == 0  # fresh
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(_argv(pre, cut), env=ENV, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while _logged_steps(cut) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == PREEMPTED_EXIT, err
+    assert "pre-empted after step" in err and "--resume auto" in err
+    stopped = load_checkpoint(cut / "checkpoints" / "latest.pt")["step"]
+    assert 3 <= stopped < 40 and max(_losses(cut)) == stopped - 1  # the step in flight was finished
+    assert subprocess.run(_argv(pre, cut, "--resume", "auto"), env=ENV, timeout=600).returncode == 0
+    a, b = _losses(full), _losses(cut)
+    assert sorted(b) == list(range(40)) and all(a[s] == b[s] for s in range(40))
+    wa = load_checkpoint(full / "checkpoints" / "latest.pt")["models"]["model"]
+    wb = load_checkpoint(cut / "checkpoints" / "latest.pt")["models"]["model"]
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0)
+
+
+def test_checkpoint_every_writes_latest_between_validations(tiny_run, tmp_path, monkeypatch):
+    from medvol.config import load_recipe
+    from medvol.training import engine, train
+
+    pre = tiny_run.parent / "pre"
+    saved = []
+    real = engine.save_checkpoint
+    monkeypatch.setattr(engine, "save_checkpoint", lambda path, state: saved.append((path.name, state["step"]))
+                        or real(path, state))
+    r = load_recipe("quickstart", SETS + ["trainer.steps=5", "trainer.val_every=5", "trainer.checkpoint_every=2"])
+    train(r, pre, tmp_path / "run", device="cpu", quiet=True)
+    assert [s for name, s in saved if name == "latest.pt"] == [2, 4, 5]  # every 2 steps, then at validation
+    with pytest.raises(Exception, match="nothing to resume"):
+        train(r, pre, tmp_path / "fresh", device="cpu", quiet=True, resume=True)
+    with pytest.raises(Exception, match="checkpoint_every"):
+        load_recipe("quickstart", ["trainer.checkpoint_every=0"])
+
+
+@pytest.mark.ddp
+def test_under_ddp_every_rank_stops_at_the_same_step(tiny_run, tmp_path):
+    """Two processes started as srun starts them; only rank 1 gets SIGTERM, yet both stop
+    after the same step (the flag is all-reduced after every step) and exit 75."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pre, out = tiny_run.parent / "pre", tmp_path / "ddp"
+    procs = []
+    for rank in range(2):
+        env = {k: v for k, v in ENV.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+        env.update(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank), SLURM_NTASKS_PER_NODE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen(_argv(pre, out, "--set", "data.batch_size=1"), env=env,
+                                      stderr=subprocess.PIPE, text=True))
+    deadline = time.time() + 300
+    while _logged_steps(out) < 3 and procs[0].poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [PREEMPTED_EXIT, PREEMPTED_EXIT], errs
+    steps = {int(e.split("pre-empted after step ")[1].split(":")[0]) for e in errs}
+    assert len(steps) == 1 and load_checkpoint(out / "checkpoints" / "latest.pt")["step"] == steps.pop()
