@@ -137,8 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(p)
 
     p = sub.add_parser("predict", help="predict whole scans with a trained run, in the scans' own geometry")
-    p.add_argument("-m", "--model", type=Path, required=True,
-                   help="run folder written by `medvol train`, or a model file from `medvol export` (.zip)")
+    p.add_argument("-m", "--model", type=Path, required=True, action="append",
+                   help="run folder written by `medvol train`, a model file from `medvol export` (.zip), or a "
+                        "folder of fold_* runs; repeat -m to ensemble (probabilities averaged)")
     p.add_argument("-i", "--input", type=Path, required=True,
                    help="a scan file (NIfTI, .mhd, .nrrd), a folder of them (e.g. imagesTs) and of DICOM series "
                         "folders, or one DICOM series folder")
@@ -265,30 +266,23 @@ def _cmd_train(a) -> int:
 def _cmd_predict(a) -> int:
     from medvol.inference import predict
 
-    written = predict(a.model, a.input, a.out, a.device, a.tta, a.overlap, a.sw_batch_size, a.save_probabilities,
+    models = a.model if len(a.model) > 1 else a.model[0]
+    written = predict(models, a.input, a.out, a.device, a.tta, a.overlap, a.sw_batch_size, a.save_probabilities,
                       a.checkpoint, a.quiet, largest_component_only=a.largest_component, task=a.task,
                       step=a.step)
     if not a.no_pictures:
         from medvol.evaluation.report import write_report
+        from medvol.inference.predictor import model_plans
         from medvol.io.discovery import input_cases
-        from medvol.plans import Plans
-        from medvol.utils import read_json
 
-        if a.model.suffix == ".zip":
-            import json
-
-            from medvol.export import read_model_zip
-
-            plans = Plans.from_dict(json.loads(read_model_zip(a.model)["plans.json"]))
-        else:
-            plans = Plans.from_dict(read_json(a.model / "plans.json"))
+        plans = model_plans(models)
         groups = dict(input_cases(a.input, plans.num_channels))
         names = plans.label_names
         def source(stem):  # "<case>" or "<case>_<task>" -> the case's image
             return next(groups[c][0] for c in sorted(groups, key=len, reverse=True) if stem.startswith(c))
 
         index = write_report(a.out, {p.name[:-7]: (source(p.name[:-7]), p, None) for p in written}, names=names,
-                             title=f"medvol predictions ({a.model.name})")
+                             title=f"medvol predictions ({', '.join(m.name for m in a.model)})")
         print(f"pictures: {index}")
     print(f"{len(written)} prediction(s) -> {a.out}")
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tempfile
 import zipfile
 from contextlib import contextmanager
@@ -98,4 +99,5 @@ def unpacked_model(path: str | Path) -> Iterator[Path]:
         (run / "recipe.yaml").write_bytes(data["recipe.yaml"])
         (run / "plans.json").write_bytes(data["plans.json"])
         (run / "checkpoints" / "best.pt").write_bytes(data["checkpoint.pt"])
+        os.link(run / "checkpoints" / "best.pt", run / "checkpoints" / "latest.pt")  # the zip holds one
         yield run

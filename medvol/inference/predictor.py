@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +28,8 @@ from medvol.io import Volume, read_volume, write_volume
 from medvol.io.dicom import list_dicom_files
 from medvol.io.discovery import input_cases
 from medvol.manifest import check_files, claim_files
-from medvol.utils import atomic_path
+from medvol.plans import Plans
+from medvol.utils import atomic_path, read_json
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +64,7 @@ def _settings(recipe_settings: InferenceConfig, **given) -> InferenceConfig:
     return out
 
 
-def predict(run_dir: str | Path, inputs: str | Path, out_dir: str | Path, device: str = "auto",
+def predict(run_dir: str | Path | Sequence[str | Path], inputs: str | Path, out_dir: str | Path, device: str = "auto",
             tta: bool | None = None, overlap: float | None = None, sw_batch_size: int = 2,
             save_probabilities: bool = False, checkpoint: str = "best", quiet: bool = False, postprocess=None,
             largest_component_only: bool | None = None, task: str | int | None = None,
@@ -70,13 +73,37 @@ def predict(run_dir: str | Path, inputs: str | Path, out_dir: str | Path, device
 
     ``tta``, ``overlap``, ``step`` (window step in voxels per axis, replacing ``overlap``) and
     ``largest_component_only`` default to the recipe's ``inference`` section. ``run_dir`` may
-    also be a model file written by ``medvol export`` (``.zip``)."""
-    if Path(run_dir).suffix == ".zip":
-        from medvol.export import unpacked_model
+    also be a model file written by ``medvol export`` (``.zip``), several of them (an ensemble:
+    their probabilities are averaged before post-processing; the first one's inference
+    settings apply) or a folder holding ``fold_*`` runs."""
+    with _unpacked_models(run_dir) as run_dirs:
+        return _predict(run_dirs, inputs, out_dir, device, tta, overlap, sw_batch_size, save_probabilities,
+                        checkpoint, quiet, postprocess, largest_component_only, task, step)
 
-        with unpacked_model(run_dir) as unpacked:
-            return predict(unpacked, inputs, out_dir, device, tta, overlap, sw_batch_size, save_probabilities,
-                           "best", quiet, postprocess, largest_component_only, task, step)
+
+@contextmanager
+def _unpacked_models(run_dir) -> Iterator[list[Path]]:
+    """Run folders for ``predict``: the ones given, the ``fold_*`` runs of a folder of folds,
+    model zips unpacked for the duration."""
+    from medvol.export import unpacked_model
+
+    given = [Path(run_dir)] if isinstance(run_dir, (str, Path)) else [Path(r) for r in run_dir]
+    expanded = []
+    for r in given:
+        folds = sorted(r.glob("fold_*")) if r.is_dir() and not (r / "recipe.yaml").exists() else []
+        expanded += folds or [r]
+    with ExitStack() as stack:
+        yield [stack.enter_context(unpacked_model(r)) if r.suffix == ".zip" else r for r in expanded]
+
+
+def model_plans(run_dir) -> Plans:
+    """The plan of the model(s) ``predict`` would run (the first one's)."""
+    with _unpacked_models(run_dir) as run_dirs:
+        return Plans.from_dict(read_json(run_dirs[0] / "plans.json"))
+
+
+def _predict(run_dirs: list[Path], inputs, out_dir, device, tta, overlap, sw_batch_size, save_probabilities,
+             checkpoint, quiet, postprocess, largest_component_only, task, step) -> list[Path]:
     from tqdm import tqdm
 
     from medvol import validation
@@ -85,7 +112,8 @@ def predict(run_dir: str | Path, inputs: str | Path, out_dir: str | Path, device
     if overlap is not None:
         validation.fraction(overlap, "--overlap")
     dev = resolve_device(device)
-    run = load_run(run_dir, dev, checkpoint)
+    runs = [load_run(r, dev, checkpoint) for r in run_dirs]
+    run = _same_plans(runs)
     settings = _settings(run.recipe.inference, tta=tta, overlap=overlap, step=step,
                          largest_component=largest_component_only)
     if settings.largest_component and postprocess is None:
@@ -98,12 +126,39 @@ def predict(run_dir: str | Path, inputs: str | Path, out_dir: str | Path, device
                    [f"{n}{ext}" for n in names for ext in (".nii.gz", ".npz")[:2 if save_probabilities else 1]])
     written = []
     for case, sources in tqdm(cases, desc="predict", unit="case", disable=quiet or not sys.stderr.isatty()):
-        written += _predict_case(run, case, sources, out_dir, dev, settings, tasks, sw_batch_size,
+        written += _predict_case(runs, case, sources, out_dir, dev, settings, tasks, sw_batch_size,
                                  postprocess, save_probabilities)
     return written
 
 
-def _predict_case(run: RunModel, case: str, sources: list[Path], out_dir: Path, device: torch.device,
+ENSEMBLE_PLAN_KEYS = ("target_spacing", "labels", "normalization", "orientation", "configurations")
+
+
+def _same_plans(runs: list[RunModel]) -> RunModel:
+    """The first run, after checking that every run was planned alike (an ensemble averages
+    probabilities on one grid, of the same classes and channels)."""
+    first = runs[0].plans.raw
+    for r in runs[1:]:
+        for key in ENSEMBLE_PLAN_KEYS:
+            if r.plans.raw.get(key) != first.get(key):
+                raise ConfigError(f"{r.run_dir}: its plan's {key} ({r.plans.raw.get(key)}) differs from "
+                                  f"{runs[0].run_dir}'s ({first.get(key)}): these models cannot be ensembled")
+    return runs[0]
+
+
+def _ensemble_probabilities(runs: list[RunModel], image: torch.Tensor, device: torch.device,
+                            settings: InferenceConfig, sw_batch_size: int, task: int | None) -> torch.Tensor:
+    """The mean of the runs' probabilities: one model's at a time plus the running sum."""
+    total = case_probabilities(runs[0], image, device, settings, sw_batch_size, task)
+    if len(runs) == 1:
+        return total
+    total = total.float()
+    for r in runs[1:]:
+        total += case_probabilities(r, image, device, settings, sw_batch_size, task).float()
+    return (total / len(runs)).half()
+
+
+def _predict_case(runs: list[RunModel], case: str, sources: list[Path], out_dir: Path, device: torch.device,
                   settings: InferenceConfig, tasks, sw_batch_size: int, postprocess, save_probabilities: bool
                   ) -> list[Path]:
     """One case (every task of a task-conditioned model): label maps (and probabilities) written."""
@@ -111,13 +166,13 @@ def _predict_case(run: RunModel, case: str, sources: list[Path], out_dir: Path, 
     from medvol.preprocessing import preprocess_case
 
     vols = [read_volume(s) for s in sources]
-    array, props = preprocess_case(vols, run.plans.raw, inplace=True)  # the scans are ours: no extra copy
+    array, props = preprocess_case(vols, runs[0].plans.raw, inplace=True)  # the scans are ours: no extra copy
     image = torch.from_numpy(array).half()
     del array  # the float32 array is dropped here
     ref = vols[0]
     written = []
     for tid, tname in tasks:
-        probs = case_probabilities(run, image, device, settings, sw_batch_size, tid)
+        probs = _ensemble_probabilities(runs, image, device, settings, sw_batch_size, tid)
         if tid is None:
             restored = restore_geometry(probs, props, dtype=np.float16)
             seg = argmax_labels(restored)
