@@ -95,8 +95,15 @@ def test_rerun_skips_finished_and_redoes_broken_cases(brain_raw, brain_pre, tmp_
 @pytest.mark.slow
 def test_kill_mid_run_then_resume_gives_a_complete_cache(brain_raw, brain_pre, tmp_path):
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "medvol", "preprocess", str(brain_raw), "-o", str(out), "-j", "1", "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    args = ["preprocess", str(brain_raw), "-o", str(out), "-j", "1", "--quiet"]
+    # The child pauses 2 s after each finished case, so the kill lands mid-run however fast
+    # the machine preprocesses (the cases themselves take well under a second).
+    slow = ("import sys, time\nfrom medvol.preprocessing import preprocessor as p\norig = p._preprocess_job\n"
+            "def job(*a, **k):\n    r = orig(*a, **k)\n    time.sleep(2)\n    return r\n"
+            "p._preprocess_job = job\nfrom medvol.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", slow, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    cmd = [sys.executable, "-m", "medvol", *args]
     deadline = time.time() + 120
     while time.time() < deadline and len(list((out / "cases").glob("*.json"))) < 1:
         time.sleep(0.05)
