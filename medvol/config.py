@@ -110,6 +110,7 @@ class InferenceConfig:
     step: list | None = None  # window step in voxels per axis (papers' "stride"); replaces overlap
     largest_component: bool = False  # keep each label's largest connected component
     dodnet_postprocess: bool = False  # DoDNet's rules (task-conditioned models only)
+    blend: str = "gaussian"  # window weighting: gaussian (nnU-Net) | constant (uniform averaging)
 
 
 @dataclass
@@ -298,6 +299,8 @@ def check_recipe(recipe: Recipe, source: str = "<recipe>") -> Recipe:
     if not 0 <= t.val_overlap < 1:
         bad("trainer.val_overlap", "in [0, 1)", t.val_overlap)
     inf = recipe.inference
+    if inf.blend not in ("gaussian", "constant"):
+        bad("inference.blend", "'gaussian' or 'constant'", inf.blend)
     if not 0 <= inf.overlap < 1:
         bad("inference.overlap", "in [0, 1)", inf.overlap)
     if inf.step is not None and not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in inf.step):

@@ -303,3 +303,21 @@ def test_canet_under_two_gloo_processes(wm_data, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["params_identical_across_ranks"] is True
+
+
+def test_canet_la_predicts_with_the_papers_stride_and_uniform_averaging(monkeypatch):
+    """canet_la.yaml: windows 18/18/4 voxels apart, overlapping windows averaged uniformly."""
+    import medvol.inference.predictor as predictor
+    from medvol.checkpoint import RunModel
+
+    r = load_recipe("canet_la")
+    assert r.inference.step == [18, 18, 4] and r.inference.blend == "constant"
+    seen = {}
+    monkeypatch.setattr(predictor, "sliding_window_probabilities", lambda *a, **k: seen.update(k))
+    plans = {"labels": {"bg": 0, "la": 1}, "normalization": [{}], "patch_size": [112, 112, 80], "batch_size": 4,
+             "target_spacing": [0.625] * 3}
+    run = RunModel(torch.nn.Identity(), r, predictor.Plans.from_dict(plans), None)
+    predictor.case_probabilities(run, torch.zeros(1, 8, 8, 8), torch.device("cpu"), r.inference)
+    assert seen["step"] == [18, 18, 4] and seen["blend"] == "constant"
+    with pytest.raises(Exception, match="inference.blend"):
+        load_recipe("canet_la", ["inference.blend=mean"])
