@@ -123,10 +123,16 @@ def test_dodnet_demo_learns_every_task(dodnet_run):
     with open(dodnet_run / "metrics.csv") as f:
         for row in csv.DictReader(f):
             s.setdefault(row["name"], []).append(float(row["value"]))
+    # Measured with threads pinned to 2 on seeds 0/1/2: loss ratio 0.45/0.47/0.43; organ Dice
+    # 0.79->0.88, 0.81->0.88, 0.82->0.90; tumour Dice 0.71->0.74, 0.74->0.79, 0.72->0.72 (the
+    # tumour task is near its level by the first validation, so only its level is asserted).
     loss = s["train/loss"]
-    assert np.mean(loss[-10:]) < 0.8 * np.mean(loss[:5])
-    for key in ("val/dice_brain_organ", "val/dice_white_matter_tumour"):  # one annotated channel per task
-        assert len(s[key]) == 2 and s[key][-1] > s[key][0], (key, s[key])
+    assert np.mean(loss[-10:]) < 0.7 * np.mean(loss[:5])
+    organ, tumour = s["val/dice_brain_organ"], s["val/dice_white_matter_tumour"]  # one annotated channel per task
+    assert len(organ) == len(tumour) == 2
+    assert organ[-1] > organ[0] + 0.02 and organ[-1] > 0.8, organ
+    assert tumour[-1] > 0.6, tumour
+    assert np.mean([organ[-1], tumour[-1]]) > np.mean([organ[0], tumour[0]]), (organ, tumour)
     assert "val/dice_brain_tumour" not in s  # the unannotated channel is never scored
 
 

@@ -245,6 +245,8 @@ def test_short_pretraining_lowers_contrastive_and_reconstruction_losses(pcrl_run
     s = metric_series(pcrl_run)
     contrast, recon = s["train/contrast"], s["train/recon"]
     assert len(contrast) >= 8
+    # Measured with threads pinned to 2 on seeds 0/1/2: first contrastive value 2.73/2.81/2.78,
+    # its drop 0.76/1.21/0.93, reconstruction ratio 0.62/0.52/0.44: the bars keep a margin.
     # the warmed-up queue makes the first value the untrained one: about log(K + 1)
     assert contrast[0] == pytest.approx(math.log(17), abs=0.3)
     assert np.mean(contrast[-3:]) < contrast[0] - 0.3
