@@ -55,3 +55,46 @@ def test_dodnet_postprocessing():
     colon = np.zeros_like(seg)
     colon[25:29, 2:6, 2:6] = 2  # tumour-only task: no organ to be inside of
     assert (dodnet_postprocess(colon, "colon") == colon).all()
+
+
+def test_a_task_never_writes_a_channel_it_does_not_annotate():
+    p = np.zeros((2, 4, 4, 4), np.float16)
+    p[0, :2] = 0.9  # organ-channel "noise" (colon's dataset has no organ)
+    p[1, 2:] = 0.8
+    colon = task_labels(p, annotated=(False, True))
+    assert set(np.unique(colon).tolist()) == {0, 2} and (colon[:2] == 0).all()
+    spleen = task_labels(p, annotated=(True, False))
+    assert set(np.unique(spleen).tolist()) == {0, 1}
+
+
+def test_colon_tumour_survives_organ_channel_noise_and_both_vessel_branches_stay():
+    probs = np.zeros((2, 40, 40, 40), np.float16)
+    probs[0, 2:20, 2:20, 2:20] = 0.9  # a big organ-channel blob the colon task does not annotate
+    probs[1, 30:36, 30:36, 30:36] = 0.9  # a colon tumour far from it (216 voxels)
+    seg = task_labels(probs, annotated=(False, True))
+    out = dodnet_postprocess(seg, "colon", organ_annotated=False)
+    assert (out[30:36, 30:36, 30:36] == 2).all() and not (out == 1).any()
+    vessel = np.zeros((40, 40, 40), np.uint8)
+    vessel[5:35, 10, 10] = 1  # one branch (30 voxels)
+    vessel[5:35, 30, 30] = 1  # another, not connected to the first
+    vessel[20:24, 8:12, 8:12] = 2  # a tumour beside the first branch (64 voxels)
+    out = dodnet_postprocess(vessel, "hepatic_vessel")
+    np.testing.assert_array_equal(out == 1, vessel == 1)  # both branches kept, voxel for voxel
+    assert (out[20:24, 8:12, 8:12] == 2).all()
+    liver = dodnet_postprocess(vessel, "liver")  # a solid organ keeps its largest component only
+    assert (liver[5:35, 30, 30] == 0).all()
+
+
+def test_task_tta_averages_sigmoid_probabilities():
+    import torch
+
+    from medvol.inference.sliding_window import TaskSigmoid, WindowPredictor
+
+    class Net(torch.nn.Module):
+        def forward(self, x, task):
+            return 8 * x.repeat(1, 2, 1, 1, 1)  # large logits: averaging them differs from averaging sigmoids
+
+    x = torch.linspace(-1, 1, 8).reshape(1, 1, 8, 1, 1).repeat(1, 1, 1, 2, 2)
+    out = WindowPredictor(Net(), TaskSigmoid(0), mirror_axes=(0,))(x).float()
+    expect = (torch.sigmoid(8 * x) + torch.sigmoid(8 * torch.flip(x, [2])).flip([2])) / 2
+    torch.testing.assert_close(out[:, :1], expect, atol=2e-3, rtol=0)

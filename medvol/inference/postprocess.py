@@ -23,11 +23,17 @@ def argmax_labels(probs: np.ndarray, slab: int = 8) -> np.ndarray:
     return out
 
 
-def task_labels(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+def task_labels(probs: np.ndarray, threshold: float = 0.5, annotated: tuple[bool, bool] = (True, True)
+                ) -> np.ndarray:
     """A task's organ/tumour sigmoid probabilities ``(2, X, Y, Z)`` -> 0 background, 1 organ,
-    2 tumour (tumour wins where both pass the threshold)."""
-    seg = (probs[0] > threshold).astype(np.uint8)
-    seg[probs[1] > threshold] = 2
+    2 tumour (tumour wins where both pass the threshold). A channel the task's dataset does not
+    annotate (``annotated``: organ, tumour; colon and lung have no organ, spleen no tumour) is
+    never written: the model was never taught it for this task."""
+    seg = np.zeros(probs.shape[1:], np.uint8)
+    if annotated[0]:
+        seg[probs[0] > threshold] = 1
+    if annotated[1]:
+        seg[probs[1] > threshold] = 2
     return seg
 
 
@@ -50,14 +56,21 @@ def largest_component(seg: np.ndarray) -> np.ndarray:
     return out
 
 
-def dodnet_postprocess(seg: np.ndarray, task_name: str, min_tumour_voxels: int = 50) -> np.ndarray:
-    """DoDNet's post-processing of one task's map (0 bg, 1 organ, 2 tumour): the largest organ
-    component (two for kidney); tumour components of <= ``min_tumour_voxels`` voxels, or not
-    touching the organ (when the task annotates one), removed."""
+SOLID_ORGAN_COMPONENTS = {"liver": 1, "kidney": 2, "pancreas": 1, "spleen": 1}
+
+
+def dodnet_postprocess(seg: np.ndarray, task_name: str, min_tumour_voxels: int = 50,
+                       organ_annotated: bool = True) -> np.ndarray:
+    """DoDNet's post-processing of one task's map (0 bg, 1 organ, 2 tumour): for a solid organ
+    its largest component(s) (two for kidney; never for branching structures such as hepatic
+    vessels, whose branches are separate components); tumour components of <=
+    ``min_tumour_voxels`` voxels removed, and, only when the task annotates the organ, those not
+    touching it (a colon tumour is never judged by an organ channel the task does not have)."""
     out = np.zeros_like(seg)
     organ = None
-    if (seg == 1).any():
-        organ = keep_largest_components(seg > 0, 2 if task_name == "kidney" else 1)
+    if organ_annotated and (seg == 1).any():
+        k = SOLID_ORGAN_COMPONENTS.get(task_name)
+        organ = keep_largest_components(seg > 0, k) if k else seg > 0  # the organ with its tumours
         out[organ] = 1
     comp, n = ndimage.label(seg == 2, structure=_FULL_CONNECTIVITY)
     sizes = np.bincount(comp.ravel())

@@ -178,12 +178,12 @@ def _predict_case(runs: list[RunModel], case: str, sources: list[Path], out_dir:
             seg = argmax_labels(restored)
         else:
             restored = restore_geometry(probs, props, fill=0.0, dtype=np.float16)
-            seg = task_labels(restored)
+            seg = task_labels(restored, annotated=_annotated(runs[0], tid))
         del probs
         if postprocess is not None:
             seg = postprocess(seg)
         if tid is not None and settings.dodnet_postprocess:
-            seg = dodnet_postprocess(seg, tname)
+            seg = dodnet_postprocess(seg, tname, organ_annotated=_annotated(runs[0], tid)[0])
         name = _output_name(case, tname, tasks)
         claim_files(out_dir, [f"{name}.nii.gz"] + ([f"{name}.npz"] if save_probabilities else []))
         path = write_volume(Volume(seg, ref.affine, {}), out_dir / f"{name}.nii.gz")
@@ -209,6 +209,14 @@ def _claim_outputs(out_dir: Path, sources: list[Path], names: list[str]) -> None
         if (out_dir / n).resolve() in inputs:
             raise InputError(out_dir / n, "the prediction would replace this input scan: choose another output folder")
     check_files(out_dir, names)  # before anything is computed; each file is claimed as it is written
+
+
+def _annotated(run: RunModel, task: int) -> tuple[bool, bool]:
+    """(organ, tumour): which channels the task's dataset annotates (both for unknown tasks)."""
+    from medvol.data.partial_labels import rules_of_folder
+
+    rule = rules_of_folder(run.run_dir).get(task)
+    return (True, True) if rule is None else (rule[1] is not None, rule[2] is not None)
 
 
 def _resolve_tasks(run: RunModel, task) -> list[tuple[int | None, str]]:

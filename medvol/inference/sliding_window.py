@@ -56,10 +56,10 @@ class TaskSigmoid:
     task: int
 
     def window_output(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return model(x, torch.full((x.shape[0],), self.task, device=x.device)).float()
+        return torch.sigmoid(model(x, torch.full((x.shape[0],), self.task, device=x.device)).float())
 
     def window_mean(self, mean: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(mean)  # as DoDNet: mirrored logits averaged, then the sigmoid
+        return mean  # as DoDNet's published inference: the mirrored passes' sigmoid probabilities averaged
 
     def finish(self, blended: torch.Tensor) -> torch.Tensor:
         return blended
