@@ -181,3 +181,26 @@ def test_init_from_loads_matching_tensors_and_reports(brain_pre, tmp_path):
     b = load_checkpoint(tmp_path / "b" / "checkpoints" / "latest.pt")["models"]["model"]
     k = next(k for k in src if k.endswith("weight"))
     torch.testing.assert_close(b[k], src[k])  # frozen for the one step: the loaded weights are still there
+
+
+@pytest.mark.slow
+def test_any_patch_size_gets_its_own_topology(brain_pre, tmp_path, capsys):
+    """A recipe patch other than the plan's: the U-Net topology is recomputed with the plan's
+    rule and recorded in the run's plans.json (predict rebuilds the same network); a size no
+    topology serves is one error naming the nearest valid sizes."""
+    from medvol.checkpoint import load_run
+    from medvol.cli import main
+
+    sets = TINY[:-2] + ["data.batch_size=2", "trainer.steps=1", "trainer.val_every=1", "data.val_cases=[brain_004]"]
+    r = load_recipe("quickstart", sets + ["data.patch_size=[48, 24, 32]"])
+    train(r, brain_pre, tmp_path / "run", device="cpu", quiet=True)
+    plans = json.loads((tmp_path / "run" / "plans.json").read_text())
+    assert plans["patch_size"] == [48, 24, 32]
+    assert plans["network"]["num_pool_per_axis"] == [3, 2, 3]  # 24 pools twice before its edge reaches 6
+    run = load_run(tmp_path / "run", torch.device("cpu"))
+    assert len(run.model.strides) == 4 and list(run.model.strides[-1]) == [2, 1, 2]
+    args = ["train", "quickstart", "--data", str(brain_pre), "--out", str(tmp_path / "bad"), "--device", "cpu",
+            "--quiet", *sum((["--set", s] for s in sets + ["data.patch_size=[36, 36, 36]"]), [])]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nearest valid sizes: [32, 32, 32] or [40, 40, 40]" in err[0]

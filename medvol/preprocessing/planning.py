@@ -265,3 +265,19 @@ def _network_block(cfg: dict, to_axes, gpu_memory_gb: float) -> dict:
         "vram_estimate": cfg["vram_estimate"],
         "gpu_memory_gb": gpu_memory_gb,
     }
+
+
+def topology_for_patch(spacing, patch_size) -> dict:
+    """The U-Net topology nnU-Net's rule gives a patch of another size than the plan's
+    (``patch_size`` and ``spacing`` in X, Y, Z): kernel sizes and strides per stage, pools per
+    axis. A patch the rule cannot serve (an axis not divisible by its pooling factor) is a
+    ConfigError naming the nearest sizes that it can serve."""
+    from medvol.errors import ConfigError
+
+    num_pool, strides, kernels, padded, divisor = pool_and_conv_props(spacing, patch_size)
+    patch = [int(p) for p in patch_size]
+    if padded != patch:
+        below = [max(d, p - p % d) for p, d in zip(patch, divisor)]
+        raise ConfigError(f"data.patch_size {patch}: the U-Net this spacing gives pools {num_pool} times per axis, "
+                          f"so each axis must be a multiple of {divisor}; nearest valid sizes: {below} or {padded}")
+    return {"kernel_sizes": kernels, "strides": strides, "num_pool_per_axis": num_pool, "n_stages": len(strides)}

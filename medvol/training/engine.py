@@ -116,6 +116,8 @@ class Trainer:
         self.num_classes = self.plans.num_classes
         self.in_channels = self.plans.num_channels
         self.patch_size = list(d.patch_size or self.plans.patch_size)
+        if self.patch_size != self.plans.patch_size and self.recipe.model.name == "dynunet":
+            self.plans = plans_for_patch(self.plans, self.patch_size)
         self.batch_size = int(d.batch_size or self.plans.batch_size)  # per process
         self.labelled, self.unlabelled, self.val_cases = training_cases(self.cache_dir, d, self.recipe.trainer.seed)
         if not self.labelled:
@@ -265,6 +267,19 @@ class Trainer:
         set_rng_state(ckpt["rng"])
         self.load_extra_state(ckpt.get("extra", {}))
         return int(ckpt["step"]), float(ckpt["best_metric"])
+
+
+def plans_for_patch(plans: Plans, patch_size: list[int]) -> Plans:
+    """``plans`` with the U-Net topology nnU-Net's rule gives ``patch_size`` (the recipe's
+    patch, when it is not the plan's): the run folder's plans.json records it, so prediction
+    rebuilds the same network."""
+    from medvol.preprocessing.planning import topology_for_patch
+
+    topo = topology_for_patch(plans.target_spacing, patch_size)
+    if topo["strides"] != plans.topology.get("strides") or topo["kernel_sizes"] != plans.topology.get("kernel_sizes"):
+        log.info("patch %s: U-Net topology recomputed for it (strides %s)", patch_size, topo["strides"])
+    raw = {**plans.raw, "patch_size": list(patch_size), "network": {**plans.raw.get("network", {}), **topo}}
+    return Plans.from_dict(raw)
 
 
 def fit(trainer: Trainer, resume: bool = False, stop_at: int | None = None, quiet: bool = False) -> dict:
