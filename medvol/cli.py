@@ -319,9 +319,13 @@ def _cmd_evaluate(a) -> int:
 
 
 def _cmd_demo(a) -> int:
-    from medvol.demo import run_demo
+    """The demo application ships with the dataset builders (``datasets/demo.py``): run it,
+    so that nothing under ``medvol/`` imports them."""
+    import subprocess
 
-    return run_demo(a.out, workers=a.workers, quiet=a.quiet, steps=a.steps, device=a.device)
+    argv = ["--out", str(a.out), "--steps", str(a.steps), "--device", a.device]
+    argv += (["-j", str(a.workers)] if a.workers else []) + (["--quiet"] if a.quiet else [])
+    return subprocess.call([sys.executable, "-m", "medvol.datasets.demo", *argv])
 
 
 COMMANDS = {"preprocess": _cmd_preprocess, "fingerprint": _cmd_fingerprint, "plan": _cmd_plan,

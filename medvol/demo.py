@@ -4,16 +4,17 @@ preprocess -> train the quickstart U-Net briefly (a narrow one, so that it runs 
 a 2-core CPU) -> predict the held-out scans in their own geometry -> evaluate against their
 reference labels -> pictures and an index.html.
 
-An application module, like ``cli.py``: it is the one module under ``medvol/`` that uses the
-dataset builders of ``datasets/`` (the library itself never does).
+The pipeline runs on whatever data ``build_data`` writes: the built-in real data come from
+``datasets/`` (``python -m medvol.datasets.demo``, which ``medvol demo`` launches), so no
+module under ``medvol/`` depends on the dataset builders.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
-from medvol.datasets.brain import build_brain_dataset
 from medvol.io.discovery import input_cases, scan_stem
 from medvol.plans import Plans
 
@@ -21,8 +22,10 @@ DEMO_OVERRIDES = ["model.base_features=8", "model.max_features=64", "data.patch_
                   "data.batch_size=2", "optimizer.lr=0.02", "trainer.log_every=5"]
 
 
-def run_demo(out: str | Path, workers: int = 2, quiet: bool = False, steps: int = 150, device: str = "auto",
-             n_train: int = 8, n_test: int = 2) -> int:
+def run_demo(out: str | Path, build_data: Callable[..., Path], workers: int | None = None, quiet: bool = False,
+             steps: int = 150, device: str = "auto", n_train: int = 8, n_test: int = 2) -> int:
+    """The whole pipeline on the dataset ``build_data(raw_folder, n_train=, n_test=)`` writes
+    (an nnU-Net v2 raw dataset with ``labelsTs``); returns the exit status."""
     from medvol.config import load_recipe
     from medvol.evaluation import evaluate_folders
     from medvol.evaluation.report import write_report
@@ -35,7 +38,7 @@ def run_demo(out: str | Path, workers: int = 2, quiet: bool = False, steps: int 
     t0 = time.perf_counter()
     if not (raw / "dataset.json").exists():
         print(f"[1/5] building demo data from the MNI152 template -> {raw}")
-        build_brain_dataset(raw, n_train=n_train, n_test=n_test)
+        build_data(raw, n_train=n_train, n_test=n_test)
     pre = out / "preprocessed"
     print(f"[2/5] preprocessing -> {pre}")
     report = preprocess_dataset(raw, pre, num_workers=workers, quiet=quiet)

@@ -103,9 +103,9 @@ def test_predict_a_dicom_series_keeps_the_series_geometry(tiny_run, brain_raw, t
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end(tmp_path, capsys):
+def test_demo_runs_end_to_end(tmp_path, capfd):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "6", "--quiet", "--device", "cpu"]) == 0
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out  # the demo runs as its own process (python -m medvol.datasets.demo)
     assert "grey_matter: Dice" in out and "Report:" in out
     metrics = json.loads((tmp_path / "demo" / "predictions" / "metrics.json").read_text())
     assert len(metrics["cases"]) == 2
