@@ -51,7 +51,8 @@ def main() -> None:
     metrics = train(r, pre, pre_run, device=a.device, quiet=True)
     print(f"PCRL pretraining: {a.pretrain_steps} steps in {time.perf_counter() - t0:.0f} s, "
           f"val recon MSE {metrics.get('val/recon_mse', float('nan')):.4f}, "
-          f"retrieval acc {metrics.get('val/retrieval_acc', float('nan')):.3f}")
+          f"retrieval acc {metrics.get('val/retrieval_acc', float('nan')):.3f} (chance 1/{r.method['val_samples']}), "
+          f"embedding std {metrics.get('val/embedding_std', float('nan')):.3f}")
 
     curves: dict[str, list] = {}
     for seed in a.seeds:

@@ -9,12 +9,16 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from medvol.config import load_recipe
 from medvol.data.pretext import (
+    PUBLISHED_CROPS,
     PretextConfig,
     PretextDataset,
     apply_indicated,
+    box_iou,
+    crop_pair,
     indicated_transform,
     local_pixel_shuffle,
     out_painting,
@@ -25,7 +29,13 @@ from medvol.losses.contrastive import KeyQueue, info_nce
 from medvol.networks.pcrl import KeyEncoder, PCRLNet, PCRLSegNet, mix_features
 from medvol.training import train
 from medvol.training.distributed import DistInfo
-from medvol.training.pcrl import PCRLTrainer, cross_rank_shuffled_forward, shuffled_forward
+from medvol.training.pcrl import (
+    PCRLTrainer,
+    cross_rank_shuffled_forward,
+    draw_mix,
+    pcrl_loss_terms,
+    shuffled_forward,
+)
 
 from conftest import metric_series, pinned
 
@@ -77,9 +87,8 @@ def test_pcrl_unet_shapes_and_paper_widths():
     x = torch.rand(2, 1, 16, 16, 8)
     feats = small.encoder(x)
     assert [f.shape[2:] for f in feats] == [(16, 16, 8), (8, 8, 4), (4, 4, 2), (2, 2, 1)]
-    z = small.projector(feats[-1])
-    torch.testing.assert_close(z.norm(dim=1), torch.ones(2))
-    rec = small.reconstruct(feats, torch.zeros(2, 7))
+    assert small.projector(feats[-1]).shape == (2, 8)
+    rec = small.decode(small.gate(feats, torch.zeros(2, 7)))
     assert rec.shape == x.shape and rec.min() >= 0 and rec.max() <= 1
     assert PCRLSegNet(1, 3, base=2)(torch.rand(1, 1, 24, 16, 8)).shape == (1, 3, 24, 16, 8)
 
@@ -93,31 +102,99 @@ def test_the_indicator_acts_only_as_a_channel_gate_on_the_bottleneck():
         feats = [torch.rand_like(f) for f in net.encoder(x)]  # positive everywhere, as after a ReLU
         gate = net.attention(ind_a)
         assert gate.shape == (2, feats[-1].shape[1]) and ((gate > 0) & (gate < 1)).all()
-        by_hand = torch.sigmoid(net.decoder(feats[:-1] + [feats[-1] * gate[:, :, None, None, None]]))
-        torch.testing.assert_close(net.reconstruct(feats, ind_a), by_hand)
-        assert not torch.allclose(net.reconstruct(feats, ind_a), net.reconstruct(feats, ind_b))
+        gated = net.gate(feats, ind_a)
+        for f, g in zip(feats[:-1], gated[:-1]):
+            assert g is f  # skips untouched
+        torch.testing.assert_close(gated[-1], feats[-1] * gate[:, :, None, None, None])
+        assert not torch.allclose(net.decode(gated), net.decode(net.gate(feats, ind_b)))
         # a gate of ones (whatever the indicator) leaves the plain U-Net
         net.attention.fc2.weight.zero_()
         net.attention.fc2.bias.fill_(30.0)
-        plain = torch.sigmoid(net.decoder(feats))
-        torch.testing.assert_close(net.reconstruct(feats, ind_a), plain)
-        torch.testing.assert_close(net.reconstruct(feats, ind_b), plain)
+        plain = net.decode(feats)
+        torch.testing.assert_close(net.decode(net.gate(feats, ind_a)), plain)
+        torch.testing.assert_close(net.decode(net.gate(feats, ind_b)), plain)
 
 
-def test_mixup_with_alpha_one_is_the_student_path():
-    net = _tiny_net()
-    x1, x2 = torch.rand(2, 1, 16, 16, 8), torch.rand(2, 1, 16, 16, 8)
-    ind = torch.zeros(2, 7)
-    ind[:, 3] = 1
+def test_the_two_student_passes_as_published():
+    """Gated pass: each side gated by its own indicator, the hybrid mixes the gated
+    bottlenecks and the plain skips; mixup pass: no gate anywhere (published
+    ``PCRLModel3d.forward``)."""
+    net = _tiny_net().train()
+    x1, xm = torch.rand(2, 1, 16, 16, 8), torch.rand(2, 1, 16, 16, 8)
+    a1 = torch.tensor([[1, 0, 0, 1, 0, 0, 0], [0, 1, 1, 0, 0, 1, 0]], dtype=torch.float32)
+    a2 = torch.tensor([[0, 0, 1, 0, 1, 0, 0], [1, 1, 0, 0, 0, 0, 1]], dtype=torch.float32)
     with torch.no_grad():
-        key_feats = net.encoder(x2)
-        out = net(x1, key_feats, ind, ind, ind, torch.ones(2))
-        torch.testing.assert_close(out["z_h"], out["q"])
-        torch.testing.assert_close(out["rec_h"], out["rec_o"])
-        feats = net.encoder(x1)
-        mixed = mix_features(feats, key_feats, torch.tensor([0.7, 0.6]))
-        torch.testing.assert_close(mixed[2][1], 0.6 * feats[2][1] + 0.4 * key_feats[2][1])
-        assert not torch.allclose(net(x1, key_feats, ind, ind, ind, torch.full((2,), 0.6))["rec_h"], out["rec_o"])
+        key_feats = [torch.rand_like(f) for f in net.encoder(x1)]
+        key_mix = [torch.rand_like(f) for f in key_feats]
+        out = net(x1, key_feats, a1, a2, 0.7, xm, key_mix, 0.6)
+        f1 = net.encoder(x1)
+        s_b = f1[-1] * net.attention(a1)[:, :, None, None, None]
+        m_b = key_feats[-1] * net.attention(a2)[:, :, None, None, None]
+        hybrid = [0.7 * s + 0.3 * m for s, m in zip(f1[:-1], key_feats[:-1])] + [0.7 * s_b + 0.3 * m_b]
+        torch.testing.assert_close(out["q"], net.projector(f1[-1]))  # projection of the ungated bottleneck
+        torch.testing.assert_close(out["out"], torch.sigmoid(net.decoder(f1[:-1] + [s_b])))
+        torch.testing.assert_close(out["out_alpha"], torch.sigmoid(net.decoder(hybrid)))
+        fm = net.encoder(xm)
+        torch.testing.assert_close(out["q_mix"], net.projector(fm[-1]))
+        torch.testing.assert_close(out["out_mix"], torch.sigmoid(net.decoder(fm)))
+        torch.testing.assert_close(out["out_alpha_mix"], torch.sigmoid(net.decoder(mix_features(fm, key_mix, 0.6))))
+        # alpha 1: the hybrid is the student's own path
+        _, out_alpha, plain = net.branch(x1, key_feats, 1.0, a1, a2)
+        torch.testing.assert_close(out_alpha, plain)
+        mixed = mix_features(f1, key_feats, torch.tensor([0.7, 0.6]))
+        torch.testing.assert_close(mixed[2][1], 0.6 * f1[2][1] + 0.4 * key_feats[2][1])
+        with pytest.raises(ValueError, match="in pairs"):
+            net.branch(x1, key_feats, 0.5, a1)
+
+
+def _nce_by_hand(q, k, negatives, t):
+    q, k, negatives = (F.normalize(v, dim=1) for v in (q, k, negatives))
+    total = 0.0
+    for i in range(q.shape[0]):
+        pos = math.exp(float(q[i] @ k[i]) / t)
+        neg = sum(math.exp(float(q[i] @ n) / t) for n in negatives)
+        total += -math.log(pos / (pos + neg))
+    return total / q.shape[0]
+
+
+def test_each_loss_term_equals_a_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    b, shape = 3, (3, 1, 4, 4, 2)
+    batch = {k: torch.rand(shape, generator=g) for k in ("t1", "t2", "g1", "g2")}
+    out = {k: torch.rand(shape, generator=g) for k in ("out", "out_alpha", "out_mix", "out_alpha_mix")}
+    out["q"], out["q_mix"] = torch.randn(b, 4, generator=g), torch.randn(b, 4, generator=g)
+    k, k_tilde = torch.randn(b, 4, generator=g), torch.randn(b, 4, generator=g)
+    negatives = torch.randn(5, 4, generator=g)
+    draw = draw_mix(0, 3, 0, b)
+    assert draw.alpha1 >= 0.5 and draw.alpha2 >= 0.5 and draw.lam >= 0.5 and sorted(draw.perm.tolist()) == [0, 1, 2]
+    lam, perm, a1, a2 = draw.lam, draw.perm.tolist(), draw.alpha1, draw.alpha2
+    terms = pcrl_loss_terms(out, k, k_tilde, batch, draw, F.normalize(negatives, dim=1), 0.2)
+
+    k_mix = torch.stack([lam * k[i] + (1 - lam) * k[perm[i]] for i in range(b)])  # mix of the raw keys
+    expect = {"contrast_qk": _nce_by_hand(out["q"], k, negatives, 0.2),
+              "contrast_mix": _nce_by_hand(out["q_mix"], k_tilde, negatives, 0.2),
+              "contrast_kmix": _nce_by_hand(out["q_mix"], k_mix, negatives, 0.2)}
+
+    def mse(a, t):
+        return float(((a - t) ** 2).mean())
+
+    def mix(t):
+        return torch.stack([lam * t[i] + (1 - lam) * t[perm[i]] for i in range(b)])
+
+    t1, t2, g1, g2 = batch["t1"], batch["t2"], mix(batch["g1"]), mix(batch["g2"])
+    expect |= {"recon_out": mse(out["out"], t1), "recon_mix": mse(out["out_mix"], g1),
+               "recon_alpha": mse(out["out_alpha"], a1 * t1 + (1 - a1) * t2),
+               "recon_alpha_mix": mse(out["out_alpha_mix"], a2 * g1 + (1 - a2) * g2)}
+    for name, value in expect.items():
+        assert float(terms[name]) == pytest.approx(value, rel=1e-5), name
+    assert float(terms["contrast"]) == pytest.approx(sum(expect[n] for n in expect if n.startswith("contrast")) / 3,
+                                                     rel=1e-5)
+    assert float(terms["recon"]) == pytest.approx(sum(expect[n] for n in expect if n.startswith("recon")) / 4,
+                                                  rel=1e-5)
+    # the queue's three writes, in order: k, k~, k_mix (normalised)
+    assert terms["keys"].shape == (3, b, 4)
+    for written, key in zip(terms["keys"], (k, k_tilde, k_mix)):
+        torch.testing.assert_close(written, F.normalize(key, dim=1))
 
 
 def test_shuffled_batchnorm_groups_restore_the_order():
@@ -188,19 +265,52 @@ def test_distortions():
     assert 0.05 < kept.mean() < 0.8 and out.min() >= 0 and out.max() <= 1
 
 
+def test_crop_pairs_as_published():
+    rng = np.random.default_rng(0)
+    cfg = PretextConfig(border=[5, 6, 2])
+    shape, patch = (60, 64, 40), (16, 16, 8)
+    allowed = {tuple(np.round(np.asarray(c) * patch).astype(int)) for c in PUBLISHED_CROPS}
+    seen = set()
+    for _ in range(200):
+        (s1, z1), (s2, z2) = crop_pair(shape, patch, rng, cfg)
+        assert box_iou(s1, z1, s2, z2) > 0.25
+        for start, size in ((s1, z1), (s2, z2)):
+            assert tuple(size) in allowed
+            assert (start >= [5, 6, 2]).all() and (start + size <= np.asarray(shape) - [5, 6, 2]).all()
+            seen.add(tuple(size))
+    assert len(seen) >= 4  # the half-size crop passes only beside its own size, rarely (as published)
+    # IoU by hand: boxes of 4^3 and 2x4x4 sharing 2x4x4 voxels -> 32 / 64
+    assert box_iou(np.zeros(3), np.full(3, 4), np.array([2, 0, 0]), np.array([2, 4, 4])) == pytest.approx(0.5)
+    # a volume smaller than the crops: the crops shrink to it
+    (s1, z1), _ = crop_pair((10, 10, 6), patch, rng, PretextConfig())
+    assert (z1 <= [10, 10, 6]).all() and (s1 >= 0).all()
+
+
 def test_pretext_samples(brain_pre):
     cfg = PretextConfig(flip_prob=0.0, rot90=False, affine_prob=0.0, shuffle_blocks=200)
     ds = PretextDataset(brain_pre, ["brain_000", "brain_001"], "cache", [16, 16, 8], cfg, global_batch=4, seed=5)
     a, b = ds[9], ds[9]
-    assert set(a) == {"x1", "x2", "t1", "t2", "th", "ind_o", "ind_m", "ind_h", "alpha", "slot"}
-    for k in ("x1", "x2", "t1", "t2", "th"):
+    assert set(a) == {"x1", "x2", "t1", "t2", "g1", "g2", "a1", "a2", "slot"}
+    for k in ("x1", "x2", "t1", "t2", "g1", "g2"):
         assert a[k].shape == (1, 16, 16, 8) and a[k].min() >= 0 and a[k].max() <= 1
         torch.testing.assert_close(a[k], b[k])  # a pure function of (seed, step, slot)
-    assert 0.5 <= float(a["alpha"]) <= 1
-    # without indicated transforms the hybrid target is the alpha-mix of the two clean views
-    torch.testing.assert_close(a["th"], a["alpha"] * a["t1"] + (1 - a["alpha"]) * a["t2"])
-    assert a["t1"].std() > 0.05  # real anatomy, not padding
-    assert not torch.equal(ds[10]["t1"], a["t1"])
+    # without indicated transforms the targets t are the *distorted* inputs themselves
+    torch.testing.assert_close(a["t1"], a["x1"])
+    torch.testing.assert_close(a["a1"], torch.tensor([0, 0, 0, 1, 0, 0, 0.0]))
+    assert a["g1"].std() > 0.05  # real anatomy, not padding
+    assert not torch.equal(ds[10]["g1"], a["g1"])
+    # without distortions the inputs are the clean views; with indicated transforms t = T(x)
+    plain = PretextConfig(affine_prob=0.0, shuffle_prob=0.0, paint_prob=0.0, blur_prob=0.0)
+    c = PretextDataset(brain_pre, ["brain_000"], "cache", [16, 16, 8], plain, global_batch=4, seed=5)[3]
+    torch.testing.assert_close(c["x1"], c["g1"])
+    flips, k = c["a2"][:3].numpy().astype(bool), int(np.argmax(c["a2"][3:].numpy()))
+    np.testing.assert_array_equal(c["t2"].numpy(), apply_indicated(c["x2"].numpy(), flips, k))
+    # painting is one draw for the pair: out-painted noise in both views, or in neither
+    pairs = [PretextDataset(brain_pre, ["brain_000"], "cache", [16, 16, 8],
+                            PretextConfig(paint_prob=0.5, inpaint_prob=0.0, shuffle_prob=0.0, blur_prob=0.0,
+                                          affine_prob=0.0), global_batch=4, seed=s)[0] for s in range(12)]
+    painted = [(not torch.equal(p["x1"], p["g1"]), not torch.equal(p["x2"], p["g2"])) for p in pairs]
+    assert all(p1 == p2 for p1, p2 in painted) and {p for p, _ in painted} == {True, False}
 
 
 # ---------------------------------------------------------------- trainer
@@ -228,7 +338,52 @@ def test_momentum_encoder_follows_the_ema_and_gets_no_gradient(brain_pre, tmp_pa
     moved = [n for n, p in student.named_parameters() if not torch.equal(p.detach(), q_before[n])]
     assert any(n.startswith("decoder.") for n in moved) and any(n.startswith("encoder.") for n in moved)
     assert any(n.startswith("attention.") for n in moved) and any(n.startswith("projector.") for n in moved)
-    assert int(t.models["queue"].count) == 4  # this step's keys were enqueued (no warm-up outside fit)
+    assert int(t.models["queue"].count) == 3 * 4  # this step's 3 keys were enqueued (no warm-up outside fit)
+
+
+@pytest.mark.slow
+def test_the_training_step_is_the_published_objective(brain_pre, tmp_path):
+    """The trainer's loss, rebuilt by hand from the modules: keys of x2 and of the mixed x2,
+    gated pass on x1, ungated pass on the mixed x1, the three InfoNCE terms against the queue
+    and the four MSE terms against distorted-transformed and clean-mixed targets."""
+    t = _trainer(brain_pre, tmp_path, ["method.momentum=1.0", "method.key_bn_groups=1"])  # no EMA move, plain BN
+    student, key, queue = t.models["model"], t.models["momentum"], t.models["queue"]
+    with torch.no_grad():  # a momentum encoder unlike the student, so that mixing them shows
+        for p in key.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ds = t.make_dataset()
+    batch = {k: torch.stack([ds[i][k] for i in range(4)]) for k in ds[0]}
+    terms = t.training_step(batch, 5)
+
+    d = draw_mix(t.recipe.trainer.seed, 5, 0, 4)
+    with torch.no_grad():
+        kf, k = key(batch["x2"])
+        kfm, km = key(d.mix(batch["x2"]))
+        f = student.encoder(batch["x1"])
+        s_b = f[-1] * student.attention(batch["a1"])[:, :, None, None, None]
+        m_b = kf[-1] * student.attention(batch["a2"])[:, :, None, None, None]
+        a1, a2 = d.alpha1, d.alpha2
+        hybrid = [a1 * x + (1 - a1) * y for x, y in zip(f[:-1] + [s_b], kf[:-1] + [m_b])]
+        out = torch.sigmoid(student.decoder(f[:-1] + [s_b]))
+        out_alpha = torch.sigmoid(student.decoder(hybrid))
+        fm = student.encoder(d.mix(batch["x1"]))
+        out_mix = torch.sigmoid(student.decoder(fm))
+        out_alpha_mix = torch.sigmoid(student.decoder([a2 * x + (1 - a2) * y for x, y in zip(fm, kfm)]))
+        q, qm = student.projector(f[-1]), student.projector(fm[-1])
+    negatives = queue.keys
+    g1, g2 = d.mix(batch["g1"]), d.mix(batch["g2"])
+    contrast = (_nce_by_hand(q, k, negatives, 0.2) + _nce_by_hand(qm, km, negatives, 0.2)
+                + _nce_by_hand(qm, d.mix(k), negatives, 0.2)) / 3
+    recon = (F.mse_loss(out, batch["t1"]) + F.mse_loss(out_mix, g1)
+             + F.mse_loss(out_alpha, a1 * batch["t1"] + (1 - a1) * batch["t2"])
+             + F.mse_loss(out_alpha_mix, a2 * g1 + (1 - a2) * g2)) / 4
+    assert float(terms["contrast"]) == pytest.approx(contrast, rel=1e-4)
+    assert float(terms["recon"]) == pytest.approx(float(recon), rel=1e-4)
+    assert float(terms["loss"]) == pytest.approx(contrast + float(recon), rel=1e-4)
+    # gradients reach the student only, and every part of it (attention through both gates)
+    terms["loss"].backward()
+    assert all(p.grad is None for p in key.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
 
 
 @pytest.fixture(scope="module")
@@ -331,6 +486,12 @@ def test_pcrl_recipes_load_with_the_paper_settings():
     m = r.method
     assert (m["momentum"], m["temperature"], m["queue_size"], m["proj_dim"]) == (0.999, 0.2, 16384, 128)
     assert m["pretext"]["intensity"] == "ct" and m["pretext"]["ct_window"] == [-1000, 1000]
+    # the published preparation: 1 mm isotropic, IoU > 0.25 inside a 70/70/15 border, the
+    # published crop sizes (the default); 240 epochs x 623 scans x 16 pairs / batch 16
+    assert m["pretext"]["spacing"] == [1.0, 1.0, 1.0] and m["pretext"]["min_iou"] == 0.25
+    assert m["pretext"]["border"] == [70, 70, 15] and "crop_sizes" not in m["pretext"]
+    assert PretextConfig().crop_sizes == PUBLISHED_CROPS
+    assert r.trainer.steps == 240 * 623 * 16 // 16
     with pytest.raises(ConfigError, match="method.pretext.bogus"):
         from medvol.config import from_dict
         from medvol.training.pcrl import PCRLOptions
@@ -352,7 +513,7 @@ def test_pcrl_resume_is_exact_including_the_queue(brain_pre, tmp_path):
     for name in a:
         for k in a[name]:
             torch.testing.assert_close(a[name][k], b[name][k], rtol=0, atol=0)
-    assert int(a["queue"]["count"]) == 16 + 4 * 4  # warm-up fills it once, then 4 keys per step
+    assert int(a["queue"]["count"]) == 16 + 4 * 3 * 4  # warm-up fills it once, then 3 writes of 4 keys per step
 
 
 @pytest.mark.ddp
@@ -371,7 +532,7 @@ def test_pcrl_under_two_gloo_processes(brain_pre, tmp_path):
     from medvol.checkpoint import load_checkpoint
 
     queue = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "latest.pt")["models"]["queue"]
-    assert int(queue["count"]) == 16 + 2 * 4  # each step enqueues the keys of both ranks
+    assert int(queue["count"]) == 16 + 2 * 3 * 4  # each of a step's 3 writes holds the keys of both ranks
     assert (tmp_path / "ddp" / "encoder.pt").exists()
 
 

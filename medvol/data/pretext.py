@@ -1,25 +1,28 @@
 """Pretext data for PCRL (METHODS.md §3): pairs of overlapping random crops of unlabelled scans,
 Models-Genesis distortions, and the indicated flips/rot90 whose indicator conditions the decoder.
 
-One sample, all channel-first ``(C, *patch)`` in [0, 1]:
-- two overlapping crops of one scan, each ``patch * s`` voxels with ``s ~ U(crop_scale)``
-  (isotropic), resized (trilinear) to ``patch``, optionally through a small random affine;
-  these are the clean views ``g1``, ``g2``;
-- ``alpha ~ Beta(1, 1)``, ``alpha = max(alpha, 1 - alpha)``: the same alpha mixes the images
-  here (``alpha g1 + (1 - alpha) g2``) and the features in the network (the published code
-  draws the two independently, so the hybrid target did not match the hybrid features);
-- targets ``t1 = T_o(g1)``, ``t2 = T_m(g2)``, ``th = T_h(mix)`` with independent random
-  transforms T (flip of each spatial axis with p = 0.5, then rot90 k ~ U{0..3} in the plane
-  of the first two spatial axes; k = 0 when those sizes differ) and their indicators
-  ``[flip0, flip1, flip2, onehot(k)]``;
-- inputs ``x1 = D(g1)``, ``x2 = D(g2)``, D the Models-Genesis distortions: local pixel
-  shuffle, in-painting or out-painting, Gaussian blur, each with its probability.
-Every operation is a vectorised numpy/torch call (no per-voxel Python loop), run in the data
-workers; sampling is a pure function of (seed, step, slot), like the segmentation patches.
+One sample, all channel-first ``(C, *patch)`` in [0, 1], as the published dataset
+(``pytorch/datasets/luna_pcrl_pretask.py``, ``PCRLLunaPretask.__getitem__``) returns it:
+- two crops of one scan picked as the published preparation does (``pytorch/preprocess/
+  luna_pre.py``, ``crop_pair``): sides drawn from five published sizes (relative to the
+  patch), uniform starts inside a border, IoU of the two boxes > 0.25; each resized
+  (trilinear) to ``patch``, optionally through a small random affine: the clean views
+  ``g1``, ``g2`` (the published ``gt1``, ``gt2``, the targets of the mixup terms);
+- the inputs ``x1``, ``x2``: the views distorted (blur, local pixel shuffle, then in- or
+  out-painting with one draw for the pair);
+- ``t1``, ``t2``: the *distorted* inputs under a random indicated transform (flip of each
+  spatial axis with p = 0.5, then rot90 k ~ U{0..3} in the plane of the first two spatial axes;
+  k = 0 when those sizes differ), the published ``mask1``, ``mask2`` (``spatial_aug``), and
+  their indicators ``a1``, ``a2`` = ``[flip0, flip1, flip2, onehot(k)]``.
+The per-batch draws of a step (the mixing weights alpha1, alpha2, the batch-mixup lambda and
+permutation) are the trainer's. Every operation is a vectorised numpy/torch call (no
+per-voxel Python loop), run in the data workers; sampling is a pure function of (seed, step,
+slot), like the segmentation patches.
 
 Sources: the cases of a preprocessing cache (their z-scored intensities mapped to [0, 1] by
 the 0.5/99.5 percentiles of each case) or any folder of scans (NIfTI, MetaImage/NRRD, DICOM
-series), converted once by :func:`prepare_scan_folder` (CT: HU window [-1000, 1000] -> [0, 1]).
+series), converted once by :func:`prepare_scan_folder` (CT: HU window [-1000, 1000] -> [0, 1];
+``spacing``: resampled first, linear, as the published 1 mm isotropic resampling).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from medvol.data.dataset import StepDataset
-from medvol.data.sampling import extract_patch, patch_bounds
+from medvol.data.sampling import extract_patch
 from medvol.errors import ConfigError, InputError
 from medvol.io import read_volume
 from medvol.io.discovery import find_scans, scan_id
@@ -44,10 +47,18 @@ from medvol.utils import read_json, save_npy, write_json
 log = logging.getLogger(__name__)
 
 
+# Crop sides the published data preparation draws from (``pytorch/preprocess/luna_pre.py``,
+# ``col_size``: 64x64x32, 96x96x48, 96x96x96, 32x32x16, 112x112x64 voxels at 1 mm), as multiples
+# of its input size 64x64x32, so that they scale with ``data.patch_size``.
+PUBLISHED_CROPS = ((1.0, 1.0, 1.0), (1.5, 1.5, 1.5), (1.5, 1.5, 3.0), (0.5, 0.5, 0.5), (1.75, 1.75, 2.0))
+
+
 @dataclass
 class PretextConfig:
-    crop_scale: tuple = (1.0, 2.0)  # crop side = patch side * s before the resize
-    min_overlap: float = 0.5  # the second crop's centre moves at most (1 - this) crop sides per axis
+    crop_sizes: tuple = PUBLISHED_CROPS  # crop sides / patch sides per axis; each crop draws one
+    min_iou: float = 0.25  # the two crops' boxes overlap with IoU above this (published: > 0.25)
+    border: list | None = None  # voxels kept clear of each face, per axis (published LUNA: [70, 70, 15])
+    crop_tries: int = 512  # candidate pairs per sample (LUNA at 1 mm passes ~4 %); none passes: the best
     affine_prob: float = 0.3
     affine_deg: float = 10.0
     affine_scale: tuple = (0.9, 1.1)
@@ -55,13 +66,13 @@ class PretextConfig:
     rot90: bool = True  # indicated rot90 in the plane of the first two spatial axes
     shuffle_prob: float = 0.5  # local pixel shuffle
     shuffle_blocks: int = 10000  # blocks per shuffled crop (Models Genesis: 10,000 on 64x64x32)
-    paint_prob: float = 0.9
-    inpaint_prob: float = 0.2  # share of the painted crops that are in-painted (else out-painted)
+    paint_prob: float = 0.9  # one draw per pair, as published: both views painted, or neither
+    inpaint_prob: float = 0.2  # share of the painted pairs that are in-painted (else out-painted)
     blur_prob: float = 0.4
     blur_sigma: tuple = (0.5, 1.0)
     intensity: str = "percentile"  # scan folders only: percentile | ct (cache cases always by percentiles)
     ct_window: tuple = (-1000.0, 1000.0)
-    spacing: list | None = None  # folders only: resample scans to this spacing (mm) first
+    spacing: list | None = None  # folders only: resample scans to this spacing (mm) first (published: 1 mm)
 
 
 # ---------------------------------------------------------------- distortions (vectorised)
@@ -123,14 +134,23 @@ def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
     return gaussian_filter(img, sigma=(0, sigma, sigma, sigma), mode="nearest").astype(np.float32)
 
 
-def distort(img: np.ndarray, rng: np.random.Generator, cfg: PretextConfig) -> np.ndarray:
-    if rng.random() < cfg.shuffle_prob:
-        img = local_pixel_shuffle(img, rng, cfg.shuffle_blocks)
+def distort_pair(g1: np.ndarray, g2: np.ndarray, rng: np.random.Generator, cfg: PretextConfig
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The inputs ``x1, x2`` of two clean views, in the published order
+    (``pytorch/datasets/luna_pcrl_pretask.py``): blur, local pixel shuffle (each view on its
+    own draw), then in- or out-painting, one draw for the pair (both views get the same kind)."""
+    views = []
+    for img in (g1, g2):
+        if rng.random() < cfg.blur_prob:
+            img = gaussian_blur(img, rng.uniform(*cfg.blur_sigma))
+        if rng.random() < cfg.shuffle_prob:
+            img = local_pixel_shuffle(img, rng, cfg.shuffle_blocks)
+        views.append(img)
     if rng.random() < cfg.paint_prob:
-        img = in_painting(img, rng) if rng.random() < cfg.inpaint_prob else out_painting(img, rng)
-    if rng.random() < cfg.blur_prob:
-        img = gaussian_blur(img, rng.uniform(*cfg.blur_sigma))
-    return np.ascontiguousarray(img, dtype=np.float32)
+        paint = in_painting if rng.random() < cfg.inpaint_prob else out_painting
+        views = [paint(v, rng) for v in views]
+    x1, x2 = (np.ascontiguousarray(v, dtype=np.float32) for v in views)
+    return x1, x2
 
 
 def indicated_transform(img: np.ndarray, rng: np.random.Generator, cfg: PretextConfig
@@ -179,19 +199,31 @@ def resize(img: np.ndarray, size: Sequence[int]) -> np.ndarray:
     return F.interpolate(t, size=tuple(int(s) for s in size), mode="trilinear", align_corners=False)[0].numpy()
 
 
-def overlapping_crops(shape: Sequence[int], patch: Sequence[int], rng: np.random.Generator, cfg: PretextConfig
-                      ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Two (start, size) boxes: sizes ``patch * s`` (at most the volume), the second centred
-    within ``(1 - min_overlap)`` crop sides of the first."""
-    vol, window = np.asarray(shape), np.asarray(patch)
-    sizes = [np.maximum(1, np.minimum(np.round(window * rng.uniform(*cfg.crop_scale)).astype(int),
-                                      np.maximum(vol, window))) for _ in range(2)]
-    lbs, ubs = patch_bounds(shape, sizes[0])
-    start1 = np.array([rng.integers(lo, hi + 1) for lo, hi in zip(lbs, ubs)])
-    centre = start1 + sizes[0] / 2 + rng.uniform(-1, 1, 3) * (1 - cfg.min_overlap) * sizes[0]
-    lbs2, ubs2 = patch_bounds(shape, sizes[1])
-    start2 = np.clip(np.round(centre - sizes[1] / 2).astype(int), lbs2, ubs2)
-    return [(start1, sizes[0]), (start2, sizes[1])]
+def box_iou(start1: np.ndarray, size1: np.ndarray, start2: np.ndarray, size2: np.ndarray) -> np.ndarray:
+    """Intersection over union of boxes ``(start, size)``, along the last axis (any batch shape)."""
+    inter = np.clip(np.minimum(start1 + size1, start2 + size2) - np.maximum(start1, start2), 0, None).prod(-1)
+    return inter / (size1.prod(-1) + size2.prod(-1) - inter)
+
+
+def crop_pair(shape: Sequence[int], patch: Sequence[int], rng: np.random.Generator, cfg: PretextConfig
+              ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Two (start, size) boxes as the published preparation picks them: each crop's sides are
+    one of ``crop_sizes`` (times the patch; at most the room inside the border), its start
+    uniform inside the volume less ``border``, and the pair is kept when their IoU exceeds
+    ``min_iou``; ``crop_tries`` candidates are drawn at once and the first that passes is taken
+    (the best, if none does)."""
+    vol, window = np.asarray(shape), np.asarray(patch, float)
+    border = np.asarray(cfg.border if cfg.border is not None else (0, 0, 0), int)
+    border = np.where(vol - 2 * border >= 1, border, 0)  # a volume too small for its border ignores it
+    room = vol - 2 * border
+    rel = np.asarray(cfg.crop_sizes, float).reshape(-1, 3)
+    n = max(1, int(cfg.crop_tries))
+    sizes = np.clip(np.round(rel[rng.integers(len(rel), size=(n, 2))] * window).astype(int), 1, room)
+    starts = border + np.floor(rng.random((n, 2, 3)) * (room - sizes + 1)).astype(int)
+    iou = box_iou(starts[:, 0], sizes[:, 0], starts[:, 1], sizes[:, 1])
+    passed = np.flatnonzero(iou > cfg.min_iou)
+    i = int(passed[0]) if passed.size else int(np.argmax(iou))
+    return [(starts[i, 0], sizes[i, 0]), (starts[i, 1], sizes[i, 1])]
 
 
 # ---------------------------------------------------------------- sources
@@ -238,23 +270,19 @@ class PretextDataset(StepDataset):
         cfg = self.cfg
         image, lo, hi = self._volume(self.cases[int(rng.integers(len(self.cases)))])
         clean = []
-        for start, size in overlapping_crops(image.shape[1:], self.patch, rng, cfg):
-            crop = extract_patch(image, start, size, -np.inf).astype(np.float32)  # padding -> 0
+        for start, size in crop_pair(image.shape[1:], self.patch, rng, cfg):
+            crop = extract_patch(image, start, size, -np.inf).astype(np.float32)
             crop = np.clip((crop - lo) / (hi - lo), 0.0, 1.0)
             crop = resize(crop, self.patch)
             if rng.random() < cfg.affine_prob:
                 crop = random_affine(crop, rng, cfg.affine_deg, cfg.affine_scale)
             clean.append(np.ascontiguousarray(crop, dtype=np.float32))
         g1, g2 = clean
-        alpha = float(rng.beta(1.0, 1.0))
-        alpha = max(alpha, 1.0 - alpha)
-        t1, ind_o = indicated_transform(g1, rng, cfg)
-        t2, ind_m = indicated_transform(g2, rng, cfg)
-        th, ind_h = indicated_transform(alpha * g1 + (1 - alpha) * g2, rng, cfg)
-        arrays = {"x1": distort(g1, rng, cfg), "x2": distort(g2, rng, cfg), "t1": t1, "t2": t2, "th": th,
-                  "ind_o": ind_o, "ind_m": ind_m, "ind_h": ind_h}
+        x1, x2 = distort_pair(g1, g2, rng, cfg)
+        t1, a1 = indicated_transform(x1, rng, cfg)
+        t2, a2 = indicated_transform(x2, rng, cfg)
+        arrays = {"x1": x1, "x2": x2, "t1": t1, "t2": t2, "g1": g1, "g2": g2, "a1": a1, "a2": a2}
         out = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in arrays.items()}
-        out["alpha"] = torch.tensor(alpha, dtype=torch.float32)
         out["slot"] = torch.tensor(slot)
         return out
 

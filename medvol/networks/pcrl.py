@@ -5,13 +5,18 @@ Backbone (widths for ``base`` = 32, the paper's): encoder stages of two conv 3³
 transposed conv, concatenation with the skip and two convs back to 256, 128, 64; a 1³
 convolution to the output. Every width scales with ``base`` (tests use tiny ones).
 
-PCRL's additions, all in :class:`PCRLNet`:
-- a projection head GAP(512) -> 512->128 -> ReLU -> 128->128, L2-normalised;
-- transformation-conditioned attention: the indicator of the flips/rot90 applied to the
-  target (3 flip flags + a one-hot of 4 rotations = 7 numbers) -> FC 7->256 -> ReLU ->
-  FC 256->512 -> sigmoid, a channel-wise gate on the bottleneck, and nowhere else;
+PCRL's additions, all in :class:`PCRLNet`, as the published ``pytorch/models/pcrl_model_3d.py``
+(``PCRLModel3d``) has them:
+- a projection head GAP(512) -> 512->128 -> ReLU -> 128->128 on the *ungated* bottleneck,
+  returned raw (the trainer L2-normalises, as the published ``Normalize`` does);
+- transformation-conditioned attention: the indicator of the flips/rot90 applied to a target
+  (3 flip flags + a one-hot of 4 rotations = 7 numbers) -> FC 7->256 -> ReLU -> FC 256->512
+  -> sigmoid, a channel-wise gate on a bottleneck and nowhere else; one MLP gates the
+  student's bottleneck with its indicator and the momentum bottleneck with the other's;
 - the hybrid path: student and momentum features mixed, ``alpha * student + (1 - alpha) *
-  momentum``, at the bottleneck and at every skip, decoded by the (student) decoder.
+  momentum``, at the bottleneck and at every skip, decoded by the (student) decoder;
+  :meth:`PCRLNet.branch` is one published student pass (gated, or ungated for the mixup
+  pass), :meth:`PCRLNet.forward` runs both passes of a step in one call.
 
 The segmentation network fine-tuned from a pretraining (:class:`PCRLSegNet`, registered as
 ``pcrl_unet``) holds an encoder of the very same class under the same name, so the tensors
@@ -83,13 +88,14 @@ class Decoder(nn.Module):
 
 
 class ProjectionHead(nn.Module):
+    """GAP -> FC -> ReLU -> FC; the raw vector (callers L2-normalise it where they compare)."""
+
     def __init__(self, cin: int, dim: int = 128, hidden: int = 128):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(cin, hidden), nn.Linear(hidden, dim)
 
     def forward(self, bottleneck: torch.Tensor) -> torch.Tensor:
-        z = self.fc2(F.relu(self.fc1(bottleneck.mean((2, 3, 4)))))
-        return F.normalize(z.float(), dim=1)
+        return self.fc2(F.relu(self.fc1(bottleneck.mean((2, 3, 4)))))
 
 
 class TransformAttention(nn.Module):
@@ -105,21 +111,27 @@ class TransformAttention(nn.Module):
 
 class KeyEncoder(nn.Module):
     """What the momentum (key) encoder holds: the encoder and the projection head, under the
-    same names as in :class:`PCRLNet` so that EMA pairs tensors by name."""
+    same names as in :class:`PCRLNet` so that EMA pairs tensors by name. ``forward`` returns
+    the feature maps of every stage (bottleneck last) and the raw projection."""
 
     def __init__(self, in_channels: int = 1, base: int = 32, proj_dim: int = 128, proj_hidden: int = 128):
         super().__init__()
         self.encoder = Encoder(in_channels, base)
         self.projector = ProjectionHead(self.encoder.channels[-1], proj_dim, proj_hidden)
 
-    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         feats = self.encoder(x)
         return feats, self.projector(feats[-1])
 
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        return self.encode(x)
 
-def mix_features(student: list[torch.Tensor], momentum: list[torch.Tensor], alpha: torch.Tensor) -> list[torch.Tensor]:
-    """Cross-model mixup at every skip and the bottleneck; ``alpha`` per sample, shape (B,)."""
-    a = alpha.to(student[0].dtype).view(-1, 1, 1, 1, 1)
+
+def mix_features(student: list[torch.Tensor], momentum: list[torch.Tensor], alpha: torch.Tensor | float
+                 ) -> list[torch.Tensor]:
+    """Cross-model mixup at every skip and the bottleneck, ``alpha * student + (1 - alpha) *
+    momentum``; ``alpha`` a number, or one per sample (shape (B,))."""
+    a = torch.as_tensor(alpha, dtype=student[0].dtype, device=student[0].device).reshape(-1, 1, 1, 1, 1)
     return [a * s + (1 - a) * m for s, m in zip(student, momentum)]
 
 
@@ -132,23 +144,44 @@ class PCRLNet(KeyEncoder):
         self.attention = TransformAttention(self.encoder.channels[-1], attention_hidden)
         self.decoder = Decoder(self.encoder.channels, in_channels)
 
-    def reconstruct(self, feats: list[torch.Tensor], indicator: torch.Tensor) -> torch.Tensor:
-        """Decode ``feats`` into the input under the transform ``indicator`` describes: the
-        indicator enters only as a channel gate on the bottleneck."""
-        gate = self.attention(indicator).to(feats[-1].dtype)
-        return torch.sigmoid(self.decoder(feats[:-1] + [feats[-1] * gate[:, :, None, None, None]]))
+    def gate(self, feats: list[torch.Tensor], indicator: torch.Tensor) -> list[torch.Tensor]:
+        """Transformation-conditioned attention: ``feats`` with the bottleneck multiplied
+        channel-wise by the gate of ``indicator`` (the skips untouched)."""
+        g = self.attention(indicator).to(feats[-1].dtype)
+        return [*feats[:-1], feats[-1] * g[:, :, None, None, None]]
 
-    def forward(self, x: torch.Tensor, key_feats: list[torch.Tensor],  # type: ignore[override]  # the student
-                ind_o: torch.Tensor, ind_m: torch.Tensor, ind_h: torch.Tensor, alpha: torch.Tensor,  # takes the
-                ) -> dict[str, torch.Tensor]:  # key encoder's features and the indicators too
-        """One pass for everything a PCRL step needs (a single call, as DDP wants):
-        the query, the hybrid embedding and the three reconstructions (ordinary, momentum,
-        hybrid). ``key_feats`` are the momentum encoder's (detached) features of the other view."""
-        feats = self.encoder(x)
-        mixed = mix_features(feats, key_feats, alpha)
-        return {"q": self.projector(feats[-1]), "z_h": self.projector(mixed[-1]),
-                "rec_o": self.reconstruct(feats, ind_o), "rec_m": self.reconstruct(key_feats, ind_m),
-                "rec_h": self.reconstruct(mixed, ind_h)}
+    def decode(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        return torch.sigmoid(self.decoder(feats))
+
+    def branch(self, x: torch.Tensor, key_feats: list[torch.Tensor], alpha: torch.Tensor | float,
+               ind1: torch.Tensor | None = None, ind2: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One pass of the published student (``PCRLModel3d.forward`` with ``student=True``):
+        the raw projection ``z`` of the ungated bottleneck; with indicators, the student's
+        bottleneck gated by ``ind1`` and the momentum bottleneck by ``ind2`` (one shared
+        attention MLP), none in the mixup pass; the hybrid ``alpha * student + (1 - alpha) *
+        momentum`` at every skip and the bottleneck decoded -> ``out_alpha``; the student's own
+        (gated) features decoded -> ``out``. Returns ``(z, out_alpha, out)``."""
+        feats, z = self.encode(x)
+        if ind1 is not None:
+            if ind2 is None:
+                raise ValueError("branch: the gates come in pairs (ind1 for the student, ind2 for the momentum side)")
+            feats, key_feats = self.gate(feats, ind1), self.gate(key_feats, ind2)
+        return z, self.decode(mix_features(feats, key_feats, alpha)), self.decode(feats)
+
+    def forward(self, x1: torch.Tensor, key_feats: list[torch.Tensor],  # type: ignore[override]  # the student
+                ind1: torch.Tensor, ind2: torch.Tensor, alpha1: torch.Tensor | float,  # takes both passes
+                x1_mix: torch.Tensor, key_feats_mix: list[torch.Tensor], alpha2: torch.Tensor | float,
+                ) -> dict[str, torch.Tensor]:
+        """Both student passes of a PCRL step in one call (as DDP wants): the gated pass on
+        ``x1`` with the momentum features ``key_feats`` of ``x2``, and the ungated pass on the
+        batch-mixed ``x1_mix`` with ``key_feats_mix`` of the mixed ``x2``. Returns the raw
+        projections ``q``, ``q_mix`` and the decoder outputs ``out``, ``out_alpha``,
+        ``out_mix``, ``out_alpha_mix``."""
+        q, out_alpha, out = self.branch(x1, key_feats, alpha1, ind1, ind2)
+        q_mix, out_alpha_mix, out_mix = self.branch(x1_mix, key_feats_mix, alpha2)
+        return {"q": q, "out": out, "out_alpha": out_alpha, "q_mix": q_mix, "out_mix": out_mix,
+                "out_alpha_mix": out_alpha_mix}
 
 
 class PCRLSegNet(nn.Module):

@@ -1,24 +1,34 @@
-"""PCRL pretraining (METHODS.md §3): contrastive learning against a queue of momentum keys plus
-reconstruction of diverse contexts (ordinary, momentum and hybrid), with the decoder
-conditioned on the indicated transform of its target.
+"""PCRL pretraining (METHODS.md §3): the published step (``pytorch/pcrl_3d.py``,
+``train_rep_C2L``) with InfoNCE in place of its NCE criterion.
 
-One step:
-1. the momentum encoder follows the student, ``theta_k = m theta_k + (1 - m) theta_q``
+One step, on a batch of the pretext data (:mod:`medvol.data.pretext`: distorted inputs ``x1``,
+``x2``; their transformed copies ``t1``, ``t2`` with indicators ``a1``, ``a2``; the clean views
+``g1``, ``g2``):
+0. the momentum encoder follows the student, ``theta_k = m theta_k + (1 - m) theta_q``
    (parameters only; it gets no gradient, its BatchNorm statistics come from its own passes);
-2. it embeds the second views ``x2`` with *shuffled BatchNorm*, so that a key never shares
-   its BN statistics with the batch its query was normalised with. Under DDP the shuffle is
-   across ranks, as in MoCo: the global batch of ``x2`` is all-gathered, permuted with a
-   permutation every rank draws alike, each rank embeds its share, and the outputs (the key
-   *and* its multi-scale feature maps, which the hybrid path and the momentum reconstruction
-   need) are all-gathered back to the ranks that own the samples; SyncBN is not used. On one
-   process the permuted batch is split into ``key_bn_groups`` groups that normalise apart;
-3. the student embeds ``x1`` (query ``q``), mixes its features with the key's at every skip and
-   the bottleneck with the sample's ``alpha`` (hybrid embedding ``z_h``) and decodes the three
-   feature sets, each gated by the indicator of its target's transform;
-4. loss = contrast_weight * (InfoNCE(q, k) + InfoNCE(q, z_h)) / 2
-        + recon_weight * (MSE(rec_o, T_o g1) + MSE(rec_m, T_m g2) + MSE(rec_h, T_h mix)) / 3,
-   InfoNCE against the queue at temperature T; after the update the keys (all ranks') are
-   enqueued.
+1. it embeds ``x2`` with *shuffled BatchNorm* (no grad) -> key ``k`` and its features: a key
+   never shares BN statistics with the batch its query was normalised with. Under DDP the
+   shuffle is across ranks, as in MoCo: the global batch is all-gathered, permuted alike on
+   every rank, each rank embeds its share, and the outputs (the key *and* its multi-scale
+   feature maps, which the hybrid decoder needs) go back to the ranks that own the samples;
+   SyncBN is not used. On one process the permuted batch is split into ``key_bn_groups``
+   groups that normalise apart;
+2. the student embeds ``x1`` -> query ``q`` (projection of the ungated bottleneck); one
+   attention MLP gates its bottleneck with ``a1`` and the momentum bottleneck with ``a2``; the
+   hybrid ``alpha1 * student + (1 - alpha1) * momentum`` (bottleneck and every skip) decodes to
+   ``out_alpha``, the student's own gated features to ``out``;
+3. batch mixup (one permutation, ``lam``): ``x1``, ``x2``, ``g1``, ``g2`` and ``k_mix = mix(k)``;
+   the momentum encoder embeds mixed ``x2`` -> ``k~`` and features; the student runs mixed
+   ``x1`` with those and a new ``alpha2``, *without* gating -> ``q~``, ``out~_alpha``, ``out~``
+   (both student passes are one ``forward`` call, as DDP wants);
+4. contrast = mean of InfoNCE (q, k), (q~, k~), (q~, k_mix) against the queue (temperature T);
+   recon = mean of MSE (out, t1), (out~, mix g1), (out_alpha, alpha1 t1 + (1 - alpha1) t2),
+   (out~_alpha, alpha2 mix g1 + (1 - alpha2) mix g2) (:func:`pcrl_loss_terms`);
+   loss = contrast_weight * contrast + recon_weight * recon;
+5. after the update, the three keys k, k~, k_mix are written into the queue in that order
+   (under DDP each write holds all ranks' keys). All three terms contrast against the queue
+   as it stood before the step (the published memory writes each key right after its own
+   term, so its later terms meet this step's earlier keys among their negatives).
 The run writes ``encoder.pt`` (the student encoder's tensors, named as in ``pcrl_unet``) at
 every checkpoint and at the end.
 """
@@ -99,6 +109,57 @@ def cross_rank_shuffled_forward(net: nn.Module, x: torch.Tensor, generator: torc
     return [_all_gather(f)[own] for f in feats], _all_gather(k)[own]
 
 
+@dataclass
+class MixDraw:
+    """A step's batch-level draws, one set per (per-process) batch as the published loop draws
+    them: the hybrid weights ``alpha1`` (gated pass) and ``alpha2`` (mixup pass), and the
+    batch mixup's ``lam`` and permutation ``perm``; each weight max(b, 1 - b), b ~ Beta(1, 1)."""
+
+    alpha1: float
+    alpha2: float
+    lam: float
+    perm: torch.Tensor
+
+    def mix(self, t: torch.Tensor) -> torch.Tensor:
+        """Batch mixup (published ``mixup_data``): ``lam * t + (1 - lam) * t[perm]``."""
+        return self.lam * t + (1 - self.lam) * t[self.perm]
+
+
+def draw_mix(seed: int, step: int, rank: int, batch: int, device: torch.device | str = "cpu") -> MixDraw:
+    rng = np.random.default_rng([seed, step, rank, 0x6D6978])
+    alpha1, alpha2, lam = (max(b, 1.0 - b) for b in rng.beta(1.0, 1.0, 3).tolist())
+    return MixDraw(alpha1, alpha2, lam, torch.from_numpy(rng.permutation(batch)).to(device))
+
+
+def pcrl_loss_terms(out: dict[str, torch.Tensor], k: torch.Tensor, k_tilde: torch.Tensor, batch: dict,
+                    draw: MixDraw, negatives: torch.Tensor, temperature: float) -> dict[str, torch.Tensor]:
+    """The published objective (``pytorch/pcrl_3d.py``, ``train_rep_C2L``), term by term, from the
+    student's outputs ``out`` (:meth:`PCRLNet.forward`), the raw keys ``k`` of ``x2`` and
+    ``k_tilde`` of the mixed ``x2``, and the queue's keys as negatives:
+
+    - contrast = mean of InfoNCE(q, k), InfoNCE(q~, k~), InfoNCE(q~, k_mix), k_mix the batch
+      mixup of the raw keys (``out``, ``out2``, ``out3`` there), every vector L2-normalised;
+    - recon = mean of MSE(out, t1), MSE(out~, mix(g1)), MSE(out_alpha, alpha1 t1 + (1 - alpha1) t2),
+      MSE(out~_alpha, alpha2 mix(g1) + (1 - alpha2) mix(g2)) (``mg_loss`` there);
+
+    also ``keys``: the three keys the step writes into the queue, in order, ``(3, B, D)``."""
+    q, q_mix = F.normalize(out["q"].float(), dim=1), F.normalize(out["q_mix"].float(), dim=1)
+    keys = torch.stack([F.normalize(v.float(), dim=1) for v in (k, k_tilde, draw.mix(k.float()))]).detach()
+    c_qk, acc = info_nce(q, keys[0], negatives, temperature)
+    c_mix, _ = info_nce(q_mix, keys[1], negatives, temperature)
+    c_kmix, _ = info_nce(q_mix, keys[2], negatives, temperature)
+    t1, t2 = batch["t1"], batch["t2"]
+    g1, g2 = draw.mix(batch["g1"]), draw.mix(batch["g2"])
+    a1, a2 = draw.alpha1, draw.alpha2
+    r_out = F.mse_loss(out["out"].float(), t1)
+    r_mix = F.mse_loss(out["out_mix"].float(), g1)
+    r_alpha = F.mse_loss(out["out_alpha"].float(), a1 * t1 + (1 - a1) * t2)
+    r_alpha_mix = F.mse_loss(out["out_alpha_mix"].float(), a2 * g1 + (1 - a2) * g2)
+    return {"contrast": (c_qk + c_mix + c_kmix) / 3, "recon": (r_out + r_mix + r_alpha + r_alpha_mix) / 4,
+            "contrast_qk": c_qk, "contrast_mix": c_mix, "contrast_kmix": c_kmix, "recon_out": r_out,
+            "recon_mix": r_mix, "recon_alpha": r_alpha, "recon_alpha_mix": r_alpha_mix, "key_acc": acc, "keys": keys}
+
+
 @register_trainer
 class PCRLTrainer(Trainer):
     name = "pcrl"
@@ -173,27 +234,27 @@ class PCRLTrainer(Trainer):
         """The same on every rank (the cross-rank permutation must agree)."""
         return torch.Generator().manual_seed((self.recipe.trainer.seed * 1_000_003 + step * 97) % 2**63)
 
-    def _keys(self, x2: torch.Tensor, step: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def _keys(self, x2: torch.Tensor, generator: torch.Generator) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The momentum encoder's features and raw key of ``x2``, with shuffled BatchNorm."""
         if self.dist.distributed:
-            return cross_rank_shuffled_forward(self.models["momentum"], x2, self._key_generator(step))
-        return shuffled_forward(self.models["momentum"], x2, self.options.key_bn_groups, self._key_generator(step))
+            return cross_rank_shuffled_forward(self.models["momentum"], x2, generator)
+        return shuffled_forward(self.models["momentum"], x2, self.options.key_bn_groups, generator)
 
     def training_step(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         o = self.options
-        student, key = self.models["model"], self.models["momentum"]
+        student = self.models["model"]
+        draw = draw_mix(self.recipe.trainer.seed, step, self.dist.rank, batch["x1"].shape[0], batch["x1"].device)
         with torch.no_grad():
-            ema_update(key, unwrap(student), o.momentum, buffers=False)
-            key_feats, k = self._keys(batch["x2"], step)
-        out = student(batch["x1"], key_feats, batch["ind_o"], batch["ind_m"], batch["ind_h"], batch["alpha"])
-        negatives = self.queue.keys
-        l_q, acc = info_nce(out["q"], k, negatives, o.temperature)
-        l_h, _ = info_nce(out["q"], out["z_h"], negatives, o.temperature)
-        contrast = (l_q + l_h) / 2
-        rec = {p: F.mse_loss(out[f"rec_{p}"].float(), batch[t]) for p, t in (("o", "t1"), ("m", "t2"), ("h", "th"))}
-        recon = (rec["o"] + rec["m"] + rec["h"]) / 3
-        self._pending_keys = k.detach()
-        return {"loss": o.contrast_weight * contrast + o.recon_weight * recon, "contrast": contrast, "recon": recon,
-                "recon_o": rec["o"], "recon_h": rec["h"], "key_acc": acc}
+            ema_update(self.models["momentum"], unwrap(student), o.momentum, buffers=False)
+            gen = self._key_generator(step)
+            key_feats, k = self._keys(batch["x2"], gen)  # step 1
+            key_feats_mix, k_tilde = self._keys(draw.mix(batch["x2"]), gen)  # step 3
+        out = student(batch["x1"], key_feats, batch["a1"], batch["a2"], draw.alpha1,  # steps 2 and 3
+                      draw.mix(batch["x1"]), key_feats_mix, draw.alpha2)
+        terms = pcrl_loss_terms(out, k, k_tilde, batch, draw, self.queue.keys, o.temperature)
+        self._pending_keys = terms.pop("keys")
+        terms["loss"] = o.contrast_weight * terms["contrast"] + o.recon_weight * terms["recon"]
+        return terms
 
     def optimization_step(self, batch: dict, step: int) -> dict[str, float]:
         losses = super().optimization_step(batch, step)
@@ -201,14 +262,17 @@ class PCRLTrainer(Trainer):
         return losses
 
     def _enqueue_pending(self) -> None:
+        """Writes the step's keys into the queue, ``(n_writes, B, D)`` in write order; under DDP
+        each write holds the keys of every rank, in rank order (identical queues)."""
         keys = self._pending_keys
-        if self.dist.distributed:  # every rank enqueues the keys of the whole global batch, in rank order
+        if self.dist.distributed:
             import torch.distributed as tdist
 
             parts = [torch.empty_like(keys) for _ in range(self.dist.world_size)]
             tdist.all_gather(parts, keys.contiguous())
-            keys = torch.cat(parts)
-        self.queue.enqueue(keys)
+            keys = torch.stack(parts, 1)  # (n_writes, world, B, D)
+        for write in keys.reshape(keys.shape[0], -1, keys.shape[-1]):
+            self.queue.enqueue(write)
 
     @torch.no_grad()
     def before_training(self, start_step: int) -> None:
@@ -227,8 +291,8 @@ class PCRLTrainer(Trainer):
                              self.recipe.data.num_workers)
         for step, batch in enumerate(loader):
             with self.autocast():
-                _, k = self._keys(batch["x2"].to(self.device), -1 - step)
-            self._pending_keys = k.float()
+                _, k = self._keys(batch["x2"].to(self.device), self._key_generator(-1 - step))
+            self._pending_keys = F.normalize(k.float(), dim=1)[None]
             self._enqueue_pending()
 
     # ------------------------------------------------------------------ validation / export
@@ -247,18 +311,19 @@ class PCRLTrainer(Trainer):
         the spread of the queries (mean per-dimension std; near 0 = collapsed embeddings)."""
         if not self.val_cases:
             return {}
-        student, key = unwrap(self.models["model"]), self.models["momentum"]
+        student, key = self.student, self.models["momentum"]
         batch = self._validation_batch()
         se, qs, ks = 0.0, [], []
         with eval_mode(student, key):
             for i in range(0, batch["x1"].shape[0], self.batch_size):
                 b = {k: v[i:i + self.batch_size].to(self.device) for k, v in batch.items()}
                 with self.autocast():
-                    key_feats, k = key(b["x2"])
-                    out = student(b["x1"], key_feats, b["ind_o"], b["ind_m"], b["ind_h"], b["alpha"])
-                se += float(F.mse_loss(out["rec_o"].float(), b["t1"], reduction="sum"))
-                qs.append(out["q"].float())
-                ks.append(k.float())
+                    _, k = key(b["x2"])
+                    feats, q = student.encode(b["x1"])
+                    out = student.decode(student.gate(feats, b["a1"]))
+                se += float(F.mse_loss(out.float(), b["t1"], reduction="sum"))
+                qs.append(F.normalize(q.float(), dim=1))
+                ks.append(F.normalize(k.float(), dim=1))
         q, k = torch.cat(qs), torch.cat(ks)
         acc = float(((q @ k.t()).argmax(1) == torch.arange(q.shape[0], device=q.device)).float().mean())
         return {"val/recon_mse": se / batch["t1"].numel(), "val/retrieval_acc": acc,
