@@ -41,7 +41,11 @@ from conftest import metric_series, pinned
 
 TINY = ["model.base_features=2", "data.patch_size=[16, 16, 8]", "data.batch_size=4", "data.num_workers=0",
         "method.queue_size=16", "method.proj_dim=8", "method.proj_hidden=8", "method.attention_hidden=8",
-        "method.val_samples=4", "method.pretext.shuffle_blocks=100", "data.val_cases=[brain_004]"]
+        "method.val_samples=4", "method.pretext.shuffle_blocks=100", "data.val_cases=[brain_004]",
+        "method.key_bn_groups=2"]
+# the demo recipe as shipped (base 4, crops 16x16x8, batch 16, SGD 0.01, queue 256), shortened
+LEARN = ["data.num_workers=0", "data.val_cases=[brain_004]", "trainer.steps=80", "trainer.val_every=40",
+         "method.val_samples=32"]
 
 
 
@@ -377,9 +381,10 @@ def test_the_training_step_is_the_published_objective(brain_pre, tmp_path):
     recon = (F.mse_loss(out, batch["t1"]) + F.mse_loss(out_mix, g1)
              + F.mse_loss(out_alpha, a1 * batch["t1"] + (1 - a1) * batch["t2"])
              + F.mse_loss(out_alpha_mix, a2 * g1 + (1 - a2) * g2)) / 4
-    assert float(terms["contrast"]) == pytest.approx(contrast, rel=1e-4)
-    assert float(terms["recon"]) == pytest.approx(float(recon), rel=1e-4)
-    assert float(terms["loss"]) == pytest.approx(contrast + float(recon), rel=1e-4)
+    value = {k: float(v.detach()) for k, v in terms.items()}
+    assert value["contrast"] == pytest.approx(contrast, rel=1e-4)
+    assert value["recon"] == pytest.approx(float(recon), rel=1e-4)
+    assert value["loss"] == pytest.approx(contrast + float(recon), rel=1e-4)
     # gradients reach the student only, and every part of it (attention through both gates)
     terms["loss"].backward()
     assert all(p.grad is None for p in key.parameters())
@@ -389,24 +394,28 @@ def test_the_training_step_is_the_published_objective(brain_pre, tmp_path):
 @pytest.fixture(scope="module")
 def pcrl_run(brain_pre, tmp_path_factory):
     run = tmp_path_factory.mktemp("pcrl") / "run"
-    r = load_recipe("pcrl_demo", TINY + ["trainer.steps=40", "trainer.val_every=20", "optimizer.lr=0.05"])
     with pinned():
-        train(r, brain_pre, run, device="cpu", quiet=True)
+        train(load_recipe("pcrl_demo", LEARN), brain_pre, run, device="cpu", quiet=True)
     return run
 
 
 @pytest.mark.slow
-def test_short_pretraining_lowers_contrastive_and_reconstruction_losses(pcrl_run):
+def test_short_pretraining_learns_without_collapse(pcrl_run):
     s = metric_series(pcrl_run)
     contrast, recon = s["train/contrast"], s["train/recon"]
-    assert len(contrast) >= 8
-    # Measured with threads pinned to 2 on seeds 0/1/2: first contrastive value 2.73/2.81/2.78,
-    # its drop 0.76/1.21/0.93, reconstruction ratio 0.62/0.52/0.44: the bars keep a margin.
+    assert len(contrast) >= 16
+    # Measured with threads pinned to 2 on seeds 0/1/2 (80 steps; 32 validation pairs, chance
+    # 1/32; a collapsed embedding retrieves exactly 1 of 32 with a spread of 0.001-0.004):
+    # first contrastive value 5.48/5.42/5.50, its drop over the run 0.15/0.50/0.52,
+    # reconstruction ratio last/first 0.35/0.46/0.69, final retrieval 3/4/3 of 32, final
+    # embedding spread 0.099/0.114/0.130: the bars keep a margin.
     # the warmed-up queue makes the first value the untrained one: about log(K + 1)
-    assert contrast[0] == pytest.approx(math.log(17), abs=0.3)
-    assert np.mean(contrast[-3:]) < contrast[0] - 0.3
-    assert np.mean(recon[-3:]) < 0.8 * recon[0]
-    assert len(s["val/recon_mse"]) == 2 and "val/retrieval_acc" in s and s["val/embedding_std"][0] > 0
+    assert contrast[0] == pytest.approx(math.log(257), abs=0.3)
+    assert np.mean(contrast[-3:]) < contrast[0] - 0.07
+    assert np.mean(recon[-3:]) < 0.85 * recon[0]
+    assert len(s["val/recon_mse"]) == 2
+    assert s["val/embedding_std"][-1] > 0.05  # not collapsed
+    assert s["val/retrieval_acc"][-1] >= 2 / 32  # more than the one pair a collapsed embedding gets
     enc = torch.load(pcrl_run / "encoder.pt", weights_only=True)
     assert enc["format"] == "medvol-encoder-1" and enc["model"] == "pcrl_unet"
     assert enc["encoder"] and all(k.startswith("encoder.") for k in enc["encoder"])
@@ -417,7 +426,7 @@ def test_fine_tuning_loads_the_encoder_and_can_freeze_it(pcrl_run, brain_pre, tm
     from medvol.training.supervised import SupervisedTrainer
 
     enc = torch.load(pcrl_run / "encoder.pt", weights_only=True)["encoder"]
-    sets = ["model.base_features=2", "data.patch_size=[16, 16, 16]", "data.batch_size=2", "data.num_workers=0",
+    sets = ["model.base_features=4", "data.patch_size=[16, 16, 16]", "data.batch_size=2", "data.num_workers=0",
             "data.val_cases=[brain_004]", f"init_from={pcrl_run / 'encoder.pt'}", "trainer.freeze_init_steps=3",
             "trainer.steps=3", "trainer.val_every=3"]
     r = load_recipe("pcrl_finetune_demo", sets)
@@ -436,7 +445,7 @@ def test_fine_tuning_loads_the_encoder_and_can_freeze_it(pcrl_run, brain_pre, tm
     from medvol.checkpoint import load_checkpoint
 
     after = load_checkpoint(run / "checkpoints" / "latest.pt")["models"]["model"]
-    params = {n for n, _ in PCRLSegNet(1, 3, base=2).named_parameters()}
+    params = {n for n, _ in PCRLSegNet(1, 3, base=4).named_parameters()}
     for k in params:
         if k in enc:  # frozen for the three steps
             torch.testing.assert_close(after[k], enc[k], rtol=0, atol=0)
