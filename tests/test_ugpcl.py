@@ -57,7 +57,7 @@ def test_faithful_widths_at_224():
     assert [s.blocks.blocks[0].attn.num_heads for s in net.tf_decoder.stages] == [12, 6, 3]
     assert net.proj_head[0].in_channels == 512 and net.proj_head[-1].out_channels == 256
     with torch.no_grad():
-        _check_outputs(net(torch.randn(1, 1, 224, 224)), 1, 4, (224, 224), 256)
+        _check_outputs(net(torch.randn(1, 1, 224, 224), all_outputs=True), 1, 4, (224, 224), 256)
 
 
 @pytest.mark.parametrize("size", [(224, 224), (96, 160)])
@@ -70,7 +70,7 @@ def test_tiny_widths_shapes(size):
 def test_other_input_size_than_built_runs_and_bad_sizes_fail():
     net = UGPCLNet(1, 2, (64, 64), **TINY).eval()
     with torch.no_grad():
-        _check_outputs(net(torch.randn(1, 1, 96, 64)), 1, 2, (96, 64), 16)
+        _check_outputs(net(torch.randn(1, 1, 96, 64), all_outputs=True), 1, 2, (96, 64), 16)
     with pytest.raises(ValueError, match="multiples of 32"):
         net(torch.randn(1, 1, 70, 64))
     with pytest.raises(ConfigError, match="multiples of 32"):
@@ -94,8 +94,10 @@ def test_position_embeddings_are_saved_and_trained():
     net.eval(), other.eval()
     x = torch.randn(1, 1, 64, 64)
     with torch.no_grad():
-        a, b = net(x), other(x)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+        a, b = net(x, all_outputs=True), other(x, all_outputs=True)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        # eval mode alone: the CNN decoder's logits, what prediction uses
+        assert torch.equal(net(x), a["seg_cnn"])
 
 
 def test_registry_builds_ugpcl():
