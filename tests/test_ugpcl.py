@@ -26,6 +26,7 @@ from medvol.losses.pixel_contrast import (
 )
 from medvol.networks import build_model
 from medvol.networks.slice.ugpcl import UGPCLNet
+from medvol.plans import Plans
 
 TINY = dict(width=8, layers=(1, 1, 1, 1), embed_dim=8, heads=(4, 2, 1), depths=(2, 2, 2), proj_dim=16, queue_size=6)
 
@@ -104,6 +105,8 @@ def test_registry_builds_ugpcl():
     cfg = ModelConfig(name="ugpcl", options=dict(TINY))
     net = build_model(cfg, {"patch_size": [64, 96]}, 1, 4)
     assert isinstance(net, UGPCLNet) and net.input_size == (64, 96)
+    plans = Plans(num_channels=1, label_names={0: "bg", 1: "a"}, patch_size=[96, 64])
+    assert build_model(cfg, plans, 1, 2).input_size == (96, 64)
     assert build_model(ModelConfig(name="ugpcl", options=dict(TINY)), {}, 1, 4).input_size == (224, 224)
     with pytest.raises(ConfigError, match="bogus"):
         build_model(ModelConfig(name="ugpcl", options={"bogus": 1}), {}, 1, 4)

@@ -233,16 +233,24 @@ class Trainer:
                                             amp=self.recipe.trainer.amp, slice_axis=self.slice_axis,
                                             context=self.recipe.data.context)
 
-    def validate(self) -> dict[str, float]:
-        """Per-class Dice on the validation cases (in the preprocessed space), and their mean."""
-        names = self.plans.label_names if self.plans else {}
-        scores: dict[str, list[float]] = {}
+    def validation_predictions(self):
+        """``(case, predicted labels, reference labels)`` of each validation case, in the
+        preprocessed space (the reference is -1 outside the nonzero mask)."""
         for case in self.val_cases:
             image, label, props = load_case(self.cache_dir, case)
-            pred = argmax_labels(self.validation_probabilities(image, props).numpy())
-            ref = np.asarray(label[0])
-            for c in range(1, self.num_classes):
-                scores.setdefault(f"val/dice_{names.get(c, c)}", []).append(dice(pred == c, ref == c))
+            yield case, argmax_labels(self.validation_probabilities(image, props).numpy()), np.asarray(label[0])
+
+    def class_dice(self, pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+        """``val/dice_<class name>`` of one case, for every foreground class."""
+        names = self.plans.label_names if self.plans else {}
+        return {f"val/dice_{names.get(c, c)}": dice(pred == c, ref == c) for c in range(1, self.num_classes)}
+
+    def validate(self) -> dict[str, float]:
+        """Per-class Dice on the validation cases (in the preprocessed space), and their mean."""
+        scores: dict[str, list[float]] = {}
+        for _, pred, ref in self.validation_predictions():
+            for k, v in self.class_dice(pred, ref).items():
+                scores.setdefault(k, []).append(v)
         return mean_scores(scores)
 
     # ------------------------------------------------------------------ checkpoints

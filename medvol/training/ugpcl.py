@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from medvol.errors import ConfigError
 from medvol.losses.pixel_contrast import UGPCLLoss
 from medvol.training import register_trainer
-from medvol.training.engine import Trainer, unwrap
+from medvol.training.engine import Trainer, mean_scores, unwrap
 
 _ROTATION_STREAM = 0x0607C1  # keeps the rotation draws apart from the data sampling's (seed, step, slot)
 _ANCHOR_STREAM = 0xA7C40
@@ -142,18 +142,44 @@ class UGPCLTrainer(Trainer):
                              generator=step_generator(self.recipe.trainer.seed, step, self.dist.rank))
         return {"loss": terms.pop("total"), **terms}
 
+    def validate(self) -> dict[str, float]:
+        """The engine's per-class Dice per case (``val/dice_*``, mean ``val/dice_mean``), and
+        the paper's 2D batch-averaged Dice over the validation slices (``val/dice2d_*``)."""
+        classes = list(range(1, self.num_classes))
+        scores: dict[str, list[float]] = {}
+        counts = []
+        for _, pred, ref in self.validation_predictions():
+            for k, v in self.class_dice(pred, ref).items():
+                scores.setdefault(k, []).append(v)
+            counts.append(slice_counts(pred, ref, classes, self.slice_axis if self.slice_axis is not None else 2))
+        out = mean_scores(scores)
+        if counts:
+            d2 = batch_averaged_dice(np.concatenate(counts), self.options.val_slice_batch)
+            names = self.plans.label_names if self.plans else {}
+            out.update({f"val/dice2d_{names.get(c, c)}": float(v) for c, v in zip(classes, d2)})
+            out["val/dice2d_mean"] = float(d2.mean())
+        return out
 
-def batch_averaged_dice(pred: np.ndarray, ref: np.ndarray, classes: list[int], batch: int = 16) -> dict[int, float]:
-    """The published validation Dice: slices ``(S, H, W)`` cut into consecutive batches of
-    ``batch``, per class the Dice of each batch's pooled pixels (1 when the class is in
+
+def slice_counts(pred: np.ndarray, ref: np.ndarray, classes: list[int], axis: int) -> np.ndarray:
+    """``(S, len(classes), 3)``: per slice across ``axis`` and class, |P∩R|, |P| and |R|."""
+    p, r = np.moveaxis(pred, axis, 0), np.moveaxis(ref, axis, 0)
+    sums = lambda m: m.reshape(m.shape[0], -1).sum(1)  # noqa: E731
+    return np.stack([np.stack([sums((p == c) & (r == c)), sums(p == c), sums(r == c)], -1) for c in classes], 1)
+
+
+def batch_averaged_dice(counts: np.ndarray, batch: int = 16) -> np.ndarray:
+    """The published validation Dice per class: the slices (``counts`` from
+    :func:`slice_counts`, all validation cases one after the other) cut into consecutive
+    batches of ``batch``, each batch's Dice from its pooled pixels (1 when the class is in
     neither), averaged over the batches."""
-    from medvol.evaluation.metrics import dice
+    from medvol.evaluation.metrics import dice_from_counts
 
-    n = max(1, math.ceil(pred.shape[0] / batch))
-    return {c: float(np.mean([dice(pred[i * batch:(i + 1) * batch] == c, ref[i * batch:(i + 1) * batch] == c)
-                              for i in range(n)])) for c in classes}
+    n = max(1, math.ceil(len(counts) / batch))
+    pooled = np.stack([counts[i * batch:(i + 1) * batch].sum(0) for i in range(n)])  # (n, classes, 3)
+    return dice_from_counts(pooled[..., 0], pooled[..., 1], pooled[..., 2]).mean(0)
 
 
 __all__ = ["UGPCLOptions", "UGPCLTrainer", "batch_averaged_dice", "draw_rotations", "rotate_batch",
-           "rotation_theta", "step_generator"]
+           "rotation_theta", "slice_counts", "step_generator"]
 

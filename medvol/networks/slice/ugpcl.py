@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from medvol.errors import ConfigError
 from medvol.losses.pixel_contrast import ClassMemoryQueue
 from medvol.networks import register
+from medvol.plans import Plans
 
 STRIDE = 32  # the encoder's total downsampling: H and W must be multiples of it
 
@@ -206,7 +207,7 @@ _OPTIONS = {"input_size", "width", "layers", "decoder_widths", "embed_dim", "hea
 
 
 @register("ugpcl")
-def build_ugpcl(model_cfg, plans: dict, in_channels: int, num_classes: int) -> nn.Module:
+def build_ugpcl(model_cfg, plans: Plans | dict | None, in_channels: int, num_classes: int) -> nn.Module:
     """``model.options``: any of :data:`_OPTIONS` (see :class:`UGPCLNet`); ``input_size``
     defaults to the plan's 2D ``patch_size``, else 224². ``model.base_features`` is not used."""
     opts = dict(model_cfg.options)
@@ -214,6 +215,6 @@ def build_ugpcl(model_cfg, plans: dict, in_channels: int, num_classes: int) -> n
     if unknown:
         raise ConfigError(f"model.options {unknown}: ugpcl takes {sorted(_OPTIONS)}")
     if "input_size" not in opts:
-        patch = (plans or {}).get("patch_size")
+        patch = plans.patch_size if isinstance(plans, Plans) else (plans or {}).get("patch_size")
         opts["input_size"] = tuple(patch) if patch is not None and len(patch) == 2 else (224, 224)
     return UGPCLNet(in_channels, num_classes, **opts)
