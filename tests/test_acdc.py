@@ -153,3 +153,33 @@ def test_volume_layout_errors(tmp_path):
         convert_acdc_volumes(tmp_path / "ACDC", tmp_path / "out", labelled=7)
     with pytest.raises(InputError, match="patient077"):
         convert_acdc_volumes(tmp_path / "ACDC", tmp_path / "out", val_patients=["patient077"])
+
+
+def test_converted_slices_preprocess_for_2d_with_the_papers_split(tmp_path):
+    """The adapter's output through `medvol preprocess`: sliced across axis 2, nothing
+    resampled; with its splits_final.json in the cache, fold 0 trains on the 7 labelled
+    patients + the unlabelled rest and validates on val.list."""
+    import shutil
+
+    from medvol.config import DataConfig
+    from medvol.data import training_cases
+    from medvol.plans import Plans
+    from medvol.preprocessing import load_case, load_plans, preprocess_dataset
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "src"
+    _slice_layout(src, shape=(32, 24))
+    for f in (src / "data").rglob("*.h5"):  # textured images (z-scoring needs some spread)
+        with h5py.File(f, "r+") as h:
+            h["image"][...] = h["image"][...] + rng.normal(0, 5, h["image"].shape)
+    raw = convert_acdc_slices(src, tmp_path / "raw")
+    preprocess_dataset(raw, tmp_path / "pre", num_workers=1, quiet=True)
+    plans = Plans.from_dict(load_plans(tmp_path / "pre")).for_2d()
+    assert plans.slice_axis == 2 and plans.patch_size == [32, 24]
+    image, label, _ = load_case(tmp_path / "pre", "patient002_frame12")
+    assert image.shape == (1, 32, 24, 3) and sorted(np.unique(label).tolist()) == [0, 1, 2, 3]
+    shutil.copy(raw / "splits_final.json", tmp_path / "pre")
+    labelled, unlabelled, val = training_cases(tmp_path / "pre", DataConfig(fold=0), seed=0)
+    assert {patient_of(c) for c in labelled} == {f"patient{p:03d}" for p in range(1, 8)}
+    assert {patient_of(c) for c in unlabelled} == {"patient008"}
+    assert val == ["patient009_frame01", "patient009_frame12"]
