@@ -16,9 +16,11 @@ from medvol.checkpoint import load_checkpoint, load_run, save_checkpoint
 from medvol.cli import main
 from medvol.config import load_recipe
 from medvol.data.slices import cached_slice_labels, extract_slices, raw_slice_of
+from medvol.datasets.dicom import write_dicom_series
 from medvol.datasets.subjects import build_subject_dataset
 from medvol.errors import ConfigError, InputError
 from medvol.inference.subjects import extract_features, subject_probabilities
+from medvol.io import Volume, read_volume, write_volume
 from medvol.io.slice_features import read_features
 from medvol.manifest import MANIFEST
 from medvol.networks.aggregator import GRUSliceAggregator
@@ -166,3 +168,20 @@ def test_predict_refuses_segmentation_options_and_a_changed_classifier(stage_one
     assert "not the checkpoint the aggregator's features were extracted with" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="a slice aggregator's run"):
         load_run(agg, CPU)
+
+
+def test_predict_a_dicom_series(stage_one, aggregator_run, tmp_path):
+    """A DICOM series goes through the same discovery, reading and preprocessing as a NIfTI:
+    the same subject prediction as its NIfTI (intensities rounded to the stored integers)."""
+    src = read_volume(stage_one["raw"] / "imagesTr" / "subject_003_0000.nii.gz")
+    write_dicom_series(Volume(np.round(src.array).astype(np.float32), src.affine), tmp_path / "series" / "s3",
+                       modality="MR", intercept=0.0)
+    rounded = tmp_path / "nifti" / "s3.nii.gz"
+    write_volume(Volume(np.round(src.array).astype(np.float32), src.affine), rounded)
+    for name, scan in (("dicom", tmp_path / "series" / "s3"), ("nifti", rounded)):
+        assert main(["predict", "-m", str(aggregator_run), "-i", str(scan), "-o", str(tmp_path / name),
+                     "--device", "cpu", "-q"]) == 0
+    dicom, nifti = _rows(tmp_path / "dicom" / "subjects.csv"), _rows(tmp_path / "nifti" / "subjects.csv")
+    assert [r["subject"] for r in dicom] == ["s3"] and [r["subject"] for r in nifti] == ["s3"]
+    assert float(dicom[0]["p_1"]) == pytest.approx(float(nifti[0]["p_1"]), abs=1e-4)
+    assert len(_rows(tmp_path / "dicom" / "slices.csv")) == len(_rows(tmp_path / "nifti" / "slices.csv"))
