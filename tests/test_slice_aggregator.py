@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from medvol.checkpoint import load_checkpoint
 from medvol.config import load_recipe
 from medvol.errors import ConfigError, InputError
 from medvol.evaluation.classification import balanced_accuracy, binary_auc, classification_metrics, majority_accuracy
@@ -179,3 +180,18 @@ def test_aggregator_beats_the_majority_baseline(tmp_path, mean_teacher):
     baseline = majority_accuracy(np.array([s.subject_class for s in data.items[30:]]))
     assert baseline == pytest.approx(2 / 3)
     assert metrics["val/accuracy"] >= 0.8 > baseline
+
+
+def test_mean_teacher_resume_is_exact(tmp_path):
+    """Stopped after 3 of 6 steps and resumed, the student and the teacher end as in one run."""
+    data = synthetic_features(12, 0)
+    write_features(tmp_path / "features.npz", data)
+    extra = ["method.mean_teacher=true", "data.labelled=4", "data.unlabelled_per_batch=2", "data.batch_size=4",
+             "data.val_cases=[s000, s001]"]
+    with pinned(0, threads=1):
+        train(recipe(0, 6, extra), tmp_path, tmp_path / "once", device="cpu", quiet=True)
+        train(recipe(0, 6, extra), tmp_path, tmp_path / "twice", device="cpu", quiet=True, stop_at=3)
+        train(recipe(0, 6, extra), tmp_path, tmp_path / "twice", device="cpu", quiet=True, resume=True)
+    a, b = (load_checkpoint(tmp_path / r / "checkpoints" / "latest.pt")["models"] for r in ("once", "twice"))
+    for key in ("model", "teacher"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
