@@ -28,7 +28,7 @@ from medvol.training import train
 
 from conftest import pinned
 
-TINY_DCMT = "model.options={width: 0.25, groups: 2, layers: [1, 1, 1, 1], head_channels: 16}"
+TINY_CNN = "model.options={widths: [4, 8]}"
 CPU = torch.device("cpu")
 
 
@@ -41,7 +41,7 @@ def stage_one(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("subjects")
     raw = build_subject_dataset(tmp / "raw" / "Dataset031_BrainLesionSubjects", n=8, spacing=6.0, seed=0)
     assert not preprocess_dataset(raw, tmp / "pre", num_workers=1, quiet=True).failures
-    recipe = load_recipe("slice_classifier_demo", [TINY_DCMT, "trainer.steps=4", "trainer.val_every=4",
+    recipe = load_recipe("slice_classifier_demo", [TINY_CNN, "trainer.steps=4", "trainer.val_every=4",
                                                    "data.batch_size=4", "data.val_cases=[subject_000, subject_001]"])
     with pinned(0, threads=1):
         train(recipe, tmp / "pre", tmp / "clf", device="cpu", quiet=True)
@@ -185,3 +185,18 @@ def test_predict_a_dicom_series(stage_one, aggregator_run, tmp_path):
     assert [r["subject"] for r in dicom] == ["s3"] and [r["subject"] for r in nifti] == ["s3"]
     assert float(dicom[0]["p_1"]) == pytest.approx(float(nifti[0]["p_1"]), abs=1e-4)
     assert len(_rows(tmp_path / "dicom" / "slices.csv")) == len(_rows(tmp_path / "nifti" / "slices.csv"))
+
+
+def test_slice_cnn_outputs_and_options():
+    from medvol.config import ModelConfig
+    from medvol.networks import build_model
+
+    model = build_model(ModelConfig(name="slice_cnn", options={"widths": [4, 8, 6]}), None, 3, 5).eval()
+    x = torch.randn(2, 3, 20, 28)
+    with torch.no_grad():
+        out, h = model(x), model.body(x)
+    assert out["logits"].shape == (2, 5) and out["features"].shape == (2, 12) and model.feature_dim == 12
+    assert h.shape == (2, 6, 5, 7)  # two stride-2 stages
+    assert torch.equal(out["features"], torch.cat([h.amax((2, 3)), h.mean((2, 3))], 1))  # max, then mean
+    with pytest.raises(ConfigError, match="slice_cnn takes"):
+        build_model(ModelConfig(name="slice_cnn", options={"depth": 3}), None, 1, 2)
