@@ -126,6 +126,18 @@ def test_subject_split_and_batches(tmp_path):
     assert torch.equal(ds[5]["features"], t.make_dataset()[5]["features"])  # a pure function of (seed, step, slot)
 
 
+def test_the_24_slice_mode_trains_on_padded_batches(tmp_path):
+    """model.options.fixed_slices 24: subjects of 12-29 slices, cropped / padded by the model."""
+    data = synthetic_features(8, 0)
+    write_features(tmp_path / "features.npz", data)
+    r = recipe(0, 2, ["model.options={hidden: [8, 8], gru_hidden: 4, fixed_slices: 24}", "data.batch_size=4",
+                      "data.val_cases=[s000, s001, s002]"])
+    with pinned(0, threads=1):
+        metrics = train(r, tmp_path, tmp_path / "run", device="cpu", quiet=True)
+    assert set(metrics) == {"val/accuracy", "val/balanced_accuracy", "val/auc"}
+    assert {len(s.features) for s in data.items} - {24}  # lengths other than 24 were there
+
+
 def test_bad_aggregator_settings(tmp_path):
     data = synthetic_features(6, 0)
     with pytest.raises(ConfigError, match="mean_teacher"):
