@@ -86,6 +86,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                         "none (one job script for the first start and every requeue)")
     p.add_argument("--device", default="auto", action=_checked(validation.device),
                    help="cpu, cuda, cuda:1 or auto (default)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None,
+                   help="numerical precision (default: the recipe's trainer.precision, auto: bf16 on CPUs with "
+                        "native bf16 and on GPUs that support it, fp16 on other GPUs, else fp32)")
     p.add_argument("--nproc", type=int, default=1, action=_checked(validation.positive_int),
                    help="processes on this node (DDP through torchrun)")
     _add_common(p)
@@ -152,9 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "cost (default: the recipe's inference.tta)")
     p.add_argument("--overlap", type=float, default=None, action=_checked(validation.fraction),
                    help="sliding-window overlap in [0, 1) (default: the recipe's, or 0.5)")
-    p.add_argument("--step", type=int, nargs=3, metavar=("X", "Y", "Z"), default=None,
-                   help="sliding-window step in voxels of the preprocessed grid, per axis (a paper's stride); "
-                        "replaces --overlap")
+    p.add_argument("--step", type=int, nargs="+", metavar="N", default=None,
+                   help="sliding-window step in voxels of the preprocessed grid, per axis of the patch (X Y Z; "
+                        "2 in-plane values for a 2D model; a paper's stride); replaces --overlap")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None,
+                   help="numerical precision (default: the recipe's inference.precision, auto: bf16 on CPUs with "
+                        "native bf16 and on GPUs that support it, fp16 on other GPUs, else fp32)")
+    p.add_argument("--all-windows", action="store_true", default=None,
+                   help="also run the windows that lie wholly outside the scan's nonzero (body) mask "
+                        "(default: they are skipped and read as background)")
     p.add_argument("--largest-component", action=argparse.BooleanOptionalAction, default=None,
                    help="keep only the largest connected component of each label (default: the recipe's)")
     p.add_argument("--sw-batch-size", type=int, default=2, action=_checked(validation.positive_int),
@@ -258,6 +267,8 @@ def _cmd_train(a) -> int:
 
     if a.fold is not None:
         a.overrides = [*a.overrides, f"data.fold={a.fold}"]
+    if a.precision is not None:
+        a.overrides = [*a.overrides, f"trainer.precision={a.precision}"]
     recipe = load_recipe(a.recipe, a.overrides)  # fail early, before any process is spawned
     if a.nproc > 1 and "WORLD_SIZE" not in os.environ:
         from medvol.training.distributed import launch
@@ -291,7 +302,7 @@ def _cmd_predict(a) -> int:
     models = a.model if len(a.model) > 1 else a.model[0]
     written = predict(models, a.input, a.out, a.device, a.tta, a.overlap, a.sw_batch_size, a.save_probabilities,
                       a.checkpoint, a.quiet, largest_component_only=a.largest_component, task=a.task,
-                      step=a.step)
+                      step=a.step, precision=a.precision, all_windows=a.all_windows)
     if not a.no_pictures:
         from medvol.evaluation.report import write_report
         from medvol.inference.predictor import model_plans
