@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
     p.add_argument("--slice-batch", type=int, default=16, action=_checked(validation.positive_int),
                    help="slices per forward pass (default 16)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="the classifier's numerical precision (default auto, as medvol predict's: predict "
+                        "with the precision the features were extracted with)")
     p.add_argument("--device", default="auto", action=_checked(validation.device))
     _add_common(p)
 
@@ -321,7 +324,7 @@ def _cmd_predict(a) -> int:
     return 0
 
 
-SEGMENTATION_ONLY = ("tta", "overlap", "step", "largest_component", "task")
+SEGMENTATION_ONLY = ("tta", "overlap", "step", "largest_component", "task", "all_windows")
 
 
 def _predict_subjects(a) -> int:
@@ -333,7 +336,8 @@ def _predict_subjects(a) -> int:
     if given:
         raise ConfigError(f"--{given[0].replace('_', '-')}: {a.model[0]} predicts subject classes (a slice "
                           "aggregator's run); the option applies to segmentation models only")
-    written = predict_subjects(a.model[0], a.input, a.out, a.device, a.checkpoint, a.quiet)
+    written = predict_subjects(a.model[0], a.input, a.out, a.device, a.checkpoint, a.quiet,
+                               precision=a.precision or "auto")
     print(f"subject predictions -> {written[0]}, per-slice scores -> {written[1]}")
     return 0
 
@@ -341,7 +345,8 @@ def _predict_subjects(a) -> int:
 def _cmd_extract_features(a) -> int:
     from medvol.inference.subjects import extract_features
 
-    path = extract_features(a.run, a.data, a.out, a.device, a.checkpoint, a.labels, a.slice_batch, a.quiet)
+    path = extract_features(a.run, a.data, a.out, a.device, a.checkpoint, a.labels, a.slice_batch, a.quiet,
+                            a.precision)
     print(f"features -> {path} (medvol train slice_aggregator --data {a.out} --out RUN)")
     return 0
 

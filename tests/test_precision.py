@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import pinned
 from medvol.errors import ConfigError
 from medvol.inference.sliding_window import sliding_window_probabilities
 from medvol.precision import Precision, choose_precision, cpu_has_native_bf16
+
+from conftest import pinned
 
 CPU = torch.device("cpu")
 

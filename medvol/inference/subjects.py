@@ -23,6 +23,7 @@ import hashlib
 import io
 import logging
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -34,6 +35,7 @@ import torch.nn as nn
 from medvol.errors import CacheError, ConfigError
 from medvol.networks.aggregator import pad_slices
 from medvol.networks.slice_adapter import SliceAdapter
+from medvol.precision import Precision, choose_precision
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +56,23 @@ def pad_in_plane(x: torch.Tensor, slice_axis: int, patch: Sequence[int]) -> torc
 
 @torch.no_grad()
 def slice_outputs(model: nn.Module, image, slice_axis: int, context: int, device: torch.device,
-                  patch: Sequence[int] = (), slice_batch: int = SLICE_BATCH,
-                  features: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+                  patch: Sequence[int] = (), slice_batch: int = SLICE_BATCH, features: bool = True,
+                  precision: Precision | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Per-slice logits ``(S, K)`` and features ``(S, F)`` (float32) of a preprocessed image
     ``(C, X, Y, Z)`` across ``slice_axis`` (0-2), by a 2D classifier in eval mode, whole slices
     ``slice_batch`` at a time, with ``context`` neighbours per side as channels (2.5D). Slices
     smaller than the training ``patch`` are padded to it as training padded them: a classifier
     with a few-pixel feature map answers differently for a few pixels more or less.
-    ``features=False`` allows a model that returns logits only (features None)."""
+    ``features=False`` allows a model that returns logits only (features None); ``precision``:
+    the autocast the model runs under (default fp32)."""
     adapter = SliceAdapter(model, axis=slice_axis + 2, slice_batch=slice_batch, context=context,
                            mode="classification")
     x = pad_in_plane(torch.from_numpy(np.array(image, np.float32))[None], slice_axis, patch)
     was_training = model.training
     model.eval()
     try:
-        out = adapter(x.to(device))
+        with precision.autocast() if precision else nullcontext():
+            out = adapter(x.to(device))
     finally:
         model.train(was_training)
     if features and out.features is None:
@@ -115,9 +119,10 @@ class SliceClassifier:
     run_dir: Path
     checkpoint: Path
 
-    def outputs(self, image, device: torch.device, slice_batch: int = SLICE_BATCH) -> tuple[np.ndarray, np.ndarray]:
+    def outputs(self, image, device: torch.device, slice_batch: int = SLICE_BATCH,
+                precision: Precision | None = None) -> tuple[np.ndarray, np.ndarray]:
         logits, feats = slice_outputs(self.model, image, self.slice_axis, self.context, device, self.patch_size,
-                                      slice_batch)
+                                      slice_batch, precision=precision)
         assert feats is not None
         return logits, feats
 
@@ -200,11 +205,12 @@ def _subject_labels(data: Path, labels: str | Path | None, counts: dict[str, int
 
 def extract_features(run_dir: str | Path, data: str | Path, out_dir: str | Path, device: str = "auto",
                      checkpoint: str = "best", labels: str | Path | None = None, slice_batch: int = SLICE_BATCH,
-                     quiet: bool = False) -> Path:
+                     quiet: bool = False, precision: str = "auto") -> Path:
     """The slice classifier of ``run_dir`` over every case of ``data`` (a preprocessing cache
     made with its plan, or scans: a file, a folder, a DICOM series), per-slice features and
     logits written to ``out_dir/features.npz`` with the subjects' classes: from ``labels`` (a
-    ``slice_labels.csv`` indexing the raw scans' slices) or, for a cache, its own."""
+    ``slice_labels.csv`` indexing the raw scans' slices) or, for a cache, its own. ``precision``
+    (:mod:`medvol.precision`) is recorded: predict with the same one."""
     from tqdm import tqdm
 
     from medvol.inference.predictor import resolve_device
@@ -213,6 +219,7 @@ def extract_features(run_dir: str | Path, data: str | Path, out_dir: str | Path,
     from medvol.manifest import check_files, claim_files
 
     dev, data, out_dir = resolve_device(device), Path(data), Path(out_dir)
+    prec = choose_precision(dev, precision)
     clf = load_classifier(run_dir, dev, checkpoint)
     check_files(out_dir, [FEATURES_FILE])  # before anything is computed
     if _is_cache(data):
@@ -225,7 +232,7 @@ def extract_features(run_dir: str | Path, data: str | Path, out_dir: str | Path,
     items, counts = [], {}
     for case, image, props in tqdm(cases, total=n, desc="extract-features", unit="case",
                                    disable=quiet or not sys.stderr.isatty()):
-        logits, feats = clf.outputs(image, dev, slice_batch)
+        logits, feats = clf.outputs(image, dev, slice_batch, prec)
         counts[case] = int(props["original_shape"][clf.slice_axis])
         items.append(SubjectSlices(case, feats, logits, np.arange(len(feats)),
                                    _raw_slices(props, clf.slice_axis, len(feats))))
@@ -234,7 +241,8 @@ def extract_features(run_dir: str | Path, data: str | Path, out_dir: str | Path,
     classes = _subject_labels(data, labels, counts)
     for item in items:
         item.subject_class = classes.get(item.subject, -1)
-    meta = {**clf.meta(), "source": str(data.resolve()), "slice_classes": int(items[0].logits.shape[1]),
+    meta = {**clf.meta(), "source": str(data.resolve()), "precision": prec.name,
+            "slice_classes": int(items[0].logits.shape[1]),
             "subject_classes": max(classes.values()) + 1 if classes else None}
     claim_files(out_dir, [FEATURES_FILE])
     return write_features(out_dir / FEATURES_FILE, SliceFeatures(items, meta))
@@ -282,8 +290,10 @@ def load_subject_model(run_dir: str | Path, device: torch.device, checkpoint: st
 
 
 def predict_subjects(run_dir: str | Path, inputs: str | Path, out_dir: str | Path, device: str = "auto",
-                     checkpoint: str = "best", quiet: bool = False, slice_batch: int = SLICE_BATCH) -> list[Path]:
-    """Both stages on every scan of ``inputs``: ``out_dir/subjects.csv`` and ``slices.csv``."""
+                     checkpoint: str = "best", quiet: bool = False, slice_batch: int = SLICE_BATCH,
+                     precision: str = "auto") -> list[Path]:
+    """Both stages on every scan of ``inputs``: ``out_dir/subjects.csv`` and ``slices.csv``.
+    ``precision`` is the slice classifier's (the aggregator, a small network, runs in fp32)."""
     from tqdm import tqdm
 
     from medvol.inference.predictor import resolve_device
@@ -291,13 +301,14 @@ def predict_subjects(run_dir: str | Path, inputs: str | Path, out_dir: str | Pat
     from medvol.manifest import check_files
 
     dev, out_dir = resolve_device(device), Path(out_dir)
+    prec = choose_precision(dev, precision)
     sm = load_subject_model(run_dir, dev, checkpoint)
     cases = input_cases(inputs, len(sm.classifier.plans["normalization"]))
     check_files(out_dir, [SUBJECTS_CSV, SLICES_CSV])
     subjects, slices = [], []
     for case, image, props in tqdm(_scan_cases(cases, sm.classifier.plans), total=len(cases), desc="predict",
                                    unit="case", disable=quiet or not sys.stderr.isatty()):
-        logits, feats = sm.classifier.outputs(image, dev, slice_batch)
+        logits, feats = sm.classifier.outputs(image, dev, slice_batch, prec)
         probs = subject_probabilities(sm.aggregator, [feats], dev)[0]
         subjects.append([case, *probs, int(probs.argmax())])
         raw = _raw_slices(props, sm.classifier.slice_axis, len(feats))

@@ -161,7 +161,8 @@ class SliceAggregatorTrainer(Trainer):
             write_json(self.run_dir / AGGREGATOR_RUN_FILE, {
                 "features": str(features_path(self.cache_dir).resolve()), "feature_dim": self.in_channels,
                 "num_classes": self.num_classes, "classifier": meta.get("classifier"),
-                "classifier_checkpoint": meta.get("checkpoint"), "classifier_sha256": meta.get("checkpoint_sha256")})
+                "classifier_checkpoint": meta.get("checkpoint"), "classifier_sha256": meta.get("checkpoint_sha256"),
+                "features_precision": meta.get("precision")})
 
     def perturb(self, x: torch.Tensor) -> torch.Tensor:
         """One view of the features: element-wise dropout, then noise of ``feature_noise`` stds."""
