@@ -183,6 +183,17 @@ def _scan_cases(cases: list, plans: dict) -> Iterator[tuple[str, np.ndarray, dic
         yield case, array, props
 
 
+def _cases(data: Path, clf: SliceClassifier) -> tuple[int, Iterator[tuple[str, np.ndarray, dict]]]:
+    """How many cases ``data`` holds (a cache, or scans) and an iterator over them, preprocessed."""
+    from medvol.cache import list_cases
+    from medvol.io.discovery import input_cases
+
+    if _is_cache(data):
+        return len(list_cases(data)), _cache_cases(data, clf)
+    found = input_cases(data, len(clf.plans["normalization"]))
+    return len(found), _scan_cases(found, clf.plans)
+
+
 def _raw_slices(props: dict, axis: int, n: int) -> np.ndarray:
     """The raw scan's slice nearest each preprocessed slice; -1 where the cache reordered the axes."""
     from medvol.data.slices import raw_slice_of
@@ -214,7 +225,6 @@ def extract_features(run_dir: str | Path, data: str | Path, out_dir: str | Path,
     from tqdm import tqdm
 
     from medvol.inference.predictor import resolve_device
-    from medvol.io.discovery import input_cases
     from medvol.io.slice_features import FEATURES_FILE, SliceFeatures, SubjectSlices, write_features
     from medvol.manifest import check_files, claim_files
 
@@ -222,13 +232,7 @@ def extract_features(run_dir: str | Path, data: str | Path, out_dir: str | Path,
     prec = choose_precision(dev, precision)
     clf = load_classifier(run_dir, dev, checkpoint)
     check_files(out_dir, [FEATURES_FILE])  # before anything is computed
-    if _is_cache(data):
-        from medvol.cache import list_cases
-
-        n, cases = len(list_cases(data)), _cache_cases(data, clf)
-    else:
-        found = input_cases(data, len(clf.plans["normalization"]))
-        n, cases = len(found), _scan_cases(found, clf.plans)
+    n, cases = _cases(data, clf)
     items, counts = [], {}
     for case, image, props in tqdm(cases, total=n, desc="extract-features", unit="case",
                                    disable=quiet or not sys.stderr.isatty()):
