@@ -30,7 +30,7 @@ from medvol.evaluation.metrics import dice
 from medvol.inference.postprocess import argmax_labels
 from medvol.inference.sliding_window import SoftmaxClasses, sliding_window_probabilities
 from medvol.plans import Plans
-from medvol.training.distributed import DistInfo, barrier, params_identical_across_ranks
+from medvol.training.distributed import DistInfo, barrier, params_identical_across_ranks, run_on_main
 from medvol.training.logger import RunLogger
 from medvol.training.preemption import PreemptionFlag
 from medvol.training.schedules import make_optimizer, make_scheduler
@@ -81,6 +81,7 @@ class Trainer:
     higher_is_better = True  # of the primary metric (best.pt keeps the best)
     inference_key = "model"  # which of self.models prediction uses (e.g. "teacher")
     ddp_find_unused = False  # True when a model holds parameters some steps do not use
+    scan_validation = True  # end-of-run validation from the raw scans (False: no class-label output to score)
 
     def __init__(self, recipe: Recipe, cache_dir: str | Path, run_dir: str | Path, dist: DistInfo):
         self.recipe, self.cache_dir, self.run_dir, self.dist = recipe, Path(cache_dir), Path(run_dir), dist
@@ -314,7 +315,30 @@ def fit(trainer: Trainer, resume: bool = False, stop_at: int | None = None, quie
     if dist.is_main and stop < total:  # "interrupted": leave a resumable checkpoint
         save_checkpoint(trainer.run_dir / "checkpoints" / "latest.pt", trainer.state(stop, loop.best))
     write_summary(trainer, loop, stop, time.perf_counter() - t0)
+    if stop == total:
+        validate_in_scan_geometry(trainer, trained=start < total, quiet=quiet)
     return loop.metrics
+
+
+def validate_in_scan_geometry(trainer: Trainer, trained: bool, quiet: bool) -> None:
+    """End of a run (``trainer.final_validation``): the main process predicts the validation
+    cases from their raw scans and evaluates them into ``RUN/validation/``
+    (:mod:`medvol.training.final_validation`) while the other processes wait. A resumed
+    run that trained nothing keeps a summary already written at its final step."""
+    if not (trainer.recipe.trainer.final_validation and trainer.scan_validation and trainer.val_cases):
+        return
+    step = trainer.recipe.trainer.steps
+
+    def validate() -> None:
+        from medvol.training.final_validation import final_validation, validated_step
+
+        if not trained and validated_step(trainer.run_dir) == step:
+            log.info("final validation: %s/validation/summary.json is from this step %d already",
+                     trainer.run_dir, step)
+            return
+        final_validation(trainer.run_dir, trainer.cache_dir, trainer.val_cases, step, trainer.device, quiet=quiet)
+
+    run_on_main(trainer.dist, validate)
 
 
 def setup_run_folder(trainer: Trainer, resume: bool) -> tuple[int, float]:
