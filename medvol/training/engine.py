@@ -30,7 +30,7 @@ from medvol.evaluation.metrics import dice
 from medvol.inference.postprocess import argmax_labels
 from medvol.inference.sliding_window import SoftmaxClasses, sliding_window_probabilities
 from medvol.plans import Plans
-from medvol.training.distributed import DistInfo, barrier, params_identical_across_ranks, run_on_main
+from medvol.training.distributed import DistInfo, barrier, params_identical_across_ranks
 from medvol.training.logger import RunLogger
 from medvol.training.preemption import PreemptionFlag
 from medvol.training.schedules import make_optimizer, make_scheduler
@@ -316,29 +316,10 @@ def fit(trainer: Trainer, resume: bool = False, stop_at: int | None = None, quie
         save_checkpoint(trainer.run_dir / "checkpoints" / "latest.pt", trainer.state(stop, loop.best))
     write_summary(trainer, loop, stop, time.perf_counter() - t0)
     if stop == total:
-        validate_in_scan_geometry(trainer, trained=start < total, quiet=quiet)
+        from medvol.training.final_validation import validate_at_end
+
+        validate_at_end(trainer, trained=start < total, quiet=quiet)
     return loop.metrics
-
-
-def validate_in_scan_geometry(trainer: Trainer, trained: bool, quiet: bool) -> None:
-    """End of a run (``trainer.final_validation``): the main process predicts the validation
-    cases from their raw scans and evaluates them into ``RUN/validation/``
-    (:mod:`medvol.training.final_validation`) while the other processes wait. A resumed
-    run that trained nothing keeps a summary already written at its final step."""
-    if not (trainer.recipe.trainer.final_validation and trainer.scan_validation and trainer.val_cases):
-        return
-    step = trainer.recipe.trainer.steps
-
-    def validate() -> None:
-        from medvol.training.final_validation import final_validation, validated_step
-
-        if not trained and validated_step(trainer.run_dir) == step:
-            log.info("final validation: %s/validation/summary.json is from this step %d already",
-                     trainer.run_dir, step)
-            return
-        final_validation(trainer.run_dir, trainer.cache_dir, trainer.val_cases, step, trainer.device, quiet=quiet)
-
-    run_on_main(trainer.dist, validate)
 
 
 def setup_run_folder(trainer: Trainer, resume: bool) -> tuple[int, float]:
