@@ -106,6 +106,16 @@ def run_checkpoint(run_dir: str | Path, checkpoint: str = "best") -> Path:
     return path
 
 
+def expand_fold_folders(paths: list[Path]) -> list[Path]:
+    """The run folders meant by ``paths``: each path itself, or, for a folder that is not a run
+    (no ``recipe.yaml``) but holds ``fold_*`` runs, those runs in name order."""
+    out = []
+    for r in map(Path, paths):
+        folds = sorted(r.glob("fold_*")) if r.is_dir() and not (r / "recipe.yaml").exists() else []
+        out += folds or [r]
+    return out
+
+
 def load_run(run_dir: str | Path, device: torch.device, checkpoint: str = "best") -> RunModel:
     """Model (in eval mode, on ``device``), recipe and plans of a run folder written by ``medvol train``."""
     from medvol.config import load_recipe

@@ -47,6 +47,7 @@ medvol: 3D medical image segmentation with nnU-Net-style preprocessing.
   medvol predict -m RUN -i SCANS -o OUT predictions in the scans' own geometry
   medvol extract-features RUN_2D --data PRE -o FEATURES   slice features for the subject aggregator
   medvol evaluate --pred OUT --ref LABELS
+  medvol cv RUNS/                       cross-validation table of the fold_* runs' validations
   medvol demo                           the whole pipeline on built-in real data
 
 `medvol COMMAND --help` lists a command's options."""
@@ -134,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a recipe on a preprocessing cache")
     p.add_argument("recipe", help="recipe YAML (a path, or a built-in recipe's name, e.g. quickstart: "
                                   "see medvol recipes)")
+    p.add_argument("--no-final-validation", action="store_true",
+                   help="skip the end-of-run validation (validation cases predicted from their raw scans into "
+                        "OUT/validation/, with summary.json for medvol cv); same as "
+                        "--set trainer.final_validation=false")
     _add_train_options(p)
 
     p = sub.add_parser("pretrain", help="PCRL self-supervised pretraining; writes OUT/encoder.pt")
@@ -207,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, help="images folder: also draw pictures and an index.html in PRED")
     _add_common(p)
 
+    p = sub.add_parser("cv", help="merge the folds' end-of-run validations into one cross-validation table")
+    p.add_argument("runs", type=Path, nargs="+", metavar="RUN",
+                   help="the folds' run folders, or one folder holding fold_* runs")
+    p.add_argument("-o", "--out", type=Path,
+                   help="output folder (cv_summary.json/.csv/.html, cv_dice.png); default: the folder of fold_* "
+                        "runs when one is given")
+    _add_common(p)
+
     p = sub.add_parser("demo", help="the main job end to end on the built-in real data")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default ./demo_out)")
     p.add_argument("-j", "--workers", type=int, default=None, action=_checked(validation.positive_int),
@@ -272,6 +285,8 @@ def _cmd_train(a) -> int:
         a.overrides = [*a.overrides, f"data.fold={a.fold}"]
     if a.precision is not None:
         a.overrides = [*a.overrides, f"trainer.precision={a.precision}"]
+    if getattr(a, "no_final_validation", False):
+        a.overrides = [*a.overrides, "trainer.final_validation=false"]
     recipe = load_recipe(a.recipe, a.overrides)  # fail early, before any process is spawned
     if a.nproc > 1 and "WORLD_SIZE" not in os.environ:
         from medvol.training.distributed import launch
@@ -381,6 +396,26 @@ def _cmd_evaluate(a) -> int:
     return 0
 
 
+def _cmd_cv(a) -> int:
+    from medvol.evaluation.crossval import FOREGROUND, cross_validation, write_cross_validation
+
+    out = a.out
+    if out is None:
+        if len(a.runs) != 1 or (a.runs[0] / "recipe.yaml").exists():
+            raise ConfigError("medvol cv: give -o OUT (the default, the folder of fold_* runs, needs exactly one "
+                              "such folder)")
+        out = a.runs[0]
+    res = cross_validation(a.runs)
+    written = write_cross_validation(res, out)
+    pooled, folds = res["all_cases"], res["mean_of_folds"]
+    for c in [*res["classes"], FOREGROUND]:
+        d, f = pooled["summary"][c]["dice"], folds["summary"][c]["dice"]
+        print(f"{c}: Dice {d['mean']:.4f} over {pooled['n_cases']} case(s); mean of {folds['n_folds']} fold(s) "
+              f"{f['mean']:.4f} ± {f['std']:.4f}")
+    print(f"cross-validation: {written[0]} (.csv, .html) and {written[3].name}")
+    return 0
+
+
 def _cmd_demo(a) -> int:
     """The demo application ships with the dataset builders (``datasets/demo.py``): run it,
     so that nothing under ``medvol/`` imports them."""
@@ -394,7 +429,7 @@ def _cmd_demo(a) -> int:
 COMMANDS = {"preprocess": _cmd_preprocess, "fingerprint": _cmd_fingerprint, "plan": _cmd_plan,
             "recipes": _cmd_recipes, "train": _cmd_train, "export": _cmd_export,
             "pretrain": _cmd_train, "predict": _cmd_predict, "extract-features": _cmd_extract_features,
-            "evaluate": _cmd_evaluate, "demo": _cmd_demo}
+            "evaluate": _cmd_evaluate, "cv": _cmd_cv, "demo": _cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -102,6 +102,7 @@ class TrainerConfig:
     val_overlap: float = 0.5
     freeze_init_steps: int = 0  # with init_from: the loaded tensors get no update for this many steps
     checkpoint_every: int | None = None  # also write latest.pt every N steps (pre-emptible clusters)
+    final_validation: bool = True  # at the end: predict the validation cases from their raw scans, evaluate
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from medvol.checkpoint import RunModel, load_run
+from medvol.checkpoint import RunModel, expand_fold_folders, load_run
 from medvol.config import InferenceConfig
 from medvol.errors import ConfigError, InputError
 from medvol.inference.postprocess import argmax_labels, dodnet_postprocess, largest_component, task_labels
@@ -91,11 +91,21 @@ def predict(run_dir: str | Path | Sequence[str | Path], inputs: str | Path, out_
     also be a model file written by ``medvol export`` (``.zip``), several of them (an ensemble:
     their probabilities are averaged before post-processing; the first one's inference
     settings apply) or a folder holding ``fold_*`` runs."""
+    _check_options(sw_batch_size, overlap)
     with _unpacked_models(run_dir) as run_dirs:
-        given = dict(tta=tta, overlap=overlap, step=step, largest_component=largest_component_only,
-                     precision=precision, all_windows=all_windows)
-        return _predict(run_dirs, inputs, out_dir, device, given, sw_batch_size, save_probabilities,
-                        checkpoint, quiet, postprocess, task)
+        dev = resolve_device(device)
+        runs = [load_run(r, dev, checkpoint) for r in run_dirs]
+        cases = input_cases(inputs, runs[0].plans.num_channels)
+        return predict_cases(runs, cases, out_dir, dev, tta, overlap, sw_batch_size, save_probabilities, quiet,
+                             postprocess, largest_component_only, task, step, precision, all_windows)
+
+
+def _check_options(sw_batch_size: int, overlap: float | None) -> None:
+    from medvol import validation
+
+    validation.positive_int(sw_batch_size, "--sw-batch-size")
+    if overlap is not None:
+        validation.fraction(overlap, "--overlap")
 
 
 @contextmanager
@@ -105,10 +115,7 @@ def _unpacked_models(run_dir) -> Iterator[list[Path]]:
     from medvol.export import unpacked_model
 
     given = [Path(run_dir)] if isinstance(run_dir, (str, Path)) else [Path(r) for r in run_dir]
-    expanded = []
-    for r in given:
-        folds = sorted(r.glob("fold_*")) if r.is_dir() and not (r / "recipe.yaml").exists() else []
-        expanded += folds or [r]
+    expanded = expand_fold_folders(given)
     with ExitStack() as stack:
         yield [stack.enter_context(unpacked_model(r)) if r.suffix == ".zip" else r for r in expanded]
 
@@ -119,23 +126,23 @@ def model_plans(run_dir) -> Plans:
         return Plans.from_dict(read_json(run_dirs[0] / "plans.json"))
 
 
-def _predict(run_dirs: list[Path], inputs, out_dir, device, given: dict, sw_batch_size, save_probabilities,
-             checkpoint, quiet, postprocess, task) -> list[Path]:
+def predict_cases(runs: list[RunModel], cases: list[tuple[str, list[Path]]], out_dir: str | Path,
+                  device: torch.device, tta: bool | None = None, overlap: float | None = None, sw_batch_size: int = 2,
+                  save_probabilities: bool = False, quiet: bool = False, postprocess=None,
+                  largest_component_only: bool | None = None, task: str | int | None = None,
+                  step: list[int] | None = None, precision: str | None = None,
+                  all_windows: bool | None = None) -> list[Path]:
+    """:func:`predict` of loaded models (``load_run``) on given cases: ``[(case id, its
+    channel sources)]``, as :func:`medvol.io.discovery.input_cases` lists them."""
     from tqdm import tqdm
 
-    from medvol import validation
-
-    validation.positive_int(sw_batch_size, "--sw-batch-size")
-    if given["overlap"] is not None:
-        validation.fraction(given["overlap"], "--overlap")
-    dev = resolve_device(device)
-    runs = [load_run(r, dev, checkpoint) for r in run_dirs]
+    _check_options(sw_batch_size, overlap)
     run = _same_plans(runs)
-    settings = _settings(run.recipe.inference, **given)
+    settings = _settings(run.recipe.inference, tta=tta, overlap=overlap, step=step,
+                         largest_component=largest_component_only, precision=precision, all_windows=all_windows)
     if settings.largest_component and postprocess is None:
         postprocess = largest_component
     tasks = _resolve_tasks(run, task)
-    cases = input_cases(inputs, run.plans.num_channels)
     out_dir = Path(out_dir)
     names = [_output_name(case, tname, tasks) for case, _ in cases for _, tname in tasks]
     _claim_outputs(out_dir, [s for _, srcs in cases for s in srcs],
@@ -143,9 +150,9 @@ def _predict(run_dirs: list[Path], inputs, out_dir, device, given: dict, sw_batc
                    + [PREDICT_RECORD])
     written = []
     for case, sources in tqdm(cases, desc="predict", unit="case", disable=quiet or not sys.stderr.isatty()):
-        written += _predict_case(runs, case, sources, out_dir, dev, settings, tasks, sw_batch_size,
+        written += _predict_case(runs, case, sources, out_dir, device, settings, tasks, sw_batch_size,
                                  postprocess, save_probabilities)
-    _write_record(out_dir, runs, settings, dev)
+    _write_record(out_dir, runs, settings, device)
     return written
 
 

@@ -81,6 +81,7 @@ class Trainer:
     higher_is_better = True  # of the primary metric (best.pt keeps the best)
     inference_key = "model"  # which of self.models prediction uses (e.g. "teacher")
     ddp_find_unused = False  # True when a model holds parameters some steps do not use
+    scan_validation = True  # end-of-run validation from the raw scans (False: no class-label output to score)
 
     def __init__(self, recipe: Recipe, cache_dir: str | Path, run_dir: str | Path, dist: DistInfo):
         self.recipe, self.cache_dir, self.run_dir, self.dist = recipe, Path(cache_dir), Path(run_dir), dist
@@ -316,6 +317,10 @@ def fit(trainer: Trainer, resume: bool = False, stop_at: int | None = None, quie
     if dist.is_main and stop < total:  # "interrupted": leave a resumable checkpoint
         save_checkpoint(trainer.run_dir / "checkpoints" / "latest.pt", trainer.state(stop, loop.best))
     write_summary(trainer, loop, stop, time.perf_counter() - t0)
+    if stop == total:
+        from medvol.training.final_validation import validate_at_end
+
+        validate_at_end(trainer, trained=start < total, quiet=quiet)
     return loop.metrics
 
 
