@@ -164,6 +164,7 @@ def _write_record(out_dir: Path, runs: list[RunModel], settings: InferenceConfig
     from medvol.config import to_dict
     from medvol.utils import write_json
 
+    claim_files(out_dir, [PREDICT_RECORD])
     write_json(out_dir / PREDICT_RECORD, {
         "models": [str(r.run_dir) for r in runs], "device": str(device),
         "settings": to_dict(settings), **choose_precision(device, settings.precision).describe()})

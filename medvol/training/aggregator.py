@@ -118,6 +118,7 @@ class SliceAggregatorTrainer(Trainer):
     name = "slice_aggregator"
     Options = AggregatorOptions
     primary_metric = "val/accuracy"
+    scan_validation = False  # subject classes from features: no label map to score against the scans
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -33,6 +33,7 @@ from medvol.training.engine import Trainer
 class SliceClassifierTrainer(Trainer):
     name = "slice_classifier"
     primary_metric = "val/balanced_accuracy"  # slice classes are rarely balanced (most slices hold no finding)
+    scan_validation = False  # a slice classifier: no label map to score against the scans
 
     def setup_data(self) -> None:
         super().setup_data()
