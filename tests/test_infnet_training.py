@@ -4,6 +4,7 @@ their files, and the COVID-SemiSeg adapter on tiny files."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import imageio.v3 as iio
 import nibabel as nib
@@ -204,3 +205,35 @@ def test_covid_semiseg_adapter_names_the_bad_file(covid_layout, tmp_path):
     iio.imwrite(src / "train" / "GT" / "2.png", (255 * _disc(20, 24, 9, 10, 4)).astype(np.uint8))
     with pytest.raises(InputError, match="two images named 'u1'"):
         convert_covid_semiseg(src / "train", tmp_path / "raw3", src / "unl")
+
+
+def test_stage_recipes_turn_epochs_into_steps_and_decay_once():
+    from medvol.config import Recipe
+    from medvol.training.schedules import make_scheduler
+    from medvol.training.semi_infnet import Stage, stage_recipe
+
+    recipe = Recipe()
+    recipe.data.batch_size, recipe.optimizer.name, recipe.optimizer.lr = 4, "adam", 1e-4
+    recipe.init_from = "backbone.pt"
+    o = SemiInfNetOptions(initial=Stage(epochs=10, decay_epoch=5))
+    s = _state()
+    r = stage_recipe(recipe, o, "initial", s, None)
+    # 2 labelled slices, batch 4: one batch per epoch, at 3 scales -> 3 steps an epoch
+    assert r.trainer.name == "infnet" and r.trainer.steps == 30 and r.schedule.milestones == [15]
+    assert r.data.labelled == ["l0", "l1"] and r.data.val_cases == ["v"] and r.init_from == "backbone.pt"
+    assert set(r.method) == {"scales", "size_multiple", "clip", "official_compat"}
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+    sched = make_scheduler(r.schedule, opt, r.trainer.steps, 1e-4)
+    lrs = []
+    for _ in range(r.trainer.steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:15] == [1e-4] * 15 and lrs[15:] == pytest.approx([1e-5] * 15)  # one decay, never compounded
+    s.take(5)
+    previous = Path("runs/initial")
+    rr = stage_recipe(recipe, o, "round_001", s, previous)
+    # the published round: 9 epochs at 3e-4, batch 16, no decay; 7 slices -> 1 batch x 3 scales
+    assert rr.trainer.steps == 27 and rr.schedule.name == "constant" and rr.optimizer.lr == 3e-4
+    assert rr.data.batch_size == 16 and len(rr.data.labelled) == 7 and rr.trainer.val_every == 27
+    assert rr.init_from == str(previous / "checkpoints" / "latest.pt")  # fine-tunes the previous stage

@@ -13,8 +13,8 @@ Gradients: ``trainer.grad_clip`` clamps each gradient element to ±0.5 (``method
 the published ``clip_gradient``) or clips their global norm (``norm``, the engine's default).
 Learning rate: the recipe's ``schedule: step`` with one milestone (the published decay ×0.1 at
 epoch 50 of 100; their ``adjust_lr`` multiplies the rate by 0.1 again every epoch from 50 on,
-a bug). Epochs become steps as ``ceil(training slices / batch) × len(scales)``: the published
-loop runs every batch at each of the three sizes, one optimiser step each.
+a bug). Epochs become steps as ``ceil(training slices / batch) × len(scales)`` (:func:`epoch_steps`):
+the published loop runs every batch at each of the three sizes, one optimiser step each.
 
 Validation: Dice of the map thresholded at 0.5 on each validation case, and the paper's
 ``mean_dice_256`` (:func:`medvol.evaluation.saliency.mean_dice_256`) per slice that holds
@@ -23,6 +23,7 @@ foreground, averaged over those slices (``val/mean_dice_256``, the primary metri
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,6 +63,11 @@ def scaled_size(size, rate: float, multiple: int = 32) -> tuple[int, ...]:
     if rate == 1:
         return tuple(int(s) for s in size)
     return tuple(max(multiple, int(round(s * rate / multiple)) * multiple) for s in size)
+
+
+def epoch_steps(n_slices: int, batch_size: int, n_scales: int = 3) -> int:
+    """Optimiser steps of one published epoch: every batch once at each scale."""
+    return math.ceil(n_slices / batch_size) * n_scales
 
 
 def rescale_batch(image: torch.Tensor, target: torch.Tensor, size) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,10 +34,11 @@ done; it is rewritten atomically after every change, so an interrupted loop resu
 folder of the final model (``plans.json``, ``checkpoints/`` linked from the stage), so
 ``medvol predict RUN`` works as for any run.
 
-Stage settings (``method.initial``, ``round``, ``pretrain``, ``finetune``): steps, learning
-rate, batch size and the step of the one ×``schedule.gamma`` decay. Published: Inf-Net 100
-epochs, Adam 1e-4, batch 24, decay at epoch 50 (initial, pretrain, finetune); each round 9
-epochs at 3e-4, batch 16, no decay, on the hybrid pool.
+Stage settings (``method.initial``, ``round``, ``pretrain``, ``finetune``): epochs over the
+stage's own slices, the epoch of the one ×``schedule.gamma`` decay, learning rate and batch
+size; an epoch is ``ceil(slices / batch) × len(scales)`` steps, as in the published loop.
+Published: Inf-Net 100 epochs, Adam 1e-4, batch 24, decay at epoch 50 (initial, pretrain,
+finetune); each round 9 epochs at 3e-4, batch 16, no decay, on the hybrid pool.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ from medvol.config import Recipe, ScheduleConfig, save_recipe
 from medvol.errors import ConfigError
 from medvol.preprocessing.preprocessor import sample_class_locations
 from medvol.training import register_trainer
-from medvol.training.infnet import InfNetOptions, check_infnet_options
+from medvol.training.infnet import InfNetOptions, check_infnet_options, epoch_steps
 from medvol.utils import read_json, save_npy, write_json
 
 log = logging.getLogger(__name__)
@@ -68,10 +69,13 @@ STATE_FORMAT = "medvol-semi-infnet-1"
 
 @dataclass
 class Stage:
-    steps: int = 100
+    """One stage's length and rate, in epochs over its own training slices (converted to steps
+    by :func:`medvol.training.infnet.epoch_steps`, so a round's length follows its pool)."""
+
+    epochs: float = 100.0
+    decay_epoch: float | None = 50.0  # the one ×schedule.gamma decay, after this many epochs (None: never)
     lr: float | None = None  # None: the recipe's optimizer.lr
     batch_size: int | None = None  # None: the recipe's data.batch_size
-    decay_at: int | None = None  # step of the one learning-rate decay (None: constant)
 
 
 @dataclass
@@ -81,7 +85,7 @@ class SemiInfNetOptions(InfNetOptions):
     threshold: float = 0.5  # pseudo-label = foreground probability >= threshold
     pretrain_with_labelled: bool = True  # pretrain on labelled + pseudo-labelled (published) or pseudo only
     initial: Stage = field(default_factory=Stage)
-    round: Stage = field(default_factory=Stage)
+    round: Stage = field(default_factory=lambda: Stage(9.0, None, 3e-4, 16))  # published per round
     pretrain: Stage = field(default_factory=Stage)
     finetune: Stage = field(default_factory=Stage)
 
@@ -193,17 +197,23 @@ def stage_recipe(recipe: Recipe, o: SemiInfNetOptions, name: str, state: SemiSta
     kind = stage_kind(name)
     cfg: Stage = getattr(o, kind)
     d = recipe.data
-    data = dataclasses.replace(d, labelled=stage_cases(kind, state, o), fold=None,
-                               val_cases=list(state.validation) or None,
-                               val_fraction=d.val_fraction if state.validation else 0.0,
-                               batch_size=cfg.batch_size or d.batch_size, unlabelled_per_batch=0)
-    schedule = (ScheduleConfig("step", milestones=[cfg.decay_at], gamma=recipe.schedule.gamma) if cfg.decay_at
+    cases = stage_cases(kind, state, o)
+    batch = cfg.batch_size or d.batch_size
+    if batch is None:
+        raise ConfigError(f"trainer semi_infnet: set data.batch_size or method.{kind}.batch_size (epochs become steps)")
+    per_epoch = epoch_steps(len(cases), batch, len(o.scales))
+    steps = max(1, math.ceil(cfg.epochs * per_epoch))
+    decay = None if cfg.decay_epoch is None else int(round(cfg.decay_epoch * per_epoch))
+    data = dataclasses.replace(d, labelled=cases, fold=None, val_cases=list(state.validation) or None,
+                               val_fraction=d.val_fraction if state.validation else 0.0, batch_size=batch,
+                               unlabelled_per_batch=0)
+    schedule = (ScheduleConfig("step", milestones=[decay], gamma=recipe.schedule.gamma) if decay and decay < steps
                 else ScheduleConfig("constant"))
-    val_every = cfg.steps if kind == "round" else min(recipe.trainer.val_every, cfg.steps)
-    trainer = dataclasses.replace(recipe.trainer, name="infnet", steps=cfg.steps, val_every=val_every)
+    val_every = steps if kind == "round" else min(recipe.trainer.val_every, steps)
+    trainer = dataclasses.replace(recipe.trainer, name="infnet", steps=steps, val_every=val_every)
     optimizer = dataclasses.replace(recipe.optimizer, lr=cfg.lr or recipe.optimizer.lr)
     method = {f.name: getattr(o, f.name) for f in dataclasses.fields(InfNetOptions)}
-    fresh = kind in ("initial", "pretrain") or previous is None
+    fresh = kind in ("initial", "pretrain")
     init = recipe.init_from if fresh or previous is None else str(previous / "checkpoints" / "latest.pt")
     return dataclasses.replace(recipe, name=f"{recipe.name}.{name}", data=data, schedule=schedule, trainer=trainer,
                                optimizer=optimizer, method=method, init_from=init)
@@ -239,8 +249,8 @@ def _check(recipe: Recipe, o: SemiInfNetOptions) -> None:
         raise ConfigError(f"method.threshold must be in (0, 1), got {o.threshold}")
     for kind in ("initial", "round", "pretrain", "finetune"):
         s: Stage = getattr(o, kind)
-        if s.steps < 1 or (s.decay_at is not None and not 0 < s.decay_at <= s.steps):
-            raise ConfigError(f"method.{kind}: steps >= 1 and decay_at in 1..steps (or null), got {s}")
+        if not s.epochs > 0 or (s.decay_epoch is not None and not s.decay_epoch > 0):
+            raise ConfigError(f"method.{kind}: epochs > 0 and decay_epoch > 0 (or null), got {s}")
 
 
 def _open_run(run: Path, resume: bool | str) -> bool:
