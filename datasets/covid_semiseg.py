@@ -116,6 +116,48 @@ def convert_covid_semiseg(train: str | Path, out: str | Path, unlabelled: str | 
     return out
 
 
+def write_demo_layout(root: str | Path, n_labelled: int = 8, n_unlabelled: int = 8, n_test: int = 4,
+                      size: int = 48, seed: int = 0) -> Path:
+    """A small synthetic COVID-SemiSeg layout (``train/``, ``unlabelled/``, ``test/``) for demos and
+    tests: a grey body, two dark lungs, bright irregular "infection" blobs inside the lungs,
+    noise; JPEG images (RGB) and 0/255 PNG masks, as the real folders hold them."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_labelled), ("unlabelled", n_unlabelled), ("test", n_test)):
+        for i in range(n):
+            grey, mask = _demo_slice(size, rng)
+            name = f"{split[:2]}{i:03d}"
+            img_dir = root / split if split == "unlabelled" else root / split / "Imgs"
+            img_dir.mkdir(parents=True, exist_ok=True)
+            iio_write(img_dir / f"{name}.jpg", np.stack([grey] * 3, -1))
+            if split != "unlabelled":
+                (root / split / "GT").mkdir(exist_ok=True)
+                iio_write(root / split / "GT" / f"{name}.png", (255 * mask).astype(np.uint8))
+    return root
+
+
+def _demo_slice(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    yy, xx = np.mgrid[:size, :size] / size
+    body = ((yy - 0.5) / 0.45) ** 2 + ((xx - 0.5) / 0.48) ** 2 <= 1
+    lungs = [((yy - 0.48) / 0.3) ** 2 + ((xx - cx) / 0.16) ** 2 <= 1 for cx in (0.3, 0.7)]
+    lung = lungs[0] | lungs[1]
+    mask = np.zeros((size, size), bool)
+    for _ in range(int(rng.integers(1, 4))):
+        cy, cx = rng.uniform(0.3, 0.66), rng.choice([0.3, 0.7]) + rng.uniform(-0.08, 0.08)
+        ry, rx = rng.uniform(0.05, 0.12, 2)
+        wobble = 1 + 0.25 * np.sin(rng.uniform(2, 5) * np.arctan2(yy - cy, xx - cx) + rng.uniform(0, 6))
+        mask |= (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2) <= wobble
+    mask &= lung
+    grey = 30 + 120 * body - 90 * lung + 80 * mask + rng.normal(0, 12, (size, size))
+    return np.clip(grey, 0, 255).astype(np.uint8), mask
+
+
+def iio_write(path: Path, array: np.ndarray) -> None:
+    import imageio.v3 as iio
+
+    iio.imwrite(path, array)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m medvol.datasets.covid_semiseg", description=__doc__.split("\n")[0])
     p.add_argument("train", help="folder with Imgs/ and GT/ (the labelled training slices)")

@@ -27,6 +27,8 @@ from medvol.training.semi_infnet import (
     write_pseudo_label,
 )
 
+from conftest import metric_series, pinned
+
 # ---------------------------------------------------------------- multi-scale, edges
 
 
@@ -237,3 +239,184 @@ def test_stage_recipes_turn_epochs_into_steps_and_decay_once():
     assert rr.trainer.steps == 27 and rr.schedule.name == "constant" and rr.optimizer.lr == 3e-4
     assert rr.data.batch_size == 16 and len(rr.data.labelled) == 7 and rr.trainer.val_every == 27
     assert rr.init_from == str(previous / "checkpoints" / "latest.pt")  # fine-tunes the previous stage
+
+
+# ---------------------------------------------------------------- medvol train / predict on a tiny cache
+
+
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory):
+    """The demo layout (8 labelled 48x48 slices, 8 unlabelled, 2 test) through the adapter and
+    preprocessing: a cache of one-slice cases, 2 of the labelled held out (infnet_demo)."""
+    from medvol.datasets.covid_semiseg import convert_covid_semiseg, write_demo_layout
+    from medvol.preprocessing import preprocess_dataset
+
+    tmp = tmp_path_factory.mktemp("covid")
+    src = write_demo_layout(tmp / "src", n_labelled=8, n_unlabelled=8, n_test=2)
+    raw = convert_covid_semiseg(src / "train", tmp / "raw" / "Dataset050_Demo", src / "unlabelled", src / "test")
+    report = preprocess_dataset(raw, tmp / "pre", num_workers=1, quiet=True)
+    assert not report.failures
+    return raw, tmp / "pre"
+
+
+def _infnet_trainer(pre, run, overrides=()):
+    from medvol.config import load_recipe
+    from medvol.training.distributed import DistInfo
+    from medvol.training.infnet import InfNetTrainer
+
+    return InfNetTrainer(load_recipe("infnet_demo", ["trainer.log_every=1", *overrides]), pre, run, DistInfo())
+
+
+@pytest.fixture(scope="module")
+def infnet_run(demo_cache, tmp_path_factory):
+    """infnet_demo trained (90 steps, seed 0, threads pinned); the validation before training."""
+    from medvol.training.engine import fit
+
+    run = tmp_path_factory.mktemp("infnet") / "run"
+    with pinned(0, threads=1):
+        trainer = _infnet_trainer(demo_cache[1], run)
+        before = trainer.validate()
+        after = fit(trainer, quiet=True)
+    return run, before, after
+
+
+def test_infnet_demo_learns_through_medvol_train(infnet_run):
+    run, before, after = infnet_run
+    series = metric_series(run)
+    loss = series["train/loss"]
+    # Measured over trainer.seed 0 / 1 / 2 (one thread): mean loss of the first 10 -> last 10
+    # steps 6.73 -> 4.52, 6.73 -> 4.38, 6.76 -> 4.29; validation mean_dice_256 0.138 -> 0.426,
+    # 0.071 -> 0.304, 0.111 -> 0.455 and Dice at 0.5 0.134 -> 0.485, 0.000 -> 0.290, 0.122 -> 0.462.
+    assert np.mean(loss[-10:]) < np.mean(loss[:10]) - 1.2
+    assert after["val/mean_dice_256"] > before["val/mean_dice_256"] + 0.12 and after["val/mean_dice_256"] > 0.2
+    assert after["val/dice_infection"] > before["val/dice_infection"] + 0.12
+    # multi-scale: 48 -> 32, 48, 64 in turn; the learning rate decays once, at step 68 (the rate
+    # logged with step s is the one step s + 1 uses: the scheduler has stepped)
+    assert series["train/size"][:6] == [32.0, 48.0, 64.0, 32.0, 48.0, 64.0]
+    lr = series["train/lr"]
+    assert lr[:67] == pytest.approx([1e-2] * 67) and lr[67:] == pytest.approx([1e-3] * 23)
+
+
+def test_gradients_are_clamped_per_element_or_by_norm(demo_cache, tmp_path):
+    trainer = _infnet_trainer(demo_cache[1], tmp_path / "run")
+    p = torch.nn.Parameter(torch.zeros(4))
+    p.grad = torch.tensor([3.0, -2.0, 0.1, -0.4])
+    trainer.clip_gradients([p], 0.5)  # method.clip: value, as published
+    assert p.grad.tolist() == pytest.approx([0.5, -0.5, 0.1, -0.4])
+    trainer = _infnet_trainer(demo_cache[1], tmp_path / "run2", ["method.clip=norm"])
+    p.grad = torch.tensor([3.0, -4.0, 0.0, 0.0])
+    trainer.clip_gradients([p], 0.5)
+    assert p.grad.tolist() == pytest.approx([0.3, -0.4, 0.0, 0.0], abs=1e-6)
+    with pytest.raises(ConfigError, match="unlabelled_per_batch"):
+        _infnet_trainer(demo_cache[1], tmp_path / "run3", ["data.unlabelled_per_batch=2"])
+
+
+def test_a_2d_infnet_predicts_a_ct_volume_and_single_slices_in_their_geometry(infnet_run, demo_cache, tmp_path):
+    from medvol.cli import main
+    from medvol.datasets.covid_semiseg import _demo_slice
+    from medvol.io import read_volume
+
+    run, _, _ = infnet_run
+    rng = np.random.default_rng(5)
+    slices = [_demo_slice(48, rng) for _ in range(6)]
+    volume = np.stack([s[0] for s in slices], -1).astype(np.float32)  # a "CT" of 6 slices, 0.9 x 0.9 x 3 mm
+    affine = np.array([[0, -0.9, 0, 10], [0.9, 0, 0, -5], [0, 0, 3.0, 40], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(volume, affine), str(tmp_path / "ct_0000.nii.gz"))
+    out = tmp_path / "pred"
+    assert main(["predict", "-m", str(run), "-i", str(tmp_path / "ct_0000.nii.gz"), "-o", str(out),
+                 "--device", "cpu", "--quiet", "--no-pictures"]) == 0
+    pred = read_volume(out / "ct.nii.gz")
+    assert pred.spatial_shape == (48, 48, 6)
+    np.testing.assert_allclose(pred.affine, affine)
+    ref = np.stack([s[1] for s in slices], -1)
+    p = np.asarray(pred.array) > 0
+    assert 2 * (p & ref).sum() / (p.sum() + ref.sum()) > 0.15  # measured 0.31 (seed 0)
+    raw = demo_cache[0]  # the test slices: NIfTIs one voxel thick
+    assert main(["predict", "-m", str(run), "-i", str(raw / "imagesTs"), "-o", str(tmp_path / "ts"),
+                 "--device", "cpu", "--quiet", "--no-pictures"]) == 0
+    one = read_volume(tmp_path / "ts" / "test_te000.nii.gz")
+    assert one.spatial_shape == (48, 48, 1)
+    np.testing.assert_allclose(one.affine, np.diag([1.0, 1.0, 999.0, 1.0]))
+
+
+SEMI_SMALL = ["method.initial.epochs=4", "method.initial.decay_epoch=3", "method.round.epochs=1",
+              "method.pretrain.epochs=1", "method.finetune.epochs=2", "method.finetune.decay_epoch=null"]
+
+
+def _model_state(run):
+    from medvol.checkpoint import load_checkpoint
+
+    return load_checkpoint(run / "checkpoints" / "latest.pt")["models"]["model"]
+
+
+def test_semi_infnet_rounds_resume_between_rounds_and_end_as_a_run(demo_cache, tmp_path):
+    from medvol.checkpoint import load_run
+    from medvol.config import load_recipe
+    from medvol.training import train
+    from medvol.training.semi_infnet import initial_state
+
+    raw, pre = demo_cache
+    cache_before = {p.name: p.read_bytes() for p in (pre / "cases").iterdir()}
+    recipe = load_recipe("semi_infnet_demo", SEMI_SMALL)
+    a = tmp_path / "a"
+    with pinned(0, threads=1):
+        train(recipe, pre, a, device="cpu", quiet=True, stop_at=2)  # initial + round_001, then "interrupted"
+    s = load_state(a)
+    assert s.done == ["initial", "round_001"] and s.rounds_labelled == 1
+    # round 1 added exactly k = 4 slices (the first 4 of the seeded order) and took them out of the pool
+    assert s.pseudo == initial_state(pre, recipe).unlabelled[:4] and len(s.unlabelled) == 4
+    assert not set(s.pseudo) & set(s.unlabelled) and len(s.labelled) == 6 and s.validation == ["lab_tr006", "lab_tr007"]
+    pool = a / "pool_cache" / "cases"
+    written = sorted(p.stem for p in pool.glob("*.json") if not p.is_symlink())
+    assert written == sorted(s.pseudo) and all(json.loads((pool / f"{c}.json").read_text())["pseudo_label"]
+                                               for c in written)
+    split = json.loads((a / "stages" / "round_001" / "split.json").read_text())
+    assert sorted(split["labelled"]) == sorted(s.labelled + s.pseudo)  # round 1 trains on the hybrid pool
+    with pytest.raises(ConfigError, match="holds a run already"):
+        train(recipe, pre, a, device="cpu", quiet=True)
+    with pinned(0, threads=1):
+        train(recipe, pre, a, resume=True, device="cpu", quiet=True)
+    s = load_state(a)
+    assert s.done == ["initial", "round_001", "round_002", "pretrain", "finetune"]
+    assert len(s.pseudo) == 8 and s.unlabelled == [] and s.rounds_labelled == 2
+    assert not (a / "stages" / "pretrain" / "init_report.json").exists()  # pretrain starts afresh
+    assert (a / "stages" / "finetune" / "init_report.json").exists()  # finetune starts from pretrain
+    b = tmp_path / "b"
+    with pinned(0, threads=1):
+        train(recipe, pre, b, device="cpu", quiet=True)  # the same loop, uninterrupted
+    assert load_state(b).pseudo == s.pseudo
+    for case in s.pseudo:
+        np.testing.assert_array_equal(np.load(pool / f"{case}_seg.npy"),
+                                      np.load(b / "pool_cache" / "cases" / f"{case}_seg.npy"))
+    final_a, final_b = _model_state(a), _model_state(b)
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)  # resuming changed nothing
+    assert load_run(a, torch.device("cpu")).slice_axis == 2  # RUN is the final model's run folder
+    assert {p.name: p.read_bytes() for p in (pre / "cases").iterdir()} == cache_before  # the user's cache untouched
+
+
+def test_the_paper_recipes_carry_the_published_schedule():
+    from medvol.config import from_dict, load_recipe
+    from medvol.training.infnet import InfNetOptions
+    from medvol.training.semi_infnet import stage_recipe
+
+    r = load_recipe("infnet")
+    o = from_dict(InfNetOptions, r.method)
+    # 100 epochs of ceil(50 / 24) batches at 3 scales; one x0.1 decay after epoch 50
+    assert (r.trainer.steps, r.schedule.milestones, r.schedule.gamma) == (900, [450], 0.1)
+    assert (r.optimizer.name, r.optimizer.lr, r.data.batch_size, r.data.patch_size) == ("adam", 1e-4, 24, [352, 352])
+    assert (r.trainer.grad_clip, o.clip, o.scales) == (0.5, "value", [0.75, 1.0, 1.25])
+    for name in ("infnet_demo", "semi_infnet_demo"):
+        load_recipe(name)  # the method sections parse (checked by their trainers)
+    semi = load_recipe("semi_infnet")
+    so = from_dict(SemiInfNetOptions, semi.method)
+    s = SemiState(labelled=[f"l{i}" for i in range(50)], unlabelled=[f"u{i}" for i in range(1600)], validation=[])
+    assert n_rounds(len(s.unlabelled), so) == 320
+    first = stage_recipe(semi, so, "initial", s, None)
+    assert (first.trainer.steps, first.schedule.milestones, first.optimizer.lr) == (900, [450], 1e-4)
+    s.take(5)
+    rnd = stage_recipe(semi, so, "round_001", s, Path("prev"))
+    assert (rnd.trainer.steps, rnd.schedule.name, rnd.optimizer.lr) == (9 * 4 * 3, "constant", 3e-4)  # 55 slices / 16
+    s.take(1595)
+    pre = stage_recipe(semi, so, "pretrain", s, Path("prev"))
+    assert (pre.trainer.steps, pre.schedule.milestones) == (100 * 69 * 3, [50 * 69 * 3])  # 1650 slices / 24
+    assert pre.init_from is None and len(pre.data.labelled) == 1650

@@ -167,7 +167,8 @@ def _predict_case(runs: list[RunModel], case: str, sources: list[Path], out_dir:
     from medvol.preprocessing import preprocess_case
 
     vols = [read_volume(s) for s in sources]
-    array, props = preprocess_case(vols, runs[0].plans.raw, inplace=True)  # the scans are ours: no extra copy
+    array, props = preprocess_case(vols, runs[0].plans.raw, inplace=True,  # the scans are ours: no extra copy
+                                   slice_axis=runs[0].slice_axis)
     image = torch.from_numpy(array).half()
     del array  # the float32 array is dropped here
     ref = vols[0]

@@ -101,14 +101,18 @@ def _geometry_properties(ref: Volume, bbox, shape_after_crop, spacing, plans, ne
     }
 
 
-def preprocess_case(volumes: Volume | Sequence[Volume], plans: dict, inplace: bool = False) -> tuple[np.ndarray, dict]:
+def preprocess_case(volumes: Volume | Sequence[Volume], plans: dict, inplace: bool = False,
+                    slice_axis: int | None = None) -> tuple[np.ndarray, dict]:
     """Preprocess a new scan for inference with the dataset's ``plans``.
 
     ``volumes``: one Volume (3D, or 4D with channels last) or one Volume per channel, on
     the same grid. Returns ``(image (C, X, Y, Z) float32, properties)``; the properties
     hold what :func:`medvol.inference.restore_geometry` needs to undo crop and resampling.
     ``inplace=True`` lets it normalise inside the volumes' own float32 arrays (saving a copy
-    of the scan) when the caller no longer needs them.
+    of the scan) when the caller no longer needs them. ``slice_axis`` (a 2D model's): the scan
+    keeps its own spacing across that axis, as nnU-Net's 2d configuration resamples in plane
+    only; so a single slice (one voxel thick) is a valid input, and a model planned on native
+    2D slices (999-mm spacing across them) runs over a volume's slices as they are.
     """
     vols = [volumes] if isinstance(volumes, Volume) else list(volumes)
     if not vols:
@@ -124,7 +128,7 @@ def preprocess_case(volumes: Volume | Sequence[Volume], plans: dict, inplace: bo
     orientation = plans.get("orientation", "stored")
     if orientation != "stored":  # the plan's voxel order; the properties say how to undo it
         image, affine = orient_channels(image, ref.affine, orientation)
-    if min(ref.spatial_shape) < 2:
+    if min(n for a, n in enumerate(image.shape[1:]) if a != slice_axis) < 2:
         raise InputError(ref.meta.get("path"), f"is a 2D image (shape {ref.spatial_shape}); the model is 3D: "
                                                "give it 3D scans")
     expected = len(plans["normalization"])
@@ -133,6 +137,9 @@ def preprocess_case(volumes: Volume | Sequence[Volume], plans: dict, inplace: bo
     if not np.isfinite(image).all():
         raise InputError(ref.meta.get("path"), "non-finite intensity values (NaN/inf)")
     spacing = ref.spacing if orientation == "stored" else spacing_from_affine(affine)
+    if slice_axis is not None:
+        target = [float(spacing[a]) if a == slice_axis else float(t) for a, t in enumerate(plans["target_spacing"])]
+        plans = {**plans, "target_spacing": target}
     cropped, seg, bbox = crop_to_nonzero(image, None)
     if not any(n["use_mask_for_norm"] for n in plans["normalization"]):
         seg = None  # only masked z-scoring reads it: do not keep a label-sized array around

@@ -130,6 +130,8 @@ class InfNetTrainer(Trainer):
         per_slice: list[float] = []
         for case in self.val_cases:
             image, label, props = load_case(self.cache_dir, case)
+            if label is None:  # an unlabelled case the split drew: nothing to score
+                continue
             fg, ref = self.foreground_probabilities(image, props), np.asarray(label[0]) > 0
             dices.append(dice(fg >= 0.5, ref))
             per_slice += [mean_dice_256(p, r) for p, r in zip(slices_of(fg, axis), slices_of(ref, axis)) if r.any()]

@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from medvol.cache import case_paths, cases_dir, load_case, save_locations
 from medvol.config import Recipe, ScheduleConfig, save_recipe
@@ -172,8 +173,8 @@ def pseudo_label(prev_run: Path, src: Path, dst: Path, cases: list[str], thresho
 
     run = load_run(prev_run, device, checkpoint="latest")
     for case in cases:
-        image = load_case(src, case)[0]
-        prob = case_probabilities(run, np.asarray(image), device, run.recipe.inference)
+        image = torch.from_numpy(np.array(load_case(src, case)[0], np.float16))  # as validation passes it
+        prob = case_probabilities(run, image, device, run.recipe.inference)
         write_pseudo_label(src, dst, case, prob[-1].float().numpy(), threshold)
     log.info("pseudo-labelled %d slices with %s: %s", len(cases), prev_run.name, ", ".join(cases))
 
