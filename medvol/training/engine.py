@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +29,12 @@ from medvol.evaluation.metrics import dice
 from medvol.inference.postprocess import argmax_labels
 from medvol.inference.sliding_window import SoftmaxClasses, sliding_window_probabilities
 from medvol.plans import Plans
+from medvol.precision import choose_precision
 from medvol.training.distributed import DistInfo, barrier, params_identical_across_ranks
 from medvol.training.logger import RunLogger
 from medvol.training.preemption import PreemptionFlag
 from medvol.training.schedules import make_optimizer, make_scheduler
-from medvol.utils import cuda_amp_dtype, write_json
+from medvol.utils import write_json
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +89,11 @@ class Trainer:
         self.current_step = 0
         self.setup_data()
         self.global_batch = self.batch_size * dist.world_size
-        self.amp_dtype = cuda_amp_dtype(self.device, recipe.trainer.amp)
+        self.precision = choose_precision(self.device, recipe.trainer.precision, recipe.trainer.amp)
+        self.amp_dtype = self.precision.dtype
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         torch.manual_seed(recipe.trainer.seed)  # identical initial weights on every rank
-        self.models = {k: m.to(self.device) for k, m in self.build_models().items()}
+        self.models = {k: self.precision.prepare(m.to(self.device)) for k, m in self.build_models().items()}
         self.init_report = None
         if recipe.init_from:
             self.init_report = init_from(self.models["model"], recipe.init_from)
@@ -196,7 +197,8 @@ class Trainer:
                             slice_labels=cached_slice_labels(self.cache_dir, self.slice_axis))
 
     def autocast(self):
-        return torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+        """The run's precision (:mod:`medvol.precision`) as an autocast context."""
+        return self.precision.autocast()
 
     def training_step(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -235,7 +237,7 @@ class Trainer:
         return sliding_window_probabilities(self.inference_model(), torch.from_numpy(np.array(image, np.float16)),
                                             self.patch_size, self.device, self.validation_decoder(props),
                                             n_channels=self.num_classes, overlap=self.recipe.trainer.val_overlap,
-                                            amp=self.recipe.trainer.amp, slice_axis=self.slice_axis,
+                                            precision=self.precision, slice_axis=self.slice_axis,
                                             context=self.recipe.data.context)
 
     def validate(self) -> dict[str, float]:
@@ -393,7 +395,8 @@ class _Loop:
     def step(self, step: int, batch: dict, stop: int) -> dict[str, float]:
         """One optimisation step, and its log line every ``trainer.log_every`` steps."""
         t = self.trainer
-        batch = {k: v.to(t.device, non_blocking=True) for k, v in batch.items()}
+        batch = {k: t.precision.layout(v.to(t.device, non_blocking=True)) if v.is_floating_point() else
+                 v.to(t.device, non_blocking=True) for k, v in batch.items()}
         t.current_step = step
         losses = t.optimization_step(batch, step)
         if not all(np.isfinite(v) for v in losses.values()):
@@ -432,7 +435,7 @@ def write_summary(trainer: Trainer, loop: _Loop, stop: int, seconds: float) -> N
     write_json(trainer.run_dir / "train_summary.json", {
         "steps_done": stop, "steps_total": trainer.recipe.trainer.steps, "seconds": seconds,
         "world_size": trainer.dist.world_size, "device": str(trainer.device),
-        "amp": str(trainer.amp_dtype) if trainer.amp_dtype else "fp32",
+        "amp": str(trainer.amp_dtype) if trainer.amp_dtype else "fp32", **trainer.precision.describe(),
         "params_identical_across_ranks": bool(same), "last_validation": loop.metrics,
         "best_metric": loop.sign * best if np.isfinite(best) else None,
     })
