@@ -330,7 +330,7 @@ def test_a_2d_infnet_predicts_a_ct_volume_and_single_slices_in_their_geometry(in
     np.testing.assert_allclose(pred.affine, affine)
     ref = np.stack([s[1] for s in slices], -1)
     p = np.asarray(pred.array) > 0
-    assert 2 * (p & ref).sum() / (p.sum() + ref.sum()) > 0.15  # measured 0.31 (seed 0)
+    assert 2 * (p & ref).sum() / (p.sum() + ref.sum()) > 0.15  # measured 0.32 (this run, seed 0)
     raw = demo_cache[0]  # the test slices: NIfTIs one voxel thick
     assert main(["predict", "-m", str(run), "-i", str(raw / "imagesTs"), "-o", str(tmp_path / "ts"),
                  "--device", "cpu", "--quiet", "--no-pictures"]) == 0
