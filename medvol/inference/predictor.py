@@ -207,7 +207,8 @@ def _predict_case(runs: list[RunModel], case: str, sources: list[Path], out_dir:
 
     vols = [read_volume(s) for s in sources]
     # the scans are ours: no extra copy
-    array, props = preprocess_case(vols, runs[0].plans.raw, inplace=True, body_mask=not settings.all_windows)
+    array, props = preprocess_case(vols, runs[0].plans.raw, inplace=True, body_mask=not settings.all_windows,
+                                   slice_axis=runs[0].slice_axis)
     image = torch.from_numpy(array).half()
     del array  # the float32 array is dropped here
     ref, mask = vols[0], props.pop("body_mask", None)

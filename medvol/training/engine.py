@@ -211,13 +211,18 @@ class Trainer:
         with self.autocast():
             losses = self.training_step(batch, step)
         self.scaler.scale(losses["loss"]).backward()
-        if self.recipe.trainer.grad_clip:
+        clip = self.recipe.trainer.grad_clip
+        if clip:
             self.scaler.unscale_(opt)
-            nn.utils.clip_grad_norm_(self.models["model"].parameters(), self.recipe.trainer.grad_clip)
+            self.clip_gradients(self.models["model"].parameters(), clip)
         self.scaler.step(opt)
         self.scaler.update()
         self.schedulers["model"].step()
         return {k: float(v.detach()) for k, v in losses.items()}
+
+    def clip_gradients(self, parameters, limit: float) -> None:
+        """``trainer.grad_clip`` on unscaled gradients: the global norm (Inf-Net clamps each element)."""
+        nn.utils.clip_grad_norm_(parameters, limit)
 
     def inference_model(self) -> nn.Module:
         """The network that prediction uses (e.g. an EMA teacher for mean-teacher methods)."""
