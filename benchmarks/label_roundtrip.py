@@ -24,6 +24,11 @@ Data: real brain-tissue cases (background / grey / white matter) built by
 thick-slice one, each with cases finer and coarser than the dataset's target spacing.
 
     python benchmarks/label_roundtrip.py --nnunet-venv .venv-nnunet [--json out.json]
+
+It prints one table per dataset (the figures in benchmarks/RESULTS.md) and exits 1 when medvol
+keeps less of any class than nnU-Net on any case, beyond ``TIE_NOISE``. About 7 minutes on the
+2-core machine, most of it nnU-Net's preprocessing; ``--keep DIR --reuse`` reruns medvol's side
+against nnU-Net's results already in DIR (about 2 minutes).
 """
 
 from __future__ import annotations
@@ -131,19 +136,25 @@ def medvol_roundtrip(raw: Path, pre: Path) -> dict:
     return {"spacing": load_plans(pre)["target_spacing"], "seconds": seconds, "cases": cases}
 
 
+def _run(cmd: list[str], env: dict) -> str:
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(f"{Path(cmd[0]).name} failed ({res.returncode}):\n{res.stdout[-3000:]}{res.stderr[-3000:]}")
+    return res.stdout
+
+
 def nnunet_roundtrip(raw: Path, work: Path, venv: Path, reuse: bool = False) -> dict:
     ident = int(raw.name[len("Dataset"):len("Dataset") + 3])
     env = dict(os.environ, nnUNet_raw=str(raw.parent), nnUNet_preprocessed=str(work / "nnUNet_preprocessed"),
                nnUNet_results=str(work / "nnUNet_results"), nnUNet_compile="f")
     t = time.perf_counter()
     if not (reuse and (work / "nnUNet_preprocessed" / raw.name / "nnUNetPlans_3d_fullres").is_dir()):
-        subprocess.run([str(venv / "bin" / "nnUNetv2_plan_and_preprocess"), "-d", str(ident), "-c", "3d_fullres",
-                        "-np", "2", "-npfp", "2"], env=env, check=True, capture_output=True)
+        _run([str(venv / "bin" / "nnUNetv2_plan_and_preprocess"), "-d", str(ident), "-c", "3d_fullres",
+              "-np", "2", "-npfp", "2"], env)
     seconds = time.perf_counter() - t
-    res = subprocess.run([str(venv / "bin" / "python"), "-c", NNUNET_REVERT,
-                          str(work / "nnUNet_preprocessed" / raw.name), str(raw)],
-                         env=env, check=True, capture_output=True, text=True)
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    res = _run([str(venv / "bin" / "python"), "-c", NNUNET_REVERT, str(work / "nnUNet_preprocessed" / raw.name),
+                str(raw)], env)
+    out = json.loads(res.strip().splitlines()[-1])
     tf = out["transpose_forward"]  # nnU-Net's spacing is in transposed SimpleITK (z, y, x) order
     zyx = [out["spacing"][tf.index(i)] for i in range(3)]
     out["spacing"] = zyx[::-1]
@@ -162,10 +173,10 @@ def table(name: str, mv: dict, nn: dict) -> list[str]:
         n = nn["cases"][case]
         ratio = "/".join(f"{r:.2f}" for r in np.asarray(m["spacing"]) / target)
         shapes = f"{m['shape_after_crop']} -> {m['shape_after_resampling']}"
-        cells = [f"{m['dice'][c]:.4f} / {n['dice'][c]:.4f}" for c in ("1", "2")]
+        cells = [f"{m['dice'][c]:.5f} / {n['dice'][c]:.5f}" for c in ("1", "2")]
         delta = min(m["dice"][c] - n["dice"][c] for c in m["dice"])
         rows.append(f"| {case} | {np.round(m['spacing'], 3).tolist()} | {ratio} | {shapes} | {cells[0]} | "
-                    f"{cells[1]} | {delta:+.5f} |")
+                    f"{cells[1]} | {delta:+.1e} |")
     return rows
 
 
