@@ -184,6 +184,41 @@ class DCMTNet(nn.Module):
         return {"logits": self.classifier(pooled), "cams": cams, "features": pooled, "attention": attention}
 
 
+def normalise_slices(x: torch.Tensor, percentiles: Sequence[float] = (0.1, 99.9)) -> torch.Tensor:
+    """DC-MT's intensity preparation of ``(N, C, H, W)`` slices, per slice and channel: clip to
+    the ``percentiles`` of its own values (linear interpolation, as numpy), then min-max to
+    [0, 1] (a constant slice becomes 0)."""
+    flat = x.float().flatten(2)
+    q = torch.tensor([p / 100 for p in percentiles], dtype=flat.dtype, device=flat.device)
+    bounds = torch.quantile(flat, q, dim=2, keepdim=True)  # (2, N, C, 1)
+    lo, hi = bounds[0], bounds[1]
+    span = hi - lo
+    out = (flat.clamp(lo, hi) - lo) / torch.where(span > 0, span, torch.ones_like(span))
+    return torch.where(span > 0, out, torch.zeros_like(out)).view_as(x)
+
+
+class SliceInput(nn.Module):
+    """``model`` fed DC-MT's input: :func:`normalise_slices`, then single-channel slices repeated
+    to ``channels`` (grey -> 3 channels, as published). Takes cache slices ``(N, C, H, W)``;
+    returns whatever ``model`` returns (for :class:`DCMTNet` the dict of logits, CAMs, features),
+    so it goes into ``SliceAdapter`` in classification mode as it is."""
+
+    def __init__(self, model: nn.Module, channels: int = 3, percentiles: Sequence[float] = (0.1, 99.9)):
+        super().__init__()
+        self.model, self.channels, self.percentiles = model, int(channels), tuple(percentiles)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        x = normalise_slices(x, self.percentiles)
+        if x.shape[1] == self.channels:
+            return x
+        if x.shape[1] != 1:
+            raise ValueError(f"expected 1 or {self.channels} channels, got {x.shape[1]}")
+        return x.expand(-1, self.channels, *x.shape[2:])
+
+    def forward(self, x: torch.Tensor):
+        return self.model(self.prepare(x))
+
+
 _OPTIONS = {"lse_r", "cam_w", "cam_sigma", "head_channels", "layers", "groups", "width", "dropout"}
 
 
