@@ -78,9 +78,23 @@ class RunModel:
 
     @property
     def mirror_axes(self) -> tuple[int, ...]:
-        """The spatial axes training flipped: mirroring TTA uses the same ones."""
+        """The axes (of X, Y, Z) training flipped: mirroring TTA uses the same ones. A 2D
+        model's flip axes are those of its slices: the in-plane axes of the volume."""
         aug = self.recipe.data.augment
-        return tuple(int(a) for a in aug.flip_axes) if aug.enabled and aug.flip_prob > 0 else ()
+        if not (aug.enabled and aug.flip_prob > 0):
+            return ()
+        axes = self.plans.in_plane_axes
+        return tuple(axes[int(a)] for a in aug.flip_axes if int(a) < len(self.patch_size))
+
+    @property
+    def slice_axis(self) -> int | None:
+        """A 2D model's slice axis (0-2 of X, Y, Z); None for a 3D model."""
+        return self.plans.slice_axis
+
+    @property
+    def context(self) -> int:
+        """A 2D model's neighbouring slices per side (2.5D)."""
+        return self.recipe.data.context
 
 
 def load_run(run_dir: str | Path, device: torch.device, checkpoint: str = "best") -> RunModel:
@@ -96,13 +110,13 @@ def load_run(run_dir: str | Path, device: torch.device, checkpoint: str = "best"
     if recipe.trainer.name == "pcrl":
         raise ConfigError(f"{run_dir}: a PCRL pretraining run has no segmentation model; fine-tune one from its "
                           f"encoder.pt (--set init_from={run_dir / 'encoder.pt'})")
-    plans = Plans.from_dict(read_json(run_dir / "plans.json"))
+    plans = Plans.from_dict(read_json(run_dir / "plans.json")).for_configuration(recipe.data.configuration)
     ckpt_path = run_dir / "checkpoints" / f"{checkpoint}.pt"
     if not ckpt_path.exists() and checkpoint == "best":
         ckpt_path = run_dir / "checkpoints" / "latest.pt"
     ckpt = load_checkpoint(ckpt_path, map_location="cpu")
     key = ckpt.get("inference_model", "model")
-    model = build_model(recipe.model, plans, plans.num_channels, plans.num_classes)
+    model = build_model(recipe.model, plans, plans.num_channels * (2 * recipe.data.context + 1), plans.num_classes)
     model.load_state_dict(ckpt["models"][key])
     model.to(device).eval()
     return RunModel(model, recipe, plans, run_dir)

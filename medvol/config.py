@@ -54,7 +54,9 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    patch_size: list | None = None  # None: the plan's
+    configuration: str = "3d_fullres"  # nnU-Net's names: 3d_fullres (3D patches) | 2d (slices of the same cache)
+    context: int = 0  # 2d: this many neighbouring slices on each side come along as channels (2.5D)
+    patch_size: list | None = None  # None: the plan's (of the configuration)
     batch_size: int | None = None  # per process; None: the plan's
     oversample_foreground: float = 0.33  # share of each global batch centred on foreground
     num_workers: int | None = None  # data worker processes; None: one per core but one, at most 12
@@ -278,7 +280,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     return check_recipe(from_dict(Recipe, data, str(path)), str(path))
 
 
-MODEL_SPATIAL_DIMS = 3  # every registered model is a 3D network
+CONFIGURATIONS = {"3d_fullres": 3, "2d": 2}  # data.configuration -> spatial dims of the model
 
 
 def check_recipe(recipe: Recipe, source: str = "<recipe>") -> Recipe:
@@ -309,10 +311,17 @@ def check_recipe(recipe: Recipe, source: str = "<recipe>") -> Recipe:
 
 
 def _check_data(d: DataConfig, bad) -> None:
-    if d.patch_size is not None and (len(d.patch_size) != MODEL_SPATIAL_DIMS or not all(
+    if d.configuration not in CONFIGURATIONS:
+        bad("data.configuration", f"one of {sorted(CONFIGURATIONS)}", d.configuration)
+    dims = CONFIGURATIONS.get(d.configuration, 3)
+    if d.patch_size is not None and (len(d.patch_size) != dims or not all(
             isinstance(p, int) and not isinstance(p, bool) and p >= 1 for p in d.patch_size)):
-        bad("data.patch_size", f"{MODEL_SPATIAL_DIMS} positive integers (the model is {MODEL_SPATIAL_DIMS}D)",
+        bad("data.patch_size", f"{dims} positive integers (data.configuration {d.configuration} is {dims}D)",
             d.patch_size)
+    if isinstance(d.context, bool) or not isinstance(d.context, int) or d.context < 0:
+        bad("data.context", "a whole number >= 0", d.context)
+    if d.context and d.configuration != "2d":
+        bad("data.context", "0 unless data.configuration is 2d (neighbouring slices as channels)", d.context)
     if d.batch_size is not None and d.batch_size < 1:
         bad("data.batch_size", ">= 1", d.batch_size)
     if d.fold is not None and str(d.fold) != "all" and not (str(d.fold).isdigit() and not isinstance(d.fold, bool)):

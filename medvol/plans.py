@@ -7,7 +7,7 @@ preprocessing reads what it needs through :class:`Plans` instead of counting dic
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,16 @@ class Plans:
     target_spacing: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # mm, (X, Y, Z)
     topology: dict = field(default_factory=dict)  # the U-Net's kernel_sizes and strides per stage, ...
     raw: dict = field(default_factory=dict, repr=False)  # plans.json as written
+    slice_axis: int | None = None  # the 2d configuration: the axis (0-2 of X, Y, Z) slices are cut across
+
+    @property
+    def configuration(self) -> str:
+        return "3d_fullres" if self.slice_axis is None else "2d"
+
+    @property
+    def in_plane_axes(self) -> list[int]:
+        """The axes of X, Y, Z a 2D patch spans (all three for 3d_fullres)."""
+        return [a for a in range(3) if a != self.slice_axis]
 
     @property
     def num_classes(self) -> int:
@@ -37,3 +47,21 @@ class Plans:
                    patch_size=[int(s) for s in plans["patch_size"]], batch_size=int(plans["batch_size"]),
                    target_spacing=[float(s) for s in plans["target_spacing"]],
                    topology=dict(plans.get("network", {})), raw=plans)
+
+    def for_configuration(self, name: str) -> Plans:
+        """These plans for ``3d_fullres`` (themselves) or ``2d`` (:meth:`for_2d`)."""
+        return self if name == "3d_fullres" else self.for_2d()
+
+    def for_2d(self) -> Plans:
+        """nnU-Net's 2d configuration of the same plan: 2-D ``patch_size`` (in X, Y, Z order of
+        the in-plane axes), its batch size, in-plane spacing and U-Net topology, and the
+        ``slice_axis``. ``raw`` stays the whole plans.json (preprocessing needs all of it)."""
+        from medvol.errors import CacheError
+
+        cfg = (self.raw.get("configurations") or {}).get("2d")
+        if cfg is None:
+            raise CacheError("plans.json: no 2d configuration (planned by an older medvol); rerun `medvol plan` "
+                             "(the cached cases stay valid)")
+        return replace(self, patch_size=[int(s) for s in cfg["patch_size"]], batch_size=int(cfg["batch_size"]),
+                       target_spacing=[float(s) for s in cfg["spacing"]], topology=dict(cfg.get("network", {})),
+                       slice_axis=int(cfg["slice_axis"]))

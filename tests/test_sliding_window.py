@@ -9,7 +9,6 @@ import torch.nn as nn
 
 from medvol.errors import ConfigError
 from medvol.inference.sliding_window import (
-    SliceSoftmax,
     SoftmaxClasses,
     TaskSigmoid,
     overlap_for_step,
@@ -75,16 +74,52 @@ def test_task_decoder_gives_the_tasks_sigmoid_channels():
 
 
 @pytest.mark.parametrize("axis", [0, 2])
-def test_slice_decoder_runs_a_2d_model_over_each_slice(axis):
+def test_a_2d_model_runs_over_each_slice(axis):
+    """A 2D model over a volume: in-plane windows smaller than the slice, slabs across the
+    slice axis; every slice's probabilities equal the model on that whole slice."""
     torch.manual_seed(0)
-    net2d = nn.Conv2d(1, 3, 3, padding=1).eval()
-    image = _image((20, 18, 9))
-    probs = sliding_window_probabilities(net2d, image, [20, 18, 9], CPU, SliceSoftmax(axis))
+    net2d = nn.Conv2d(1, 3, 1).eval()  # pointwise: windows cut anywhere agree exactly
+    image = _image((20, 18, 11))
+    patch = [16, 16] if axis == 0 else [16, 14]
+    probs = sliding_window_probabilities(net2d, image, patch, CPU, slice_axis=axis)
     x = torch.from_numpy(image).half().float()  # (1, X, Y, Z)
     with torch.no_grad():
         slices = x.movedim(1 + axis, 0)  # (S, 1, H, W)
         ref = torch.softmax(net2d(slices), 1).movedim(0, 1 + axis)  # (3, X, Y, Z)
     torch.testing.assert_close(probs.float(), ref, atol=3e-3, rtol=0)
+    assert probs.shape == (3, 20, 18, 11)
+
+
+def test_2d_context_channels_are_the_neighbouring_slices_as_training_cuts_them():
+    from medvol.data.slices import extract_slices
+    from medvol.inference.sliding_window import with_slice_context
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(2, 5, 4, 6)).astype(np.float32)
+    for axis in range(3):
+        stacked = with_slice_context(torch.from_numpy(image), axis, 2).numpy()
+        for index in (0, 1, image.shape[1 + axis] - 1):
+            want = extract_slices(image, axis, index, [0, 0], [s for a, s in enumerate(image.shape[1:]) if a != axis],
+                                  2, 0.0)
+            got = np.take(stacked, index, axis=1 + axis)
+            np.testing.assert_array_equal(got, want)
+
+
+def test_2d_context_model_sees_its_neighbours():
+    """A model that returns the difference of the next and previous slice's channel: through
+    the sliding window with context 1 its output is that difference (ends repeat)."""
+
+    class Diff(nn.Module):
+        def forward(self, x):  # (N, 3, H, W): previous, own, next
+            d = x[:, 2:3] - x[:, 0:1]
+            return torch.cat([-d, d], 1) * 20
+
+    image = np.zeros((1, 6, 5, 4), np.float32)
+    image[0, :, :, 2:] = 1.0  # a step between slices 1 and 2 across Z
+    probs = sliding_window_probabilities(Diff(), image, [6, 5], CPU, slice_axis=2, context=1)
+    fg = probs[1].float().numpy() > 0.5
+    assert fg[:, :, 1].all() and fg[:, :, 2].all()  # next - previous = 1 at the step's two sides
+    assert not fg[:, :, 0].any() and not fg[:, :, 3].any()
 
 
 def test_window_steps_are_exact_voxel_counts():

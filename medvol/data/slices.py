@@ -35,7 +35,7 @@ from medvol.cache import case_paths, list_cases
 from medvol.data.dataset import PatchDataset, Streams
 from medvol.data.sampling import choose_patch_start, extract_patch
 from medvol.errors import CacheError
-from medvol.io.slice_labels import SliceLabels
+from medvol.io.slice_labels import SLICE_LABELS_FILE, SliceLabels, read_slice_labels
 from medvol.utils import read_json
 
 
@@ -99,6 +99,14 @@ def raw_slice_counts(cache_dir, axis: int) -> dict[str, int]:
     return counts
 
 
+def cached_slice_labels(cache_dir, axis: int) -> SliceLabels | None:
+    """The cache's ``slice_labels.csv`` (copied there by preprocessing), checked, or None."""
+    from pathlib import Path
+
+    path = Path(cache_dir) / SLICE_LABELS_FILE
+    return read_slice_labels(path, raw_slice_counts(cache_dir, axis)) if path.is_file() else None
+
+
 class SliceDataset(PatchDataset):
     """2D patches across ``slice_axis`` (0, 1 or 2 of X, Y, Z), indexed like :class:`PatchDataset`."""
 
@@ -145,4 +153,5 @@ class SliceDataset(PatchDataset):
         return {"class": torch.tensor(slice_class), "subject_class": torch.tensor(subject_class)}
 
 
-__all__ = ["SliceDataset", "choose_slice", "extract_slices", "raw_slice_counts", "raw_slice_of", "slice_config"]
+__all__ = ["SliceDataset", "cached_slice_labels", "choose_slice", "extract_slices", "raw_slice_counts", "raw_slice_of",
+           "slice_config"]

@@ -42,7 +42,8 @@ def case_probabilities(run: RunModel, image: np.ndarray | torch.Tensor, device: 
     return sliding_window_probabilities(run.model, image, run.patch_size, device, decoder,
                                         n_channels=run.plans.num_classes, overlap=settings.overlap,
                                         step=settings.step, sw_batch_size=sw_batch_size,
-                                        mirror_axes=run.mirror_axes if settings.tta else (), blend=settings.blend)
+                                        mirror_axes=run.mirror_axes if settings.tta else (), blend=settings.blend,
+                                        slice_axis=run.slice_axis, context=run.context)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -13,7 +13,13 @@ What a window's output means is the decoder's business:
   see :func:`medvol.networks.as_class_logits`); softmax probabilities out;
 - :class:`TaskSigmoid`: a task-conditioned multi-label model (DoDNet) called as
   ``model(x, task_ids)``; per-channel sigmoid probabilities out;
-- :class:`SliceSoftmax`: a 2D model run slice by slice over each 3D window; softmax out.
+
+A 2D model (the plan's ``2d`` configuration) takes the same path: ``slice_axis`` given, the
+image gets its neighbouring slices as channels when the model was trained with 2.5D context
+(:func:`with_slice_context`, the order training uses), the windows are slabs of
+:data:`SLAB` slices across the slice axis (the 2D patch in plane, no overlap across slices),
+and :class:`medvol.networks.slice_adapter.SliceAdapter` runs the 2D model over every slice of
+a window. Each slice's in-plane windows are blended as nnU-Net blends its 2D windows.
 """
 
 from __future__ import annotations
@@ -65,21 +71,6 @@ class TaskSigmoid:
         return blended
 
 
-@dataclass(frozen=True)
-class SliceSoftmax(SoftmaxClasses):
-    """A 2D model over a volume: every slice across ``axis`` (0, 1 or 2 of X, Y, Z) of a 3D
-    window goes through the model as one 2D image; class softmax at the end."""
-
-    axis: int = 2
-
-    def window_output(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        b, c = x.shape[:2]
-        moved = x.movedim(2 + self.axis, 1)  # (B, S, C, H, W)
-        s, hw = moved.shape[1], moved.shape[3:]
-        y = as_class_logits(model(moved.reshape(b * s, c, *hw)).float())
-        return y.reshape(b, s, y.shape[1], *hw).movedim(1, 2 + self.axis)
-
-
 class WindowPredictor(nn.Module):
     """Runs ``model`` on one batch of windows: float32 in, mirrored TTA, float16 out."""
 
@@ -121,6 +112,40 @@ def overlap_for_step(step: Sequence[int], patch_size: Sequence[int]) -> list[flo
     return out
 
 
+SLAB = 8  # slices per window of a 2D model (at most; fewer when the image has fewer)
+
+
+def with_slice_context(image: torch.Tensor, axis: int, context: int) -> torch.Tensor:
+    """``(C, X, Y, Z)`` -> ``(C * (2k + 1), X, Y, Z)``: every slice across ``axis`` with its
+    ``k = context`` neighbours on each side as channels, lowest first, each with all C
+    channels; the end slices repeat (as :func:`medvol.data.slices.extract_slices` gives them)."""
+    if not context:
+        return image
+    n = image.shape[1 + axis]
+    idx = torch.arange(n, device=image.device)
+    return torch.cat([image.index_select(1 + axis, (idx + o).clamp(0, n - 1)) for o in range(-context, context + 1)])
+
+
+def slab_windows(patch_2d: Sequence[int], axis: int, n_slices: int, overlap: float | Sequence[float],
+                 step: Sequence[int] | None) -> tuple[list[int], list[float]]:
+    """3D windows for a 2D model: the in-plane patch (``patch_2d``, its ``overlap`` or ``step``)
+    and up to :data:`SLAB` slices across ``axis`` with no overlap there."""
+    if len(patch_2d) != 2:
+        raise ConfigError(f"a 2D model's patch has 2 sizes, got {list(patch_2d)}")
+    if step is not None:
+        in_plane = overlap_for_step(step, patch_2d)
+    elif isinstance(overlap, (int, float)):
+        in_plane = [float(overlap)] * 2
+    else:
+        in_plane = [float(o) for o in overlap]
+    if len(in_plane) != 2:
+        raise ConfigError(f"a 2D model takes 2 overlaps (or steps), one per in-plane axis; got {in_plane}")
+    patch = [int(p) for p in patch_2d]
+    patch.insert(axis, min(SLAB, int(n_slices)))
+    in_plane.insert(axis, 0.0)
+    return patch, in_plane
+
+
 def _accumulation_device(device: torch.device, n_channels: int, spatial: Sequence[int]) -> torch.device:
     """``device`` when the float16 output (and MONAI's count map) fit in half its free memory, else the CPU."""
     if device.type != "cuda":
@@ -134,7 +159,8 @@ def sliding_window_probabilities(model: nn.Module, image: np.ndarray | torch.Ten
                                  device: torch.device, decoder=SoftmaxClasses(), n_channels: int | None = None,
                                  overlap: float | Sequence[float] = 0.5, step: Sequence[int] | None = None,
                                  sw_batch_size: int = 2, mirror_axes: Sequence[int] = (), amp: bool = True,
-                                 blend: str = "gaussian") -> torch.Tensor:
+                                 blend: str = "gaussian", slice_axis: int | None = None,
+                                 context: int = 0) -> torch.Tensor:
     """Probabilities ``(K, X, Y, Z)`` float16 (on the CPU) of a preprocessed image ``(C, X, Y, Z)``.
 
     ``step`` (voxels per axis, as papers state strides) replaces ``overlap`` when given;
@@ -142,9 +168,18 @@ def sliding_window_probabilities(model: nn.Module, image: np.ndarray | torch.Ten
     ``n_channels`` (the output's K) only sizes the GPU-or-CPU accumulation choice. The model
     runs in eval mode and gets its former mode back. Pass the image as a float16 tensor (and
     drop the float32 array) to hold the least memory.
+
+    ``slice_axis`` (0-2 of X, Y, Z) marks a 2D model: ``patch_size`` is its 2D patch,
+    ``step``/``overlap`` are in plane, ``context`` its 2.5D neighbours (module docstring).
     """
     from monai.inferers import sliding_window_inference
 
+    if slice_axis is not None:
+        if type(decoder) is not SoftmaxClasses:
+            raise ConfigError(f"a 2D model is run over slices with class softmax only, not {type(decoder).__name__}")
+        image = with_slice_context(torch.as_tensor(image), slice_axis, context)
+        patch_size, overlap = slab_windows(patch_size, slice_axis, image.shape[1 + slice_axis], overlap, step)
+        model, step = _slice_model(model, slice_axis), None
     if step is not None:
         overlap = overlap_for_step(step, patch_size)
     predictor = WindowPredictor(model, decoder, mirror_axes, cuda_amp_dtype(device, amp))
@@ -156,3 +191,10 @@ def sliding_window_probabilities(model: nn.Module, image: np.ndarray | torch.Ten
                                        sigma_scale=0.125, padding_mode="constant", cval=0.0, sw_device=device,
                                        device=acc)[0]
     return decoder.finish(out).cpu()
+
+
+def _slice_model(model: nn.Module, axis: int) -> nn.Module:
+    """``model`` (2D) run over every slice across ``axis`` of a ``(B, C, X, Y, Z)`` window."""
+    from medvol.networks.slice_adapter import SliceAdapter
+
+    return SliceAdapter(model, axis=2 + axis, slice_batch=2 * SLAB)

@@ -122,6 +122,22 @@ def _add_row(path: Path, line: int, row: dict, slice_counts: Mapping[str, int], 
         out.masks[(subject, index)] = mask_path
 
 
+def write_slice_labels(labels: SliceLabels, path: str | Path) -> None:
+    """Write ``labels`` as a ``slice_labels.csv`` (mask paths absolute, so the copy reads from
+    anywhere), atomically."""
+    from medvol.utils import atomic_path
+
+    rows = [["subject", "slice_index", "label", "mask"]]
+    for subject, slices in sorted(labels.slices.items()):
+        for index, label in sorted(slices.items()):
+            mask = labels.masks.get((subject, index))
+            rows.append([subject, str(index), str(label), str(Path(mask).resolve()) if mask else ""])
+    rows += [[subject, "", str(label), ""] for subject, label in sorted(labels.subjects.items())]
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows(rows)
+
+
 def _whole(path: Path, line: int, column: str, text: str) -> int:
     try:
         value = int(text)
@@ -132,4 +148,4 @@ def _whole(path: Path, line: int, column: str, text: str) -> int:
     return value
 
 
-__all__ = ["SLICE_LABELS_FILE", "SliceLabels", "read_slice_labels"]
+__all__ = ["SLICE_LABELS_FILE", "SliceLabels", "read_slice_labels", "write_slice_labels"]

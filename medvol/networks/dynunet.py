@@ -1,5 +1,6 @@
-"""nnU-Net's 3D U-Net as MONAI's DynUNet, configured from ``plans.json``: kernel sizes and
-strides from the plan's topology, features 32 * 2**stage capped at 320 (both settable for
+"""nnU-Net's 3D U-Net (2D for the plan's 2d configuration) as MONAI's DynUNet, configured
+from ``plans.json``: kernel sizes and strides from the plan's topology, features
+32 * 2**stage capped at ``max_features`` (nnU-Net: 320 in 3D, 512 in 2D; both settable for
 tiny test models), instance norm, leaky ReLU, deep supervision on all but the two lowest
 resolutions (nnU-Net ignores the lowest)."""
 
@@ -27,7 +28,7 @@ def build_dynunet(model_cfg, plans: Plans | None, in_channels: int, num_classes:
     n = len(strides)
     options = dict(model_cfg.options)
     return DynUNet(
-        spatial_dims=3, in_channels=in_channels, out_channels=num_classes,
+        spatial_dims=len(plans.patch_size), in_channels=in_channels, out_channels=num_classes,
         kernel_size=kernels, strides=strides, upsample_kernel_size=strides[1:],
         filters=features_per_stage(n, model_cfg.base_features, model_cfg.max_features),
         norm_name=("INSTANCE", {"affine": True}), act_name=("leakyrelu", {"negative_slope": 0.01, "inplace": True}),

@@ -78,8 +78,11 @@ def merge_fingerprints(folder: Path, case_ids: list[str], num_channels: int) -> 
                          f"({', '.join(missing[:5])}{'...' if len(missing) > 5 else ''}); "
                          "run `medvol fingerprint` (every shard) first")
     per_case = {c: read_json(folder / f"{c}.json") for c in case_ids}
-    samples = [np.load(folder / f"{c}_intensities.npy", mmap_mode="r") for c in case_ids]
-    weights = [np.full(s.shape[1], per_case[c]["sample_weight"]) for c, s in zip(case_ids, samples)]
+    # foreground intensities come from labelled cases; unlabelled ones (a semi-supervised
+    # dataset's) only count when no case has a label
+    sampled = [c for c in case_ids if per_case[c].get("has_label", True)] or list(case_ids)
+    samples = [np.load(folder / f"{c}_intensities.npy", mmap_mode="r") for c in sampled]
+    weights = [np.full(s.shape[1], per_case[c]["sample_weight"]) for c, s in zip(sampled, samples)]
     channel_stats = {}
     for ch in range(num_channels):
         if not any(s.shape[1] for s in samples):

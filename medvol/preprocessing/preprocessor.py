@@ -202,7 +202,8 @@ def _fingerprint_job(case: RawCase, dataset: RawDataset, out: Path, n_samples: i
                                              if isinstance(v, (str, int, float))},
                              "orientation_properties": loaded.orientation_properties()})
         _failure_path(out, case.case_id).unlink(missing_ok=True)
-        write_case_fingerprint(out / "fingerprints", case.case_id, {**fp, "sources": sources}, samples)
+        write_case_fingerprint(out / "fingerprints", case.case_id,
+                               {**fp, "sources": sources, "has_label": loaded.label is not None}, samples)
         return case.case_id, None
     except OutputError:
         raise  # not this case's fault: the run stops (a rerun resumes)
@@ -360,7 +361,8 @@ def _clean_partial(out: Path, case_ids: list[str]) -> None:
                     junk.unlink(missing_ok=True)
 
 
-CACHE_ENTRIES = ("cases", "fingerprints", "staging", "dataset.json", "fingerprint.json", "plans.json", "failures.json")
+CACHE_ENTRIES = ("cases", "fingerprints", "staging", "dataset.json", "fingerprint.json", "plans.json", "failures.json",
+                 "slice_labels.csv")
 
 
 def cache_folder(out: Path) -> OutputFolder:
@@ -479,6 +481,25 @@ def preprocess_cases(raw: str | Path, out: str | Path, num_workers: int | None =
     return report
 
 
+def copy_slice_labels(raw: Path, out: Path) -> None:
+    """A ``slice_labels.csv`` beside the raw dataset, checked against the raw scans' slice counts
+    across the 2d plan's slice axis, is copied into the cache (training reads it from there)."""
+    from medvol.io.slice_labels import SLICE_LABELS_FILE, read_slice_labels, write_slice_labels
+
+    src = raw / SLICE_LABELS_FILE
+    if not src.is_file():
+        return
+    plans = load_plans(out)
+    axis = int(plans["configurations"]["2d"]["slice_axis"])
+    desc = read_json(out / "dataset.json")
+    counts = {c: 10**9 for c in desc["training_cases"]}  # failed cases: any index passes
+    for case in desc["training_cases"]:
+        props = case_paths(out, case)[2]
+        if props.exists():
+            counts[case] = int(read_json(props)["original_shape"][axis])
+    write_slice_labels(read_slice_labels(src, counts), out / SLICE_LABELS_FILE)
+
+
 def preprocess_dataset(raw: str | Path, out: str | Path, num_workers: int | None = None, overwrite: bool = False,
                        shard: str | None = None, quiet: bool = False, orientation: str = "stored",
                        **plan_options) -> Report:
@@ -504,6 +525,8 @@ def preprocess_dataset(raw: str | Path, out: str | Path, num_workers: int | None
             raise CacheError(f"{out}: a sharded run needs the plan first: run `medvol fingerprint RAW -o {out} "
                              "--shard K/N` for every shard, then `medvol plan`")
         report = preprocess_cases(raw, out, num_workers, shard, quiet)
+    if shard is None:
+        copy_slice_labels(Path(raw), out)
     failures_file = out / "failures.json"
     if report.failures:
         write_json(failures_file, report.failures)

@@ -144,11 +144,11 @@ def _open_with_json(root: Path) -> RawDataset:
     if is_v2:
         ending = meta["file_ending"]
         channel_names = _channel_names(jpath, meta["channel_names"], "channel_names")
-        training = _v2_cases(root, "imagesTr", "labelsTr", ending, len(channel_names), jpath)
+        labelled = meta.get("labelled_cases")
+        training = _v2_cases(root, "imagesTr", "labelsTr", ending, len(channel_names), jpath, labelled=labelled)
         test = _v2_cases(root, "imagesTs", "labelsTs", ending, len(channel_names), jpath, labels_optional=True)
         if "numTraining" in meta and meta["numTraining"] != len(training):
             raise InputError(jpath, f"numTraining is {meta['numTraining']} but imagesTr holds {len(training)} cases")
-        labelled = meta.get("labelled_cases")
         if labelled is not None:
             unknown_cases = sorted(set(labelled) - {c.case_id for c in training})
             if unknown_cases:
@@ -302,7 +302,10 @@ def _parse_labels(jpath: Path, labels, is_v2: bool) -> dict[str, int]:
 
 
 def _v2_cases(root: Path, img_dir: str, lab_dir: str, ending: str, n_channels: int, jpath: Path,
-              labels_optional: bool = False) -> list[RawCase]:
+              labels_optional: bool = False, labelled: list | None = None) -> list[RawCase]:
+    """The cases of one images/labels folder pair. A label file is required unless
+    ``labels_optional``, or unless the dataset declares ``labelled_cases`` (a semi-supervised
+    split) and the case is not among them: such a case is unlabelled training data."""
     idir = root / img_dir
     if not idir.is_dir():
         if labels_optional:
@@ -327,7 +330,8 @@ def _v2_cases(root: Path, img_dir: str, lab_dir: str, ending: str, n_channels: i
                                  f"case '{case}' is missing channel file(s) {missing}")
         elif extra:
             problem = InputError(chans[extra[0]], f"channel {extra[0]} is not declared in channel_names")
-        if not lab.exists() and not labels_optional and problem is None:
+        may_lack_label = labels_optional or (labelled is not None and case not in labelled)
+        if not lab.exists() and not may_lack_label and problem is None:
             problem = InputError(lab, f"label file of case '{case}' is missing")
         cases.append(RawCase(case, [chans.get(c, idir / f"{case}_{c:04d}{ending}") for c in range(n_channels)],
                              lab if lab.exists() else None, problem=problem))

@@ -112,9 +112,10 @@ class Trainer:
     def setup_data(self) -> None:
         """Plans, channels/classes, patch and (per-process) batch size, and the case split."""
         d = self.recipe.data
-        self.plans: Plans | None = Plans.from_dict(load_plans(self.cache_dir))
+        self.plans: Plans | None = Plans.from_dict(load_plans(self.cache_dir)).for_configuration(d.configuration)
+        self.slice_axis = self.plans.slice_axis  # None for 3D patches
         self.num_classes = self.plans.num_classes
-        self.in_channels = self.plans.num_channels
+        self.in_channels = self.plans.num_channels * (2 * d.context + 1)
         self.patch_size = list(d.patch_size or self.plans.patch_size)
         if self.patch_size != self.plans.patch_size and self.recipe.model.name == "dynunet":
             self.plans = plans_for_patch(self.plans, self.patch_size)
@@ -182,8 +183,17 @@ class Trainer:
         return Streams(self.labelled, self.unlabelled, self.global_batch, u, self.batch_size)
 
     def make_dataset(self) -> StepDataset:
-        return PatchDataset(self.cache_dir, self.streams(), self.patch_size, self.recipe.data.oversample_foreground,
-                            build_augmentation(self.recipe.data.augment), seed=self.recipe.trainer.seed)
+        """3D patches of the cache, or (``data.configuration: 2d``) 2D slices of it."""
+        d = self.recipe.data
+        augment = build_augmentation(d.augment, ndim=len(self.patch_size))
+        if self.slice_axis is None:
+            return PatchDataset(self.cache_dir, self.streams(), self.patch_size, d.oversample_foreground, augment,
+                                seed=self.recipe.trainer.seed)
+        from medvol.data.slices import SliceDataset, cached_slice_labels
+
+        return SliceDataset(self.cache_dir, self.streams(), self.patch_size, self.slice_axis, d.oversample_foreground,
+                            augment, seed=self.recipe.trainer.seed, context=d.context,
+                            slice_labels=cached_slice_labels(self.cache_dir, self.slice_axis))
 
     def autocast(self):
         return torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
@@ -220,7 +230,8 @@ class Trainer:
         return sliding_window_probabilities(self.inference_model(), torch.from_numpy(np.array(image, np.float16)),
                                             self.patch_size, self.device, self.validation_decoder(props),
                                             n_channels=self.num_classes, overlap=self.recipe.trainer.val_overlap,
-                                            amp=self.recipe.trainer.amp)
+                                            amp=self.recipe.trainer.amp, slice_axis=self.slice_axis,
+                                            context=self.recipe.data.context)
 
     def validate(self) -> dict[str, float]:
         """Per-class Dice on the validation cases (in the preprocessed space), and their mean."""
@@ -278,8 +289,12 @@ def plans_for_patch(plans: Plans, patch_size: list[int]) -> Plans:
     topo = topology_for_patch(plans.target_spacing, patch_size)
     if topo["strides"] != plans.topology.get("strides") or topo["kernel_sizes"] != plans.topology.get("kernel_sizes"):
         log.info("patch %s: U-Net topology recomputed for it (strides %s)", patch_size, topo["strides"])
-    raw = {**plans.raw, "patch_size": list(patch_size), "network": {**plans.raw.get("network", {}), **topo}}
-    return Plans.from_dict(raw)
+    if plans.slice_axis is None:
+        raw = {**plans.raw, "patch_size": list(patch_size), "network": {**plans.raw.get("network", {}), **topo}}
+        return Plans.from_dict(raw)
+    cfg = plans.raw["configurations"]["2d"]
+    cfg = {**cfg, "patch_size": list(patch_size), "network": {**cfg.get("network", {}), **topo}}
+    return Plans.from_dict({**plans.raw, "configurations": {**plans.raw["configurations"], "2d": cfg}}).for_2d()
 
 
 def fit(trainer: Trainer, resume: bool = False, stop_at: int | None = None, quiet: bool = False) -> dict:
