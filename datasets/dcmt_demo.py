@@ -2,8 +2,8 @@
 
 Each slice is a cartoon of a knee MRI slice: dark fluid above, a bright wavy band (the
 "cartilage", the region mask, dilated by 2 pixels) and textured "bone" below, with noise.
-A slice's grade is what happens to the band: 0 intact; 1 a small, shallow dark notch; 2 a wide
-notch through the whole band. Each subject (a stack of slices, one band shape per subject) has
+A slice's grade is what happens to the band: 0 intact; 1 a narrow notch through 60 % of the
+band; 2 a wide notch through the whole band. Each subject (a stack of slices, one band shape per subject) has
 a grade drawn from 0-2, and its slices grades up to it, at least one of them equal to it (so
 the subject grade is the maximum of its slice grades, DC-MT's rule). Subjects are spread over
 5 folds; the demo's labelled subjects are fold 1's, as DC-MT labels the first training fold.
@@ -36,8 +36,8 @@ def draw_slice(size: int, top: np.ndarray, thickness: float, grade: int,
     image = np.where(below, 0.45 + 0.08 * np.sin(xx / 2.5) * np.cos(yy / 3.0), 0.12).astype(np.float32)
     image[band] = 0.8
     if grade > 0:
-        width = rng.uniform(3, 5) if grade == 1 else rng.uniform(11, 15)
-        depth = thickness * (0.5 if grade == 1 else 1.0)
+        width = rng.uniform(5, 7) if grade == 1 else rng.uniform(12, 16)
+        depth = thickness * (0.6 if grade == 1 else 1.0)
         centre = rng.uniform(width, size - width)
         notch = band & (np.abs(xx - centre) < width / 2) & (yy < top[None] + depth)
         image[notch] = 0.12
@@ -45,7 +45,7 @@ def draw_slice(size: int, top: np.ndarray, thickness: float, grade: int,
     return image[None], band
 
 
-def synthetic_slices(n_subjects: int = 15, slices_per_subject: int = 6, size: int = 64,
+def synthetic_slices(n_subjects: int = 25, slices_per_subject: int = 6, size: int = 64,
                      seed: int = 0) -> tuple[list[GradedSlice], dict[str, int]]:
     """Slices of ``n_subjects`` subjects (``knee_000``...) and each subject's fold (i % 5)."""
     rng = np.random.default_rng(seed)
@@ -64,7 +64,7 @@ def synthetic_slices(n_subjects: int = 15, slices_per_subject: int = 6, size: in
     return slices, folds
 
 
-def build_dcmt_demo(out: str | Path, n_subjects: int = 15, slices_per_subject: int = 6, size: int = 64,
+def build_dcmt_demo(out: str | Path, n_subjects: int = 25, slices_per_subject: int = 6, size: int = 64,
                     seed: int = 0, valid_fold: int = 0) -> Path:
     """Write the demo's raw dataset (labelled subjects: the first fold after ``valid_fold``)."""
     slices, folds = synthetic_slices(n_subjects, slices_per_subject, size, seed)

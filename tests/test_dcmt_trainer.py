@@ -71,3 +71,126 @@ def test_dcmt_features_feed_the_gru_aggregator_end_to_end():
         torch.testing.assert_close(probs.sum(1), torch.ones(2))
         # the padded slices change nothing: the second subject alone, with its 3 real slices
         torch.testing.assert_close(agg(out.features[1:, :3])[0], subject_logits[1], atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- the trainer on a tiny cache
+
+VAL = "data.val_cases=[knee_000,knee_005,knee_010]"
+
+
+@pytest.fixture(scope="module")
+def demo_pre(tmp_path_factory):
+    """The synthetic graded slices (15 subjects x 6 slices of 64 x 64; labelled: fold 1's 3
+    subjects), preprocessed."""
+    from medvol.datasets.dcmt_demo import build_dcmt_demo
+    from medvol.preprocessing import preprocess_dataset
+
+    tmp = tmp_path_factory.mktemp("dcmt")
+    raw = build_dcmt_demo(tmp / "raw", n_subjects=15)
+    preprocess_dataset(raw, tmp / "pre", num_workers=1, quiet=True)
+    return tmp / "pre"
+
+
+def _recipe(*sets):
+    from medvol.config import load_recipe
+
+    return load_recipe("dcmt_demo", [VAL, *sets])
+
+
+def _trainer(pre, run, *sets):
+    from medvol.training import get_trainer
+    from medvol.training.distributed import DistInfo
+
+    return get_trainer("dcmt")(_recipe(*sets), pre, run, DistInfo())
+
+
+def test_recipes_carry_the_papers_settings():
+    from medvol.config import load_recipe
+
+    r = load_recipe("dcmt")
+    assert (r.optimizer.name, r.optimizer.lr, r.optimizer.weight_decay) == ("adam", 2e-4, 1e-4)
+    assert (r.data.configuration, r.data.batch_size, r.data.unlabelled_per_batch) == ("2d", 40, 30)
+    m = r.method
+    assert (m["epochs"], m["lr_decay_every"], m["lr_decay"], m["ema_decay"]) == (50, 15, 0.5, 0.99)
+    assert (m["loss"]["warmup_epoch"], m["loss"]["rampup_epochs"], m["percentiles"]) == (20, 40, [0.1, 99.9])
+    assert r.model.options == {"lse_r": 6.0, "cam_w": 100.0, "cam_sigma": 0.4}  # the paper's full width
+    assert _recipe().trainer.name == "dcmt"
+
+
+def test_epochs_in_steps_and_the_step_decay(demo_pre, tmp_path):
+    # published epoch: the unlabelled training slices (9 subjects x 6) over the 4 unlabelled per batch
+    t = _trainer(demo_pre, tmp_path / "r", "method.steps_per_epoch=null", "method.epochs=3", "method.lr_decay_every=1",
+                 "method.val_every_epochs=2")
+    assert t.steps_per_epoch == 9 * 6 // 4 == 13
+    assert (t.recipe.trainer.steps, t.recipe.trainer.val_every) == (39, 26)
+    factor = t.schedulers["model"].lr_lambdas[0]
+    assert [factor(s) for s in (0, 12, 13, 25, 26, 38)] == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+    assert (t.epoch(12), t.epoch(13)) == (0, 1)
+    assert t.num_classes == 3 and t.models["model"].classifier.out_features == 3
+    with pytest.raises(Exception, match="set schedule.name: constant"):
+        _trainer(demo_pre, tmp_path / "r2", "schedule.name=poly")
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    label = torch.zeros(4, 1, 64, 64, dtype=torch.long)
+    label[:, :, 24:34, :] = 1
+    label[2:] = -1  # the unlabelled stream has no label map
+    return {"image": torch.rand(4, 1, 64, 64, generator=g) + label.clamp_min(0), "label": label,
+            "class": torch.tensor([1, 0, 0, 0]), "labelled": torch.tensor([True, True, False, False])}
+
+
+def test_unlabelled_cam_channel_is_the_teachers_argmax(demo_pre, tmp_path):
+    """The teacher's bias makes it say 2 everywhere; the unlabelled slots' CAMs are then
+    channel 2, whatever their (leaked) class says, and every term matches a hand computation."""
+    from medvol.losses.dcmt import attention_mse, select_cams
+
+    t = _trainer(demo_pre, tmp_path / "r")
+    student, teacher = t.models["model"].train(), t.models["teacher"]
+    for m in [*student.modules(), *teacher.modules()]:  # batch statistics, but no dropout: outputs repeat
+        if isinstance(m, torch.nn.Dropout2d):
+            m.p = 0.0
+    with torch.no_grad():
+        teacher.classifier.bias.copy_(torch.tensor([0.0, 0.0, 100.0]))
+    step = 10 * t.steps_per_epoch  # past the warm-up: both consistency terms count
+    batch = _batch()
+    terms = t.loss_terms(batch, step)
+    assert terms["classes"].tolist() == [1, 0, 2, 2] and terms["w_att"] > 0
+
+    with torch.no_grad():
+        x = t.student_input.prepare(batch["image"])
+        sv, tv = t.views(x, step)
+        out_s, out_t = student(sv.image), teacher(tv.image)
+        cam_t = sv.from_frame(out_t["cams"], tv)
+        want = attention_mse(select_cams(cam_t[2:], torch.tensor([2, 2])),
+                             select_cams(out_s["cams"][2:], torch.tensor([2, 2])))
+        assert not torch.equal(select_cams(out_s["cams"][2:], torch.tensor([0, 0])),
+                               select_cams(out_s["cams"][2:], torch.tensor([2, 2])))
+    torch.testing.assert_close(terms["consistency_att"], want, rtol=1e-5, atol=1e-7)
+    leaked = {**batch, "class": torch.tensor([1, 0, 1, 2])}  # other classes on the unlabelled slots
+    again = t.loss_terms(leaked, step)
+    for k in ("total", "ce", "mask", "bound", "consistency_cls", "consistency_att"):
+        torch.testing.assert_close(again[k], terms[k])
+
+
+def test_validation_counts_every_graded_slice(demo_pre, tmp_path):
+    t = _trainer(demo_pre, tmp_path / "r", "method.validate_student=true")
+    m = t.validate()
+    assert m["val/graded_slices"] == 18 and 0 <= m["val/accuracy"] <= 1 and 0 < m["val/cam_iou"] < 1
+    assert m["val/student_accuracy"] == m["val/accuracy"]  # the teacher starts as the student
+    assert t.inference_model().model is t.models["teacher"]
+
+
+def test_save_and_resume_continue_exactly(demo_pre, tmp_path):
+    from medvol.training import train
+
+    sets = ["method.steps_per_epoch=2", "method.epochs=3", "method.val_every_epochs=3", "method.loss.warmup_epoch=1",
+            "method.loss.rampup_epochs=1"]
+    train(_recipe(*sets), demo_pre, tmp_path / "full", device="cpu", quiet=True)
+    train(_recipe(*sets), demo_pre, tmp_path / "cut", device="cpu", stop_at=3, quiet=True)
+    train(_recipe(*sets), demo_pre, tmp_path / "cut", device="cpu", resume=True, quiet=True)
+    a = torch.load(tmp_path / "full" / "checkpoints" / "latest.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "checkpoints" / "latest.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6 and a["inference_model"] == "teacher"
+    for key in ("model", "teacher"):
+        assert all(torch.equal(v, b["models"][key][k]) for k, v in a["models"][key].items()), key

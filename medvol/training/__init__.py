@@ -15,7 +15,7 @@ def register_trainer(cls):
 
 
 def get_trainer(name: str):
-    from medvol.training import canet, dodnet, pcrl, supervised  # noqa: F401  (register themselves)
+    from medvol.training import canet, dcmt, dodnet, pcrl, supervised  # noqa: F401  (register themselves)
 
     if name not in _TRAINERS:
         raise ConfigError(f"trainer.name '{name}' is unknown; known: {sorted(_TRAINERS)}")
