@@ -160,8 +160,9 @@ class DCMTTrainer(MeanTeacherTrainer):
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         terms = self.loss_terms(batch, step)
-        return {"loss": terms["total"], **{k: terms[k] for k in ("ce", "mask", "bound", "consistency_cls",
-                                                                 "consistency_att")}}
+        out = {"loss": terms["total"], **{k: terms[k] for k in ("ce", "mask", "bound", "consistency_cls",
+                                                                "consistency_att")}}
+        return {**out, "w_cls": torch.tensor(terms["w_cls"]), "w_att": torch.tensor(terms["w_att"])}
 
     def loss_terms(self, batch: dict, step: int) -> dict:
         """Every DC-MT term of one batch (and ``classes``, the CAM channel used per slice)."""
