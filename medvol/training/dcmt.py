@@ -81,7 +81,8 @@ class DCMTTrainer(MeanTeacherTrainer):
         super().__init__(*args, **kwargs)
         self.loss_fn = DCMTLoss(self.options.loss)
         self.predictor = SliceInput(self.teacher, self.options.channels, self.options.percentiles)
-        self.student_input = SliceInput(self.models["model"], self.options.channels, self.options.percentiles)
+        # the bare student (never a DDP wrapper: validation runs on the main process alone)
+        self.student_input = SliceInput(self.student, self.options.channels, self.options.percentiles)
 
     # ------------------------------------------------------------------ setup
     def setup_data(self) -> None:
