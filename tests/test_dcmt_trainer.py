@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medvol.networks.aggregator import GRUSliceAggregator
-from medvol.networks.slice.dcmt import DCMTNet, SliceInput, normalise_slices
+from medvol.networks.slice.dcmt import DCMTNet, normalise_slices
 from medvol.networks.slice_adapter import SliceAdapter
 
 from conftest import metric_series, pinned
@@ -40,21 +40,25 @@ def test_normalise_slices_by_hand():
     np.testing.assert_allclose(normalise_slices(torch.from_numpy(3 * x + 11)).numpy(), out, atol=1e-5)
 
 
-def test_slice_input_repeats_grey_to_three_channels():
-    net = SliceInput(torch.nn.Identity(), channels=3)
-    x = torch.rand(2, 1, 8, 8) * 50
-    out = net(x)
-    assert out.shape == (2, 3, 8, 8) and torch.equal(out[:, 0], out[:, 2])
-    torch.testing.assert_close(out[:, :1], normalise_slices(x))
-    with pytest.raises(ValueError, match="expected 1 or 3 channels, got 2"):
-        net(torch.rand(2, 2, 8, 8))
+def test_the_network_prepares_its_input_as_published():
+    torch.manual_seed(0)
+    net = DCMTNet(num_classes=3, in_channels=1, input_percentiles=(0.1, 99.9), trunk_channels=3, **TINY).eval()
+    x = torch.rand(2, 1, 32, 32) * 50
+    prepared = net.prepare(x)
+    assert prepared.shape == (2, 3, 32, 32) and torch.equal(prepared[:, 0], prepared[:, 2])
+    torch.testing.assert_close(prepared[:, :1], normalise_slices(x))
+    with torch.no_grad():
+        a, b = net(x), net(prepared, prepared=True)
+    torch.testing.assert_close(a["logits"], b["logits"])
+    with pytest.raises(ValueError, match="needs 1 channel"):
+        DCMTNet(in_channels=2, trunk_channels=3, **TINY)
 
 
 def test_dcmt_features_feed_the_gru_aggregator_end_to_end():
     """Volume -> SliceAdapter (classification) over DC-MT's prepared input -> per-slice 16-d
     features -> GRU aggregator -> one subject prediction; the adapter equals a per-slice loop."""
     torch.manual_seed(0)
-    net = SliceInput(DCMTNet(num_classes=3, **TINY).eval())
+    net = DCMTNet(num_classes=3, in_channels=1, input_percentiles=(0.1, 99.9), trunk_channels=3, **TINY).eval()
     volumes = torch.rand(2, 1, 32, 24, 5) * 300  # (B, C, X, Y, Z): 5 slices across Z
     adapter = SliceAdapter(net, axis=-1, slice_batch=3, mode="classification")
     with torch.no_grad():
@@ -114,8 +118,9 @@ def test_recipes_carry_the_papers_settings():
     assert (r.data.configuration, r.data.batch_size, r.data.unlabelled_per_batch) == ("2d", 40, 30)
     m = r.method
     assert (m["epochs"], m["lr_decay_every"], m["lr_decay"], m["ema_decay"]) == (50, 15, 0.5, 0.99)
-    assert (m["loss"]["warmup_epoch"], m["loss"]["rampup_epochs"], m["percentiles"]) == (20, 40, [0.1, 99.9])
-    assert r.model.options == {"lse_r": 6.0, "cam_w": 100.0, "cam_sigma": 0.4}  # the paper's full width
+    assert (m["loss"]["warmup_epoch"], m["loss"]["rampup_epochs"]) == (20, 40)
+    assert r.model.options == {"lse_r": 6.0, "cam_w": 100.0, "cam_sigma": 0.4, "input_percentiles": [0.1, 99.9],
+                               "trunk_channels": 3}  # the paper's full width
     assert _recipe().trainer.name == "dcmt"
 
 
@@ -160,9 +165,9 @@ def test_unlabelled_cam_channel_is_the_teachers_argmax(demo_pre, tmp_path):
     assert terms["classes"].tolist() == [1, 0, 2, 2] and terms["w_att"] > 0
 
     with torch.no_grad():
-        x = t.student_input.prepare(batch["image"])
+        x = student.prepare(batch["image"])
         sv, tv = t.views(x, step)
-        out_s, out_t = student(sv.image), teacher(tv.image)
+        out_s, out_t = student(sv.image, prepared=True), teacher(tv.image, prepared=True)
         cam_t = sv.from_frame(out_t["cams"], tv)
         want = attention_mse(select_cams(cam_t[2:], torch.tensor([2, 2])),
                              select_cams(out_s["cams"][2:], torch.tensor([2, 2])))
@@ -180,22 +185,78 @@ def test_validation_counts_every_graded_slice(demo_pre, tmp_path):
     m = t.validate()
     assert m["val/graded_slices"] == 18 and 0 <= m["val/accuracy"] <= 1 and 0 < m["val/cam_iou"] < 1
     assert m["val/student_accuracy"] == m["val/accuracy"]  # the teacher starts as the student
-    assert t.inference_model().model is t.models["teacher"]
+    assert t.inference_model() is t.models["teacher"] and {"val/balanced_accuracy", "val/cam_inside"} <= set(m)
 
 
-def test_save_and_resume_continue_exactly(demo_pre, tmp_path):
+RUN_SETS = ["method.steps_per_epoch=2", "method.epochs=3", "method.val_every_epochs=3", "method.loss.warmup_epoch=1",
+            "method.loss.rampup_epochs=1"]
+
+
+@pytest.fixture(scope="module")
+def dcmt_run(demo_pre, tmp_path_factory):
+    """6 steps of `dcmt_demo` (consistency from step 2)."""
     from medvol.training import train
 
-    sets = ["method.steps_per_epoch=2", "method.epochs=3", "method.val_every_epochs=3", "method.loss.warmup_epoch=1",
-            "method.loss.rampup_epochs=1"]
-    train(_recipe(*sets), demo_pre, tmp_path / "full", device="cpu", quiet=True)
-    train(_recipe(*sets), demo_pre, tmp_path / "cut", device="cpu", stop_at=3, quiet=True)
-    train(_recipe(*sets), demo_pre, tmp_path / "cut", device="cpu", resume=True, quiet=True)
-    a = torch.load(tmp_path / "full" / "checkpoints" / "latest.pt", weights_only=True)
+    run = tmp_path_factory.mktemp("dcmt_run") / "run"
+    with pinned(0, threads=1):
+        train(_recipe(*RUN_SETS), demo_pre, run, device="cpu", quiet=True)
+    return run
+
+
+def test_save_and_resume_continue_exactly(demo_pre, dcmt_run, tmp_path):
+    from medvol.training import train
+
+    with pinned(0, threads=1):
+        train(_recipe(*RUN_SETS), demo_pre, tmp_path / "cut", device="cpu", stop_at=3, quiet=True)
+        train(_recipe(*RUN_SETS), demo_pre, tmp_path / "cut", device="cpu", resume=True, quiet=True)
+    a = torch.load(dcmt_run / "checkpoints" / "latest.pt", weights_only=True)
     b = torch.load(tmp_path / "cut" / "checkpoints" / "latest.pt", weights_only=True)
-    assert a["step"] == b["step"] == 6 and a["inference_model"] == "teacher"
+    assert a["step"] == b["step"] == 6 and a["inference_model"] == "teacher" and a["num_classes"] == 3
     for key in ("model", "teacher"):
         assert all(torch.equal(v, b["models"][key][k]) for k, v in a["models"][key].items()), key
+    assert not (dcmt_run / "validation").exists()  # no end-of-run scan validation: grades are not label maps
+
+
+def test_a_dcmt_run_feeds_the_subject_pipeline(demo_pre, dcmt_run, tmp_path):
+    """medvol extract-features rebuilds the run's teacher (with its input preparation) and takes
+    its 16-d slice features; the slice aggregator trains on them; medvol predict gives every raw
+    scan a subject grade."""
+    import csv
+
+    from medvol.checkpoint import load_run
+    from medvol.config import load_recipe
+    from medvol.inference.subjects import extract_features
+    from medvol.io.slice_features import read_features
+    from medvol.training import train
+
+    with pinned(0, threads=1):
+        path = extract_features(dcmt_run, demo_pre, tmp_path / "features", device="cpu", quiet=True)
+    data = read_features(path)
+    assert data.feature_dim == 16 and len(data.items) == 15 and data.meta["slice_classes"] == 3
+    teacher = load_run(dcmt_run, torch.device("cpu")).model
+    state = torch.load(dcmt_run / "checkpoints" / "best.pt", weights_only=True)["models"]["teacher"]
+    assert all(torch.equal(v, state[k]) for k, v in teacher.state_dict().items())
+    item = data.by_subject()["knee_003"]
+    image = np.load(demo_pre / "cases" / "knee_003.npy")
+    with torch.no_grad():
+        want = teacher(torch.from_numpy(np.moveaxis(image, 3, 0).astype(np.float32)))["features"]
+    np.testing.assert_allclose(item.features, want.numpy(), atol=1e-5)
+    assert item.features.shape == (6, 16) and item.subject_class in (0, 1, 2)
+
+    agg = load_recipe("slice_aggregator", ["model.options={hidden: [8, 8], gru_hidden: 4}", "trainer.steps=4",
+                                           "trainer.val_every=4", "data.batch_size=4", VAL])
+    from medvol import cli
+
+    with pinned(0, threads=1):
+        train(agg, path.parent, tmp_path / "agg", device="cpu", quiet=True)
+        scans = demo_pre.parent / "raw" / "imagesTr"
+        assert cli.main(["predict", "-m", str(tmp_path / "agg"), "-i", str(scans), "-o", str(tmp_path / "out"),
+                         "--device", "cpu", "-q"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "out" / "subjects.csv")))
+    assert [r["subject"] for r in rows] == [f"knee_{i:03d}" for i in range(15)]
+    for r in rows:
+        p = np.array([float(r[f"p_{k}"]) for k in range(3)])
+        assert p.sum() == pytest.approx(1.0, abs=1e-5) and int(r["predicted"]) == p.argmax()
 
 
 @pytest.mark.slow

@@ -7,9 +7,10 @@ attention target. ``data.unlabelled_per_batch`` makes the two-stream batches (pa
 labelled + 30 unlabelled). A slice counts as labelled when it comes from the labelled stream
 and has a grade.
 
-One step: the batch is prepared as published (per slice and channel: clip to the 0.1/99.9
-percentiles, min-max to [0, 1]; grey repeated to 3 channels: :class:`SliceInput`); the student
-and the teacher each see their own perturbed view (:mod:`medvol.data.perturb`); the region
+One step: the batch is prepared as published by the network's own :meth:`DCMTNet.prepare`
+(``model.options``: ``input_percentiles`` 0.1/99.9 clip + min-max per slice and channel,
+``trunk_channels`` 3: grey repeated); the student and the teacher each see their own perturbed
+view of the prepared batch (:mod:`medvol.data.perturb`); the region
 masks are carried into the student's frame (nearest) and the teacher's CAMs too (bilinear), so
 every pixel-wise term compares maps of the same place; :class:`medvol.losses.dcmt.DCMTLoss`
 gives CE + attention MSE + bound loss on the labelled slices and, from the warm-up epoch on,
@@ -25,10 +26,13 @@ records the values used); with ``method.lr_decay_every`` the learning rate is mu
 ``lr_decay`` every that many epochs (``schedule.name`` must then be ``constant``).
 
 Validation (the teacher, eval mode) on every slice of the validation cases that has a grade:
-``val/accuracy`` (the primary metric), and on those whose region mask is not empty the CAM of
+``val/accuracy`` (the primary metric), ``val/balanced_accuracy`` (and ``val/auc`` for two
+grades), and on those whose region mask is not empty the CAM of
 the true grade against the mask: ``val/cam_iou`` (soft IoU, sum min / sum max) and
 ``val/cam_inside`` (the share of the CAM's mass inside the mask, 1 - the bound loss); with
 ``method.validate_student`` the student's too (``val/student_*``), as the published code reports.
+The checkpoint records ``num_classes`` (the grades), so ``medvol extract-features`` rebuilds the
+teacher from the run folder and hands its 512-d slice features to the slice aggregator.
 """
 
 from __future__ import annotations
@@ -46,9 +50,10 @@ from medvol.cache import load_case
 from medvol.config import ScheduleConfig
 from medvol.data.slices import cached_slice_labels, raw_slice_of
 from medvol.errors import ConfigError
+from medvol.evaluation.classification import classification_metrics
 from medvol.io.slice_labels import SliceLabels
 from medvol.losses.dcmt import DCMTLoss, DCMTLossConfig, select_cams
-from medvol.networks.slice.dcmt import SliceInput
+from medvol.networks.slice.dcmt import DCMTNet
 from medvol.training import register_trainer
 from medvol.training.mean_teacher import MeanTeacherOptions, MeanTeacherTrainer
 from medvol.training.schedules import make_scheduler
@@ -58,8 +63,6 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DCMTOptions(MeanTeacherOptions):
-    channels: int = 3  # network input channels (grey slices repeated, as published)
-    percentiles: tuple = (0.1, 99.9)  # per-slice intensity clip before min-max
     mask_labels: list | None = None  # label values forming the region mask (None: every label > 0)
     loss: DCMTLossConfig = field(default_factory=DCMTLossConfig)  # weights, warm-up and ramp-up (epochs)
     steps_per_epoch: int | None = None  # None: one pass over the unlabelled slices (published)
@@ -76,13 +79,11 @@ class DCMTTrainer(MeanTeacherTrainer):
     name = "dcmt"
     Options = DCMTOptions
     primary_metric = "val/accuracy"
+    scan_validation = False  # slice grades: no label map to score against the scans
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_fn = DCMTLoss(self.options.loss)
-        self.predictor = SliceInput(self.teacher, self.options.channels, self.options.percentiles)
-        # the bare student (never a DDP wrapper: validation runs on the main process alone)
-        self.student_input = SliceInput(self.student, self.options.channels, self.options.percentiles)
 
     # ------------------------------------------------------------------ setup
     def setup_data(self) -> None:
@@ -99,9 +100,6 @@ class DCMTTrainer(MeanTeacherTrainer):
                               "raw dataset.json and preprocess again)")
         self.slice_labels: SliceLabels = labels
         self.num_classes = self._grade_count()
-        if self.in_channels not in (1, o.channels):
-            raise ConfigError(f"trainer 'dcmt': the slices have {self.in_channels} channels; method.channels "
-                              f"{o.channels} takes 1 (repeated) or {o.channels}")
         self.steps_per_epoch = o.steps_per_epoch or self._published_epoch_steps()
         if o.steps_per_epoch is not None and o.steps_per_epoch < 1:
             raise ConfigError(f"method.steps_per_epoch must be >= 1, got {o.steps_per_epoch}")
@@ -121,11 +119,6 @@ class DCMTTrainer(MeanTeacherTrainer):
         cases, per_step = (self.unlabelled, u) if u else (self.labelled, self.batch_size * self.dist.world_size)
         n = sum(load_case(self.cache_dir, c, mmap=True)[0].shape[1 + self.axis] for c in cases)
         return max(1, n // per_step)
-
-    def build_student(self) -> nn.Module:
-        from medvol.networks import build_model
-
-        return build_model(self.recipe.model, self.plans, self.options.channels, self.num_classes)
 
     def _grade_count(self) -> int:
         """Grades 0..max over the cache's slice and subject labels (at least 2)."""
@@ -167,13 +160,15 @@ class DCMTTrainer(MeanTeacherTrainer):
 
     def loss_terms(self, batch: dict, step: int) -> dict:
         """Every DC-MT term of one batch (and ``classes``, the CAM channel used per slice)."""
-        x = self.student_input.prepare(batch["image"])
+        net = self.student
+        assert isinstance(net, DCMTNet)
+        x = net.prepare(batch["image"])
         grades = batch["class"].long()
         labelled = self.labelled_mask(batch) & (grades >= 0)
         masks = self.region(batch["label"])
         student_view, teacher_view = self.views(x, step)
-        out_s = self.models["model"](student_view.image)
-        out_t = self.teacher_forward(teacher_view.image)
+        out_s = self.models["model"](student_view.image, prepared=True)
+        out_t = self.teacher_forward(teacher_view.image, prepared=True)
         teacher = {"logits": out_t["logits"].float(),
                    "cams": student_view.from_frame(out_t["cams"].float(), teacher_view)}
         student = {"logits": out_s["logits"].float(), "cams": out_s["cams"].float()}
@@ -183,62 +178,67 @@ class DCMTTrainer(MeanTeacherTrainer):
         return terms
 
     # ------------------------------------------------------------------ validation
-    def inference_model(self) -> nn.Module:
-        """The teacher behind DC-MT's input preparation: takes cache slices ``(N, C, H, W)``."""
-        return self.predictor
+    def state(self, step: int, best: float) -> dict:
+        return {**super().state(step, best), "num_classes": self.num_classes}
 
     def validate(self) -> dict[str, float]:
         modes = {k: m.training for k, m in self.models.items()}
         for m in self.models.values():
             m.eval()
         try:
-            out = self._scores(self.predictor, "val/")
+            out = self._scores(self.teacher, "val/")
             if self.options.validate_student:
-                out.update(self._scores(self.student_input, "val/student_"))
+                out.update(self._scores(self.student, "val/student_"))
         finally:
             for k, m in self.models.items():
                 m.train(modes[k])
         return out
 
     def _scores(self, net: nn.Module, prefix: str) -> dict[str, float]:
-        """Accuracy and CAM overlap of ``net`` over the validation cases' graded slices."""
-        correct = total = 0
+        """Slice accuracy, balanced accuracy (and AUC for two grades) and CAM overlap of ``net``
+        over the validation cases' graded slices."""
+        probs: list = []
+        grades: list = []
         iou: list[float] = []
         inside: list[float] = []
         for case in self.val_cases:
-            c, t, i, s = self._validate_case(case, net)
-            correct, total, iou, inside = correct + c, total + t, iou + i, inside + s
-        if not total:
+            p, g, i, s = self._validate_case(case, net)
+            probs, grades, iou, inside = probs + p, grades + g, iou + i, inside + s
+        if not grades:
             raise ConfigError("validation: no graded slice in the validation cases (see slice_labels.csv)")
-        out = {f"{prefix}accuracy": correct / total, f"{prefix}graded_slices": float(total)}
+        out = classification_metrics(np.concatenate(probs), np.concatenate(grades), prefix)
+        out[f"{prefix}graded_slices"] = float(sum(len(g) for g in grades))
         if iou:
             out[f"{prefix}cam_iou"], out[f"{prefix}cam_inside"] = float(np.mean(iou)), float(np.mean(inside))
         return out
 
-    def _validate_case(self, case: str, net: nn.Module) -> tuple[int, int, list[float], list[float]]:
+    def _validate_case(self, case: str, net: nn.Module) -> tuple[list, list, list[float], list[float]]:
+        """``([probabilities (n, K)], [grades (n,)], IoUs, inside shares)`` of a case's graded slices."""
         image, label, props = load_case(self.cache_dir, case, mmap=True)
         grades = self.cached_slice_grades(props)
         graded = np.flatnonzero(grades >= 0)
-        correct = 0
+        probs: list = []
         iou: list[float] = []
         inside: list[float] = []
         for start in range(0, len(graded), self.options.val_slices):
             idx = graded[start:start + self.options.val_slices]
-            x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.take(image, idx, 1 + self.axis),
-                                                                   1 + self.axis, 0), np.float32))
             y = torch.from_numpy(grades[idx]).to(self.device)
             with torch.no_grad(), self.autocast():
-                out = net(x.to(self.device))
-            correct += int((out["logits"].argmax(1) == y).sum())
+                out = net(self._slices(image, idx).to(self.device))
+            probs.append(out["logits"].float().softmax(1).cpu().numpy())
             if label is not None:
-                lab = np.moveaxis(np.take(label, idx, 1 + self.axis), 1 + self.axis, 0)
-                masks = self.region(torch.from_numpy(np.asarray(lab, np.int64)).to(self.device))
+                masks = self.region(self._slices(label, idx).long().to(self.device))
                 cams = select_cams(out["cams"].float(), y)
                 keep = masks.flatten(1).sum(1) > 0
                 lo = torch.minimum(masks, cams)[keep].flatten(1).sum(1)
                 iou += (lo / torch.maximum(masks, cams)[keep].flatten(1).sum(1).clamp_min(1e-5)).tolist()
                 inside += (lo / cams[keep].flatten(1).sum(1).clamp_min(1e-5)).tolist()
-        return correct, len(graded), iou, inside
+        return probs, [grades[graded]] if len(graded) else [], iou, inside
+
+    def _slices(self, array: np.ndarray, idx: np.ndarray) -> torch.Tensor:
+        """Slices ``idx`` across the slice axis of a cached ``(C, X, Y, Z)`` array: ``(n, C, H, W)``."""
+        picked = np.moveaxis(np.take(array, idx, 1 + self.axis), 1 + self.axis, 0)
+        return torch.from_numpy(np.ascontiguousarray(picked, np.float32))
 
     def cached_slice_grades(self, props: dict) -> np.ndarray:
         """The grade of every cached slice of a case (-1: none), through the raw slice it came from."""

@@ -110,15 +110,15 @@ class MeanTeacherTrainer(Trainer):
         cfg = self.options.perturb
         return make_view(image, cfg, self.view_seed(step, 0)), make_view(image, cfg, self.view_seed(step, 1))
 
-    def teacher_forward(self, x: torch.Tensor):
-        """The teacher's output for ``x``, without gradient, in train mode unless configured
-        otherwise (its mode is restored afterwards)."""
+    def teacher_forward(self, *args, **kwargs):
+        """The teacher's output for these inputs, without gradient, in train mode unless
+        configured otherwise (its mode is restored afterwards)."""
         teacher = self.teacher
         mode = teacher.training
         teacher.train(self.options.teacher_train_mode)
         try:
             with torch.no_grad():
-                return teacher(x)
+                return teacher(*args, **kwargs)
         finally:
             teacher.train(mode)
 
