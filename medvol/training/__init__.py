@@ -18,6 +18,7 @@ def get_trainer(name: str):
     from medvol.training import (  # noqa: F401  (register themselves)
         aggregator,
         canet,
+        dcmt,
         dodnet,
         infnet,
         pcrl,
