@@ -37,6 +37,7 @@ import numpy as np
 
 from medvol.errors import InputError
 from medvol.io import Volume, write_volume
+from medvol.io.slices2d import read_h5_slice, read_slice_list
 
 LABELS = {"background": 0, "RV": 1, "MYO": 2, "LV": 3}
 SLICE_AFFINE = np.diag([1.0, 1.0, 999.0, 1.0])
@@ -160,12 +161,6 @@ def _copy(src: Path, dst: Path) -> None:
 # ------------------------------------------------------------------ HDF5 slices
 
 
-def _read_list(path: Path) -> list[str]:
-    if not path.exists():
-        raise InputError(path, "missing list of the ACDC slice layout")
-    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
-
-
 def _h5_path(src: Path, name: str) -> Path:
     sub = ("data/slices", "slices", "data", ".") if _SLICE_NAME.match(name) else ("data", ".", "data/slices")
     for s in sub:
@@ -174,9 +169,27 @@ def _h5_path(src: Path, name: str) -> Path:
     raise InputError(src / sub[0] / f"{name}.h5", "missing: every listed name needs its h5 file")
 
 
-def _read_h5(path: Path, ndim: int) -> tuple[np.ndarray, np.ndarray]:
+def _check_labels(path: Path, label: np.ndarray | None) -> np.ndarray:
+    if label is None:
+        raise InputError(path, "no 'label' dataset: ACDC slices and volumes carry their labels")
+    if not set(np.unique(label).tolist()) <= set(LABELS.values()):
+        raise InputError(path, f"label values {sorted(np.unique(label).tolist())}: ACDC has 0..3")
+    return label.astype(np.uint8)
+
+
+def _read_slice_h5(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One slice file's ``(H, W)`` image and label (:func:`medvol.io.slices2d.read_h5_slice`)."""
+    s = read_h5_slice(path)
+    if s["image"].shape[0] != 1:
+        raise InputError(path, f"'image' of shape {s['image'].shape}: ACDC slices are one-channel (H, W)")
+    return s["image"][0], _check_labels(path, s["label"])
+
+
+def _read_volume_h5(src: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A listed volume's ``(H, W, Z)`` image and label (stored ``(Z, H, W)``)."""
     import h5py
 
+    path = _h5_path(src, name)
     try:
         with h5py.File(path, "r") as f:
             missing = [k for k in ("image", "label") if k not in f]
@@ -185,11 +198,9 @@ def _read_h5(path: Path, ndim: int) -> tuple[np.ndarray, np.ndarray]:
             image, label = np.asarray(f["image"], np.float32), np.asarray(f["label"])
     except OSError as e:
         raise InputError(path, f"not a readable h5 file ({e})") from None
-    if image.shape != label.shape or image.ndim != ndim:
-        raise InputError(path, f"image {image.shape} and label {label.shape} must be the same {ndim}D shape")
-    if not set(np.unique(label).tolist()) <= set(LABELS.values()):
-        raise InputError(path, f"label values {sorted(np.unique(label).tolist())}: ACDC has 0..3")
-    return image, label.astype(np.uint8)
+    if image.shape != label.shape or image.ndim != 3:
+        raise InputError(path, f"image {image.shape} and label {label.shape} must be the same (Z, H, W) shape")
+    return np.moveaxis(image, 0, -1), np.moveaxis(_check_labels(path, label), 0, -1)
 
 
 def _group_slices(names: list[str]) -> dict[str, list[str]]:
@@ -212,12 +223,6 @@ def _group_slices(names: list[str]) -> dict[str, list[str]]:
     return cases
 
 
-def _read_volume_h5(src: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """A listed volume's ``(H, W, Z)`` image and label (stored ``(Z, H, W)``)."""
-    image, label = _read_h5(_h5_path(src, name), 3)
-    return np.moveaxis(image, 0, -1), np.moveaxis(label, 0, -1)
-
-
 def _write_case(out: Path, test: bool, case: str, image: np.ndarray, label: np.ndarray) -> None:
     write_volume(Volume(image, SLICE_AFFINE), out / ("imagesTs" if test else "imagesTr") / f"{case}_0000.nii.gz")
     write_volume(Volume(label, SLICE_AFFINE), out / ("labelsTs" if test else "labelsTr") / f"{case}.nii.gz")
@@ -229,7 +234,7 @@ def _write_group(src: Path, out: Path, test: bool, case: str, names: list[str]) 
     if not _SLICE_NAME.match(names[0]):
         _write_case(out, test, case, *_read_volume_h5(src, names[0]))
         return {case: names[0]}
-    pairs = [_read_h5(_h5_path(src, n), 2) for n in names]
+    pairs = [_read_slice_h5(_h5_path(src, n)) for n in names]
     if len({p[0].shape for p in pairs}) == 1:
         _write_case(out, test, case, np.stack([p[0] for p in pairs], -1), np.stack([p[1] for p in pairs], -1))
         return {case: ",".join(names)}
@@ -243,9 +248,9 @@ def convert_acdc_slices(src: str | Path, out: str | Path, labelled: int | list[s
     """Write ``out`` (nnU-Net v2 layout) from the ACDC HDF5 slice layout at ``src``.
     ``regroup=False`` keeps every listed slice a case of its own."""
     src, out = Path(src), Path(out)
-    lists = {k: _read_list(src / f"{k}.list") for k in ("train_slices", "val")}
+    lists = {k: read_slice_list(src / f"{k}.list") for k in ("train_slices", "val")}
     if (src / "test.list").exists():
-        lists["test"] = _read_list(src / "test.list")
+        lists["test"] = read_slice_list(src / "test.list")
     for k, names in lists.items():
         bad = [n for n in names if not (_SLICE_NAME.match(n) or _FRAME_NAME.match(n))]
         if bad:
