@@ -168,6 +168,10 @@ def test_predict_refuses_segmentation_options_and_a_changed_classifier(stage_one
     assert "not the checkpoint the aggregator's features were extracted with" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="a slice aggregator's run"):
         load_run(agg, CPU)
+    # the classifier itself writes no label map: one clear error, nothing written
+    assert main(["predict", "-m", str(clf), "-i", scans, "-o", str(tmp_path / "d"), "--device", "cpu"]) == 2
+    assert "grades slices and writes no label map; run `medvol extract-features`" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
 
 
 def test_predict_a_dicom_series(stage_one, aggregator_run, tmp_path):

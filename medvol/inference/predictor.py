@@ -100,6 +100,18 @@ def predict(run_dir: str | Path | Sequence[str | Path], inputs: str | Path, out_
                              postprocess, largest_component_only, task, step, precision, all_windows)
 
 
+SLICE_CLASSIFIERS = ("slice_classifier", "dcmt")  # trainers whose models grade slices: no label map
+
+
+def _check_segmentation_models(runs: list[RunModel]) -> None:
+    """A slice classifier predicts subjects through its aggregator, not label maps."""
+    for r in runs:
+        if r.recipe.trainer.name in SLICE_CLASSIFIERS:
+            raise ConfigError(f"{r.run_dir}: a slice classifier ({r.recipe.trainer.name}) grades slices and writes no "
+                              "label map; run `medvol extract-features` with it, train `slice_aggregator` on the "
+                              "features and predict with that run (subjects.csv)")
+
+
 def _check_options(sw_batch_size: int, overlap: float | None) -> None:
     from medvol import validation
 
@@ -137,6 +149,7 @@ def predict_cases(runs: list[RunModel], cases: list[tuple[str, list[Path]]], out
     from tqdm import tqdm
 
     _check_options(sw_batch_size, overlap)
+    _check_segmentation_models(runs)
     run = _same_plans(runs)
     settings = _settings(run.recipe.inference, tta=tta, overlap=overlap, step=step,
                          largest_component=largest_component_only, precision=precision, all_windows=all_windows)
