@@ -517,6 +517,22 @@ def copy_slice_labels(raw: Path, out: Path) -> None:
     write_slice_labels(read_slice_labels(src, counts), out / SLICE_LABELS_FILE)
 
 
+def copy_raw_splits(raw: Path, out: Path) -> None:
+    """A ``splits_final.json`` beside the raw dataset (nnU-Net's format; the dataset adapters
+    write the published splits there) is copied into a cache that has none: ``--fold K`` uses it."""
+    from medvol.data.splits import SPLITS_FILE
+    from medvol.manifest import claim_files
+
+    src, dst = raw / SPLITS_FILE, out / SPLITS_FILE
+    if src.is_file() and not dst.exists():
+        try:
+            splits = read_json(src)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InputError(src, f"invalid JSON ({e})") from None
+        claim_files(out, [SPLITS_FILE])
+        write_json(dst, splits)
+
+
 def preprocess_dataset(raw: str | Path, out: str | Path, num_workers: int | None = None, overwrite: bool = False,
                        shard: str | None = None, quiet: bool = False, orientation: str = "stored",
                        **plan_options) -> Report:
@@ -544,6 +560,7 @@ def preprocess_dataset(raw: str | Path, out: str | Path, num_workers: int | None
         report = preprocess_cases(raw, out, num_workers, shard, quiet)
     if shard is None:
         copy_slice_labels(Path(raw), out)
+        copy_raw_splits(Path(raw), out)
     failures_file = out / "failures.json"
     if report.failures:
         write_json(failures_file, report.failures)
