@@ -2,11 +2,15 @@
 
 ``--precision`` (``trainer.precision`` / ``inference.precision`` in a recipe):
 
-- ``auto`` (default): the fastest setting that keeps accuracy on the device. On a CPU with
-  native bf16 (AVX512-BF16/AMX: oneDNN's capability check) bf16 autocast with channels-last
-  weights and inputs; on CUDA, AMP in bf16 where the GPU supports it, else fp16 (with a
-  gradient scaler when training); fp32 everywhere else. Channels-last on CUDA is left off:
-  it has not been measured there yet.
+- ``auto`` (default): the fastest setting that keeps accuracy on the device. Prediction on a
+  CPU with native bf16 (AVX512-BF16/AMX: oneDNN's capability check): bf16 autocast (1.7-1.8x
+  fp32 in ``benchmarks/inference.py``, labels within Dice 0.995 of fp32's on real scans); on
+  CUDA, AMP in bf16 where the GPU supports it, else fp16 (with a gradient scaler when
+  training); fp32 everywhere else. Training on a CPU stays fp32 under ``auto`` (bf16 training's
+  accuracy on CPUs is not measured yet: ``--precision bf16`` opts in). Channels-last layout is
+  not chosen by ``auto``: in medvol's window path on the 2-core development CPU it was slower
+  than the default layout (``benchmarks/RESULTS.md``), and on CUDA it is not measured yet;
+  ``Precision(..., channels_last=True)`` keeps it available to measure.
 - ``fp32``: no autocast.
 - ``bf16``: bf16 autocast on the device (on a CPU without native bf16 it works, slowly).
 - ``fp16``: fp16 autocast, CUDA only.
@@ -82,22 +86,22 @@ def _is_3d(model: nn.Module) -> bool:
     return any(isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)) for m in model.modules())
 
 
-def choose_precision(device: torch.device | str, requested: str = "auto", amp: bool = True) -> Precision:
-    """The precision ``requested`` on ``device``, ``auto`` resolved by its capability;
-    ``amp=False`` (a recipe's ``trainer.amp: false``) turns ``auto`` into fp32."""
+def choose_precision(device: torch.device | str, requested: str = "auto", amp: bool = True,
+                     training: bool = False) -> Precision:
+    """The precision ``requested`` on ``device``, ``auto`` resolved by its capability (and, on a
+    CPU, by ``training``: fp32); ``amp=False`` (``trainer.amp: false``) turns ``auto`` into fp32."""
     dev = torch.device(device)
     if requested not in PRECISIONS:
         raise ConfigError(f"precision '{requested}': expected one of {', '.join(PRECISIONS)}")
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if requested == "auto":
-        requested = _auto(dev) if amp else "fp32"
+        requested = _auto(dev) if amp and not (training and dev.type == "cpu") else "fp32"
     if requested == "fp16" and dev.type != "cuda":
         raise ConfigError(f"precision fp16 needs a CUDA device (got {dev.type}); use bf16 or fp32")
     if requested == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("precision bf16: this GPU does not support bf16; use fp16 or fp32")
-    channels_last = dev.type == "cpu" and requested == "bf16" and cpu_has_native_bf16()
-    return Precision(requested, dev.type, channels_last)
+    return Precision(requested, dev.type)
 
 
 def _auto(dev: torch.device) -> str:

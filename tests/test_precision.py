@@ -32,12 +32,14 @@ def test_auto_follows_the_cpu_capability(native_bf16):
     native_bf16(True)
     assert cpu_has_native_bf16()
     p = choose_precision("cpu")
-    assert (p.name, p.dtype, p.channels_last) == ("bf16", torch.bfloat16, True)
+    assert (p.name, p.dtype, p.channels_last) == ("bf16", torch.bfloat16, False)
+    assert choose_precision("cpu", training=True).name == "fp32"  # CPU training: fp32 unless asked
+    assert choose_precision("cpu", "bf16", training=True).name == "bf16"
     assert choose_precision("cpu", amp=False).name == "fp32"  # trainer.amp: false
     assert choose_precision("cpu", "fp32") == Precision("fp32", "cpu", False)
     native_bf16(False)
     assert choose_precision("cpu") == Precision("fp32", "cpu", False)
-    assert choose_precision("cpu", "bf16") == Precision("bf16", "cpu", False)  # asked for: given, no layout
+    assert choose_precision("cpu", "bf16") == Precision("bf16", "cpu", False)  # asked for: given
 
 
 def test_environment_switch_and_bad_requests(native_bf16, monkeypatch):
@@ -53,8 +55,9 @@ def test_environment_switch_and_bad_requests(native_bf16, monkeypatch):
 def test_auto_on_cuda_follows_the_gpu_capability(monkeypatch):
     for supported, want in ((True, "bf16"), (False, "fp16")):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda s=supported: s)
-        p = choose_precision("cuda")
-        assert (p.name, p.device_type, p.channels_last) == (want, "cuda", False)
+        for training in (False, True):
+            p = choose_precision("cuda", training=training)
+            assert (p.name, p.device_type, p.channels_last) == (want, "cuda", False)
     with pytest.raises(ConfigError, match="does not support bf16"):
         choose_precision("cuda", "bf16")
 
