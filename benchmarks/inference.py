@@ -1,14 +1,22 @@
-"""Sliding-window inference: medvol vs a plain MONAI call, speed and peak memory, in one run.
+"""Sliding-window inference like for like: MONAI, the pure forward floor, and medvol's settings.
 
-    python benchmarks/inference.py                      # CPU, narrow quickstart network
+    python benchmarks/inference.py                      # synthetic input, CPU, narrow quickstart network
+    python benchmarks/inference.py --run demo_out/run --input demo_out/raw/Dataset001_BrainTissue/imagesTs
+                                                        # real scans through `predict`: seconds, memory, Dice
     python benchmarks/inference.py --device cuda --base-features 32 --max-features 320
     python benchmarks/inference.py --big                # a 512x512x400 CT through the whole predict path
 
-Each variant runs in its own child process (so peak RSS is its own) on the same input:
-- ``monai``: ``monai.inferers.sliding_window_inference(x, roi, sw_batch_size=1, model)`` with
-  MONAI's defaults (overlap 0.25, constant weighting, float32 accumulation) + softmax;
-- ``medvol``: medvol's ``sliding_window_probabilities`` (Gaussian weighting, batched windows,
-  float16 accumulation, AMP on CUDA), at the same overlap, and at medvol's default 0.5.
+Synthetic table, each variant in its own process on the same input, network, windows (patch,
+overlap 0.25, window batch 2, Gaussian weighting):
+- ``floor``: the model's forward passes on that many window batches, nothing else;
+- ``monai``: ``monai.inferers.sliding_window_inference`` with the same window batch, overlap and
+  Gaussian weighting (fp32, float32 accumulation) + softmax;
+- ``medvol:<precision>[+cl]``: ``sliding_window_probabilities`` (float16 accumulation) in fp32 or
+  bf16 autocast, with or without channels-last; ``medvol:auto+tta`` the automatic choice with
+  mirroring over 3 axes (8 passes, batched).
+``--run``: ``medvol predict`` on real scans with fp32 and every window (the reference), then
+window skipping, bf16, bf16 + channels-last and auto: seconds, peak RSS, per-class Dice of the
+labels against the reference, share of windows skipped.
 ``--big`` runs preprocess_case -> sliding window -> restore_geometry -> argmax on a
 512x512x400 volume and prints the peak memory over the input against the size of the float16
 class probabilities.
@@ -43,6 +51,22 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _precision(variant: str, device):
+    from medvol.precision import Precision, choose_precision
+
+    name = variant.split(":")[1].split("+")[0]
+    if name == "auto":
+        return choose_precision(device)
+    return Precision(name, device.type, "+cl" in variant)
+
+
+def _n_windows(shape, roi, overlap: float) -> int:
+    from monai.data.utils import dense_patch_slices, get_valid_patch_size
+
+    scan = [int(r * (1 - overlap)) or 1 for r in roi]
+    return len(dense_patch_slices(shape, get_valid_patch_size(shape, roi), scan))
+
+
 def worker(args) -> dict:
     device = torch.device(args.device)
     shape = tuple(args.shape)
@@ -52,16 +76,24 @@ def worker(args) -> dict:
     base = _rss_mb()
     t0 = time.perf_counter()
     with torch.no_grad():
-        if args.variant == "monai":
+        if args.variant == "floor":
+            n = -(-_n_windows(shape, roi, args.overlap) // args.sw_batch)
+            batch = torch.from_numpy(x[None, :, :roi[0], :roi[1], :roi[2]]).repeat(args.sw_batch, 1, 1, 1, 1)
+            for _ in range(n):
+                probs = model(batch.to(device))
+        elif args.variant == "monai":
             from monai.inferers import sliding_window_inference
 
-            out = sliding_window_inference(torch.from_numpy(x)[None].to(device), roi, 1, model)
+            out = sliding_window_inference(torch.from_numpy(x)[None].to(device), roi, args.sw_batch, model,
+                                           overlap=args.overlap, mode="gaussian", sigma_scale=0.125)
             probs = torch.softmax(out, 1)[0].cpu()
         else:
             from medvol.inference.sliding_window import sliding_window_probabilities
 
             probs = sliding_window_probabilities(model, x, roi, device, n_channels=args.classes,
-                                                 overlap=args.overlap, sw_batch_size=args.sw_batch)
+                                                 overlap=args.overlap, sw_batch_size=args.sw_batch,
+                                                 precision=_precision(args.variant, device),
+                                                 mirror_axes=(0, 1, 2) if "tta" in args.variant else ())
     if device.type == "cuda":
         torch.cuda.synchronize()
     sec = time.perf_counter() - t0
@@ -69,6 +101,35 @@ def worker(args) -> dict:
     return {"seconds": sec, "voxels_per_s": float(np.prod(shape)) / sec, "peak_rss_mb": _rss_mb(),
             "rss_over_input_mb": _rss_mb() - base, "probs_fp16_mb": args.classes * float(np.prod(shape)) * 2 / 2**20,
             "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None}
+
+
+def real(args) -> dict:
+    """``medvol predict`` of ``--input`` with ``--run`` in one setting; labels saved for Dice."""
+    import logging
+
+    import medvol.inference.predictor as predictor
+
+    device = torch.device(args.device)
+    setting = args.variant.split(":", 1)[1]
+    chosen = _precision("x:" + setting.replace("+skip", ""), device)
+    predictor.choose_precision = lambda *a, **k: chosen  # this child's setting, whatever auto would say
+    stats: dict = {"run": 0, "skipped": 0}
+
+    class Count(logging.Handler):
+        def emit(self, record):
+            if "windows outside the body mask" in record.getMessage():
+                skipped, total = record.args[1], record.args[2]
+                stats["skipped"] += skipped
+                stats["run"] += total - skipped
+
+    logging.getLogger("medvol.inference.predictor").addHandler(Count())
+    logging.getLogger("medvol.inference.predictor").setLevel(logging.INFO)
+    t0 = time.perf_counter()
+    predictor.predict(args.run, args.input, args.out, device=args.device, quiet=True,
+                      all_windows="skip" not in setting)
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mb": _rss_mb(),
+            "precision": chosen.name + ("+cl" if chosen.channels_last else ""),
+            "windows": stats}
 
 
 def big(args) -> dict:
@@ -122,11 +183,17 @@ def main() -> int:
     ap.add_argument("--sw-batch", type=int, default=2)
     ap.add_argument("--overlap", type=float, default=0.25)
     ap.add_argument("--big", action="store_true")
+    ap.add_argument("--run", help="a trained run folder: benchmark `predict` on --input with it")
+    ap.add_argument("--input", help="scans for --run")
+    ap.add_argument("--out", default=".bench/inference", help="prediction folders for --run (one per setting)")
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.variant:
-        print(json.dumps(big(a) if a.variant == "big" else worker(a)))
+        fn = big if a.variant == "big" else real if a.variant.startswith("real:") else worker
+        print(json.dumps(fn(a)))
         return 0
+    if a.run:
+        return real_table(a)
     common = [sys.executable, __file__, "--device", a.device, "--shape", *map(str, a.shape), "--patch",
               *map(str, a.patch), "--classes", str(a.classes), "--base-features", str(a.base_features),
               "--max-features", str(a.max_features), "--sw-batch", str(a.sw_batch)]
@@ -146,16 +213,50 @@ def main() -> int:
               f"peak RSS over the loaded input {b['rss_over_input_mb']:.0f} MB = {b['ratio_to_probs']:.2f}x the "
               f"float16 probabilities (input {b['input_mb']:.0f} MB float32)")
         return 0
-    m = run("monai", 0.25)
-    v = run("medvol", 0.25)
-    v5 = run("medvol", 0.5)
-    print(f"input {a.shape}, {a.classes} classes")
-    print(f"monai defaults (overlap 0.25) : {m['voxels_per_s'] / 1e6:.2f} Mvox/s, peak RSS {m['peak_rss_mb']:.0f} MB")
-    print(f"medvol (overlap 0.25)         : {v['voxels_per_s'] / 1e6:.2f} Mvox/s, peak RSS {v['peak_rss_mb']:.0f} MB"
-          f"  -> {v['voxels_per_s'] / m['voxels_per_s']:.2f}x speed, {v['peak_rss_mb'] / m['peak_rss_mb']:.2f}x memory")
-    print(f"medvol (overlap 0.5, default) : {v5['voxels_per_s'] / 1e6:.2f} Mvox/s, peak RSS {v5['peak_rss_mb']:.0f} MB")
+    rows = [(v, run(v, a.overlap)) for v in ("floor", "monai", "medvol:fp32", "medvol:fp32+cl", "medvol:bf16",
+                                              "medvol:bf16+cl", "medvol:auto", "medvol:auto+tta")]
+    ref = dict(rows)["medvol:fp32"]["seconds"]
+    print(f"input {a.shape}, {a.classes} classes, overlap {a.overlap}, window batch {a.sw_batch}, Gaussian")
+    print("| variant | seconds | vs medvol fp32 | peak RSS MB |")
+    print("|---|---|---|---|")
+    for v, r in rows:
+        print(f"| {v} | {r['seconds']:.2f} | {ref / r['seconds']:.2f}x | {r['peak_rss_mb']:.0f} |")
     if a.device.startswith("cuda"):
-        print(f"GPU peak: monai {m['gpu_peak_mb']:.0f} MB, medvol {v['gpu_peak_mb']:.0f} MB")
+        print("GPU peak MB: " + ", ".join(f"{v} {r['gpu_peak_mb']:.0f}" for v, r in rows))
+    return 0
+
+
+def real_table(a) -> int:
+    """``predict`` on real scans in each setting; Dice of its labels against fp32 with every window."""
+    from pathlib import Path
+
+    from medvol.evaluation.metrics import dice
+    from medvol.io import read_volume
+
+    out = Path(a.out)
+    rows = []
+    for setting in ("fp32", "fp32+skip", "bf16+skip", "bf16+cl+skip", "auto+skip"):
+        folder = out / setting.replace("+", "_")
+        r = subprocess.run([sys.executable, __file__, "--device", a.device, "--run", a.run, "--input", a.input,
+                            "--out", str(folder), "--variant", f"real:{setting}"], capture_output=True, text=True)
+        if r.returncode:
+            print(r.stderr[-2000:])
+            return 1
+        rows.append((setting, folder, json.loads(r.stdout.strip().splitlines()[-1])))
+    ref_folder = rows[0][1]
+    print(f"real scans {a.input} with {a.run}, device {a.device}")
+    print("| setting | seconds | speed-up | peak RSS MB | windows skipped | min per-class Dice vs fp32 |")
+    print("|---|---|---|---|---|---|")
+    for setting, folder, res in rows:
+        worst = 1.0
+        for f in sorted(ref_folder.glob("*.nii.gz")):
+            x, y = read_volume(f).array, read_volume(folder / f.name).array
+            for c in np.unique(x[x > 0]):
+                worst = min(worst, dice(x == c, y == c))
+        w = res["windows"]
+        share = f"{w['skipped'] / max(1, w['run'] + w['skipped']):.0%}" if w["run"] + w["skipped"] else "-"
+        print(f"| {setting} ({res['precision']}) | {res['seconds']:.1f} | {rows[0][2]['seconds'] / res['seconds']:.2f}x"
+              f" | {res['peak_rss_mb']:.0f} | {share} | {worst:.4f} |")
     return 0
 
 

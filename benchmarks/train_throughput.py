@@ -1,10 +1,12 @@
 """Data pipeline patches/s (0, 1, 2 workers) vs quickstart model steps/s, in one process.
 
     python benchmarks/train_throughput.py --data demo_out/preprocessed [--device cuda]
+    python benchmarks/train_throughput.py --data demo_out/preprocessed --precisions fp32 auto
 
-Prints the loader's throughput for each worker count and the model's (forward + backward +
-SGD step at the plan's patch and batch size, AMP on CUDA), and their ratio: the loader keeps
-up when it delivers at least one batch per model step (ratio >= 1).
+Prints the model's steps/s (forward + backward + SGD step at the plan's patch and batch size)
+in each precision asked for (``medvol/precision.py``: fp32, bf16, auto...), then the loader's
+throughput for each worker count against the last one: the loader keeps up when it delivers at
+least one batch per model step (ratio >= 1).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ def model_rate(trainer, steps: int) -> float:
     from medvol.data import make_loader
 
     batch = next(iter(make_loader(trainer.make_dataset(), 0, 1, trainer.batch_size, 0, 1, 0)))
-    batch = {k: v.to(trainer.device) for k, v in batch.items()}
+    batch = {k: trainer.precision.layout(v.to(trainer.device)) if v.is_floating_point() else v.to(trainer.device)
+             for k, v in batch.items()}
     trainer.optimization_step(batch, 0)  # warm up (cudnn.benchmark picks kernels)
     if trainer.device.type == "cuda":
         torch.cuda.synchronize()
@@ -53,21 +56,26 @@ def main() -> int:
     ap.add_argument("--batches", type=int, default=20, help="batches timed per loader setting")
     ap.add_argument("--steps", type=int, default=5, help="model steps timed")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "auto"], help="trainer.precision values to time")
     a = ap.parse_args()
 
     from medvol.config import load_recipe
     from medvol.training import get_trainer
     from medvol.training.distributed import setup
 
-    recipe = load_recipe("quickstart", a.overrides)
     info = setup(a.device)
-    trainer = get_trainer("supervised")(recipe, a.data, Path("/tmp/medvol_bench_run"), info)
-    dev = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "CPU"
-    print(f"device {dev}, patch {trainer.patch_size}, batch {trainer.batch_size}, "
-          f"amp {trainer.amp_dtype or 'fp32'}, torch threads {torch.get_num_threads()}")
-    steps_s = model_rate(trainer, a.steps)
-    need = steps_s * trainer.batch_size
-    print(f"model: {steps_s:.3f} steps/s = {need:.2f} patches/s needed")
+    rates = {}
+    for name in a.precisions:
+        recipe = load_recipe("quickstart", [*a.overrides, f"trainer.precision={name}"])
+        trainer = get_trainer("supervised")(recipe, a.data, Path("/tmp/medvol_bench_run"), info)
+        rates[name] = model_rate(trainer, a.steps)
+        p = trainer.precision
+        dev = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "CPU"
+        print(f"{name:>5} ({p.name}{', channels-last' if p.channels_last else ''}) on {dev}, patch "
+              f"{trainer.patch_size}, batch {trainer.batch_size}, {torch.get_num_threads()} threads: "
+              f"{rates[name]:.3f} steps/s ({rates[name] / rates[a.precisions[0]]:.2f}x {a.precisions[0]})")
+    need = rates[a.precisions[-1]] * trainer.batch_size
+    print(f"model ({a.precisions[-1]}): {need:.2f} patches/s needed")
     for w in (0, 1, 2):
         r = loader_rate(trainer, w, a.batches)
         print(f"loader, {w} worker(s): {r:.1f} patches/s  -> {r / need:.1f}x what the model consumes")

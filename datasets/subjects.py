@@ -36,12 +36,14 @@ IN_PLANE_MM = {"large": (7.0, 12.0), "small": (2.0, 4.0)}
 THROUGH_PLANE_MM = {"large": (4.0, 10.0), "small": (2.0, 4.0)}
 
 
-def random_acquisition(rng: np.random.Generator, spacing: float, seed: int) -> Acquisition:
-    """Isotropic ``spacing``; random flips, low-end crop, intensity scale/shift and noise."""
+def random_acquisition(rng: np.random.Generator, spacing: float, seed: int,
+                       slice_spacing: float | None = None) -> Acquisition:
+    """``spacing`` in-plane and ``slice_spacing`` (default: ``spacing``) along Z; random flips,
+    low-end crop, intensity scale/shift and noise."""
     flip = tuple(int(a) for a in np.flatnonzero(rng.random(3) < 0.5))
     crop = tuple(float(c) for c in rng.uniform(0.0, 0.1, 3))
     intensity = (float(rng.uniform(0.7, 1.3)), float(rng.uniform(0.0, 20.0)))
-    return Acquisition((spacing,) * 3, flip=flip, crop=crop, intensity=intensity,
+    return Acquisition((spacing, spacing, slice_spacing or spacing), flip=flip, crop=crop, intensity=intensity,
                        noise=float(rng.uniform(0.0, 0.03)), seed=seed)
 
 
@@ -100,11 +102,16 @@ def slice_label_rows(subject: str, areas: np.ndarray, threshold_mm2: float) -> l
 
 
 def build_subject_dataset(out: str | Path, n: int = 12, spacing: float = 2.0, threshold_mm2: float = 80.0,
-                          seed: int = 0, name: str = "Dataset031_BrainLesionSubjects") -> Path:
+                          seed: int = 0, name: str = "Dataset031_BrainLesionSubjects",
+                          slice_spacing: float | None = None) -> Path:
     """Write ``n`` scans in the nnU-Net v2 layout (``imagesTr/<case>_0000.nii.gz``,
     ``labelsTr/<case>.nii.gz`` with the lesion as label 1, ``dataset.json``) and
     ``slice_labels.csv`` beside them (per-slice and subject labels, see the module docstring).
+    ``spacing`` (mm) in-plane, ``slice_spacing`` along Z, default ``1.5 * spacing``: Z is then
+    the coarsest axis, the one the 2d plan slices across, as the CSV's slice indices need
+    (with isotropic scans the plan would pick whichever axis the crops left coarsest).
     The same ``seed`` writes the same dataset."""
+    slice_spacing = slice_spacing or 1.5 * spacing
     out = Path(out)
     rng = np.random.default_rng(seed)
     kinds = [KINDS[i % len(KINDS)] for i in range(n)]
@@ -114,7 +121,7 @@ def build_subject_dataset(out: str | Path, n: int = 12, spacing: float = 2.0, th
     rows: list[tuple] = []
     for i, kind in enumerate(kinds):
         case = f"subject_{i:03d}"
-        image, label = make_subject(random_acquisition(rng, spacing, seed * 1000 + i), kind, rng)
+        image, label = make_subject(random_acquisition(rng, spacing, seed * 1000 + i, slice_spacing), kind, rng)
         write_volume(image, out / "imagesTr" / f"{case}_0000.nii.gz")
         write_volume(label, out / "labelsTr" / f"{case}.nii.gz")
         areas = slice_areas_mm2(label.array > 0, np.linalg.norm(label.affine[:3, :3], axis=0))

@@ -1,4 +1,4 @@
-"""The preprocessing cache on disk (format version 2).
+"""The preprocessing cache on disk (format version 3).
 
 ``OUT/`` holds ``dataset.json`` (the raw dataset's description), ``fingerprint.json``,
 ``plans.json`` and per training case, under ``OUT/cases/``:
@@ -14,8 +14,9 @@
   shape, sources, ...). Written last: it marks a finished case. ``load_case`` puts the
   locations back under ``class_locations``.
 
-Format version 2 (1 kept the locations inside the JSON). The version is part of every
-case's plan digest, so a cache of another version is redone, never misread.
+Format version 3 (2 gave label ties in resampling to the lower label, where 3 gives them to
+the nearest voxel's, as nnU-Net does; 1 kept the locations inside the JSON). The version is
+part of every case's plan digest, so a cache of another version is redone, never misread.
 
 Per-case fingerprints live in ``OUT/fingerprints/``; cropped arrays waiting for the plan
 in ``OUT/staging/`` (removed as each case finishes).
@@ -33,7 +34,7 @@ import numpy as np
 from medvol.errors import CacheError
 from medvol.utils import atomic_path, read_json
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 def cases_dir(out: Path) -> Path:

@@ -97,12 +97,35 @@ class RunModel:
         return self.recipe.data.context
 
 
+def run_checkpoint(run_dir: str | Path, checkpoint: str = "best") -> Path:
+    """``checkpoints/<checkpoint>.pt`` of a run folder; ``best`` falls back to ``latest``
+    (a run validated never, or not yet)."""
+    path = Path(run_dir) / "checkpoints" / f"{checkpoint}.pt"
+    if not path.exists() and checkpoint == "best":
+        path = Path(run_dir) / "checkpoints" / "latest.pt"
+    return path
+
+
+def expand_fold_folders(paths: list[Path]) -> list[Path]:
+    """The run folders meant by ``paths``: each path itself, or, for a folder that is not a run
+    (no ``recipe.yaml``) but holds ``fold_*`` runs, those runs in name order."""
+    out = []
+    for r in map(Path, paths):
+        folds = sorted(r.glob("fold_*")) if r.is_dir() and not (r / "recipe.yaml").exists() else []
+        out += folds or [r]
+    return out
+
+
 def load_run(run_dir: str | Path, device: torch.device, checkpoint: str = "best") -> RunModel:
     """Model (in eval mode, on ``device``), recipe and plans of a run folder written by ``medvol train``."""
     from medvol.config import load_recipe
+    from medvol.io.slice_features import AGGREGATOR_RUN_FILE
     from medvol.networks import build_model
 
     run_dir = Path(run_dir)
+    if (run_dir / AGGREGATOR_RUN_FILE).exists():
+        raise ConfigError(f"{run_dir}: a slice aggregator's run (subject classes from slice features): predict it "
+                          "with `medvol predict -m` (medvol.inference.subjects.predict_subjects)")
     for f in ("recipe.yaml", "plans.json"):
         if not (run_dir / f).exists():
             raise ConfigError(f"{run_dir}: not a medvol run folder (no {f}); pass the --out of `medvol train`")
@@ -111,12 +134,10 @@ def load_run(run_dir: str | Path, device: torch.device, checkpoint: str = "best"
         raise ConfigError(f"{run_dir}: a PCRL pretraining run has no segmentation model; fine-tune one from its "
                           f"encoder.pt (--set init_from={run_dir / 'encoder.pt'})")
     plans = Plans.from_dict(read_json(run_dir / "plans.json")).for_configuration(recipe.data.configuration)
-    ckpt_path = run_dir / "checkpoints" / f"{checkpoint}.pt"
-    if not ckpt_path.exists() and checkpoint == "best":
-        ckpt_path = run_dir / "checkpoints" / "latest.pt"
-    ckpt = load_checkpoint(ckpt_path, map_location="cpu")
+    ckpt = load_checkpoint(run_checkpoint(run_dir, checkpoint), map_location="cpu")
     key = ckpt.get("inference_model", "model")
-    model = build_model(recipe.model, plans, plans.num_channels * (2 * recipe.data.context + 1), plans.num_classes)
+    num_classes = int(ckpt.get("num_classes", plans.num_classes))  # a classifier's classes are not the plan's labels
+    model = build_model(recipe.model, plans, plans.num_channels * (2 * recipe.data.context + 1), num_classes)
     model.load_state_dict(ckpt["models"][key])
     model.to(device).eval()
     return RunModel(model, recipe, plans, run_dir)

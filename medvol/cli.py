@@ -45,7 +45,9 @@ medvol: 3D medical image segmentation with nnU-Net-style preprocessing.
   medvol recipes                        the built-in recipes and what each is for
   medvol train quickstart --data PRE --out RUN
   medvol predict -m RUN -i SCANS -o OUT predictions in the scans' own geometry
+  medvol extract-features RUN_2D --data PRE -o FEATURES   slice features for the subject aggregator
   medvol evaluate --pred OUT --ref LABELS
+  medvol cv RUNS/                       cross-validation table of the fold_* runs' validations
   medvol demo                           the whole pipeline on built-in real data
 
 `medvol COMMAND --help` lists a command's options."""
@@ -73,7 +75,8 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, required=True,
-                   help="the preprocessing cache (medvol preprocess -o); PCRL also takes any folder of scans")
+                   help="the preprocessing cache (medvol preprocess -o); PCRL also takes any folder of scans; "
+                        "slice_aggregator the features of medvol extract-features")
     p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs, recipe, plans)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set trainer.steps=500 (repeatable)")
@@ -84,6 +87,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                         "none (one job script for the first start and every requeue)")
     p.add_argument("--device", default="auto", action=_checked(validation.device),
                    help="cpu, cuda, cuda:1 or auto (default)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None,
+                   help="numerical precision (default: the recipe's trainer.precision, auto: bf16 on CPUs with "
+                        "native bf16 and on GPUs that support it, fp16 on other GPUs, else fp32)")
     p.add_argument("--nproc", type=int, default=1, action=_checked(validation.positive_int),
                    help="processes on this node (DDP through torchrun)")
     _add_common(p)
@@ -129,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a recipe on a preprocessing cache")
     p.add_argument("recipe", help="recipe YAML (a path, or a built-in recipe's name, e.g. quickstart: "
                                   "see medvol recipes)")
+    p.add_argument("--no-final-validation", action="store_true",
+                   help="skip the end-of-run validation (validation cases predicted from their raw scans into "
+                        "OUT/validation/, with summary.json for medvol cv); same as "
+                        "--set trainer.final_validation=false")
     _add_train_options(p)
 
     p = sub.add_parser("pretrain", help="PCRL self-supervised pretraining; writes OUT/encoder.pt")
@@ -139,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="predict whole scans with a trained run, in the scans' own geometry")
     p.add_argument("-m", "--model", type=Path, required=True, action="append",
                    help="run folder written by `medvol train`, a model file from `medvol export` (.zip), or a "
-                        "folder of fold_* runs; repeat -m to ensemble (probabilities averaged)")
+                        "folder of fold_* runs; repeat -m to ensemble (probabilities averaged). A slice "
+                        "aggregator's run predicts subjects: OUT/subjects.csv and OUT/slices.csv")
     p.add_argument("-i", "--input", type=Path, required=True,
                    help="a scan file (NIfTI, .mhd, .nrrd), a folder of them (e.g. imagesTs) and of DICOM series "
                         "folders, or one DICOM series folder")
@@ -149,9 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "cost (default: the recipe's inference.tta)")
     p.add_argument("--overlap", type=float, default=None, action=_checked(validation.fraction),
                    help="sliding-window overlap in [0, 1) (default: the recipe's, or 0.5)")
-    p.add_argument("--step", type=int, nargs=3, metavar=("X", "Y", "Z"), default=None,
-                   help="sliding-window step in voxels of the preprocessed grid, per axis (a paper's stride); "
-                        "replaces --overlap")
+    p.add_argument("--step", type=int, nargs="+", metavar="N", default=None,
+                   help="sliding-window step in voxels of the preprocessed grid, per axis of the patch (X Y Z; "
+                        "2 in-plane values for a 2D model; a paper's stride); replaces --overlap")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None,
+                   help="numerical precision (default: the recipe's inference.precision, auto: bf16 on CPUs with "
+                        "native bf16 and on GPUs that support it, fp16 on other GPUs, else fp32)")
+    p.add_argument("--all-windows", action="store_true", default=None,
+                   help="also run the windows that lie wholly outside the scan's nonzero (body) mask "
+                        "(default: they are skipped and read as background)")
     p.add_argument("--largest-component", action=argparse.BooleanOptionalAction, default=None,
                    help="keep only the largest connected component of each label (default: the recipe's)")
     p.add_argument("--sw-batch-size", type=int, default=2, action=_checked(validation.positive_int),
@@ -161,6 +178,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
     p.add_argument("--task", help="task-conditioned models (DoDNet): a task id or name, or 'all' (default)")
     p.add_argument("--no-pictures", action="store_true", help="skip the PNGs and index.html")
+    _add_common(p)
+
+    p = sub.add_parser("extract-features", help="a trained 2D slice classifier's per-slice features of every "
+                                                "subject, for the slice aggregator")
+    p.add_argument("run", type=Path, help="run folder of a 2D slice classifier (data.configuration: 2d)")
+    p.add_argument("--data", type=Path, required=True,
+                   help="a preprocessing cache made with the classifier's plan (subject classes from its "
+                        "slice_labels.csv), or scans: a file, a folder of them, DICOM series folders")
+    p.add_argument("-o", "--out", type=Path, required=True, help="output folder (features.npz): the --data of "
+                                                                 "`medvol train slice_aggregator`")
+    p.add_argument("--labels", type=Path, help="a slice_labels.csv giving the subjects' classes (default: the "
+                                               "cache's own)")
+    p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
+    p.add_argument("--slice-batch", type=int, default=16, action=_checked(validation.positive_int),
+                   help="slices per forward pass (default 16)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="the classifier's numerical precision (default auto, as medvol predict's: predict "
+                        "with the precision the features were extracted with)")
+    p.add_argument("--device", default="auto", action=_checked(validation.device))
     _add_common(p)
 
     p = sub.add_parser("export", help="pack a run's model into one portable file for predict -m")
@@ -174,6 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", type=Path, required=True, help="folder of reference label maps (same file names)")
     p.add_argument("-o", "--out", type=Path, help="metrics file stem (default PRED/metrics): .json and .csv")
     p.add_argument("--images", type=Path, help="images folder: also draw pictures and an index.html in PRED")
+    _add_common(p)
+
+    p = sub.add_parser("cv", help="merge the folds' end-of-run validations into one cross-validation table")
+    p.add_argument("runs", type=Path, nargs="+", metavar="RUN",
+                   help="the folds' run folders, or one folder holding fold_* runs")
+    p.add_argument("-o", "--out", type=Path,
+                   help="output folder (cv_summary.json/.csv/.html, cv_dice.png); default: the folder of fold_* "
+                        "runs when one is given")
     _add_common(p)
 
     p = sub.add_parser("demo", help="the main job end to end on the built-in real data")
@@ -239,6 +283,10 @@ def _cmd_train(a) -> int:
 
     if a.fold is not None:
         a.overrides = [*a.overrides, f"data.fold={a.fold}"]
+    if a.precision is not None:
+        a.overrides = [*a.overrides, f"trainer.precision={a.precision}"]
+    if getattr(a, "no_final_validation", False):
+        a.overrides = [*a.overrides, "trainer.final_validation=false"]
     recipe = load_recipe(a.recipe, a.overrides)  # fail early, before any process is spawned
     if a.nproc > 1 and "WORLD_SIZE" not in os.environ:
         from medvol.training.distributed import launch
@@ -265,11 +313,14 @@ def _cmd_train(a) -> int:
 
 def _cmd_predict(a) -> int:
     from medvol.inference import predict
+    from medvol.inference.subjects import is_subject_run
 
+    if len(a.model) == 1 and is_subject_run(a.model[0]):
+        return _predict_subjects(a)
     models = a.model if len(a.model) > 1 else a.model[0]
     written = predict(models, a.input, a.out, a.device, a.tta, a.overlap, a.sw_batch_size, a.save_probabilities,
                       a.checkpoint, a.quiet, largest_component_only=a.largest_component, task=a.task,
-                      step=a.step)
+                      step=a.step, precision=a.precision, all_windows=a.all_windows)
     if not a.no_pictures:
         from medvol.evaluation.report import write_report
         from medvol.inference.predictor import model_plans
@@ -285,6 +336,33 @@ def _cmd_predict(a) -> int:
                              title=f"medvol predictions ({', '.join(m.name for m in a.model)})")
         print(f"pictures: {index}")
     print(f"{len(written)} prediction(s) -> {a.out}")
+    return 0
+
+
+SEGMENTATION_ONLY = ("tta", "overlap", "step", "largest_component", "task", "all_windows")
+
+
+def _predict_subjects(a) -> int:
+    """``medvol predict -m AGG_RUN``: the two-stage subject pipeline."""
+    from medvol.inference.subjects import predict_subjects
+
+    given = [o for o in SEGMENTATION_ONLY if getattr(a, o) is not None] + (["save_probabilities"]
+                                                                          if a.save_probabilities else [])
+    if given:
+        raise ConfigError(f"--{given[0].replace('_', '-')}: {a.model[0]} predicts subject classes (a slice "
+                          "aggregator's run); the option applies to segmentation models only")
+    written = predict_subjects(a.model[0], a.input, a.out, a.device, a.checkpoint, a.quiet,
+                               precision=a.precision or "auto")
+    print(f"subject predictions -> {written[0]}, per-slice scores -> {written[1]}")
+    return 0
+
+
+def _cmd_extract_features(a) -> int:
+    from medvol.inference.subjects import extract_features
+
+    path = extract_features(a.run, a.data, a.out, a.device, a.checkpoint, a.labels, a.slice_batch, a.quiet,
+                            a.precision)
+    print(f"features -> {path} (medvol train slice_aggregator --data {a.out} --out RUN)")
     return 0
 
 
@@ -318,6 +396,26 @@ def _cmd_evaluate(a) -> int:
     return 0
 
 
+def _cmd_cv(a) -> int:
+    from medvol.evaluation.crossval import FOREGROUND, cross_validation, write_cross_validation
+
+    out = a.out
+    if out is None:
+        if len(a.runs) != 1 or (a.runs[0] / "recipe.yaml").exists():
+            raise ConfigError("medvol cv: give -o OUT (the default, the folder of fold_* runs, needs exactly one "
+                              "such folder)")
+        out = a.runs[0]
+    res = cross_validation(a.runs)
+    written = write_cross_validation(res, out)
+    pooled, folds = res["all_cases"], res["mean_of_folds"]
+    for c in [*res["classes"], FOREGROUND]:
+        d, f = pooled["summary"][c]["dice"], folds["summary"][c]["dice"]
+        print(f"{c}: Dice {d['mean']:.4f} over {pooled['n_cases']} case(s); mean of {folds['n_folds']} fold(s) "
+              f"{f['mean']:.4f} ± {f['std']:.4f}")
+    print(f"cross-validation: {written[0]} (.csv, .html) and {written[3].name}")
+    return 0
+
+
 def _cmd_demo(a) -> int:
     """The demo application ships with the dataset builders (``datasets/demo.py``): run it,
     so that nothing under ``medvol/`` imports them."""
@@ -330,7 +428,8 @@ def _cmd_demo(a) -> int:
 
 COMMANDS = {"preprocess": _cmd_preprocess, "fingerprint": _cmd_fingerprint, "plan": _cmd_plan,
             "recipes": _cmd_recipes, "train": _cmd_train, "export": _cmd_export,
-            "pretrain": _cmd_train, "predict": _cmd_predict, "evaluate": _cmd_evaluate, "demo": _cmd_demo}
+            "pretrain": _cmd_train, "predict": _cmd_predict, "extract-features": _cmd_extract_features,
+            "evaluate": _cmd_evaluate, "cv": _cmd_cv, "demo": _cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

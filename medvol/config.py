@@ -96,11 +96,13 @@ class TrainerConfig:
     log_every: int = 10
     loss: str = "dice_ce"  # dice_ce | ce | dice
     grad_clip: float | None = 12.0
-    amp: bool = True  # CUDA only; CPU always runs fp32
+    amp: bool = True  # false: fp32 whatever precision says "auto"
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (medvol/precision.py; --precision)
     seed: int = 0
     val_overlap: float = 0.5
     freeze_init_steps: int = 0  # with init_from: the loaded tensors get no update for this many steps
     checkpoint_every: int | None = None  # also write latest.pt every N steps (pre-emptible clusters)
+    final_validation: bool = True  # at the end: predict the validation cases from their raw scans, evaluate
 
 
 @dataclass
@@ -113,6 +115,8 @@ class InferenceConfig:
     largest_component: bool = False  # keep each label's largest connected component
     dodnet_postprocess: bool = False  # DoDNet's rules (task-conditioned models only)
     blend: str = "gaussian"  # window weighting: gaussian (nnU-Net) | constant (uniform averaging)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (medvol/precision.py; --precision)
+    all_windows: bool = False  # also run windows outside the scan's nonzero (body) mask (--all-windows)
 
 
 @dataclass
@@ -280,6 +284,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     return check_recipe(from_dict(Recipe, data, str(path)), str(path))
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # medvol.precision.PRECISIONS (kept free of torch here)
 CONFIGURATIONS = {"3d_fullres": 3, "2d": 2}  # data.configuration -> spatial dims of the model
 
 
@@ -301,6 +306,9 @@ def check_recipe(recipe: Recipe, source: str = "<recipe>") -> Recipe:
     if not 0 <= t.val_overlap < 1:
         bad("trainer.val_overlap", "in [0, 1)", t.val_overlap)
     inf = recipe.inference
+    for key, value in (("trainer.precision", t.precision), ("inference.precision", inf.precision)):
+        if value not in PRECISIONS:
+            bad(key, f"one of {', '.join(PRECISIONS)}", value)
     if inf.blend not in ("gaussian", "constant"):
         bad("inference.blend", "'gaussian' or 'constant'", inf.blend)
     if not 0 <= inf.overlap < 1:

@@ -108,12 +108,3 @@ def save_npy(path: str | Path, array: np.ndarray) -> None:
             np.save(f, np.ascontiguousarray(array))
 
 
-def cuda_amp_dtype(device, enabled: bool = True):
-    """The autocast dtype for ``device``: bf16 where the GPU supports it, else fp16; None on
-    CPU or when disabled (CPU runs are fp32). Turns cuDNN's autotuner on for CUDA runs."""
-    import torch
-
-    if getattr(device, "type", str(device)) != "cuda" or not enabled:
-        return None
-    torch.backends.cudnn.benchmark = True
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -12,6 +13,11 @@ import numpy as np
 import pytest
 
 from medvol.datasets.brain import Acquisition, build_brain_dataset
+
+# The suite's numbers (learning bars, DDP agreement) were measured in fp32: `auto` precision must
+# not pick bf16 on CPUs that have it (child processes inherit this). tests/test_precision.py
+# covers the bf16 path explicitly.
+os.environ["MEDVOL_CPU_BF16"] = "0"
 
 
 @pytest.fixture(scope="session")

@@ -178,6 +178,18 @@ def _predict(*extra, image=None):
     return make
 
 
+def _cv_without_validation(c: Ctx) -> list[str]:
+    shutil.copytree(c.tiny["run"], c.tmp / "runs" / "fold_0")
+    shutil.rmtree(c.tmp / "runs" / "fold_0" / "validation")
+    return ["cv", str(c.tmp / "runs"), "--quiet"]
+
+
+def _cv_case_in_two_folds(c: Ctx) -> list[str]:
+    for name in ("a", "b"):  # the same split twice: no cross-validation
+        shutil.copytree(c.tiny["run"], c.tmp / "runs" / name)
+    return ["cv", str(c.tmp / "runs" / "a"), str(c.tmp / "runs" / "b"), "-o", str(c.tmp / "out"), "--quiet"]
+
+
 def _predict_huge_header_nii(c: Ctx):
     argv = _predict()(c)
     argv[argv.index("-i") + 1] = str(_patched_nifti(c.tmp / "in" / "big.nii", DIM_XYZ, "<i2", [900, 900, 900],
@@ -451,9 +463,15 @@ CATALOGUE = [
         r"cache/cases/[abc]\.npy: truncated or corrupt cache array; rerun `medvol preprocess`",
         untouched=_cache_and("cache")),
     Row("predict-2d-image", _predict(image=sphere_case()[0][:, :, 10:11]),
-        r"x\.nii\.gz: is a 2D image \(shape \(24, 24, 1\)\); the model is 3D", untouched=_cache_and("in", "pred")),
+        r"x\.nii\.gz: is a 2D image \(shape \(24, 24, 1\)\); the model was planned for 3D scans",
+        untouched=_cache_and("in", "pred")),
     Row("predict-empty-image", _predict(image=np.zeros((24, 24, 0), np.float32)),
         r"x\.nii\.gz: has a zero-size dimension", untouched=_cache_and("in", "pred")),
+    Row("cv-run-without-validation", _cv_without_validation,
+        r"runs/fold_0/validation/summary\.json: not found: this run has no end-of-run validation",
+        untouched=lambda c: [c.tmp / "runs"]),
+    Row("cv-case-in-two-folds", _cv_case_in_two_folds, r"case [abc] is validated by both .*runs/a and .*runs/b",
+        untouched=lambda c: [c.tmp / "runs", c.tmp / "out"]),
     Row("dataset-mixing-2d-and-3d", _mixed_2d_3d,
         r"raw: the dataset mixes 2D images \(1, e\.g\. case 'flat' of shape \[24, 24, 1\]\) and 3D images \(3"),
 ]

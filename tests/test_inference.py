@@ -33,10 +33,13 @@ def thick_pre(tmp_path_factory):
     return raw, tmp / "pre"
 
 
-# nnU-Net v2's own revert (resample_data_or_seg_to_shape, order 1, separate z) of the same
-# one-hot map of brain_002 scores exactly this: its grey-matter ribbon is ~1 voxel wide at
-# 3.5 mm and the round trip goes through 4 mm. Every other case must reach 0.95.
-NNUNET_REVERT_DICE = {"brain_002": (0.9385, 0.9252)}
+# nnU-Net v2's own preprocess -> revert of brain_002 (2.8.1, batchgenerators 0.25.5: its label
+# resampled to the cache with resample_data_or_seg_to_shape, is_seg, order 1; the one-hot back
+# at order 1) scores exactly this: its grey-matter ribbon is ~1 voxel wide at 3.5 mm and the
+# round trip goes through 4 mm. medvol's cached label of it is nnU-Net's, voxel for voxel (until
+# label ties went to the nearest voxel, float32 rounding split a few of them the other way and
+# the round trip kept 0.9385 / 0.9252, by chance). Every other case must reach 0.95.
+NNUNET_REVERT_DICE = {"brain_002": (0.93829, 0.92479)}
 
 
 @pytest.mark.parametrize("which", ["brain", pytest.param("thick", marks=pytest.mark.slow)])
@@ -52,7 +55,7 @@ def test_restore_geometry_inverts_preprocessing(which, brain_raw, brain_pre, thi
         np.testing.assert_allclose(props["original_affine"], src.affine)
         bars = NNUNET_REVERT_DICE.get(case, (0.95, 0.95)) if which == "brain" else (0.95, 0.95)
         for c, bar in zip((1, 2), bars):
-            assert _dice(restored == c, np.asarray(src.array) == c) >= bar - 1e-4, (case, c)
+            assert _dice(restored == c, np.asarray(src.array) == c) >= bar - 1e-5, (case, c)
     if which == "thick":
         assert props["separate_z_axis"] == 2
 

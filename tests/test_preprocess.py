@@ -163,7 +163,7 @@ def test_foreground_locations_live_beside_the_case_not_in_its_json(brain_pre, tm
 
     case = list_cases(brain_pre)[0]
     raw_props = json.loads((brain_pre / "cases" / f"{case}.json").read_text())
-    assert "class_locations" not in raw_props and raw_props["cache_version"] == CACHE_VERSION == 2
+    assert "class_locations" not in raw_props and raw_props["cache_version"] == CACHE_VERSION == 3
     with np.load(locations_path(brain_pre, case)) as z:
         assert sorted(z.files) == ["1", "2"] and all(z[k].dtype == np.int32 and z[k].shape[1] == 3 for k in z.files)
     # a case written by the format before (locations inside the JSON, digest without the

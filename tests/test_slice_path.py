@@ -186,3 +186,16 @@ def test_slice_labels_beside_the_raw_dataset_reach_the_2d_batches(tmp_path):
     bad.write_text("subject,slice_index,label\ns0,99,1\n")
     with pytest.raises(Exception, match="slice_index 99 is out of range"):
         preprocess_dataset(raw, tmp_path / "pre3", num_workers=1, quiet=True)
+
+
+def test_a_raw_splits_file_reaches_the_cache_and_its_folds(tmp_path):
+    """Dataset adapters write the published split beside dataset.json: preprocessing copies it
+    into the cache (when the cache has none) and --fold uses it."""
+    from medvol.config import DataConfig
+    from medvol.data import training_cases
+
+    raw = _spheres(tmp_path / "raw", n=4)
+    (raw / "splits_final.json").write_text(json.dumps([{"train": ["s0", "s1", "s2"], "val": ["s3"]}]))
+    preprocess_dataset(raw, tmp_path / "pre", num_workers=1, quiet=True)
+    labelled, _, val = training_cases(tmp_path / "pre", DataConfig(fold=0), 0)
+    assert labelled == ["s0", "s1", "s2"] and val == ["s3"]

@@ -113,6 +113,8 @@ def test_two_gloo_processes_match_one_process_with_double_batch(brain_pre, ddp_r
     train(single, brain_pre, tmp_path / "one", device="cpu", quiet=True)
     summary = json.loads((ddp_run / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["params_identical_across_ranks"] is True
+    # the end-of-run validation ran once, on rank 0, while rank 1 waited (medvol.training.final_validation)
+    assert json.loads((ddp_run / "validation" / "summary.json").read_text())["validation"]["cases"] == ["brain_004"]
     a = load_checkpoint(ddp_run / "checkpoints" / "latest.pt")["models"]["model"]
     b = load_checkpoint(tmp_path / "one" / "checkpoints" / "latest.pt")["models"]["model"]
     assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-5

@@ -26,6 +26,7 @@ from medvol.losses.pixel_contrast import (
 )
 from medvol.networks import build_model
 from medvol.networks.slice.ugpcl import UGPCLNet
+from medvol.plans import Plans
 
 TINY = dict(width=8, layers=(1, 1, 1, 1), embed_dim=8, heads=(4, 2, 1), depths=(2, 2, 2), proj_dim=16, queue_size=6)
 
@@ -57,7 +58,7 @@ def test_faithful_widths_at_224():
     assert [s.blocks.blocks[0].attn.num_heads for s in net.tf_decoder.stages] == [12, 6, 3]
     assert net.proj_head[0].in_channels == 512 and net.proj_head[-1].out_channels == 256
     with torch.no_grad():
-        _check_outputs(net(torch.randn(1, 1, 224, 224)), 1, 4, (224, 224), 256)
+        _check_outputs(net(torch.randn(1, 1, 224, 224), all_outputs=True), 1, 4, (224, 224), 256)
 
 
 @pytest.mark.parametrize("size", [(224, 224), (96, 160)])
@@ -70,7 +71,7 @@ def test_tiny_widths_shapes(size):
 def test_other_input_size_than_built_runs_and_bad_sizes_fail():
     net = UGPCLNet(1, 2, (64, 64), **TINY).eval()
     with torch.no_grad():
-        _check_outputs(net(torch.randn(1, 1, 96, 64)), 1, 2, (96, 64), 16)
+        _check_outputs(net(torch.randn(1, 1, 96, 64), all_outputs=True), 1, 2, (96, 64), 16)
     with pytest.raises(ValueError, match="multiples of 32"):
         net(torch.randn(1, 1, 70, 64))
     with pytest.raises(ConfigError, match="multiples of 32"):
@@ -94,14 +95,18 @@ def test_position_embeddings_are_saved_and_trained():
     net.eval(), other.eval()
     x = torch.randn(1, 1, 64, 64)
     with torch.no_grad():
-        a, b = net(x), other(x)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+        a, b = net(x, all_outputs=True), other(x, all_outputs=True)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        # eval mode alone: the CNN decoder's logits, what prediction uses
+        assert torch.equal(net(x), a["seg_cnn"])
 
 
 def test_registry_builds_ugpcl():
     cfg = ModelConfig(name="ugpcl", options=dict(TINY))
     net = build_model(cfg, {"patch_size": [64, 96]}, 1, 4)
     assert isinstance(net, UGPCLNet) and net.input_size == (64, 96)
+    plans = Plans(num_channels=1, label_names={0: "bg", 1: "a"}, patch_size=[96, 64])
+    assert build_model(cfg, plans, 1, 2).input_size == (96, 64)
     assert build_model(ModelConfig(name="ugpcl", options=dict(TINY)), {}, 1, 4).input_size == (224, 224)
     with pytest.raises(ConfigError, match="bogus"):
         build_model(ModelConfig(name="ugpcl", options={"bogus": 1}), {}, 1, 4)

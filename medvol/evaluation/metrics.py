@@ -73,7 +73,9 @@ def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing, classes: list[int])
     return out
 
 
-def summarize(per_case: dict[str, dict[int, dict]], names: dict[int, str]) -> dict:
+def summarize(per_case: dict[str, dict], names: dict) -> dict:
+    """Per class ``names[c]``: each metric's mean, std, median and n over the cases (undefined
+    values left out and counted); ``c`` keys ``per_case[case]`` (a class value or name)."""
     summary = {}
     for c, name in names.items():
         s = {}
@@ -135,32 +137,51 @@ def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, out: str | Path 
     if missing:  # as nnU-Net's compute_metrics_on_folder: a mean over the cases present would flatter
         raise InputError(pred_dir, f"no prediction for {len(missing)} of the {len(refs)} reference case(s) in "
                                    f"{ref_dir}: {', '.join(missing[:10])}{'...' if len(missing) > 10 else ''}")
-    per_case, all_classes = {}, set()
-    loaded = {case: _load_pair(preds[case], refs[case]) for case in cases}
-    for p, r, _ in loaded.values():
-        all_classes |= set(np.unique(r).tolist()) | set(np.unique(p).tolist())
     if labels is None:  # nnU-Net layout: the reference folder's dataset.json names the classes
         labels = _dataset_labels(ref_dir.parent)
+    return evaluate_pairs({case: (preds[case], refs[case]) for case in cases}, labels, out)
+
+
+def _class_names(labels: dict[str, int] | None, pairs: dict[str, tuple[Path, Path]]) -> dict[int, str]:
+    """{value: name} of the foreground classes: the dataset's labels, else ``class_<v>`` for
+    every value found in the files (read once more: the metrics pass loads one case at a time)."""
     if labels:
-        names = {v: k for k, v in labels.items() if v > 0}
-    else:
-        names = {c: f"class_{c}" for c in sorted(all_classes) if c > 0}
+        return {v: k for k, v in labels.items() if v > 0}
+    found: set[int] = set()
+    for pred, ref in pairs.values():
+        p, r, _ = _load_pair(pred, ref)
+        found |= set(np.unique(r).tolist()) | set(np.unique(p).tolist())
+    return {c: f"class_{c}" for c in sorted(found) if c > 0}
+
+
+def evaluate_pairs(pairs: dict[str, tuple[Path, Path]], labels: dict[str, int] | None = None,
+                   out: str | Path | None = None) -> dict:
+    """Metrics of each case's (prediction, reference) files, one case in memory at a time,
+    as :func:`evaluate_folders` computes and writes them (``labels``: name -> value; None
+    names the values found)."""
+    cases = sorted(pairs)
+    names = _class_names(labels, pairs)
+    per_case = {}
     for case in cases:
-        p, r, sp = loaded[case]
+        p, r, sp = _load_pair(*pairs[case])
         per_case[case] = case_metrics(p, r, sp, list(names))
     rule = (__doc__ or "").split("Empty masks, by rule:")[1].strip()
     result = {"cases": {case: {names[c]: m for c, m in per_case[case].items()} for case in cases},
               "summary": summarize(per_case, names), "empty_mask_rule": rule,
-              "missing_predictions": missing}
+              "missing_predictions": []}
     if out is not None:
-        out = Path(out)
-        claim_files(out.parent, [out.with_suffix(".json").name, out.with_suffix(".csv").name])
-        write_json(out.with_suffix(".json"), result)
-        with atomic_path(out.with_suffix(".csv")) as tmp:
-            with open(tmp, "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(["case", "class", *METRICS])
-                for case in cases:
-                    for c, m in per_case[case].items():
-                        w.writerow([case, names[c], *[f"{m[k]:.6g}" for k in METRICS]])
+        write_metrics(Path(out), result)
     return result
+
+
+def write_metrics(out: Path, result: dict) -> None:
+    """``<out>.json`` (the result) and ``<out>.csv`` (one row per case and class)."""
+    claim_files(out.parent, [out.with_suffix(".json").name, out.with_suffix(".csv").name])
+    write_json(out.with_suffix(".json"), result)
+    with atomic_path(out.with_suffix(".csv")) as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["case", "class", *METRICS])
+            for case, classes in result["cases"].items():
+                for name, m in classes.items():
+                    w.writerow([case, name, *[f"{m[k]:.6g}" for k in METRICS]])

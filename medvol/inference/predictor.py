@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from medvol.checkpoint import RunModel, load_run
+from medvol.checkpoint import RunModel, expand_fold_folders, load_run
 from medvol.config import InferenceConfig
 from medvol.errors import ConfigError, InputError
 from medvol.inference.postprocess import argmax_labels, dodnet_postprocess, largest_component, task_labels
@@ -29,21 +29,32 @@ from medvol.io.dicom import list_dicom_files
 from medvol.io.discovery import input_cases
 from medvol.manifest import check_files, claim_files
 from medvol.plans import Plans
+from medvol.precision import choose_precision
 from medvol.utils import atomic_path, read_json
 
 log = logging.getLogger(__name__)
 
 
 def case_probabilities(run: RunModel, image: np.ndarray | torch.Tensor, device: torch.device,
-                       settings: InferenceConfig, sw_batch_size: int = 2, task: int | None = None) -> torch.Tensor:
+                       settings: InferenceConfig, sw_batch_size: int = 2, task: int | None = None,
+                       mask: np.ndarray | None = None, stats: dict | None = None) -> torch.Tensor:
     """Probabilities ``(K, X, Y, Z)`` float16 of one preprocessed image: class softmax, or
-    for a task-conditioned model the given task's sigmoid channels."""
+    for a task-conditioned model the given task's sigmoid channels. ``mask``: the body mask
+    whose outside windows are skipped (see :func:`sliding_window_probabilities`)."""
     decoder = SoftmaxClasses() if task is None else TaskSigmoid(task)
-    return sliding_window_probabilities(run.model, image, run.patch_size, device, decoder,
-                                        n_channels=run.plans.num_classes, overlap=settings.overlap,
-                                        step=settings.step, sw_batch_size=sw_batch_size,
+    n_out = run.plans.num_classes if task is None else _task_channels(run)
+    return sliding_window_probabilities(run.model, image, run.patch_size, device, decoder, n_channels=n_out,
+                                        overlap=settings.overlap, step=settings.step, sw_batch_size=sw_batch_size,
                                         mirror_axes=run.mirror_axes if settings.tta else (), blend=settings.blend,
-                                        slice_axis=run.slice_axis, context=run.context)
+                                        slice_axis=run.slice_axis, context=run.context,
+                                        precision=choose_precision(device, settings.precision), mask=mask,
+                                        stats=stats)
+
+
+def _task_channels(run: RunModel) -> int:
+    """Output channels of a task-conditioned model (DoDNet: organ and tumour sigmoids)."""
+    widths = getattr(run.model, "head_widths", None)
+    return int(widths[-1]) if widths else 2
 
 
 def resolve_device(device: str) -> torch.device:
@@ -69,17 +80,44 @@ def predict(run_dir: str | Path | Sequence[str | Path], inputs: str | Path, out_
             tta: bool | None = None, overlap: float | None = None, sw_batch_size: int = 2,
             save_probabilities: bool = False, checkpoint: str = "best", quiet: bool = False, postprocess=None,
             largest_component_only: bool | None = None, task: str | int | None = None,
-            step: list[int] | None = None) -> list[Path]:
+            step: list[int] | None = None, precision: str | None = None,
+            all_windows: bool | None = None) -> list[Path]:
     """Predict every scan in ``inputs``; write ``<case>.nii.gz`` (and ``.npz``) to ``out_dir``.
 
-    ``tta``, ``overlap``, ``step`` (window step in voxels per axis, replacing ``overlap``) and
-    ``largest_component_only`` default to the recipe's ``inference`` section. ``run_dir`` may
+    ``tta``, ``overlap``, ``step`` (window step in voxels per axis, replacing ``overlap``),
+    ``largest_component_only``, ``precision`` (:mod:`medvol.precision`) and ``all_windows``
+    (also run windows outside the body mask) default to the recipe's ``inference`` section;
+    what was used is written to ``out_dir/predict.json``. ``run_dir`` may
     also be a model file written by ``medvol export`` (``.zip``), several of them (an ensemble:
     their probabilities are averaged before post-processing; the first one's inference
     settings apply) or a folder holding ``fold_*`` runs."""
+    _check_options(sw_batch_size, overlap)
     with _unpacked_models(run_dir) as run_dirs:
-        return _predict(run_dirs, inputs, out_dir, device, tta, overlap, sw_batch_size, save_probabilities,
-                        checkpoint, quiet, postprocess, largest_component_only, task, step)
+        dev = resolve_device(device)
+        runs = [load_run(r, dev, checkpoint) for r in run_dirs]
+        cases = input_cases(inputs, runs[0].plans.num_channels)
+        return predict_cases(runs, cases, out_dir, dev, tta, overlap, sw_batch_size, save_probabilities, quiet,
+                             postprocess, largest_component_only, task, step, precision, all_windows)
+
+
+SLICE_CLASSIFIERS = ("slice_classifier", "dcmt")  # trainers whose models grade slices: no label map
+
+
+def _check_segmentation_models(runs: list[RunModel]) -> None:
+    """A slice classifier predicts subjects through its aggregator, not label maps."""
+    for r in runs:
+        if r.recipe.trainer.name in SLICE_CLASSIFIERS:
+            raise ConfigError(f"{r.run_dir}: a slice classifier ({r.recipe.trainer.name}) grades slices and writes no "
+                              "label map; run `medvol extract-features` with it, train `slice_aggregator` on the "
+                              "features and predict with that run (subjects.csv)")
+
+
+def _check_options(sw_batch_size: int, overlap: float | None) -> None:
+    from medvol import validation
+
+    validation.positive_int(sw_batch_size, "--sw-batch-size")
+    if overlap is not None:
+        validation.fraction(overlap, "--overlap")
 
 
 @contextmanager
@@ -89,10 +127,7 @@ def _unpacked_models(run_dir) -> Iterator[list[Path]]:
     from medvol.export import unpacked_model
 
     given = [Path(run_dir)] if isinstance(run_dir, (str, Path)) else [Path(r) for r in run_dir]
-    expanded = []
-    for r in given:
-        folds = sorted(r.glob("fold_*")) if r.is_dir() and not (r / "recipe.yaml").exists() else []
-        expanded += folds or [r]
+    expanded = expand_fold_folders(given)
     with ExitStack() as stack:
         yield [stack.enter_context(unpacked_model(r)) if r.suffix == ".zip" else r for r in expanded]
 
@@ -103,33 +138,49 @@ def model_plans(run_dir) -> Plans:
         return Plans.from_dict(read_json(run_dirs[0] / "plans.json"))
 
 
-def _predict(run_dirs: list[Path], inputs, out_dir, device, tta, overlap, sw_batch_size, save_probabilities,
-             checkpoint, quiet, postprocess, largest_component_only, task, step) -> list[Path]:
+def predict_cases(runs: list[RunModel], cases: list[tuple[str, list[Path]]], out_dir: str | Path,
+                  device: torch.device, tta: bool | None = None, overlap: float | None = None, sw_batch_size: int = 2,
+                  save_probabilities: bool = False, quiet: bool = False, postprocess=None,
+                  largest_component_only: bool | None = None, task: str | int | None = None,
+                  step: list[int] | None = None, precision: str | None = None,
+                  all_windows: bool | None = None) -> list[Path]:
+    """:func:`predict` of loaded models (``load_run``) on given cases: ``[(case id, its
+    channel sources)]``, as :func:`medvol.io.discovery.input_cases` lists them."""
     from tqdm import tqdm
 
-    from medvol import validation
-
-    validation.positive_int(sw_batch_size, "--sw-batch-size")
-    if overlap is not None:
-        validation.fraction(overlap, "--overlap")
-    dev = resolve_device(device)
-    runs = [load_run(r, dev, checkpoint) for r in run_dirs]
+    _check_options(sw_batch_size, overlap)
+    _check_segmentation_models(runs)
     run = _same_plans(runs)
     settings = _settings(run.recipe.inference, tta=tta, overlap=overlap, step=step,
-                         largest_component=largest_component_only)
+                         largest_component=largest_component_only, precision=precision, all_windows=all_windows)
     if settings.largest_component and postprocess is None:
         postprocess = largest_component
     tasks = _resolve_tasks(run, task)
-    cases = input_cases(inputs, run.plans.num_channels)
     out_dir = Path(out_dir)
     names = [_output_name(case, tname, tasks) for case, _ in cases for _, tname in tasks]
     _claim_outputs(out_dir, [s for _, srcs in cases for s in srcs],
-                   [f"{n}{ext}" for n in names for ext in (".nii.gz", ".npz")[:2 if save_probabilities else 1]])
+                   [f"{n}{ext}" for n in names for ext in (".nii.gz", ".npz")[:2 if save_probabilities else 1]]
+                   + [PREDICT_RECORD])
     written = []
     for case, sources in tqdm(cases, desc="predict", unit="case", disable=quiet or not sys.stderr.isatty()):
-        written += _predict_case(runs, case, sources, out_dir, dev, settings, tasks, sw_batch_size,
+        written += _predict_case(runs, case, sources, out_dir, device, settings, tasks, sw_batch_size,
                                  postprocess, save_probabilities)
+    _write_record(out_dir, runs, settings, device)
     return written
+
+
+PREDICT_RECORD = "predict.json"
+
+
+def _write_record(out_dir: Path, runs: list[RunModel], settings: InferenceConfig, device: torch.device) -> None:
+    """``predict.json``: the models and the settings the predictions were made with."""
+    from medvol.config import to_dict
+    from medvol.utils import write_json
+
+    claim_files(out_dir, [PREDICT_RECORD])
+    write_json(out_dir / PREDICT_RECORD, {
+        "models": [str(r.run_dir) for r in runs], "device": str(device),
+        "settings": to_dict(settings), **choose_precision(device, settings.precision).describe()})
 
 
 ENSEMBLE_PLAN_KEYS = ("target_spacing", "labels", "normalization", "orientation", "configurations")
@@ -148,14 +199,15 @@ def _same_plans(runs: list[RunModel]) -> RunModel:
 
 
 def _ensemble_probabilities(runs: list[RunModel], image: torch.Tensor, device: torch.device,
-                            settings: InferenceConfig, sw_batch_size: int, task: int | None) -> torch.Tensor:
+                            settings: InferenceConfig, sw_batch_size: int, task: int | None,
+                            mask: np.ndarray | None = None, stats: dict | None = None) -> torch.Tensor:
     """The mean of the runs' probabilities: one model's at a time plus the running sum."""
-    total = case_probabilities(runs[0], image, device, settings, sw_batch_size, task)
+    total = case_probabilities(runs[0], image, device, settings, sw_batch_size, task, mask, stats)
     if len(runs) == 1:
         return total
     total = total.float()
     for r in runs[1:]:
-        total += case_probabilities(r, image, device, settings, sw_batch_size, task).float()
+        total += case_probabilities(r, image, device, settings, sw_batch_size, task, mask).float()
     return (total / len(runs)).half()
 
 
@@ -167,13 +219,19 @@ def _predict_case(runs: list[RunModel], case: str, sources: list[Path], out_dir:
     from medvol.preprocessing import preprocess_case
 
     vols = [read_volume(s) for s in sources]
-    array, props = preprocess_case(vols, runs[0].plans.raw, inplace=True)  # the scans are ours: no extra copy
+    # the scans are ours: no extra copy
+    array, props = preprocess_case(vols, runs[0].plans.raw, inplace=True, body_mask=not settings.all_windows,
+                                   slice_axis=runs[0].slice_axis)
     image = torch.from_numpy(array).half()
     del array  # the float32 array is dropped here
-    ref = vols[0]
+    ref, mask = vols[0], props.pop("body_mask", None)
+    stats: dict[str, int] = {}
     written = []
     for tid, tname in tasks:
-        probs = _ensemble_probabilities(runs, image, device, settings, sw_batch_size, tid)
+        probs = _ensemble_probabilities(runs, image, device, settings, sw_batch_size, tid, mask, stats)
+        if stats.get("windows_skipped"):
+            log.info("%s: %d of %d windows outside the body mask skipped", case, stats["windows_skipped"],
+                     stats["windows_skipped"] + stats["windows_run"])
         if tid is None:
             restored = restore_geometry(probs, props, dtype=np.float16)
             seg = argmax_labels(restored)

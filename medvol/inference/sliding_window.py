@@ -35,7 +35,9 @@ from monai.networks import eval_mode
 
 from medvol.errors import ConfigError
 from medvol.networks import as_class_logits
-from medvol.utils import cuda_amp_dtype
+from medvol.precision import Precision
+
+BACKGROUND_LOGIT = 20.0  # a skipped window's background logit (other classes 0): softmax ~1 - 1e-9
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,12 @@ class SoftmaxClasses:
 
     def window_mean(self, mean: torch.Tensor) -> torch.Tensor:
         return mean  # logits are blended; softmax once over the whole volume
+
+    def empty(self, n_windows: int, n_channels: int, shape: Sequence[int], device) -> torch.Tensor:
+        """The output of a skipped window (outside the body mask): background, confidently."""
+        out = torch.zeros(n_windows, n_channels, *shape, device=device)
+        out[:, 0] = BACKGROUND_LOGIT
+        return out
 
     def finish(self, blended: torch.Tensor) -> torch.Tensor:
         for z in range(0, blended.shape[-1], 16):  # in slabs, in place: no float32 copy of the volume
@@ -67,35 +75,68 @@ class TaskSigmoid:
     def window_mean(self, mean: torch.Tensor) -> torch.Tensor:
         return mean  # as DoDNet's published inference: the mirrored passes' sigmoid probabilities averaged
 
+    def empty(self, n_windows: int, n_channels: int, shape: Sequence[int], device) -> torch.Tensor:
+        return torch.zeros(n_windows, n_channels, *shape, device=device)  # no organ, no tumour
+
     def finish(self, blended: torch.Tensor) -> torch.Tensor:
         return blended
 
 
 class WindowPredictor(nn.Module):
-    """Runs ``model`` on one batch of windows: float32 in, mirrored TTA, float16 out."""
+    """Runs ``model`` on one batch of windows: mirrored TTA, the chosen precision, float16 out.
 
-    def __init__(self, model: nn.Module, decoder, mirror_axes: Sequence[int] = (), amp_dtype=None):
+    The mirrored copies of the windows go through the model together, in one forward per
+    ``tta_batch`` flips (all of them by default). With ``n_channels`` given, the input's last
+    channel is the body mask: windows holding none of it are not run, their output is the
+    decoder's ``empty`` (background)."""
+
+    def __init__(self, model: nn.Module, decoder, mirror_axes: Sequence[int] = (), precision: Precision | None = None,
+                 n_channels: int | None = None, tta_batch: int | None = None, layout_input: bool = True):
         super().__init__()
         self.model = model
         self.decoder = decoder
         self.flips = [c for r in range(len(mirror_axes) + 1) for c in itertools.combinations(mirror_axes, r)]
-        self.amp_dtype = amp_dtype
+        self.precision = precision or Precision("fp32", "cpu")
+        self.n_channels = n_channels  # set: the last input channel is the mask (window skipping)
+        self.tta_batch = max(1, tta_batch or len(self.flips))
+        self.layout_input = layout_input
+        self.windows_run = self.windows_skipped = 0
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
-        ctx = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else torch.autocast("cpu", enabled=False)
-        with ctx:
-            total = self._mirrored(x, self.flips[0])  # the unflipped pass
-            for axes in self.flips[1:]:
-                total = total + self._mirrored(x, axes)
+        if self.n_channels is None:
+            return self._predict(x)
+        keep = x[:, -1].flatten(1).any(1)
+        x = x[:, :-1]
+        self.windows_run += int(keep.sum())
+        self.windows_skipped += int((~keep).sum())
+        out = self.decoder.empty(x.shape[0], self.n_channels, x.shape[2:], x.device).half()
+        if keep.any():
+            out[keep] = self._predict(x[keep])
+        return out
+
+    def _predict(self, x: torch.Tensor) -> torch.Tensor:
+        total = None
+        with self.precision.autocast():
+            for i in range(0, len(self.flips), self.tta_batch):
+                y = self._mirrored(x, self.flips[i:i + self.tta_batch])
+                total = y if total is None else total + y
+        assert total is not None
         return self.decoder.window_mean(total / len(self.flips)).half()
 
-    def _mirrored(self, x: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
-        """The decoder's window output for ``x`` flipped along ``axes``, flipped back."""
-        dims = [a + 2 for a in axes]
-        y = self.decoder.window_output(self.model, torch.flip(x, dims) if dims else x)
-        return torch.flip(y, dims) if dims else y
+    def _mirrored(self, x: torch.Tensor, flips: list[tuple[int, ...]]) -> torch.Tensor:
+        """The sum over ``flips`` of the decoder's output for ``x`` flipped, flipped back;
+        all flipped copies in one forward."""
+        batch = torch.cat([torch.flip(x, [a + 2 for a in axes]) if axes else x for axes in flips])
+        if self.layout_input:
+            batch = self.precision.layout(batch)
+        ys = self.decoder.window_output(self.model, batch).chunk(len(flips))
+        total = ys[0]  # flips[0] is the unflipped pass when it is in this group, and ys[0] is a new tensor
+        total = torch.flip(total, [a + 2 for a in flips[0]]) if flips[0] else total
+        for y, axes in zip(ys[1:], flips[1:]):
+            total = total + (torch.flip(y, [a + 2 for a in axes]) if axes else y)
+        return total
 
 
 def overlap_for_step(step: Sequence[int], patch_size: Sequence[int]) -> list[float]:
@@ -158,9 +199,11 @@ def _accumulation_device(device: torch.device, n_channels: int, spatial: Sequenc
 def sliding_window_probabilities(model: nn.Module, image: np.ndarray | torch.Tensor, patch_size: Sequence[int],
                                  device: torch.device, decoder=SoftmaxClasses(), n_channels: int | None = None,
                                  overlap: float | Sequence[float] = 0.5, step: Sequence[int] | None = None,
-                                 sw_batch_size: int = 2, mirror_axes: Sequence[int] = (), amp: bool = True,
-                                 blend: str = "gaussian", slice_axis: int | None = None,
-                                 context: int = 0) -> torch.Tensor:
+                                 sw_batch_size: int = 2, mirror_axes: Sequence[int] = (),
+                                 precision: Precision | None = None, blend: str = "gaussian",
+                                 slice_axis: int | None = None, context: int = 0,
+                                 mask: np.ndarray | torch.Tensor | None = None, tta_batch: int | None = None,
+                                 stats: dict | None = None) -> torch.Tensor:
     """Probabilities ``(K, X, Y, Z)`` float16 (on the CPU) of a preprocessed image ``(C, X, Y, Z)``.
 
     ``step`` (voxels per axis, as papers state strides) replaces ``overlap`` when given;
@@ -171,9 +214,19 @@ def sliding_window_probabilities(model: nn.Module, image: np.ndarray | torch.Ten
 
     ``slice_axis`` (0-2 of X, Y, Z) marks a 2D model: ``patch_size`` is its 2D patch,
     ``step``/``overlap`` are in plane, ``context`` its 2.5D neighbours (module docstring).
+
+    ``precision`` (:mod:`medvol.precision`; default: ``auto`` for ``device``) sets autocast and
+    layout. ``mask`` (``(X, Y, Z)`` bool, the scan's nonzero/body mask on the preprocessed grid)
+    skips the windows that hold none of it (with class softmax and task sigmoid decoders; their
+    voxels read as background); ``stats`` (a dict) receives ``windows_run``/``windows_skipped``.
+    ``tta_batch``: mirrored copies per forward (default: all of them in one).
     """
     from monai.inferers import sliding_window_inference
 
+    from medvol.precision import choose_precision
+
+    precision = precision or choose_precision(device)
+    layout_input = slice_axis is None
     if slice_axis is not None:
         if type(decoder) is not SoftmaxClasses:
             raise ConfigError(f"a 2D model is run over slices with class softmax only, not {type(decoder).__name__}")
@@ -182,15 +235,28 @@ def sliding_window_probabilities(model: nn.Module, image: np.ndarray | torch.Ten
         model, step = _slice_model(model, slice_axis), None
     if step is not None:
         overlap = overlap_for_step(step, patch_size)
-    predictor = WindowPredictor(model, decoder, mirror_axes, cuda_amp_dtype(device, amp))
+    if mask is not None and n_channels is None:
+        raise ValueError("skipping windows outside the mask needs n_channels (the output's channel count)")
+    predictor = WindowPredictor(precision.prepare(model), decoder, mirror_axes, precision,
+                                n_channels if mask is not None else None, tta_batch, layout_input)
     acc = _accumulation_device(device, n_channels or 1, image.shape[1:])
-    x = torch.as_tensor(image)  # a (possibly strided) view of a cropped array: no float32 copy
-    x = x.to(device=acc, dtype=torch.float16)[None]  # float16 input: MONAI accumulates in float16
+    x = _window_input(image, mask, acc)
     with eval_mode(model):
         out = sliding_window_inference(x, list(patch_size), sw_batch_size, predictor, overlap=overlap, mode=blend,
                                        sigma_scale=0.125, padding_mode="constant", cval=0.0, sw_device=device,
                                        device=acc)[0]
+    if stats is not None:
+        stats.update(windows_run=predictor.windows_run, windows_skipped=predictor.windows_skipped)
     return decoder.finish(out).cpu()
+
+
+def _window_input(image: np.ndarray | torch.Tensor, mask, device: torch.device) -> torch.Tensor:
+    """``(1, C, X, Y, Z)`` float16 on ``device``, the mask appended as a last channel when given.
+    A (possibly strided) view of a cropped array is converted without a float32 copy."""
+    x = torch.as_tensor(image).to(device=device, dtype=torch.float16)
+    if mask is not None:
+        x = torch.cat([x, torch.as_tensor(mask).to(device=device, dtype=torch.float16)[None]])
+    return x[None]  # float16 input: MONAI accumulates in float16
 
 
 def _slice_model(model: nn.Module, axis: int) -> nn.Module:

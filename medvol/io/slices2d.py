@@ -5,7 +5,8 @@ Layouts (METHODS.md §4-§6):
   NIfTI) and optionally a folder of masks paired by file stem (Inf-Net: ``Imgs/x.jpg`` +
   ``GT/x.png``);
 - a folder of HDF5 files, one slice each, with ``image`` and optional ``label``, ``masks``
-  and ``grade`` (UGPCL's ACDC slices; DC-MT's knee slices). Reading them needs ``h5py``
+  and ``grade`` (UGPCL's ACDC slices; DC-MT's knee slices, whose ``label`` is a scalar: the
+  grade, read as ``grade`` when the file has no ``grade`` of its own). Reading them needs ``h5py``
   (medvol's ``[dev]`` extra; ``pip install h5py``), imported only when an HDF5 file is read;
 - slice lists: text files of names (no suffix), one per line, ``#`` comments and blank lines
   ignored (``train_slices.list``).
@@ -145,6 +146,8 @@ def read_h5_slice(path: str | Path) -> dict:
     if not np.isfinite(image).all():
         raise InputError(path, "'image' holds NaN or infinite values")
     out: dict = {"image": image, "label": None, "masks": None, "grade": None}
+    if "label" in raw and raw["label"].size == 1 and "grade" not in raw:  # DC-MT: 'label' is the grade
+        raw["grade"] = raw.pop("label")
     if "label" in raw:
         out["label"] = label = _integer_labels(path, raw["label"], "'label'")
         _check_same_shape(path, label.shape, image.shape[1:], "'label'")

@@ -130,19 +130,57 @@ class ClassMemoryQueue(nn.Module):
             self._queue(c).enqueue(keys)
 
     @torch.no_grad()
-    def enqueue_class_means(self, proj: torch.Tensor, grid_labels: torch.Tensor) -> list[int]:
+    def enqueue_class_means(self, proj: torch.Tensor, grid_labels: torch.Tensor, across_ranks: bool = True
+                            ) -> list[int]:
         """For every image and every class present in it (``grid_labels`` ``(B, h, w)`` on the
         embedding grid, ``IGNORE`` excluded), enqueue the L2-normalised mean embedding of that
-        class's cells. Returns the number written per class."""
-        proj = proj.detach().float()
-        written = [0] * self.num_classes
-        for c in range(self.num_classes):
-            means = [proj[b][:, grid_labels[b] == c].mean(1) for b in range(proj.shape[0])
-                     if bool((grid_labels[b] == c).any())]
-            if means:
-                self.enqueue(c, F.normalize(torch.stack(means), dim=1))
-                written[c] = len(means)
-        return written
+        class's cells; per class rank 0's images first, then rank 1's... (image order within a
+        rank). Returns the number written per class.
+
+        With ``across_ranks`` and a torch.distributed group of several processes, the means of
+        every rank are all-gathered first, so every rank writes the same entries and the queues
+        stay identical (a collective: every rank must call this at the same step)."""
+        means, present = class_means(proj, grid_labels, self.num_classes)
+        per_rank = all_gather_class_means(means, present) if across_ranks else ([means], [present])
+        per_class = merge_rank_means(*per_rank)
+        for c, keys in enumerate(per_class):
+            self.enqueue(c, keys)
+        return [int(k.shape[0]) for k in per_class]
+
+
+@torch.no_grad()
+def class_means(proj: torch.Tensor, grid_labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, C, D)``: image b's L2-normalised mean embedding of the cells of class c (zeros
+    where absent), and ``(B, C)`` bool: class c present in image b (``IGNORE`` cells excluded)."""
+    lab = grid_labels.long()
+    onehot = F.one_hot(lab.clamp_min(0), num_classes).float() * (lab >= 0)[..., None].float()  # (B, h, w, C)
+    sums = torch.einsum("bdhw,bhwc->bcd", proj.detach().float(), onehot)
+    counts = onehot.sum((1, 2))  # (B, C)
+    return F.normalize(sums / counts.clamp_min(1)[..., None], dim=2), counts > 0
+
+
+def all_gather_class_means(means: torch.Tensor, present: torch.Tensor
+                           ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Every rank's :func:`class_means` output, in rank order (``[means]``, ``[present]``
+    outside a multi-process group). Needs the same batch size on every rank, as DDP gives."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [means], [present]
+    n = dist.get_world_size()
+    all_means = [torch.empty_like(means) for _ in range(n)]
+    all_present = [torch.empty_like(present, dtype=torch.uint8) for _ in range(n)]  # gloo/NCCL: no bool
+    dist.all_gather(all_means, means.contiguous())
+    dist.all_gather(all_present, present.to(torch.uint8).contiguous())
+    return all_means, [p.bool() for p in all_present]
+
+
+def merge_rank_means(means: list[torch.Tensor], present: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per class, the entries to enqueue ``(n_c, D)``: the present means of rank 0's images in
+    image order, then rank 1's, ... (``means[r]`` ``(B, C, D)``, ``present[r]`` ``(B, C)``).
+    Every rank merging the same gathered lists writes the same queue."""
+    m, p = torch.cat(means), torch.cat(present)
+    return [m[p[:, c], c] for c in range(m.shape[1])]
 
 
 # ------------------------------------------------------------------ contrastive loss

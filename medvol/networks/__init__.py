@@ -23,7 +23,7 @@ def register(name: str):
 def build_model(model_cfg, plans: Plans | None, in_channels: int, num_classes: int) -> nn.Module:
     """Build ``model_cfg.name`` (registered builders: see :data:`_REGISTRY`)."""
     from medvol.networks import aggregator, dodnet, dynunet, pcrl, vnet_transformer  # noqa: F401  (register themselves)
-    from medvol.networks.slice import dcmt, infnet, ugpcl  # noqa: F401
+    from medvol.networks.slice import cnn, dcmt, infnet, ugpcl  # noqa: F401
 
     if model_cfg.name not in _REGISTRY:
         raise ConfigError(f"model.name '{model_cfg.name}' is unknown; known: {sorted(_REGISTRY)}")

@@ -49,6 +49,15 @@ def slice_lengths(mask: torch.Tensor | None, batch: int, slices: int, device=Non
     return lengths
 
 
+def pad_slices(sequences) -> tuple[torch.Tensor, torch.Tensor]:
+    """Subjects' per-slice features ``[(S_i, F)]`` (tensors or arrays) as one zero-padded batch
+    ``(B, max S_i, F)`` float32 and its padding mask ``(B, max S_i)`` (True = real slice)."""
+    seqs = [torch.as_tensor(s, dtype=torch.float32) for s in sequences]
+    out = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)
+    lengths = torch.tensor([len(s) for s in seqs])
+    return out, torch.arange(out.shape[1])[None] < lengths[:, None]
+
+
 def to_fixed_slices(features: torch.Tensor, mask: torch.Tensor | None = None, n: int = 24):
     """Centre-crop or zero-pad each subject's real slices to exactly ``n`` (DC-MT's 24-slice input).
 

@@ -101,14 +101,33 @@ def _geometry_properties(ref: Volume, bbox, shape_after_crop, spacing, plans, ne
     }
 
 
-def preprocess_case(volumes: Volume | Sequence[Volume], plans: dict, inplace: bool = False) -> tuple[np.ndarray, dict]:
+def _check_scan(image: np.ndarray, ref: Volume, plans: dict, slice_axis: int | None) -> None:
+    """A scan the plan can take: thick enough in plane, the plan's channel count, finite."""
+    in_plane = [n for a, n in enumerate(image.shape[1:]) if a != slice_axis]
+    if min(in_plane) < 2 and min(plans["patch_size"]) > 1:
+        raise InputError(ref.meta.get("path"), f"is a 2D image (shape {ref.spatial_shape}); the model was planned "
+                                               "for 3D scans: give it 3D scans")
+    expected = len(plans["normalization"])
+    if image.shape[0] != expected:
+        raise InputError(ref.meta.get("path"), f"{image.shape[0]} channel(s) given, the plan expects {expected}")
+    if not np.isfinite(image).all():
+        raise InputError(ref.meta.get("path"), "non-finite intensity values (NaN/inf)")
+
+
+def preprocess_case(volumes: Volume | Sequence[Volume], plans: dict, inplace: bool = False,
+                    body_mask: bool = False, slice_axis: int | None = None) -> tuple[np.ndarray, dict]:
     """Preprocess a new scan for inference with the dataset's ``plans``.
 
     ``volumes``: one Volume (3D, or 4D with channels last) or one Volume per channel, on
     the same grid. Returns ``(image (C, X, Y, Z) float32, properties)``; the properties
     hold what :func:`medvol.inference.restore_geometry` needs to undo crop and resampling.
     ``inplace=True`` lets it normalise inside the volumes' own float32 arrays (saving a copy
-    of the scan) when the caller no longer needs them.
+    of the scan) when the caller no longer needs them. ``body_mask=True`` adds
+    ``properties["body_mask"]``: the nonzero mask cropping used, on the preprocessed grid
+    ``(X, Y, Z)`` bool (prediction skips the windows outside it). ``slice_axis`` (a 2D
+    model's): the scan keeps its own spacing across that axis, as nnU-Net's 2d configuration
+    resamples in plane only; so a model planned on native 2D slices (999-mm spacing across
+    them) runs over a volume's slices as they are, and a single slice is a valid input.
     """
     vols = [volumes] if isinstance(volumes, Volume) else list(volumes)
     if not vols:
@@ -124,20 +143,18 @@ def preprocess_case(volumes: Volume | Sequence[Volume], plans: dict, inplace: bo
     orientation = plans.get("orientation", "stored")
     if orientation != "stored":  # the plan's voxel order; the properties say how to undo it
         image, affine = orient_channels(image, ref.affine, orientation)
-    if min(ref.spatial_shape) < 2:
-        raise InputError(ref.meta.get("path"), f"is a 2D image (shape {ref.spatial_shape}); the model is 3D: "
-                                               "give it 3D scans")
-    expected = len(plans["normalization"])
-    if image.shape[0] != expected:
-        raise InputError(ref.meta.get("path"), f"{image.shape[0]} channel(s) given, the plan expects {expected}")
-    if not np.isfinite(image).all():
-        raise InputError(ref.meta.get("path"), "non-finite intensity values (NaN/inf)")
+    _check_scan(image, ref, plans, slice_axis)
     spacing = ref.spacing if orientation == "stored" else spacing_from_affine(affine)
+    if slice_axis is not None:
+        target = [float(spacing[a]) if a == slice_axis else float(t) for a, t in enumerate(plans["target_spacing"])]
+        plans = {**plans, "target_spacing": target}
     cropped, seg, bbox = crop_to_nonzero(image, None)
-    if not any(n["use_mask_for_norm"] for n in plans["normalization"]):
+    if not body_mask and not any(n["use_mask_for_norm"] for n in plans["normalization"]):
         seg = None  # only masked z-scoring reads it: do not keep a label-sized array around
-    out, _, new_shape = _normalise_and_resample(cropped, seg, spacing, plans, copy=False)  # image is ours now
+    out, seg, new_shape = _normalise_and_resample(cropped, seg, spacing, plans, copy=False)  # image is ours now
     props = _geometry_properties(ref, bbox, cropped.shape[1:], spacing, plans, new_shape)
+    if body_mask:
+        props["body_mask"] = np.asarray(seg[0] >= 0)
     if orientation != "stored":
         props.update(orientation=orientation, oriented_shape=[int(s) for s in image.shape[1:]])
     return out, props
@@ -500,6 +517,22 @@ def copy_slice_labels(raw: Path, out: Path) -> None:
     write_slice_labels(read_slice_labels(src, counts), out / SLICE_LABELS_FILE)
 
 
+def copy_raw_splits(raw: Path, out: Path) -> None:
+    """A ``splits_final.json`` beside the raw dataset (nnU-Net's format; the dataset adapters
+    write the published splits there) is copied into a cache that has none: ``--fold K`` uses it."""
+    from medvol.data.splits import SPLITS_FILE
+    from medvol.manifest import claim_files
+
+    src, dst = raw / SPLITS_FILE, out / SPLITS_FILE
+    if src.is_file() and not dst.exists():
+        try:
+            splits = read_json(src)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InputError(src, f"invalid JSON ({e})") from None
+        claim_files(out, [SPLITS_FILE])
+        write_json(dst, splits)
+
+
 def preprocess_dataset(raw: str | Path, out: str | Path, num_workers: int | None = None, overwrite: bool = False,
                        shard: str | None = None, quiet: bool = False, orientation: str = "stored",
                        **plan_options) -> Report:
@@ -527,6 +560,7 @@ def preprocess_dataset(raw: str | Path, out: str | Path, num_workers: int | None
         report = preprocess_cases(raw, out, num_workers, shard, quiet)
     if shard is None:
         copy_slice_labels(Path(raw), out)
+        copy_raw_splits(Path(raw), out)
     failures_file = out / "failures.json"
     if report.failures:
         write_json(failures_file, report.failures)

@@ -9,8 +9,11 @@ own interpolant (scikit-image's cubic spline, computed separably: scipy's prefil
 banded B-spline matrix product per axis, equal to skimage within ~1e-6 of the range); ``order="linear"`` is
 torch trilinear, several times faster, but on coarse scans with sharp edges it agrees
 with cubic only at Pearson r ~ 0.98-0.996 (measured on the demo data, see
-benchmarks/RESULTS.md), so it is an opt-in. Labels: one-hot linear + argmax in torch
-(nnU-Net thresholds each one-hot channel at 0.5 instead; Dice >= 0.999 between the two).
+benchmarks/RESULTS.md), so it is an opt-in. Labels: one-hot linear + argmax in torch, ties
+to the nearest voxel's label, as nnU-Net's resize_segmentation does (batchgenerators >= 0.25.4;
+older versions kept each label whose mask reached 0.5, in ascending order): the round trip
+cache -> ``restore_geometry`` keeps the same per-class Dice as nnU-Net's preprocess -> revert
+(benchmarks/label_roundtrip.py).
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 ANISO_THRESHOLD = 3.0
-LABEL_CHUNK = 8  # labels interpolated together in one call (memory vs speed)
+LABEL_CHUNK = 4  # labels interpolated together in one call (memory vs speed; float64 one-hot)
+TIE_TOLERANCE = 1e-9  # label scores this close count as tied (see _label_argmax)
 
 
 def compute_new_shape(old_shape: Sequence[int], old_spacing: Sequence[float] | np.ndarray,
@@ -159,14 +163,33 @@ def _resample_cubic(data: np.ndarray, new_shape: tuple[int, ...], axis: int | No
     return np.ascontiguousarray(np.stack([np.take(_cubic(ch, plane_shape, axis), idx, axis=axis) for ch in data]))
 
 
+def _nearest_labels(seg: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Nearest-neighbour resize of ``seg`` (N, 1, *spatial) at nnU-Net's order-0 coordinates."""
+    for d, n in enumerate(size):
+        seg = seg.index_select(2 + d, _nearest_indices(seg.shape[2 + d], int(n)))
+    return seg
+
+
 def _label_argmax(seg: torch.Tensor, labels: np.ndarray, size: Sequence[int]) -> torch.Tensor:
-    """Argmax over labels of linearly interpolated one-hot masks; seg is (N, 1, *spatial)."""
+    """Argmax over labels of linearly interpolated one-hot masks; seg is (N, 1, *spatial).
+
+    Ties go to the nearest neighbour's label when it is among the tied ones (nnU-Net's rule,
+    batchgenerators >= 0.25.4), else to the lowest label. Sample points fall midway between
+    voxels wherever the size ratio reduces to an even numerator (2x, 4/3, 42/37, ...); there a
+    plain argmax gives every tie to the lower label and erodes the higher labels' structures
+    (a 1 mm brain through 2 mm lost 4 % of its white matter). The masks are interpolated in
+    float64 so that a tie is one to ~1e-13 (``TIE_TOLERANCE``): in float32, torch's coordinates
+    put ties up to ~3e-5 apart, as far apart as genuine near-ties, which keep their argmax."""
+    nearest = _nearest_labels(seg, size)
+    near_score = torch.zeros(())  # the score of each output voxel's nearest-neighbour label
     best: torch.Tensor | None = None
     out = seg
     for start in range(0, len(labels), LABEL_CHUNK):
         chunk = torch.as_tensor(labels[start:start + LABEL_CHUNK], dtype=seg.dtype)
-        onehot = (seg == chunk.view(1, -1, *([1] * (seg.ndim - 2)))).float()
+        onehot = (seg == chunk.view(1, -1, *([1] * (seg.ndim - 2)))).double()
         probs = _interp(onehot, size)
+        for j, c in enumerate(chunk):
+            near_score = torch.where(nearest == c, probs[:, j:j + 1], near_score)
         val, arg = probs.max(dim=1, keepdim=True)
         lab = chunk[arg]
         if best is None:
@@ -175,7 +198,8 @@ def _label_argmax(seg: torch.Tensor, labels: np.ndarray, size: Sequence[int]) ->
             better = val > best
             best = torch.where(better, val, best)
             out = torch.where(better, lab, out)
-    return out
+    assert best is not None
+    return torch.where(near_score >= best - TIE_TOLERANCE, nearest, out)
 
 
 def resample_label(seg: np.ndarray, new_shape: Sequence[int], current_spacing: Sequence[float],

@@ -15,7 +15,18 @@ def register_trainer(cls):
 
 
 def get_trainer(name: str):
-    from medvol.training import canet, dodnet, pcrl, supervised  # noqa: F401  (register themselves)
+    from medvol.training import (  # noqa: F401  (register themselves)
+        aggregator,
+        canet,
+        dcmt,
+        dodnet,
+        infnet,
+        pcrl,
+        semi_infnet,
+        slice_classifier,
+        supervised,
+        ugpcl,
+    )
 
     if name not in _TRAINERS:
         raise ConfigError(f"trainer.name '{name}' is unknown; known: {sorted(_TRAINERS)}")
@@ -36,18 +47,26 @@ def train(recipe, data: str | Path, out: str | Path, resume: bool | str = False,
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     out = Path(out)
+    cls = get_trainer(recipe.trainer.name)
+    driver = getattr(cls, "drive", None)  # several runs in one (Semi-Inf-Net): its own layout and resume rules
+    if driver is None:
+        resume = _resume_flag(out, resume)
+    info = setup(device)
+    try:
+        if driver is not None:
+            return driver(recipe, data, out, info, resume=resume, stop_at=stop_at, quiet=quiet)
+        return fit(cls(recipe, data, out, info), resume=bool(resume), stop_at=stop_at, quiet=quiet)
+    finally:
+        teardown(info)
+
+
+def _resume_flag(out: Path, resume: bool | str) -> bool:
     latest = out / "checkpoints" / "latest.pt"
     if resume == "auto":
-        resume = latest.exists()
-    resume = bool(resume)
+        return latest.exists()
     if resume and not latest.exists():
         raise ConfigError(f"{out}: nothing to resume (no checkpoints/latest.pt); use --resume auto to start "
                           "fresh when there is none")
     if not resume and latest.exists():
         raise ConfigError(f"{out}: holds a run already; pass --resume to continue it or choose another --out")
-    info = setup(device)
-    try:
-        trainer = get_trainer(recipe.trainer.name)(recipe, data, out, info)
-        return fit(trainer, resume=resume, stop_at=stop_at, quiet=quiet)
-    finally:
-        teardown(info)
+    return bool(resume)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -69,6 +71,19 @@ def setup(device: str = "auto") -> DistInfo:
 def barrier(info: DistInfo) -> None:
     if info.distributed:
         dist.barrier()
+
+
+def run_on_main(info: DistInfo, fn: Callable[[], object], wait_hours: float = 24.0) -> None:
+    """``fn()`` on the main process alone while the other processes wait for it, however long
+    it takes: they wait in a gloo group of their own with a timeout of ``wait_hours`` (the
+    default group's barrier gives up after 10-30 minutes). Every process must call it."""
+    group = dist.new_group(backend="gloo", timeout=timedelta(hours=wait_hours)) if info.distributed else None
+    try:
+        if info.is_main:
+            fn()
+    finally:
+        if group is not None:
+            dist.barrier(group=group)
 
 
 def teardown(info: DistInfo) -> None:

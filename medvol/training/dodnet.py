@@ -23,6 +23,7 @@ from medvol.training.engine import Trainer, mean_scores
 @register_trainer
 class DoDNetTrainer(Trainer):
     name = "dodnet"
+    scan_validation = False  # task-conditioned outputs against partial labels: per-task validation only
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +29,12 @@ from medvol.evaluation.metrics import dice
 from medvol.inference.postprocess import argmax_labels
 from medvol.inference.sliding_window import SoftmaxClasses, sliding_window_probabilities
 from medvol.plans import Plans
+from medvol.precision import choose_precision
 from medvol.training.distributed import DistInfo, barrier, params_identical_across_ranks
 from medvol.training.logger import RunLogger
 from medvol.training.preemption import PreemptionFlag
 from medvol.training.schedules import make_optimizer, make_scheduler
-from medvol.utils import cuda_amp_dtype, write_json
+from medvol.utils import write_json
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ class Trainer:
     higher_is_better = True  # of the primary metric (best.pt keeps the best)
     inference_key = "model"  # which of self.models prediction uses (e.g. "teacher")
     ddp_find_unused = False  # True when a model holds parameters some steps do not use
+    scan_validation = True  # end-of-run validation from the raw scans (False: no class-label output to score)
 
     def __init__(self, recipe: Recipe, cache_dir: str | Path, run_dir: str | Path, dist: DistInfo):
         self.recipe, self.cache_dir, self.run_dir, self.dist = recipe, Path(cache_dir), Path(run_dir), dist
@@ -89,10 +90,11 @@ class Trainer:
         self.current_step = 0
         self.setup_data()
         self.global_batch = self.batch_size * dist.world_size
-        self.amp_dtype = cuda_amp_dtype(self.device, recipe.trainer.amp)
+        self.precision = choose_precision(self.device, recipe.trainer.precision, recipe.trainer.amp, training=True)
+        self.amp_dtype = self.precision.dtype
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         torch.manual_seed(recipe.trainer.seed)  # identical initial weights on every rank
-        self.models = {k: m.to(self.device) for k, m in self.build_models().items()}
+        self.models = {k: self.precision.prepare(m.to(self.device)) for k, m in self.build_models().items()}
         self.init_report = None
         if recipe.init_from:
             self.init_report = init_from(self.models["model"], recipe.init_from)
@@ -196,7 +198,8 @@ class Trainer:
                             slice_labels=cached_slice_labels(self.cache_dir, self.slice_axis))
 
     def autocast(self):
-        return torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+        """The run's precision (:mod:`medvol.precision`) as an autocast context."""
+        return self.precision.autocast()
 
     def training_step(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -208,13 +211,18 @@ class Trainer:
         with self.autocast():
             losses = self.training_step(batch, step)
         self.scaler.scale(losses["loss"]).backward()
-        if self.recipe.trainer.grad_clip:
+        clip = self.recipe.trainer.grad_clip
+        if clip:
             self.scaler.unscale_(opt)
-            nn.utils.clip_grad_norm_(self.models["model"].parameters(), self.recipe.trainer.grad_clip)
+            self.clip_gradients(self.models["model"].parameters(), clip)
         self.scaler.step(opt)
         self.scaler.update()
         self.schedulers["model"].step()
         return {k: float(v.detach()) for k, v in losses.items()}
+
+    def clip_gradients(self, parameters, limit: float) -> None:
+        """``trainer.grad_clip`` on unscaled gradients: the global norm (Inf-Net clamps each element)."""
+        nn.utils.clip_grad_norm_(parameters, limit)
 
     def inference_model(self) -> nn.Module:
         """The network that prediction uses (e.g. an EMA teacher for mean-teacher methods)."""
@@ -230,19 +238,27 @@ class Trainer:
         return sliding_window_probabilities(self.inference_model(), torch.from_numpy(np.array(image, np.float16)),
                                             self.patch_size, self.device, self.validation_decoder(props),
                                             n_channels=self.num_classes, overlap=self.recipe.trainer.val_overlap,
-                                            amp=self.recipe.trainer.amp, slice_axis=self.slice_axis,
+                                            precision=self.precision, slice_axis=self.slice_axis,
                                             context=self.recipe.data.context)
+
+    def validation_predictions(self):
+        """``(case, predicted labels, reference labels)`` of each validation case, in the
+        preprocessed space (the reference is -1 outside the nonzero mask)."""
+        for case in self.val_cases:
+            image, label, props = load_case(self.cache_dir, case)
+            yield case, argmax_labels(self.validation_probabilities(image, props).numpy()), np.asarray(label[0])
+
+    def class_dice(self, pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+        """``val/dice_<class name>`` of one case, for every foreground class."""
+        names = self.plans.label_names if self.plans else {}
+        return {f"val/dice_{names.get(c, c)}": dice(pred == c, ref == c) for c in range(1, self.num_classes)}
 
     def validate(self) -> dict[str, float]:
         """Per-class Dice on the validation cases (in the preprocessed space), and their mean."""
-        names = self.plans.label_names if self.plans else {}
         scores: dict[str, list[float]] = {}
-        for case in self.val_cases:
-            image, label, props = load_case(self.cache_dir, case)
-            pred = argmax_labels(self.validation_probabilities(image, props).numpy())
-            ref = np.asarray(label[0])
-            for c in range(1, self.num_classes):
-                scores.setdefault(f"val/dice_{names.get(c, c)}", []).append(dice(pred == c, ref == c))
+        for _, pred, ref in self.validation_predictions():
+            for k, v in self.class_dice(pred, ref).items():
+                scores.setdefault(k, []).append(v)
         return mean_scores(scores)
 
     # ------------------------------------------------------------------ checkpoints
@@ -314,6 +330,10 @@ def fit(trainer: Trainer, resume: bool = False, stop_at: int | None = None, quie
     if dist.is_main and stop < total:  # "interrupted": leave a resumable checkpoint
         save_checkpoint(trainer.run_dir / "checkpoints" / "latest.pt", trainer.state(stop, loop.best))
     write_summary(trainer, loop, stop, time.perf_counter() - t0)
+    if stop == total:
+        from medvol.training.final_validation import validate_at_end
+
+        validate_at_end(trainer, trained=start < total, quiet=quiet)
     return loop.metrics
 
 
@@ -388,7 +408,8 @@ class _Loop:
     def step(self, step: int, batch: dict, stop: int) -> dict[str, float]:
         """One optimisation step, and its log line every ``trainer.log_every`` steps."""
         t = self.trainer
-        batch = {k: v.to(t.device, non_blocking=True) for k, v in batch.items()}
+        batch = {k: t.precision.layout(v.to(t.device, non_blocking=True)) if v.is_floating_point() else
+                 v.to(t.device, non_blocking=True) for k, v in batch.items()}
         t.current_step = step
         losses = t.optimization_step(batch, step)
         if not all(np.isfinite(v) for v in losses.values()):
@@ -427,7 +448,7 @@ def write_summary(trainer: Trainer, loop: _Loop, stop: int, seconds: float) -> N
     write_json(trainer.run_dir / "train_summary.json", {
         "steps_done": stop, "steps_total": trainer.recipe.trainer.steps, "seconds": seconds,
         "world_size": trainer.dist.world_size, "device": str(trainer.device),
-        "amp": str(trainer.amp_dtype) if trainer.amp_dtype else "fp32",
+        "amp": str(trainer.amp_dtype) if trainer.amp_dtype else "fp32", **trainer.precision.describe(),
         "params_identical_across_ranks": bool(same), "last_validation": loop.metrics,
         "best_metric": loop.sign * best if np.isfinite(best) else None,
     })

@@ -166,6 +166,7 @@ class PCRLTrainer(Trainer):
     Options = PCRLOptions
     primary_metric = "val/recon_mse"
     higher_is_better = False
+    scan_validation = False  # pretraining: no segmentation output to validate
 
     # ------------------------------------------------------------------ data
     def setup_data(self) -> None:

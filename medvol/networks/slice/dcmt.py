@@ -17,6 +17,11 @@ Input ``(N, C, H, W)`` slices (the paper: 3 channels, 256 x 256). The network:
 4. Class activation maps: ReLU of the head features through a 1x1 conv whose weights are the
    classifier's, detached (no bias), then :func:`refine_cams` to the input size.
 
+With ``input_percentiles`` and ``trunk_channels`` the network prepares its input as DC-MT
+does (per-slice percentile clip + min-max, grey repeated to 3 channels: :meth:`DCMTNet.prepare`),
+so a saved model takes the cache's slices as they are; ``forward(x, prepared=True)`` skips
+that for a trainer that perturbs prepared slices.
+
 ``forward`` returns a dict ``{"logits" (N, K), "cams" (N, K, H, W), "features" (N, 512),
 "attention" (N, 1, h, w)}``; :class:`~medvol.networks.slice_adapter.SliceAdapter` in
 classification mode reads ``logits`` and ``features`` from it.
@@ -67,6 +72,19 @@ def refine_cams(cams: torch.Tensor, size: Sequence[int] | None = None, w: float 
     span = torch.where(span > 0, span, torch.full_like(span, 1e-5))
     norm = ((flat - lo) / span).view_as(cams)
     return torch.sigmoid(w * (norm - sigma))
+
+
+def normalise_slices(x: torch.Tensor, percentiles: Sequence[float] = (0.1, 99.9)) -> torch.Tensor:
+    """DC-MT's intensity preparation of ``(N, C, H, W)`` slices, per slice and channel: clip to
+    the ``percentiles`` of its own values (linear interpolation, as numpy), then min-max to
+    [0, 1] (a constant slice becomes 0)."""
+    flat = x.float().flatten(2)
+    q = torch.tensor([p / 100 for p in percentiles], dtype=flat.dtype, device=flat.device)
+    bounds = torch.quantile(flat, q, dim=2, keepdim=True)  # (2, N, C, 1)
+    lo, hi = bounds[0], bounds[1]
+    span = hi - lo
+    out = (flat.clamp(lo, hi) - lo) / torch.where(span > 0, span, torch.ones_like(span))
+    return torch.where(span > 0, out, torch.zeros_like(out)).view_as(x)
 
 
 class _ScaledSENet(SENet):
@@ -153,16 +171,27 @@ class DCMTNet(nn.Module):
         layers, groups, width: trunk block counts (3, 4, 6, 3), ResNeXt cardinality (32) and a
             stage-width factor (1) -- smaller values only for tests.
         dropout: the head's Dropout2d probability (0.1).
+        input_percentiles: when given (DC-MT: (0.1, 99.9)), :meth:`prepare` clips each slice and
+            channel to these percentiles of its own values and min-maxes it to [0, 1].
+        trunk_channels: the trunk's input channels when they differ from ``in_channels``: a
+            single input channel is repeated to them (DC-MT: grey slices -> 3 channels).
     """
 
     def __init__(self, num_classes: int = 3, in_channels: int = 3, lse_r: float = 6.0, cam_w: float = 100.0,
                  cam_sigma: float = 0.4, head_channels: int = 512, layers: Sequence[int] = PAPER_LAYERS,
-                 groups: int = 32, width: float = 1.0, dropout: float = 0.1):
+                 groups: int = 32, width: float = 1.0, dropout: float = 0.1,
+                 input_percentiles: Sequence[float] | None = None, trunk_channels: int | None = None):
         super().__init__()
         if lse_r <= 0:
             raise ValueError(f"lse_r must be > 0, got {lse_r}")
+        trunk_in = int(trunk_channels or in_channels)
+        if in_channels not in (1, trunk_in):
+            raise ValueError(f"trunk_channels {trunk_in}: the input needs 1 channel (repeated) or {trunk_in}, "
+                             f"got in_channels {in_channels}")
         self.lse_r, self.cam_w, self.cam_sigma = float(lse_r), float(cam_w), float(cam_sigma)
-        self.trunk, trunk_channels = se_resnext_trunk(in_channels, layers, groups, width)
+        self.input_percentiles = None if input_percentiles is None else tuple(float(p) for p in input_percentiles)
+        self.trunk_in = trunk_in
+        self.trunk, trunk_channels = se_resnext_trunk(trunk_in, layers, groups, width)
         inner = trunk_channels // 4  # 2048 -> 512
         self.attention = ForegroundAttention(trunk_channels, inner)
         self.head = nn.Sequential(nn.Conv2d(trunk_channels + inner, head_channels, 3, padding=1, bias=False),
@@ -175,7 +204,20 @@ class DCMTNet(nn.Module):
         detached and without bias: ``(B, K, h, w)``, before the ReLU."""
         return F.conv2d(head, self.classifier.weight.detach()[:, :, None, None])
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """The input preparation: :func:`normalise_slices` when ``input_percentiles`` is set,
+        then single-channel slices repeated to the trunk's channels (DC-MT: grey -> 3)."""
+        if self.input_percentiles is not None:
+            x = normalise_slices(x, self.input_percentiles)
+        if x.shape[1] != self.trunk_in:
+            x = x.expand(-1, self.trunk_in, *x.shape[2:])
+        return x
+
+    def forward(self, x: torch.Tensor, prepared: bool = False) -> dict[str, torch.Tensor]:
+        """``x`` ``(N, in_channels, H, W)``; ``prepared=True``: ``x`` is already :meth:`prepare`'s
+        output (a trainer that perturbs the prepared slices, as DC-MT's views do)."""
+        if not prepared:
+            x = self.prepare(x)
         feats = self.trunk(x)
         attended, attention = self.attention(feats)
         head = self.head(torch.cat([feats, attended], 1))
@@ -184,7 +226,8 @@ class DCMTNet(nn.Module):
         return {"logits": self.classifier(pooled), "cams": cams, "features": pooled, "attention": attention}
 
 
-_OPTIONS = {"lse_r", "cam_w", "cam_sigma", "head_channels", "layers", "groups", "width", "dropout"}
+_OPTIONS = {"lse_r", "cam_w", "cam_sigma", "head_channels", "layers", "groups", "width", "dropout", "input_percentiles",
+            "trunk_channels"}
 
 
 @register("dcmt")

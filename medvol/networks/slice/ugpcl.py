@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from medvol.errors import ConfigError
 from medvol.losses.pixel_contrast import ClassMemoryQueue
 from medvol.networks import register
+from medvol.plans import Plans
 
 STRIDE = 32  # the encoder's total downsampling: H and W must be multiples of it
 
@@ -155,8 +156,10 @@ class SwinDecoder(nn.Module):
 class UGPCLNet(nn.Module):
     """UNet-R50 with a Swin Transformer decoder, a projection head and a rotation head.
 
-    ``forward(x)`` returns ``seg_cnn`` and ``seg_tf`` (logits ``(B, classes, H, W)``), ``proj``
-    (``(B, proj_dim, H/8, W/8)``, L2-normalised) and ``rot`` (``(B, 4)`` logits of k·90°).
+    ``forward(x)`` in training mode (or with ``all_outputs=True``) returns a dict: ``seg_cnn``
+    and ``seg_tf`` (logits ``(B, classes, H, W)``), ``proj`` (``(B, proj_dim, H/8, W/8)``,
+    L2-normalised) and ``rot`` (``(B, 4)`` logits of k·90°). In eval mode it returns the CNN
+    decoder's logits alone, as the published inference does (validation, ``medvol predict``).
     ``input_size`` (H, W) sizes the position embeddings (224² in the paper); another size of a
     multiple of 32 also runs, with the embeddings interpolated. ``memory`` is the per-class
     queue of class-mean embeddings used by :class:`medvol.losses.pixel_contrast.PixelContrastLoss`.
@@ -185,10 +188,12 @@ class UGPCLNet(nn.Module):
         self.rot_head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(enc[4], 4))
         self.memory = ClassMemoryQueue(num_classes, proj_dim, queue_size)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, all_outputs: bool | None = None) -> dict[str, torch.Tensor] | torch.Tensor:
         if x.ndim != 4 or x.shape[-2] % STRIDE or x.shape[-1] % STRIDE:
             raise ValueError(f"UGPCLNet takes (B, C, H, W) with H, W multiples of {STRIDE}; got {tuple(x.shape)}")
         feats = self.encoder(x)
+        if not (self.training if all_outputs is None else all_outputs):
+            return self.cnn_decoder(feats)  # what prediction uses: the CNN decoder's logits
         return {
             "seg_cnn": self.cnn_decoder(feats),
             "seg_tf": self.tf_decoder(feats),
@@ -202,7 +207,7 @@ _OPTIONS = {"input_size", "width", "layers", "decoder_widths", "embed_dim", "hea
 
 
 @register("ugpcl")
-def build_ugpcl(model_cfg, plans: dict, in_channels: int, num_classes: int) -> nn.Module:
+def build_ugpcl(model_cfg, plans: Plans | dict | None, in_channels: int, num_classes: int) -> nn.Module:
     """``model.options``: any of :data:`_OPTIONS` (see :class:`UGPCLNet`); ``input_size``
     defaults to the plan's 2D ``patch_size``, else 224². ``model.base_features`` is not used."""
     opts = dict(model_cfg.options)
@@ -210,6 +215,6 @@ def build_ugpcl(model_cfg, plans: dict, in_channels: int, num_classes: int) -> n
     if unknown:
         raise ConfigError(f"model.options {unknown}: ugpcl takes {sorted(_OPTIONS)}")
     if "input_size" not in opts:
-        patch = (plans or {}).get("patch_size")
+        patch = plans.patch_size if isinstance(plans, Plans) else (plans or {}).get("patch_size")
         opts["input_size"] = tuple(patch) if patch is not None and len(patch) == 2 else (224, 224)
     return UGPCLNet(in_channels, num_classes, **opts)

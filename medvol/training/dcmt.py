@@ -1,0 +1,250 @@
+"""DC-MT: dual-consistency mean teacher on 2D slices (METHODS.md §4), on the mean-teacher base.
+
+Data (recipe ``data.configuration: 2d``): slices of the cache, each with its ``class`` (the
+grade, from the cache's ``slice_labels.csv``; -1 for none and for the unlabelled stream) and
+the cache's segmentation label as the region mask (label > 0, or ``method.mask_labels``): the
+attention target. ``data.unlabelled_per_batch`` makes the two-stream batches (paper: 40 = 10
+labelled + 30 unlabelled). A slice counts as labelled when it comes from the labelled stream
+and has a grade.
+
+One step: the batch is prepared as published by the network's own :meth:`DCMTNet.prepare`
+(``model.options``: ``input_percentiles`` 0.1/99.9 clip + min-max per slice and channel,
+``trunk_channels`` 3: grey repeated); the student and the teacher each see their own perturbed
+view of the prepared batch (:mod:`medvol.data.perturb`); the region
+masks are carried into the student's frame (nearest) and the teacher's CAMs too (bilinear), so
+every pixel-wise term compares maps of the same place; :class:`medvol.losses.dcmt.DCMTLoss`
+gives CE + attention MSE + bound loss on the labelled slices and, from the warm-up epoch on,
+class and attention consistency, the unlabelled slices' CAM channel being the teacher's argmax.
+
+Epochs: an epoch is ``method.steps_per_epoch`` steps; when unset, as published: the unlabelled
+training slices divided by the unlabelled samples of a (global) batch (one pass over the
+unlabelled data), or the labelled slices by the batch without an unlabelled stream. The epoch
+of a step is ``step // steps_per_epoch`` (0-based, whole epochs as published). With
+``method.epochs`` the run is that many epochs and with ``method.val_every_epochs`` it validates
+that often (``trainer.steps``/``trainer.val_every`` are replaced; the run's ``recipe.yaml``
+records the values used); with ``method.lr_decay_every`` the learning rate is multiplied by
+``lr_decay`` every that many epochs (``schedule.name`` must then be ``constant``).
+
+Validation (the teacher, eval mode) on every slice of the validation cases that has a grade:
+``val/accuracy`` (the primary metric), ``val/balanced_accuracy`` (and ``val/auc`` for two
+grades), and on those whose region mask is not empty the CAM of
+the true grade against the mask: ``val/cam_iou`` (soft IoU, sum min / sum max) and
+``val/cam_inside`` (the share of the CAM's mass inside the mask, 1 - the bound loss); with
+``method.validate_student`` the student's too (``val/student_*``), as the published code reports.
+The checkpoint records ``num_classes`` (the grades), so ``medvol extract-features`` rebuilds the
+teacher from the run folder and hands its 512-d slice features to the slice aggregator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from medvol.cache import load_case
+from medvol.config import ScheduleConfig
+from medvol.data.slices import cached_slice_labels, raw_slice_of
+from medvol.errors import ConfigError
+from medvol.evaluation.classification import classification_metrics
+from medvol.io.slice_labels import SliceLabels
+from medvol.losses.dcmt import DCMTLoss, DCMTLossConfig, select_cams
+from medvol.networks.slice.dcmt import DCMTNet
+from medvol.training import register_trainer
+from medvol.training.mean_teacher import MeanTeacherOptions, MeanTeacherTrainer
+from medvol.training.schedules import make_scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DCMTOptions(MeanTeacherOptions):
+    mask_labels: list | None = None  # label values forming the region mask (None: every label > 0)
+    loss: DCMTLossConfig = field(default_factory=DCMTLossConfig)  # weights, warm-up and ramp-up (epochs)
+    steps_per_epoch: int | None = None  # None: one pass over the unlabelled slices (published)
+    epochs: float | None = None  # when set: trainer.steps = epochs * steps_per_epoch
+    val_every_epochs: float | None = None  # when set: trainer.val_every = that many epochs (published: 1)
+    lr_decay_every: float | None = None  # epochs; needs schedule.name constant
+    lr_decay: float = 0.5
+    val_slices: int = 32  # slices per forward pass at validation
+    validate_student: bool = False  # also report the student's scores (val/student_*), as published
+
+
+@register_trainer
+class DCMTTrainer(MeanTeacherTrainer):
+    name = "dcmt"
+    Options = DCMTOptions
+    primary_metric = "val/accuracy"
+    scan_validation = False  # slice grades: no label map to score against the scans
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_fn = DCMTLoss(self.options.loss)
+
+    # ------------------------------------------------------------------ setup
+    def setup_data(self) -> None:
+        super().setup_data()
+        o = self.options
+        if self.recipe.model.name != "dcmt":
+            raise ConfigError(f"trainer 'dcmt' needs model.name dcmt, got '{self.recipe.model.name}'")
+        if self.slice_axis is None:
+            raise ConfigError("trainer 'dcmt' trains on slices: set data.configuration: 2d")
+        self.axis: int = self.slice_axis
+        labels = cached_slice_labels(self.cache_dir, self.axis)
+        if labels is None:
+            raise ConfigError(f"{self.cache_dir}: no slice_labels.csv (DC-MT needs slice grades; put one beside the "
+                              "raw dataset.json and preprocess again)")
+        self.slice_labels: SliceLabels = labels
+        self.num_classes = self._grade_count()
+        self.steps_per_epoch = o.steps_per_epoch or self._published_epoch_steps()
+        if o.steps_per_epoch is not None and o.steps_per_epoch < 1:
+            raise ConfigError(f"method.steps_per_epoch must be >= 1, got {o.steps_per_epoch}")
+        in_steps: dict[str, Any] = {}
+        if o.epochs is not None:
+            in_steps["steps"] = max(1, int(round(o.epochs * self.steps_per_epoch)))
+        if o.val_every_epochs is not None:
+            in_steps["val_every"] = max(1, int(round(o.val_every_epochs * self.steps_per_epoch)))
+        if in_steps:
+            self.recipe = dataclasses.replace(self.recipe, trainer=dataclasses.replace(self.recipe.trainer, **in_steps))
+        log.info("dcmt: %d steps per epoch, %d steps (%.1f epochs)", self.steps_per_epoch,
+                 self.recipe.trainer.steps, self.recipe.trainer.steps / self.steps_per_epoch)
+
+    def _published_epoch_steps(self) -> int:
+        """One pass over the unlabelled slices (or the labelled ones without an unlabelled stream)."""
+        u = self.recipe.data.unlabelled_per_batch * self.dist.world_size
+        cases, per_step = (self.unlabelled, u) if u else (self.labelled, self.batch_size * self.dist.world_size)
+        n = sum(load_case(self.cache_dir, c, mmap=True)[0].shape[1 + self.axis] for c in cases)
+        return max(1, n // per_step)
+
+    def _grade_count(self) -> int:
+        """Grades 0..max over the cache's slice and subject labels (at least 2)."""
+        labels = self.slice_labels
+        values = [g for per in labels.slices.values() for g in per.values()] + list(labels.subjects.values())
+        if not values:
+            raise ConfigError(f"{self.cache_dir}: slice_labels.csv holds no grade; DC-MT trains on graded slices")
+        return max(2, max(values) + 1)
+
+    def make_schedulers(self) -> dict:
+        o = self.options
+        if o.lr_decay_every is None:
+            return super().make_schedulers()
+        if self.recipe.schedule.name != "constant":
+            raise ConfigError("method.lr_decay_every sets the learning-rate schedule; set schedule.name: constant "
+                              f"(got '{self.recipe.schedule.name}')")
+        total, every = self.recipe.trainer.steps, o.lr_decay_every * self.steps_per_epoch
+        milestones = [int(round(k * every)) for k in range(1, int(total / every) + 1) if round(k * every) < total]
+        cfg = ScheduleConfig("step", milestones=milestones, gamma=o.lr_decay,
+                             warmup_steps=self.recipe.schedule.warmup_steps, min_lr=self.recipe.schedule.min_lr)
+        return {k: make_scheduler(cfg, opt, total, opt.defaults["lr"]) for k, opt in self.optimizers.items()}
+
+    def epoch(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def region(self, label: torch.Tensor) -> torch.Tensor:
+        """The region mask (float 0/1) of a label map; -1 (unknown) counts as outside."""
+        fg = self.options.mask_labels
+        if fg is None:
+            return (label > 0).float()
+        return torch.isin(label, torch.as_tensor(fg, device=label.device)).float()
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        terms = self.loss_terms(batch, step)
+        out = {"loss": terms["total"], **{k: terms[k] for k in ("ce", "mask", "bound", "consistency_cls",
+                                                                "consistency_att")}}
+        return {**out, "w_cls": torch.tensor(terms["w_cls"]), "w_att": torch.tensor(terms["w_att"])}
+
+    def loss_terms(self, batch: dict, step: int) -> dict:
+        """Every DC-MT term of one batch (and ``classes``, the CAM channel used per slice)."""
+        net = self.student
+        assert isinstance(net, DCMTNet)
+        x = net.prepare(batch["image"])
+        grades = batch["class"].long()
+        labelled = self.labelled_mask(batch) & (grades >= 0)
+        masks = self.region(batch["label"])
+        student_view, teacher_view = self.views(x, step)
+        out_s = self.models["model"](student_view.image, prepared=True)
+        out_t = self.teacher_forward(teacher_view.image, prepared=True)
+        teacher = {"logits": out_t["logits"].float(),
+                   "cams": student_view.from_frame(out_t["cams"].float(), teacher_view)}
+        student = {"logits": out_s["logits"].float(), "cams": out_s["cams"].float()}
+        masks = student_view.from_frame(masks, mode="nearest")
+        terms = self.loss_fn(student, teacher, grades.clamp_min(0), masks, labelled, self.epoch(step))
+        terms["classes"] = torch.where(labelled, grades, teacher["logits"].argmax(1))
+        return terms
+
+    # ------------------------------------------------------------------ validation
+    def state(self, step: int, best: float) -> dict:
+        return {**super().state(step, best), "num_classes": self.num_classes}
+
+    def validate(self) -> dict[str, float]:
+        modes = {k: m.training for k, m in self.models.items()}
+        for m in self.models.values():
+            m.eval()
+        try:
+            out = self._scores(self.teacher, "val/")
+            if self.options.validate_student:
+                out.update(self._scores(self.student, "val/student_"))
+        finally:
+            for k, m in self.models.items():
+                m.train(modes[k])
+        return out
+
+    def _scores(self, net: nn.Module, prefix: str) -> dict[str, float]:
+        """Slice accuracy, balanced accuracy (and AUC for two grades) and CAM overlap of ``net``
+        over the validation cases' graded slices."""
+        probs: list = []
+        grades: list = []
+        iou: list[float] = []
+        inside: list[float] = []
+        for case in self.val_cases:
+            p, g, i, s = self._validate_case(case, net)
+            probs, grades, iou, inside = probs + p, grades + g, iou + i, inside + s
+        if not grades:
+            raise ConfigError("validation: no graded slice in the validation cases (see slice_labels.csv)")
+        out = classification_metrics(np.concatenate(probs), np.concatenate(grades), prefix)
+        out[f"{prefix}graded_slices"] = float(sum(len(g) for g in grades))
+        if iou:
+            out[f"{prefix}cam_iou"], out[f"{prefix}cam_inside"] = float(np.mean(iou)), float(np.mean(inside))
+        return out
+
+    def _validate_case(self, case: str, net: nn.Module) -> tuple[list, list, list[float], list[float]]:
+        """``([probabilities (n, K)], [grades (n,)], IoUs, inside shares)`` of a case's graded slices."""
+        image, label, props = load_case(self.cache_dir, case, mmap=True)
+        grades = self.cached_slice_grades(props)
+        graded = np.flatnonzero(grades >= 0)
+        probs: list = []
+        iou: list[float] = []
+        inside: list[float] = []
+        for start in range(0, len(graded), self.options.val_slices):
+            idx = graded[start:start + self.options.val_slices]
+            y = torch.from_numpy(grades[idx]).to(self.device)
+            with torch.no_grad(), self.autocast():
+                out = net(self._slices(image, idx).to(self.device))
+            probs.append(out["logits"].float().softmax(1).cpu().numpy())
+            if label is not None:
+                masks = self.region(self._slices(label, idx).long().to(self.device))
+                cams = select_cams(out["cams"].float(), y)
+                keep = masks.flatten(1).sum(1) > 0
+                lo = torch.minimum(masks, cams)[keep].flatten(1).sum(1)
+                iou += (lo / torch.maximum(masks, cams)[keep].flatten(1).sum(1).clamp_min(1e-5)).tolist()
+                inside += (lo / cams[keep].flatten(1).sum(1).clamp_min(1e-5)).tolist()
+        return probs, [grades[graded]] if len(graded) else [], iou, inside
+
+    def _slices(self, array: np.ndarray, idx: np.ndarray) -> torch.Tensor:
+        """Slices ``idx`` across the slice axis of a cached ``(C, X, Y, Z)`` array: ``(n, C, H, W)``."""
+        picked = np.moveaxis(np.take(array, idx, 1 + self.axis), 1 + self.axis, 0)
+        return torch.from_numpy(np.ascontiguousarray(picked, np.float32))
+
+    def cached_slice_grades(self, props: dict) -> np.ndarray:
+        """The grade of every cached slice of a case (-1: none), through the raw slice it came from."""
+        raw = raw_slice_of(props, self.axis)
+        per = self.slice_labels.slices.get(props["case_id"], {})
+        return np.array([per.get(int(r), -1) for r in raw], np.int64)
+
+
+__all__ = ["DCMTOptions", "DCMTTrainer"]
