@@ -187,19 +187,10 @@ def _read_slice_h5(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def _read_volume_h5(src: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
     """A listed volume's ``(H, W, Z)`` image and label (stored ``(Z, H, W)``)."""
-    import h5py
+    from medvol.io.slices2d import read_h5_volume
 
     path = _h5_path(src, name)
-    try:
-        with h5py.File(path, "r") as f:
-            missing = [k for k in ("image", "label") if k not in f]
-            if missing:
-                raise InputError(path, f"no dataset(s) {missing} in this h5 file")
-            image, label = np.asarray(f["image"], np.float32), np.asarray(f["label"])
-    except OSError as e:
-        raise InputError(path, f"not a readable h5 file ({e})") from None
-    if image.shape != label.shape or image.ndim != 3:
-        raise InputError(path, f"image {image.shape} and label {label.shape} must be the same (Z, H, W) shape")
+    image, label = read_h5_volume(path)
     return np.moveaxis(image, 0, -1), np.moveaxis(_check_labels(path, label), 0, -1)
 
 

@@ -30,20 +30,11 @@ def _read_list(path: Path) -> list[str]:
 
 
 def _read_h5(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    import h5py
+    from medvol.io.slices2d import read_h5_volume
 
     if not path.exists():
         raise InputError(path, "missing: every listed case needs <case>/mri_norm2.h5")
-    try:
-        with h5py.File(path, "r") as f:
-            missing = [k for k in ("image", "label") if k not in f]
-            if missing:
-                raise InputError(path, f"no dataset(s) {missing} in this h5 file")
-            image, label = np.asarray(f["image"], np.float32), np.asarray(f["label"])
-    except OSError as e:
-        raise InputError(path, f"not a readable h5 file ({e})") from None
-    if image.shape != label.shape or image.ndim != 3:
-        raise InputError(path, f"image {image.shape} and label {label.shape} must be the same 3D shape")
+    image, label = read_h5_volume(path)
     if not set(np.unique(label).tolist()) <= {0, 1}:
         raise InputError(path, f"label values {sorted(np.unique(label).tolist())} are not binary")
     return image, label.astype(np.uint8)

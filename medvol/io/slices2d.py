@@ -160,6 +160,26 @@ def read_h5_slice(path: str | Path) -> dict:
     return out
 
 
+def read_h5_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """An HDF5 volume file with ``image`` and ``label`` of one 3D shape (LA 2018's
+    ``mri_norm2.h5``, ACDC's volumes): ``(image float32, label)`` as stored."""
+    path = Path(path)
+    h5py = _h5py()
+    if not path.exists():
+        raise InputError(path, "missing")
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in ("image", "label") if k not in f]
+            if missing:
+                raise InputError(path, f"no dataset(s) {missing} in this h5 file")
+            image, label = np.asarray(f["image"], np.float32), np.asarray(f["label"])
+    except OSError as e:
+        raise InputError(path, f"not a readable h5 file ({e})") from None
+    if image.shape != label.shape or image.ndim != 3:
+        raise InputError(path, f"image {image.shape} and label {label.shape} must be the same 3D shape")
+    return image, label
+
+
 def read_h5_folder(folder: str | Path, slice_list: str | Path | None = None) -> SliceSet:
     """The HDF5 slices of ``folder`` (all, sorted by name, or those of ``slice_list``)."""
     folder = Path(folder)
@@ -260,4 +280,5 @@ def _select(found: dict[str, Path], slice_list, folder: Path) -> list[str]:
 
 
 __all__ = ["SliceSet", "read_slice_list", "read_image_2d", "read_mask_2d", "read_image_folder", "read_h5_slice",
+           "read_h5_volume",
            "read_h5_folder"]
