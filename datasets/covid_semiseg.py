@@ -38,28 +38,18 @@ import numpy as np
 
 from medvol.errors import InputError
 from medvol.io import Volume, write_volume
-from medvol.io.slices2d import IMAGE_SUFFIXES, read_image_2d, read_mask_2d
+from medvol.io.slices2d import IMAGE_SUFFIXES, files_by_stem, read_image_2d, read_mask_2d
 
 SLICE_AFFINE = np.diag([1.0, 1.0, 999.0, 1.0])
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def _images(folder: Path, recursive: bool = False) -> dict[str, Path]:
-    """``{stem: file}`` of the images in ``folder`` (sorted); a repeated stem is an error."""
-    if not folder.is_dir():
-        raise InputError(folder, "folder not found")
-    found: dict[str, Path] = {}
-    for p in sorted(folder.rglob("*") if recursive else folder.iterdir()):
-        if not p.is_file() or p.name.startswith(".") or not p.name.lower().endswith(IMAGE_SUFFIXES):
-            continue
-        stem = p.name[: p.name.rfind(".")]
+    """``{stem: file}`` of the images in ``folder`` (sorted); stems become case ids."""
+    found = files_by_stem(folder, IMAGE_SUFFIXES, recursive)
+    for stem, p in found.items():
         if not _NAME.match(stem):
             raise InputError(p, "file names must be letters, digits, '.', '_' or '-' (they become case ids)")
-        if stem in found:
-            raise InputError(p, f"two images named '{stem}' ({found[stem]} and {p}): keep one")
-        found[stem] = p
-    if not found:
-        raise InputError(folder, f"no {'/'.join(IMAGE_SUFFIXES)} images")
     return found
 
 

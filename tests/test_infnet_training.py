@@ -205,7 +205,7 @@ def test_covid_semiseg_adapter_names_the_bad_file(covid_layout, tmp_path):
         convert_covid_semiseg(src / "train", tmp_path / "raw2")
     (src / "unl" / "b" / "u1.jpg").write_bytes((src / "unl" / "a" / "u1.jpg").read_bytes())
     iio.imwrite(src / "train" / "GT" / "2.png", (255 * _disc(20, 24, 9, 10, 4)).astype(np.uint8))
-    with pytest.raises(InputError, match="two images named 'u1'"):
+    with pytest.raises(InputError, match="two files named 'u1'"):
         convert_covid_semiseg(src / "train", tmp_path / "raw3", src / "unl")
 
 

@@ -103,9 +103,9 @@ def read_image_folder(images: str | Path, masks: str | Path | None = None,
     """Images of ``images`` (all of them, sorted by name, or the names of ``slice_list``),
     each with the mask of the same stem in ``masks`` when given."""
     images = Path(images)
-    found = _files_by_stem(images, IMAGE_SUFFIXES + NIFTI_SUFFIXES)
+    found = files_by_stem(images, IMAGE_SUFFIXES + NIFTI_SUFFIXES)
     names = _select(found, slice_list, images)
-    mask_files = _files_by_stem(Path(masks), IMAGE_SUFFIXES + NIFTI_SUFFIXES) if masks is not None else {}
+    mask_files = files_by_stem(Path(masks), IMAGE_SUFFIXES + NIFTI_SUFFIXES) if masks is not None else {}
     out = SliceSet([], [], [])
     for name in names:
         image = read_image_2d(found[name])
@@ -183,7 +183,7 @@ def read_h5_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 def read_h5_folder(folder: str | Path, slice_list: str | Path | None = None) -> SliceSet:
     """The HDF5 slices of ``folder`` (all, sorted by name, or those of ``slice_list``)."""
     folder = Path(folder)
-    found = _files_by_stem(folder, H5_SUFFIXES)
+    found = files_by_stem(folder, H5_SUFFIXES)
     out = SliceSet([], [], [])
     for name in _select(found, slice_list, folder):
         s = read_h5_slice(found[name])
@@ -252,12 +252,14 @@ def _check_same_shape(path: Path, got, want, what: str = "mask") -> None:
         raise InputError(path, f"{what} shape {tuple(got)} differs from the image's {tuple(want)}")
 
 
-def _files_by_stem(folder: Path, suffixes: tuple) -> dict[str, Path]:
+def files_by_stem(folder: Path, suffixes: tuple, recursive: bool = False) -> dict[str, Path]:
+    """``{stem: file}`` of the files of ``folder`` (and below it, ``recursive``) ending in one of
+    ``suffixes``, sorted; a repeated stem or no file at all is an error naming the folder."""
     if not folder.is_dir():
         raise InputError(folder, "folder not found")
     found: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or not p.name.lower().endswith(suffixes):
+    for p in sorted(folder.rglob("*") if recursive else folder.iterdir()):
+        if p.name.startswith(".") or not p.is_file() or not p.name.lower().endswith(suffixes):
             continue
         name = _stem(p)
         if name in found:
