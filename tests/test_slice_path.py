@@ -199,3 +199,18 @@ def test_a_raw_splits_file_reaches_the_cache_and_its_folds(tmp_path):
     preprocess_dataset(raw, tmp_path / "pre", num_workers=1, quiet=True)
     labelled, _, val = training_cases(tmp_path / "pre", DataConfig(fold=0), 0)
     assert labelled == ["s0", "s1", "s2"] and val == ["s3"]
+
+
+def test_a_2d_and_a_3d_model_ensemble_on_the_3d_grid(run_2d, tmp_path):
+    from medvol.inference import predict
+
+    raw, pre, run2d, _ = run_2d
+    r3 = load_recipe("quickstart", ["model.base_features=4", "model.max_features=8", "data.patch_size=[16, 16, 16]",
+                                    "data.batch_size=2", "data.num_workers=0", "trainer.steps=2", "trainer.val_every=2",
+                                    "data.val_cases=[s3]", "trainer.final_validation=false"])
+    train(r3, pre, tmp_path / "run3d", device="cpu", quiet=True)
+    scan = raw / "imagesTr" / "s3_0000.nii.gz"
+    out = predict([run2d, tmp_path / "run3d"], scan, tmp_path / "ens", device="cpu", quiet=True)
+    src, pred = read_volume(scan), read_volume(out[0])
+    assert pred.spatial_shape == src.spatial_shape
+    np.testing.assert_allclose(pred.affine, src.affine)

@@ -221,7 +221,7 @@ def _predict_case(runs: list[RunModel], case: str, sources: list[Path], out_dir:
     vols = [read_volume(s) for s in sources]
     # the scans are ours: no extra copy
     array, props = preprocess_case(vols, runs[0].plans.raw, inplace=True, body_mask=not settings.all_windows,
-                                   slice_axis=runs[0].slice_axis)
+                                   slice_axis=_scan_slice_axis(runs))
     image = torch.from_numpy(array).half()
     del array  # the float32 array is dropped here
     ref, mask = vols[0], props.pop("body_mask", None)
@@ -253,6 +253,14 @@ def _predict_case(runs: list[RunModel], case: str, sources: list[Path], out_dir:
         written.append(path)
         log.info("%s -> %s", name, path)
     return written
+
+
+def _scan_slice_axis(runs: list[RunModel]) -> int | None:
+    """The axis along which the scan keeps its own spacing: a 2D model's slice axis (nnU-Net's
+    2d), unless an ensemble mixes 2D and 3D models, which then share the 3D grid (the one the
+    2D model's training slices were cut from)."""
+    axes = {r.slice_axis for r in runs}
+    return axes.pop() if len(axes) == 1 else None
 
 
 def _output_name(case: str, task_name: str, tasks: list) -> str:
