@@ -3,14 +3,13 @@
 ``--precision`` (``trainer.precision`` / ``inference.precision`` in a recipe):
 
 - ``auto`` (default): the fastest setting that keeps accuracy on the device. Prediction on a
-  CPU with native bf16 (AVX512-BF16/AMX: oneDNN's capability check): bf16 autocast (1.7-1.8x
-  fp32 in ``benchmarks/inference.py``, labels within Dice 0.995 of fp32's on real scans); on
-  CUDA, AMP in bf16 where the GPU supports it, else fp16 (with a gradient scaler when
-  training); fp32 everywhere else. Training on a CPU stays fp32 under ``auto`` (bf16 training's
-  accuracy on CPUs is not measured yet: ``--precision bf16`` opts in). Channels-last layout is
-  not chosen by ``auto``: in medvol's window path on the 2-core development CPU it was slower
-  than the default layout (``benchmarks/RESULTS.md``), and on CUDA it is not measured yet;
-  ``Precision(..., channels_last=True)`` keeps it available to measure.
+  CPU with native bf16 (AVX512-BF16/AMX: oneDNN's capability check): bf16 autocast with
+  channels-last weights and windows (on an idle 2-core CPU: 3.2x fp32 on real brain scans,
+  labels within Dice 0.9995 of fp32's; ``benchmarks/RESULTS.md``); on CUDA, AMP in bf16 where
+  the GPU supports it, else fp16 (with a gradient scaler when training), default layout
+  (channels-last is not measured there yet); fp32 everywhere else. Training on a CPU stays fp32
+  under ``auto`` (bf16 training's accuracy on CPUs is not measured yet: ``--precision bf16``
+  opts in).
 - ``fp32``: no autocast.
 - ``bf16``: bf16 autocast on the device (on a CPU without native bf16 it works, slowly).
 - ``fp16``: fp16 autocast, CUDA only.
@@ -101,7 +100,8 @@ def choose_precision(device: torch.device | str, requested: str = "auto", amp: b
         raise ConfigError(f"precision fp16 needs a CUDA device (got {dev.type}); use bf16 or fp32")
     if requested == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("precision bf16: this GPU does not support bf16; use fp16 or fp32")
-    return Precision(requested, dev.type)
+    channels_last = dev.type == "cpu" and requested == "bf16" and cpu_has_native_bf16()
+    return Precision(requested, dev.type, channels_last)
 
 
 def _auto(dev: torch.device) -> str:

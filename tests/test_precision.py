@@ -32,9 +32,9 @@ def test_auto_follows_the_cpu_capability(native_bf16):
     native_bf16(True)
     assert cpu_has_native_bf16()
     p = choose_precision("cpu")
-    assert (p.name, p.dtype, p.channels_last) == ("bf16", torch.bfloat16, False)
+    assert (p.name, p.dtype, p.channels_last) == ("bf16", torch.bfloat16, True)
     assert choose_precision("cpu", training=True).name == "fp32"  # CPU training: fp32 unless asked
-    assert choose_precision("cpu", "bf16", training=True).name == "bf16"
+    assert choose_precision("cpu", "bf16", training=True) == Precision("bf16", "cpu", True)
     assert choose_precision("cpu", amp=False).name == "fp32"  # trainer.amp: false
     assert choose_precision("cpu", "fp32") == Precision("fp32", "cpu", False)
     native_bf16(False)
