@@ -38,6 +38,7 @@ from medvol.evaluation.classification import classification_metrics
 from medvol.io.slice_features import AGGREGATOR_RUN_FILE, SliceFeatures, features_path, read_features
 from medvol.training import register_trainer
 from medvol.training.engine import Trainer, unwrap
+from medvol.training.mean_teacher import teacher_decay
 from medvol.training.schedules import ema_update, sigmoid_rampup
 from medvol.utils import write_json
 
@@ -191,7 +192,7 @@ class SliceAggregatorTrainer(Trainer):
     def optimization_step(self, batch: dict, step: int) -> dict[str, float]:
         losses = super().optimization_step(batch, step)
         if self.options.mean_teacher:
-            decay = min(1 - 1 / (step + 1), self.options.ema_decay)
+            decay = teacher_decay(step, self.options.ema_decay)
             ema_update(self.models["teacher"], unwrap(self.models["model"]), decay)
         return losses
 
