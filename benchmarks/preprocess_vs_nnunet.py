@@ -11,6 +11,7 @@ per-class Dice of the resampled label maps and Pearson r of the normalised image
 
     python benchmarks/preprocess_vs_nnunet.py --spacing 2 --cases 8
     python benchmarks/preprocess_vs_nnunet.py --spacing 1 --cases 6 --aniso
+    python benchmarks/preprocess_vs_nnunet.py --ct --cases 3        # 512 x 512 x 300 CT cases
 """
 
 from __future__ import annotations
@@ -124,6 +125,8 @@ def main() -> int:
     ap.add_argument("--spacing", type=float, default=2.0, help="base spacing of the built brain dataset (mm)")
     ap.add_argument("--cases", type=int, default=8)
     ap.add_argument("--aniso", action="store_true", help="thick-slice (4x) acquisitions")
+    ap.add_argument("--ct", action="store_true", help="512 x 512 x --slices CT cases (medvol.datasets.ct)")
+    ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--json", type=Path, help="write the figures here")
     ap.add_argument("--keep", type=Path, help="keep the work folder here")
@@ -139,6 +142,12 @@ def main() -> int:
         raw = raw_root / a.raw.name
         if not raw.exists():
             shutil.copytree(a.raw, raw)
+    elif a.ct:
+        from medvol.datasets.ct import build_ct_dataset
+
+        raw = raw_root / "Dataset002_HeadCT"
+        if not (raw / "dataset.json").exists():
+            build_ct_dataset(raw, a.cases, a.slices)
     else:
         raw = build_dataset(raw_root, a.spacing, a.cases, a.aniso)
     dataset_id = int(raw.name[len("Dataset"):len("Dataset") + 3])
@@ -168,8 +177,9 @@ def main() -> int:
     res.update({"dataset": str(raw), "workers": a.workers, "medvol_seconds": mv["seconds"],
                 "nnunet_seconds": nn["seconds"], "speedup": nn["seconds"] / mv["seconds"],
                 "medvol_peak_rss_mb": mv["peak_rss"] / 2**20, "nnunet_peak_rss_mb": nn["peak_rss"] / 2**20})
-    print(f"dataset: {raw.name}, {len(res['cases'])} cases ({'anisotropic' if a.aniso else 'varied'}, "
-          f"base spacing {a.spacing} mm)")
+    kind = ("CT, 512 x 512 x slices" if a.ct
+            else f"{'anisotropic' if a.aniso else 'varied'}, base spacing {a.spacing} mm")
+    print(f"dataset: {raw.name}, {len(res['cases'])} cases ({kind})")
     print(f"target spacing  medvol {np.round(res['target_spacing_medvol'], 4).tolist()}  "
           f"nnU-Net {np.round(res['target_spacing_nnunet'], 4).tolist()}")
     print(f"patch / batch   medvol {res['patch_medvol']} / {res['batch_medvol']}  "

@@ -35,6 +35,7 @@ from medvol.errors import CacheError
 from medvol.utils import atomic_path, read_json
 
 CACHE_VERSION = 3
+SPLITS_FILE = "splits_final.json"  # nnU-Net's cross-validation folds, beside the raw data and in the cache
 
 
 def cases_dir(out: Path) -> Path:

@@ -128,6 +128,60 @@ def test_label_round_trip_through_a_grid_of_ties_is_nnunets():
         assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= nnunet - 1e-5, c
 
 
+def _dense_label_reference(seg: np.ndarray, size, axis):
+    """The definition: every label's one-hot mask interpolated (torch, float64; nearest along a
+    separate-z ``axis``), scores within 1e-9 tied, a tie to the nearest voxel's label if it is
+    tied, else to the lowest label."""
+    import torch
+    import torch.nn.functional as F
+
+    from medvol.preprocessing.resampling import _nearest_indices
+
+    near = [_nearest_indices(n, m) for n, m in zip(seg.shape, size)]
+    nearest = seg[np.ix_(*near)]
+    if axis is not None:  # nearest along the axis first (it commutes with in-plane linear)
+        seg = np.take(seg, near[axis], axis=axis)
+    t = torch.from_numpy(seg.astype(np.int64))
+    labels = np.unique(seg)
+    scores = np.stack([F.interpolate((t == int(c)).double()[None, None], size=tuple(int(n) for n in size),
+                                     mode="trilinear", align_corners=False)[0, 0].numpy() for c in labels])
+    best = scores.max(0)
+    lowest = labels[np.argmax(scores >= best - 1e-9, axis=0)]
+    near_score = np.take_along_axis(scores, np.searchsorted(labels, nearest)[None], 0)[0]
+    return np.where(near_score >= best - 1e-9, nearest, lowest)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_label_resampling_equals_the_dense_one_hot_definition(seed):
+    """The fast path scores only output voxels whose 2x2x2 neighbourhood holds two labels;
+    it must equal interpolating every label's mask everywhere, ties and separate z included."""
+    rs = np.random.RandomState(seed)
+    for _ in range(40):
+        shape = tuple(int(n) for n in rs.randint(2, 10, 3))
+        size = tuple(int(n) for n in rs.randint(1, 15, 3))
+        coarse = rs.randint(-1, rs.randint(2, 6), tuple(max(1, n // 2) for n in shape))
+        seg = np.kron(coarse, np.ones((2, 2, 2)))[:shape[0], :shape[1], :shape[2]] if rs.rand() < 0.5 \
+            else rs.randint(-1, 4, shape)
+        seg = np.ascontiguousarray(seg, np.int16)
+        axis = None if rs.rand() < 0.6 else int(rs.randint(3))
+        got = resample_label(seg[None], size, (1, 1, 1), (1, 1, 1), separate_z=axis)[0]
+        np.testing.assert_array_equal(got, _dense_label_reference(seg, size, axis))
+
+
+def test_fill_holes_equals_scipy():
+    from medvol.preprocessing.cropping import fill_holes
+
+    rs = np.random.RandomState(0)
+    for _ in range(200):
+        shape = tuple(int(n) for n in rs.randint(1, 12, rs.choice([2, 3])))
+        mask = rs.rand(*shape) > rs.rand()
+        np.testing.assert_array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))
+    shell = np.zeros((9, 9, 9), bool)
+    shell[2:7, 2:7, 2:7] = True
+    shell[3:6, 3:6, 3:6] = False  # a closed cavity is filled
+    assert fill_holes(shell)[4, 4, 4] and fill_holes(shell).sum() == 125
+
+
 def test_probabilities_resample_to_shape():
     p = np.random.default_rng(0).random((3, 6, 6, 4)).astype(np.float32)
     out = resample_probabilities(p, (12, 12, 8), (1, 1, 1), (0.5, 0.5, 0.5))

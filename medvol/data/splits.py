@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+from medvol.cache import SPLITS_FILE
 from medvol.errors import ConfigError, InputError
 from medvol.utils import read_json, write_json
 
 log = logging.getLogger(__name__)
 
-SPLITS_FILE = "splits_final.json"
 NNUNET_SPLIT_SEED = 12345
 
 

@@ -21,6 +21,7 @@ from medvol.utils import read_json, save_npy, write_json
 
 TOTAL_INTENSITY_SAMPLES = int(1e8)
 SAMPLING_SEED = 1234
+CHUNK = 1 << 22  # samples converted to float64 at a time
 
 
 def samples_per_case(num_cases: int, total: int = TOTAL_INTENSITY_SAMPLES) -> int:
@@ -40,7 +41,8 @@ def case_fingerprint(image_cropped: np.ndarray, seg_cropped: np.ndarray, spacing
     for c in range(image_cropped.shape[0]):
         vals = image_cropped[c][fg]
         if vals.size:
-            samples[c] = vals if chosen is None else vals[chosen]
+            # sorted here (in the worker): merging then sorts a few presorted runs (timsort)
+            samples[c] = np.sort(vals if chosen is None else vals[chosen])
             stats.append({"mean": float(vals.mean()), "min": float(vals.min()), "max": float(vals.max()),
                           "num_voxels": int(vals.size)})
         else:
@@ -82,15 +84,14 @@ def merge_fingerprints(folder: Path, case_ids: list[str], num_channels: int) -> 
     # dataset's) only count when no case has a label
     sampled = [c for c in case_ids if per_case[c].get("has_label", True)] or list(case_ids)
     samples = [np.load(folder / f"{c}_intensities.npy", mmap_mode="r") for c in sampled]
-    weights = [np.full(s.shape[1], per_case[c]["sample_weight"]) for c, s in zip(sampled, samples)]
+    weights = [float(per_case[c]["sample_weight"]) for c in sampled]
     channel_stats = {}
     for ch in range(num_channels):
         if not any(s.shape[1] for s in samples):
             channel_stats[str(ch)] = {k: None for k in ("mean", "median", "std", "min", "max",
                                                          "percentile_99_5", "percentile_00_5")}
             continue
-        vals = np.concatenate([s[ch] for s in samples]).astype(np.float64)
-        channel_stats[str(ch)] = weighted_statistics(vals, np.concatenate(weights))
+        channel_stats[str(ch)] = weighted_statistics([s[ch] for s in samples], weights)
     return {
         "case_ids": list(case_ids),
         "spacings": [per_case[c]["spacing"] for c in case_ids],
@@ -103,24 +104,71 @@ def merge_fingerprints(folder: Path, case_ids: list[str], num_channels: int) -> 
     }
 
 
-def weighted_quantiles(values: np.ndarray, weights: np.ndarray, qs) -> np.ndarray:
-    """Quantiles (0..1) of a weighted sample; with equal weights this is np.percentile's
-    default (linear) rule."""
-    order = np.argsort(values, kind="stable")
-    v, w = values[order], weights[order]
-    cw = np.cumsum(w)
-    # Position of each sample on the [0, 1] scale, centred in its weight (Hazen-like),
-    # rescaled so the first and last samples sit at 0 and 1 as in np.percentile.
-    pos = (cw - w / 2 - w[0] / 2) / max(cw[-1] - w[0] / 2 - w[-1] / 2, 1e-12)
-    return np.interp(np.asarray(qs, float), pos, v)
+def _sorted(run: np.ndarray) -> np.ndarray:
+    run = np.asarray(run)
+    return run if run.size < 2 or bool(np.all(run[1:] >= run[:-1])) else np.sort(run)
 
 
-def weighted_statistics(values: np.ndarray, weights: np.ndarray) -> dict:
-    mean = float(np.average(values, weights=weights))
-    std = float(np.sqrt(np.average((values - mean) ** 2, weights=weights)))
-    p005, median, p995 = weighted_quantiles(values, weights, [0.005, 0.5, 0.995])
-    return {"mean": mean, "median": float(median), "std": std, "min": float(values.min()),
-            "max": float(values.max()), "percentile_99_5": float(p995), "percentile_00_5": float(p005)}
+class _Runs:
+    """Sorted per-case sample runs, each of one weight: cumulative weights by value."""
+
+    def __init__(self, runs: list[np.ndarray], weights: list[float]) -> None:
+        keep = [(_sorted(r), float(w)) for r, w in zip(runs, weights) if len(r) and w > 0]
+        self.runs = [r for r, _ in keep]
+        self.w = np.array([w for _, w in keep])
+
+    def count(self, x: float, side: str) -> np.ndarray:
+        return np.array([np.searchsorted(r, x, side) for r in self.runs])  # type: ignore[call-overload]
+
+    def group(self, x: float) -> tuple[float, float]:
+        """Midpoint weights of the first and last sample equal to ``x`` in the pooled order
+        (values ascending, runs in order): ``cw - w / 2`` of each."""
+        lt, le = self.count(x, "left"), self.count(x, "right")
+        holders = np.flatnonzero(le > lt)
+        return float(self.w @ lt + self.w[holders[0]] / 2), float(self.w @ le - self.w[holders[-1]] / 2)
+
+
+def weighted_quantiles(runs: list[np.ndarray], weights: list[float], qs) -> np.ndarray:
+    """Quantiles (0..1) of pooled samples, ``runs[i]`` each of weight ``weights[i]``: each sample
+    sits at its midpoint cumulative weight, rescaled so that the first and last sit at 0 and 1,
+    and values are interpolated linearly between samples (with equal weights, np.percentile's
+    default rule). Runs are per-case samples, sorted by the workers: the pooled values are sorted
+    once (4 bytes a sample) and each quantile is found by bisection with per-run searchsorted,
+    without per-sample weights or an argsort (a 1e8-sample CT fingerprint would need ~5 GB)."""
+    pool = _Runs(runs, weights)
+    merged = np.concatenate(pool.runs)
+    merged.sort(kind="stable")  # timsort: a few presorted runs merge in O(n log runs)
+    first, last = pool.group(merged[0])[0], pool.group(merged[-1])[1]
+    scale = max(last - first, 1e-12)
+    out = []
+    for q in np.asarray(qs, float):
+        target = first + min(max(q, 0.0), 1.0) * scale
+        lo, hi = 0, merged.size - 1
+        while lo < hi:  # the first value whose group ends at or after the target
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if pool.group(merged[mid])[1] >= target else (mid + 1, hi)
+        x = float(merged[lo])
+        start = pool.group(x)[0]
+        if target >= start or lo == 0:
+            out.append(x)
+            continue
+        prev = float(merged[np.searchsorted(merged, merged[lo], "left") - 1])
+        end = pool.group(prev)[1]
+        out.append(prev + (x - prev) * (target - end) / (start - end))
+    return np.array(out)
+
+
+def weighted_statistics(runs: list[np.ndarray], weights: list[float]) -> dict:
+    """Weighted mean, std, min, max, median and 0.5/99.5 percentiles of per-case sample runs."""
+    pool = _Runs(runs, weights)
+    total = float(sum(w * len(r) for r, w in zip(pool.runs, pool.w)))
+    mean = sum(w * float(np.sum(r, dtype=np.float64)) for r, w in zip(pool.runs, pool.w)) / total
+    sq = sum(w * sum(float(np.sum((np.asarray(r[i:i + CHUNK], np.float64) - mean) ** 2))
+                     for i in range(0, len(r), CHUNK)) for r, w in zip(pool.runs, pool.w))
+    p005, median, p995 = weighted_quantiles(pool.runs, list(pool.w), [0.005, 0.5, 0.995])
+    return {"mean": float(mean), "median": float(median), "std": float(np.sqrt(sq / total)),
+            "min": float(min(r[0] for r in pool.runs)), "max": float(max(r[-1] for r in pool.runs)),
+            "percentile_99_5": float(p995), "percentile_00_5": float(p005)}
 
 
 def check_dimensionality(fingerprint: dict, where) -> None:

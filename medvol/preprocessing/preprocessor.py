@@ -291,9 +291,10 @@ def _sources_changed(record_file: Path, case: RawCase, stage: str) -> bool:
 
 
 def _worker_init() -> None:
-    import torch
-
-    torch.set_num_threads(1)
+    """One torch thread per worker (the workers are the parallelism), when torch is loaded:
+    preprocessing itself runs on numpy and scipy."""
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
 
 
 BYTES_PER_VOXEL = 40  # peak bytes of one worker per voxel and channel (arrays, copies, resampling)
@@ -520,7 +521,7 @@ def copy_slice_labels(raw: Path, out: Path) -> None:
 def copy_raw_splits(raw: Path, out: Path) -> None:
     """A ``splits_final.json`` beside the raw dataset (nnU-Net's format; the dataset adapters
     write the published splits there) is copied into a cache that has none: ``--fold K`` uses it."""
-    from medvol.data.splits import SPLITS_FILE
+    from medvol.cache import SPLITS_FILE
     from medvol.manifest import claim_files
 
     src, dst = raw / SPLITS_FILE, out / SPLITS_FILE

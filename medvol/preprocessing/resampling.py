@@ -1,4 +1,4 @@
-"""Resampling to a target spacing with nnU-Net's rules, computed with torch.
+"""Resampling to a target spacing with nnU-Net's rules.
 
 nnU-Net resamples images with cubic splines (order 3) and labels with per-label linear
 interpolation, and when the current or target spacing is anisotropic (max/min > 3) it
@@ -6,26 +6,31 @@ resamples in-plane with that order and along the coarse axis with nearest neighb
 "separate z" rule). medvol keeps those rules and the same sampling grid (voxel centres at
 half-pixel offsets, edge clamping). Images: ``order="cubic"`` (the default) is nnU-Net's
 own interpolant (scikit-image's cubic spline, computed separably: scipy's prefilter and a
-banded B-spline matrix product per axis, equal to skimage within ~1e-6 of the range); ``order="linear"`` is
+banded B-spline sparse matrix product per axis, equal to skimage within ~1e-6 of the range); ``order="linear"`` is
 torch trilinear, several times faster, but on coarse scans with sharp edges it agrees
 with cubic only at Pearson r ~ 0.98-0.996 (measured on the demo data, see
-benchmarks/RESULTS.md), so it is an opt-in. Labels: one-hot linear + argmax in torch, ties
+benchmarks/RESULTS.md), so it is an opt-in. Labels: one-hot linear + argmax, ties
 to the nearest voxel's label, as nnU-Net's resize_segmentation does (batchgenerators >= 0.25.4;
 older versions kept each label whose mask reached 0.5, in ascending order): the round trip
 cache -> ``restore_geometry`` keeps the same per-class Dice as nnU-Net's preprocess -> revert
-(benchmarks/label_roundtrip.py).
+(benchmarks/label_roundtrip.py). The label argmax is computed only where it can differ from
+the nearest corner: output voxels whose 2x2x2 input neighbourhood holds one label take it.
+
+Images (cubic) and labels need numpy and scipy only, so ``medvol preprocess`` and its workers
+never import torch; linear images and probabilities (prediction) use torch trilinear.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    import torch
 
 ANISO_THRESHOLD = 3.0
-LABEL_CHUNK = 4  # labels interpolated together in one call (memory vs speed; float64 one-hot)
+LABEL_BLOCK = 1 << 20  # mixed-neighbourhood output voxels scored per block (8 float64 weights each)
 TIE_TOLERANCE = 1e-9  # label scores this close count as tied (see _label_argmax)
 
 
@@ -54,15 +59,28 @@ def separate_z_axis(current_spacing: Sequence[float], new_spacing: Sequence[floa
     return None
 
 
-def _nearest_indices(n_in: int, n_out: int) -> torch.Tensor:
+def _nearest_indices(n_in: int, n_out: int) -> np.ndarray:
     # scipy.ndimage.map_coordinates(order=0, mode="nearest") at nnU-Net's coordinates
     # scale * (i + 0.5) - 0.5, rounded half up.
     coords = (n_in / n_out) * (np.arange(n_out) + 0.5) - 0.5
-    return torch.from_numpy(np.clip(np.floor(coords + 0.5), 0, n_in - 1).astype(np.int64))
+    return np.clip(np.floor(coords + 0.5), 0, n_in - 1).astype(np.int64)
 
 
-def _interp(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Linear sampling with half-pixel centres as torch's ``align_corners=False`` computes it:
+    per output index the two input indices and the second one's weight."""
+    if n_in == n_out:
+        i = np.arange(n_out)
+        return i, i, np.zeros(n_out)
+    src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    i0 = np.minimum(src.astype(np.int64), n_in - 1)
+    return i0, np.where(i0 < n_in - 1, i0 + 1, i0), np.clip(src - i0, 0.0, 1.0)
+
+
+def _interp(x: "torch.Tensor", size: Sequence[int]) -> "torch.Tensor":
     """Linear interpolation of ``x`` (N, C, *spatial) with half-pixel centres."""
+    import torch.nn.functional as F
+
     mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
     return F.interpolate(x, size=tuple(int(s) for s in size), mode=mode, align_corners=False)
 
@@ -95,16 +113,17 @@ def _bspline_matrix(n_in: int, n_out: int) -> np.ndarray:
 
 def _cubic_axis(x: np.ndarray, axis: int, n_out: int) -> np.ndarray:
     """Order-3 spline resize of one axis: scipy's prefilter of the edge-padded line, then the
-    banded B-spline matrix applied along the axis as one float32 matrix product in torch."""
+    banded B-spline matrix (4 taps a row, sparse) applied along the axis in float32."""
     from scipy.ndimage import spline_filter1d
+    from scipy.sparse import csr_matrix
 
     pad = [(0, 0)] * x.ndim
     pad[axis] = (SPLINE_PAD, SPLINE_PAD)
     coef = spline_filter1d(np.pad(x, pad, mode="edge"), 3, axis=axis, mode="nearest", output=np.float32)
-    w = torch.from_numpy(_bspline_matrix(x.shape[axis], n_out).astype(np.float32))
-    with torch.no_grad():
-        out = torch.from_numpy(coef).movedim(axis, -1) @ w.T
-    return out.movedim(-1, axis).contiguous().numpy()
+    w = csr_matrix(_bspline_matrix(x.shape[axis], n_out).astype(np.float32))
+    lines = np.ascontiguousarray(np.moveaxis(coef, axis, 0))
+    out = (w @ lines.reshape(lines.shape[0], -1)).reshape((n_out,) + lines.shape[1:])
+    return np.ascontiguousarray(np.moveaxis(out, 0, axis))
 
 
 def _cubic(x: np.ndarray, size: Sequence[int], slice_axis: int | None = None) -> np.ndarray:
@@ -135,6 +154,8 @@ def resample_image(data: np.ndarray, new_shape: Sequence[int], current_spacing: 
         return _resample_cubic(data, new_shape, axis)
     if order != "linear":
         raise ValueError(f"order must be 'linear' or 'cubic', got {order!r}")
+    import torch
+
     with torch.no_grad():
         t = torch.from_numpy(np.ascontiguousarray(data))
         if axis is None:
@@ -142,7 +163,7 @@ def resample_image(data: np.ndarray, new_shape: Sequence[int], current_spacing: 
         return _separate_z(t, new_shape, axis, lambda x, size: _interp(x, size)).numpy()
 
 
-def _separate_z(t: torch.Tensor, new_shape: tuple[int, ...], axis: int, inplane) -> torch.Tensor:
+def _separate_z(t: "torch.Tensor", new_shape: tuple[int, ...], axis: int, inplane) -> "torch.Tensor":
     """In-plane ``inplane`` per slice along ``axis``, then nearest neighbour along it."""
     c = t.shape[0]
     moved = t.movedim(axis + 1, 1)  # (C, S, P, Q)
@@ -151,7 +172,9 @@ def _separate_z(t: torch.Tensor, new_shape: tuple[int, ...], axis: int, inplane)
     flat = moved.reshape(c * s, 1, *moved.shape[2:])
     out = inplane(flat, plane).reshape(c, s, *plane)
     if s != new_shape[axis]:
-        out = out.index_select(1, _nearest_indices(s, new_shape[axis]))
+        import torch
+
+        out = out.index_select(1, torch.from_numpy(_nearest_indices(s, new_shape[axis])))
     return out.movedim(1, axis + 1).contiguous()
 
 
@@ -159,72 +182,97 @@ def _resample_cubic(data: np.ndarray, new_shape: tuple[int, ...], axis: int | No
     if axis is None:
         return np.stack([_cubic(ch, new_shape) for ch in data])
     plane_shape = tuple(data.shape[1 + a] if a == axis else new_shape[a] for a in range(3))
-    idx = _nearest_indices(data.shape[1 + axis], new_shape[axis]).numpy()
+    idx = _nearest_indices(data.shape[1 + axis], new_shape[axis])
     return np.ascontiguousarray(np.stack([np.take(_cubic(ch, plane_shape, axis), idx, axis=axis) for ch in data]))
 
 
-def _nearest_labels(seg: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Nearest-neighbour resize of ``seg`` (N, 1, *spatial) at nnU-Net's order-0 coordinates."""
-    for d, n in enumerate(size):
-        seg = seg.index_select(2 + d, _nearest_indices(seg.shape[2 + d], int(n)))
-    return seg
+def _take(a: np.ndarray, indices: Sequence[np.ndarray]) -> np.ndarray:
+    """``a`` sampled at the outer product of per-axis ``indices``."""
+    for axis, idx in enumerate(indices):
+        a = a.take(idx, axis=axis)
+    return a
 
 
-def _label_argmax(seg: torch.Tensor, labels: np.ndarray, size: Sequence[int]) -> torch.Tensor:
-    """Argmax over labels of linearly interpolated one-hot masks; seg is (N, 1, *spatial).
+def _mixed_blocks(seg: np.ndarray) -> np.ndarray:
+    """True where the 2x2x2 block starting at a voxel (cut at the far edges) holds two labels."""
+    mixed = np.zeros(seg.shape, bool)
+    for off in np.ndindex(*(2,) * seg.ndim):
+        if any(off):
+            a = tuple(slice(0, n - o) for n, o in zip(seg.shape, off))
+            b = tuple(slice(o, n) for n, o in zip(seg.shape, off))
+            mixed[a] |= seg[a] != seg[b]
+    return mixed
+
+
+def _score_block(seg: np.ndarray, taps: list, at: tuple, nearest: np.ndarray) -> np.ndarray:
+    """Labels of the output voxels ``at`` (index arrays): argmax of the linearly interpolated
+    one-hot scores, summed over the 8 corners in float64; scores within ``TIE_TOLERANCE``
+    are tied: the nearest voxel's label wins a tie it is part of, else the lowest label."""
+    labels, weights = [], []
+    for corner in np.ndindex(*(2,) * seg.ndim):
+        idx, w = [], np.ones(len(at[0]))
+        for axis, c in enumerate(corner):
+            i0, i1, l1 = taps[axis]
+            idx.append((i1 if c else i0)[at[axis]])
+            w = w * (l1[at[axis]] if c else 1.0 - l1[at[axis]])
+        labels.append(seg[tuple(idx)])
+        weights.append(w)
+    lab, wts = np.stack(labels), np.stack(weights)
+    best, out, near_score = np.full(len(at[0]), -1.0), np.zeros(len(at[0]), seg.dtype), np.zeros(len(at[0]))
+    for c in np.unique(lab):  # ascending: a tie keeps the lower label
+        score = (wts * (lab == c)).sum(0)
+        better = score > best + TIE_TOLERANCE
+        best, out = np.where(better, score, best), np.where(better, c, out)
+        near_score = np.where(nearest == c, score, near_score)
+    return np.where(near_score >= best - TIE_TOLERANCE, nearest, out)
+
+
+def _label_argmax(seg: np.ndarray, size: Sequence[int], nearest_axis: int | None = None) -> np.ndarray:
+    """Argmax over labels of linearly interpolated one-hot masks (what nnU-Net's
+    resize_segmentation computes, per label), ``seg`` (X, Y, Z); along ``nearest_axis`` nearest
+    neighbour instead (separate z).
 
     Ties go to the nearest neighbour's label when it is among the tied ones (nnU-Net's rule,
     batchgenerators >= 0.25.4), else to the lowest label. Sample points fall midway between
     voxels wherever the size ratio reduces to an even numerator (2x, 4/3, 42/37, ...); there a
     plain argmax gives every tie to the lower label and erodes the higher labels' structures
-    (a 1 mm brain through 2 mm lost 4 % of its white matter). The masks are interpolated in
-    float64 so that a tie is one to ~1e-13 (``TIE_TOLERANCE``): in float32, torch's coordinates
-    put ties up to ~3e-5 apart, as far apart as genuine near-ties, which keep their argmax."""
-    nearest = _nearest_labels(seg, size)
-    near_score = torch.zeros(())  # the score of each output voxel's nearest-neighbour label
-    best: torch.Tensor | None = None
-    out = seg
-    for start in range(0, len(labels), LABEL_CHUNK):
-        chunk = torch.as_tensor(labels[start:start + LABEL_CHUNK], dtype=seg.dtype)
-        onehot = (seg == chunk.view(1, -1, *([1] * (seg.ndim - 2)))).double()
-        probs = _interp(onehot, size)
-        for j, c in enumerate(chunk):
-            near_score = torch.where(nearest == c, probs[:, j:j + 1], near_score)
-        val, arg = probs.max(dim=1, keepdim=True)
-        lab = chunk[arg]
-        if best is None:
-            best, out = val, lab
-        else:
-            better = val > best
-            best = torch.where(better, val, best)
-            out = torch.where(better, lab, out)
-    assert best is not None
-    return torch.where(near_score >= best - TIE_TOLERANCE, nearest, out)
+    (a 1 mm brain through 2 mm lost 4 % of its white matter). Scores are float64 so that a tie
+    is one to ~1e-13 (``TIE_TOLERANCE``): in float32 interpolation, ties come out up to ~3e-5
+    apart, as far apart as genuine near-ties, which keep their argmax. Only output voxels whose
+    2x2x2 input neighbourhood holds two labels are scored (a few % of a label map); the others
+    take their one label."""
+    near_idx = [_nearest_indices(n, int(m)) for n, m in zip(seg.shape, size)]
+    taps = [(near_idx[a], near_idx[a], np.zeros(len(near_idx[a]))) if a == nearest_axis
+            else _linear_taps(n, int(m)) for a, (n, m) in enumerate(zip(seg.shape, size))]
+    first = [t[0] for t in taps]
+    out = _take(seg, first)
+    nearest = _take(seg, near_idx).reshape(-1)
+    todo = np.flatnonzero(_take(_mixed_blocks(seg), first))
+    flat = out.reshape(-1)
+    for start in range(0, todo.size, LABEL_BLOCK):
+        sel = todo[start:start + LABEL_BLOCK]
+        flat[sel] = _score_block(seg, taps, np.unravel_index(sel, out.shape), nearest[sel])
+    return out
 
 
 def resample_label(seg: np.ndarray, new_shape: Sequence[int], current_spacing: Sequence[float],
                    new_spacing: Sequence[float], separate_z: int | None | str = "auto") -> np.ndarray:
     """Resample a label map ``(1, X, Y, Z)`` (may hold -1) by one-hot linear + argmax."""
     new_shape = tuple(int(s) for s in new_shape)
+    seg = np.asarray(seg)
     if seg.shape[1:] == new_shape:
         return np.asarray(seg, dtype=np.int16)
     axis = _z_axis(separate_z, current_spacing, new_spacing)
-    labels = np.unique(seg)
-    with torch.no_grad():
-        t = torch.from_numpy(np.ascontiguousarray(seg, dtype=np.int16))
-        if len(labels) == 1:
-            return np.full((1,) + new_shape, labels[0], dtype=np.int16)
-        if axis is None:
-            out = _label_argmax(t[None], labels, new_shape)[0]
-        else:
-            out = _separate_z(t, new_shape, axis, lambda x, size: _label_argmax(x, labels, size))
-    return out.numpy().astype(np.int16)
+    small = np.int8 if seg.size and -128 <= seg.min() and seg.max() <= 127 else np.int16
+    return _label_argmax(np.asarray(seg[0], small), new_shape, axis)[None].astype(np.int16)
 
 
-def resample_probabilities(probs: np.ndarray | torch.Tensor, new_shape: Sequence[int],
+def resample_probabilities(probs: "np.ndarray | torch.Tensor", new_shape: Sequence[int],
                            current_spacing: Sequence[float], new_spacing: Sequence[float],
-                           separate_z: int | None | str = "auto") -> torch.Tensor:
+                           separate_z: int | None | str = "auto") -> "torch.Tensor":
     """Resample class probabilities / logits ``(C, X, Y, Z)`` linearly (separate z aware)."""
+    import torch
+
     t = torch.as_tensor(probs)
     new_shape = tuple(int(s) for s in new_shape)
     if tuple(t.shape[1:]) == new_shape:

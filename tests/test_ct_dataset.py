@@ -1,0 +1,38 @@
+"""The CT-sized benchmark dataset (medvol.datasets.ct): real Hounsfield units, labels, geometry."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from medvol.datasets.realdata import available
+
+pytestmark = pytest.mark.skipif(not available("pydicom-data"), reason="pydicom-data not installed")
+
+
+def test_ct_cases_keep_the_real_slice_units_and_preprocess_as_ct(tmp_path):
+    from medvol.datasets.ct import build_ct_dataset
+    from medvol.io import read_volume
+    from medvol.preprocessing import load_plans, preprocess_dataset
+
+    raw = build_ct_dataset(tmp_path / "Dataset002_HeadCT", cases=2, slices=12)
+    image = read_volume(raw / "imagesTr" / "ct_001_0000.nii.gz")
+    label = np.asarray(read_volume(raw / "labelsTr" / "ct_001.nii.gz").array)
+    hu = np.asarray(image.array)
+    assert hu.shape == label.shape == (512, 512, 12)
+    np.testing.assert_allclose(np.diag(image.affine)[:3], [0.6, 0.6, 1.25])
+    assert np.median(hu[label == 0]) == pytest.approx(-1000, abs=30)  # air, not zero
+    assert 0 < np.median(hu[label == 1]) < 80  # brain
+    assert np.median(hu[label == 2]) > 500  # skull
+    mid, end = (label[..., 6] > 0).sum(), (label[..., 0] > 0).sum()
+    assert mid > 2 * end  # the head is widest mid-volume
+    assert json.loads((raw / "dataset.json").read_text())["channel_names"] == {"0": "CT"}
+
+    out = tmp_path / "pre"
+    preprocess_dataset(raw, out, num_workers=1, quiet=True)
+    plans = load_plans(out)
+    assert plans["normalization"][0]["scheme"] == "CTNormalization"  # nnU-Net's name
+    props = json.loads((out / "cases" / "ct_001.json").read_text())
+    assert props["crop_bbox"][0] == [0, 512]  # no zero background: the crop keeps the field of view
