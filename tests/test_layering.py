@@ -57,3 +57,18 @@ def test_data_and_training_read_the_cache_without_the_preprocessing_driver():
             "print(sorted(m for m in sys.modules if m.startswith('medvol.preprocessing')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_preprocessing_runs_without_torch_monai_or_skimage(tmp_path):
+    """`medvol preprocess` (parent and forked workers) needs numpy and scipy only: importing
+    torch alone would cost ~1.4 s of a run that takes ~3.5 s on six 1 mm brains (issue 21)."""
+    from medvol.datasets.brain import Acquisition, build_brain_dataset
+
+    raw = build_brain_dataset(tmp_path / "Dataset001_BrainTissue", n_train=2, n_test=0,
+                              acquisitions=[Acquisition((3.0, 3.0, 3.0)), Acquisition((2.5, 2.5, 3.5))])
+    code = ("import sys\nfrom medvol.cli import main\n"
+            f"rc = main(['preprocess', {str(raw)!r}, '-o', {str(tmp_path / 'out')!r}, '-j', '1', '--quiet'])\n"
+            "print(rc, sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'monai', 'skimage'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "0 []"
+    assert (tmp_path / "out" / "cases" / "brain_001.npy").exists()
