@@ -17,19 +17,55 @@ def nonzero_mask(image: np.ndarray) -> np.ndarray:
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """``scipy.ndimage.binary_fill_holes(mask)`` (background connected face to face), computed
-    as the background components that do not reach the border, inside the mask's bounding
-    box grown by one voxel (everything outside that box reaches the border): ~2-4x faster."""
+    """``scipy.ndimage.binary_fill_holes(mask)`` (background connected face to face): the
+    background components that do not reach the border are filled. Found inside the mask's
+    bounding box grown by one voxel (everything outside it reaches the border); where the
+    background is sparse there (a CT: air is -1000, only stray voxels are exactly 0) from a
+    graph over those few voxels, else by labelling it (~2-4x faster than scipy's dilations)."""
     box = tuple(slice(max(a - 1, 0), min(b + 1, n)) for (a, b), n in zip(bbox_of(mask), mask.shape))
-    background, _ = ndimage.label(~mask[box])
-    edge = np.zeros(int(background.max()) + 1, bool)
+    background = ~mask[box]
+    count = int(np.count_nonzero(background))
+    out = mask.copy()
+    if count <= background.size // 32:
+        voxels = np.flatnonzero(background)
+        holes = voxels[~_reaches_border(voxels, background.shape)]
+        out[box][np.unravel_index(holes, background.shape)] = True
+        return out
+    parts, _ = ndimage.label(background)
+    edge = np.zeros(int(parts.max()) + 1, bool)
     for axis in range(mask.ndim):
         for end in (0, -1):
-            edge[np.unique(np.take(background, end, axis=axis))] = True
+            edge[np.unique(np.take(parts, end, axis=axis))] = True
     edge[0] = False  # label 0: the mask itself
-    out = mask.copy()
-    out[box] = ~edge[background]
+    out[box] = ~edge[parts]
     return out
+
+
+def _reaches_border(voxels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """For sorted flat indices of background voxels: whether each one's face-connected
+    component touches the array's border (connected components of the sparse voxel graph)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    coords = np.unravel_index(voxels, shape)
+    strides = np.cumprod((1,) + tuple(shape[::-1]))[:-1][::-1]
+    rows, cols = [], []
+    for axis, stride in enumerate(strides):
+        ok = coords[axis] < shape[axis] - 1
+        nxt = voxels[ok] + stride
+        pos = np.minimum(np.searchsorted(voxels, nxt), len(voxels) - 1)
+        hit = voxels[pos] == nxt
+        rows.append(np.flatnonzero(ok)[hit])
+        cols.append(pos[hit])
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    graph = coo_matrix((np.ones(len(r), np.int8), (r, c)), shape=(len(voxels),) * 2)
+    _, comp = connected_components(graph, directed=False)
+    border = np.zeros(len(voxels), bool)
+    for axis, n in enumerate(shape):
+        border |= (coords[axis] == 0) | (coords[axis] == n - 1)
+    touching = np.zeros(int(comp.max()) + 1 if len(comp) else 1, bool)
+    touching[comp[border]] = True
+    return touching[comp]
 
 
 def bbox_of(mask: np.ndarray) -> list[list[int]]:
@@ -45,9 +81,9 @@ def bbox_of(mask: np.ndarray) -> list[list[int]]:
 def crop_to_nonzero(image: np.ndarray, label: np.ndarray | None = None):
     """Crop ``image`` (C, X, Y, Z) and ``label`` (1, X, Y, Z) to the nonzero bounding box.
 
-    Returns ``(image, seg, bbox)``. ``seg`` is the cropped label with background voxels
-    outside the nonzero mask set to -1, or, without a label, 0 inside the mask and -1
-    outside (so normalisation can ignore the outside either way).
+    Returns ``(image, seg, bbox)``. ``seg`` (int8, int16 for labels above 127) is the cropped
+    label with background voxels outside the nonzero mask set to -1, or, without a label, 0
+    inside the mask and -1 outside (so normalisation can ignore the outside either way).
     """
     mask = nonzero_mask(image)
     bbox = bbox_of(mask)
@@ -55,9 +91,12 @@ def crop_to_nonzero(image: np.ndarray, label: np.ndarray | None = None):
     image = image[(slice(None),) + sl]
     mask = mask[sl][None]
     if label is not None:
-        seg = np.array(label[(slice(None),) + sl], dtype=np.int16)
-        seg[(seg == 0) & ~mask] = OUTSIDE_LABEL
-    else:  # built as int16 directly (np.where would allocate an int64 volume first)
-        seg = np.full(mask.shape, OUTSIDE_LABEL, dtype=np.int16)
+        small = label.size == 0 or int(label.max()) <= np.iinfo(np.int8).max
+        seg = np.array(label[(slice(None),) + sl], dtype=np.int8 if small else np.int16)
+        outside = np.equal(seg, 0)
+        outside &= ~mask
+        seg[outside] = OUTSIDE_LABEL
+    else:  # built as int8 directly (np.where would allocate an int64 volume first)
+        seg = np.full(mask.shape, OUTSIDE_LABEL, dtype=np.int8)
         seg[mask] = 0
     return image, seg, bbox

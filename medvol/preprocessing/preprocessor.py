@@ -54,7 +54,7 @@ MIN_LOCATION_COVERAGE = 0.01
 def sample_class_locations(seg: np.ndarray, classes: Iterable[int], seed: int = 1234) -> dict[str, np.ndarray]:
     """Up to 10,000 voxel positions (x, y, z) per class (at least 1 % of its voxels), for
     foreground oversampling, as ``(n, 3)`` int32 arrays; fixed seed, as nnU-Net."""
-    rs = np.random.RandomState(seed)
+    rng = np.random.default_rng(seed)  # draws n of N in O(n) (RandomState permutes all N)
     flat = seg.reshape(-1)
     spatial = seg.shape[1:]
     out: dict[str, np.ndarray] = {}
@@ -64,24 +64,27 @@ def sample_class_locations(seg: np.ndarray, classes: Iterable[int], seed: int = 
             out[str(c)] = np.zeros((0, len(spatial)), np.int32)
             continue
         n = max(min(NUM_LOCATION_SAMPLES, idx.size), int(np.ceil(idx.size * MIN_LOCATION_COVERAGE)))
-        chosen = idx[rs.choice(idx.size, n, replace=False)]
+        chosen = idx[rng.choice(idx.size, n, replace=False)]
         out[str(c)] = np.stack(np.unravel_index(chosen, spatial), axis=1).astype(np.int32)
     return out
 
 
-def _normalise_and_resample(image: np.ndarray, seg: np.ndarray | None, spacing: Sequence[float], plans: dict,
-                            copy: bool = True):
+def _normalise_and_resample(image: np.ndarray | list, seg: np.ndarray | None, spacing: Sequence[float],
+                            plans: dict, copy: bool = True):
     """image/seg are cropped, channel-first. Returns resampled (image, seg, new_shape).
-    ``copy=False`` normalises ``image`` in place (when the caller owns it: saves a copy)."""
+    ``copy=False`` normalises ``image`` in place (when the caller owns it: saves a copy).
+    ``image`` may be ``[array]``: the caller hands over its only reference (the list is
+    emptied), so the raw array and then the normalised one are freed as soon as they are used."""
+    owned = image if isinstance(image, list) else [image]
     norm = plans["normalization"]
     stats = {str(n["channel"]): n["statistics"] for n in norm}
-    if copy or image.dtype != np.float32:
-        image = np.array(image, dtype=np.float32)
-    image = normalize(image, seg, [n["scheme"] for n in norm],
-                      [n["use_mask_for_norm"] for n in norm], stats)
+    if copy or owned[0].dtype != np.float32:
+        owned.append(np.array(owned.pop(), dtype=np.float32))
+    owned.append(normalize(owned.pop(), seg, [n["scheme"] for n in norm],
+                           [n["use_mask_for_norm"] for n in norm], stats))
     target = plans["target_spacing"]
-    new_shape = compute_new_shape(image.shape[1:], spacing, target)
-    image = resample_image(image, new_shape, spacing, target, order=plans["resampling"]["image"])
+    new_shape = compute_new_shape(owned[0].shape[1:], spacing, target)
+    image = resample_image(owned, new_shape, spacing, target, order=plans["resampling"]["image"])
     if seg is not None:
         seg = resample_label(seg, new_shape, spacing, target)
     return image, seg, new_shape
@@ -248,8 +251,13 @@ def _preprocess_job(case: RawCase, dataset: RawDataset, out: Path, plans: dict, 
             ref, spacing, oriented = loaded.reference, loaded.spacing, loaded.orientation_properties()
             original_shape, has_label = list(ref.spatial_shape), loaded.label is not None
             cropped, seg, bbox = crop_to_nonzero(loaded.image, loaded.label)
-        image, seg_r, new_shape = _normalise_and_resample(cropped, seg, spacing, plans)
-        props = _geometry_properties(ref, bbox, cropped.shape[1:], spacing, plans, new_shape)
+            ref = Volume(np.empty((0, 0, 0)), ref.affine, ref.meta)  # geometry only: the scan can go
+            del loaded
+        crop_shape = cropped.shape[1:]
+        owned = [cropped]
+        del cropped  # handed over: _normalise_and_resample frees it once converted
+        image, seg_r, new_shape = _normalise_and_resample(owned, seg, spacing, plans)
+        props = _geometry_properties(ref, bbox, crop_shape, spacing, plans, new_shape)
         props["original_shape"] = [int(s) for s in original_shape]
         props.update(oriented)
         props.update(dataset.case_meta.get(case.case_id, {}))  # partial labels: task_id, annotated

@@ -25,7 +25,7 @@ from medvol.io import Volume, read_volume
 from medvol.io.dicom import group_series, list_dicom_files
 from medvol.io.discovery import find_scans, scan_id, scan_stem, scan_suffix
 from medvol.io.orientation import orient_channels
-from medvol.io.volume import spacing_from_affine
+from medvol.io.volume import c_order, spacing_from_affine
 
 log = logging.getLogger(__name__)
 
@@ -340,9 +340,9 @@ def _v2_cases(root: Path, img_dir: str, lab_dir: str, ending: str, n_channels: i
 
 @dataclass
 class LoadedCase:
-    image: np.ndarray  # (C, X, Y, Z) float32
-    label: np.ndarray | None  # (1, X, Y, Z) int16
-    reference: Volume  # first channel's volume as stored in its file (the geometry outputs return to)
+    image: np.ndarray  # (C, X, Y, Z), C-ordered: float32, or the file's small integer dtype
+    label: np.ndarray | None  # (1, X, Y, Z) int8 (int16 for labels above 127)
+    reference: Volume  # first channel's geometry as stored in its file (its array a zero-byte stand-in)
     affine: np.ndarray | None = None  # the arrays' affine when reoriented (else the reference's)
 
     @property
@@ -364,17 +364,20 @@ def load_raw_case(case: RawCase, dataset: RawDataset, check_labels: bool = True,
     ``orientation="RAS"`` the arrays come back in RAS voxel order (``LoadedCase.affine``)."""
     if case.problem is not None:
         raise case.problem
-    vols = [read_volume(p) for p in case.images]
-    ref = vols[0]
-    channels = []
-    for p, v in zip(case.images, vols):
+    ref, channels = None, []
+    for p in case.images:  # each file's own array is let go once copied (C-ordered) into the case
+        v = read_volume(p)
+        if ref is None:
+            ref = _geometry_only(v)
         _check_geometry(p, v, case.images[0], ref)
-        channels.append(v.channel_first())
+        channels.append(v.channel_first(_kept_dtype(v.array.dtype)))
+        del v
+    assert ref is not None
     image = np.concatenate(channels) if len(channels) > 1 else channels[0]
     if image.shape[0] != dataset.num_channels and dataset.layout not in ("nifti_folder", "dicom_tree"):
         raise InputError(case.images[0], f"holds {image.shape[0]} channel(s), dataset.json declares "
                                          f"{dataset.num_channels}")
-    finite = np.isfinite(image)
+    finite = np.isfinite(image) if image.dtype.kind == "f" else np.ones((), bool)
     if not finite.all():
         c = int(np.argwhere(~finite)[0][0])
         bad = int((~finite).sum())
@@ -387,6 +390,7 @@ def load_raw_case(case: RawCase, dataset: RawDataset, check_labels: bool = True,
             raise InputError(case.label, f"label must be a 3D image, got shape {lv.array.shape}")
         _check_geometry(case.label, lv, case.images[0], ref)
         label = _label_array(case.label, np.asarray(lv.array), dataset.label_values if check_labels else None)[None]
+        del lv
     if orientation in (None, "stored"):
         return LoadedCase(image, label, ref)
     image, affine = orient_channels(image, ref.affine, orientation)
@@ -394,10 +398,34 @@ def load_raw_case(case: RawCase, dataset: RawDataset, check_labels: bool = True,
     return LoadedCase(image, label, ref, affine)
 
 
+def _geometry_only(v: Volume) -> Volume:
+    """``v`` with a zero-byte stand-in of the same shape and dtype for its array."""
+    return Volume(np.broadcast_to(np.zeros((), v.array.dtype), v.array.shape), v.affine, v.meta)
+
+
+def _kept_dtype(dtype: np.dtype) -> np.dtype | None:
+    """Small integer scans (CT's int16, MRI's uint8/int16) stay in their dtype until
+    normalisation (half the bytes through cropping, fingerprint and staging); others float32."""
+    return None if dtype.kind in "iu" and dtype.itemsize <= 2 else np.dtype(np.float32)
+
+
+def _values_present(lab: np.ndarray) -> np.ndarray:
+    """``np.unique(lab)``; for small integer dtypes by counting (no sort of the volume)."""
+    if lab.dtype.kind in "iu" and lab.dtype.itemsize <= 2 and lab.size:
+        lo = int(np.iinfo(lab.dtype).min)
+        flat = lab.ravel(order="K")  # a view for C- or F-ordered volumes
+        counts = np.zeros(1 << (8 * lab.dtype.itemsize), np.int64)
+        for i in range(0, flat.size, 1 << 22):  # in chunks: bincount takes intp (8 bytes a voxel)
+            counts += np.bincount(flat[i:i + (1 << 22)].astype(np.int64) - lo, minlength=counts.size)
+        return (np.flatnonzero(counts) + lo).astype(lab.dtype)
+    return np.unique(lab)
+
+
 def _label_array(path: Path, lab: np.ndarray, declared: list[int] | None) -> np.ndarray:
-    """``lab`` as int16, after checking its values in the file's own dtype (a cast first
-    would turn 65538 into 2 and 1e10 into 0): integers, and declared when ``declared`` is given."""
-    present = np.unique(lab)
+    """``lab`` as C-ordered int8 (int16 for values above 127), after checking its values in the
+    file's own dtype (a cast first would turn 65538 into 2 and 1e10 into 0): integers, and
+    declared when ``declared`` is given."""
+    present = _values_present(lab)
     if not np.issubdtype(lab.dtype, np.integer):
         if not np.all(np.isfinite(present)) or not np.array_equal(present, np.round(present)):
             bad = present[~np.isfinite(present) | (present != np.round(present))]
@@ -408,7 +436,7 @@ def _label_array(path: Path, lab: np.ndarray, declared: list[int] | None) -> np.
     if undeclared:
         where = f"declared: {declared}" if declared is not None else "labels are 0..32767"
         raise InputError(path, f"label value(s) {undeclared[:10]} are not declared in dataset.json ({where})")
-    return lab.astype(np.int16)
+    return c_order(lab, np.int8 if max(values, default=0) <= np.iinfo(np.int8).max else np.int16)
 
 
 def _check_geometry(path: Path, vol: Volume, ref_path: Path, ref: Volume) -> None:
