@@ -36,13 +36,15 @@ def case_fingerprint(image_cropped: np.ndarray, seg_cropped: np.ndarray, spacing
     n_fg = int(fg.sum())
     keep = min(n_fg, num_samples)
     chosen = rs.choice(n_fg, keep, replace=False) if keep < n_fg else None
-    samples = np.empty((image_cropped.shape[0], keep), np.float32)
+    small_int = image_cropped.dtype.kind in "iu" and image_cropped.dtype.itemsize <= 2
+    # a CT's int16 values stay int16: half the bytes, and merging radix-sorts them
+    samples = np.empty((image_cropped.shape[0], keep), image_cropped.dtype if small_int else np.float32)
     stats: list[dict[str, float | None]] = []
     for c in range(image_cropped.shape[0]):
         vals = image_cropped[c][fg]
         if vals.size:
-            # sorted here (in the worker): merging then sorts a few presorted runs (timsort)
-            samples[c] = np.sort(vals if chosen is None else vals[chosen])
+            # sorted here (in the worker): merging then sorts a few presorted runs
+            samples[c] = np.sort(vals if chosen is None else vals[chosen], kind="stable" if small_int else None)
             stats.append({"mean": float(vals.mean()), "min": float(vals.min()), "max": float(vals.max()),
                           "num_voxels": int(vals.size)})
         else:
@@ -114,10 +116,12 @@ class _Runs:
 
     def __init__(self, runs: list[np.ndarray], weights: list[float]) -> None:
         keep = [(_sorted(r), float(w)) for r, w in zip(runs, weights) if len(r) and w > 0]
-        self.runs = [r for r, _ in keep]
+        self.dtype = np.result_type(*[r.dtype for r, _ in keep])
+        self.runs = [np.asarray(r, self.dtype) for r, _ in keep]
         self.w = np.array([w for _, w in keep])
 
-    def count(self, x: float, side: str) -> np.ndarray:
+    def count(self, x, side: str) -> np.ndarray:
+        x = self.dtype.type(x)  # the runs' dtype: searchsorted would otherwise convert a whole run per call
         return np.array([np.searchsorted(r, x, side) for r in self.runs])  # type: ignore[call-overload]
 
     def group(self, x: float) -> tuple[float, float]:
@@ -137,7 +141,7 @@ def weighted_quantiles(runs: list[np.ndarray], weights: list[float], qs) -> np.n
     without per-sample weights or an argsort (a 1e8-sample CT fingerprint would need ~5 GB)."""
     pool = _Runs(runs, weights)
     merged = np.concatenate(pool.runs)
-    merged.sort(kind="stable")  # timsort: a few presorted runs merge in O(n log runs)
+    merged.sort(kind="stable")  # timsort merges presorted runs in O(n log runs); radix for int16
     first, last = pool.group(merged[0])[0], pool.group(merged[-1])[1]
     scale = max(last - first, 1e-12)
     out = []
@@ -147,14 +151,14 @@ def weighted_quantiles(runs: list[np.ndarray], weights: list[float], qs) -> np.n
         while lo < hi:  # the first value whose group ends at or after the target
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if pool.group(merged[mid])[1] >= target else (mid + 1, hi)
-        x = float(merged[lo])
+        x = merged[lo]
         start = pool.group(x)[0]
         if target >= start or lo == 0:
-            out.append(x)
+            out.append(float(x))
             continue
-        prev = float(merged[np.searchsorted(merged, merged[lo], "left") - 1])
+        prev = merged[np.searchsorted(merged, x, "left") - 1]
         end = pool.group(prev)[1]
-        out.append(prev + (x - prev) * (target - end) / (start - end))
+        out.append(float(prev) + (float(x) - float(prev)) * (target - end) / (start - end))
     return np.array(out)
 
 

@@ -425,6 +425,10 @@ def _label_array(path: Path, lab: np.ndarray, declared: list[int] | None) -> np.
     """``lab`` as C-ordered int8 (int16 for values above 127), after checking its values in the
     file's own dtype (a cast first would turn 65538 into 2 and 1e10 into 0): integers, and
     declared when ``declared`` is given."""
+    if declared is not None and lab.dtype.kind in "iu" and lab.size:
+        lo, hi = int(lab.min()), int(lab.max())
+        if set(range(lo, hi + 1)) <= set(declared):  # every value declared: no need to list them
+            return c_order(lab, np.int8 if hi <= np.iinfo(np.int8).max else np.int16)
     present = _values_present(lab)
     if not np.issubdtype(lab.dtype, np.integer):
         if not np.all(np.isfinite(present)) or not np.array_equal(present, np.round(present)):

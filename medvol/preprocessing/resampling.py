@@ -122,16 +122,14 @@ def _bspline_matrix(n_in: int, n_out: int) -> np.ndarray:
     return w
 
 
-def _edge_padded(x: np.ndarray, axis: int) -> np.ndarray:
-    """A float32 copy of ``x`` with ``SPLINE_PAD`` edge samples added at both ends of ``axis``."""
-    n = x.shape[axis]
-    shape = list(x.shape)
-    shape[axis] = n + 2 * SPLINE_PAD
-    out = np.empty(shape, np.float32)
-    o, i = np.moveaxis(out, axis, 0), np.moveaxis(x, axis, 0)
-    o[:SPLINE_PAD] = i[:1]
-    o[SPLINE_PAD:SPLINE_PAD + n] = i
-    o[SPLINE_PAD + n:] = i[-1:]
+def _edge_padded(x: np.ndarray, buf: np.ndarray) -> np.ndarray:
+    """``x`` with ``SPLINE_PAD`` edge samples added at both ends of axis 0, in float32, written
+    into the flat buffer ``buf`` (reused slab after slab: fresh pages cost a fault each)."""
+    n = x.shape[0]
+    out = buf[:(n + 2 * SPLINE_PAD) * (x.size // max(n, 1))].reshape((n + 2 * SPLINE_PAD,) + x.shape[1:])
+    out[:SPLINE_PAD] = x[:1]
+    out[SPLINE_PAD:SPLINE_PAD + n] = x
+    out[SPLINE_PAD + n:] = x[-1:]
     return out
 
 
@@ -162,29 +160,35 @@ def _apply_taps(c: np.ndarray, cols: np.ndarray, weights: np.ndarray, out: np.nd
             out[j] += tmp
 
 
-def _cubic_axis(x: np.ndarray, axis: int, n_out: int) -> np.ndarray:
+def _cubic_axis(x: np.ndarray, axis: int, n_out: int, out_buf: np.ndarray | None = None) -> np.ndarray:
     """Order-3 spline resize of one axis: scipy/skimage's prefilter of the edge-padded line,
     then the 4 B-spline taps per output sample, in float32, slab by slab across another axis
     (so the padded coefficients never cost a second copy of the volume). Each slab is worked
-    with the resized axis leading (the last, contiguous axis is turned there at slab size)."""
+    with the resized axis leading (the last, contiguous axis is turned there at slab size).
+    ``out_buf``: a flat float32 array to write the result into when it is large enough."""
     if x.ndim == 1:
         return _cubic_axis(x[:, None], 0, n_out)[:, 0]
     shape = list(x.shape)
     shape[axis] = n_out
-    out = np.empty(shape, np.float32)
+    size = int(np.prod(shape))
+    out = out_buf[:size].reshape(shape) if out_buf is not None and out_buf.size >= size else np.empty(shape, np.float32)
     cols, weights = _bspline_taps(x.shape[axis], n_out)
     weights = weights * SPLINE_GAIN
     across = 1 if axis == 0 else 0
-    per_index = 4 * x.size // x.shape[across] * (x.shape[axis] + 2 * SPLINE_PAD) // max(x.shape[axis], 1)
-    step = max(1, SLAB_BYTES // max(per_index, 1))
+    line = x.size // x.shape[across]  # values per index across
+    step = max(1, SLAB_BYTES // (4 * line * (x.shape[axis] + 2 * SPLINE_PAD) // max(x.shape[axis], 1)))
+    pad_buf = np.empty(min(step, x.shape[across]) * line // x.shape[axis] * (x.shape[axis] + 2 * SPLINE_PAD),
+                       np.float32)
+    last = axis == x.ndim - 1
+    res_buf = np.empty(min(step, x.shape[across]) * line // x.shape[axis] * n_out, np.float32) if last else None
     for start in range(0, x.shape[across], step):
         part = [slice(None)] * x.ndim
         part[across] = slice(start, start + step)
-        c = _edge_padded(np.moveaxis(x[tuple(part)], axis, 0), 0)
+        c = _edge_padded(np.moveaxis(x[tuple(part)], axis, 0), pad_buf)
         _prefilter(c)
         dst = np.moveaxis(out[tuple(part)], axis, 0)
-        if axis == x.ndim - 1:  # write through a leading-axis buffer, not a strided view
-            res = np.empty(dst.shape, np.float32)
+        if res_buf is not None:  # the contiguous axis: taps into a leading-axis buffer, then turned
+            res = res_buf[:dst.size].reshape(dst.shape)
             _apply_taps(c, cols, weights, res)
             dst[...] = res
         else:
@@ -208,13 +212,14 @@ def _pass_order(shape: Sequence[int], size: Sequence[int], axes: list[int]) -> l
     return list(min(permutations(axes), key=peak))
 
 
-def _cubic(owned: list, size: Sequence[int], slice_axis: int | None = None) -> np.ndarray:
+def _cubic(owned: list, size: Sequence[int], slice_axis: int | None = None, reuse_input: bool = False) -> np.ndarray:
     """What ``skimage.transform.resize(x, size, order=3, mode="edge", anti_aliasing=False)``
     computes (nnU-Net's image interpolant), separably: one axis at a time, then the output
     clipped to the input's range. With ``slice_axis``, each slice along it is resized in-plane
     on its own (that axis keeps its size) and clipped to its own range, as nnU-Net's per-slice
     calls do. Equal to skimage within ~1e-6 of the intensity range (tests/test_resampling.py).
-    ``owned`` = [x], emptied: the input is let go after the first pass (a volume of memory)."""
+    ``owned`` = [x], emptied: the input is let go after the first pass (a volume of memory);
+    with ``reuse_input`` its memory takes a later pass's output (no fresh pages to fault in)."""
     x = owned.pop()
     keep = (slice_axis,) if slice_axis is not None else ()
     other = tuple(a for a in range(x.ndim) if a not in keep)
@@ -222,8 +227,14 @@ def _cubic(owned: list, size: Sequence[int], slice_axis: int | None = None) -> n
     axes = [a for a, n in enumerate(size) if a != slice_axis and x.shape[a] != n]
     if not axes:
         return np.clip(np.array(x, np.float32), lo, hi)
-    for axis in _pass_order(x.shape, size, axes):
-        x = _cubic_axis(x, axis, int(size[axis]))
+    spare = None  # the memory of the array before last, written over by the next pass
+    for i, axis in enumerate(_pass_order(x.shape, size, axes)):
+        if spare is not None and spare.size < x.size // x.shape[axis] * int(size[axis]):
+            spare = None  # too small for this pass: let it go before the output is allocated
+        y = _cubic_axis(x, axis, int(size[axis]), spare)
+        mine = i > 0 or reuse_input
+        spare = x.reshape(-1) if mine and x.dtype == np.float32 and x.flags.c_contiguous else None
+        x = y
     return np.clip(x, lo, hi, out=x)
 
 
@@ -239,7 +250,7 @@ def resample_image(data: np.ndarray | list, new_shape: Sequence[int], current_sp
         return np.asarray(owned.pop(), dtype=np.float32)
     axis = _z_axis(separate_z, current_spacing, new_spacing)
     if order == "cubic":
-        return _resample_cubic(owned, new_shape, axis)
+        return _resample_cubic(owned, new_shape, axis, reuse=isinstance(data, list))
     if order != "linear":
         raise ValueError(f"order must be 'linear' or 'cubic', got {order!r}")
     import torch
@@ -266,7 +277,7 @@ def _separate_z(t: "torch.Tensor", new_shape: tuple[int, ...], axis: int, inplan
     return out.movedim(1, axis + 1).contiguous()
 
 
-def _resample_cubic(owned: list, new_shape: tuple[int, ...], axis: int | None) -> np.ndarray:
+def _resample_cubic(owned: list, new_shape: tuple[int, ...], axis: int | None, reuse: bool = False) -> np.ndarray:
     data = owned.pop()
     if axis is None:
         plane_shape, idx = new_shape, None
@@ -278,7 +289,7 @@ def _resample_cubic(owned: list, new_shape: tuple[int, ...], axis: int | None) -
     out = None
     for c in range(len(channels)):
         handed, channels[c] = [channels[c]], None
-        ch = _cubic(handed, plane_shape, axis)
+        ch = _cubic(handed, plane_shape, axis, reuse_input=reuse)
         if idx is not None:
             ch = np.take(ch, idx, axis=axis)
         if len(channels) == 1:
