@@ -33,13 +33,31 @@ def test_auto_follows_the_cpu_capability(native_bf16):
     assert cpu_has_native_bf16()
     p = choose_precision("cpu")
     assert (p.name, p.dtype, p.channels_last) == ("bf16", torch.bfloat16, True)
-    assert choose_precision("cpu", training=True).name == "fp32"  # CPU training: fp32 unless asked
-    assert choose_precision("cpu", "bf16", training=True) == Precision("bf16", "cpu", True)
     assert choose_precision("cpu", amp=False).name == "fp32"  # trainer.amp: false
     assert choose_precision("cpu", "fp32") == Precision("fp32", "cpu", False)
     native_bf16(False)
     assert choose_precision("cpu") == Precision("fp32", "cpu", False)
     assert choose_precision("cpu", "bf16") == Precision("bf16", "cpu", False)  # asked for: given
+
+
+def test_training_under_auto_follows_the_cpu_capability(native_bf16, brain_pre, tmp_path):
+    """CPU training picks bf16 + channels-last under ``auto`` where the CPU has native bf16 (the
+    demo's Dice is unchanged within fp32's seed spread, benchmarks/RESULTS.md), else fp32; the
+    run records what it used and validates to finite metrics either way."""
+    from medvol.config import load_recipe
+    from medvol.training import train
+
+    recipe = ["model.base_features=4", "model.max_features=16", "data.patch_size=[16, 16, 16]", "data.batch_size=2",
+              "data.num_workers=0", "trainer.steps=3", "trainer.val_every=3"]
+    for native, want in ((True, ("bf16", True)), (False, ("fp32", False))):
+        native_bf16(native)
+        run = tmp_path / str(native)
+        with pinned(0):
+            train(load_recipe("quickstart", recipe), brain_pre, run, device="cpu", quiet=True)
+        summary = json.loads((run / "train_summary.json").read_text())
+        assert (summary["precision"], summary["channels_last"]) == want
+        assert summary["steps_done"] == 3
+        assert summary["last_validation"] and all(np.isfinite(v) for v in summary["last_validation"].values())
 
 
 def test_environment_switch_and_bad_requests(native_bf16, monkeypatch):
@@ -55,9 +73,8 @@ def test_environment_switch_and_bad_requests(native_bf16, monkeypatch):
 def test_auto_on_cuda_follows_the_gpu_capability(monkeypatch):
     for supported, want in ((True, "bf16"), (False, "fp16")):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda s=supported: s)
-        for training in (False, True):
-            p = choose_precision("cuda", training=training)
-            assert (p.name, p.device_type, p.channels_last) == (want, "cuda", False)
+        p = choose_precision("cuda")
+        assert (p.name, p.device_type, p.channels_last) == (want, "cuda", False)
     with pytest.raises(ConfigError, match="does not support bf16"):
         choose_precision("cuda", "bf16")
 
@@ -106,6 +123,22 @@ def test_a_mask_that_touches_a_window_in_one_voxel_keeps_it():
     sliding_window_probabilities(_Fg(), image, [20, 20, 20], CPU, n_channels=2, overlap=0.0, mask=mask,
                                  stats=stats, precision=Precision("fp32", "cpu"))
     assert stats == {"windows_run": 1, "windows_skipped": 1}
+
+
+def test_ct_body_leaves_out_the_air_and_keeps_what_the_body_encloses():
+    """A CT's nonzero mask is its whole field of view (air is -1000 HU): the body mask that
+    window skipping uses is the tissue above -500 HU plus what it encloses within a plane, so a
+    lung-like cavity open to the outside along one axis (a trachea) still counts as body."""
+    from medvol.preprocessing.cropping import ct_body_mask
+
+    hu = np.full((40, 40, 24), -1000.0)
+    hu[8:32, 8:32, 2:22] = 40  # soft tissue
+    hu[12:28, 12:20, 4:20] = -850  # a lung, enclosed in every plane
+    hu[22:26, 22:26, :] = -900  # an airway through the body along z, open at both ends in 3D
+    body = ct_body_mask(hu)
+    assert body[20, 16, 12] and body[24, 24, 12]  # the lung and the airway inside the body
+    assert not body[2, 2, 12] and not body[20, 20, 0] and not body[24, 24, 0]  # air outside
+    assert body.sum() == 24 * 24 * 20  # exactly the body box, nothing of the air around it
 
 
 def test_batched_mirroring_equals_one_flip_at_a_time():

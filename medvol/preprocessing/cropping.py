@@ -41,6 +41,32 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return out
 
 
+CT_BODY_HU = -500  # above: tissue, fluid, bone, the table; below: air (and lung, filled back in)
+CT_SCHEMES = ("CTNormalization", "CTWindowNormalization")
+
+
+def ct_body_mask(hu: np.ndarray) -> np.ndarray:
+    """A CT's body: voxels above -500 HU, with what they enclose in any plane filled in (the
+    lungs and bowel gas, enclosed by the chest and abdominal wall within the axial slices,
+    whichever array axis those lie across). A CT has no zero background, so the nonzero mask
+    that cropping uses is the whole field of view; this one leaves the air around the patient
+    out (prediction skips windows holding none of it)."""
+    tissue = hu > CT_BODY_HU
+    body = tissue.copy()
+    for axis in range(tissue.ndim):
+        plane = ndimage.generate_binary_structure(tissue.ndim, 1)
+        plane &= np.indices(plane.shape)[axis] == 1  # neighbours within the plane across ``axis``
+        parts, _ = ndimage.label(~tissue, structure=plane)  # background components within each plane
+        edge = np.zeros(int(parts.max()) + 1, bool)
+        for other in range(tissue.ndim):
+            if other != axis:
+                for end in (0, -1):
+                    edge[np.unique(np.take(parts, end, axis=other))] = True
+        edge[0] = False
+        body |= ~edge[parts]
+    return body
+
+
 def _reaches_border(voxels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """For sorted flat indices of background voxels: whether each one's face-connected
     component touches the array's border (connected components of the sparse voxel graph)."""

@@ -26,7 +26,7 @@ from medvol.io import Volume
 from medvol.io.orientation import orient_channels
 from medvol.io.volume import spacing_from_affine
 from medvol.manifest import OutputFolder, refuse_overlap
-from medvol.preprocessing.cropping import crop_to_nonzero
+from medvol.preprocessing.cropping import CT_SCHEMES, OUTSIDE_LABEL, crop_to_nonzero, ct_body_mask
 from medvol.preprocessing.fingerprint import (
     case_fingerprint,
     case_fingerprint_done,
@@ -126,8 +126,9 @@ def preprocess_case(volumes: Volume | Sequence[Volume], plans: dict, inplace: bo
     hold what :func:`medvol.inference.restore_geometry` needs to undo crop and resampling.
     ``inplace=True`` lets it normalise inside the volumes' own float32 arrays (saving a copy
     of the scan) when the caller no longer needs them. ``body_mask=True`` adds
-    ``properties["body_mask"]``: the nonzero mask cropping used, on the preprocessed grid
-    ``(X, Y, Z)`` bool (prediction skips the windows outside it). ``slice_axis`` (a 2D
+    ``properties["body_mask"]``: the nonzero mask cropping used (for a CT, whose nonzero mask is
+    the whole field of view, the body: :func:`~medvol.preprocessing.cropping.ct_body_mask`), on
+    the preprocessed grid ``(X, Y, Z)`` bool (prediction skips the windows outside it). ``slice_axis`` (a 2D
     model's): the scan keeps its own spacing across that axis, as nnU-Net's 2d configuration
     resamples in plane only; so a model planned on native 2D slices (999-mm spacing across
     them) runs over a volume's slices as they are, and a single slice is a valid input.
@@ -152,8 +153,12 @@ def preprocess_case(volumes: Volume | Sequence[Volume], plans: dict, inplace: bo
         target = [float(spacing[a]) if a == slice_axis else float(t) for a, t in enumerate(plans["target_spacing"])]
         plans = {**plans, "target_spacing": target}
     cropped, seg, bbox = crop_to_nonzero(image, None)
-    if not body_mask and not any(n["use_mask_for_norm"] for n in plans["normalization"]):
+    masked_norm = any(n["use_mask_for_norm"] for n in plans["normalization"])
+    if not body_mask and not masked_norm:
         seg = None  # only masked z-scoring reads it: do not keep a label-sized array around
+    ct = [n["channel"] for n in plans["normalization"] if n["scheme"] in CT_SCHEMES]
+    if body_mask and ct and not masked_norm:  # a CT's nonzero mask is its whole field of view
+        seg[0][~ct_body_mask(cropped[int(ct[0])])] = OUTSIDE_LABEL
     out, seg, new_shape = _normalise_and_resample(cropped, seg, spacing, plans, copy=False)  # image is ours now
     props = _geometry_properties(ref, bbox, cropped.shape[1:], spacing, plans, new_shape)
     if body_mask:

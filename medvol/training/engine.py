@@ -90,7 +90,7 @@ class Trainer:
         self.current_step = 0
         self.setup_data()
         self.global_batch = self.batch_size * dist.world_size
-        self.precision = choose_precision(self.device, recipe.trainer.precision, recipe.trainer.amp, training=True)
+        self.precision = choose_precision(self.device, recipe.trainer.precision, recipe.trainer.amp)
         self.amp_dtype = self.precision.dtype
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         torch.manual_seed(recipe.trainer.seed)  # identical initial weights on every rank
