@@ -126,7 +126,7 @@ def real(args) -> dict:
     logging.getLogger("medvol.inference.predictor").setLevel(logging.INFO)
     t0 = time.perf_counter()
     predictor.predict(args.run, args.input, args.out, device=args.device, quiet=True,
-                      all_windows="skip" not in setting)
+                      all_windows="skip" not in setting, tta=False if args.no_tta else None)
     return {"seconds": time.perf_counter() - t0, "peak_rss_mb": _rss_mb(),
             "precision": chosen.name + ("+cl" if chosen.channels_last else ""),
             "windows": stats}
@@ -186,6 +186,9 @@ def main() -> int:
     ap.add_argument("--run", help="a trained run folder: benchmark `predict` on --input with it")
     ap.add_argument("--input", help="scans for --run")
     ap.add_argument("--out", default=".bench/inference", help="prediction folders for --run (one per setting)")
+    ap.add_argument("--no-tta", action="store_true", help="--run: without mirroring (else the recipe's choice)")
+    ap.add_argument("--settings", nargs="+", default=["fp32", "fp32+skip", "bf16+skip", "bf16+cl+skip", "auto+skip"],
+                    help="settings for --run, the first the reference (fp32 with every window)")
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.variant:
@@ -235,10 +238,11 @@ def real_table(a) -> int:
 
     out = Path(a.out)
     rows = []
-    for setting in ("fp32", "fp32+skip", "bf16+skip", "bf16+cl+skip", "auto+skip"):
+    for setting in a.settings:
         folder = out / setting.replace("+", "_")
         r = subprocess.run([sys.executable, __file__, "--device", a.device, "--run", a.run, "--input", a.input,
-                            "--out", str(folder), "--variant", f"real:{setting}"], capture_output=True, text=True)
+                            "--out", str(folder), "--variant", f"real:{setting}"] + (["--no-tta"] if a.no_tta else []),
+                           capture_output=True, text=True)
         if r.returncode:
             print(r.stderr[-2000:])
             return 1

@@ -96,8 +96,6 @@ def _z_axis(separate_z: int | None | str, current_spacing: Sequence[float], new_
 
 
 SPLINE_PAD = 12  # scipy.ndimage pads 'nearest'-mode input by 12 edge samples before its prefilter
-
-
 SPLINE_POLE = float(np.sqrt(3.0) - 2.0)  # the cubic B-spline prefilter's pole
 SPLINE_GAIN = 6.0  # its gain, (1 - z)(1 - 1/z), applied through the tap weights
 SLAB_BYTES = 32 << 20  # padded coefficients held at a time per axis pass
@@ -112,14 +110,6 @@ def _bspline_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     t = x - first
     weights = np.stack([(1 - t) ** 3, 3 * t**3 - 6 * t**2 + 4, -3 * t**3 + 3 * t**2 + 3 * t + 1, t**3], 1) / 6
     return first.astype(np.int64)[:, None] - 1 + np.arange(4), weights
-
-
-def _bspline_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """The taps as an (n_out, n_in + 2 pad) matrix (4 nonzeros a row)."""
-    cols, weights = _bspline_taps(n_in, n_out)
-    w = np.zeros((n_out, n_in + 2 * SPLINE_PAD))
-    np.put_along_axis(w, cols, weights, axis=1)
-    return w
 
 
 def _edge_padded(x: np.ndarray, buf: np.ndarray) -> np.ndarray:
@@ -174,13 +164,13 @@ def _cubic_axis(x: np.ndarray, axis: int, n_out: int, out_buf: np.ndarray | None
     out = out_buf[:size].reshape(shape) if out_buf is not None and out_buf.size >= size else np.empty(shape, np.float32)
     cols, weights = _bspline_taps(x.shape[axis], n_out)
     weights = weights * SPLINE_GAIN
-    across = 1 if axis == 0 else 0
-    line = x.size // x.shape[across]  # values per index across
-    step = max(1, SLAB_BYTES // (4 * line * (x.shape[axis] + 2 * SPLINE_PAD) // max(x.shape[axis], 1)))
-    pad_buf = np.empty(min(step, x.shape[across]) * line // x.shape[axis] * (x.shape[axis] + 2 * SPLINE_PAD),
-                       np.float32)
-    last = axis == x.ndim - 1
-    res_buf = np.empty(min(step, x.shape[across]) * line // x.shape[axis] * n_out, np.float32) if last else None
+    across = 1 if axis == 0 else 0  # slabs are cut across this axis
+    lines = x.size // x.shape[across] // x.shape[axis]  # lines along ``axis`` per index across
+    padded = x.shape[axis] + 2 * SPLINE_PAD
+    step = max(1, SLAB_BYTES // (4 * lines * padded))
+    held = min(step, x.shape[across]) * lines  # lines in one slab
+    pad_buf = np.empty(held * padded, np.float32)
+    res_buf = np.empty(held * n_out, np.float32) if axis == x.ndim - 1 else None
     for start in range(0, x.shape[across], step):
         part = [slice(None)] * x.ndim
         part[across] = slice(start, start + step)
