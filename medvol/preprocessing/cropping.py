@@ -31,14 +31,20 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
         holes = voxels[~_reaches_border(voxels, background.shape)]
         out[box][np.unravel_index(holes, background.shape)] = True
         return out
-    parts, _ = ndimage.label(background)
+    out[box] |= _enclosed(background, ndimage.generate_binary_structure(mask.ndim, 1), range(mask.ndim))
+    return out
+
+
+def _enclosed(background: np.ndarray, structure: np.ndarray, faces) -> np.ndarray:
+    """Background voxels whose component (connected by ``structure``) touches none of the
+    array's faces across the axes ``faces``."""
+    parts, _ = ndimage.label(background, structure=structure)
     edge = np.zeros(int(parts.max()) + 1, bool)
-    for axis in range(mask.ndim):
+    for axis in faces:
         for end in (0, -1):
             edge[np.unique(np.take(parts, end, axis=axis))] = True
-    edge[0] = False  # label 0: the mask itself
-    out[box] = ~edge[parts]
-    return out
+    edge[0] = True  # label 0: not background
+    return ~edge[parts]
 
 
 CT_BODY_HU = -500  # above: tissue, fluid, bone, the table; below: air (and lung, filled back in)
@@ -56,14 +62,7 @@ def ct_body_mask(hu: np.ndarray) -> np.ndarray:
     for axis in range(tissue.ndim):
         plane = ndimage.generate_binary_structure(tissue.ndim, 1)
         plane &= np.indices(plane.shape)[axis] == 1  # neighbours within the plane across ``axis``
-        parts, _ = ndimage.label(~tissue, structure=plane)  # background components within each plane
-        edge = np.zeros(int(parts.max()) + 1, bool)
-        for other in range(tissue.ndim):
-            if other != axis:
-                for end in (0, -1):
-                    edge[np.unique(np.take(parts, end, axis=other))] = True
-        edge[0] = False
-        body |= ~edge[parts]
+        body |= _enclosed(~tissue, plane, [a for a in range(tissue.ndim) if a != axis])
     return body
 
 
