@@ -112,6 +112,18 @@ def metric_series(run: Path) -> dict[str, list[float]]:
 LEARNING_THREADS = 2
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for tiny models (fastest: with two threads on a busy machine a
+    step-by-step GRU spends seconds synchronising); restored afterwards. Modules use it with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
 @contextmanager
 def pinned(seed: int = 0, threads: int = LEARNING_THREADS):
     """Seeds and the intra-op thread count fixed for a learning run, so that its numbers do

@@ -17,12 +17,7 @@ from conftest import metric_series, pinned
 TINY = dict(width=0.25, groups=2, layers=(1, 1, 1, 1), head_channels=16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is fastest
 
 
 def test_normalise_slices_by_hand():

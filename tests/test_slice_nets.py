@@ -21,14 +21,7 @@ SHAPE = (2, 2, 4, 5, 7)  # (B, C, X, Y, Z): B * S = 8, 10, 14 slices, none divis
 SLICE_BATCH = 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread is fastest, and a step-by-step GRU with two threads on a
-    busy machine spends seconds in thread synchronisation."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is fastest
 
 
 # ---------------------------------------------------------------- slice adapter

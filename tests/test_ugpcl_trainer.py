@@ -26,13 +26,7 @@ from medvol.training.ugpcl import (
 
 from conftest import metric_series, pinned
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is fastest
 
 
 # ---------------------------------------------------------------- rotation
