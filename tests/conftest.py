@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -139,3 +141,16 @@ def pinned(seed: int = 0, threads: int = LEARNING_THREADS):
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def train_two_ranks(command: list[str], data: Path, out: Path, sets: list[str]) -> dict:
+    """``medvol <command> --data DATA --out OUT --device cpu --nproc 2`` with ``--set`` overrides,
+    one OpenMP thread per rank; checks that both ranks ended with the same weights and returns
+    ``train_summary.json``."""
+    cmd = [sys.executable, "-m", "medvol", *command, "--data", str(data), "--out", str(out), "--device", "cpu",
+           "--nproc", "2", "--quiet", *sum((["--set", s] for s in sets), [])]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["params_identical_across_ranks"] is True
+    return summary

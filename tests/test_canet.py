@@ -24,7 +24,7 @@ from medvol.preprocessing import open_raw_dataset, preprocess_dataset
 from medvol.training import train
 from medvol.training.canet import CANetOptions, adversarial_weight
 
-from conftest import metric_series, pinned
+from conftest import metric_series, pinned, train_two_ranks
 
 TINY_NET = dict(base=4, hidden=16, layers=1, heads=2, mlp_dim=32)
 
@@ -289,20 +289,12 @@ def test_canet_resume_with_two_models_and_two_optimisers(wm_data, tmp_path):
 
 @pytest.mark.ddp
 def test_canet_under_two_gloo_processes(wm_data, tmp_path):
-    import os
-    import subprocess
-    import sys
 
     _, pre = wm_data
     sets = ["trainer.steps=2", "trainer.val_every=2", "data.val_cases=[brain_005]", "data.patch_size=[32, 32, 32]",
             "model.options.patch_size=[32, 32, 32]", "model.base_features=4", "method.d_base=8",
             "data.batch_size=2", "data.unlabelled_per_batch=1"]
-    cmd = [sys.executable, "-m", "medvol", "train", "canet_demo", "--data", str(pre), "--out", str(tmp_path / "ddp"),
-           "--device", "cpu", "--nproc", "2", "--quiet", *sum((["--set", s] for s in sets), [])]
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    summary = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["params_identical_across_ranks"] is True
+    train_two_ranks(["train", "canet_demo"], pre, tmp_path / "ddp", sets)
 
 
 def test_canet_la_predicts_with_the_papers_stride_and_uniform_averaging(monkeypatch):

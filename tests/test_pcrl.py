@@ -37,7 +37,7 @@ from medvol.training.pcrl import (
     shuffled_forward,
 )
 
-from conftest import metric_series, pinned
+from conftest import metric_series, pinned, train_two_ranks
 
 TINY = ["model.base_features=2", "data.patch_size=[16, 16, 8]", "data.batch_size=4", "data.num_workers=0",
         "method.queue_size=16", "method.proj_dim=8", "method.proj_hidden=8", "method.attention_hidden=8",
@@ -527,17 +527,9 @@ def test_pcrl_resume_is_exact_including_the_queue(brain_pre, tmp_path):
 
 @pytest.mark.ddp
 def test_pcrl_under_two_gloo_processes(brain_pre, tmp_path):
-    import os
-    import subprocess
-    import sys
 
     sets = TINY + ["trainer.steps=2", "trainer.val_every=2", "data.batch_size=2"]
-    cmd = [sys.executable, "-m", "medvol", "pretrain", "--recipe", "pcrl_demo", "--data", str(brain_pre), "--out",
-           str(tmp_path / "ddp"), "--device", "cpu", "--nproc", "2", "--quiet", *sum((["--set", s] for s in sets), [])]
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    summary = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["params_identical_across_ranks"] is True
+    train_two_ranks(["pretrain", "--recipe", "pcrl_demo"], brain_pre, tmp_path / "ddp", sets)
     from medvol.checkpoint import load_checkpoint
 
     queue = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "latest.pt")["models"]["queue"]

@@ -24,7 +24,7 @@ from medvol.training.ugpcl import (
     step_generator,
 )
 
-from conftest import metric_series, pinned
+from conftest import metric_series, pinned, train_two_ranks
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is fastest
 
@@ -299,19 +299,10 @@ def test_2d_model_predicts_volumes_in_their_geometry(learned, tmp_path):
 def test_ugpcl_under_two_gloo_processes(brain_pre, tmp_path):
     """Two processes (DDP, gloo): the projection head idle before contrast_start, dict outputs,
     the queue's all-gather every step; the ranks end with identical weights."""
-    import json
-    import os
-    import subprocess
-    import sys
 
     sets = DEMO + ["trainer.steps=3", "trainer.val_every=3", "method.contrast_start=1", "data.batch_size=4",
                    "data.unlabelled_per_batch=1"]
-    cmd = [sys.executable, "-m", "medvol", "train", "ugpcl_demo", "--data", str(brain_pre), "--out",
-           str(tmp_path / "ddp"), "--device", "cpu", "--nproc", "2", "--quiet", *sum((["--set", s] for s in sets), [])]
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    summary = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["params_identical_across_ranks"] is True
+    train_two_ranks(["train", "ugpcl_demo"], brain_pre, tmp_path / "ddp", sets)
     queue = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "latest.pt")["models"]["model"]
     # steps 1 and 2 wrote the background means of both ranks' 3 labelled images at least (12);
     # rank 0's own 4 images could not reach that (DDP broadcasts rank 0's buffers)
