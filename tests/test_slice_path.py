@@ -147,6 +147,14 @@ def test_unlabelled_cases_of_a_semi_supervised_dataset_are_cached_without_labels
     assert load_case(tmp_path / "pre", "u")[2]["has_label"] is False
     labelled, unlabelled, _ = training_cases(tmp_path / "pre", DataConfig(val_fraction=0.0), 0)
     assert labelled == ["a", "b"] and unlabelled == ["u"]
+    for seed in range(6):  # a seeded validation fraction never draws the unlabelled case
+        labelled, unlabelled, val = training_cases(tmp_path / "pre", DataConfig(val_fraction=0.5), seed)
+        assert len(val) == 1 and val[0] in ("a", "b") and unlabelled == ["u"] and labelled + val in (["a", "b"], ["b", "a"])
+    with pytest.raises(ConfigError, match=r"val_cases.*\['u'\]"):
+        training_cases(tmp_path / "pre", DataConfig(val_cases=["u"]), 0)
+    (tmp_path / "pre" / "splits_final.json").write_text(json.dumps([{"train": ["a", "b"], "val": ["u"]}]))
+    labelled, unlabelled, val = training_cases(tmp_path / "pre", DataConfig(fold=0), 0)
+    assert val == [] and unlabelled == ["u"]  # a fold's unlabelled case joins the unlabelled pool
     stats = json.loads((tmp_path / "pre" / "fingerprint.json").read_text())
     assert stats["foreground_intensity_properties_per_channel"]["0"]["max"] < 200
     # without the declaration a missing label is still an error naming the file

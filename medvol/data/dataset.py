@@ -193,6 +193,7 @@ def make_loader(dataset: StepDataset, start_step: int, stop_step: int, per_proce
 def training_cases(cache_dir, data_cfg, seed: int) -> tuple[list[str], list[str], list[str]]:
     """(labelled train, unlabelled train, validation) case ids from the cache and the recipe."""
     cases = list_cases(cache_dir)
+    has_label = {c: load_case(cache_dir, c)[2].get("has_label", False) for c in cases}
     if data_cfg.fold is not None and not data_cfg.val_cases:
         from medvol.data.splits import fold_cases
 
@@ -200,8 +201,18 @@ def training_cases(cache_dir, data_cfg, seed: int) -> tuple[list[str], list[str]
     else:
         if data_cfg.fold is not None:
             log.warning("data.val_cases is set: it wins over fold %s", data_cfg.fold)
-        train, val = split_cases(cases, data_cfg.val_fraction, data_cfg.val_cases, seed)
-    has_label = {c: load_case(cache_dir, c)[2].get("has_label", False) for c in train}
+        # a seeded fraction is drawn from the labelled cases: an unlabelled case cannot be scored
+        pool = cases if data_cfg.val_cases else [c for c in cases if has_label[c]]
+        train, val = split_cases(pool, data_cfg.val_fraction, data_cfg.val_cases, seed)
+        train += [c for c in cases if c not in pool]
+    unscored = [c for c in val if not has_label[c]]
+    if unscored and data_cfg.val_cases:
+        from medvol.errors import ConfigError
+
+        raise ConfigError(f"data.val_cases: cases without a label cannot be validated: {unscored}")
+    if unscored:  # a fold's unlabelled cases: nothing to score, so they join the unlabelled pool
+        val = [c for c in val if has_label[c]]
+        train += unscored
     labelled = [c for c in train if has_label[c]]
     unlabelled = [c for c in train if not has_label[c]]
     wanted = data_cfg.labelled
