@@ -1,0 +1,236 @@
+"""Each method beside the baseline it exists to beat, on real data, same cases, steps and scoring.
+
+    python benchmarks/methods.py --method infnet --seeds 0 1 2 --out bench_methods
+    python benchmarks/methods.py --all --budget-minutes 60
+    python benchmarks/methods.py --method ugpcl --toy            # seconds: the harness end to end
+
+For every comparison: one real dataset (``DATASETS``: built from the real volumes the wheels
+ship, preprocessed once into ``OUT/data/<name>``), the method and its baseline trained with the
+same labelled cases (``data.labelled``: the first k labelled training cases, at each labelled
+budget), the same steps and seed, no validation split (every labelled case trains); then each
+run's last checkpoint predicts the held-out scans from their raw files in their own geometry
+and ``medvol evaluate``'s scoring gives Dice and HD95 per class. Writes ``OUT/methods.json``
+(every run), ``OUT/methods.md`` (mean and min-max over seeds, method minus baseline) and, per
+comparison, ``OUT/<method>.png`` (Dice against the labelled budget, method and baseline as two
+lines). ``--budget-minutes`` stops starting runs once spent (what ran is still reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+TOY = ["trainer.steps=2", "trainer.log_every=1"]
+
+
+@dataclass(frozen=True)
+class Arm:
+    label: str
+    recipe: str
+    sets: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Comparison:
+    method: str
+    dataset: str
+    arm: Arm
+    baseline: Arm
+    budgets: tuple[int, ...]
+    steps: int
+    note: str = ""
+
+
+@dataclass
+class Data:
+    pre: Path
+    images: Path
+    labels: Path
+
+
+def _ct_bone(root: Path, toy: bool) -> Path:
+    """Real head-CT slices (pydicom-data's CT, 128 x 128) in COVID-SemiSeg's layout: bone."""
+    from medvol.datasets.covid_semiseg import convert_covid_semiseg
+    from medvol.datasets.ct_slices import write_ct_semiseg_layout
+
+    n = (4, 4, 2, 128) if toy else (24, 48, 16, 128)
+    src = write_ct_semiseg_layout(root / "src", n_labelled=n[0], n_unlabelled=n[1], n_test=n[2], size=n[3])
+    return convert_covid_semiseg(src / "train", root / "raw", src / "unlabelled", src / "test")
+
+
+def _brain(root: Path, toy: bool, binary: str | None = None) -> Path:
+    """MNI152 T1 scans (nilearn) at 3 mm through varied acquisitions; two held out."""
+    from medvol.datasets.brain import build_brain_dataset
+
+    return build_brain_dataset(root / "raw", n_train=4 if toy else 6, n_test=2, base_spacing=4.0 if toy else 3.0,
+                               binary=binary)
+
+
+def _brain_partial(root: Path, toy: bool) -> Path:
+    from medvol.datasets.brain import build_brain_partial_dataset
+
+    return build_brain_partial_dataset(root / "raw", n_train=4 if toy else 8, n_test=2,
+                                       base_spacing=4.0 if toy else 3.0)
+
+
+DATASETS = {
+    "ct_bone": _ct_bone,
+    "brain_tissue": _brain,
+    "brain_wm": lambda root, toy: _brain(root, toy, binary="white_matter"),
+    "brain_partial": _brain_partial,
+}
+
+INFNET_CPU = ("model.options.width_mult=0.25", "model.options.rfb_channels=16", "data.num_workers=0",
+              "data.batch_size=8", "data.patch_size=[128,128]")
+Q2D_CPU = ("model.base_features=8", "data.batch_size=8")
+COMPARISONS = {c.method: c for c in [
+    Comparison("infnet", "ct_bone", Arm("Inf-Net", "infnet", INFNET_CPU), Arm("quickstart_2d", "quickstart_2d", Q2D_CPU),
+               budgets=(24,), steps=300, note="bone on real head-CT slices, 24 labelled slices"),
+    Comparison("ugpcl", "brain_tissue", Arm("UGPCL", "ugpcl_demo"),
+               Arm("quickstart_2d", "quickstart_2d", ("model.base_features=8",)),
+               budgets=(1, 2), steps=300, note="GM/WM on real T1 scans, the rest of the 6 unlabelled"),
+    Comparison("canet", "brain_wm", Arm("CANet", "canet_demo", ("data.val_cases=null",)),
+               Arm("quickstart", "quickstart", ("model.base_features=8", "data.patch_size=[48,48,48]")),
+               budgets=(1, 2), steps=300, note="white matter on real T1 scans, the rest of the 6 unlabelled"),
+]}
+
+
+def build_data(name: str, work: Path, toy: bool) -> Data:
+    """The dataset's raw folder and cache under ``work/data/name`` (built once)."""
+    from medvol.preprocessing import preprocess_dataset
+
+    root = work / "data" / name
+    raw = root / "raw"
+    if not (root / "pre" / "plans.json").exists():
+        raw = DATASETS[name](root, toy)
+        preprocess_dataset(raw, root / "pre", num_workers=2, quiet=True)
+    return Data(root / "pre", raw / "imagesTs", raw / "labelsTs")
+
+
+def _common(c: Comparison, budget: int, seed: int, toy: bool) -> list[str]:
+    steps = 2 if toy else c.steps
+    return [f"trainer.steps={steps}", f"trainer.val_every={steps + 1}", "trainer.final_validation=false",
+            "data.val_fraction=0.0", f"data.labelled={budget}", f"trainer.seed={seed}", *(TOY if toy else [])]
+
+
+def run_arm(arm: Arm, c: Comparison, data: Data, budget: int, seed: int, out: Path, toy: bool) -> dict:
+    """Train one arm, predict the held-out scans, score them: ``{class: {dice, hd95}}``."""
+    from medvol.config import load_recipe
+    from medvol.evaluation.metrics import evaluate_folders
+    from medvol.inference import predict
+    from medvol.training import train
+
+    t0 = time.perf_counter()
+    recipe = load_recipe(arm.recipe, [*arm.sets, *_common(c, budget, seed, toy)])
+    train(recipe, data.pre, out / "run", device="cpu", quiet=True)
+    predict(out / "run", data.images, out / "pred", device="cpu", checkpoint="latest", tta=False, quiet=True)
+    result = evaluate_folders(out / "pred", data.labels)
+    scores = {name: {k: float(m[k]["mean"]) for k in ("dice", "hd95")} for name, m in result["summary"].items()}
+    return {"method": c.method, "arm": arm.label, "budget": budget, "seed": seed, "scores": scores,
+            "seconds": time.perf_counter() - t0}
+
+
+def run_comparison(c: Comparison, seeds: list[int], work: Path, toy: bool, deadline: float) -> list[dict]:
+    data = build_data(c.dataset, work, toy)
+    rows = []
+    for budget in (2,) if toy else c.budgets:
+        for seed in seeds:
+            for arm in (c.arm, c.baseline):
+                if time.time() > deadline:
+                    print(f"budget spent: {c.method} {arm.label} budget {budget} seed {seed} not run")
+                    return rows
+                out = work / "runs" / c.method / f"b{budget}_s{seed}_{arm.recipe}"
+                rows.append(run_arm(arm, c, data, budget, seed, out, toy))
+                s = rows[-1]["scores"]
+                print(f"{c.method:8s} {arm.label:14s} budget {budget:3d} seed {seed}: "
+                      + ", ".join(f"{k} {v['dice']:.3f}" for k, v in s.items()) + f" ({rows[-1]['seconds']:.0f} s)")
+    return rows
+
+
+def _stat(values: list[float]) -> str:
+    return f"{np.mean(values):.3f} [{min(values):.3f}-{max(values):.3f}]" if values else "-"
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per (method, budget, class): each arm's Dice over seeds and the paired difference."""
+    out = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        c = COMPARISONS[method]
+        for budget in dict.fromkeys(r["budget"] for r in rows if r["method"] == method):
+            mine = [r for r in rows if r["method"] == method and r["budget"] == budget]
+            for cls in mine[0]["scores"]:
+                d = {a.label: [r["scores"][cls]["dice"] for r in mine if r["arm"] == a.label] for a in (c.arm, c.baseline)}
+                h = {a.label: [r["scores"][cls]["hd95"] for r in mine if r["arm"] == a.label] for a in (c.arm, c.baseline)}
+                n = min(len(v) for v in d.values())
+                diff = [m - b for m, b in zip(d[c.arm.label][:n], d[c.baseline.label][:n])]
+                out.append({"method": method, "budget": budget, "class": cls, "dice": d, "hd95": h, "diff": diff})
+    return out
+
+
+def write_table(summary: list[dict], out: Path) -> Path:
+    lines = ["| method | labelled | class | method Dice | baseline | baseline Dice | difference | HD95 (method / baseline) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in summary:
+        c = COMPARISONS[s["method"]]
+        hm, hb = (np.mean(s["hd95"][a.label]) if s["hd95"][a.label] else float("nan") for a in (c.arm, c.baseline))
+        lines.append(f"| {c.arm.label} | {s['budget']} | {s['class']} | {_stat(s['dice'][c.arm.label])} | "
+                     f"{c.baseline.label} | {_stat(s['dice'][c.baseline.label])} | {_stat(s['diff'])} | "
+                     f"{hm:.2f} / {hb:.2f} |")
+    path = out / "methods.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def plot(summary: list[dict], method: str, out: Path) -> Path:
+    """Mean Dice over classes against the labelled budget, method and baseline as two lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = COMPARISONS[method]
+    mine = [s for s in summary if s["method"] == method]
+    budgets = sorted({s["budget"] for s in mine})
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for arm, style in ((c.arm, "o-"), (c.baseline, "s--")):
+        means = [np.mean([np.mean(s["dice"][arm.label]) for s in mine if s["budget"] == b]) for b in budgets]
+        ax.plot(budgets, means, style, label=arm.label)
+    ax.set_xlabel("labelled cases")
+    ax.set_ylabel("held-out Dice (mean of classes and seeds)")
+    ax.set_title(f"{c.arm.label} vs {c.baseline.label}: {c.note}", fontsize=8)
+    ax.legend()
+    fig.tight_layout()
+    path = out / f"{method}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--method", action="append", choices=sorted(COMPARISONS), help="repeat for several")
+    ap.add_argument("--all", action="store_true")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--budget-minutes", type=float, default=float("inf"))
+    ap.add_argument("--out", type=Path, default=Path("bench_methods"))
+    ap.add_argument("--toy", action="store_true", help="toy data and 2 steps: checks the harness, measures nothing")
+    a = ap.parse_args(argv)
+    methods = sorted(COMPARISONS) if a.all else (a.method or ap.error("give --method NAME or --all"))
+    deadline = time.time() + 60 * a.budget_minutes
+    a.out.mkdir(parents=True, exist_ok=True)
+    rows = [r for m in methods for r in run_comparison(COMPARISONS[m], a.seeds, a.out, a.toy, deadline)]
+    summary = summarise(rows)
+    (a.out / "methods.json").write_text(json.dumps({"runs": rows, "summary": summary}, indent=1))
+    print(write_table(summary, a.out).read_text())
+    for m in dict.fromkeys(r["method"] for r in rows):
+        print("picture:", plot(summary, m, a.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
