@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +89,8 @@ INFNET_CPU = ("model.options.width_mult=0.25", "model.options.rfb_channels=16", 
               "data.batch_size=8", "data.patch_size=[128,128]")
 Q2D_CPU = ("model.base_features=8", "data.batch_size=8")
 COMPARISONS = {c.method: c for c in [
-    Comparison("infnet", "ct_bone", Arm("Inf-Net", "infnet", INFNET_CPU), Arm("quickstart_2d", "quickstart_2d", Q2D_CPU),
+    Comparison("infnet", "ct_bone", Arm("Inf-Net", "infnet", INFNET_CPU),
+               Arm("quickstart_2d", "quickstart_2d", Q2D_CPU),
                budgets=(24,), steps=300, note="bone on real head-CT slices, 24 labelled slices"),
     Comparison("ugpcl", "brain_tissue", Arm("UGPCL", "ugpcl_demo"),
                Arm("quickstart_2d", "quickstart_2d", ("model.base_features=8",)),
@@ -163,9 +164,10 @@ def summarise(rows: list[dict]) -> list[dict]:
         c = COMPARISONS[method]
         for budget in dict.fromkeys(r["budget"] for r in rows if r["method"] == method):
             mine = [r for r in rows if r["method"] == method and r["budget"] == budget]
+            arms = (c.arm.label, c.baseline.label)
             for cls in mine[0]["scores"]:
-                d = {a.label: [r["scores"][cls]["dice"] for r in mine if r["arm"] == a.label] for a in (c.arm, c.baseline)}
-                h = {a.label: [r["scores"][cls]["hd95"] for r in mine if r["arm"] == a.label] for a in (c.arm, c.baseline)}
+                d = {a: [r["scores"][cls]["dice"] for r in mine if r["arm"] == a] for a in arms}
+                h = {a: [r["scores"][cls]["hd95"] for r in mine if r["arm"] == a] for a in arms}
                 n = min(len(v) for v in d.values())
                 diff = [m - b for m, b in zip(d[c.arm.label][:n], d[c.baseline.label][:n])]
                 out.append({"method": method, "budget": budget, "class": cls, "dice": d, "hd95": h, "diff": diff})
@@ -173,7 +175,8 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def write_table(summary: list[dict], out: Path) -> Path:
-    lines = ["| method | labelled | class | method Dice | baseline | baseline Dice | difference | HD95 (method / baseline) |",
+    lines = ["| method | labelled | class | method Dice | baseline | baseline Dice | difference "
+             "| HD95 (method / baseline) |",
              "|---|---|---|---|---|---|---|---|"]
     for s in summary:
         c = COMPARISONS[s["method"]]
