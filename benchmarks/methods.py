@@ -53,14 +53,14 @@ class Data:
     labels: Path
 
 
-def _ct_bone(root: Path, toy: bool) -> Path:
-    """Real head-CT slices (pydicom-data's CT, 128 x 128) in COVID-SemiSeg's layout: bone."""
+def _ct_slices(root: Path, toy: bool, target: str) -> Path:
+    """Real head-CT slices (pydicom-data's CT, 128 x 128) in COVID-SemiSeg's layout."""
     from medvol.datasets.covid_semiseg import convert_covid_semiseg
     from medvol.datasets.ct_slices import write_ct_semiseg_layout
 
-    n = (4, 4, 2, 128) if toy else (24, 48, 16, 128)
-    src = write_ct_semiseg_layout(root / "src", n_labelled=n[0], n_unlabelled=n[1], n_test=n[2], size=n[3])
-    return convert_covid_semiseg(src / "train", root / "raw", src / "unlabelled", src / "test")
+    n = (4, 4, 2) if toy else (24, 48, 16)
+    src = write_ct_semiseg_layout(root / "src", n_labelled=n[0], n_unlabelled=n[1], n_test=n[2], target=target)
+    return convert_covid_semiseg(src / "train", root / "raw", src / "unlabelled", src / "test", label_name=target)
 
 
 def _brain(root: Path, toy: bool, binary: str | None = None) -> Path:
@@ -79,7 +79,8 @@ def _brain_partial(root: Path, toy: bool) -> Path:
 
 
 DATASETS = {
-    "ct_bone": _ct_bone,
+    "ct_bone": lambda root, toy: _ct_slices(root, toy, "bone"),
+    "ct_brain": lambda root, toy: _ct_slices(root, toy, "brain"),
     "brain_tissue": _brain,
     "brain_wm": lambda root, toy: _brain(root, toy, binary="white_matter"),
     "brain_partial": _brain_partial,
@@ -92,6 +93,9 @@ COMPARISONS = {c.method: c for c in [
     Comparison("infnet", "ct_bone", Arm("Inf-Net", "infnet", INFNET_CPU),
                Arm("quickstart_2d", "quickstart_2d", Q2D_CPU),
                budgets=(24,), steps=300, note="bone on real head-CT slices, 24 labelled slices"),
+    Comparison("infnet_brain", "ct_brain", Arm("Inf-Net", "infnet", INFNET_CPU),
+               Arm("quickstart_2d", "quickstart_2d", Q2D_CPU),
+               budgets=(24,), steps=300, note="brain on real head-CT slices, 24 labelled slices"),
     Comparison("ugpcl", "brain_tissue", Arm("UGPCL", "ugpcl_demo"),
                Arm("quickstart_2d", "quickstart_2d", ("model.base_features=8",)),
                budgets=(1, 2), steps=300, note="GM/WM on real T1 scans, the rest of the 6 unlabelled"),

@@ -84,8 +84,9 @@ def _write_pairs(folder: Path, prefix: str, out: Path, img_dir: str, lab_dir: st
 
 
 def convert_covid_semiseg(train: str | Path, out: str | Path, unlabelled: str | Path | None = None,
-                          test: str | Path | None = None) -> Path:
-    """Write ``out`` (nnU-Net v2 layout) from the COVID-SemiSeg folders; returns ``out``."""
+                          test: str | Path | None = None, label_name: str = "infection") -> Path:
+    """Write ``out`` (nnU-Net v2 layout) from the COVID-SemiSeg folders; returns ``out``.
+    ``label_name``: the foreground's name in dataset.json (the same layout holds other targets)."""
     train, out = Path(train), Path(out)
     ids: dict[str, str] = {}
     labelled = _write_pairs(train, "lab", out, "imagesTr", "labelsTr", ids)
@@ -99,7 +100,7 @@ def convert_covid_semiseg(train: str | Path, out: str | Path, unlabelled: str | 
     if test is not None:
         _write_pairs(Path(test), "test", out, "imagesTs", "labelsTs", ids)
     meta = {"name": "COVID-SemiSeg", "description": "Lung infection in CT slices (Inf-Net), one case per slice",
-            "channel_names": {"0": "zscore"}, "labels": {"background": 0, "infection": 1},
+            "channel_names": {"0": "zscore"}, "labels": {"background": 0, label_name: 1},
             "numTraining": len(labelled) + n_unlabelled, "file_ending": ".nii.gz",
             "labelled_cases": labelled, "source_ids": ids}
     (out / "dataset.json").write_text(json.dumps(meta, indent=1))

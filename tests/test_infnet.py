@@ -68,6 +68,22 @@ def test_other_size_one_channel_and_eval_returns_final_map():
     torch.testing.assert_close(y, full.ra2)
 
 
+def test_input_scale_runs_the_network_at_the_working_size_and_returns_the_input_size():
+    """input_scale = the published whole-slice resize (512 -> 352: 0.6875; 128 -> 352: 2.75):
+    the backbone sees the resized slice and every map comes back at the input's size."""
+    m = InfNet(1, **TINY, input_scale=2.75).eval()
+    x = torch.randn(1, 1, 32, 32)
+    seen = []
+    hook = m.backbone.register_forward_hook(lambda mod, inp, out: seen.append(tuple(inp[0].shape[-2:])))
+    with torch.no_grad():
+        y, full = m(x), m(x, all_outputs=True)
+    hook.remove()
+    assert seen == [(88, 88), (88, 88)] and y.shape == (1, 1, 32, 32) and all(t.shape == (1, 1, 32, 32) for t in full)
+    torch.testing.assert_close(y, full.ra2)
+    with pytest.raises(ConfigError, match="input_scale"):
+        InfNet(1, **TINY, input_scale=0)
+
+
 def test_reverse_attention_weight_is_one_minus_sigmoid_of_the_prior():
     p = torch.tensor([[-3.0, 0.0, 2.0]])
     torch.testing.assert_close(ReverseAttention.weight(p), 1 - torch.sigmoid(p))

@@ -45,7 +45,7 @@ def test_the_harness_runs_a_comparison_end_to_end(tmp_path, one_torch_thread):
     runs = json.loads((tmp_path / "methods.json").read_text())["runs"]
     assert [r["arm"] for r in runs] == ["Inf-Net", "quickstart_2d"]
     for r in runs:  # both arms scored on the same two held-out slices, bone Dice a real number
-        assert set(r["scores"]) == {"infection"} and 0.0 <= r["scores"]["infection"]["dice"] <= 1.0
+        assert set(r["scores"]) == {"bone"} and 0.0 <= r["scores"]["bone"]["dice"] <= 1.0
     assert len(list((tmp_path / "runs" / "infnet").glob("b2_s0_*/pred/*.nii.gz"))) == 4
     assert "| Inf-Net | 2 |" in (tmp_path / "methods.md").read_text()
     assert (tmp_path / "infnet.png").stat().st_size > 1000
