@@ -162,3 +162,12 @@ def test_the_model_runs_in_eval_mode_and_gets_its_mode_back():
     net.eval()
     sliding_window_probabilities(net, image, [16, 16, 12], CPU)
     assert not net.training
+
+
+@pytest.mark.parametrize("mode", [True, False])
+def test_a_2d_model_gets_its_own_mode_back_through_the_slice_wrapper(mode):
+    """The slice wrapper is made per call: a model given in eval mode stays in eval mode
+    (eval_mode restores the wrapper's mode, which reaches the wrapped model)."""
+    net2d = nn.Sequential(nn.Conv2d(1, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 3, 1)).train(mode)
+    sliding_window_probabilities(net2d, _image((16, 14, 5)), [16, 14], CPU, slice_axis=2)
+    assert all(m.training is mode for m in net2d.modules())

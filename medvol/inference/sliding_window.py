@@ -263,4 +263,5 @@ def _slice_model(model: nn.Module, axis: int) -> nn.Module:
     """``model`` (2D) run over every slice across ``axis`` of a ``(B, C, X, Y, Z)`` window."""
     from medvol.networks.slice_adapter import SliceAdapter
 
-    return SliceAdapter(model, axis=2 + axis, slice_batch=2 * SLAB)
+    # the wrapper takes the model's mode: eval_mode restores the wrapper's mode, and with it the model's
+    return SliceAdapter(model, axis=2 + axis, slice_batch=2 * SLAB).train(model.training)
