@@ -186,3 +186,14 @@ def test_bad_slice_label_headers_and_masks(tmp_path):
     csv.write_text("subject,slice_index,label\nknee01,,0\nknee01,,1\n")
     with pytest.raises(InputError, match=r"line 3: duplicate row for subject 'knee01'"):
         read_slice_labels(csv, COUNTS)
+
+
+def test_without_h5py_the_error_names_the_adapters_extra(tmp_path, monkeypatch):
+    import sys
+
+    path = tmp_path / "s.h5"
+    with h5py.File(path, "w") as f:
+        f["image"] = np.zeros((4, 4), np.float32)
+    monkeypatch.setitem(sys.modules, "h5py", None)  # import h5py now raises ImportError
+    with pytest.raises(ImportError, match=r"medvol\[adapters\]"):
+        read_h5_slice(path)

@@ -7,7 +7,7 @@ Layouts (METHODS.md §4-§6):
 - a folder of HDF5 files, one slice each, with ``image`` and optional ``label``, ``masks``
   and ``grade`` (UGPCL's ACDC slices; DC-MT's knee slices, whose ``label`` is a scalar: the
   grade, read as ``grade`` when the file has no ``grade`` of its own). Reading them needs ``h5py``
-  (medvol's ``[dev]`` extra; ``pip install h5py``), imported only when an HDF5 file is read;
+  (medvol's ``[adapters]`` extra; ``pip install 'medvol[adapters]'``), imported only when an HDF5 file is read;
 - slice lists: text files of names (no suffix), one per line, ``#`` comments and blank lines
   ignored (``train_slices.list``).
 
@@ -199,7 +199,7 @@ def _h5py():
     try:
         import h5py
     except ImportError:
-        raise ImportError("reading HDF5 slice files needs h5py: pip install h5py (part of medvol[dev])") from None
+        raise ImportError("reading HDF5 slice files needs h5py: pip install 'medvol[adapters]' (or h5py)") from None
     return h5py
 
 
