@@ -33,6 +33,7 @@ class Arm:
     label: str
     recipe: str
     sets: tuple[str, ...] = ()
+    pretrain: str | None = None  # a self-supervised recipe run first on the same cache; init_from its encoder.pt
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,9 @@ COMPARISONS = {c.method: c for c in [
     Comparison("canet", "brain_wm", Arm("CANet", "canet_demo", ("data.val_cases=null",)),
                Arm("quickstart", "quickstart", ("model.base_features=8", "data.patch_size=[48,48,48]")),
                budgets=(1, 2), steps=300, note="white matter on real T1 scans, the rest of the 6 unlabelled"),
+    Comparison("pcrl", "brain_tissue", Arm("PCRL", "pcrl_finetune_demo", pretrain="pcrl_demo"),
+               Arm("scratch", "pcrl_finetune_demo"),
+               budgets=(1, 2), steps=200, note="GM/WM on real T1 scans, pretrained on all 6 without labels"),
 ]}
 
 
@@ -134,8 +138,12 @@ def run_arm(arm: Arm, c: Comparison, data: Data, budget: int, seed: int, out: Pa
     from medvol.training import train
 
     t0 = time.perf_counter()
-    recipe = load_recipe(arm.recipe, [*arm.sets, *_common(c, budget, seed, toy)])
-    train(recipe, data.pre, out / "run", device="cpu", quiet=True)
+    sets = [*arm.sets, *_common(c, budget, seed, toy)]
+    if arm.pretrain:  # labels unused: every training case, as a user would pretrain
+        pre_sets = [f"trainer.seed={seed}", *(TOY if toy else [])]
+        train(load_recipe(arm.pretrain, pre_sets), data.pre, out / "pretrain", device="cpu", quiet=True)
+        sets.append(f"init_from={out / 'pretrain' / 'encoder.pt'}")
+    train(load_recipe(arm.recipe, sets), data.pre, out / "run", device="cpu", quiet=True)
     predict(out / "run", data.images, out / "pred", device="cpu", checkpoint="latest", tta=False, quiet=True)
     result = evaluate_folders(out / "pred", data.labels)
     scores = {name: {k: float(m[k]["mean"]) for k in ("dice", "hd95")} for name, m in result["summary"].items()}
@@ -152,7 +160,7 @@ def run_comparison(c: Comparison, seeds: list[int], work: Path, toy: bool, deadl
                 if time.time() > deadline:
                     print(f"budget spent: {c.method} {arm.label} budget {budget} seed {seed} not run")
                     return rows
-                out = work / "runs" / c.method / f"b{budget}_s{seed}_{arm.recipe}"
+                out = work / "runs" / c.method / f"b{budget}_s{seed}_{arm.label.replace(' ', '_')}"
                 rows.append(run_arm(arm, c, data, budget, seed, out, toy))
                 s = rows[-1]["scores"]
                 print(f"{c.method:8s} {arm.label:14s} budget {budget:3d} seed {seed}: "
