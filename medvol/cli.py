@@ -312,11 +312,19 @@ def _cmd_train(a) -> int:
 
 
 def _cmd_predict(a) -> int:
-    from medvol.inference import predict
+    """One ``medvol predict`` at a time per output folder (``OUT/.medvol-predict.lock``)."""
     from medvol.inference.subjects import is_subject_run
+    from medvol.manifest import locked
 
-    if len(a.model) == 1 and is_subject_run(a.model[0]):
-        return _predict_subjects(a)
+    with locked(a.out, "predict"):
+        if len(a.model) == 1 and is_subject_run(a.model[0]):
+            return _predict_subjects(a)
+        return _predict_segmentations(a)
+
+
+def _predict_segmentations(a) -> int:
+    from medvol.inference import predict
+
     models = a.model if len(a.model) > 1 else a.model[0]
     written = predict(models, a.input, a.out, a.device, a.tta, a.overlap, a.sw_batch_size, a.save_probabilities,
                       a.checkpoint, a.quiet, largest_component_only=a.largest_component, task=a.task,

@@ -18,6 +18,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -54,6 +56,7 @@ class Ctx:
     tmp: Path
     monkeypatch: pytest.MonkeyPatch
     tiny: dict
+    cleanups: list[Callable[[], object]] = field(default_factory=list)  # run after the command
 
     def raw(self) -> Path:
         """A private copy of the tiny raw dataset."""
@@ -334,6 +337,19 @@ def _duplicate_case_ids(kind: str):
     return make
 
 
+HOLD_LOCK = ("import sys\nfrom medvol.manifest import locked\nwith locked(sys.argv[1], 'predict'):\n"
+             "    print('held', flush=True)\n    sys.stdin.read()\n")
+
+
+def _predict_while_another_runs(c: Ctx):
+    """A second predict into a folder that another (a process holding its lock) writes into."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(c.tmp / "pred")], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    c.cleanups.append(lambda: holder.communicate(timeout=60))  # closing its stdin lets it go
+    assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    return _predict()(c)
+
+
 def _cache_and(*names):
     return lambda c: [c.tmp / n for n in names]
 
@@ -474,6 +490,10 @@ CATALOGUE = [
         untouched=lambda c: [c.tmp / "runs", c.tmp / "out"]),
     Row("dataset-mixing-2d-and-3d", _mixed_2d_3d,
         r"raw: the dataset mixes 2D images \(1, e\.g\. case 'flat' of shape \[24, 24, 1\]\) and 3D images \(3"),
+    # issue 35, 3: predict's output folder and model files
+    Row("predict-into-a-folder-another-predict-writes", _predict_while_another_runs,
+        r"pred: another medvol predict \(pid \d+ on .* since .*\) is writing into this folder: wait for it",
+        untouched=_cache_and("in", "pred")),
 ]
 
 
@@ -498,6 +518,15 @@ def run_cli(argv: list[str]) -> int:
 @pytest.mark.parametrize("row", CATALOGUE, ids=lambda r: r.id)
 def test_bad_input_catalogue(row: Row, tiny, tmp_path, monkeypatch, capsys):
     ctx = Ctx(tmp_path, monkeypatch, tiny)
+    try:
+        _check_row(row, ctx, capsys)
+    finally:
+        for cleanup in ctx.cleanups:
+            cleanup()
+
+
+def _check_row(row: Row, ctx: Ctx, capsys) -> None:
+    tmp_path = ctx.tmp
     argv = row.make(ctx)
     watched = row.untouched(ctx)
     before = checksums(watched)
