@@ -350,6 +350,20 @@ def _predict_while_another_runs(c: Ctx):
     return _predict()(c)
 
 
+def _predict_tampered_zip(c: Ctx):
+    """A model zip from `medvol export` with a member added after: named, though never extracted."""
+    import zipfile
+
+    from medvol.export import export_model
+
+    model = export_model(c.tiny["run"], c.tmp / "model" / "m.zip")
+    with zipfile.ZipFile(model, "a") as z:
+        z.writestr("../../x", b"not part of the model")
+    argv = _predict()(c)
+    argv[argv.index("-m") + 1] = str(model)
+    return argv
+
+
 def _cache_and(*names):
     return lambda c: [c.tmp / n for n in names]
 
@@ -494,6 +508,10 @@ CATALOGUE = [
     Row("predict-into-a-folder-another-predict-writes", _predict_while_another_runs,
         r"pred: another medvol predict \(pid \d+ on .* since .*\) is writing into this folder: wait for it",
         untouched=_cache_and("in", "pred")),
+    Row("predict-model-zip-with-an-extra-member", _predict_tampered_zip,
+        r"model/m\.zip: unexpected member '\.\./\.\./x': a medvol model file holds only recipe\.yaml, plans\.json, "
+        r"checkpoint\.pt, manifest\.json, so it was changed after `medvol export`",
+        untouched=_cache_and("in", "pred", "model")),
 ]
 
 
