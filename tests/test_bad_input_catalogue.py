@@ -2,7 +2,8 @@
 
 Each row builds its inputs in a fresh folder, runs one ``medvol`` command and states:
 - the exit status (2: one error line ``medvol <command>: error: ...``; 1: a dataset run in
-  which cases failed, each listed on its own line under ``failed cases:``);
+  which cases failed, each listed on its own line under ``failed cases:``; 75 or 130: a run
+  stopped by a signal, one line ``medvol <command>: stopped by ...`` saying what it wrote);
 - a regular expression the error line must match (it names the file or option);
 - which paths must come out untouched (sha256 of every file under them before and after:
   no file changed, none added, none removed).
@@ -18,8 +19,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -350,18 +353,51 @@ def _predict_while_another_runs(c: Ctx):
     return _predict()(c)
 
 
+def _model_zip(c: Ctx) -> Path:
+    from medvol.export import export_model
+
+    return export_model(c.tiny["run"], c.tmp / "model" / "m.zip")
+
+
 def _predict_tampered_zip(c: Ctx):
     """A model zip from `medvol export` with a member added after: named, though never extracted."""
     import zipfile
 
-    from medvol.export import export_model
-
-    model = export_model(c.tiny["run"], c.tmp / "model" / "m.zip")
+    model = _model_zip(c)
     with zipfile.ZipFile(model, "a") as z:
         z.writestr("../../x", b"not part of the model")
     argv = _predict()(c)
     argv[argv.index("-m") + 1] = str(model)
     return argv
+
+
+def _signal_during_first_case(sig: signal.Signals):
+    """SIGTERM (a scheduler's pre-emption) or Ctrl-C while the first of three cases is predicted
+    with a model zip unpacked into c.tmp/tmp: the case is finished, the others are not started."""
+    def make(c: Ctx):
+        from medvol.inference import predictor
+
+        real = predictor._predict_case
+
+        def signalled(*a, **k):
+            if not (c.tmp / "pred" / "a.nii.gz").exists():
+                os.kill(os.getpid(), sig)
+            return real(*a, **k)
+
+        def unexpected(signum, frame):  # guard: the signal must never end the test session
+            raise AssertionError(f"{signal.Signals(signum).name} reached no handler of medvol predict")
+
+        c.monkeypatch.setattr(predictor, "_predict_case", signalled)
+        old = signal.signal(sig, unexpected)
+        c.cleanups.append(lambda: signal.signal(sig, old))
+        (c.tmp / "tmp").mkdir()
+        c.monkeypatch.setattr(tempfile, "tempdir", str(c.tmp / "tmp"))
+        for i, case in enumerate("abc"):
+            write_nifti(c.tmp / "in" / f"{case}.nii.gz", sphere_case(seed=i)[0])
+        return ["predict", "-m", str(_model_zip(c)), "-i", str(c.tmp / "in"), "-o", str(c.tmp / "pred"),
+                "--device", "cpu", "--quiet"]
+
+    return make
 
 
 def _cache_and(*names):
@@ -512,6 +548,12 @@ CATALOGUE = [
         r"model/m\.zip: unexpected member '\.\./\.\./x': a medvol model file holds only recipe\.yaml, plans\.json, "
         r"checkpoint\.pt, manifest\.json, so it was changed after `medvol export`",
         untouched=_cache_and("in", "pred", "model")),
+    Row("predict-sigterm", _signal_during_first_case(signal.SIGTERM),
+        r"^medvol predict: stopped by SIGTERM: 1 of 3 case\(s\) written to .*pred, not written: b, c; rerun the same "
+        r"command to predict them \(it predicts every case again\)$", rc=75, untouched=_cache_and("in", "tmp")),
+    Row("predict-ctrl-c", _signal_during_first_case(signal.SIGINT),
+        r"^medvol predict: stopped by SIGINT: 1 of 3 case\(s\) written to .*pred, not written: b, c; rerun",
+        rc=130, untouched=_cache_and("in", "tmp")),
 ]
 
 
@@ -560,9 +602,12 @@ def _check_row(row: Row, ctx: Ctx, capsys) -> None:
         assert len(lines) == 1, err
         assert lines[0].startswith(f"medvol {argv[0]}: error: "), err
         assert re.search(row.error, lines[0]), lines[0]
-    else:
+    elif rc == 1:
         failed = err.split("failed cases:\n", 1)[1].splitlines()
         assert any(re.search(row.error, ln) for ln in failed), err
+    else:  # stopped on a signal: one line saying what was written and what was not
+        lines = [ln for ln in err.splitlines() if ln.startswith("medvol ")]
+        assert len(lines) == 1 and re.search(row.error, lines[0]), err
     assert checksums(watched) == before
 
 
