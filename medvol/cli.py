@@ -2,7 +2,9 @@
 
 Errors of the MedvolError family are printed as one line, without a traceback, and the
 command exits with status 2; a preprocessing run in which some cases failed exits 1
-after listing them (the valid cases are processed all the same).
+after listing them (the valid cases are processed all the same). A training or prediction
+stopped by SIGTERM/SIGUSR1 at a safe point exits 75 (130 for Ctrl-C) after one line saying
+what it wrote (:class:`medvol.errors.Stopped`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import sys
 from pathlib import Path
 
 from medvol import __version__, validation
-from medvol.errors import PREEMPTED_EXIT, ConfigError, MedvolError, Preempted
+from medvol.errors import INTERRUPTED_EXIT, ConfigError, MedvolError, Stopped
 from medvol.utils import ENVIRONMENT_ERRNOS
 
 
@@ -312,15 +314,29 @@ def _cmd_train(a) -> int:
 
 
 def _cmd_predict(a) -> int:
-    from medvol.inference import predict
+    """One ``medvol predict`` at a time per output folder (``OUT/.medvol-predict.lock``).
+    SIGTERM, SIGUSR1 and Ctrl-C stop a segmentation run between two cases (exit 75 or 130,
+    one line naming the cases not written); the lock and unpacked model zips are removed."""
+    import signal
+
     from medvol.inference.subjects import is_subject_run
+    from medvol.manifest import locked
+    from medvol.training.preemption import SIGNALS, PreemptionFlag
 
     if len(a.model) == 1 and is_subject_run(a.model[0]):
-        return _predict_subjects(a)
+        with locked(a.out, "predict"):
+            return _predict_subjects(a)
+    with PreemptionFlag((*SIGNALS, signal.SIGINT)) as flag, locked(a.out, "predict"):
+        return _predict_segmentations(a, stop=lambda: flag.signum)
+
+
+def _predict_segmentations(a, stop) -> int:
+    from medvol.inference import predict
+
     models = a.model if len(a.model) > 1 else a.model[0]
     written = predict(models, a.input, a.out, a.device, a.tta, a.overlap, a.sw_batch_size, a.save_probabilities,
                       a.checkpoint, a.quiet, largest_component_only=a.largest_component, task=a.task,
-                      step=a.step, precision=a.precision, all_windows=a.all_windows)
+                      step=a.step, precision=a.precision, all_windows=a.all_windows, stop=stop)
     if not a.no_pictures:
         from medvol.evaluation.report import write_report
         from medvol.inference.predictor import model_plans
@@ -448,12 +464,12 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exception(e, file=sys.stderr)
         print(f"medvol {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except Preempted as e:
+    except Stopped as e:  # pre-empted training, predict stopped between cases
         print(f"medvol {args.command}: {e}", file=sys.stderr)
-        return PREEMPTED_EXIT
+        return e.exit_status
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+        return INTERRUPTED_EXIT
 
 
 if __name__ == "__main__":

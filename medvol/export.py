@@ -4,8 +4,8 @@ The zip holds what prediction needs and nothing else: ``recipe.yaml``, ``plans.j
 ``checkpoint.pt`` (the inference model's weights of the chosen checkpoint: no optimiser,
 scheduler or RNG state; plain tensors, loaded with ``weights_only=True``) and
 ``manifest.json`` (format, which checkpoint and step, medvol and torch versions, the SHA-256
-of every member). Reading checks the members, the checksums and the weights before anything
-is unpacked for use.
+of every member). Reading checks the members (those four, each once: any other member is
+refused, naming it), the checksums and the weights before anything is unpacked for use.
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ def read_model_zip(path: str | Path) -> dict[str, bytes]:
             names = set(z.namelist())
             if "manifest.json" not in names:
                 raise InputError(path, "not a medvol model file (no manifest.json); make one with `medvol export`")
+            _check_members(path, z.namelist())
             manifest = json.loads(z.read("manifest.json"))
             missing = [m for m in MEMBERS if m not in names]
             if missing or manifest.get("format") != FORMAT:
@@ -87,6 +88,18 @@ def read_model_zip(path: str | Path) -> dict[str, bytes]:
         raise InputError(path, f"checkpoint.pt is refused by torch.load(weights_only=True): {type(e).__name__}") \
             from None
     return data
+
+
+def _check_members(path: Path, names: list[str]) -> None:
+    """A model file holds the members ``export_model`` writes, each once, and nothing else:
+    another member (``../../x``, an absolute path, a second ``plans.json``) means the file was
+    changed after export, even though nothing but the known members is ever read."""
+    known = (*MEMBERS, "manifest.json")
+    for n in names:
+        if n not in known or names.count(n) > 1:
+            raise InputError(path, f"unexpected member {n!r}{' (a second copy)' if n in known else ''}: a medvol "
+                                   f"model file holds only {', '.join(known)}, so it was changed after "
+                                   "`medvol export`; export the model again")
 
 
 @contextmanager

@@ -6,18 +6,29 @@ the case ids whose files it wrote inside them. ``--overwrite`` removes only what
 manifest lists, and only after checking that nothing else has moved in; a folder that is
 not empty and has no manifest is never written into, so a mistyped ``-o`` cannot replace or
 delete a user's files.
+
+A command that writes into a folder may also hold ``.medvol-<command>.lock`` there while it
+runs (:func:`locked`): a second run into the same folder is refused, naming the first one.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import logging
 import os
 import shutil
+import socket
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from medvol.errors import InputError
-from medvol.utils import write_json
+from medvol.utils import output_error, write_json
+
+log = logging.getLogger(__name__)
 
 MANIFEST = ".medvol-manifest.json"
 
@@ -123,7 +134,7 @@ class OutputFolder:
             return []
         owned = set(m.get("entries", [])) | {MANIFEST}
         return sorted(p for p in self.path.iterdir()
-                      if p.name not in owned and not p.name.startswith(f"{MANIFEST}.")
+                      if p.name not in owned and not p.name.startswith(f"{MANIFEST}.") and not _is_lock(p.name)
                       and not (p.name.startswith(f".{MANIFEST}.") and p.name.endswith(".part")))
 
     def foreign_files(self) -> list[Path]:
@@ -170,3 +181,96 @@ def claim_files(folder: str | Path, names: Iterable[str]) -> None:
     out = OutputFolder(folder, "files", ())
     out.claim(exclusive=False)
     out.ensure_writable(names)
+
+
+# --------------------------------------------------------------------------- one run at a time
+def _is_lock(name: str) -> bool:
+    return name.startswith(".medvol-") and name.endswith(".lock")
+
+
+@contextmanager
+def locked(folder: str | Path, command: str) -> Iterator[Path]:
+    """Hold ``folder/.medvol-<command>.lock`` (an exclusive ``flock``, the holder's pid inside)
+    for the block; a second holder is refused with an InputError naming the first one's pid.
+    The kernel drops the lock of a process that dies, so a lock file left by a killed run is
+    taken over with a warning. The file is removed at the end, on errors too, and so is
+    ``folder`` when this made it and it is still empty."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(folder, "is a file, not a folder: choose an output folder")
+    made = not folder.exists()
+    path = folder / f".medvol-{command}.lock"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = _acquire(path, command)
+    except OSError as e:
+        if made:
+            _remove_if_empty(folder)
+        raise output_error(e, path) or e from None
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+        if made:
+            _remove_if_empty(folder)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # not empty (or gone): leave it
+        pass
+
+
+def _acquire(path: Path, command: str) -> int:
+    """The open lock file, flocked by this process, with our record written into it."""
+    fd = _flocked(path, command)
+    if fd is None:  # a file system without flock: run, but say that nothing guards the folder
+        log.warning("%s: this file system cannot lock files; a second medvol %s into the folder would not be "
+                    "noticed", path, command)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    elif stale := _holder(fd):
+        log.warning("%s: taking over the lock of a medvol %s that is no longer running (%s)", path, command, stale)
+    record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": f"medvol {command}",
+                         "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, record, 0)
+    return fd
+
+
+def _flocked(path: Path, command: str) -> int | None:
+    """``path`` opened (made when missing) and flocked; None where the file system has no flock."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd, wait=1.0)
+            os.close(fd)
+            raise InputError(path.parent, f"another medvol {command} ({holder}) is writing into this folder: "
+                                          "wait for it to end or choose another output folder") from None
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return None
+            raise
+        if path.exists() and os.path.samestat(os.fstat(fd), os.stat(path)):
+            return fd
+        os.close(fd)  # the holder removed the file between our open and flock: open the new one
+
+
+def _holder(fd: int, wait: float = 0.0) -> str:
+    """Who holds (or held) the lock, from the file's record: 'pid N on HOST since T'; '' for an
+    empty file. ``wait``: how long to wait for a holder that has not written its record yet."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            rec = json.loads(os.pread(fd, 4096, 0) or b"null")
+            if isinstance(rec, dict):
+                return f"pid {rec.get('pid')} on {rec.get('host')} since {rec.get('since')}"
+        except (ValueError, UnicodeDecodeError):
+            pass
+        if time.monotonic() >= deadline:
+            return "pid unknown" if wait else ""
+        time.sleep(0.05)

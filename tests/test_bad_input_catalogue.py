@@ -2,7 +2,8 @@
 
 Each row builds its inputs in a fresh folder, runs one ``medvol`` command and states:
 - the exit status (2: one error line ``medvol <command>: error: ...``; 1: a dataset run in
-  which cases failed, each listed on its own line under ``failed cases:``);
+  which cases failed, each listed on its own line under ``failed cases:``; 75 or 130: a run
+  stopped by a signal, one line ``medvol <command>: stopped by ...`` saying what it wrote);
 - a regular expression the error line must match (it names the file or option);
 - which paths must come out untouched (sha256 of every file under them before and after:
   no file changed, none added, none removed).
@@ -18,6 +19,10 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -54,6 +59,7 @@ class Ctx:
     tmp: Path
     monkeypatch: pytest.MonkeyPatch
     tiny: dict
+    cleanups: list[Callable[[], object]] = field(default_factory=list)  # run after the command
 
     def raw(self) -> Path:
         """A private copy of the tiny raw dataset."""
@@ -334,6 +340,66 @@ def _duplicate_case_ids(kind: str):
     return make
 
 
+HOLD_LOCK = ("import sys\nfrom medvol.manifest import locked\nwith locked(sys.argv[1], 'predict'):\n"
+             "    print('held', flush=True)\n    sys.stdin.read()\n")
+
+
+def _predict_while_another_runs(c: Ctx):
+    """A second predict into a folder that another (a process holding its lock) writes into."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(c.tmp / "pred")], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    c.cleanups.append(lambda: holder.communicate(timeout=60))  # closing its stdin lets it go
+    assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    return _predict()(c)
+
+
+def _model_zip(c: Ctx) -> Path:
+    from medvol.export import export_model
+
+    return export_model(c.tiny["run"], c.tmp / "model" / "m.zip")
+
+
+def _predict_tampered_zip(c: Ctx):
+    """A model zip from `medvol export` with a member added after: named, though never extracted."""
+    import zipfile
+
+    model = _model_zip(c)
+    with zipfile.ZipFile(model, "a") as z:
+        z.writestr("../../x", b"not part of the model")
+    argv = _predict()(c)
+    argv[argv.index("-m") + 1] = str(model)
+    return argv
+
+
+def _signal_during_first_case(sig: signal.Signals):
+    """SIGTERM (a scheduler's pre-emption) or Ctrl-C while the first of three cases is predicted
+    with a model zip unpacked into c.tmp/tmp: the case is finished, the others are not started."""
+    def make(c: Ctx):
+        from medvol.inference import predictor
+
+        real = predictor._predict_case
+
+        def signalled(*a, **k):
+            if not (c.tmp / "pred" / "a.nii.gz").exists():
+                os.kill(os.getpid(), sig)
+            return real(*a, **k)
+
+        def unexpected(signum, frame):  # guard: the signal must never end the test session
+            raise AssertionError(f"{signal.Signals(signum).name} reached no handler of medvol predict")
+
+        c.monkeypatch.setattr(predictor, "_predict_case", signalled)
+        old = signal.signal(sig, unexpected)
+        c.cleanups.append(lambda: signal.signal(sig, old))
+        (c.tmp / "tmp").mkdir()
+        c.monkeypatch.setattr(tempfile, "tempdir", str(c.tmp / "tmp"))
+        for i, case in enumerate("abc"):
+            write_nifti(c.tmp / "in" / f"{case}.nii.gz", sphere_case(seed=i)[0])
+        return ["predict", "-m", str(_model_zip(c)), "-i", str(c.tmp / "in"), "-o", str(c.tmp / "pred"),
+                "--device", "cpu", "--quiet"]
+
+    return make
+
+
 def _cache_and(*names):
     return lambda c: [c.tmp / n for n in names]
 
@@ -474,6 +540,20 @@ CATALOGUE = [
         untouched=lambda c: [c.tmp / "runs", c.tmp / "out"]),
     Row("dataset-mixing-2d-and-3d", _mixed_2d_3d,
         r"raw: the dataset mixes 2D images \(1, e\.g\. case 'flat' of shape \[24, 24, 1\]\) and 3D images \(3"),
+    # issue 35, 3: predict's output folder and model files
+    Row("predict-into-a-folder-another-predict-writes", _predict_while_another_runs,
+        r"pred: another medvol predict \(pid \d+ on .* since .*\) is writing into this folder: wait for it",
+        untouched=_cache_and("in", "pred")),
+    Row("predict-model-zip-with-an-extra-member", _predict_tampered_zip,
+        r"model/m\.zip: unexpected member '\.\./\.\./x': a medvol model file holds only recipe\.yaml, plans\.json, "
+        r"checkpoint\.pt, manifest\.json, so it was changed after `medvol export`",
+        untouched=_cache_and("in", "pred", "model")),
+    Row("predict-sigterm", _signal_during_first_case(signal.SIGTERM),
+        r"^medvol predict: stopped by SIGTERM: 1 of 3 case\(s\) written to .*pred, not written: b, c; rerun the same "
+        r"command to predict them \(it predicts every case again\)$", rc=75, untouched=_cache_and("in", "tmp")),
+    Row("predict-ctrl-c", _signal_during_first_case(signal.SIGINT),
+        r"^medvol predict: stopped by SIGINT: 1 of 3 case\(s\) written to .*pred, not written: b, c; rerun",
+        rc=130, untouched=_cache_and("in", "tmp")),
 ]
 
 
@@ -498,6 +578,15 @@ def run_cli(argv: list[str]) -> int:
 @pytest.mark.parametrize("row", CATALOGUE, ids=lambda r: r.id)
 def test_bad_input_catalogue(row: Row, tiny, tmp_path, monkeypatch, capsys):
     ctx = Ctx(tmp_path, monkeypatch, tiny)
+    try:
+        _check_row(row, ctx, capsys)
+    finally:
+        for cleanup in ctx.cleanups:
+            cleanup()
+
+
+def _check_row(row: Row, ctx: Ctx, capsys) -> None:
+    tmp_path = ctx.tmp
     argv = row.make(ctx)
     watched = row.untouched(ctx)
     before = checksums(watched)
@@ -513,9 +602,12 @@ def test_bad_input_catalogue(row: Row, tiny, tmp_path, monkeypatch, capsys):
         assert len(lines) == 1, err
         assert lines[0].startswith(f"medvol {argv[0]}: error: "), err
         assert re.search(row.error, lines[0]), lines[0]
-    else:
+    elif rc == 1:
         failed = err.split("failed cases:\n", 1)[1].splitlines()
         assert any(re.search(row.error, ln) for ln in failed), err
+    else:  # stopped on a signal: one line saying what was written and what was not
+        lines = [ln for ln in err.splitlines() if ln.startswith("medvol ")]
+        assert len(lines) == 1 and re.search(row.error, lines[0]), err
     assert checksums(watched) == before
 
 

@@ -1,10 +1,13 @@
 """Nothing of the user's is lost: --overwrite removes only what medvol wrote, outputs never
-replace inputs or foreign files, and two sources of one case id are refused (issue 20, 1-3)."""
+replace inputs or foreign files, and two sources of one case id are refused (issue 20, 1-3);
+one predict at a time writes into an output folder (issue 35, 3)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +161,26 @@ def test_predict_refuses_two_scans_of_one_case(tiny_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "a.nii" in err and "a.nii.gz" in err and "same case 'a'" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_lock_left_by_a_killed_predict_is_taken_over_with_a_warning(tiny_run, tmp_path, caplog):
+    """Issue 35, 3: the kernel drops a dead process's flock; its lock file names it."""
+    inp, out = tmp_path / "in", tmp_path / "out"
+    write_nifti(inp / "scan.nii.gz", sphere_case()[0])
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out.mkdir()
+    (out / ".medvol-predict.lock").write_text(json.dumps({"pid": int(dead.stdout), "host": "node1", "since": "x"}))
+    assert _predict(tiny_run, inp, out) == 0
+    assert f"no longer running (pid {int(dead.stdout)} on node1" in caplog.text
+    assert (out / "scan.nii.gz").exists() and not (out / ".medvol-predict.lock").exists()
+    assert MANIFEST in {p.name for p in out.iterdir()}
+
+
+def test_predict_leaves_no_lock_and_no_folder_when_it_fails(tiny_run, tmp_path):
+    inp = tmp_path / "in"
+    write_nifti(inp / "scan.nii.gz", sphere_case()[0][:, :, :1])  # a 2D image for a 3D model: refused
+    assert _predict(tiny_run, inp, tmp_path / "new" / "out") == 2
+    assert not (tmp_path / "new" / "out").exists()
+    (tmp_path / "old").mkdir()
+    assert _predict(tiny_run, inp, tmp_path / "old") == 2
+    assert not list((tmp_path / "old").iterdir())

@@ -57,6 +57,8 @@ class Evil:
     (lambda m: m.pop("plans.json"), "incomplete or unknown model file"),
     (lambda m: m.update({"plans.json": m["plans.json"] + b" "}), "plans.json: checksum mismatch"),
     ("pickle", "refused by torch.load\\(weights_only=True\\)"),
+    (lambda m: m.update({"/etc/cron.d/x": b"* * * * * root true"}), "unexpected member '/etc/cron.d/x'"),
+    (lambda m: m.update({"checkpoints/extra.pt": b""}), "unexpected member 'checkpoints/extra.pt'"),
 ])
 def test_broken_model_files_are_one_clear_error(tiny_run, tmp_path, damage, message):
     model = tmp_path / "model.zip"
@@ -76,3 +78,15 @@ def test_broken_model_files_are_one_clear_error(tiny_run, tmp_path, damage, mess
     write_nifti(inp / "scan.nii.gz", sphere_case()[0])
     assert main(["predict", "-m", str(bad), "-i", str(inp), "-o", str(tmp_path / "p"), "--device", "cpu",
                  "--quiet"]) == 2
+
+
+def test_a_second_copy_of_a_member_is_refused(tiny_run, tmp_path):
+    """Zip readers disagree on which of two same-named members they read: refused, named."""
+    model = tmp_path / "model.zip"
+    assert main(["export", str(tiny_run), "-o", str(model), "--quiet"]) == 0
+    with zipfile.ZipFile(model) as z:
+        plans = z.read("plans.json")
+    with pytest.warns(UserWarning, match="Duplicate name"), zipfile.ZipFile(model, "a") as z:
+        z.writestr("plans.json", plans)
+    with pytest.raises(InputError, match=r"unexpected member 'plans\.json' \(a second copy\)"):
+        read_model_zip(model)

@@ -1,5 +1,6 @@
 """Pre-emption as SLURM does it: SIGTERM mid-run -> the step finishes, latest.pt is written,
-exit status 75; `--resume auto` then ends exactly like an uninterrupted run."""
+exit status 75; `--resume auto` then ends exactly like an uninterrupted run. `medvol predict`
+finishes the case in flight and stops, exit 75, saying which cases it did not write."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ import subprocess
 import sys
 import time
 
+import nibabel as nib
 import pytest
 import torch
 
 from medvol.checkpoint import load_checkpoint
 from medvol.errors import PREEMPTED_EXIT
+
+from conftest import sphere_case, write_nifti
 
 SETS = ["model.base_features=4", "model.max_features=8", "data.patch_size=[16, 16, 16]", "data.batch_size=2",
         "data.num_workers=0", "trainer.steps=40", "trainer.val_every=40", "trainer.log_every=1",
@@ -110,3 +114,48 @@ def test_under_ddp_every_rank_stops_at_the_same_step(tiny_run, tmp_path):
     assert [p.returncode for p in procs] == [PREEMPTED_EXIT, PREEMPTED_EXIT], errs
     steps = {int(e.split("pre-empted after step ")[1].split(":")[0]) for e in errs}
     assert len(steps) == 1 and load_checkpoint(out / "checkpoints" / "latest.pt")["step"] == steps.pop()
+
+
+def test_sigterm_stops_predict_between_cases_and_leaves_only_whole_files(tiny_run, tmp_path):
+    """Issue 35, 3: SIGTERM while predicting with a model zip -> the case in flight is finished,
+    exit 75, one line naming the cases not written; no unpacked model, no lock, no partial file."""
+    from medvol.cli import main
+
+    model, inp, out, tmp = tmp_path / "model.zip", tmp_path / "in", tmp_path / "out", tmp_path / "tmp"
+    assert main(["export", str(tiny_run), "-o", str(model), "--quiet"]) == 0
+    cases = [f"c{i:02d}" for i in range(12)]
+    for i, c in enumerate(cases):
+        write_nifti(inp / f"{c}.nii.gz", sphere_case(seed=i)[0])
+    tmp.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "medvol", "predict", "-m", str(model), "-i", str(inp), "-o",
+                             str(out), "--device", "cpu", "--quiet", "--tta"], env={**ENV, "TMPDIR": str(tmp)},
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list(out.glob("*.nii.gz")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == PREEMPTED_EXIT, err
+    written = sorted(p.name[:-7] for p in out.glob("*.nii.gz"))
+    lines = [ln for ln in err.splitlines() if ln.startswith("medvol ")]
+    assert len(lines) == 1 and 1 <= len(written) < len(cases), err
+    assert lines[0] == (f"medvol predict: stopped by SIGTERM: {len(written)} of {len(cases)} case(s) written to {out}, "
+                        f"not written: {', '.join(c for c in cases if c not in written)}; rerun the same command "
+                        "to predict them (it predicts every case again)")
+    assert not list(tmp.iterdir())  # no medvol-model-* left behind
+    assert sorted(p.name for p in out.iterdir()) == sorted([".medvol-manifest.json", *(f"{c}.nii.gz" for c in written)])
+    for c in written:
+        assert nib.load(out / f"{c}.nii.gz").get_fdata().shape == (24, 24, 20)
+
+
+def test_the_predict_flag_waits_for_the_case_in_flight_but_not_for_a_second_ctrl_c():
+    from medvol.training.preemption import PreemptionFlag
+
+    for first in (signal.SIGINT, signal.SIGTERM):
+        with PreemptionFlag((signal.SIGTERM, signal.SIGINT)) as flag:
+            os.kill(os.getpid(), first)
+            os.kill(os.getpid(), signal.SIGTERM)  # a second SIGTERM changes nothing
+            assert flag.signum == first
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

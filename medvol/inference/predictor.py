@@ -14,14 +14,14 @@ import logging
 import sys
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from medvol.checkpoint import RunModel, expand_fold_folders, load_run
 from medvol.config import InferenceConfig
-from medvol.errors import ConfigError, InputError
+from medvol.errors import ConfigError, InputError, PredictionStopped
 from medvol.inference.postprocess import argmax_labels, dodnet_postprocess, largest_component, task_labels
 from medvol.inference.sliding_window import SoftmaxClasses, TaskSigmoid, sliding_window_probabilities
 from medvol.io import Volume, read_volume, write_volume
@@ -81,7 +81,7 @@ def predict(run_dir: str | Path | Sequence[str | Path], inputs: str | Path, out_
             save_probabilities: bool = False, checkpoint: str = "best", quiet: bool = False, postprocess=None,
             largest_component_only: bool | None = None, task: str | int | None = None,
             step: list[int] | None = None, precision: str | None = None,
-            all_windows: bool | None = None) -> list[Path]:
+            all_windows: bool | None = None, stop: Callable[[], int | None] | None = None) -> list[Path]:
     """Predict every scan in ``inputs``; write ``<case>.nii.gz`` (and ``.npz``) to ``out_dir``.
 
     ``tta``, ``overlap``, ``step`` (window step in voxels per axis, replacing ``overlap``),
@@ -90,14 +90,14 @@ def predict(run_dir: str | Path | Sequence[str | Path], inputs: str | Path, out_
     what was used is written to ``out_dir/predict.json``. ``run_dir`` may
     also be a model file written by ``medvol export`` (``.zip``), several of them (an ensemble:
     their probabilities are averaged before post-processing; the first one's inference
-    settings apply) or a folder holding ``fold_*`` runs."""
+    settings apply) or a folder holding ``fold_*`` runs. ``stop``: see :func:`predict_cases`."""
     _check_options(sw_batch_size, overlap)
     with _unpacked_models(run_dir) as run_dirs:
         dev = resolve_device(device)
         runs = [load_run(r, dev, checkpoint) for r in run_dirs]
         cases = input_cases(inputs, runs[0].plans.num_channels)
         return predict_cases(runs, cases, out_dir, dev, tta, overlap, sw_batch_size, save_probabilities, quiet,
-                             postprocess, largest_component_only, task, step, precision, all_windows)
+                             postprocess, largest_component_only, task, step, precision, all_windows, stop)
 
 
 SLICE_CLASSIFIERS = ("slice_classifier", "dcmt")  # trainers whose models grade slices: no label map
@@ -143,9 +143,13 @@ def predict_cases(runs: list[RunModel], cases: list[tuple[str, list[Path]]], out
                   save_probabilities: bool = False, quiet: bool = False, postprocess=None,
                   largest_component_only: bool | None = None, task: str | int | None = None,
                   step: list[int] | None = None, precision: str | None = None,
-                  all_windows: bool | None = None) -> list[Path]:
+                  all_windows: bool | None = None, stop: Callable[[], int | None] | None = None) -> list[Path]:
     """:func:`predict` of loaded models (``load_run``) on given cases: ``[(case id, its
-    channel sources)]``, as :func:`medvol.io.discovery.input_cases` lists them."""
+    channel sources)]``, as :func:`medvol.io.discovery.input_cases` lists them.
+
+    ``stop``, asked before each case, returns the signal that asks the run to stop (or None):
+    then :class:`PredictionStopped` is raised, naming the cases not written (those written
+    are complete: every file is written atomically)."""
     from tqdm import tqdm
 
     _check_options(sw_batch_size, overlap)
@@ -162,7 +166,9 @@ def predict_cases(runs: list[RunModel], cases: list[tuple[str, list[Path]]], out
                    [f"{n}{ext}" for n in names for ext in (".nii.gz", ".npz")[:2 if save_probabilities else 1]]
                    + [PREDICT_RECORD])
     written = []
-    for case, sources in tqdm(cases, desc="predict", unit="case", disable=quiet or not sys.stderr.isatty()):
+    bar = tqdm(cases, desc="predict", unit="case", disable=quiet or not sys.stderr.isatty())
+    for i, (case, sources) in enumerate(bar):
+        _stop_if_asked(stop, out_dir, cases, i)
         written += _predict_case(runs, case, sources, out_dir, device, settings, tasks, sw_batch_size,
                                  postprocess, save_probabilities)
     _write_record(out_dir, runs, settings, device)
@@ -170,6 +176,12 @@ def predict_cases(runs: list[RunModel], cases: list[tuple[str, list[Path]]], out
 
 
 PREDICT_RECORD = "predict.json"
+
+
+def _stop_if_asked(stop: Callable[[], int | None] | None, out_dir: Path, cases: list, done: int) -> None:
+    signum = stop() if stop is not None else None
+    if signum is not None:
+        raise PredictionStopped(signum, out_dir, done, [c for c, _ in cases[done:]])
 
 
 def _write_record(out_dir: Path, runs: list[RunModel], settings: InferenceConfig, device: torch.device) -> None:

@@ -2,10 +2,14 @@
 chosen signal such as SIGUSR1 (``sbatch --signal=USR1@120``). While training, those signals
 only set a flag; the loop finishes its step, writes ``latest.pt`` and stops with
 :class:`medvol.errors.Preempted` (exit status 75). Under DDP the ranks agree on the flag after
-every step (an all-reduce of one number), so all stop at the same step."""
+every step (an all-reduce of one number), so all stop at the same step.
+
+``medvol predict`` uses the same flag, with SIGINT among the signals: it finishes the case in
+flight and stops before the next one; a second Ctrl-C stops at once (KeyboardInterrupt)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -16,18 +20,27 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class PreemptionFlag:
-    """Context manager: catches :data:`SIGNALS` inside the block (main thread only)."""
+    """Context manager: catches ``signals`` (default :data:`SIGNALS`) inside the block (main
+    thread only) and remembers the first one in ``signum``."""
 
-    def __init__(self) -> None:
+    def __init__(self, signals: tuple[signal.Signals, ...] = SIGNALS) -> None:
         self.raised = False
+        self.signum: int | None = None  # the first signal caught
+        self.signals = signals
         self._old: dict = {}
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            if self.raised:
+                raise KeyboardInterrupt  # Ctrl-C twice: do not wait
+            os.write(2, b"\nstopping at the next safe point (Ctrl-C again to stop at once)\n")
         self.raised = True
+        if self.signum is None:
+            self.signum = signum
 
     def __enter__(self) -> PreemptionFlag:
         if threading.current_thread() is threading.main_thread():
-            self._old = {s: signal.signal(s, self._handle) for s in SIGNALS}
+            self._old = {s: signal.signal(s, self._handle) for s in self.signals}
         return self
 
     def __exit__(self, *exc) -> None:
