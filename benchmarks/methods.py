@@ -169,7 +169,7 @@ def run_comparison(c: Comparison, seeds: list[int], work: Path, toy: bool, deadl
 
 
 def _stat(values: list[float]) -> str:
-    return f"{np.mean(values):.3f} [{min(values):.3f}-{max(values):.3f}]" if values else "-"
+    return f"{np.mean(values):.3f} [{min(values):.3f}, {max(values):.3f}]" if values else "-"
 
 
 def summarise(rows: list[dict]) -> list[dict]:

@@ -33,8 +33,8 @@ def test_paired_differences_and_table_from_rows(tmp_path):
     assert s["dice"] == {"Inf-Net": [0.9, 0.7], "quickstart_2d": [0.8, 0.75]}
     assert s["diff"] == pytest.approx([0.1, -0.05])
     table = h.write_table([s], tmp_path).read_text()
-    assert ("| Inf-Net | 24 | bone | 0.800 [0.700-0.900] | quickstart_2d | 0.775 [0.750-0.800] "
-            "| 0.025 [-0.050-0.100] |") in table
+    assert ("| Inf-Net | 24 | bone | 0.800 [0.700, 0.900] | quickstart_2d | 0.775 [0.750, 0.800] "
+            "| 0.025 [-0.050, 0.100] |") in table
 
 
 @pytest.mark.slow
