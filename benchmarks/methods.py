@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ class Comparison:
     budgets: tuple[int, ...]
     steps: int
     note: str = ""
+    partial: bool = False  # DoDNet: one network over partial datasets vs one baseline per dataset
 
 
 @dataclass
@@ -106,10 +108,55 @@ COMPARISONS = {c.method: c for c in [
     Comparison("canet", "brain_wm", Arm("CANet", "canet_demo", ("data.val_cases=null",)),
                Arm("quickstart", "quickstart", ("model.base_features=8", "data.patch_size=[48,48,48]")),
                budgets=(1, 2), steps=300, note="white matter on real T1 scans, the rest of the 6 unlabelled"),
+    Comparison("dodnet", "brain_partial", Arm("DoDNet", "dodnet_demo"),
+               Arm("quickstart per dataset", "quickstart", ("model.base_features=8", "data.patch_size=[48,48,48]",
+                                                            "data.batch_size=2")),
+               budgets=(0,), steps=200, partial=True,
+               note="brain (even cases) and white matter (odd cases) from two partially labelled sets"),
     Comparison("pcrl", "brain_tissue", Arm("PCRL", "pcrl_finetune_demo", pretrain="pcrl_demo"),
                Arm("scratch", "pcrl_finetune_demo"),
                budgets=(1, 2), steps=200, note="GM/WM on real T1 scans, pretrained on all 6 without labels"),
 ]}
+
+
+def _task_copy(raw: Path, out: Path, cases: list[str], values: list[int], name: str) -> Path:
+    """One partial dataset on its own: ``cases`` (and every test scan) with label 1 where the
+    label is one of ``values``: what that dataset's annotators drew."""
+    from medvol.io import Volume, read_volume, write_volume
+
+    tests = sorted(p.name[: -len("_0000.nii.gz")] for p in (raw / "imagesTs").glob("*_0000.nii.gz"))
+    for split, ids in (("Tr", cases), ("Ts", tests)):
+        for sub in (f"images{split}", f"labels{split}"):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+        for case in ids:
+            shutil.copy(raw / f"images{split}" / f"{case}_0000.nii.gz", out / f"images{split}")
+            label = read_volume(raw / f"labels{split}" / f"{case}.nii.gz")
+            write_volume(Volume(np.isin(label.array, values).astype(np.uint8), label.affine, {}),
+                         out / f"labels{split}" / f"{case}.nii.gz")
+    meta = json.loads((raw / "dataset.json").read_text())
+    (out / "dataset.json").write_text(json.dumps({
+        "name": name, "channel_names": meta["channel_names"], "labels": {"background": 0, name: 1},
+        "numTraining": len(cases), "file_ending": meta["file_ending"]}, indent=1))
+    return out
+
+
+def task_datasets(raw: Path, work: Path) -> dict[int, tuple[str, int, Data]]:
+    """Per task of a partial dataset: (name, the label value DoDNet predicts for it, its own
+    preprocessed single-task dataset)."""
+    from medvol.preprocessing import preprocess_dataset
+
+    meta = json.loads((raw / "dataset.json").read_text())
+    out = {}
+    for tid, rule in meta["tasks"].items():
+        values, value = (rule["organ"], 1) if rule["organ"] else (rule["tumour"], 2)
+        cases = sorted(c for c, t in meta["case_tasks"].items() if str(t["task_id"]) == tid
+                       and (raw / "labelsTr" / f"{c}.nii.gz").exists())
+        root = work / f"task{tid}"
+        if not (root / "pre" / "plans.json").exists():
+            _task_copy(raw, root / "raw", cases, values, rule["name"])
+            preprocess_dataset(root / "raw", root / "pre", num_workers=2, quiet=True)
+        out[int(tid)] = (rule["name"], value, Data(root / "pre", root / "raw" / "imagesTs", root / "raw" / "labelsTs"))
+    return out
 
 
 def build_data(name: str, work: Path, toy: bool) -> Data:
@@ -124,19 +171,67 @@ def build_data(name: str, work: Path, toy: bool) -> Data:
     return Data(root / "pre", raw / "imagesTs", raw / "labelsTs")
 
 
-def _common(c: Comparison, budget: int, seed: int, toy: bool) -> list[str]:
+def _common(c: Comparison, budget: int | None, seed: int, toy: bool) -> list[str]:
     steps = 2 if toy else c.steps
+    labelled = [] if budget is None else [f"data.labelled={budget}"]
     return [f"trainer.steps={steps}", f"trainer.val_every={steps + 1}", "trainer.final_validation=false",
-            "data.val_fraction=0.0", f"data.labelled={budget}", f"trainer.seed={seed}", *(TOY if toy else [])]
+            "data.val_fraction=0.0", *labelled, f"trainer.seed={seed}", *(TOY if toy else [])]
+
+
+def _scores(pred: Path, labels: Path) -> dict:
+    """``{class: {dice, hd95}}``: medvol evaluate's means over the held-out scans."""
+    from medvol.evaluation.metrics import evaluate_folders
+
+    result = evaluate_folders(pred, labels)
+    return {name: {k: float(m[k]["mean"]) for k in ("dice", "hd95")} for name, m in result["summary"].items()}
+
+
+def _binarised(pred: Path, value: int, out: Path) -> Path:
+    """Label maps ``== value`` as 0/1 maps of the same geometry (a task's structure)."""
+    from medvol.io import Volume, read_volume, write_volume
+
+    out.mkdir(parents=True, exist_ok=True)
+    for f in sorted(pred.glob("*.nii.gz")):
+        v = read_volume(f)
+        write_volume(Volume((v.array == value).astype(np.uint8), v.affine, {}), out / f.name)
+    return out
+
+
+def run_partial_arm(arm: Arm, c: Comparison, data: Data, seed: int, out: Path, toy: bool) -> dict:
+    """DoDNet: one network on the partial cache, predicted per task; the baseline: one network
+    per task's own dataset. Each task scored against its structure on the held-out scans."""
+    from medvol.config import load_recipe
+    from medvol.inference import predict
+    from medvol.training import train
+
+    t0, scores = time.perf_counter(), {}
+    sets = [*arm.sets, *_common(c, None, seed, toy)]
+    tasks = task_datasets(data.pre.parent / "raw", data.pre.parent)
+    if arm is c.arm:
+        train(load_recipe(arm.recipe, sets), data.pre, out / "run", device="cpu", quiet=True)
+    for tid, (name, value, task_data) in tasks.items():
+        if arm is c.arm:
+            predict(out / "run", data.images, out / f"pred_{name}", device="cpu", checkpoint="latest", tta=False,
+                    task=tid, quiet=True)
+            pred = _binarised(out / f"pred_{name}", value, out / f"bin_{name}")
+        else:
+            train(load_recipe(arm.recipe, sets), task_data.pre, out / f"run_{name}", device="cpu", quiet=True)
+            pred = out / f"pred_{name}"
+            predict(out / f"run_{name}", task_data.images, pred, device="cpu", checkpoint="latest", tta=False,
+                    quiet=True)
+        scores.update(_scores(pred, task_data.labels))
+    return {"method": c.method, "arm": arm.label, "budget": 0, "seed": seed, "scores": scores,
+            "seconds": time.perf_counter() - t0}
 
 
 def run_arm(arm: Arm, c: Comparison, data: Data, budget: int, seed: int, out: Path, toy: bool) -> dict:
     """Train one arm, predict the held-out scans, score them: ``{class: {dice, hd95}}``."""
     from medvol.config import load_recipe
-    from medvol.evaluation.metrics import evaluate_folders
     from medvol.inference import predict
     from medvol.training import train
 
+    if c.partial:
+        return run_partial_arm(arm, c, data, seed, out, toy)
     t0 = time.perf_counter()
     sets = [*arm.sets, *_common(c, budget, seed, toy)]
     if arm.pretrain:  # labels unused: every training case, as a user would pretrain
@@ -145,16 +240,14 @@ def run_arm(arm: Arm, c: Comparison, data: Data, budget: int, seed: int, out: Pa
         sets.append(f"init_from={out / 'pretrain' / 'encoder.pt'}")
     train(load_recipe(arm.recipe, sets), data.pre, out / "run", device="cpu", quiet=True)
     predict(out / "run", data.images, out / "pred", device="cpu", checkpoint="latest", tta=False, quiet=True)
-    result = evaluate_folders(out / "pred", data.labels)
-    scores = {name: {k: float(m[k]["mean"]) for k in ("dice", "hd95")} for name, m in result["summary"].items()}
-    return {"method": c.method, "arm": arm.label, "budget": budget, "seed": seed, "scores": scores,
-            "seconds": time.perf_counter() - t0}
+    return {"method": c.method, "arm": arm.label, "budget": budget, "seed": seed,
+            "scores": _scores(out / "pred", data.labels), "seconds": time.perf_counter() - t0}
 
 
 def run_comparison(c: Comparison, seeds: list[int], work: Path, toy: bool, deadline: float) -> list[dict]:
     data = build_data(c.dataset, work, toy)
     rows = []
-    for budget in (2,) if toy else c.budgets:
+    for budget in (0,) if c.partial else (2,) if toy else c.budgets:
         for seed in seeds:
             for arm in (c.arm, c.baseline):
                 if time.time() > deadline:
@@ -196,7 +289,7 @@ def write_table(summary: list[dict], out: Path) -> Path:
     for s in summary:
         c = COMPARISONS[s["method"]]
         hm, hb = (np.mean(s["hd95"][a.label]) if s["hd95"][a.label] else float("nan") for a in (c.arm, c.baseline))
-        lines.append(f"| {c.arm.label} | {s['budget']} | {s['class']} | {_stat(s['dice'][c.arm.label])} | "
+        lines.append(f"| {c.arm.label} | {s['budget'] or 'all'} | {s['class']} | {_stat(s['dice'][c.arm.label])} | "
                      f"{c.baseline.label} | {_stat(s['dice'][c.baseline.label])} | {_stat(s['diff'])} | "
                      f"{hm:.2f} / {hb:.2f} |")
     path = out / "methods.md"
