@@ -115,16 +115,21 @@ def write_demo_layout(root: str | Path, n_labelled: int = 8, n_unlabelled: int =
     root = Path(root)
     rng = np.random.default_rng(seed)
     for split, n in (("train", n_labelled), ("unlabelled", n_unlabelled), ("test", n_test)):
-        for i in range(n):
-            grey, mask = _demo_slice(size, rng)
-            name = f"{split[:2]}{i:03d}"
-            img_dir = root / split if split == "unlabelled" else root / split / "Imgs"
-            img_dir.mkdir(parents=True, exist_ok=True)
-            iio_write(img_dir / f"{name}.jpg", np.stack([grey] * 3, -1))
-            if split != "unlabelled":
-                (root / split / "GT").mkdir(exist_ok=True)
-                iio_write(root / split / "GT" / f"{name}.png", (255 * mask).astype(np.uint8))
+        write_split(root, split, [_demo_slice(size, rng) for _ in range(n)])
     return root
+
+
+def write_split(root: Path, split: str, slices) -> None:
+    """``(grey uint8, mask)`` slices as one split of the layout: ``root/<split>/Imgs/*.jpg`` (RGB)
+    and ``GT/*.png`` (0/255), or the images alone in ``root/unlabelled/``; names ``<sp><iii>``."""
+    for i, (grey, mask) in enumerate(slices):
+        name = f"{split[:2]}{i:03d}"
+        img_dir = root / split if split == "unlabelled" else root / split / "Imgs"
+        img_dir.mkdir(parents=True, exist_ok=True)
+        iio_write(img_dir / f"{name}.jpg", np.stack([grey] * 3, -1))
+        if split != "unlabelled":
+            (root / split / "GT").mkdir(exist_ok=True)
+            iio_write(root / split / "GT" / f"{name}.png", (255 * mask).astype(np.uint8))
 
 
 def _demo_slice(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medvol.datasets.covid_semiseg import iio_write
+from medvol.datasets.covid_semiseg import write_split
 from medvol.datasets.ct import LABELS, make_ct_case
 
 HU_WINDOW = (-1000.0, 2000.0)
@@ -47,12 +47,5 @@ def write_ct_semiseg_layout(root: str | Path, n_labelled: int = 24, n_unlabelled
     """``root/train`` (Imgs + GT), ``root/unlabelled`` (images), ``root/test`` (Imgs + GT)."""
     root = Path(root)
     for split, n in (("train", n_labelled), ("unlabelled", n_unlabelled), ("test", n_test)):
-        for i, (grey, mask) in enumerate(_slices(n, SPLIT_SEEDS[split] + 1000 * seed, size, target)):
-            name = f"{split[:2]}{i:03d}"
-            img_dir = root / split if split == "unlabelled" else root / split / "Imgs"
-            img_dir.mkdir(parents=True, exist_ok=True)
-            iio_write(img_dir / f"{name}.jpg", np.stack([grey] * 3, -1))
-            if split != "unlabelled":
-                (root / split / "GT").mkdir(exist_ok=True)
-                iio_write(root / split / "GT" / f"{name}.png", (255 * mask).astype(np.uint8))
+        write_split(root, split, _slices(n, SPLIT_SEEDS[split] + 1000 * seed, size, target))
     return root
