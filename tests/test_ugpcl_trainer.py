@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from medvol.checkpoint import load_checkpoint
 from medvol.config import load_recipe
 from medvol.data import make_loader
+from medvol.errors import ConfigError
 from medvol.losses.pixel_contrast import IGNORE, ClassMemoryQueue, class_means, merge_rank_means
 from medvol.training import train
 from medvol.training.distributed import DistInfo
@@ -201,12 +202,24 @@ def test_step_terms_switch_on_at_their_steps(brain_pre, tmp_path):
         total = (terms["sup_cnn"] + 0.4 * terms["sup_tf"] + cw * terms["consistency"] + 0.1 * terms["rotation"]
                  + 0.1 * terms["contrast"])
         assert terms["loss"] == pytest.approx(total, rel=1e-5)
-        seen.append((terms["contrast"], "uncertain_fraction" in terms, queue.filled(0)))
+        assert queue.filled(0) == 0  # the published background queue: zeros, never written
+        seen.append((terms["contrast"], "uncertain_fraction" in terms, queue.filled(1) + queue.filled(2)))
     # before contrast_start: no contrast, no queue; at it: the queue fills (nothing to contrast
     # with yet); after it: the contrast term is live
     assert seen[0] == (0.0, False, 0) and seen[1] == (0.0, False, 0)
     assert seen[2][0] == 0.0 and seen[2][1] and seen[2][2] > 0
     assert seen[3][0] > 0 and seen[3][2] > seen[2][2]
+
+
+def test_trainer_contrast_options(brain_pre, tmp_path):
+    """The anchor and background-queue options reach the loss; a bad choice is one clear error."""
+    c = _trainer(brain_pre, tmp_path / "run").loss_fn.contrast
+    assert (c.anchor_sampling, c.background_queue) == ("published", "zeros")
+    old = _trainer(brain_pre, tmp_path / "old", "method.anchor_sampling=random", "method.background_queue=means")
+    assert (old.loss_fn.contrast.anchor_sampling, old.loss_fn.contrast.background_queue) == ("random", "means")
+    for key in ("anchor_sampling", "background_queue"):
+        with pytest.raises(ConfigError, match=f"method.{key} must be one of"):
+            _trainer(brain_pre, tmp_path / "bad", f"method.{key}=bogus")
 
 
 def test_trainer_rotation_targets_match_the_applied_rotation(brain_pre, tmp_path):
@@ -231,8 +244,8 @@ def test_resume_is_exact_queue_included(brain_pre, tmp_path):
     train(load_recipe("ugpcl_demo", sets), brain_pre, tmp_path / "cut", device="cpu", quiet=True, resume=True)
     a = load_checkpoint(tmp_path / "full" / "checkpoints" / "latest.pt")["models"]["model"]
     b = load_checkpoint(tmp_path / "cut" / "checkpoints" / "latest.pt")["models"]["model"]
-    # the queue is in the checkpoint: background means of at least the 4 labelled images of steps 1-5
-    assert a.keys() == b.keys() and int(a["memory.queues.0.count"]) >= 5 * 4
+    # the queue is in the checkpoint: class means of steps 1-5 (the background queue: zeros, never written)
+    assert a.keys() == b.keys() and int(a["memory.queues.1.count"]) > 0 and int(a["memory.queues.0.count"]) == 0
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
     full, cut = metric_series(tmp_path / "full"), metric_series(tmp_path / "cut")
@@ -300,8 +313,9 @@ def test_ugpcl_under_two_gloo_processes(brain_pre, tmp_path):
     """Two processes (DDP, gloo): the projection head idle before contrast_start, dict outputs,
     the queue's all-gather every step; the ranks end with identical weights."""
 
+    # background means in the queue (not the published zeros) make the all-gather countable below
     sets = DEMO + ["trainer.steps=3", "trainer.val_every=3", "method.contrast_start=1", "data.batch_size=4",
-                   "data.unlabelled_per_batch=1"]
+                   "data.unlabelled_per_batch=1", "method.background_queue=means"]
     train_two_ranks(["train", "ugpcl_demo"], brain_pre, tmp_path / "ddp", sets)
     queue = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "latest.pt")["models"]["model"]
     # steps 1 and 2 wrote the background means of both ranks' 3 labelled images at least (12);
