@@ -1,6 +1,6 @@
 """UGPCL network and losses (shared/METHODS.md §6): shapes, registered position embeddings,
 uncertainty threshold, anchor sampling (published and random), the per-class memory queue (zero
-or mean background) and the contrastive loss, against hand-computed values."""
+or mean background), the contrastive loss and the supervised Dice, against hand-computed values."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from medvol.losses.pixel_contrast import (
     IGNORE,
     ClassMemoryQueue,
     PixelContrastLoss,
+    PublishedDiceLoss,
     UGPCLLoss,
     contrast_labels,
     labels_on_grid,
@@ -344,6 +345,50 @@ def test_zero_background_queue_as_published_by_hand():
     assert means.item() == pytest.approx(l1_means, rel=1e-6) and q.filled(0) == 1
 
 
+# ---------------------------------------------------------------- supervised Dice
+
+
+def _log_probs(p1):
+    """Logits of 2 classes on 4 pixels, ``(1, 2, 2, 2)``, whose softmax is (1 - p1, p1)."""
+    p1 = torch.tensor(p1, dtype=torch.float64).view(1, 1, 2, 2)
+    return torch.log(torch.cat([1 - p1, p1], 1))
+
+
+def test_published_dice_by_hand():
+    """2 classes, 4 pixels: p(class 1) = 0.9, 0.2, 0.6, 0.1, target 1, 0, 1, 0."""
+    logits = _log_probs([0.9, 0.2, 0.6, 0.1])
+    target = torch.tensor([1, 0, 1, 0]).view(1, 1, 2, 2)
+    s = 1e-5
+    # class 1 only: sum p t = 0.9 + 0.6, sum p^2 = 0.81 + 0.04 + 0.36 + 0.01, sum t^2 = 2;
+    # divided by the 2 classes (background counted, weight 0)
+    dice = (1 - (2 * 1.5 + s) / (1.22 + 2 + s)) / 2
+    assert PublishedDiceLoss()(logits, target).item() == pytest.approx(dice, rel=1e-6)  # float32
+    # the supervised term: 0.5 Dice + 0.5 CE, CE = -mean log p(target) = p 0.9, 0.8, 0.6, 0.9
+    ce = -(math.log(0.9) + math.log(0.8) + math.log(0.6) + math.log(0.9)) / 4
+    assert UGPCLLoss().supervised(logits, target).item() == pytest.approx(0.5 * dice + 0.5 * ce, rel=1e-6)
+    # medvol's earlier Dice ("all_classes"): both classes, linear denominators, averaged
+    bg = 1 - (2 * (0.8 + 0.9) + s) / ((0.1 + 0.8 + 0.4 + 0.9) + 2 + s)
+    fg = 1 - (2 * 1.5 + s) / ((0.9 + 0.2 + 0.6 + 0.1) + 2 + s)
+    old = UGPCLLoss(dice="all_classes").supervised(logits, target).item()
+    assert old == pytest.approx(0.5 * (bg + fg) / 2 + 0.5 * ce, rel=1e-6)
+    with pytest.raises(ValueError, match="dice must be one of"):
+        UGPCLLoss(dice="bogus")
+
+
+def test_published_dice_leaves_background_out():
+    g = torch.Generator().manual_seed(0)
+    prob = torch.softmax(torch.randn(2, 3, 5, 5, generator=g), 1)
+    target = torch.randint(0, 3, (2, 1, 5, 5), generator=g)
+    dice = PublishedDiceLoss()
+    other = prob.clone()
+    other[:, 0] = torch.rand(2, 5, 5, generator=g)  # only the background probabilities change
+    assert torch.equal(dice.from_probs(other, target), dice.from_probs(prob, target))
+    # a perfect foreground scores 0 whatever the background channel holds
+    perfect = F.one_hot(target[:, 0], 3).movedim(-1, 1).float()
+    perfect[:, 0] = 0.5
+    assert dice.from_probs(perfect, target).item() == pytest.approx(0.0, abs=1e-6)
+
+
 # ---------------------------------------------------------------- total
 
 
@@ -356,8 +401,15 @@ def test_ugpcl_loss_terms_and_weights():
     out = net(x)
     early = crit(out, labels, rot, step=5, queue=net.memory)
     assert early["contrast"].item() == 0.0 and net.memory.filled(0) == 0
-    sup = lambda y: 0.5 * crit.dice(y, labels) + 0.5 * F.cross_entropy(y, labels[:, 0])  # noqa: E731
+
+    def sup(y):  # the published Dice written out: foreground classes, squared denominators, / 3 classes
+        p, t = y.softmax(1), F.one_hot(labels[:, 0], 3).movedim(-1, 1).float()
+        dice = sum(1 - (2 * (p[:, c] * t[:, c]).sum() + 1e-5) / (p[:, c].pow(2).sum() + t[:, c].sum() + 1e-5)
+                   for c in (1, 2)) / 3
+        return 0.5 * dice + 0.5 * F.cross_entropy(y, labels[:, 0])
+
     assert early["sup_cnn"].item() == pytest.approx(sup(out["seg_cnn"][:2]).item(), rel=1e-5)
+    assert early["sup_tf"].item() == pytest.approx(sup(out["seg_tf"][:2]).item(), rel=1e-5)
     cons = (out["seg_cnn"][2:].softmax(1) - out["seg_tf"][2:].softmax(1)).pow(2).mean()
     assert early["consistency"].item() == pytest.approx(cons.item(), rel=1e-5)
     cw = 0.01 * math.exp(-5 * (1 - 0.05) ** 2)

@@ -211,13 +211,28 @@ def test_step_terms_switch_on_at_their_steps(brain_pre, tmp_path):
     assert seen[3][0] > 0 and seen[3][2] > seen[2][2]
 
 
-def test_trainer_contrast_options(brain_pre, tmp_path):
-    """The anchor and background-queue options reach the loss; a bad choice is one clear error."""
-    c = _trainer(brain_pre, tmp_path / "run").loss_fn.contrast
+def test_trainer_supervised_term_is_the_published_dice_and_ce(brain_pre, tmp_path):
+    """The trainer's ``sup_cnn`` is 0.5 x the published Dice (foreground classes, squared
+    denominators, smooth 1e-5, / number of classes) + 0.5 x CE of the labelled images, written
+    out here; the options reach the loss and a bad choice is one clear error."""
+    t = _trainer(brain_pre, tmp_path / "run")
+    batch = _first_batch(t)
+    image, label, _, n_l = t.prepare_batch(batch, 0)
+    with torch.no_grad():
+        seg = t.models["model"](image, all_outputs=True)["seg_cnn"][:n_l].double()
+    p, y = seg.softmax(1), F.one_hot(label[:, 0].long(), 3).movedim(-1, 1).double()
+    dice = sum(1 - (2 * (p[:, c] * y[:, c]).sum() + 1e-5) / ((p[:, c] ** 2).sum() + (y[:, c] ** 2).sum() + 1e-5)
+               for c in (1, 2)) / 3
+    ce = -(p.log() * y).sum(1).mean()
+    terms = t.training_step(batch, 0)
+    assert float(terms["sup_cnn"].detach()) == pytest.approx(float(0.5 * dice + 0.5 * ce), rel=1e-4)
+    c = t.loss_fn.contrast
     assert (c.anchor_sampling, c.background_queue) == ("published", "zeros")
-    old = _trainer(brain_pre, tmp_path / "old", "method.anchor_sampling=random", "method.background_queue=means")
-    assert (old.loss_fn.contrast.anchor_sampling, old.loss_fn.contrast.background_queue) == ("random", "means")
-    for key in ("anchor_sampling", "background_queue"):
+    old = _trainer(brain_pre, tmp_path / "old", "method.anchor_sampling=random", "method.background_queue=means",
+                   "method.dice=all_classes").loss_fn
+    assert (old.contrast.anchor_sampling, old.contrast.background_queue) == ("random", "means")
+    assert not isinstance(old.dice, type(t.loss_fn.dice))
+    for key in ("anchor_sampling", "background_queue", "dice"):
         with pytest.raises(ConfigError, match=f"method.{key} must be one of"):
             _trainer(brain_pre, tmp_path / "bad", f"method.{key}=bogus")
 

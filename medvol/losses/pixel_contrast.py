@@ -7,8 +7,9 @@ Shapes: logits ``(B, C, H, W)``, integer labels ``(B, H, W)`` (or ``(B, 1, H, W)
 
 As published (the defaults): one anchor per image and class present on more than one cell,
 easy first (:func:`sample_anchors_published`); a background "queue" of zero vectors that is never
-written (``background_queue="zeros"``). The earlier medvol rules stay selectable
-(``anchor_sampling="random"``, ``background_queue="means"``).
+written (``background_queue="zeros"``); the supervised Dice over the foreground classes with
+squared denominators (:class:`PublishedDiceLoss`). The earlier medvol rules stay selectable
+(``anchor_sampling="random"``, ``background_queue="means"``, ``dice="all_classes"``).
 
 Changed from the published code (see ``docs/methods/ugpcl.md``): the foreground queues are
 zero-filled with a fill count and unfilled slots are masked out (the published ones start from
@@ -26,12 +27,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medvol.losses.contrastive import KeyQueue
-from medvol.losses.dice import BatchDiceLoss
+from medvol.losses.dice import BatchDiceLoss, world_sum
 from medvol.training.schedules import sigmoid_rampup
 
 IGNORE = -1
 ANCHOR_SAMPLING = ("published", "random")
 BACKGROUND_QUEUE = ("zeros", "means")
+DICE = ("published", "all_classes")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -334,6 +336,34 @@ class PixelContrastLoss(nn.Module):
         return loss
 
 
+# ------------------------------------------------------------------ supervised Dice
+
+
+class PublishedDiceLoss(nn.Module):
+    """The published UGPCL Dice (``DiceLoss_`` with ``class_weight [0, 1, ..., 1]``): per
+    foreground class c, ``1 - (2 sum p t + s) / (sum p^2 + sum t^2 + s)`` with p the softmax, t
+    the one-hot target and s = 1e-5, sums over the whole batch and space (every DDP rank, as
+    :class:`~medvol.losses.dice.BatchDiceLoss` pools); summed over the foreground classes and
+    divided by the number of classes, background included in that count (weight 0)."""
+
+    def __init__(self, smooth: float = 1e-5):
+        super().__init__()
+        self.smooth = smooth
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, C, ...)``, integer target ``(B, 1, ...)``."""
+        return self.from_probs(torch.softmax(logits.float(), 1), target)
+
+    def from_probs(self, prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The loss on probabilities ``(B, C, ...)``: channel 0 (background) is never read."""
+        n = prob.shape[1]
+        onehot = F.one_hot(target[:, 0].long(), n).movedim(-1, 1).to(prob.dtype)
+        p, t = prob[:, 1:], onehot[:, 1:]
+        dims = [0] + list(range(2, p.ndim))
+        inter, pp, tt = world_sum(torch.stack([(p * t).sum(dims), (p * p).sum(dims), (t * t).sum(dims)]))
+        return (1 - (2 * inter + self.smooth) / (pp + tt + self.smooth)).sum() / n
+
+
 # ------------------------------------------------------------------ total
 
 
@@ -341,7 +371,9 @@ class UGPCLLoss(nn.Module):
     """The UGPCL objective for a batch whose first ``len(labels)`` images are labelled:
 
     - supervised: 0.5 Dice + 0.5 CE on the CNN decoder + ``tf_weight`` (0.4) x the same on the
-      Transformer decoder (labelled images);
+      Transformer decoder (labelled images); ``dice="published"``: :class:`PublishedDiceLoss`
+      (foreground classes, squared denominators), ``"all_classes"``: medvol's earlier batch
+      Dice over every class, background included, with linear denominators;
     - consistency: MSE between both decoders' softmaxes on the unlabelled images, weight
       ``consistency`` (0.01) x ``sigmoid_rampup(step, consistency_rampup)``;
     - rotation: CE of the rotation head x ``rotation_weight`` (0.1);
@@ -355,14 +387,14 @@ class UGPCLLoss(nn.Module):
     def __init__(self, tf_weight: float = 0.4, consistency: float = 0.01, consistency_rampup: float = 4000.0,
                  rotation_weight: float = 0.1, contrast_weight: float = 0.1, contrast_start: int = 1000,
                  threshold_rampup: float = 10000.0, temperature: float = 0.07, max_anchors_per_class: int = 256,
-                 anchor_sampling: str = "published", background_queue: str = "zeros"):
+                 anchor_sampling: str = "published", background_queue: str = "zeros", dice: str = "published"):
         super().__init__()
+        _check_choice("dice", dice, DICE)
         self.tf_weight, self.consistency, self.consistency_rampup = tf_weight, consistency, consistency_rampup
         self.rotation_weight, self.contrast_weight = rotation_weight, contrast_weight
         self.contrast_start = contrast_start
         self.threshold_rampup = threshold_rampup
-        # the paper's Dice averages every class, background included
-        self.dice = BatchDiceLoss(include_background=True)
+        self.dice: nn.Module = PublishedDiceLoss() if dice == "published" else BatchDiceLoss(include_background=True)
         self.contrast = PixelContrastLoss(temperature, max_anchors_per_class, anchor_sampling, background_queue)
 
     def supervised(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
