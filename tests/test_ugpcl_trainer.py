@@ -249,8 +249,8 @@ def test_trainer_rotation_targets_match_the_applied_rotation(brain_pre, tmp_path
     image, label, k, n_l = t.prepare_batch(batch, 5)
     assert n_l == 4 and label.shape == (4, 1, 64, 64)
     assert torch.equal(k, draw_rotations(t.recipe.trainer.seed, 5, range(8), 0.0)[0]) and len(set(k.tolist())) > 1
-    for i in range(8):
-        torch.testing.assert_close(image[i], torch.rot90(batch["image"][i], int(k[i]), (-2, -1)), atol=1e-5, rtol=1e-5)
+    for i in range(8):  # float32 bilinear sampling at grid points: exact to ~1e-5 of the (augmented) intensities
+        torch.testing.assert_close(image[i], torch.rot90(batch["image"][i], int(k[i]), (-2, -1)), atol=1e-4, rtol=1e-5)
     for i in range(4):
         assert torch.equal(label[i], torch.rot90(batch["label"][i], int(k[i]), (-2, -1)))
 
