@@ -1,5 +1,6 @@
 """UGPCL network and losses (shared/METHODS.md §6): shapes, registered position embeddings,
-uncertainty threshold, anchor sampling, the per-class memory queue and the contrastive loss."""
+uncertainty threshold, anchor sampling (published and random), the per-class memory queue (zero
+or mean background), the contrastive loss and the supervised Dice, against hand-computed values."""
 
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from medvol.losses.pixel_contrast import (
     IGNORE,
     ClassMemoryQueue,
     PixelContrastLoss,
+    PublishedDiceLoss,
     UGPCLLoss,
     contrast_labels,
     labels_on_grid,
     queue_info_nce,
     sample_anchors,
+    sample_anchors_published,
     uncertainty_map,
     uncertainty_threshold,
 )
@@ -164,6 +167,40 @@ def test_anchors_never_come_from_uncertain_pixels():
     assert all(int((few == k).sum()) <= 2 for k in range(c))
 
 
+def _tagged(b, h, w):
+    """``(b, 2, h, w)`` embeddings whose value is the cell's flat index over the batch."""
+    return torch.arange(b * h * w, dtype=torch.float).view(b, 1, h, w).repeat(1, 2, 1, 1)
+
+
+def test_published_sampler_one_anchor_per_image_and_class_easy_first():
+    """One anchor per (image, class on more than one cell): an easy cell (the CNN's argmax
+    agrees) whenever there is one, else a hard one; a class on one cell is skipped."""
+    N = IGNORE
+    lab = torch.tensor([[[0, 0, 0], [0, 0, 1], [1, 1, 2]],    # image 0: cells 0-4 bg, 5-7 class 1, 8 class 2
+                        [[N, N, 2], [2, 1, 1], [N, 0, N]]])   # image 1: 2-3 class 2, 4-5 class 1, 7 bg
+    pred = torch.tensor([[[1, 1, 1], [1, 1, 1], [0, 0, 2]],   # image 0: bg never right (all hard),
+                         [[0, 0, 0], [2, 0, 0], [0, 0, 0]]])  # class 1 right at cell 5 only; image 1:
+    proj = _tagged(2, 3, 3)                                   # class 2 right at cell 3 only, class 1 never
+    bg_picks, hard_picks = set(), set()
+    for seed in range(30):
+        anchors, classes = sample_anchors_published(proj, lab, pred, torch.Generator().manual_seed(seed))
+        cells = anchors[:, 0].long().tolist()
+        assert classes.tolist() == [0, 1, 1, 2]  # (image 0: bg, class 1), (image 1: class 1, class 2)
+        assert cells[1] == 5 and cells[3] == 9 + 3  # the only easy cells
+        assert cells[0] in range(0, 5) and cells[2] in (9 + 4, 9 + 5)  # hard: any cell of the class
+        bg_picks.add(cells[0])
+        hard_picks.add(cells[2])
+    assert len(bg_picks) > 1 and len(hard_picks) == 2  # drawn at random among them
+    # image 0's class 2 (one cell) and image 1's background (one cell) never gave an anchor;
+    # with a second background cell, image 1's background does
+    lab[1, 2, 2] = 0
+    _, classes = sample_anchors_published(proj, lab, pred)
+    assert classes.tolist() == [0, 1, 0, 1, 2]
+    # nothing to sample: empty, with the embedding width
+    anchors, classes = sample_anchors_published(proj, torch.full_like(lab, IGNORE), pred)
+    assert anchors.shape == (0, 2) and classes.shape == (0,)
+
+
 # ---------------------------------------------------------------- memory queue
 
 
@@ -256,18 +293,100 @@ def test_unfilled_slots_never_act_as_negatives():
     assert torch.equal(anchors.grad, torch.zeros_like(anchors))
 
 
-def test_pixel_contrast_loss_uses_queue_before_updating_it():
+@pytest.mark.parametrize("sampling, background, filled", [("published", "zeros", [0, 2]), ("random", "means", [2, 2])])
+def test_pixel_contrast_loss_uses_queue_before_updating_it(sampling, background, filled):
     q = ClassMemoryQueue(num_classes=2, dim=4, size=5)
-    loss_fn = PixelContrastLoss(temperature=0.07, max_anchors_per_class=4)
+    loss_fn = PixelContrastLoss(temperature=0.07, max_anchors_per_class=4, anchor_sampling=sampling,
+                                background_queue=background)
     proj = F.normalize(torch.randn(2, 4, 2, 2), dim=1).requires_grad_()
     labels = torch.zeros(2, 16, 16, dtype=torch.long)
     labels[:, 8:] = 1
-    first = loss_fn(proj, labels, q)  # empty queue: nothing to contrast with
-    assert first.item() == 0.0 and [q.filled(c) for c in range(2)] == [2, 2]
-    second = loss_fn(proj, labels, q)
-    assert second.item() > 0 and [q.filled(c) for c in range(2)] == [4, 4]
+    first = loss_fn(proj, labels, q, pred=labels)  # empty queue: nothing to contrast with
+    assert first.item() == 0.0 and [q.filled(c) for c in range(2)] == filled
+    second = loss_fn(proj, labels, q, pred=labels)
+    assert second.item() > 0 and [q.filled(c) for c in range(2)] == [2 * n for n in filled]
     second.backward()
     assert proj.grad.abs().sum() > 0
+    if sampling == "published":
+        with pytest.raises(ValueError, match="needs pred"):
+            loss_fn(proj, labels, q)
+
+
+def test_zero_background_queue_as_published_by_hand():
+    """The published background queue: zero vectors, never written, positives of background
+    anchors and negatives (e^0 = 1 each) of the others. 3 classes, a queue of 2 slots, class 1
+    holding e1 = (1, 0) and class 2 e2 = (0, 1); a background anchor a0 = (0.6, 0.8) and a
+    class-1 anchor a1 = (0.8, 0.6), each on two cells of one image (the prediction agrees)."""
+    T = 0.5  # large enough that the zero rows' e^0 = 1 terms weigh in
+
+    def setup():
+        q = ClassMemoryQueue(num_classes=3, dim=2, size=2)
+        q.enqueue(1, torch.tensor([[1.0, 0.0]]))
+        q.enqueue(2, torch.tensor([[0.0, 1.0]]))
+        proj = torch.tensor([[0.6, 0.8], [0.6, 0.8], [0.8, 0.6], [0.8, 0.6]]).t().reshape(1, 2, 2, 2)
+        return q, proj.clone().requires_grad_()
+
+    labels = torch.tensor([[[0, 0], [1, 1]]])  # on the embedding grid already
+    q, proj = setup()
+    got = PixelContrastLoss(T, background_queue="zeros")(proj, labels, q, pred=labels)
+    # a0: both positives are zero rows (a0.0 = 0), negatives e1 (a0.e1 = 0.6) and e2 (0.8)
+    l0 = -math.log(math.exp(0.0) / (math.exp(0.0) + math.exp(0.6 / T) + math.exp(0.8 / T)))
+    # a1: positive e1 (0.8), negatives the 2 zero rows (e^0 each) and e2 (0.6)
+    l1 = -math.log(math.exp(0.8 / T) / (math.exp(0.8 / T) + 2 * math.exp(0.0) + math.exp(0.6 / T)))
+    assert got.item() == pytest.approx((l0 + l1) / 2, rel=1e-6)
+    # never written: class 0 stays zeros with no count; class 1 took a1's mean after the loss
+    assert q.filled(0) == 0 and not bool(q.queues[0].keys.any())
+    assert q.filled(1) == 2 and torch.allclose(q.ordered(1)[-1], torch.tensor([0.8, 0.6]))
+    assert q.filled(2) == 1
+    # medvol's mean queue: background empty, so a0 has no positive and is left out; a1 sees no zeros
+    q, proj = setup()
+    means = PixelContrastLoss(T, background_queue="means")(proj, labels, q, pred=labels)
+    l1_means = -math.log(math.exp(0.8 / T) / (math.exp(0.8 / T) + math.exp(0.6 / T)))
+    assert means.item() == pytest.approx(l1_means, rel=1e-6) and q.filled(0) == 1
+
+
+# ---------------------------------------------------------------- supervised Dice
+
+
+def _log_probs(p1):
+    """Logits of 2 classes on 4 pixels, ``(1, 2, 2, 2)``, whose softmax is (1 - p1, p1)."""
+    p1 = torch.tensor(p1, dtype=torch.float64).view(1, 1, 2, 2)
+    return torch.log(torch.cat([1 - p1, p1], 1))
+
+
+def test_published_dice_by_hand():
+    """2 classes, 4 pixels: p(class 1) = 0.9, 0.2, 0.6, 0.1, target 1, 0, 1, 0."""
+    logits = _log_probs([0.9, 0.2, 0.6, 0.1])
+    target = torch.tensor([1, 0, 1, 0]).view(1, 1, 2, 2)
+    s = 1e-5
+    # class 1 only: sum p t = 0.9 + 0.6, sum p^2 = 0.81 + 0.04 + 0.36 + 0.01, sum t^2 = 2;
+    # divided by the 2 classes (background counted, weight 0)
+    dice = (1 - (2 * 1.5 + s) / (1.22 + 2 + s)) / 2
+    assert PublishedDiceLoss()(logits, target).item() == pytest.approx(dice, rel=1e-6)  # float32
+    # the supervised term: 0.5 Dice + 0.5 CE, CE = -mean log p(target) = p 0.9, 0.8, 0.6, 0.9
+    ce = -(math.log(0.9) + math.log(0.8) + math.log(0.6) + math.log(0.9)) / 4
+    assert UGPCLLoss().supervised(logits, target).item() == pytest.approx(0.5 * dice + 0.5 * ce, rel=1e-6)
+    # medvol's earlier Dice ("all_classes"): both classes, linear denominators, averaged
+    bg = 1 - (2 * (0.8 + 0.9) + s) / ((0.1 + 0.8 + 0.4 + 0.9) + 2 + s)
+    fg = 1 - (2 * 1.5 + s) / ((0.9 + 0.2 + 0.6 + 0.1) + 2 + s)
+    old = UGPCLLoss(dice="all_classes").supervised(logits, target).item()
+    assert old == pytest.approx(0.5 * (bg + fg) / 2 + 0.5 * ce, rel=1e-6)
+    with pytest.raises(ValueError, match="dice must be one of"):
+        UGPCLLoss(dice="bogus")
+
+
+def test_published_dice_leaves_background_out():
+    g = torch.Generator().manual_seed(0)
+    prob = torch.softmax(torch.randn(2, 3, 5, 5, generator=g), 1)
+    target = torch.randint(0, 3, (2, 1, 5, 5), generator=g)
+    dice = PublishedDiceLoss()
+    other = prob.clone()
+    other[:, 0] = torch.rand(2, 5, 5, generator=g)  # only the background probabilities change
+    assert torch.equal(dice.from_probs(other, target), dice.from_probs(prob, target))
+    # a perfect foreground scores 0 whatever the background channel holds
+    perfect = F.one_hot(target[:, 0], 3).movedim(-1, 1).float()
+    perfect[:, 0] = 0.5
+    assert dice.from_probs(perfect, target).item() == pytest.approx(0.0, abs=1e-6)
 
 
 # ---------------------------------------------------------------- total
@@ -282,8 +401,15 @@ def test_ugpcl_loss_terms_and_weights():
     out = net(x)
     early = crit(out, labels, rot, step=5, queue=net.memory)
     assert early["contrast"].item() == 0.0 and net.memory.filled(0) == 0
-    sup = lambda y: 0.5 * crit.dice(y, labels) + 0.5 * F.cross_entropy(y, labels[:, 0])  # noqa: E731
+
+    def sup(y):  # the published Dice written out: foreground classes, squared denominators, / 3 classes
+        p, t = y.softmax(1), F.one_hot(labels[:, 0], 3).movedim(-1, 1).float()
+        dice = sum(1 - (2 * (p[:, c] * t[:, c]).sum() + 1e-5) / (p[:, c].pow(2).sum() + t[:, c].sum() + 1e-5)
+                   for c in (1, 2)) / 3
+        return 0.5 * dice + 0.5 * F.cross_entropy(y, labels[:, 0])
+
     assert early["sup_cnn"].item() == pytest.approx(sup(out["seg_cnn"][:2]).item(), rel=1e-5)
+    assert early["sup_tf"].item() == pytest.approx(sup(out["seg_tf"][:2]).item(), rel=1e-5)
     cons = (out["seg_cnn"][2:].softmax(1) - out["seg_tf"][2:].softmax(1)).pow(2).mean()
     assert early["consistency"].item() == pytest.approx(cons.item(), rel=1e-5)
     cw = 0.01 * math.exp(-5 * (1 - 0.05) ** 2)
@@ -293,7 +419,8 @@ def test_ugpcl_loss_terms_and_weights():
     assert early["total"].item() == pytest.approx(total.item(), rel=1e-5)
     # from contrast_start the queue fills and, once filled, the contrast term is live
     crit(net(x), labels, rot, step=10, queue=net.memory)
-    assert net.memory.filled(0) > 0
+    assert net.memory.filled(1) > 0 and net.memory.filled(2) > 0
+    assert net.memory.filled(0) == 0 and not bool(net.memory.queues[0].keys.any())  # zeros, never written
     late = crit(net(x), labels, rot, step=11, queue=net.memory, generator=torch.Generator().manual_seed(0))
     assert late["contrast"].item() > 0
     late["total"].backward()

@@ -5,10 +5,16 @@ contrastive terms.
 Shapes: logits ``(B, C, H, W)``, integer labels ``(B, H, W)`` (or ``(B, 1, H, W)``) with
 ``IGNORE`` (-1) for pixels that take no part, embeddings ``(B, D, h, w)`` L2-normalised along D.
 
-Changed from the published code (see ``docs/methods/ugpcl.md``): the queue is zero-filled with a
-fill count and unfilled slots are masked out of the negatives (the published queue starts from
-random or zero vectors that act as negatives); its pointer advances by exactly the number of
-entries written; its state lives in buffers, so it is checkpointed.
+As published (the defaults): one anchor per image and class present on more than one cell,
+easy first (:func:`sample_anchors_published`); a background "queue" of zero vectors that is never
+written (``background_queue="zeros"``); the supervised Dice over the foreground classes with
+squared denominators (:class:`PublishedDiceLoss`). The earlier medvol rules stay selectable
+(``anchor_sampling="random"``, ``background_queue="means"``, ``dice="all_classes"``).
+
+Changed from the published code (see ``docs/methods/ugpcl.md``): the foreground queues are
+zero-filled with a fill count and unfilled slots are masked out (the published ones start from
+random vectors that act as positives and negatives); the pointer advances by exactly the number
+of entries written; the state lives in buffers, so it is checkpointed.
 """
 
 from __future__ import annotations
@@ -21,10 +27,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medvol.losses.contrastive import KeyQueue
-from medvol.losses.dice import BatchDiceLoss
+from medvol.losses.dice import BatchDiceLoss, world_sum
 from medvol.training.schedules import sigmoid_rampup
 
 IGNORE = -1
+ANCHOR_SAMPLING = ("published", "random")
+BACKGROUND_QUEUE = ("zeros", "means")
+DICE = ("published", "all_classes")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got '{value}'")
 
 
 # ------------------------------------------------------------------ uncertainty
@@ -130,12 +144,13 @@ class ClassMemoryQueue(nn.Module):
             self._queue(c).enqueue(keys)
 
     @torch.no_grad()
-    def enqueue_class_means(self, proj: torch.Tensor, grid_labels: torch.Tensor, across_ranks: bool = True
-                            ) -> list[int]:
+    def enqueue_class_means(self, proj: torch.Tensor, grid_labels: torch.Tensor, across_ranks: bool = True,
+                            skip_background: bool = False) -> list[int]:
         """For every image and every class present in it (``grid_labels`` ``(B, h, w)`` on the
         embedding grid, ``IGNORE`` excluded), enqueue the L2-normalised mean embedding of that
         class's cells; per class rank 0's images first, then rank 1's... (image order within a
-        rank). Returns the number written per class.
+        rank). With ``skip_background`` class 0 is never written (the published rule: its
+        queue stays zero vectors). Returns the number written per class.
 
         With ``across_ranks`` and a torch.distributed group of several processes, the means of
         every rank are all-gathered first, so every rank writes the same entries and the queues
@@ -143,9 +158,22 @@ class ClassMemoryQueue(nn.Module):
         means, present = class_means(proj, grid_labels, self.num_classes)
         per_rank = all_gather_class_means(means, present) if across_ranks else ([means], [present])
         per_class = merge_rank_means(*per_rank)
+        if skip_background:
+            per_class[0] = per_class[0][:0]
         for c, keys in enumerate(per_class):
             self.enqueue(c, keys)
         return [int(k.shape[0]) for k in per_class]
+
+    def contrast_bank(self, background: str = "means") -> tuple[torch.Tensor, torch.Tensor]:
+        """The bank ``(C, size, dim)`` and valid mask ``(C, size)`` the contrast sees. With
+        ``background="zeros"`` (published) class 0's rows are ``size`` zero vectors, all valid:
+        positives of background anchors, negatives (``e^0 = 1`` each) of every other anchor."""
+        _check_choice("background_queue", background, BACKGROUND_QUEUE)
+        bank, valid = self.bank(), self.valid_mask()
+        if background == "zeros":
+            bank, valid = bank.clone(), valid.clone()
+            bank[0], valid[0] = 0.0, True
+        return bank, valid
 
 
 @torch.no_grad()
@@ -186,11 +214,40 @@ def merge_rank_means(means: list[torch.Tensor], present: list[torch.Tensor]) -> 
 # ------------------------------------------------------------------ contrastive loss
 
 
+def sample_anchors_published(proj: torch.Tensor, grid_labels: torch.Tensor, grid_pred: torch.Tensor,
+                             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The published sampler (``max_views`` 1): per image and per class that holds more than
+    one cell of ``grid_labels`` (``IGNORE`` excluded), one anchor, drawn at random among the
+    class's *easy* cells (``grid_pred``, the CNN decoder's argmax on the grid, agrees) when
+    there is one, else among its *hard* cells (the prediction disagrees). Image by image,
+    classes in ascending order. Returns anchors ``(N, D)`` (with gradients) and their classes
+    ``(N,)``."""
+    b, d = proj.shape[:2]
+    flat = proj.permute(0, 2, 3, 1).reshape(-1, d)
+    lab, pred = grid_labels.reshape(b, -1), grid_pred.reshape(b, -1).to(grid_labels.device)
+    cells = lab.shape[1]
+    rows: list[torch.Tensor] = []
+    classes: list[int] = []
+    for i in range(b):
+        for c in torch.unique(lab[i][lab[i] >= 0]).tolist():
+            member = lab[i] == c
+            if int(member.sum()) <= 1:
+                continue
+            easy = torch.nonzero(member & (pred[i] == c)).flatten()
+            pool = easy if easy.numel() else torch.nonzero(member).flatten()  # then every cell is hard
+            k = int(torch.randint(pool.numel(), (1,), generator=generator))
+            rows.append(pool[k] + i * cells)
+            classes.append(int(c))
+    if not rows:
+        return flat[:0], lab.reshape(-1)[:0]
+    return flat[torch.stack(rows)], torch.tensor(classes, dtype=lab.dtype, device=lab.device)
+
+
 def sample_anchors(proj: torch.Tensor, grid_labels: torch.Tensor, max_per_class: int,
                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Up to ``max_per_class`` cells of each class, drawn at random from the whole batch among
-    cells whose label is not ``IGNORE``. Returns anchors ``(N, D)`` (with gradients) and their
-    classes ``(N,)``."""
+    """medvol's earlier sampler (``anchor_sampling="random"``): up to ``max_per_class`` cells of
+    each class, drawn at random from the whole batch among cells whose label is not
+    ``IGNORE``. Returns anchors ``(N, D)`` (with gradients) and their classes ``(N,)``."""
     d = proj.shape[1]
     flat = proj.permute(0, 2, 3, 1).reshape(-1, d)
     lab = grid_labels.reshape(-1)
@@ -240,23 +297,71 @@ def queue_info_nce(anchors: torch.Tensor, anchor_classes: torch.Tensor, bank: to
 
 
 class PixelContrastLoss(nn.Module):
-    """Anchors sampled per class at the embedding stride (8) from labelled/certain cells,
-    InfoNCE (T = 0.07) against a :class:`ClassMemoryQueue`, then the batch's class means are
-    enqueued (after the loss, so an image is never its own positive)."""
+    """Anchors taken at the embedding stride (8) from labelled/certain cells, InfoNCE (T = 0.07)
+    against a :class:`ClassMemoryQueue`, then the batch's class means are enqueued (after the
+    loss, so an image is never its own positive).
 
-    def __init__(self, temperature: float = 0.07, max_anchors_per_class: int = 256):
+    ``anchor_sampling``: ``"published"`` (one per image and class, easy first:
+    :func:`sample_anchors_published`; needs ``pred``, the CNN decoder's argmax) or
+    ``"random"`` (up to ``max_anchors_per_class`` per class over the batch: :func:`sample_anchors`).
+    ``background_queue``: ``"zeros"`` (published: class 0's queue is zero vectors, never
+    written) or ``"means"`` (background class means are enqueued like the other classes')."""
+
+    def __init__(self, temperature: float = 0.07, max_anchors_per_class: int = 256,
+                 anchor_sampling: str = "published", background_queue: str = "zeros"):
         super().__init__()
+        _check_choice("anchor_sampling", anchor_sampling, ANCHOR_SAMPLING)
+        _check_choice("background_queue", background_queue, BACKGROUND_QUEUE)
         self.temperature = temperature
         self.max_anchors_per_class = max_anchors_per_class
+        self.anchor_sampling, self.background_queue = anchor_sampling, background_queue
 
     def forward(self, proj: torch.Tensor, labels: torch.Tensor, queue: ClassMemoryQueue,
-                update_queue: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+                update_queue: bool = True, generator: torch.Generator | None = None,
+                pred: torch.Tensor | None = None) -> torch.Tensor:
+        """``labels`` ``(B, H, W)`` (``IGNORE`` where no part), ``pred`` ``(B, H, W)`` the CNN
+        decoder's argmax (published sampling only); both go to the embedding grid by nearest
+        neighbour."""
         grid = labels_on_grid(labels, proj.shape[-2:])
-        anchors, classes = sample_anchors(proj, grid, self.max_anchors_per_class, generator)
-        loss = queue_info_nce(anchors, classes, queue.bank(), queue.valid_mask(), self.temperature)
+        if self.anchor_sampling == "published":
+            if pred is None:
+                raise ValueError("anchor_sampling 'published' needs pred, the CNN decoder's argmax")
+            anchors, classes = sample_anchors_published(proj, grid, labels_on_grid(pred, proj.shape[-2:]), generator)
+        else:
+            anchors, classes = sample_anchors(proj, grid, self.max_anchors_per_class, generator)
+        bank, valid = queue.contrast_bank(self.background_queue)
+        loss = queue_info_nce(anchors, classes, bank, valid, self.temperature)
         if update_queue:
-            queue.enqueue_class_means(proj, grid)
+            queue.enqueue_class_means(proj, grid, skip_background=self.background_queue == "zeros")
         return loss
+
+
+# ------------------------------------------------------------------ supervised Dice
+
+
+class PublishedDiceLoss(nn.Module):
+    """The published UGPCL Dice (``DiceLoss_`` with ``class_weight [0, 1, ..., 1]``): per
+    foreground class c, ``1 - (2 sum p t + s) / (sum p^2 + sum t^2 + s)`` with p the softmax, t
+    the one-hot target and s = 1e-5, sums over the whole batch and space (every DDP rank, as
+    :class:`~medvol.losses.dice.BatchDiceLoss` pools); summed over the foreground classes and
+    divided by the number of classes, background included in that count (weight 0)."""
+
+    def __init__(self, smooth: float = 1e-5):
+        super().__init__()
+        self.smooth = smooth
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, C, ...)``, integer target ``(B, 1, ...)``."""
+        return self.from_probs(torch.softmax(logits.float(), 1), target)
+
+    def from_probs(self, prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The loss on probabilities ``(B, C, ...)``: channel 0 (background) is never read."""
+        n = prob.shape[1]
+        onehot = F.one_hot(target[:, 0].long(), n).movedim(-1, 1).to(prob.dtype)
+        p, t = prob[:, 1:], onehot[:, 1:]
+        dims = [0] + list(range(2, p.ndim))
+        inter, pp, tt = world_sum(torch.stack([(p * t).sum(dims), (p * p).sum(dims), (t * t).sum(dims)]))
+        return (1 - (2 * inter + self.smooth) / (pp + tt + self.smooth)).sum() / n
 
 
 # ------------------------------------------------------------------ total
@@ -266,27 +371,31 @@ class UGPCLLoss(nn.Module):
     """The UGPCL objective for a batch whose first ``len(labels)`` images are labelled:
 
     - supervised: 0.5 Dice + 0.5 CE on the CNN decoder + ``tf_weight`` (0.4) x the same on the
-      Transformer decoder (labelled images);
+      Transformer decoder (labelled images); ``dice="published"``: :class:`PublishedDiceLoss`
+      (foreground classes, squared denominators), ``"all_classes"``: medvol's earlier batch
+      Dice over every class, background included, with linear denominators;
     - consistency: MSE between both decoders' softmaxes on the unlabelled images, weight
       ``consistency`` (0.01) x ``sigmoid_rampup(step, consistency_rampup)``;
     - rotation: CE of the rotation head x ``rotation_weight`` (0.1);
     - from ``contrast_start`` (1000) on, the pixel contrast x ``contrast_weight`` (0.1), with the
-      uncertainty threshold ramped over ``threshold_rampup`` (the training length, 10,000).
+      uncertainty threshold ramped over ``threshold_rampup`` (the training length, 10,000);
+      ``anchor_sampling`` and ``background_queue`` as in :class:`PixelContrastLoss`.
 
     Returns a dict of the terms (tensors) and ``total``.
     """
 
     def __init__(self, tf_weight: float = 0.4, consistency: float = 0.01, consistency_rampup: float = 4000.0,
                  rotation_weight: float = 0.1, contrast_weight: float = 0.1, contrast_start: int = 1000,
-                 threshold_rampup: float = 10000.0, temperature: float = 0.07, max_anchors_per_class: int = 256):
+                 threshold_rampup: float = 10000.0, temperature: float = 0.07, max_anchors_per_class: int = 256,
+                 anchor_sampling: str = "published", background_queue: str = "zeros", dice: str = "published"):
         super().__init__()
+        _check_choice("dice", dice, DICE)
         self.tf_weight, self.consistency, self.consistency_rampup = tf_weight, consistency, consistency_rampup
         self.rotation_weight, self.contrast_weight = rotation_weight, contrast_weight
         self.contrast_start = contrast_start
         self.threshold_rampup = threshold_rampup
-        # the paper's Dice averages every class, background included
-        self.dice = BatchDiceLoss(include_background=True)
-        self.contrast = PixelContrastLoss(temperature, max_anchors_per_class)
+        self.dice: nn.Module = PublishedDiceLoss() if dice == "published" else BatchDiceLoss(include_background=True)
+        self.contrast = PixelContrastLoss(temperature, max_anchors_per_class, anchor_sampling, background_queue)
 
     def supervised(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         target = _squeeze(labels).long()
@@ -309,7 +418,8 @@ class UGPCLLoss(nn.Module):
         if step >= self.contrast_start and self.contrast_weight > 0 and queue is not None:
             threshold = uncertainty_threshold(step, self.threshold_rampup)
             lab, uncertain = contrast_labels(seg_cnn, seg_tf, threshold, labels)
-            terms["contrast"] = self.contrast(out["proj"], lab, queue, generator=generator)
+            pred = seg_cnn.detach().argmax(1)  # the CNN decoder's prediction: easy / hard anchors
+            terms["contrast"] = self.contrast(out["proj"], lab, queue, generator=generator, pred=pred)
             terms["uncertain_fraction"] = uncertain[n_l:].float().mean() if seg_cnn.shape[0] > n_l else zero.detach()
         terms["total"] = (terms["sup_cnn"] + self.tf_weight * terms["sup_tf"] + cw * terms["consistency"]
                           + self.rotation_weight * terms["rotation"] + self.contrast_weight * terms["contrast"])

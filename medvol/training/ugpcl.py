@@ -5,7 +5,9 @@ Each step: every image of the batch (labelled and unlabelled) is rotated by k·9
 {0..3}, the rotation head's target) plus a random angle in ±``rotate_deg`` (labels with it,
 nearest neighbour); the network's outputs go to :class:`medvol.losses.pixel_contrast.UGPCLLoss`
 (supervised Dice + CE on both decoders, decoder consistency on the unlabelled images, rotation
-CE, and from ``contrast_start`` the pixel contrast against the per-class memory queue).
+CE, and from ``contrast_start`` the pixel contrast against the per-class memory queue). By default
+the anchors, the background queue and the Dice follow the published code (``method.anchor_sampling:
+published``, ``background_queue: zeros``, ``dice: published``).
 
 The queue lives in the model's buffers (``model.memory``), so checkpoints carry it and a resumed
 run continues exactly. Under DDP every rank enqueues the class means of *all* ranks (gathered
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from medvol.errors import ConfigError
-from medvol.losses.pixel_contrast import UGPCLLoss
+from medvol.losses.pixel_contrast import ANCHOR_SAMPLING, BACKGROUND_QUEUE, DICE, UGPCLLoss
 from medvol.training import register_trainer
 from medvol.training.engine import Trainer, mean_scores, unwrap
 
@@ -46,7 +48,10 @@ class UGPCLOptions:
     contrast_start: int = 1000  # the pixel contrast joins from this step on
     threshold_rampup: int | None = None  # uncertainty threshold ramp length (None: trainer.steps)
     temperature: float = 0.07
-    max_anchors_per_class: int = 256  # per batch (per rank), drawn at stride 8
+    anchor_sampling: str = "published"  # one anchor per image and class, easy first; "random": up to...
+    max_anchors_per_class: int = 256  # ... this many per class over the batch (per rank), at stride 8
+    background_queue: str = "zeros"  # published: class 0's queue is zero vectors; "means": background means
+    dice: str = "published"  # foreground Dice, squared denominators; "all_classes": background in, linear
     val_slice_batch: int = 16  # slices per batch of the paper's 2D batch-averaged validation Dice
 
 
@@ -111,12 +116,17 @@ class UGPCLTrainer(Trainer):
         if self.recipe.model.name != "ugpcl":
             raise ConfigError(f"trainer 'ugpcl' needs model.name ugpcl, got '{self.recipe.model.name}'")
         o, steps = self.options, self.recipe.trainer.steps
+        for key, choices in (("anchor_sampling", ANCHOR_SAMPLING), ("background_queue", BACKGROUND_QUEUE),
+                             ("dice", DICE)):
+            if getattr(o, key) not in choices:
+                raise ConfigError(f"method.{key} must be one of {', '.join(choices)}, got '{getattr(o, key)}'")
         self.loss_fn = UGPCLLoss(
             tf_weight=o.tf_weight, consistency=o.consistency,
             consistency_rampup=float(steps if o.consistency_rampup is None else o.consistency_rampup),
             rotation_weight=o.rotation_weight, contrast_weight=o.contrast_weight, contrast_start=o.contrast_start,
             threshold_rampup=float(steps if o.threshold_rampup is None else o.threshold_rampup),
-            temperature=o.temperature, max_anchors_per_class=o.max_anchors_per_class)
+            temperature=o.temperature, max_anchors_per_class=o.max_anchors_per_class,
+            anchor_sampling=o.anchor_sampling, background_queue=o.background_queue, dice=o.dice)
 
     def prepare_batch(self, batch: dict, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """(rotated images, labelled first; their labels, only the labelled ones; rotation
