@@ -44,6 +44,7 @@ from monai.networks.nets.senet import SENet
 
 from medvol.errors import ConfigError
 from medvol.networks import register
+from medvol.networks.weights import load_local_weights
 
 PAPER_LAYERS = (3, 4, 6, 3)
 STAGE_PLANES = (64, 128, 256, 512)  # MONAI's SENet fixes these; ``width`` scales them
@@ -227,15 +228,20 @@ class DCMTNet(nn.Module):
 
 
 _OPTIONS = {"lse_r", "cam_w", "cam_sigma", "head_channels", "layers", "groups", "width", "dropout", "input_percentiles",
-            "trunk_channels"}
+            "trunk_channels", "backbone_weights"}
 
 
 @register("dcmt")
 def build_dcmt(model_cfg, plans: dict, in_channels: int, num_classes: int) -> nn.Module:
     """A 2D :class:`DCMTNet` (wrap it in a ``SliceAdapter`` for volumes); ``model.options`` may
-    set the keyword arguments above (``model.base_features`` is not used)."""
+    set the keyword arguments above and ``backbone_weights`` (a local SE-ResNeXt50 32x4d state
+    dict, MONAI/Cadene names) for the trunk (``model.base_features`` is not used)."""
     opts = dict(model_cfg.options)
     unknown = sorted(set(opts) - _OPTIONS)
     if unknown:
         raise ConfigError(f"model.options {unknown}: dcmt takes {sorted(_OPTIONS)}")
-    return DCMTNet(num_classes, in_channels, **opts)
+    weights = opts.pop("backbone_weights", None)
+    model = DCMTNet(num_classes, in_channels, **opts)
+    if weights:
+        load_local_weights(model.trunk, weights, "SE-ResNeXt50 trunk")
+    return model

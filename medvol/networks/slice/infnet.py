@@ -24,8 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from medvol.errors import ConfigError, InputError
+from medvol.errors import ConfigError
 from medvol.networks import register
+from medvol.networks.weights import load_local_weights
 
 
 class InfNetOutput(NamedTuple):
@@ -137,51 +138,9 @@ class Res2NetV1b(nn.Module):
 
     def load_local_weights(self, path: str | Path) -> dict[str, list[str]]:
         """Load a local state dict (e.g. the Res2Net authors' ImageNet file) by name; nothing is
-        downloaded. Keys may carry ``module.``, ``resnet.`` or ``backbone.`` prefixes (DDP, an
-        Inf-Net checkpoint). A 3-channel stem loads into a 1-channel model summed over its RGB
-        kernels (``adapted``). Returns ``loaded``, ``adapted``, ``shape_mismatch``, ``missing``
-        (model tensors the file lacks) and ``unexpected`` (file tensors the model lacks);
-        InputError when no tensor matches (e.g. other widths) or the file holds pickled objects."""
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(path, "weights file not found (medvol never downloads weights: give a local file)")
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickled objects, truncated files
-            raise InputError(path, f"not a plain tensor state dict loadable with weights_only=True ({e})") from e
-        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-            sd = sd["state_dict"]
-        if not isinstance(sd, dict):
-            raise InputError(path, "expected a dict of tensors")
-        sd = {_strip(k): v for k, v in sd.items() if torch.is_tensor(v)}
-        own = self.state_dict()
-        report: dict[str, list[str]] = {"loaded": [], "adapted": [], "shape_mismatch": [], "missing": [],
-                                        "unexpected": []}
-        new = {}
-        for k, v in sd.items():
-            if k not in own:
-                report["unexpected"].append(k)
-            elif v.shape == own[k].shape:
-                new[k] = v
-                report["loaded"].append(k)
-            elif k == "conv1.0.weight" and v.shape[1] == 3 and own[k].shape[1] == 1 and v.shape[0] == own[k].shape[0]:
-                new[k] = v.sum(1, keepdim=True)
-                report["adapted"].append(k)
-            else:
-                report["shape_mismatch"].append(k)
-        report["missing"] = sorted(set(own) - set(new))
-        if not any(not k.endswith("num_batches_tracked") for k in new):  # BN counters always "match"
-            raise InputError(path, f"no tensor matches the Res2Net backbone by name and shape "
-                                   f"(e.g. {sorted(sd)[:3]}); widths must be the paper's (width_mult=1)")
-        self.load_state_dict(new, strict=False)
-        return report
-
-
-def _strip(key: str) -> str:
-    for p in ("module.", "resnet.", "backbone."):
-        if key.startswith(p):
-            key = key[len(p):]
-    return key
+        downloaded (:func:`medvol.networks.weights.load_local_weights`: prefixes stripped, an RGB
+        stem summed into a one-channel model, the report returned)."""
+        return load_local_weights(self, path, "Res2Net backbone (width_mult=1)")
 
 
 # ---------------------------------------------------------------- Inf-Net heads
@@ -323,14 +282,14 @@ class InfNet(nn.Module):
         return InfNetOutput(*(_resize(m, size) for m in (s_g, r4, r3, r2, edge_map)))
 
 
-_OPTIONS = {"width_mult", "base_width", "rfb_channels", "input_scale"}
+_OPTIONS = {"width_mult", "base_width", "rfb_channels", "input_scale", "backbone_weights"}
 
 
 @register("infnet")
 def build_infnet(model_cfg, plans: dict, in_channels: int, num_classes: int) -> nn.Module:
     """Binary Inf-Net (``num_classes`` 2 with background: one logit). ``model.options`` may set
-    ``width_mult``, ``base_width``, ``rfb_channels`` and ``input_scale``; ``model.base_features``
-    is not used."""
+    ``width_mult``, ``base_width``, ``rfb_channels``, ``input_scale`` and ``backbone_weights`` (a
+    local Res2Net-50 v1b file); ``model.base_features`` is not used."""
     opts = dict(model_cfg.options)
     unknown = sorted(set(opts) - _OPTIONS)
     if unknown:
@@ -338,4 +297,8 @@ def build_infnet(model_cfg, plans: dict, in_channels: int, num_classes: int) -> 
     if num_classes not in (1, 2):
         raise ConfigError(f"infnet segments one foreground class; the dataset has {num_classes} labels "
                           "(background included)")
-    return InfNet(in_channels, **opts)
+    weights = opts.pop("backbone_weights", None)
+    model = InfNet(in_channels, **opts)
+    if weights:
+        model.load_local_weights(weights)
+    return model

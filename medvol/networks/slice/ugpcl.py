@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from medvol.errors import ConfigError
 from medvol.losses.pixel_contrast import ClassMemoryQueue
 from medvol.networks import register
+from medvol.networks.weights import load_local_weights
 from medvol.plans import Plans
 
 STRIDE = 32  # the encoder's total downsampling: H and W must be multiples of it
@@ -203,7 +204,18 @@ class UGPCLNet(nn.Module):
 
 
 _OPTIONS = {"input_size", "width", "layers", "decoder_widths", "embed_dim", "heads", "depths", "window",
-            "proj_dim", "queue_size"}
+            "proj_dim", "queue_size", "backbone_weights"}
+
+
+def resnet_names(key: str) -> str:
+    """A torchvision/MONAI ResNet name -> :class:`ResNetEncoder`'s (``conv1``/``bn1`` -> ``stem``,
+    ``layerN`` -> ``layers.N-1``; the blocks inside keep their names)."""
+    head, _, rest = key.partition(".")
+    if head in ("conv1", "bn1"):
+        return f"stem.{0 if head == 'conv1' else 1}.{rest}"
+    if head.startswith("layer") and head[5:].isdigit():
+        return f"layers.{int(head[5:]) - 1}.{rest}"
+    return key
 
 
 @register("ugpcl")
@@ -217,4 +229,8 @@ def build_ugpcl(model_cfg, plans: Plans | dict | None, in_channels: int, num_cla
     if "input_size" not in opts:
         patch = plans.patch_size if isinstance(plans, Plans) else (plans or {}).get("patch_size")
         opts["input_size"] = tuple(patch) if patch is not None and len(patch) == 2 else (224, 224)
-    return UGPCLNet(in_channels, num_classes, **opts)
+    weights = opts.pop("backbone_weights", None)  # a local ResNet-50 state dict for the encoder
+    model = UGPCLNet(in_channels, num_classes, **opts)
+    if weights:
+        load_local_weights(model.encoder, weights, "ResNet-50 encoder", rename=resnet_names)
+    return model
