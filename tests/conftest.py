@@ -111,6 +111,18 @@ def metric_series(run: Path) -> dict[str, list[float]]:
     return out
 
 
+# pipelines/slice_aggregator.yaml as it was before it took DC-MT's published settings (step
+# clock, supervised, batch 8, attention pooling over any slice count, Adam 2e-4 with a step
+# decay): the tests that use that recipe as a small base keep training exactly what they did.
+AGGREGATOR_STEP_RECIPE = [
+    "model.options={hidden: [256, 128], gru_hidden: 96, dropout: 0.5, fixed_slices: null, pooling: attention}",
+    "data.batch_size=8", "data.unlabelled_per_batch=0", "optimizer.lr=2.0e-4", "optimizer.weight_decay=1.0e-4",
+    "schedule={name: step, milestones: [600, 1200, 1800], gamma: 0.5}", "trainer.steps=2000", "trainer.val_every=200",
+    "trainer.grad_clip=12.0", "trainer.seed=0",
+    "method={mean_teacher: false, ema_decay: 0.99, consistency: 1.0, rampup_steps: 800, feature_dropout: 0.1, "
+    "feature_noise: 0.1}",
+]
+
 LEARNING_THREADS = 2
 
 

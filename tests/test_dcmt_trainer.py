@@ -12,7 +12,7 @@ from medvol.networks.aggregator import GRUSliceAggregator
 from medvol.networks.slice.dcmt import DCMTNet, normalise_slices
 from medvol.networks.slice_adapter import SliceAdapter
 
-from conftest import metric_series, pinned
+from conftest import AGGREGATOR_STEP_RECIPE, metric_series, pinned
 
 TINY = dict(width=0.25, groups=2, layers=(1, 1, 1, 1), head_channels=16)
 
@@ -238,8 +238,8 @@ def test_a_dcmt_run_feeds_the_subject_pipeline(demo_pre, dcmt_run, tmp_path):
     np.testing.assert_allclose(item.features, want.numpy(), atol=1e-5)
     assert item.features.shape == (6, 16) and item.subject_class in (0, 1, 2)
 
-    agg = load_recipe("slice_aggregator", ["model.options={hidden: [8, 8], gru_hidden: 4}", "trainer.steps=4",
-                                           "trainer.val_every=4", "data.batch_size=4", VAL])
+    agg = load_recipe("slice_aggregator", [*AGGREGATOR_STEP_RECIPE, "model.options={hidden: [8, 8], gru_hidden: 4}",
+                                           "trainer.steps=4", "trainer.val_every=4", "data.batch_size=4", VAL])
     from medvol import cli
 
     with pinned(0, threads=1):

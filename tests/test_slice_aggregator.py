@@ -11,10 +11,11 @@ from medvol.config import load_recipe
 from medvol.errors import ConfigError, InputError
 from medvol.evaluation.classification import balanced_accuracy, binary_auc, classification_metrics, majority_accuracy
 from medvol.io.slice_features import SliceFeatures, SubjectSlices, read_features, write_features
+from medvol.networks.aggregator import PositionalSum
 from medvol.training import get_trainer, train
 from medvol.training.distributed import DistInfo
 
-from conftest import pinned
+from conftest import AGGREGATOR_STEP_RECIPE, pinned
 
 F_DIM = 12
 TINY = "model.options={hidden: [16, 8], gru_hidden: 8, dropout: 0.1}"
@@ -44,8 +45,9 @@ def synthetic_features(n: int, seed: int, kinds=("large", "small", "none")) -> S
 
 def recipe(seed: int = 0, steps: int = 100, extra=()):
     return load_recipe("slice_aggregator", [
-        TINY, f"trainer.steps={steps}", f"trainer.val_every={steps}", f"trainer.seed={seed}", "trainer.log_every=50",
-        "optimizer.lr=0.003", "optimizer.weight_decay=0", "schedule.name=constant", "data.num_workers=0", *extra])
+        *AGGREGATOR_STEP_RECIPE, TINY, f"trainer.steps={steps}", f"trainer.val_every={steps}", f"trainer.seed={seed}",
+        "trainer.log_every=50", "optimizer.lr=0.003", "optimizer.weight_decay=0", "schedule.name=constant",
+        "data.num_workers=0", *extra])
 
 
 # ---------------------------------------------------------------- features file
@@ -172,6 +174,91 @@ def test_mean_teacher_gets_no_gradient_and_follows_the_ema(tmp_path):
         for k, b in teacher.named_buffers():  # BatchNorm statistics: the student's
             assert torch.equal(b, dict(student.named_buffers())[k])
     assert step == 2 and not torch.equal(before["classifier.weight"], student.state_dict()["classifier.weight"])
+
+
+def _published(tmp_path, data: SliceFeatures, overrides=()):
+    """The trainer of the shipped recipe (DC-MT's published settings), narrowed by ``overrides``."""
+    write_features(tmp_path / "features.npz", data)
+    r = load_recipe("slice_aggregator", ["model.options.hidden=[16, 8]", "model.options.gru_hidden=4", *overrides])
+    return get_trainer(r.trainer.name)(r, tmp_path, tmp_path / "run", DistInfo())
+
+
+def test_the_recipe_holds_the_published_settings(tmp_path):
+    """40 subjects: 8 validation (20 %), a quarter of the 32 others labelled; 6 unlabelled per
+    batch of 8 make an epoch of 24 // 6 = 4 steps; 150 epochs = 600 steps, validation every 5
+    epochs, lr x0.5 every 50 epochs; consistency 0 before epoch 20, then
+    exp(-5 (1 - (min(e, 100) - 20) / 100)^2); the teacher's decay min(1 - 1/(e + 1), 0.99)."""
+    r = load_recipe("slice_aggregator")
+    assert (r.model.options["pooling"], r.model.options["fixed_slices"]) == ("positional", 24)
+    assert (r.data.batch_size, r.data.unlabelled_per_batch) == (64, 48)
+    assert (r.optimizer.name, r.optimizer.lr, r.optimizer.weight_decay) == ("adam", 1e-3, 1e-4)
+    assert r.trainer.grad_clip is None and r.method["mean_teacher"] and r.method["consistency"] == 1.0
+    t = _published(tmp_path, synthetic_features(40, 0), ["data.batch_size=8", "data.unlabelled_per_batch=6"])
+    assert (len(t.val_cases), len(t.labelled), len(t.unlabelled)) == (8, 8, 24)
+    assert t.labelled == [s.subject for s in t.data.items if s.subject not in t.val_cases][:8]
+    assert t.steps_per_epoch == 4 and (t.recipe.trainer.steps, t.recipe.trainer.val_every) == (600, 20)
+    assert isinstance(t.models["model"].pool_a, PositionalSum)
+    lrs = []
+    for _ in range(600):
+        lrs.append(t.optimizers["model"].param_groups[0]["lr"])
+        t.optimizers["model"].step()
+        t.schedulers["model"].step()
+    assert lrs[0] == lrs[199] == 1e-3 and lrs[200] == lrs[399] == 5e-4 and lrs[400] == lrs[599] == 2.5e-4
+    epoch_start = {e: (e - 1) * 4 for e in (1, 19, 20, 60, 100, 150)}  # the first step of (1-based) epoch e
+    assert t.consistency_weight(epoch_start[19] + 3) == 0.0
+    assert t.consistency_weight(epoch_start[20]) == pytest.approx(np.exp(-5.0))
+    assert t.consistency_weight(epoch_start[60]) == pytest.approx(np.exp(-5.0 * 0.6**2))
+    assert t.consistency_weight(epoch_start[100]) == t.consistency_weight(epoch_start[150]) == pytest.approx(
+        np.exp(-5.0 * 0.2**2))
+    assert [t.clock(s) for s in (0, 3, 4, 7, 8)] == [1, 1, 2, 2, 3]
+
+
+def test_published_teacher_follows_by_epoch_and_keeps_its_own_batch_statistics(tmp_path):
+    """method.epochs: the decay is min(1 - 1/(e + 1), 0.99) for the 1-based epoch e (0.5 through
+    epoch 1, 2/3 in epoch 2); method.ema_buffers false: the teacher's BatchNorm statistics are
+    its own (it runs in train mode), not the student's."""
+    t = _published(tmp_path, synthetic_features(20, 0), ["data.batch_size=4", "data.unlabelled_per_batch=3",
+                                                         "method.steps_per_epoch=2"])
+    student, teacher = t.models["model"], t.models["teacher"]
+    ds = t.make_dataset()
+    for step, decay in zip(range(3), (0.5, 0.5, 2 / 3)):
+        batch = torch.utils.data.default_collate([ds[step * 4 + i] for i in range(4)])
+        before = {k: v.clone() for k, v in teacher.state_dict().items()}
+        with pinned(step, threads=1):
+            losses = t.optimization_step(batch, step)
+        assert losses["consistency"] >= 0 and all(p.grad is None for p in teacher.parameters())
+        for k, p in teacher.named_parameters():
+            want = decay * before[k] + (1 - decay) * dict(student.named_parameters())[k].detach()
+            assert torch.allclose(p, want, atol=1e-6), k
+        mean = "embed.2.running_mean"
+        assert not torch.equal(teacher.state_dict()[mean], student.state_dict()[mean])
+        assert not torch.equal(teacher.state_dict()[mean], before[mean])  # its own forward in train mode
+
+
+def test_the_published_recipe_trains(tmp_path):
+    """Two epochs of the shipped recipe (narrowed): the run's recipe.yaml records the steps used."""
+    data = synthetic_features(24, 0)
+    write_features(tmp_path / "features.npz", data)
+    r = load_recipe("slice_aggregator", ["model.options.hidden=[8, 8]", "model.options.gru_hidden=4",
+                                         "data.batch_size=8", "data.unlabelled_per_batch=6", "method.epochs=2",
+                                         "method.val_every_epochs=1", "method.steps_per_epoch=2"])
+    with pinned(0, threads=1):
+        metrics = train(r, tmp_path, tmp_path / "run", device="cpu", quiet=True)
+    assert set(metrics) == {"val/accuracy", "val/balanced_accuracy", "val/auc"}
+    saved = load_recipe(tmp_path / "run" / "recipe.yaml")
+    assert (saved.trainer.steps, saved.trainer.val_every) == (4, 2)
+
+
+def test_bad_published_settings(tmp_path):
+    data = synthetic_features(12, 0)
+    with pytest.raises(ConfigError, match="data.labelled and method.labelled_fraction"):
+        _published(tmp_path, data, ["data.labelled=3", "data.batch_size=4", "data.unlabelled_per_batch=2"])
+    with pytest.raises(ConfigError, match="set schedule.name: constant"):
+        _published(tmp_path, data, ["schedule.name=step", "data.batch_size=4", "data.unlabelled_per_batch=2"])
+    for key, value in (("labelled_fraction", 0), ("epochs", 0), ("steps_per_epoch", 0), ("lr_decay", 0),
+                       ("consistency_start", -1)):
+        with pytest.raises(ConfigError, match=f"method.{key}"):
+            _published(tmp_path, data, [f"method.{key}={value}"])
 
 
 # Held-out subject accuracy after 200 steps on 45 synthetic subjects (data and trainer seed s,

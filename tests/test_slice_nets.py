@@ -12,7 +12,7 @@ from medvol.datasets.realdata import package_file
 from medvol.errors import ConfigError
 from medvol.io import Volume, read_volume, write_volume
 from medvol.networks import build_model
-from medvol.networks.aggregator import GRUSliceAggregator, to_fixed_slices
+from medvol.networks.aggregator import GRUSliceAggregator, MaskedAttentionPool, PositionalSum, to_fixed_slices
 from medvol.networks.slice_adapter import SliceAdapter
 
 from conftest import pinned
@@ -270,6 +270,84 @@ def test_gradients_reach_every_branch():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
     assert {n.split(".")[0] for n, _ in model.named_parameters()} >= {"embed", "pool_a", "proj_a", "gru", "pool_b",
                                                                       "proj_b", "classifier"}
+
+
+def test_positional_sum_by_hand_and_slice_order():
+    """The published weighted sum (Conv2d kernel (S, 1), bias): out = bias + sum over slices s and
+    channels c of weight[c, s] * h[s, c]; reversing the slices changes it, the attention pool's
+    does not."""
+    pool = PositionalSum(channels=2, out=1, slices=3)
+    with torch.no_grad():
+        pool.conv.weight.copy_(torch.tensor([[[1.0, 2.0, 3.0], [10.0, 20.0, 30.0]]]))  # (out, channel, slice)
+        pool.conv.bias.fill_(0.5)
+    h = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [2.0, 1.0]]])  # (B, slice, channel)
+    # 0.5 + (1*1 + 10*0) + (2*0 + 20*1) + (3*2 + 30*1) = 57.5; reversed: 0.5 + (1*2 + 10*1) + 20 + 3*1 = 35.5
+    assert pool(h).tolist() == [[57.5]]
+    assert pool(h.flip(1)).tolist() == [[35.5]]
+    # the published layout: (B, S, C) -> (B, C, S, 1) through Conv2d(C, out, (S, 1), bias=True)
+    conv2d = nn.Conv2d(2, 1, kernel_size=(3, 1), bias=True)
+    with torch.no_grad():
+        conv2d.weight.copy_(pool.conv.weight[..., None])
+        conv2d.bias.copy_(pool.conv.bias)
+    assert conv2d(h.permute(0, 2, 1)[..., None]).flatten().tolist() == [57.5]
+    attention = MaskedAttentionPool(2)
+    with torch.no_grad():
+        attention.score.weight.zero_()  # equal scores: the mean over slices
+    full = torch.ones(1, 3, dtype=torch.bool)
+    torch.testing.assert_close(attention(h, full), torch.tensor([[1.0, 2 / 3]]))
+    with torch.no_grad():
+        attention.score.weight.copy_(torch.tensor([[0.7, -1.3]]))
+    torch.testing.assert_close(attention(h.flip(1), full), attention(h, full))
+    with pytest.raises(ValueError, match="exactly 3 slices"):
+        pool(h[:, :2])
+
+
+def test_positional_pooling_makes_slice_order_matter():
+    """With the GRU branch silenced, the subject's logits are the classifier on branch (a): order-free
+    under attention pooling, and under positional pooling the published sum of the embeddings."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    order = torch.tensor([4, 0, 3, 1, 2])
+    positional = GRUSliceAggregator(3, fixed_slices=5, pooling="positional", **TINY_AGG).eval()
+    attention = GRUSliceAggregator(3, fixed_slices=5, **TINY_AGG).eval()
+    with torch.no_grad():
+        for p in positional.pool_b.parameters():
+            p.zero_()
+        for p in attention.proj_b.parameters():
+            p.zero_()
+        h = positional.embed(x.reshape(10, 8, 1)).reshape(2, 5, 12)  # (B, S, C) slice embeddings (eval mode)
+        w, b = positional.pool_a.conv.weight, positional.pool_a.conv.bias  # (12 out, 12 channels, 5 slices)
+        want = positional.classifier(torch.einsum("ocs,bsc->bo", w, h) + b)
+        torch.testing.assert_close(positional(x), want, rtol=1e-5, atol=1e-5)
+        assert (positional(x[:, order]) - positional(x)).abs().max() > 1e-2
+        torch.testing.assert_close(attention(x[:, order]), attention(x), rtol=1e-5, atol=1e-6)
+    # the whole network (GRU branch on) is order-dependent under either pooling; positional trains end to end
+    model = GRUSliceAggregator(3, fixed_slices=5, pooling="positional", **TINY_AGG).train()
+    nn.functional.cross_entropy(model(x), torch.tensor([0, 2])).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_published_pooling_widths_and_checks():
+    """pooling 'positional' at the published widths: the authors' SimpleRNN, parameter for parameter."""
+    model = GRUSliceAggregator(3, fixed_slices=24, pooling="positional")
+    assert model.pool_a.conv.weight.shape == (192, 128, 24) and model.pool_a.conv.bias.shape == (192,)
+    assert model.pool_b.conv.weight.shape == (192, 192, 24) and model.pool_b.conv.bias.shape == (192,)
+    assert isinstance(model.proj_a, nn.Identity) and isinstance(model.proj_b, nn.Identity)
+    gru = sum(2 * 3 * (96 * n_in + 96 * 96 + 2 * 96) for n_in in (128, 192))
+    published = (512 * 256 + 2 * 256 + 256 * 128 + 2 * 128 + gru + 128 * 192 * 24 + 192 + 192 * 192 * 24 + 192
+                 + 192 * 3)
+    assert sum(p.numel() for p in model.parameters()) == published
+    assert model.eval()(torch.randn(2, 30, 512)).shape == (2, 3)  # cropped to 24
+    cfg = {"hidden": [16, 12], "gru_hidden": 6}
+    assert isinstance(build_model(ModelConfig(name="gru_aggregator", options={**cfg, "fixed_slices": 4,
+                                                                              "pooling": "positional"}),
+                                  {}, 8, 2).pool_a, PositionalSum)
+    for options, match in (({"pooling": "positional"}, "set model.options.fixed_slices"),
+                           ({"pooling": "max"}, "pooling must be one of attention, positional"),
+                           ({"fixed_slices": 0}, "fixed_slices must be a whole number >= 1")):
+        with pytest.raises(ConfigError, match=match):
+            build_model(ModelConfig(name="gru_aggregator", options={**cfg, **options}), {}, 8, 2)
 
 
 def bump_subjects(gen: torch.Generator, n: int, feats: int = 8):

@@ -26,7 +26,7 @@ from medvol.manifest import MANIFEST
 from medvol.networks.aggregator import GRUSliceAggregator
 from medvol.training import train
 
-from conftest import pinned
+from conftest import AGGREGATOR_STEP_RECIPE, pinned
 
 TINY_CNN = "model.options={widths: [4, 8]}"
 CPU = torch.device("cpu")
@@ -50,9 +50,9 @@ def stage_one(tmp_path_factory):
 
 
 def _agg_recipe(steps: int = 4):
-    return load_recipe("slice_aggregator", ["model.options={hidden: [8, 8], gru_hidden: 4}", f"trainer.steps={steps}",
-                                            f"trainer.val_every={steps}", "data.batch_size=4",
-                                            "data.val_cases=[subject_000, subject_001]"])
+    return load_recipe("slice_aggregator", [*AGGREGATOR_STEP_RECIPE, "model.options={hidden: [8, 8], gru_hidden: 4}",
+                                            f"trainer.steps={steps}", f"trainer.val_every={steps}",
+                                            "data.batch_size=4", "data.val_cases=[subject_000, subject_001]"])
 
 
 @pytest.fixture(scope="module")

@@ -1,26 +1,34 @@
 """GRU slice aggregator: per-slice feature vectors -> one subject-level prediction (METHODS.md §7).
 
-After DC-MT's aggregation network (Huo et al., MedIA 2022): per-slice features ``(B, S, F)``
-(F = 512 from the slice classifier) go through dropout + 1x1 convolutions F -> 256 -> 128
-(BatchNorm, ReLU); then two branches whose outputs are summed:
+After DC-MT's aggregation network (Huo et al., MedIA 2022; the authors' ``SimpleRNN`` in
+``Aggregation-Network/models/AttentionModel/rnn.py``): per-slice features ``(B, S, F)`` (F = 512
+from the slice classifier) go through dropout + 1x1 convolutions F -> 256 -> 128 (BatchNorm,
+ReLU); then two branches whose outputs are summed:
 
-(a) a learned weighted sum over slices of the 128-d slice embeddings, then a linear layer -> 192;
+(a) a learned weighted sum over slices of the 128-d slice embeddings -> 192;
 (b) a 2-layer bidirectional GRU (hidden 96, so 192 per slice), a learned weighted sum over
-    slices, then a linear layer -> 192;
+    slices -> 192;
 
-and a linear classifier maps the sum to subject classes.
+and a linear classifier (no bias) maps the sum to subject classes.
 
-Differences from the published network, and why:
+The weighted sums (``model.options.pooling``):
 
-- The published weighted sums are convolutions whose kernel spans exactly 24 slice positions,
-  which ties the network to 24 slices. Here each weighted sum is a softmax attention over slices
-  (a learned score per slice embedding), masked so padded slices get weight 0: any number of
-  slices works, batched with a padding mask ``(B, S)`` (True = real slice, real slices first).
+- ``positional`` (as published): ``Conv2d(C_in, 192, kernel_size=(24, 1), bias=True)`` over the
+  ``(B, C_in, 24, 1)`` slice sequence, i.e. a learned weight per slice *position*, input
+  channel and output channel, plus a bias: it pools and projects in one, and slice order
+  matters. It spans exactly ``fixed_slices`` positions, so it needs ``fixed_slices`` (24
+  published): every scan is centre-cropped or zero-padded to that many slices first.
+- ``attention`` (default, medvol's): a softmax attention over slices (a learned score per slice
+  embedding), masked so padded slices get weight 0, then a linear layer -> 192. It ignores slice
+  order and takes any number of slices, batched with a padding mask ``(B, S)`` (True = real
+  slice, real slices first).
+
+Other differences from the published network:
+
 - The GRU runs on packed sequences, and the 1x1 convolutions run on the real slices only, so
   padded slices never reach an output, nor the BatchNorm statistics in training.
-- ``fixed_slices=24`` keeps the published input rule: every scan is centre-cropped or
-  zero-padded to 24 slices (:func:`to_fixed_slices`) and all 24 positions, zeros included, are
-  treated as slices, as the published network treats them.
+  ``fixed_slices`` keeps the published input rule (:func:`to_fixed_slices`): all its positions,
+  zeros included, are treated as slices, as the published network treats them.
 - Dropout is element-wise (published: ``Dropout2d`` over feature channels), p = 0.5 as published.
 """
 
@@ -88,12 +96,47 @@ class MaskedAttentionPool(nn.Module):
         return torch.einsum("bs,bsc->bc", scores.softmax(1), h)
 
 
+class PositionalSum(nn.Module):
+    """DC-MT's weighted sum over slice positions: ``(B, S, C)`` -> ``(B, out)`` with ``S`` exactly
+    ``slices``; ``out[o] = bias[o] + sum_{s, c} weight[o, c, s] * h[s, c]``, the published
+    ``Conv2d(C, out, kernel_size=(slices, 1), bias=True)`` on ``(B, C, S, 1)`` (held here as the
+    equivalent ``Conv1d(C, out, slices)``). ``mask`` is accepted for the attention pool's call
+    signature and must be all True: every position is a slice."""
+
+    def __init__(self, channels: int, out: int, slices: int):
+        super().__init__()
+        self.slices = slices
+        self.conv = nn.Conv1d(channels, out, slices, bias=True)
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if h.shape[1] != self.slices:
+            raise ValueError(f"positional pooling takes exactly {self.slices} slices, got {h.shape[1]}")
+        if mask is not None and not bool(mask.all()):
+            raise ValueError("positional pooling treats every position as a slice: no padding mask")
+        return self.conv(h.transpose(1, 2)).squeeze(-1)
+
+
+POOLINGS = ("attention", "positional")
+
+
 def _slice_embedding(in_features: int, widths: tuple[int, ...], dropout: float) -> nn.Sequential:
     """Dropout + 1x1 convs (BN, ReLU) over ``(N, F, 1)`` slice vectors, dropout after the last."""
     layers: list[nn.Module] = []
     for w_in, w_out in zip((in_features,) + widths[:-1], widths):
         layers += [nn.Dropout(dropout), nn.Conv1d(w_in, w_out, 1, bias=False), nn.BatchNorm1d(w_out), nn.ReLU()]
     return nn.Sequential(*layers, nn.Dropout(dropout))
+
+
+def check_pooling(pooling: str, fixed_slices: int | None) -> None:
+    """ConfigError for an unknown pooling, a bad ``fixed_slices``, or positional pooling without it."""
+    if pooling not in POOLINGS:
+        raise ConfigError(f"model.options.pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    if fixed_slices is not None and (isinstance(fixed_slices, bool) or not isinstance(fixed_slices, int)
+                                     or fixed_slices < 1):
+        raise ConfigError(f"model.options.fixed_slices must be a whole number >= 1 or null, got {fixed_slices!r}")
+    if pooling == "positional" and fixed_slices is None:
+        raise ConfigError("model.options.pooling 'positional' weighs each of exactly fixed_slices slice positions: "
+                          "set model.options.fixed_slices (24 published)")
 
 
 class GRUSliceAggregator(nn.Module):
@@ -107,23 +150,33 @@ class GRUSliceAggregator(nn.Module):
         dropout: dropout probability before each 1x1 conv and after the last.
         fixed_slices: ``None`` (any length, masked) or a slice count (24 published) every input is
             centre-cropped / zero-padded to.
+        pooling: ``attention`` (masked softmax over slices, then a linear layer; any slice count)
+            or ``positional`` (published: a weight per slice position, channel and output, plus a
+            bias; needs ``fixed_slices``).
     """
 
     to_fixed_slices = staticmethod(to_fixed_slices)
 
     def __init__(self, num_classes: int, in_features: int = 512, hidden: tuple[int, ...] = (256, 128),
-                 gru_hidden: int = 96, dropout: float = 0.5, fixed_slices: int | None = None):
+                 gru_hidden: int = 96, dropout: float = 0.5, fixed_slices: int | None = None,
+                 pooling: str = "attention"):
         super().__init__()
+        check_pooling(pooling, fixed_slices)
         hidden = tuple(int(w) for w in hidden)
         width, out = hidden[-1], 2 * gru_hidden
-        self.fixed_slices = fixed_slices
+        self.fixed_slices, self.pooling = fixed_slices, pooling
         self.embed = _slice_embedding(in_features, hidden, dropout)
-        self.pool_a = MaskedAttentionPool(width)
-        self.proj_a = nn.Linear(width, out)
+        self.pool_a, self.proj_a = self._pool(width, out)
         self.gru = nn.GRU(width, gru_hidden, num_layers=2, batch_first=True, bidirectional=True)
-        self.pool_b = MaskedAttentionPool(out)
-        self.proj_b = nn.Linear(out, out)
+        self.pool_b, self.proj_b = self._pool(out, out)
         self.classifier = nn.Linear(out, num_classes, bias=False)  # the branches carry the biases
+
+    def _pool(self, channels: int, out: int) -> tuple[nn.Module, nn.Module]:
+        """One branch's weighted sum over slices and its projection to ``out``."""
+        if self.pooling == "positional":
+            assert self.fixed_slices is not None
+            return PositionalSum(channels, out, self.fixed_slices), nn.Identity()  # pools and projects
+        return MaskedAttentionPool(channels), nn.Linear(channels, out)
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``features`` ``(B, S, F)``, ``mask`` ``(B, S)`` bool (True = real slice, real slices
@@ -154,13 +207,14 @@ class GRUSliceAggregator(nn.Module):
         return pad_packed_sequence(out, batch_first=True, total_length=h.shape[1])[0]
 
 
-_OPTIONS = {"hidden", "gru_hidden", "dropout", "fixed_slices"}
+_OPTIONS = {"hidden", "gru_hidden", "dropout", "fixed_slices", "pooling"}
 
 
 @register("gru_aggregator")
 def build_gru_aggregator(model_cfg, plans: dict, in_channels: int, num_classes: int) -> nn.Module:
     """``in_channels`` is the per-slice feature width F; ``model.options`` may set ``hidden``,
-    ``gru_hidden``, ``dropout`` and ``fixed_slices`` (``model.base_features`` is not used)."""
+    ``gru_hidden``, ``dropout``, ``fixed_slices`` and ``pooling`` (``model.base_features`` is not
+    used)."""
     opts = dict(model_cfg.options)
     unknown = sorted(set(opts) - _OPTIONS)
     if unknown:

@@ -11,13 +11,27 @@ its folder); the 3D cache and plans are not used (``self.plans`` is None).
   crops/pads to ``model.options.fixed_slices`` (24, DC-MT) itself.
 - Supervised: cross-entropy on the labelled subjects' classes.
 - Mean teacher (``method.mean_teacher: true``): the teacher is the student's EMA (decay
-  ``min(1 - 1/(step + 1), ema_decay)``, keyed to steps) and gets no gradient; each network
-  sees its own perturbed view of the features (element-wise feature dropout, Gaussian noise
-  scaled by each feature's spread over the training slices) and the student is pulled towards
-  the teacher by the MSE of their softmaxes, on every subject of the batch, weighted by
-  ``consistency * sigmoid_rampup(step, rampup_steps)``. ``data.unlabelled_per_batch`` puts
-  unlabelled subjects (no subject class, or left unlabelled by ``data.labelled``) in each batch.
-  Prediction uses the teacher.
+  ``min(1 - 1/(t + 1), ema_decay)``, ``t`` the clock below) and gets no gradient; it runs in
+  train mode (dropout, batch statistics) and keeps the student's BatchNorm statistics
+  (``method.ema_buffers: true``) or its own (``false``, as published). Each network sees its own
+  perturbed view of the features (element-wise feature dropout, Gaussian noise scaled by each
+  feature's spread over the training slices; both 0 as published, where the networks' dropout
+  is the only noise) and the student is pulled towards the teacher by the MSE of their
+  softmaxes, on every subject of the batch, weighted by ``consistency * ramp(t)``: 0 while
+  ``t < consistency_start``, then ``exp(-5 (1 - (min(t, L) - start) / L)^2)`` with ``L`` the
+  ramp length (the published formula: with a start > 0 it stops at ``exp(-5 (start / L)^2)``,
+  0.819 for 20 and 100). ``data.unlabelled_per_batch`` puts unlabelled subjects (no subject
+  class, or left unlabelled by ``data.labelled`` / ``method.labelled_fraction``) in each
+  batch. Prediction uses the teacher.
+- The clock: the 0-based step (ramp length ``method.rampup_steps``), or with ``method.epochs``
+  the published 1-based epoch ``step // steps_per_epoch + 1`` (ramp length
+  ``method.rampup_epochs``). An epoch is ``method.steps_per_epoch`` steps, by default (as
+  published) one pass over the unlabelled training subjects at ``data.unlabelled_per_batch``
+  per batch (the labelled ones at the batch size without an unlabelled stream). With
+  ``method.epochs`` the run is that many epochs (``trainer.steps`` is replaced, as
+  ``trainer.val_every`` is by ``method.val_every_epochs``; the run's ``recipe.yaml`` records the
+  values used); ``method.lr_decay_every`` multiplies the learning rate by ``method.lr_decay``
+  every that many epochs (``schedule.name`` must be ``constant``).
 - Validation: subject accuracy (primary), balanced accuracy, and AUC for two classes, on the
   held-out labelled subjects (``data.val_cases``, or a seeded ``data.val_fraction``).
 """
@@ -25,13 +39,18 @@ its folder); the 3D cache and plans are not used (``self.plans`` is None).
 from __future__ import annotations
 
 import copy
+import dataclasses
+import logging
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from medvol.config import ScheduleConfig
 from medvol.data.dataset import StepDataset, Streams, split_cases
 from medvol.errors import ConfigError
 from medvol.evaluation.classification import classification_metrics
@@ -39,8 +58,10 @@ from medvol.io.slice_features import AGGREGATOR_RUN_FILE, SliceFeatures, feature
 from medvol.training import register_trainer
 from medvol.training.engine import Trainer, unwrap
 from medvol.training.mean_teacher import teacher_decay
-from medvol.training.schedules import ema_update, sigmoid_rampup
+from medvol.training.schedules import ema_update, make_scheduler
 from medvol.utils import write_json
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BATCH = 8  # subjects per batch when the recipe gives no data.batch_size
 
@@ -48,27 +69,65 @@ DEFAULT_BATCH = 8  # subjects per batch when the recipe gives no data.batch_size
 @dataclass
 class AggregatorOptions:
     mean_teacher: bool = False  # train a mean teacher (semi-supervised) instead of the student alone
-    ema_decay: float = 0.99  # the teacher's EMA decay (reached after 1 / (1 - decay) steps)
+    ema_decay: float = 0.99  # the teacher's EMA decay (reached after 1 / (1 - decay) steps or epochs)
+    ema_buffers: bool = True  # the teacher takes the student's BatchNorm statistics (false: its own, published)
     consistency: float = 1.0  # weight of the softmax-MSE consistency after the ramp-up
+    consistency_start: float = 0  # no consistency before this step (epoch with method.epochs; published 20)
     rampup_steps: int = 200  # sigmoid ramp-up length of the consistency weight, in steps
+    rampup_epochs: float = 100  # the same in epochs, with method.epochs (published 100)
     feature_dropout: float = 0.1  # element-wise dropout on the input features of each view
     feature_noise: float = 0.1  # Gaussian noise on each view, in units of each feature's std
+    labelled_fraction: float | None = None  # the share of training subjects that keep their class (published 0.25)
+    steps_per_epoch: int | None = None  # None: one pass over the unlabelled training subjects (published)
+    epochs: float | None = None  # when set: trainer.steps = epochs * steps_per_epoch, the clock counts epochs
+    val_every_epochs: float | None = None  # when set: trainer.val_every = that many epochs (published: 5)
+    lr_decay_every: float | None = None  # epochs (published: 50); needs schedule.name constant
+    lr_decay: float = 0.5  # the learning rate's factor every lr_decay_every epochs
+
+
+def _positive(v) -> bool:
+    return v is None or v > 0
 
 
 def check_options(o: AggregatorOptions) -> None:
     for key, ok, want in (("ema_decay", 0 <= o.ema_decay < 1, "in [0, 1)"),
                           ("consistency", o.consistency >= 0, ">= 0"),
+                          ("consistency_start", o.consistency_start >= 0, ">= 0"),
                           ("rampup_steps", o.rampup_steps >= 0, ">= 0"),
+                          ("rampup_epochs", o.rampup_epochs >= 0, ">= 0"),
                           ("feature_dropout", 0 <= o.feature_dropout < 1, "in [0, 1)"),
-                          ("feature_noise", o.feature_noise >= 0, ">= 0")):
+                          ("feature_noise", o.feature_noise >= 0, ">= 0"),
+                          ("labelled_fraction", o.labelled_fraction is None or 0 < o.labelled_fraction <= 1,
+                           "in (0, 1] or null"),
+                          ("steps_per_epoch", o.steps_per_epoch is None or o.steps_per_epoch >= 1, ">= 1 or null"),
+                          ("epochs", _positive(o.epochs), "> 0 or null"),
+                          ("val_every_epochs", _positive(o.val_every_epochs), "> 0 or null"),
+                          ("lr_decay_every", _positive(o.lr_decay_every), "> 0 or null"),
+                          ("lr_decay", 0 < o.lr_decay <= 1, "in (0, 1]")):
         if not ok:
             raise ConfigError(f"method.{key} must be {want}, got {getattr(o, key)!r}")
 
 
-def subject_split(data: SliceFeatures, d, seed: int) -> tuple[list[str], list[str], list[str]]:
+def consistency_ramp(t: float, start: float, length: float) -> float:
+    """DC-MT's consistency ramp at clock ``t``: 0 before ``start``, then
+    ``exp(-5 (1 - (min(t, length) - start) / length)^2)`` (``sigmoid_rampup`` with ``type='att'``
+    in the authors' ``utils/ramps.py``; with ``start`` 0 the plain sigmoid ramp-up); 1 for a
+    ramp of length 0."""
+    if t < start:
+        return 0.0
+    if length <= 0:
+        return 1.0
+    done = min(max(t, start), max(length, start)) - start
+    return math.exp(-5.0 * (1.0 - done / length) ** 2)
+
+
+def subject_split(data: SliceFeatures, d, seed: int,
+                  labelled_fraction: float | None = None) -> tuple[list[str], list[str], list[str]]:
     """(labelled train, unlabelled train, validation) subjects: validation from the labelled
     ones (``data.val_cases`` or a seeded ``data.val_fraction``); ``data.labelled`` (a count or a
-    list) keeps labels on that many / those training subjects only, the rest become unlabelled."""
+    list) keeps labels on that many / those training subjects only, the rest become unlabelled;
+    ``labelled_fraction`` keeps them on the first ``round(fraction * n)`` (at least one) of the
+    ``n`` training subjects, as ``data.labelled`` with that count."""
     if d.fold is not None:
         raise ConfigError("data.fold: the slice aggregator splits subjects by data.val_cases or data.val_fraction")
     labelled = [s.subject for s in data.items if s.subject_class >= 0]
@@ -79,8 +138,12 @@ def subject_split(data: SliceFeatures, d, seed: int) -> tuple[list[str], list[st
     bad = sorted(set(d.val_cases or []) - set(labelled))
     if bad:
         raise ConfigError(f"data.val_cases: {bad} are not labelled subjects of the features file")
+    if labelled_fraction is not None and d.labelled is not None:
+        raise ConfigError("data.labelled and method.labelled_fraction both choose the labelled subjects: set one")
     train, val = split_cases(labelled, d.val_fraction, d.val_cases, seed)
     wanted = d.labelled
+    if labelled_fraction is not None:
+        wanted = max(1, int(round(labelled_fraction * len(train))))
     if isinstance(wanted, int):
         wanted = train[:wanted]
     if wanted is not None:
@@ -137,12 +200,56 @@ class SliceAggregatorTrainer(Trainer):
         self.in_channels, self.num_classes = self.data.feature_dim, self.data.num_subject_classes
         self.patch_size = []
         self.batch_size = int(d.batch_size or DEFAULT_BATCH)
-        self.labelled, self.unlabelled, self.val_cases = subject_split(self.data, d, self.recipe.trainer.seed)
+        o = self.options
+        self.labelled, self.unlabelled, self.val_cases = subject_split(self.data, d, self.recipe.trainer.seed,
+                                                                       o.labelled_fraction)
         if not self.labelled:
             raise ConfigError(f"{self.cache_dir}: no labelled training subject left after the validation split")
-        if d.unlabelled_per_batch and not self.options.mean_teacher:
+        if d.unlabelled_per_batch and not o.mean_teacher:
             raise ConfigError("data.unlabelled_per_batch > 0 needs method.mean_teacher: true (only the mean "
                               "teacher learns from unlabelled subjects)")
+        self.steps_per_epoch = o.steps_per_epoch or self._published_epoch_steps()
+        in_steps: dict[str, Any] = {}
+        if o.epochs is not None:
+            in_steps["steps"] = max(1, int(round(o.epochs * self.steps_per_epoch)))
+        if o.val_every_epochs is not None:
+            in_steps["val_every"] = max(1, int(round(o.val_every_epochs * self.steps_per_epoch)))
+        if in_steps:
+            self.recipe = dataclasses.replace(self.recipe, trainer=dataclasses.replace(self.recipe.trainer, **in_steps))
+        if o.epochs is not None or o.lr_decay_every is not None:
+            log.info("slice_aggregator: %d steps per epoch, %d steps (%.1f epochs)", self.steps_per_epoch,
+                     self.recipe.trainer.steps, self.recipe.trainer.steps / self.steps_per_epoch)
+
+    def _published_epoch_steps(self) -> int:
+        """One pass over the unlabelled training subjects (the labelled ones without an
+        unlabelled stream), the remainder dropped, as the published two-stream sampler does."""
+        u = self.recipe.data.unlabelled_per_batch * self.dist.world_size
+        n, per_step = (len(self.unlabelled), u) if u else (len(self.labelled), self.batch_size * self.dist.world_size)
+        return max(1, n // per_step)
+
+    def clock(self, step: int) -> int:
+        """The consistency ramp's and the teacher decay's time: the step, or with
+        ``method.epochs`` the published 1-based epoch."""
+        return step if self.options.epochs is None else step // self.steps_per_epoch + 1
+
+    def consistency_weight(self, step: int) -> float:
+        o = self.options
+        length = o.rampup_steps if o.epochs is None else o.rampup_epochs
+        return o.consistency * consistency_ramp(self.clock(step), o.consistency_start, length)
+
+    def make_schedulers(self) -> dict:
+        """The recipe's schedule, or with ``method.lr_decay_every`` x ``lr_decay`` every that many epochs."""
+        o = self.options
+        if o.lr_decay_every is None:
+            return super().make_schedulers()
+        if self.recipe.schedule.name != "constant":
+            raise ConfigError("method.lr_decay_every sets the learning-rate schedule; set schedule.name: constant "
+                              f"(got '{self.recipe.schedule.name}')")
+        total, every = self.recipe.trainer.steps, o.lr_decay_every * self.steps_per_epoch
+        milestones = [int(round(k * every)) for k in range(1, int(total / every) + 1) if round(k * every) < total]
+        cfg = ScheduleConfig("step", milestones=milestones, gamma=o.lr_decay,
+                             warmup_steps=self.recipe.schedule.warmup_steps, min_lr=self.recipe.schedule.min_lr)
+        return {k: make_scheduler(cfg, opt, total, opt.defaults["lr"]) for k, opt in self.optimizers.items()}
 
     def build_models(self) -> dict[str, nn.Module]:
         models = super().build_models()
@@ -186,14 +293,14 @@ class SliceAggregatorTrainer(Trainer):
         with torch.no_grad():
             target = self.models["teacher"](self.perturb(x), mask).float().softmax(1)
         consistency = F.mse_loss(logits.float().softmax(1), target)
-        weight = self.options.consistency * sigmoid_rampup(step, self.options.rampup_steps)
+        weight = self.consistency_weight(step)
         return {"loss": ce + weight * consistency, "ce": ce, "consistency": consistency}
 
     def optimization_step(self, batch: dict, step: int) -> dict[str, float]:
         losses = super().optimization_step(batch, step)
         if self.options.mean_teacher:
-            decay = teacher_decay(step, self.options.ema_decay)
-            ema_update(self.models["teacher"], unwrap(self.models["model"]), decay)
+            decay = teacher_decay(self.clock(step), self.options.ema_decay)
+            ema_update(self.models["teacher"], unwrap(self.models["model"]), decay, buffers=self.options.ema_buffers)
         return losses
 
     def validate(self) -> dict[str, float]:
