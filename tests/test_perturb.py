@@ -9,7 +9,7 @@ import torch
 
 from medvol.data.perturb import PerturbConfig, gaussian_blur, make_view, warp
 
-SPATIAL_ONLY = dict(brightness_contrast_prob=0.0, blur_prob=0.0, noise_prob=0.0)
+SPATIAL_ONLY = dict(brightness_contrast_prob=0.0, blur_prob=0.0, noise_prob=0.0, clip=None)
 
 
 def _ramp(b: int, h: int, w: int) -> torch.Tensor:
@@ -79,3 +79,14 @@ def test_default_perturbation_runs_in_2d_and_3d(shape):
     v = make_view(torch.rand(*shape), PerturbConfig(affine_prob=1.0, flip_prob=1.0), seed=3)
     assert v.image.shape == shape and v.theta.shape == (2, len(shape) - 2, len(shape) - 1)
     assert torch.isfinite(v.image).all()
+
+
+def test_noise_variance_is_drawn_uniformly_as_published_and_the_view_clipped():
+    """DC-MT's noise: variance ~ U(0, 0.1) on [0, 1] images (mean power 0.05; a uniformly drawn
+    std would give 0.1 / 3 = 0.033), then clipped to [0, 1]."""
+    noise_only = dict(brightness_contrast_prob=0.0, blur_prob=0.0, affine_prob=0.0, flip_prob=0.0)
+    x = torch.full((1, 1, 64, 64), 0.5)
+    powers = [float(make_view(x, PerturbConfig(**noise_only, clip=None), seed=s).image.var()) for s in range(300)]
+    assert abs(sum(powers) / len(powers) - 0.05) < 0.005
+    clipped = make_view(torch.rand(2, 1, 32, 32), PerturbConfig(**noise_only), seed=0).image
+    assert clipped.min() >= 0.0 and clipped.max() <= 1.0 and (clipped == 1.0).any()

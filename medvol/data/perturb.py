@@ -31,9 +31,11 @@ class PerturbConfig:
     """What a view may do (probabilities per sample; ranges are drawn uniformly).
 
     The defaults are DC-MT's published augmentation: brightness/contrast +-0.05 (p 0.9), blur
-    (p 0.5; published a 3x3 box or median blur, here Gaussian), Gaussian noise of variance up
-    to 0.1 on [0, 1] images (always), horizontal flip (p 0.5), shift/scale 1 % and rotation up
-    to 3 degrees (p 0.5).
+    (p 0.5; published a 3x3 box or median blur, here Gaussian), Gaussian noise whose variance is
+    drawn uniformly up to 0.1 on [0, 1] images (always; the std is its square root, so the mean
+    noise power is 0.05, not the 0.033 of a uniformly drawn std) with the result clipped to
+    ``clip`` ([0, 1]: DC-MT's prepared input), horizontal flip (p 0.5), shift/scale 1 % and
+    rotation up to 3 degrees (p 0.5).
     """
 
     brightness_contrast_prob: float = 0.9
@@ -42,7 +44,8 @@ class PerturbConfig:
     blur_prob: float = 0.5
     blur_sigma: tuple = (0.5, 1.0)  # pixels
     noise_prob: float = 1.0
-    noise_std: tuple = (0.0, 0.316)  # in the images' own units (0.316 = sqrt(0.1) on [0, 1])
+    noise_var: tuple = (0.0, 0.1)  # variance drawn uniformly, in the images' own units squared
+    clip: tuple | None = (0.0, 1.0)  # the view's intensities clipped after the changes (None: not)
     flip_prob: float = 0.5
     flip_axes: tuple = (1,)  # spatial axes (0 = first); (1,) flips columns of (H, W) slices
     affine_prob: float = 0.5
@@ -169,9 +172,9 @@ def perturb_intensity(x: torch.Tensor, cfg: PerturbConfig, gen: torch.Generator,
         if cfg.blur_prob > 0 and _coin(cfg.blur_prob, gen):
             sample = gaussian_blur(sample, _uniform(cfg.blur_sigma[0], cfg.blur_sigma[1], gen))
         if cfg.noise_prob > 0 and _coin(cfg.noise_prob, gen):
-            std = _uniform(cfg.noise_std[0], cfg.noise_std[1], gen)
+            std = _uniform(cfg.noise_var[0], cfg.noise_var[1], gen) ** 0.5
             sample = sample + std * torch.randn(sample.shape, generator=noise_gen, device=x.device, dtype=x.dtype)
-        out.append(sample)
+        out.append(sample if cfg.clip is None else sample.clamp(*cfg.clip))
     return torch.cat(out)
 
 
