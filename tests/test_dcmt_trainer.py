@@ -117,6 +117,9 @@ def test_recipes_carry_the_papers_settings():
     assert r.model.options == {"lse_r": 6.0, "cam_w": 100.0, "cam_sigma": 0.4, "input_percentiles": [0.1, 99.9],
                                "trunk_channels": 3}  # the paper's full width
     assert _recipe().trainer.name == "dcmt"
+    from medvol.training import get_trainer
+
+    assert get_trainer("dcmt").primary_metric == "val/balanced_accuracy"  # published: mean per-class recall
 
 
 def test_epochs_in_steps_and_the_step_decay(demo_pre, tmp_path):

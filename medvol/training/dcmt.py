@@ -26,8 +26,9 @@ records the values used); with ``method.lr_decay_every`` the learning rate is mu
 ``lr_decay`` every that many epochs (``schedule.name`` must then be ``constant``).
 
 Validation (the teacher, eval mode) on every slice of the validation cases that has a grade:
-``val/accuracy`` (the primary metric), ``val/balanced_accuracy`` (and ``val/auc`` for two
-grades), and on those whose region mask is not empty the CAM of
+``val/accuracy``, ``val/balanced_accuracy`` (the primary metric: the published code keeps the
+checkpoint of best mean per-class recall; here of the teacher, where it keeps the better of
+student and teacher) (and ``val/auc`` for two grades), and on those whose region mask is not empty the CAM of
 the true grade against the mask: ``val/cam_iou`` (soft IoU, sum min / sum max) and
 ``val/cam_inside`` (the share of the CAM's mass inside the mask, 1 - the bound loss); with
 ``method.validate_student`` the student's too (``val/student_*``), as the published code reports.
@@ -78,7 +79,7 @@ class DCMTOptions(MeanTeacherOptions):
 class DCMTTrainer(MeanTeacherTrainer):
     name = "dcmt"
     Options = DCMTOptions
-    primary_metric = "val/accuracy"
+    primary_metric = "val/balanced_accuracy"  # the published selection: mean per-class recall
     scan_validation = False  # slice grades: no label map to score against the scans
 
     def __init__(self, *args, **kwargs):
