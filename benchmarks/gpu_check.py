@@ -48,8 +48,9 @@ ROOT = HERE.parent
 CASE = "gc_{:03d}"
 OVERLAP, SW_BATCH = 0.5, 2  # medvol predict's defaults, given to MONAI too
 DICE_GATE = 0.995  # labels of a faster setting against medvol fp32's, per class
-NNUNET = ("not run: nnunetv2 is not on the lent machine and cannot be installed there offline (its "
-          "SimpleITK, blosc2 and acvl-utils wheels do not fit the 64 MiB carried with the tree)")
+NNUNET = ("not run: nnunetv2 is not on the lent machine, which has no network; carrying it would take "
+          "SimpleITK (a 52.8 MB wheel) and its other dependencies (blosc2, acvl-utils, batchgenerators, "
+          "dynamic-network-architectures, pandas...) beside medvol's 9.8 MiB in the 64 MiB carried: not attempted")
 
 
 @dataclass(frozen=True)
@@ -491,7 +492,7 @@ STEPS = {  # name: (function, cap in seconds on the GPU, what it runs)
     "predict": (step_predict, 100, "quickstart trained {predict_train_steps} steps, then {predict_shape}: medvol "
                                    "fp32 / auto / bf16+channels-last vs MONAI sliding_window_inference fp32, "
                                    f"overlap {OVERLAP}, window batch {SW_BATCH}; Dice vs fp32 >= {DICE_GATE}; "
-                                   "nnU-Net v2: not installable offline there"),
+                                   "nnU-Net v2: not on the machine, not carried (see NNUNET)"),
     "head": (step_head, 40, "DoDNet head batched vs loop vs grouped at {heads}; loader at {workers} workers vs "
                             "the model's patches/s"),
     "ddp": (step_ddp, 55, "medvol train --nproc 1; NCCL group of one (DDP, barrier, all-reduce, all-gather); "
