@@ -182,7 +182,7 @@ def test_windows_and_float16_accumulation_on_the_gpu_match_the_cpu():
                                            mirror_axes=(0, 1, 2), precision=precision)
         net.cpu()
         assert out.dtype == torch.float16 and out.device.type == "cpu" and out.shape == ref.shape
-        tol = 3e-3 if precision.name == "fp32" else 3e-2
+        tol = 5e-3 if precision.name == "fp32" else 3e-2  # fp32 convolutions may run in TF32 on the GPU
         torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=0)
 
 
@@ -223,7 +223,7 @@ def test_dodnet_batched_head_and_model_on_the_gpu():
     widths = (8, 8, 8, 2)
     feats, params = torch.randn(3, 8, 6, 7, 9), torch.randn(3, head_param_count(widths))
     on_gpu = dynamic_head(feats.to(GPU), params.to(GPU), widths)
-    torch.testing.assert_close(on_gpu.cpu(), dynamic_head(feats, params, widths), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(on_gpu.cpu(), dynamic_head(feats, params, widths), atol=1e-3, rtol=1e-3)
     m = DoDNet(widths=(8, 16, 32, 64, 64), groups=8).to(GPU).eval()
     with torch.no_grad(), choose_precision(GPU).autocast():
         out = m(torch.randn(2, 1, 32, 32, 32, device=GPU), torch.tensor([0, 3], device=GPU))
