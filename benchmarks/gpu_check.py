@@ -108,7 +108,16 @@ def run_module(cmd: list[str], args) -> subprocess.CompletedProcess:
     """``python -m ...`` run in the scratch folder: from the tree's root, ``-m`` would import
     medvol from ./medvol, where medvol.datasets (the tree's datasets/) is not mapped;
     gpu_check.sh installs the whole package into its site folder."""
+    args.work.mkdir(parents=True, exist_ok=True)
     return subprocess.run(cmd, cwd=args.work, capture_output=True, text=True)
+
+
+def fresh(run: Path) -> Path:
+    """``run`` emptied: a rerun (``--only``) trains into the same folders."""
+    import shutil
+
+    shutil.rmtree(run, ignore_errors=True)
+    return run
 
 
 def dev(sz: Sizes):
@@ -270,7 +279,7 @@ def resume_pair(args, sz: Sizes, precision: str) -> dict:
     from medvol.training import train
 
     n, k, _ = sz.resume
-    base = args.work / "runs" / f"resume_{precision}"
+    base = fresh(args.work / "runs" / f"resume_{precision}")
     r = load_recipe("quickstart", [*sz.overrides, f"trainer.steps={n}", f"trainer.val_every={n}",
                                    "trainer.log_every=1", f"trainer.precision={precision}"])
     train(r, args.work / "pre", base / "full", device=sz.device, quiet=True)
@@ -313,7 +322,7 @@ def predict_model(args, sz: Sizes):
 
     steps = sz.predict_train_steps
     r = load_recipe("quickstart", [*sz.overrides, f"trainer.steps={steps}", f"trainer.val_every={steps}"])
-    metrics = train(r, args.work / "pre", args.work / "runs" / "predict", device=sz.device, quiet=True)
+    metrics = train(r, args.work / "pre", fresh(args.work / "runs" / "predict"), device=sz.device, quiet=True)
     return load_run(args.work / "runs" / "predict", dev(sz), "latest"), metrics
 
 
@@ -401,7 +410,7 @@ def step_head(args, sz: Sizes) -> dict:
 # ---------------------------------------------------------------- 6. ddp
 def cli_train(args, sz: Sizes, nproc: int) -> dict:
     """``medvol train quickstart --nproc N`` for a few steps; its train_summary.json."""
-    run = args.work / "runs" / f"nproc{nproc}"
+    run = fresh(args.work / "runs" / f"nproc{nproc}")
     sets = [*sz.overrides, f"trainer.steps={sz.ddp_steps}", f"trainer.val_every={sz.ddp_steps}"]
     cmd = [sys.executable, "-m", "medvol", "train", "quickstart", "--data", str(args.work / "pre"), "--out",
            str(run), "--device", sz.device, "--nproc", str(nproc), "--quiet", *sum((["--set", s] for s in sets), [])]
@@ -455,7 +464,7 @@ def step_ddp_group(args, sz: Sizes) -> dict:
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend)
     r = load_recipe("quickstart", [*sz.overrides, f"trainer.steps={sz.ddp_steps}", f"trainer.val_every={sz.ddp_steps}"])
-    trainer = get_trainer("supervised")(r, args.work / "pre", args.work / "runs" / "group_of_one",
+    trainer = get_trainer("supervised")(r, args.work / "pre", fresh(args.work / "runs" / "group_of_one"),
                                         GroupOfOne(0, 1, 0, device))
     wrapped = isinstance(trainer.models["model"], torch.nn.parallel.DistributedDataParallel)
     t0 = time.perf_counter()
@@ -521,7 +530,7 @@ def run_step(name: str, cap: float, args) -> dict:
     result = json.loads(lines[-1]) if lines else {}
     if status == "ok" and (proc.returncode or not result.get("ok")):
         status = "failed"
-    rec = {"status": status, "seconds": round(time.perf_counter() - t0, 1), "cap_s": round(cap), "result": result}
+    rec = {"status": status, "seconds": round(time.perf_counter() - t0, 1), "cap_s": round(cap, 1), "result": result}
     if status != "ok":
         rec["stderr_tail"] = err[-2500:]
     return rec

@@ -3,6 +3,7 @@ its plan, its table over failed and partial steps, and the whole dry run (every 
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -42,6 +43,15 @@ def test_the_table_shows_failed_cut_off_and_skipped_steps(capsys):
     assert "illegal memory access | FAIL |" in out and "| train | step failed after 50.0 s (cap 90 s) | boom" in out
     assert "| predict | partial result |" in out and "TIMEOUT" in out
     assert "| ddp | step not run after 0 s (cap 0 s) | budget spent | NOT RUN |" in out
+
+
+def test_a_step_past_its_cap_is_killed_and_reported(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    import gpu_check
+
+    args = argparse.Namespace(work=tmp_path / "work", gpu_memory=8.0, dry_run=True)
+    rec = gpu_check.run_step("prepare", 0.3, args)
+    assert rec["status"] == "timeout" and rec["result"] == {} and rec["cap_s"] == 0.3 and rec["seconds"] < 30
 
 
 @pytest.mark.slow
