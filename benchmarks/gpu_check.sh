@@ -19,17 +19,17 @@ fi
 t0=$(date +%s)
 rm -rf "$SITE"
 mkdir -p "$SITE"
-"$PY" -m pip install -q --no-index --no-deps --target "$SITE" "$WHEELS"/*-none-any.whl
+"$PY" -m pip install -q --no-compile --no-index --no-deps --target "$SITE" "$WHEELS"/*-none-any.whl
 for w in "$WHEELS"/*.whl; do  # compiled wheels (isal: optional) are built for CPython 3.12: each on its own
     case "$w" in *-none-any.whl) continue ;; esac
-    "$PY" -m pip install -q --no-index --no-deps --target "$SITE" "$w" 2>/dev/null \
+    "$PY" -m pip install -q --no-compile --no-index --no-deps --target "$SITE" "$w" 2>/dev/null \
         || echo "skipped $(basename "$w"): not for $("$PY" -V)"
 done
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 # medvol itself: PYTHONPATH=. is not enough, because medvol.datasets and medvol.pipelines are
 # the tree's datasets/ and pipelines/ (setup.cfg package_dir); setuptools comes with the wheels.
 rm -rf build/lib/medvol  # setuptools' copy from an earlier run: a module deleted since would come back
-"$PY" -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target "$SITE" .
+"$PY" -m pip install -q --no-compile --no-index --no-deps --no-build-isolation --upgrade --target "$SITE" .
 "$PY" -c "import isal" 2>/dev/null || echo "no isal: medvol reads .nii.gz with zlib (slower, the same voxels)"
 echo "wheels and medvol installed into $SITE in $(( $(date +%s) - t0 )) s"
 exec "$PY" benchmarks/gpu_check.py "$@"
