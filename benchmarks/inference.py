@@ -67,36 +67,43 @@ def _n_windows(shape, roi, overlap: float) -> int:
     return len(dense_patch_slices(shape, get_valid_patch_size(shape, roi), scan))
 
 
+def timed_variant(variant: str, model, x: np.ndarray, roi, device, classes: int, overlap: float, sw_batch: int):
+    """(output, seconds) of one variant (module docstring) on ``x`` ``(1, X, Y, Z)``: class
+    probabilities ``(K, X, Y, Z)`` on the CPU (float16 for medvol, float32 for MONAI), the last
+    window batch's logits for the floor. The clock stops after the GPU has finished."""
+    shape = x.shape[1:]
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        if variant == "floor":
+            n = -(-_n_windows(shape, roi, overlap) // sw_batch)
+            batch = torch.from_numpy(x[None, :, :roi[0], :roi[1], :roi[2]]).repeat(sw_batch, 1, 1, 1, 1)
+            for _ in range(n):
+                probs = model(batch.to(device))
+        elif variant == "monai":
+            from monai.inferers import sliding_window_inference
+
+            out = sliding_window_inference(torch.from_numpy(x)[None].to(device), roi, sw_batch, model,
+                                           overlap=overlap, mode="gaussian", sigma_scale=0.125)
+            probs = torch.softmax(out, 1)[0].cpu()
+        else:
+            from medvol.inference.sliding_window import sliding_window_probabilities
+
+            probs = sliding_window_probabilities(model, x, roi, device, n_channels=classes, overlap=overlap,
+                                                 sw_batch_size=sw_batch, precision=_precision(variant, device),
+                                                 mirror_axes=(0, 1, 2) if "tta" in variant else ())
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return probs, time.perf_counter() - t0
+
+
 def worker(args) -> dict:
     device = torch.device(args.device)
     shape = tuple(args.shape)
     x = np.random.default_rng(0).normal(size=(1, *shape)).astype(np.float32)
     model = _model(args, args.classes, device)
-    roi = tuple(args.patch)
     base = _rss_mb()
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        if args.variant == "floor":
-            n = -(-_n_windows(shape, roi, args.overlap) // args.sw_batch)
-            batch = torch.from_numpy(x[None, :, :roi[0], :roi[1], :roi[2]]).repeat(args.sw_batch, 1, 1, 1, 1)
-            for _ in range(n):
-                probs = model(batch.to(device))
-        elif args.variant == "monai":
-            from monai.inferers import sliding_window_inference
-
-            out = sliding_window_inference(torch.from_numpy(x)[None].to(device), roi, args.sw_batch, model,
-                                           overlap=args.overlap, mode="gaussian", sigma_scale=0.125)
-            probs = torch.softmax(out, 1)[0].cpu()
-        else:
-            from medvol.inference.sliding_window import sliding_window_probabilities
-
-            probs = sliding_window_probabilities(model, x, roi, device, n_channels=args.classes,
-                                                 overlap=args.overlap, sw_batch_size=args.sw_batch,
-                                                 precision=_precision(args.variant, device),
-                                                 mirror_axes=(0, 1, 2) if "tta" in args.variant else ())
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    sec = time.perf_counter() - t0
+    probs, sec = timed_variant(args.variant, model, x, tuple(args.patch), device, args.classes, args.overlap,
+                               args.sw_batch)
     del probs  # kept until the clock stopped: the peak RSS holds the output, as in real use
     return {"seconds": sec, "voxels_per_s": float(np.prod(shape)) / sec, "peak_rss_mb": _rss_mb(),
             "rss_over_input_mb": _rss_mb() - base, "probs_fp16_mb": args.classes * float(np.prod(shape)) * 2 / 2**20,

@@ -49,6 +49,15 @@ def model_rate(trainer, steps: int) -> float:
     return steps / (time.perf_counter() - t0)
 
 
+def make_trainer(data: Path, info, overrides: list[str], precision: str, run: Path = Path("/tmp/medvol_bench_run")):
+    """The quickstart trainer on the cache ``data`` with ``--set`` ``overrides`` in ``precision``."""
+    from medvol.config import load_recipe
+    from medvol.training import get_trainer
+
+    recipe = load_recipe("quickstart", [*overrides, f"trainer.precision={precision}"])
+    return get_trainer("supervised")(recipe, data, run, info)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, required=True, help="a preprocessing cache")
@@ -59,15 +68,12 @@ def main() -> int:
     ap.add_argument("--precisions", nargs="+", default=["fp32", "auto"], help="trainer.precision values to time")
     a = ap.parse_args()
 
-    from medvol.config import load_recipe
-    from medvol.training import get_trainer
     from medvol.training.distributed import setup
 
     info = setup(a.device)
     rates = {}
     for name in a.precisions:
-        recipe = load_recipe("quickstart", [*a.overrides, f"trainer.precision={name}"])
-        trainer = get_trainer("supervised")(recipe, a.data, Path("/tmp/medvol_bench_run"), info)
+        trainer = make_trainer(a.data, info, a.overrides, name)
         rates[name] = model_rate(trainer, a.steps)
         p = trainer.precision
         dev = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "CPU"
