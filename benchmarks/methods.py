@@ -330,11 +330,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-minutes", type=float, default=float("inf"))
     ap.add_argument("--out", type=Path, default=Path("bench_methods"))
     ap.add_argument("--toy", action="store_true", help="toy data and 2 steps: checks the harness, measures nothing")
+    ap.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
+                    help="run nothing: one table and pictures in --out from the methods.json of earlier --out folders")
     a = ap.parse_args(argv)
-    methods = sorted(COMPARISONS) if a.all else (a.method or ap.error("give --method NAME or --all"))
-    deadline = time.time() + 60 * a.budget_minutes
     a.out.mkdir(parents=True, exist_ok=True)
-    rows = [r for m in methods for r in run_comparison(COMPARISONS[m], a.seeds, a.out, a.toy, deadline)]
+    if a.merge:
+        rows = [r for d in a.merge for r in json.loads((d / "methods.json").read_text())["runs"]]
+    else:
+        methods = sorted(COMPARISONS) if a.all else (a.method or ap.error("give --method NAME or --all"))
+        deadline = time.time() + 60 * a.budget_minutes
+        rows = [r for m in methods for r in run_comparison(COMPARISONS[m], a.seeds, a.out, a.toy, deadline)]
     summary = summarise(rows)
     (a.out / "methods.json").write_text(json.dumps({"runs": rows, "summary": summary}, indent=1))
     print(write_table(summary, a.out).read_text())

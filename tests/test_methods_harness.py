@@ -49,3 +49,6 @@ def test_the_harness_runs_a_comparison_end_to_end(tmp_path, one_torch_thread):
     assert len(list((tmp_path / "runs" / "infnet").glob("b2_s0_*/pred/*.nii.gz"))) == 4
     assert "| Inf-Net | 2 |" in (tmp_path / "methods.md").read_text()
     assert (tmp_path / "infnet.png").stat().st_size > 1000
+    merged = tmp_path / "merged"  # runs of several --out folders in one table
+    assert h.main(["--merge", str(tmp_path), str(tmp_path), "--out", str(merged)]) == 0
+    assert len(json.loads((merged / "methods.json").read_text())["runs"]) == 4
