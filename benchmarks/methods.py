@@ -311,6 +311,7 @@ def plot(summary: list[dict], method: str, out: Path) -> Path:
     for arm, style in ((c.arm, "o-"), (c.baseline, "s--")):
         means = [np.mean([np.mean(s["dice"][arm.label]) for s in mine if s["budget"] == b]) for b in budgets]
         ax.plot(budgets, means, style, label=arm.label)
+    ax.set_xticks(budgets)
     ax.set_xlabel("labelled cases")
     ax.set_ylabel("held-out Dice (mean of classes and seeds)")
     ax.set_title(f"{c.arm.label} vs {c.baseline.label}: {c.note}", fontsize=8)
