@@ -34,6 +34,7 @@ from medvol.training.pcrl import (
     cross_rank_shuffled_forward,
     draw_mix,
     pcrl_loss_terms,
+    retrieval_accuracy,
     shuffled_forward,
 )
 
@@ -463,7 +464,19 @@ def test_init_from_an_unrelated_architecture_is_an_error(pcrl_run, brain_pre, tm
 
 
 @pytest.mark.slow
-def test_pretraining_on_a_folder_of_scans(brain_raw, tmp_path):
+def test_retrieval_accuracy_by_hand_and_chance_for_ties():
+    """Own key on top: 1; ties share the credit, so a constant encoder scores chance (1/n)
+    exactly (argmax gave the tied first row the whole credit: 1/n, but only by accident of
+    order); keys shifted by one: 0; two identical pairs among four distinct ones: 1/2 each."""
+    eye = torch.eye(4)
+    assert retrieval_accuracy(eye, eye) == 1.0
+    assert retrieval_accuracy(torch.ones(4, 3), torch.ones(4, 3)) == pytest.approx(1 / 4)
+    assert retrieval_accuracy(eye, eye.roll(1, 0)) == 0.0
+    dup = torch.stack([eye[0], eye[0], eye[2], eye[3]])
+    assert retrieval_accuracy(dup, dup) == pytest.approx((0.5 + 0.5 + 1 + 1) / 4)
+
+
+def test_pretraining_on_a_folder_of_scans(brain_raw, tmp_path, caplog):
     import shutil
 
     folder = tmp_path / "scans"
@@ -475,14 +488,16 @@ def test_pretraining_on_a_folder_of_scans(brain_raw, tmp_path):
     (folder / "broken.nii.gz").write_bytes(images[0].read_bytes()[:400])  # truncated
     names = prepare_scan_folder(folder, tmp_path / "prep", PretextConfig(), quiet=True)
     assert names == ["a", "c", "sub__b"]
+    assert "own spacing; set method.pretext.spacing" in caplog.text  # crops would cover other anatomy
     manifest = json.loads((tmp_path / "prep" / "manifest.json").read_text())
     assert "broken.nii.gz" in manifest["failed"]["broken"]
     arr = np.load(tmp_path / "prep" / "a.npy")
     assert arr.dtype == np.float16 and arr.ndim == 4 and arr.min() == 0 and arr.max() == 1
 
     r = load_recipe("pcrl_demo", TINY[:-1] + ["trainer.steps=2", "trainer.val_every=2", "data.val_cases=[c]"])
-    train(r, folder, tmp_path / "run", device="cpu", quiet=True)
+    m = train(r, folder, tmp_path / "run", device="cpu", quiet=True)
     assert (tmp_path / "run" / "encoder.pt").exists()
+    assert m["val/retrieval_chance"] == pytest.approx(1 / r.method["val_samples"])
     assert sorted(json.loads((tmp_path / "run" / "split.json").read_text())["labelled"]) == ["a", "sub__b"]
 
 

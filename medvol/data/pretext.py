@@ -321,6 +321,9 @@ def prepare_scan_folder(folder: str | Path, out_dir: str | Path, cfg: PretextCon
     mode = cfg.intensity
     if mode not in ("percentile", "ct"):
         raise ConfigError(f"method.pretext.intensity '{mode}' is unknown; known: percentile, ct")
+    if not cfg.spacing:  # crops of a fixed voxel size mean other anatomy at every spacing
+        log.warning("%s: scans are pretrained at their own spacing; set method.pretext.spacing (published: "
+                    "1 mm; the crops of pcrl_demo suit 3 mm) so that crops cover the same anatomy", folder)
     names = []
     for p in tqdm(scans, desc="pretext scans", unit="scan", disable=quiet or not sys.stderr.isatty()):
         name = scan_id(folder, p)
