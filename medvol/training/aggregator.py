@@ -50,7 +50,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from medvol.config import ScheduleConfig
 from medvol.data.dataset import StepDataset, Streams, split_cases
 from medvol.errors import ConfigError
 from medvol.evaluation.classification import classification_metrics
@@ -58,7 +57,7 @@ from medvol.io.slice_features import AGGREGATOR_RUN_FILE, SliceFeatures, feature
 from medvol.training import register_trainer
 from medvol.training.engine import Trainer, unwrap
 from medvol.training.mean_teacher import teacher_decay
-from medvol.training.schedules import ema_update, make_scheduler
+from medvol.training.schedules import ema_update, epoch_step_decay
 from medvol.utils import write_json
 
 log = logging.getLogger(__name__)
@@ -242,14 +241,8 @@ class SliceAggregatorTrainer(Trainer):
         o = self.options
         if o.lr_decay_every is None:
             return super().make_schedulers()
-        if self.recipe.schedule.name != "constant":
-            raise ConfigError("method.lr_decay_every sets the learning-rate schedule; set schedule.name: constant "
-                              f"(got '{self.recipe.schedule.name}')")
-        total, every = self.recipe.trainer.steps, o.lr_decay_every * self.steps_per_epoch
-        milestones = [int(round(k * every)) for k in range(1, int(total / every) + 1) if round(k * every) < total]
-        cfg = ScheduleConfig("step", milestones=milestones, gamma=o.lr_decay,
-                             warmup_steps=self.recipe.schedule.warmup_steps, min_lr=self.recipe.schedule.min_lr)
-        return {k: make_scheduler(cfg, opt, total, opt.defaults["lr"]) for k, opt in self.optimizers.items()}
+        return epoch_step_decay(self.recipe.schedule, self.optimizers, self.recipe.trainer.steps, self.steps_per_epoch,
+                                o.lr_decay_every, o.lr_decay)
 
     def build_models(self) -> dict[str, nn.Module]:
         models = super().build_models()

@@ -48,7 +48,6 @@ import torch
 import torch.nn as nn
 
 from medvol.cache import load_case
-from medvol.config import ScheduleConfig
 from medvol.data.slices import cached_slice_labels, raw_slice_of
 from medvol.errors import ConfigError
 from medvol.evaluation.classification import classification_metrics
@@ -57,7 +56,7 @@ from medvol.losses.dcmt import DCMTLoss, DCMTLossConfig, select_cams
 from medvol.networks.slice.dcmt import DCMTNet
 from medvol.training import register_trainer
 from medvol.training.mean_teacher import MeanTeacherOptions, MeanTeacherTrainer
-from medvol.training.schedules import make_scheduler
+from medvol.training.schedules import epoch_step_decay
 
 log = logging.getLogger(__name__)
 
@@ -133,14 +132,8 @@ class DCMTTrainer(MeanTeacherTrainer):
         o = self.options
         if o.lr_decay_every is None:
             return super().make_schedulers()
-        if self.recipe.schedule.name != "constant":
-            raise ConfigError("method.lr_decay_every sets the learning-rate schedule; set schedule.name: constant "
-                              f"(got '{self.recipe.schedule.name}')")
-        total, every = self.recipe.trainer.steps, o.lr_decay_every * self.steps_per_epoch
-        milestones = [int(round(k * every)) for k in range(1, int(total / every) + 1) if round(k * every) < total]
-        cfg = ScheduleConfig("step", milestones=milestones, gamma=o.lr_decay,
-                             warmup_steps=self.recipe.schedule.warmup_steps, min_lr=self.recipe.schedule.min_lr)
-        return {k: make_scheduler(cfg, opt, total, opt.defaults["lr"]) for k, opt in self.optimizers.items()}
+        return epoch_step_decay(self.recipe.schedule, self.optimizers, self.recipe.trainer.steps, self.steps_per_epoch,
+                                o.lr_decay_every, o.lr_decay)
 
     def epoch(self, step: int) -> int:
         return step // self.steps_per_epoch

@@ -35,6 +35,24 @@ def make_scheduler(cfg, optimizer: torch.optim.Optimizer, total_steps: int, base
     return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
 
 
+
+def epoch_step_decay(schedule, optimizers: dict, total_steps: int, steps_per_epoch: int, every_epochs: float,
+                     factor: float) -> dict:
+    """The published "x ``factor`` every ``every_epochs`` epochs" learning-rate decay (DC-MT and
+    its aggregation network) as step schedulers of ``optimizers``; ``schedule`` (the recipe's)
+    must be ``constant``, its warm-up and floor are kept."""
+    from medvol.config import ScheduleConfig
+
+    if schedule.name != "constant":
+        raise ConfigError("method.lr_decay_every sets the learning-rate schedule; set schedule.name: constant "
+                          f"(got '{schedule.name}')")
+    every = every_epochs * steps_per_epoch
+    marks = [int(round(k * every)) for k in range(1, int(total_steps / every) + 1)]
+    milestones = [m for m in marks if m < total_steps]
+    cfg = ScheduleConfig("step", milestones=milestones, gamma=factor, warmup_steps=schedule.warmup_steps,
+                         min_lr=schedule.min_lr)
+    return {k: make_scheduler(cfg, opt, total_steps, opt.defaults["lr"]) for k, opt in optimizers.items()}
+
 def make_optimizer(cfg, params) -> torch.optim.Optimizer:
     name = cfg.name.lower()
     if name == "sgd":
