@@ -39,11 +39,9 @@ its folder); the 3D cache and plans are not used (``self.plans`` is None).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -57,7 +55,7 @@ from medvol.io.slice_features import AGGREGATOR_RUN_FILE, SliceFeatures, feature
 from medvol.training import register_trainer
 from medvol.training.engine import Trainer, unwrap
 from medvol.training.mean_teacher import teacher_decay
-from medvol.training.schedules import ema_update, epoch_step_decay
+from medvol.training.schedules import ema_update, epoch_step_decay, recipe_in_epochs
 from medvol.utils import write_json
 
 log = logging.getLogger(__name__)
@@ -208,13 +206,7 @@ class SliceAggregatorTrainer(Trainer):
             raise ConfigError("data.unlabelled_per_batch > 0 needs method.mean_teacher: true (only the mean "
                               "teacher learns from unlabelled subjects)")
         self.steps_per_epoch = o.steps_per_epoch or self._published_epoch_steps()
-        in_steps: dict[str, Any] = {}
-        if o.epochs is not None:
-            in_steps["steps"] = max(1, int(round(o.epochs * self.steps_per_epoch)))
-        if o.val_every_epochs is not None:
-            in_steps["val_every"] = max(1, int(round(o.val_every_epochs * self.steps_per_epoch)))
-        if in_steps:
-            self.recipe = dataclasses.replace(self.recipe, trainer=dataclasses.replace(self.recipe.trainer, **in_steps))
+        self.recipe = recipe_in_epochs(self.recipe, self.steps_per_epoch, o.epochs, o.val_every_epochs)
         if o.epochs is not None or o.lr_decay_every is not None:
             log.info("slice_aggregator: %d steps per epoch, %d steps (%.1f epochs)", self.steps_per_epoch,
                      self.recipe.trainer.steps, self.recipe.trainer.steps / self.steps_per_epoch)

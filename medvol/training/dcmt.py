@@ -38,10 +38,8 @@ teacher from the run folder and hands its 512-d slice features to the slice aggr
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -56,7 +54,7 @@ from medvol.losses.dcmt import DCMTLoss, DCMTLossConfig, select_cams
 from medvol.networks.slice.dcmt import DCMTNet
 from medvol.training import register_trainer
 from medvol.training.mean_teacher import MeanTeacherOptions, MeanTeacherTrainer
-from medvol.training.schedules import epoch_step_decay
+from medvol.training.schedules import epoch_step_decay, recipe_in_epochs
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +101,7 @@ class DCMTTrainer(MeanTeacherTrainer):
         self.steps_per_epoch = o.steps_per_epoch or self._published_epoch_steps()
         if o.steps_per_epoch is not None and o.steps_per_epoch < 1:
             raise ConfigError(f"method.steps_per_epoch must be >= 1, got {o.steps_per_epoch}")
-        in_steps: dict[str, Any] = {}
-        if o.epochs is not None:
-            in_steps["steps"] = max(1, int(round(o.epochs * self.steps_per_epoch)))
-        if o.val_every_epochs is not None:
-            in_steps["val_every"] = max(1, int(round(o.val_every_epochs * self.steps_per_epoch)))
-        if in_steps:
-            self.recipe = dataclasses.replace(self.recipe, trainer=dataclasses.replace(self.recipe.trainer, **in_steps))
+        self.recipe = recipe_in_epochs(self.recipe, self.steps_per_epoch, o.epochs, o.val_every_epochs)
         log.info("dcmt: %d steps per epoch, %d steps (%.1f epochs)", self.steps_per_epoch,
                  self.recipe.trainer.steps, self.recipe.trainer.steps / self.steps_per_epoch)
 

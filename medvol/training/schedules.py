@@ -36,6 +36,17 @@ def make_scheduler(cfg, optimizer: torch.optim.Optimizer, total_steps: int, base
 
 
 
+
+def recipe_in_epochs(recipe, steps_per_epoch: int, epochs: float | None, val_every_epochs: float | None):
+    """``recipe`` with ``trainer.steps`` / ``val_every`` set from lengths given in epochs (as the
+    published DC-MT and aggregation-network loops count), each left as it is when None."""
+    import dataclasses
+
+    in_steps = {key: max(1, int(round(value * steps_per_epoch)))
+                for key, value in (("steps", epochs), ("val_every", val_every_epochs)) if value is not None}
+    return dataclasses.replace(recipe, trainer=dataclasses.replace(recipe.trainer, **in_steps)) if in_steps else recipe
+
+
 def epoch_step_decay(schedule, optimizers: dict, total_steps: int, steps_per_epoch: int, every_epochs: float,
                      factor: float) -> dict:
     """The published "x ``factor`` every ``every_epochs`` epochs" learning-rate decay (DC-MT and
