@@ -72,3 +72,12 @@ def test_preprocessing_runs_without_torch_monai_or_skimage(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "0 []"
     assert (tmp_path / "out" / "cases" / "brain_001.npy").exists()
+
+
+def test_lower_layers_never_import_a_stage():
+    """losses, networks and io sit below training, inference and preprocessing (ramp-ups live
+    in the foundation module medvol.ramps)."""
+    stages = ("medvol.training", "medvol.inference", "medvol.preprocessing")
+    for layer in ("losses", "networks", "io"):
+        for p in (MEDVOL / layer).rglob("*.py"):
+            assert not [m for m in imports_of(p) if m.startswith(stages)], p

@@ -16,7 +16,7 @@ are never read.
 - From the warm-up epoch (20) on: class consistency ``MSE(softmax(student), softmax(teacher))``
   over all slices, weight ``5 * ramp(epoch)``; attention consistency, the attention MSE between
   the student's and the teacher's CAMs of the unlabelled slices, weight ``1 * ramp(epoch - 20)``;
-  ``ramp`` is :func:`medvol.training.schedules.sigmoid_rampup` (``exp(-5 (1 - t)^2)``, 40 epochs).
+  ``ramp`` is :func:`medvol.ramps.sigmoid_rampup` (``exp(-5 (1 - t)^2)``, 40 epochs).
 
 The CAM channel of a slice (:func:`select_cams`): a labelled slice's true grade; an unlabelled
 slice's **teacher argmax**, for the student and the teacher alike. The published code takes the
@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from medvol.training.schedules import sigmoid_rampup
+from medvol.ramps import sigmoid_rampup
 
 EPS = 1e-5
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from medvol.losses.contrastive import KeyQueue
 from medvol.losses.dice import BatchDiceLoss, world_sum
-from medvol.training.schedules import sigmoid_rampup
+from medvol.ramps import sigmoid_rampup
 
 IGNORE = -1
 ANCHOR_SAMPLING = ("published", "random")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from medvol.errors import ConfigError
+from medvol.ramps import linear_rampup, sigmoid_rampup  # noqa: F401  (re-exported)
 
 
 def lr_factor(cfg, step: int, total: int) -> float:
@@ -74,18 +74,6 @@ def make_optimizer(cfg, params) -> torch.optim.Optimizer:
     if name == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     raise ConfigError(f"optimizer.name '{cfg.name}' is unknown; known: sgd, adam, adamw")
-
-
-def sigmoid_rampup(current: float, length: float) -> float:
-    """exp(-5 (1 - t)^2), t = current / length clipped to [0, 1] (Laine & Aila)."""
-    if length <= 0:
-        return 1.0
-    t = float(np.clip(current / length, 0.0, 1.0))
-    return float(math.exp(-5.0 * (1.0 - t) ** 2))
-
-
-def linear_rampup(current: float, length: float) -> float:
-    return 1.0 if length <= 0 else float(np.clip(current / length, 0.0, 1.0))
 
 
 @torch.no_grad()
