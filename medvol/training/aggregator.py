@@ -38,7 +38,6 @@ its folder); the 3D cache and plans are not used (``self.plans`` is None).
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from dataclasses import dataclass
@@ -53,9 +52,9 @@ from medvol.errors import ConfigError
 from medvol.evaluation.classification import classification_metrics
 from medvol.io.slice_features import AGGREGATOR_RUN_FILE, SliceFeatures, features_path, read_features
 from medvol.training import register_trainer
+from medvol.training.ema import frozen_copy, update_teacher
 from medvol.training.engine import Trainer, unwrap
-from medvol.training.mean_teacher import teacher_decay
-from medvol.training.schedules import ema_update, epoch_step_decay, recipe_in_epochs
+from medvol.training.schedules import epoch_step_decay, recipe_in_epochs
 from medvol.utils import write_json
 
 log = logging.getLogger(__name__)
@@ -239,9 +238,7 @@ class SliceAggregatorTrainer(Trainer):
     def build_models(self) -> dict[str, nn.Module]:
         models = super().build_models()
         if self.options.mean_teacher:
-            teacher = copy.deepcopy(models["model"])
-            teacher.requires_grad_(False)
-            models["teacher"] = teacher
+            models["teacher"] = frozen_copy(models["model"])
         return models
 
     def make_dataset(self) -> StepDataset:
@@ -281,12 +278,11 @@ class SliceAggregatorTrainer(Trainer):
         weight = self.consistency_weight(step)
         return {"loss": ce + weight * consistency, "ce": ce, "consistency": consistency}
 
-    def optimization_step(self, batch: dict, step: int) -> dict[str, float]:
-        losses = super().optimization_step(batch, step)
+    def after_update(self, step: int) -> None:
+        """The teacher's EMA update (decay from the clock: the step, or the published epoch)."""
         if self.options.mean_teacher:
-            decay = teacher_decay(self.clock(step), self.options.ema_decay)
-            ema_update(self.models["teacher"], unwrap(self.models["model"]), decay, buffers=self.options.ema_buffers)
-        return losses
+            update_teacher(self.models["teacher"], unwrap(self.models["model"]), self.clock(step),
+                           self.options.ema_decay, self.options.ema_buffers)
 
     def validate(self) -> dict[str, float]:
         """Subject accuracy, balanced accuracy (and AUC for two classes) on the validation subjects."""

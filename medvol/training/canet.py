@@ -14,12 +14,12 @@ schedule; every batch holds labelled and unlabelled samples in fixed numbers.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from monai.networks import eval_mode
 
 from medvol.config import ScheduleConfig
 from medvol.errors import ConfigError
@@ -47,30 +47,13 @@ def adversarial_weight(step: int, o: CANetOptions) -> float:
     return o.adv_weight * math.exp(-5.0 * (1.0 - t) ** 2)
 
 
-@contextmanager
-def _eval_mode(*modules: nn.Module):
-    """Modules in eval mode inside the block, back to their own modes after it."""
-    modes = [m.training for m in modules]
-    for m in modules:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, mode in zip(modules, modes):
-            m.train(mode)
-
-
 @register_trainer
 class CANetTrainer(Trainer):
     name = "canet"
+    requires_model = "vnet_transformer"
     Options = CANetOptions
     # MONAI's TransformerBlock always builds a cross-attention branch that self-attention never uses
     ddp_find_unused = True
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self.recipe.model.name != "vnet_transformer":
-            raise ConfigError(f"trainer 'canet' needs model.name vnet_transformer, got '{self.recipe.model.name}'")
 
     def build_models(self) -> dict[str, nn.Module]:
         models = super().build_models()
@@ -97,10 +80,10 @@ class CANetTrainer(Trainer):
             return (label > 0).float()
         return torch.isin(label, torch.as_tensor(fg, device=label.device)).float()
 
-    def optimization_step(self, batch: dict, step: int) -> dict[str, float]:
+    def update_steps(self, batch: dict, step: int) -> list:
+        """The segmenter's update, then the discriminator's (the published order)."""
         o = self.options
         model, disc = self.models["model"], self.models["discriminator"]
-        opt_s, opt_d = self.optimizers["model"], self.optimizers["discriminator"]
         image, lab_mask = batch["image"], batch["labelled"].bool()
         if lab_mask.all() or not lab_mask.any():
             raise ConfigError("canet needs labelled and unlabelled samples in every batch "
@@ -108,42 +91,33 @@ class CANetTrainer(Trainer):
         target = self._foreground(batch["label"][lab_mask])
         gt_sdf = torch.from_numpy(signed_distance(target[:, 0].cpu().numpy().astype(bool)))[:, None]
         gt_sdf = gt_sdf.to(image.device)
-
-        # segmenter step; the discriminator judges in eval mode (no dropout), as published, and
-        # its gradients from this term are discarded (zeroed before its own step)
-        opt_s.zero_grad(set_to_none=True)
         raw_d = unwrap(disc)
-        with self.autocast(), _eval_mode(raw_d):
-            seg, sdf = model(image, return_sdf=True)
-            prob = torch.sigmoid(seg.float())
-            l_dice = soft_dice_loss(prob[lab_mask], target)
-            l_sdf = F.mse_loss(sdf[lab_mask].float(), gt_sdf)
-            d_out = raw_d(sdf[~lab_mask], image[~lab_mask])
-            l_adv = F.cross_entropy(d_out.float(), torch.ones(d_out.shape[0], dtype=torch.long, device=image.device))
-            lam = adversarial_weight(step, o)
-            loss = l_dice + o.beta * l_sdf + lam * l_adv
-        self.scaler.scale(loss).backward()
-        if self.recipe.trainer.grad_clip:
-            self.scaler.unscale_(opt_s)
-            nn.utils.clip_grad_norm_(model.parameters(), self.recipe.trainer.grad_clip)
-        self.scaler.step(opt_s)
 
-        # the discriminator learns from the updated segmenter's maps, made in eval mode without
-        # gradient (published order); d_eval is what it has learned so far (eval, before its update)
-        with torch.no_grad(), self.autocast(), _eval_mode(unwrap(model), raw_d):
-            sdf_new = unwrap(model)(image, return_sdf=True)[1]
-            d_eval = raw_d(sdf_new, image)
-        opt_d.zero_grad(set_to_none=True)
-        with self.autocast():
+        def segmenter() -> dict:
+            # the discriminator judges in eval mode (no dropout), as published, with the gradient
+            # flowing through it to the segmenter (eval_mode turns gradients off: enable_grad
+            # turns them back on); its own gradients from this term are zeroed before its step
+            with eval_mode(raw_d), torch.enable_grad():
+                seg, sdf = model(image, return_sdf=True)
+                prob = torch.sigmoid(seg.float())
+                l_dice = soft_dice_loss(prob[lab_mask], target)
+                l_sdf = F.mse_loss(sdf[lab_mask].float(), gt_sdf)
+                d_out = raw_d(sdf[~lab_mask], image[~lab_mask])
+                l_adv = F.cross_entropy(d_out.float(),
+                                        torch.ones(d_out.shape[0], dtype=torch.long, device=image.device))
+                lam = adversarial_weight(step, o)
+                loss = l_dice + o.beta * l_sdf + lam * l_adv
+            return {"loss": loss, "dice": l_dice, "sdf": l_sdf, "adv": l_adv, "adv_weight": lam}
+
+        def discriminator() -> dict:
+            # D learns from the updated segmenter's maps, made in eval mode without gradient
+            # (published order); d_eval is what it has learned so far (eval, before its update)
+            with eval_mode(unwrap(model), raw_d):
+                sdf_new = unwrap(model)(image, return_sdf=True)[1]
+                d_eval = raw_d(sdf_new, image)
             d_all = disc(sdf_new, image)
             d_target = lab_mask.long()
             l_d = F.cross_entropy(d_all.float(), d_target)
-        self.scaler.scale(l_d).backward()
-        self.scaler.step(opt_d)
-        self.scaler.update()
-        for s in self.schedulers.values():
-            s.step()
-        d_acc = (d_eval.argmax(1) == d_target).float().mean()
-        return {"loss": float(loss.detach()), "dice": float(l_dice.detach()), "sdf": float(l_sdf.detach()),
-                "adv": float(l_adv.detach()), "adv_weight": lam, "d_loss": float(l_d.detach()),
-                "d_acc": float(d_acc)}
+            return {"loss": l_d, "d_loss": l_d, "d_acc": (d_eval.argmax(1) == d_target).float().mean()}
+
+        return [("model", segmenter), ("discriminator", discriminator)]

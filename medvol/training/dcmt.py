@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn as nn
+from monai.networks import eval_mode
 
 from medvol.cache import load_case
 from medvol.data.slices import cached_slice_labels, raw_slice_of
@@ -75,6 +76,7 @@ class DCMTOptions(MeanTeacherOptions):
 @register_trainer
 class DCMTTrainer(MeanTeacherTrainer):
     name = "dcmt"
+    requires_model = "dcmt"
     Options = DCMTOptions
     primary_metric = "val/balanced_accuracy"  # the published selection: mean per-class recall
     scan_validation = False  # slice grades: no label map to score against the scans
@@ -87,8 +89,6 @@ class DCMTTrainer(MeanTeacherTrainer):
     def setup_data(self) -> None:
         super().setup_data()
         o = self.options
-        if self.recipe.model.name != "dcmt":
-            raise ConfigError(f"trainer 'dcmt' needs model.name dcmt, got '{self.recipe.model.name}'")
         if self.slice_axis is None:
             raise ConfigError("trainer 'dcmt' trains on slices: set data.configuration: 2d")
         self.axis: int = self.slice_axis
@@ -168,16 +168,10 @@ class DCMTTrainer(MeanTeacherTrainer):
         return {**super().state(step, best), "num_classes": self.num_classes}
 
     def validate(self) -> dict[str, float]:
-        modes = {k: m.training for k, m in self.models.items()}
-        for m in self.models.values():
-            m.eval()
-        try:
+        with eval_mode(*self.models.values()):
             out = self._scores(self.teacher, "val/")
             if self.options.validate_student:
                 out.update(self._scores(self.student, "val/student_"))
-        finally:
-            for k, m in self.models.items():
-                m.train(modes[k])
         return out
 
     def _scores(self, net: nn.Module, prefix: str) -> dict[str, float]:

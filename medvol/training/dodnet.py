@@ -23,12 +23,11 @@ from medvol.training.engine import Trainer, mean_scores
 @register_trainer
 class DoDNetTrainer(Trainer):
     name = "dodnet"
+    requires_model = "dodnet"
     scan_validation = False  # task-conditioned outputs against partial labels: per-task validation only
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.recipe.model.name != "dodnet":
-            raise ConfigError(f"trainer 'dodnet' needs model.name dodnet, got '{self.recipe.model.name}'")
         self.rules = rules_of_folder(self.cache_dir)
 
     def training_step(self, batch, step):

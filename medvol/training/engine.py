@@ -2,10 +2,15 @@
 
 A trainer (subclass of :class:`Trainer`) says what to build and what one step computes:
 ``build_models``/``build_optimizers`` and ``training_step(batch, step) -> {name: loss}``
-(``"loss"`` is what is back-propagated). Methods with several optimisers (a discriminator,
-say) override ``optimization_step``. The engine owns everything else: devices, AMP (bf16
-where supported, else fp16 with a scaler; fp32 on CPU), DDP, gradient clipping, schedules,
-validation, logs, checkpoints (latest + best) and exact resume.
+(``"loss"`` is what is back-propagated, the other entries are logged). A method with several
+optimisers (a discriminator, say) or several updates per step overrides ``update_steps``:
+``[(optimizer_key, closure)]``, each closure returning such a dict, run in that order; work
+that follows the updates (EMA teachers, key queues) goes in ``after_update(step)``. The engine
+owns everything else and no trainer calls ``backward``: zero_grad, autocast (the run's
+:mod:`medvol.precision`: bf16 on CUDA where supported and on CPUs with native bf16, fp16 with
+a gradient scaler on older GPUs, else fp32), the scaler, gradient clipping, schedules, DDP,
+validation, logs, checkpoints
+(latest + best) and exact resume.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -68,6 +74,10 @@ def mean_scores(scores: dict[str, list[float]]) -> dict[str, float]:
     return out
 
 
+def _as_float(v) -> float:
+    return float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
+
+
 def unwrap(m: nn.Module) -> nn.Module:
     return m.module if isinstance(m, nn.parallel.DistributedDataParallel) else m
 
@@ -82,11 +92,16 @@ class Trainer:
     inference_key = "model"  # which of self.models prediction uses (e.g. "teacher")
     ddp_find_unused = False  # True when a model holds parameters some steps do not use
     scan_validation = True  # end-of-run validation from the raw scans (False: no class-label output to score)
+    grad_clip_keys: tuple[str, ...] = ("model",)  # the optimisers whose gradients trainer.grad_clip clips
+    requires_model: str | None = None  # the recipe's model.name this trainer works with (None: any)
 
     def __init__(self, recipe: Recipe, cache_dir: str | Path, run_dir: str | Path, dist: DistInfo):
         self.recipe, self.cache_dir, self.run_dir, self.dist = recipe, Path(cache_dir), Path(run_dir), dist
         self.device = dist.device
         self.options = self._parse_options()
+        if self.requires_model is not None and recipe.model.name != self.requires_model:
+            raise ConfigError(f"trainer '{self.name}' needs model.name {self.requires_model}, "
+                              f"got '{recipe.model.name}'")
         self.current_step = 0
         self.setup_data()
         self.global_batch = self.batch_size * dist.world_size
@@ -204,21 +219,41 @@ class Trainer:
     def training_step(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def update_steps(self, batch: dict, step: int) -> list[tuple[str, Callable[[], dict]]]:
+        """The updates of one step, in order: ``(optimizer key, closure)``. The engine runs each
+        closure under autocast after zeroing that optimiser's gradients, back-propagates its
+        ``"loss"``, clips (``trainer.grad_clip``, for the keys in ``grad_clip_keys``) and steps
+        the optimiser. Default: the single optimiser ``"model"`` on :meth:`training_step`."""
+        return [("model", lambda: self.training_step(batch, step))]
+
+    def after_update(self, step: int) -> None:
+        """Called once per step after every optimiser of :meth:`update_steps` has stepped (and
+        the schedules), e.g. to move an EMA teacher or write keys into a queue."""
+
     def optimization_step(self, batch: dict, step: int) -> dict[str, float]:
-        """One step of the single optimiser ``"model"``: forward, backward, clip, update."""
-        opt = self.optimizers["model"]
-        opt.zero_grad(set_to_none=True)
-        with self.autocast():
-            losses = self.training_step(batch, step)
-        self.scaler.scale(losses["loss"]).backward()
-        clip = self.recipe.trainer.grad_clip
-        if clip:
-            self.scaler.unscale_(opt)
-            self.clip_gradients(self.models["model"].parameters(), clip)
-        self.scaler.step(opt)
+        """One step: every update of :meth:`update_steps` (zero_grad, forward under autocast,
+        backward through the scaler, clip, optimiser step), then the scaler's update, every
+        schedule's step and :meth:`after_update`. Returns the logged values: each closure's
+        terms, and the first closure's ``"loss"`` as ``loss`` (a later closure logs its own
+        loss under a name of its own)."""
+        logged: dict[str, float] = {}
+        for i, (key, closure) in enumerate(self.update_steps(batch, step)):
+            opt = self.optimizers[key]
+            opt.zero_grad(set_to_none=True)
+            with self.autocast():
+                terms = closure()
+            self.scaler.scale(terms["loss"]).backward()
+            clip = self.recipe.trainer.grad_clip
+            if clip and key in self.grad_clip_keys:
+                self.scaler.unscale_(opt)
+                self.clip_gradients(self.models[key].parameters(), clip)
+            self.scaler.step(opt)
+            logged.update({k: _as_float(v) for k, v in terms.items() if i == 0 or k != "loss"})
         self.scaler.update()
-        self.schedulers["model"].step()
-        return {k: float(v.detach()) for k, v in losses.items()}
+        for s in self.schedulers.values():
+            s.step()
+        self.after_update(step)
+        return logged
 
     def clip_gradients(self, parameters, limit: float) -> None:
         """``trainer.grad_clip`` on unscaled gradients: the global norm (Inf-Net clamps each element)."""

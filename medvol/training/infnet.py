@@ -89,14 +89,13 @@ def slices_of(volume: np.ndarray, axis: int):
 @register_trainer
 class InfNetTrainer(Trainer):
     name = "infnet"
+    requires_model = "infnet"
     Options = InfNetOptions
     primary_metric = "val/mean_dice_256"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         check_infnet_options(self.options)
-        if self.recipe.model.name != "infnet":
-            raise ConfigError(f"trainer 'infnet' needs model.name infnet, got '{self.recipe.model.name}'")
         if self.recipe.data.unlabelled_per_batch:
             raise ConfigError("trainer 'infnet' trains on labelled slices only: set data.unlabelled_per_batch 0 "
                               "(Semi-Inf-Net uses unlabelled slices through pseudo-labels: trainer semi_infnet)")

@@ -32,21 +32,15 @@ data or metrics differ from segmentation's, ``build_student``/``make_dataset``/`
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from monai.networks import eval_mode, train_mode
 
 from medvol.data.perturb import PerturbConfig, View, make_view
+from medvol.training.ema import frozen_copy, teacher_decay, update_teacher
 from medvol.training.engine import Trainer, unwrap
-from medvol.training.schedules import ema_update
-
-
-def teacher_decay(step: int, ema_decay: float) -> float:
-    """``min(1 - 1/(step + 1), ema_decay)``: the true average of the students so far while that
-    weighs old students less than ``ema_decay`` would, then the exponential average."""
-    return min(1.0 - 1.0 / (step + 1), ema_decay)
 
 
 @dataclass
@@ -71,10 +65,7 @@ class MeanTeacherTrainer(Trainer):
 
     def build_models(self) -> dict[str, nn.Module]:
         student = self.build_student()
-        teacher = copy.deepcopy(student)
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        return {"model": student, "teacher": teacher}
+        return {"model": student, "teacher": frozen_copy(student)}
 
     def before_training(self, start_step: int) -> None:
         """A fresh run starts the teacher as the student (``init_from`` loads the student only)."""
@@ -89,16 +80,9 @@ class MeanTeacherTrainer(Trainer):
     def teacher(self) -> nn.Module:
         return self.models["teacher"]
 
-    def optimization_step(self, batch: dict, step: int) -> dict[str, float]:
-        losses = super().optimization_step(batch, step)
-        self.update_teacher(step)
-        return losses
-
-    def update_teacher(self, step: int) -> float:
-        """The EMA update after optimisation step ``step``; returns the decay used."""
-        decay = teacher_decay(step, self.options.ema_decay)
-        ema_update(self.teacher, self.student, decay, buffers=self.options.ema_buffers)
-        return decay
+    def after_update(self, step: int) -> None:
+        """The teacher's EMA update after optimisation step ``step``."""
+        update_teacher(self.teacher, self.student, step, self.options.ema_decay, self.options.ema_buffers)
 
     def view_seed(self, step: int, which: int) -> int:
         """Seed of view ``which`` (0 student, 1 teacher) at ``step``: distinct per rank, so the
@@ -113,14 +97,9 @@ class MeanTeacherTrainer(Trainer):
     def teacher_forward(self, *args, **kwargs):
         """The teacher's output for these inputs, without gradient, in train mode unless
         configured otherwise (its mode is restored afterwards)."""
-        teacher = self.teacher
-        mode = teacher.training
-        teacher.train(self.options.teacher_train_mode)
-        try:
-            with torch.no_grad():
-                return teacher(*args, **kwargs)
-        finally:
-            teacher.train(mode)
+        mode = train_mode if self.options.teacher_train_mode else eval_mode
+        with mode(self.teacher), torch.no_grad():
+            return self.teacher(*args, **kwargs)
 
     @staticmethod
     def labelled_mask(batch: dict) -> torch.Tensor:

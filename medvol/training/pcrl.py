@@ -52,8 +52,8 @@ from medvol.networks.pcrl import KeyEncoder, PCRLNet
 from medvol.plans import Plans
 from medvol.training import register_trainer
 from medvol.training.distributed import barrier
+from medvol.training.ema import ema_update
 from medvol.training.engine import Trainer, unwrap
-from medvol.training.schedules import ema_update
 
 ENCODER_FORMAT = "medvol-encoder-1"
 
@@ -172,6 +172,7 @@ def pcrl_loss_terms(out: dict[str, torch.Tensor], k: torch.Tensor, k_tilde: torc
 @register_trainer
 class PCRLTrainer(Trainer):
     name = "pcrl"
+    requires_model = "pcrl"
     Options = PCRLOptions
     primary_metric = "val/recon_mse"
     higher_is_better = False
@@ -180,8 +181,6 @@ class PCRLTrainer(Trainer):
     # ------------------------------------------------------------------ data
     def setup_data(self) -> None:
         d, o = self.recipe.data, self.options
-        if self.recipe.model.name != "pcrl":
-            raise ConfigError(f"trainer 'pcrl' needs model.name pcrl, got '{self.recipe.model.name}'")
         if (self.cache_dir / "plans.json").exists():
             from medvol.cache import list_cases, load_plans
 
@@ -234,8 +233,7 @@ class PCRLTrainer(Trainer):
         key = KeyEncoder(self.in_channels, base, o.proj_dim, o.proj_hidden)
         shared = ("encoder", "projector")
         key.load_state_dict({k: v for k, v in student.state_dict().items() if k.split(".")[0] in shared})
-        for p in key.parameters():
-            p.requires_grad_(False)
+        key.requires_grad_(False)
         gen = torch.Generator().manual_seed(self.recipe.trainer.seed)
         return {"model": student, "momentum": key, "queue": KeyQueue(o.proj_dim, o.queue_size, generator=gen)}
 
@@ -266,10 +264,10 @@ class PCRLTrainer(Trainer):
         terms["loss"] = o.contrast_weight * terms["contrast"] + o.recon_weight * terms["recon"]
         return terms
 
-    def optimization_step(self, batch: dict, step: int) -> dict[str, float]:
-        losses = super().optimization_step(batch, step)
+    def after_update(self, step: int) -> None:
+        """Step 5: the step's keys into the queue (the momentum encoder moved at the step's start,
+        step 0, as published)."""
         self._enqueue_pending()
-        return losses
 
     def _enqueue_pending(self) -> None:
         """Writes the step's keys into the queue, ``(n_writes, B, D)`` in write order; under DDP

@@ -1,4 +1,5 @@
-"""Learning-rate schedules, ramp-ups and the EMA helper shared by the method trainers."""
+"""Learning-rate schedules and ramp-ups shared by the method trainers (the EMA helper is
+:mod:`medvol.training.ema`, re-exported here)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 
 from medvol.errors import ConfigError
 from medvol.ramps import linear_rampup, sigmoid_rampup  # noqa: F401  (re-exported)
+from medvol.training.ema import ema_update  # noqa: F401  (re-exported)
 
 
 def lr_factor(cfg, step: int, total: int) -> float:
@@ -74,17 +76,3 @@ def make_optimizer(cfg, params) -> torch.optim.Optimizer:
     if name == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     raise ConfigError(f"optimizer.name '{cfg.name}' is unknown; known: sgd, adam, adamw")
-
-
-@torch.no_grad()
-def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float, buffers: bool = True) -> None:
-    """teacher = decay * teacher + (1 - decay) * student, for every parameter of the teacher,
-    paired with the student's by name (the teacher may hold a part of the student); with
-    ``buffers`` the teacher's buffers (BatchNorm statistics) are copied from the student."""
-    params = dict(student.named_parameters())
-    for name, t in teacher.named_parameters():
-        t.mul_(decay).add_(params[name].detach(), alpha=1 - decay)
-    if buffers:
-        own = dict(student.named_buffers())
-        for name, b in teacher.named_buffers():
-            b.copy_(own[name])

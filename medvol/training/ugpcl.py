@@ -108,13 +108,12 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
 @register_trainer
 class UGPCLTrainer(Trainer):
     name = "ugpcl"
+    requires_model = "ugpcl"
     Options = UGPCLOptions
     ddp_find_unused = True  # the projection head takes no part in the loss before contrast_start
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.recipe.model.name != "ugpcl":
-            raise ConfigError(f"trainer 'ugpcl' needs model.name ugpcl, got '{self.recipe.model.name}'")
         o, steps = self.options, self.recipe.trainer.steps
         for key, choices in (("anchor_sampling", ANCHOR_SAMPLING), ("background_queue", BACKGROUND_QUEUE),
                              ("dice", DICE)):
