@@ -152,6 +152,25 @@ def test_requires_model_is_checked_once_with_the_trainers_name():
     _trainer(TwoUpdateTrainer)  # requires_model None: any model
 
 
+def test_validate_is_score_case_per_case_then_reduce(monkeypatch):
+    import medvol.training.engine as engine
+
+    loaded = []
+
+    def fake_load_case(cache, case, mmap=False):
+        loaded.append(case)
+        return np.full((1, 2, 2, 2), len(loaded), np.float32), np.zeros((1, 2, 2, 2), np.int8), {"case_id": case}
+
+    class Scored(TwoUpdateTrainer):
+        def score_case(self, case, image, label, props):
+            return {"val/dice_x": float(image.max()), "val/dice_y": 2.0} if case == "a" else {"val/dice_x": 3.0}
+
+    monkeypatch.setattr(engine, "load_case", fake_load_case)
+    t = _trainer(Scored)
+    assert t.validate() == {"val/dice_x": 2.0, "val/dice_y": 2.0, "val/dice_mean": 2.0}
+    assert loaded == ["a", "b"]
+
+
 def _calls(path: Path, attr: str) -> list[int]:
     return [n.lineno for n in ast.walk(ast.parse(path.read_text()))
             if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == attr]

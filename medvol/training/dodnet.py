@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from medvol.cache import load_case
 from medvol.data.partial_labels import channel_targets, channel_targets_torch, rules_of_folder
 from medvol.errors import ConfigError
 from medvol.evaluation.metrics import dice
 from medvol.inference.sliding_window import TaskSigmoid
 from medvol.losses.partial import partial_dice_bce
 from medvol.training import register_trainer
-from medvol.training.engine import Trainer, mean_scores
+from medvol.training.engine import Trainer
 
 
 @register_trainer
@@ -41,17 +40,13 @@ class DoDNetTrainer(Trainer):
     def validation_decoder(self, props: dict):
         return TaskSigmoid(int(props["task_id"]))
 
-    def validate(self) -> dict[str, float]:
-        """Dice per task and annotated channel (organ, tumour) on the validation cases, and their mean."""
-        scores: dict[str, list[float]] = {}
-        for case in self.val_cases:
-            image, label, props = load_case(self.cache_dir, case)
-            if "task_id" not in props:
-                continue
-            pred = self.validation_probabilities(image, props).numpy() > 0.5
-            target, annotated = channel_targets(np.asarray(label[0]), props["task_id"], self.rules)
-            name = self.rules[int(props["task_id"])][0]
-            for c, chan in enumerate(("organ", "tumour")):
-                if annotated[c]:
-                    scores.setdefault(f"val/dice_{name}_{chan}", []).append(dice(pred[c], target[c] > 0))
-        return mean_scores(scores)
+    def score_case(self, case: str, image, label, props: dict) -> dict:
+        """Dice per annotated channel (organ, tumour) of the case's task (``val/dice_<task>_<channel>``);
+        a case without a task scores nothing. The mean over them is ``val/dice_mean``."""
+        if "task_id" not in props:
+            return {}
+        pred = self.validation_probabilities(image, props).numpy() > 0.5
+        target, annotated = channel_targets(np.asarray(label[0]), props["task_id"], self.rules)
+        name = self.rules[int(props["task_id"])][0]
+        return {f"val/dice_{name}_{chan}": dice(pred[c], target[c] > 0)
+                for c, chan in enumerate(("organ", "tumour")) if annotated[c]}

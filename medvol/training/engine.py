@@ -9,7 +9,7 @@ that follows the updates (EMA teachers, key queues) goes in ``after_update(step)
 owns everything else and no trainer calls ``backward``: zero_grad, autocast (the run's
 :mod:`medvol.precision`: bf16 on CUDA where supported and on CPUs with native bf16, fp16 with
 a gradient scaler on older GPUs, else fp32), the scaler, gradient clipping, schedules, DDP,
-validation, logs, checkpoints
+validation (``score_case`` per validation case, ``reduce`` over them), logs, checkpoints
 (latest + best) and exact resume.
 """
 
@@ -276,25 +276,37 @@ class Trainer:
                                             precision=self.precision, slice_axis=self.slice_axis,
                                             context=self.recipe.data.context)
 
-    def validation_predictions(self):
-        """``(case, predicted labels, reference labels)`` of each validation case, in the
-        preprocessed space (the reference is -1 outside the nonzero mask)."""
-        for case in self.val_cases:
-            image, label, props = load_case(self.cache_dir, case)
-            yield case, argmax_labels(self.validation_probabilities(image, props).numpy()), np.asarray(label[0])
-
     def class_dice(self, pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
         """``val/dice_<class name>`` of one case, for every foreground class."""
         names = self.plans.label_names if self.plans else {}
         return {f"val/dice_{names.get(c, c)}": dice(pred == c, ref == c) for c in range(1, self.num_classes)}
 
-    def validate(self) -> dict[str, float]:
-        """Per-class Dice on the validation cases (in the preprocessed space), and their mean."""
-        scores: dict[str, list[float]] = {}
-        for _, pred, ref in self.validation_predictions():
-            for k, v in self.class_dice(pred, ref).items():
-                scores.setdefault(k, []).append(v)
+    def predicted_labels(self, image: np.ndarray, props: dict) -> np.ndarray:
+        """The label map predicted for one cached image (argmax of the validation probabilities)."""
+        return argmax_labels(self.validation_probabilities(image, props).numpy())
+
+    def score_case(self, case: str, image: np.ndarray, label: np.ndarray | None, props: dict) -> dict:
+        """The scores of one validation case (its cached image, label and properties) in the
+        preprocessed space (the label is -1 outside the nonzero mask): ``{name: value}``, each
+        value collected over the cases for :meth:`reduce`. Here per-class Dice; an unlabelled
+        case scores nothing."""
+        if label is None:
+            return {}
+        return self.class_dice(self.predicted_labels(image, props), np.asarray(label[0]))
+
+    def reduce(self, scores: dict[str, list]) -> dict[str, float]:
+        """The validation metrics from every case's scores (``{name: [value per case]}``, names
+        in the order first scored): each mean, and ``val/dice_mean``, the mean of those means."""
         return mean_scores(scores)
+
+    def validate(self) -> dict[str, float]:
+        """:meth:`score_case` on each validation case, then :meth:`reduce`."""
+        scores: dict[str, list] = {}
+        for case in self.val_cases:
+            image, label, props = load_case(self.cache_dir, case)
+            for k, v in self.score_case(case, image, label, props).items():
+                scores.setdefault(k, []).append(v)
+        return self.reduce(scores)
 
     # ------------------------------------------------------------------ checkpoints
     def state(self, step: int, best: float) -> dict:

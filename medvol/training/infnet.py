@@ -31,7 +31,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from medvol.cache import load_case
 from medvol.errors import ConfigError
 from medvol.evaluation.metrics import dice
 from medvol.evaluation.saliency import mean_dice_256
@@ -122,19 +121,21 @@ class InfNetTrainer(Trainer):
         """Foreground probability (X, Y, Z) of one cached image by the sliding-window path."""
         return self.validation_probabilities(image, props)[-1].float().numpy()
 
-    def validate(self) -> dict[str, float]:
-        name = (self.plans.label_names if self.plans else {}).get(1, 1)
+    def score_case(self, case: str, image, label, props: dict) -> dict:
+        """Dice of the map thresholded at 0.5, and ``mean_dice_256`` of each slice that holds
+        foreground (``slices``); an unlabelled case the split drew scores nothing."""
+        if label is None:
+            return {}
         axis = int(getattr(self, "slice_axis", 2))
-        dices: list[float] = []
-        per_slice: list[float] = []
-        for case in self.val_cases:
-            image, label, props = load_case(self.cache_dir, case)
-            if label is None:  # an unlabelled case the split drew: nothing to score
-                continue
-            fg, ref = self.foreground_probabilities(image, props), np.asarray(label[0]) > 0
-            dices.append(dice(fg >= 0.5, ref))
-            per_slice += [mean_dice_256(p, r) for p, r in zip(slices_of(fg, axis), slices_of(ref, axis)) if r.any()]
-        out = mean_scores({f"val/dice_{name}": dices}) if dices else {}
+        fg, ref = self.foreground_probabilities(image, props), np.asarray(label[0]) > 0
+        name = (self.plans.label_names if self.plans else {}).get(1, 1)
+        return {f"val/dice_{name}": dice(fg >= 0.5, ref),
+                "slices": [mean_dice_256(p, r) for p, r in zip(slices_of(fg, axis), slices_of(ref, axis)) if r.any()]}
+
+    def reduce(self, scores: dict[str, list]) -> dict[str, float]:
+        """The mean Dice over cases, and ``val/mean_dice_256`` over the slices of every case."""
+        per_slice = [v for case in scores.pop("slices", []) for v in case]
+        out = mean_scores(scores) if scores else {}
         if per_slice:
             out["val/mean_dice_256"] = float(np.mean(per_slice))
         return out

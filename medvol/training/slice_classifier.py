@@ -20,7 +20,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medvol.cache import load_case
 from medvol.data.slices import cached_slice_labels, raw_slice_of
 from medvol.errors import ConfigError
 from medvol.evaluation.classification import classification_metrics
@@ -56,21 +55,21 @@ class SliceClassifierTrainer(Trainer):
         loss = F.cross_entropy(logits[known].float(), y[known]) if bool(known.any()) else logits.sum() * 0
         return {"loss": loss}
 
-    def validate(self) -> dict[str, float]:
-        """Slice metrics over the labelled slices of the validation cases."""
+    def score_case(self, case: str, image, label, props: dict) -> dict:
+        """Class probabilities and classes of the case's labelled slices (``(n, K)``, ``(n,)``)."""
         from medvol.inference.subjects import slice_outputs
 
         axis = self.slice_axis
         assert axis is not None  # setup_data checked it
-        probs, targets = [], []
-        for case in self.val_cases:
-            image, _, props = load_case(self.cache_dir, case)
-            raw_targets = self.slice_labels.slice_targets(case, int(props["original_shape"][axis]))
-            target = raw_targets[raw_slice_of(props, axis)]
-            logits, _ = slice_outputs(self.inference_model(), image, axis, self.recipe.data.context, self.device,
-                                      self.patch_size, features=False)
-            probs.append(torch.from_numpy(logits).softmax(1).numpy()[target >= 0])
-            targets.append(target[target >= 0])
+        raw_targets = self.slice_labels.slice_targets(case, int(props["original_shape"][axis]))
+        target = raw_targets[raw_slice_of(props, axis)]
+        logits, _ = slice_outputs(self.inference_model(), image, axis, self.recipe.data.context, self.device,
+                                  self.patch_size, features=False)
+        return {"probs": torch.from_numpy(logits).softmax(1).numpy()[target >= 0], "targets": target[target >= 0]}
+
+    def reduce(self, scores: dict[str, list]) -> dict[str, float]:
+        """Slice metrics over the labelled slices of the validation cases."""
+        probs, targets = scores.get("probs", []), scores.get("targets", [])
         if not probs or not sum(map(len, targets)):
             return {}
         return classification_metrics(np.concatenate(probs), np.concatenate(targets))

@@ -151,21 +151,28 @@ class UGPCLTrainer(Trainer):
                              generator=step_generator(self.recipe.trainer.seed, step, self.dist.rank))
         return {"loss": terms.pop("total"), **terms}
 
-    def validate(self) -> dict[str, float]:
-        """The engine's per-class Dice per case (``val/dice_*``, mean ``val/dice_mean``), and
-        the paper's 2D batch-averaged Dice over the validation slices (``val/dice2d_*``)."""
-        classes = list(range(1, self.num_classes))
-        scores: dict[str, list[float]] = {}
-        counts = []
-        for _, pred, ref in self.validation_predictions():
-            for k, v in self.class_dice(pred, ref).items():
-                scores.setdefault(k, []).append(v)
-            counts.append(slice_counts(pred, ref, classes, self.slice_axis if self.slice_axis is not None else 2))
+    def score_case(self, case: str, image, label, props: dict) -> dict:
+        """The engine's per-class Dice (``val/dice_*``), and the case's per-slice counts for the
+        paper's 2D batch-averaged Dice (:meth:`reduce`)."""
+        if label is None:
+            return {}
+        pred, ref = self.predicted_labels(image, props), np.asarray(label[0])
+        axis = self.slice_axis if self.slice_axis is not None else 2
+        return {**self.class_dice(pred, ref), "slice_counts": slice_counts(pred, ref, self.classes, axis)}
+
+    @property
+    def classes(self) -> list[int]:
+        return list(range(1, self.num_classes))
+
+    def reduce(self, scores: dict[str, list]) -> dict[str, float]:
+        """Each Dice's mean over cases (mean ``val/dice_mean``), and the paper's 2D batch-averaged
+        Dice over the validation slices, every case's one after the other (``val/dice2d_*``)."""
+        counts = scores.pop("slice_counts", [])
         out = mean_scores(scores)
         if counts:
             d2 = batch_averaged_dice(np.concatenate(counts), self.options.val_slice_batch)
             names = self.plans.label_names if self.plans else {}
-            out.update({f"val/dice2d_{names.get(c, c)}": float(v) for c, v in zip(classes, d2)})
+            out.update({f"val/dice2d_{names.get(c, c)}": float(v) for c, v in zip(self.classes, d2)})
             out["val/dice2d_mean"] = float(d2.mean())
         return out
 
