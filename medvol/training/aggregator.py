@@ -286,7 +286,7 @@ class SliceAggregatorTrainer(Trainer):
 
     def validate(self) -> dict[str, float]:
         """Subject accuracy, balanced accuracy (and AUC for two classes) on the validation subjects."""
-        from medvol.inference.subjects import subject_probabilities
+        from medvol.data.slice_outputs import subject_probabilities
 
         if not self.val_cases:
             return {}

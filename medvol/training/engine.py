@@ -377,10 +377,11 @@ def fit(trainer: Trainer, resume: bool = False, stop_at: int | None = None, quie
     if dist.is_main and stop < total:  # "interrupted": leave a resumable checkpoint
         save_checkpoint(trainer.run_dir / "checkpoints" / "latest.pt", trainer.state(stop, loop.best))
     write_summary(trainer, loop, stop, time.perf_counter() - t0)
-    if stop == total:
+    if stop == total and trainer.recipe.trainer.final_validation and trainer.scan_validation and trainer.val_cases:
         from medvol.training.final_validation import validate_at_end
 
-        validate_at_end(trainer, trained=start < total, quiet=quiet)
+        validate_at_end(trainer.run_dir, trainer.cache_dir, trainer.val_cases, total, trainer.device, dist,
+                        trained=start < total, quiet=quiet)
     return loop.metrics
 
 

@@ -28,16 +28,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from medvol.errors import InputError, MedvolError
 from medvol.evaluation.crossval import SUMMARY, VALIDATION_DIR
 from medvol.utils import read_json
-
-if TYPE_CHECKING:
-    from medvol.training.engine import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -157,21 +153,18 @@ def _predict_and_evaluate(run_dir: Path, found: list[tuple[str, list[Path], Path
     return result
 
 
-def validate_at_end(trainer: Trainer, trained: bool, quiet: bool) -> None:
+def validate_at_end(run_dir: Path, cache_dir: Path, cases: list[str], step: int, device: torch.device,
+                    dist, trained: bool, quiet: bool) -> None:
     """The end of :func:`medvol.training.engine.fit` (``trainer.final_validation``): the main
-    process validates while the others wait; a resumed run that trained nothing (``trained``
-    False) keeps a summary already written at its final step."""
+    process of ``dist`` validates ``cases`` at the run's final ``step`` while the others wait;
+    a resumed run that trained nothing (``trained`` False) keeps a summary already written at
+    that step."""
     from medvol.training.distributed import run_on_main
 
-    if not (trainer.recipe.trainer.final_validation and trainer.scan_validation and trainer.val_cases):
-        return
-    step = trainer.recipe.trainer.steps
-
     def validate() -> None:
-        if not trained and validated_step(trainer.run_dir) == step:
-            log.info("final validation: %s is from this step (%d) already", trainer.run_dir / VALIDATION_DIR / SUMMARY,
-                     step)
+        if not trained and validated_step(run_dir) == step:
+            log.info("final validation: %s is from this step (%d) already", run_dir / VALIDATION_DIR / SUMMARY, step)
             return
-        final_validation(trainer.run_dir, trainer.cache_dir, trainer.val_cases, step, trainer.device, quiet=quiet)
+        final_validation(run_dir, cache_dir, cases, step, device, quiet=quiet)
 
-    run_on_main(trainer.dist, validate)
+    run_on_main(dist, validate)

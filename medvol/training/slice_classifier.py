@@ -57,7 +57,7 @@ class SliceClassifierTrainer(Trainer):
 
     def score_case(self, case: str, image, label, props: dict) -> dict:
         """Class probabilities and classes of the case's labelled slices (``(n, K)``, ``(n,)``)."""
-        from medvol.inference.subjects import slice_outputs
+        from medvol.data.slice_outputs import slice_outputs
 
         axis = self.slice_axis
         assert axis is not None  # setup_data checked it
