@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from test_layering import imports_of
 
 from medvol.config import load_recipe
 from medvol.errors import ConfigError
@@ -188,22 +189,12 @@ def test_no_trainer_calls_backward_or_steps_an_optimiser():
         assert not overrides, f"{path.name} overrides optimization_step (give update_steps / after_update)"
 
 
-def _imports(path: Path) -> set[str]:
-    out: set[str] = set()
-    for n in ast.walk(ast.parse(path.read_text())):
-        if isinstance(n, ast.Import):
-            out |= {a.name for a in n.names}
-        elif isinstance(n, ast.ImportFrom) and n.module:
-            out |= {n.module} | {f"{n.module}.{a.name}" for a in n.names}
-    return out
-
-
 def test_training_imports_no_inference_stage_module_and_final_validation_not_the_engine():
     """Training validates through the shared paths (sliding_window, postprocess) and
     medvol.data.slice_outputs, never through the stage module inference.subjects; the end-of-run
     validation takes plain values, so engine -> final_validation is one-way."""
     for path in sorted(TRAINING.glob("*.py")):
-        assert not [m for m in _imports(path) if m.startswith("medvol.inference.subjects")], path.name
-    assert not [m for m in _imports(TRAINING / "final_validation.py") if m.startswith("medvol.training.engine")]
+        assert not [m for m in imports_of(path) if m.startswith("medvol.inference.subjects")], path.name
+    assert not [m for m in imports_of(TRAINING / "final_validation.py") if m.startswith("medvol.training.engine")]
     data = TRAINING.parent / "data" / "slice_outputs.py"
-    assert not [m for m in _imports(data) if m.startswith(("medvol.training", "medvol.inference"))]
+    assert not [m for m in imports_of(data) if m.startswith(("medvol.training", "medvol.inference"))]
