@@ -52,18 +52,20 @@ def test_rescaled_batch_has_the_size_and_a_binary_label():
     assert x2 is image and y2 is target
 
 
-def test_mask_edges_is_the_band_where_the_3x3_neighbourhood_holds_both_classes():
+def test_mask_edges_is_the_one_pixel_line_canny_draws_on_a_binary_mask():
     m = torch.zeros(1, 1, 12, 12)
     m[..., 3:8, 4:10] = 1
     e = mask_edges(m)[0, 0].numpy()
     mm = m[0, 0].numpy()
     want = np.zeros_like(mm)
     for i in range(12):
-        for j in range(12):
-            nb = mm[max(i - 1, 0):i + 2, max(j - 1, 0):j + 2]
-            want[i, j] = float(nb.min() != nb.max())
+        for j in range(12):  # the pixel before each step, along rows and along columns
+            want[i, j] = float((i < 11 and mm[i, j] != mm[i + 1, j]) or (j < 11 and mm[i, j] != mm[i, j + 1]))
     np.testing.assert_array_equal(e, want)
-    assert e[5, 6] == 0 and e[3, 6] == 1 and e[2, 6] == 1 and e[1, 6] == 0  # two pixels across the boundary
+    # OpenCV's Canny on this mask (uint8 0/255, thresholds 100/200) marks 18 pixels: rows 2
+    # and 7, columns 3 and 9 without three of the corners; the rule keeps those corners
+    assert e[2, 6] == 1 and e[3, 6] == 0 and e[7, 6] == 1 and e[8, 6] == 0 and e[5, 3] == 1 and e[5, 9] == 1
+    assert e.sum() == 21
     assert float(mask_edges(torch.zeros(1, 1, 5, 5)).sum()) == 0
 
 
