@@ -137,6 +137,12 @@ COMPARISONS = {c.method: c for c in [
     Comparison("ugpcl", "brain_tissue", Arm("UGPCL", "ugpcl_demo"),
                Arm("quickstart_2d", "quickstart_2d", ("model.base_features=8",)),
                budgets=(1, 2), steps=300, note="GM/WM on real T1 scans, the rest of the 6 unlabelled"),
+    # the same UGPCL network with its unlabelled terms off: what the unlabelled scans themselves buy
+    Comparison("ugpcl_semi", "brain_tissue", Arm("UGPCL", "ugpcl_demo"),
+               Arm("UGPCL labelled only", "ugpcl_demo", ("method.consistency=0", "method.rotation_weight=0",
+                                                         "method.contrast_weight=0", "data.unlabelled_per_batch=0",
+                                                         "data.batch_size=4")),  # the same 4 labelled per batch
+               budgets=(1, 2), steps=300, note="GM/WM on real T1 scans: the unlabelled terms on and off"),
     Comparison("canet", "brain_wm", Arm("CANet", "canet_demo", ("data.val_cases=null",)),
                Arm("quickstart", "quickstart", ("model.base_features=8", "data.patch_size=[48,48,48]")),
                budgets=(1, 2), steps=300, note="white matter on real T1 scans, the rest of the 6 unlabelled"),
