@@ -48,7 +48,7 @@ class Comparison:
     budgets: tuple[int, ...]
     steps: int
     note: str = ""
-    partial: bool = False  # DoDNet: one network over partial datasets vs one baseline per dataset
+    partial: bool = False  # DoDNet: one network over partial datasets (steps x datasets) vs one per dataset
 
 
 @dataclass
@@ -245,7 +245,9 @@ def run_partial_arm(arm: Arm, c: Comparison, data: Data, seed: int, out: Path, t
     t0, scores = time.perf_counter(), {}
     sets = [*arm.sets, *_common(c, None, seed, toy)]
     tasks = task_datasets(data.pre.parent / "raw", data.pre.parent)
-    if arm is c.arm:
+    if arm is c.arm:  # as many steps as the baselines together: each task's cases seen as often
+        steps = len(tasks) * (2 if toy else c.steps)
+        sets += [f"trainer.steps={steps}", f"trainer.val_every={steps + 1}"]
         train(load_recipe(arm.recipe, sets), data.pre, out / "run", device="cpu", quiet=True)
     for tid, (name, value, task_data) in tasks.items():
         if arm is c.arm:
