@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,3 +93,54 @@ def test_inference_section_is_typed_and_checked(tmp_path):
     with pytest.raises(ConfigError, match="'inference.tta' must be true or false"):
         load_recipe(p)
     assert load_recipe("canet_la").inference.step == [18, 18, 4]
+
+
+# ---------------------------------------------------------------- the trainer registry
+
+def test_get_trainer_imports_only_the_trainer_it_returns():
+    """``medvol train`` loads one method: no other trainer module, and not the preprocessing
+    driver (Semi-Inf-Net imports it), in a fresh process."""
+    code = ("import sys\nfrom medvol.training import get_trainer\n"
+            "cls = get_trainer('supervised')\n"
+            "print(cls.__name__, sorted(m for m in sys.modules if m in {'medvol.training.pcrl', "
+            "'medvol.training.semi_infnet', 'medvol.training.canet', 'medvol.preprocessing.preprocessor'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "SupervisedTrainer []"
+
+
+def test_every_lazy_trainer_resolves_to_a_class_of_that_name():
+    from medvol.training import BUILTIN_TRAINERS, get_trainer
+
+    assert len(BUILTIN_TRAINERS) == 10
+    for name, target in BUILTIN_TRAINERS.items():
+        cls = get_trainer(name)
+        assert isinstance(cls, type) and cls.name == name, target
+        assert f"{cls.__module__}:{cls.__qualname__}" == target
+    recipes = {load_recipe(p).trainer.name for p in PIPELINES.glob("*.yaml")}
+    assert recipes <= set(BUILTIN_TRAINERS), recipes - set(BUILTIN_TRAINERS)
+
+
+def test_register_trainer_takes_a_class_or_a_lazy_string(monkeypatch):
+    import medvol.training as training
+    from medvol.training import get_trainer, register_trainer, trainer_names
+
+    monkeypatch.setattr(training, "_TRAINERS", dict(training._TRAINERS))
+
+    @register_trainer
+    class Toy:
+        name = "toy"
+
+    assert get_trainer("toy") is Toy and "toy" in trainer_names()
+    register_trainer("toy2", "medvol.training.supervised:SupervisedTrainer")
+    with pytest.raises(ConfigError, match=r"trainer 'toy2': .*SupervisedTrainer is not a trainer class named 'toy2'"):
+        get_trainer("toy2")
+    register_trainer("toy3", "medvol.training.nowhere:Toy")
+    with pytest.raises(ConfigError, match=r"trainer 'toy3': cannot import medvol.training.nowhere:Toy"):
+        get_trainer("toy3")
+    with pytest.raises(ConfigError, match=r"trainer name 'supervised' is taken by "
+                                          r"medvol.training.supervised:SupervisedTrainer"):
+        register_trainer("supervised", "mypackage.trainers:Mine")
+    with pytest.raises(ConfigError, match=r"expected a name and 'module:Class'"):
+        register_trainer("toy4", "mypackage.trainers.Mine")
+    with pytest.raises(ConfigError, match=r"trainer.name 'toy5' is unknown; known: \[.*'supervised'"):
+        get_trainer("toy5")
