@@ -206,7 +206,12 @@ def from_dict(cls, data: dict, source: str = "<recipe>", prefix: str = ""):
         raise ConfigError(f"{source}: unknown key '{where}' (known keys{' of ' + prefix if prefix else ''}: "
                           f"{', '.join(sorted(names))})")
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k, source) for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # a check in the dataclass's __post_init__: name the file too
+        if str(e).startswith(f"{source}: "):
+            raise
+        raise ConfigError(f"{source}: {e}") from None
 
 
 def to_dict(obj) -> dict:

@@ -123,3 +123,149 @@ def test_builtin_recipes_that_extend_resolve_like_a_whole_file(tmp_path):
         r = load_recipe(name)
         save_recipe(r, tmp_path / f"{name}.yaml")
         assert load_recipe(tmp_path / f"{name}.yaml") == r and r.name == name
+
+
+# ---------------------------------------------------------------- unknown keys and types
+
+@pytest.mark.parametrize("text, key", [
+    ("modle: {}\n", "modle"),
+    ("trainer:\n  stepz: 10\n", "trainer.stepz"),
+    ("data:\n  augment:\n    flip_probb: 0.5\n", "data.augment.flip_probb"),
+    ("inference:\n  overlapp: 0.5\n", "inference.overlapp"),
+])
+def test_unknown_keys_at_each_level_name_the_file_and_the_key(tmp_path, text, key):
+    p = write(tmp_path, "r.yaml", "name: r\n" + text)
+    with pytest.raises(ConfigError, match=rf"r.yaml: unknown key '{key}' \(known keys"):
+        load_recipe(p)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("trainer:\n  steps: ten\n", "'trainer.steps' must be an integer, got 'ten'"),
+    ("trainer:\n  steps: 10.5\n", "'trainer.steps' must be an integer, got 10.5"),
+    ("trainer:\n  steps: true\n", "'trainer.steps' must be an integer, got True"),
+    ("optimizer:\n  lr: fast\n", "'optimizer.lr' must be a number, got 'fast'"),
+    ("optimizer:\n  lr: .nan\n", "'optimizer.lr' must be a finite number, got nan"),
+    ("data:\n  augment:\n    enabled: 1\n", "'data.augment.enabled' must be true or false, got 1"),
+    ("data:\n  patch_size: 32\n", "'data.patch_size' must be a list, got 32"),
+    ("model:\n  options: [1]\n", "'model.options' must be a mapping, got \\[1\\]"),
+    ("data: 3\n", "'data' must be a mapping, got 3"),
+    ("name: 3\n", "'name' must be a string, got 3"),
+])
+def test_type_errors_name_the_file_and_the_key(tmp_path, text, message):
+    p = write(tmp_path, "r.yaml", text)
+    with pytest.raises(ConfigError, match=rf"r.yaml: {message}$"):
+        load_recipe(p)
+
+
+def test_types_are_coerced(tmp_path):
+    p = write(tmp_path, "r.yaml", "name: r\noptimizer:\n  lr: 1e-3\n  betas: [0.5, 0.9]\ndata:\n  fold: all\n")
+    r = load_recipe(p)
+    assert r.optimizer.lr == 1e-3 and isinstance(r.optimizer.lr, float)  # YAML 1.1 reads 1e-3 as a string
+    assert r.optimizer.betas == (0.5, 0.9) and r.data.fold == "all"
+    assert load_recipe(p, ["optimizer.lr=1"]).optimizer.lr == 1.0
+    assert isinstance(load_recipe(p, ["optimizer.lr=1"]).optimizer.lr, float)
+
+
+# ---------------------------------------------------------------- overrides
+
+def test_overrides_are_applied_at_any_depth_and_parsed_as_yaml(tmp_path):
+    p = write(tmp_path, "r.yaml", "name: r\n")
+    r = load_recipe(p, ["data.augment.flip_axes=[0, 1]", "trainer.grad_clip=null", "model.options={a: 1}",
+                        "description=two words", "trainer.steps=5", "trainer.steps=6"])
+    assert r.data.augment.flip_axes == (0, 1) and r.trainer.grad_clip is None
+    assert r.model.options == {"a": 1} and r.description == "two words"
+    assert r.trainer.steps == 6  # the last one wins
+
+
+@pytest.mark.parametrize("item, message", [
+    ("trainer.steps", r"--set 'trainer.steps': expected key.path=value"),
+    ("trainer.steps=[1", r"--set 'trainer.steps=\[1': value is not valid YAML"),
+    ("trainer.steps.x=1", r"--set 'trainer.steps.x=1': 'steps' is not a section"),
+    ("trainer.nope=1", r"r.yaml: unknown key 'trainer.nope'"),
+    ("nope.x=1", r"r.yaml: unknown key 'nope'"),
+    ("trainer.steps=many", r"r.yaml: 'trainer.steps' must be an integer, got 'many'"),
+    ("trainer.steps=0", r"r.yaml: 'trainer.steps' must be >= 1, got 0"),
+])
+def test_bad_overrides_are_rejected(tmp_path, item, message):
+    p = write(tmp_path, "r.yaml", "name: r\ntrainer:\n  steps: 3\n")
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(p, [item])
+    assert load_recipe(p).trainer.steps == 3  # the file is never changed
+
+
+# ---------------------------------------------------------------- the method: section
+
+def test_method_keys_are_checked_when_the_recipe_is_loaded(tmp_path):
+    from medvol.training import load_recipe as load_training_recipe
+
+    p = write(tmp_path, "r.yaml", "extends: canet_demo\nname: r\nmethod:\n  betta: 0.3\n")
+    assert load_recipe(p).method["betta"] == 0.3  # medvol.config leaves the section to the trainer
+    with pytest.raises(ConfigError, match=r"r.yaml \(extends .*canet_demo.yaml -> .*canet_la.yaml\): unknown key "
+                                          r"'method.betta' \(known keys of method: .*beta"):
+        load_training_recipe(p)
+    with pytest.raises(ConfigError, match=r"canet_demo.yaml.*: 'method.beta' must be a number, got 'high'$"):
+        load_training_recipe("canet_demo", ["method.beta=high"])
+    with pytest.raises(ConfigError, match=r"pcrl_demo.yaml: unknown key 'method.pretext.spacin' \(known keys of "
+                                          r"method.pretext: "):
+        load_training_recipe("pcrl_demo", ["method.pretext.spacin=[1, 1, 1]"])
+    with pytest.raises(ConfigError, match=r"semi_infnet_demo.yaml.*: 'method.initial.epochs' must be a number"):
+        load_training_recipe("semi_infnet_demo", ["method.initial.epochs=many"])
+    with pytest.raises(ConfigError, match=r"quickstart.yaml: unknown key 'method.beta': trainer 'supervised' takes "
+                                          r"none"):
+        load_training_recipe("quickstart", ["method.beta=0.3"])
+    assert load_training_recipe("canet_demo", ["method.beta=0.5"]).method["beta"] == 0.5
+
+
+def test_check_recipe_and_the_trainer_use_the_same_parser():
+    from medvol.training import check_recipe, get_trainer, method_options, parse_method
+
+    r = load_recipe("ugpcl_demo", ["method.contrast_strat=5"])
+    with pytest.raises(ConfigError, match=r"recipe 'ugpcl_demo': unknown key 'method.contrast_strat'"):
+        check_recipe(r, "recipe 'ugpcl_demo'")
+    cls = get_trainer("ugpcl")
+    with pytest.raises(ConfigError, match=r"recipe 'ugpcl_demo': unknown key 'method.contrast_strat'"):
+        trainer = cls.__new__(cls)  # the engine's own method, on a trainer with a recipe and nothing else
+        trainer.recipe = r
+        trainer._parse_options()
+    good = load_recipe("ugpcl_demo")
+    assert method_options(good) == parse_method(cls, good.method, "x") and method_options(good).contrast_start == 50
+
+
+def test_options_post_init_checks_run_at_load_time_and_name_the_file(tmp_path, monkeypatch):
+    """A method's own value checks (``Options.__post_init__`` raising ConfigError) fail when
+    the recipe is loaded, with the file named."""
+    import dataclasses
+
+    import medvol.training as training
+    from medvol.training import load_recipe as load_training_recipe
+
+    @dataclasses.dataclass
+    class ToyOptions:
+        rounds: int = 1
+
+        def __post_init__(self):
+            if self.rounds < 1:
+                raise ConfigError(f"'method.rounds' must be >= 1, got {self.rounds}")
+
+    class Toy:
+        name = "toy_checked"
+        Options = ToyOptions
+
+    monkeypatch.setattr(training, "_TRAINERS", {**training._TRAINERS, "toy_checked": Toy})
+    p = write(tmp_path, "r.yaml", "name: r\ntrainer:\n  name: toy_checked\nmethod:\n  rounds: 0\n")
+    with pytest.raises(ConfigError, match=r"^\S*r.yaml: 'method.rounds' must be >= 1, got 0$"):
+        load_training_recipe(p)
+    assert load_training_recipe(p, ["method.rounds=2"]).method == {"rounds": 2}
+
+
+def test_train_command_fails_on_a_method_key_before_spawning_processes(tmp_path, monkeypatch, capsys):
+    import medvol.training.distributed as distributed
+    from medvol.cli import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(distributed, "launch", lambda *a, **k: pytest.fail("processes spawned"))
+    rc = main(["train", "canet_demo", "--data", str(tmp_path / "pre"), "--out", str(tmp_path / "run"),
+               "--nproc", "2", "--set", "method.betta=0.3"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "canet_demo.yaml" in err and "unknown key 'method.betta'" in err
+    assert not (tmp_path / "run").exists()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+from medvol import config
+from medvol.config import Recipe, from_dict
 from medvol.errors import ConfigError
 
 BUILTIN_TRAINERS: dict[str, str] = {
@@ -78,6 +80,42 @@ def get_trainer(name: str):
     return value
 
 
+def parse_method(trainer: type, method: dict, source: str):
+    """A recipe's ``method:`` section parsed by ``trainer.Options`` (a dataclass; nested
+    dataclasses for nested mappings): an unknown key or a value of the wrong type is a
+    ConfigError naming ``source`` and the key (``method.beta``). A trainer without ``Options``
+    takes an empty section only (None). Checks in ``Options.__post_init__`` that raise
+    ConfigError run here too, so they fail when the recipe is loaded."""
+    options = getattr(trainer, "Options", None)
+    if options is None:
+        if method:
+            name = getattr(trainer, "name", trainer.__name__)
+            raise ConfigError(f"{source}: unknown key 'method.{sorted(method)[0]}': trainer '{name}' takes none "
+                              "(leave the recipe's method section empty)")
+        return None
+    return from_dict(options, method, source, "method")
+
+
+def method_options(recipe: Recipe, source: str | None = None):
+    """``recipe.method`` parsed by the ``Options`` of the trainer ``recipe.trainer.name`` names
+    (found through the lazy registry: only that trainer's module is imported)."""
+    return parse_method(get_trainer(recipe.trainer.name), recipe.method, source or f"recipe '{recipe.name}'")
+
+
+def check_recipe(recipe: Recipe, source: str = "<recipe>") -> Recipe:
+    """:func:`medvol.config.check_recipe` and the ``method:`` section (:func:`method_options`)."""
+    method_options(config.check_recipe(recipe, source), source)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """:func:`medvol.config.load_recipe` (``extends`` merged, overrides applied, sections typed
+    and checked) plus the ``method:`` section parsed by the method trainer's ``Options``: what
+    ``medvol train`` loads, so a mistyped method key fails before any process is spawned."""
+    data, source = config.read_recipe(path, overrides)
+    return check_recipe(from_dict(Recipe, data, source), source)
+
+
 def train(recipe, data: str | Path, out: str | Path, resume: bool | str = False, device: str = "auto",
           stop_at: int | None = None, quiet: bool = False) -> dict:
     """Train ``recipe`` (a Recipe, or a path/name plus overrides already applied) on the
@@ -85,7 +123,6 @@ def train(recipe, data: str | Path, out: str | Path, resume: bool | str = False,
     when started by torchrun. ``resume``: True continues ``out``'s ``latest.pt`` (which must
     exist); ``"auto"`` continues it when it exists and starts fresh otherwise, so one job
     script serves the first start and every requeue after a pre-emption."""
-    from medvol.config import Recipe, load_recipe
     from medvol.training.distributed import setup, teardown
     from medvol.training.engine import fit
 
@@ -93,6 +130,7 @@ def train(recipe, data: str | Path, out: str | Path, resume: bool | str = False,
         recipe = load_recipe(recipe)
     out = Path(out)
     cls = get_trainer(recipe.trainer.name)
+    parse_method(cls, recipe.method, f"recipe '{recipe.name}'")  # before a process group or a run folder
     driver = getattr(cls, "drive", None)  # several runs in one (Semi-Inf-Net): its own layout and resume rules
     if driver is None:
         resume = _resume_flag(out, resume)
