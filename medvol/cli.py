@@ -281,7 +281,7 @@ def _cmd_recipes(a) -> int:
 def _cmd_train(a) -> int:
     import os
 
-    from medvol.config import load_recipe
+    from medvol.training import load_recipe  # the method: section parsed too
 
     if a.fold is not None:
         a.overrides = [*a.overrides, f"data.fold={a.fold}"]
