@@ -718,6 +718,8 @@ CATALOGUE = [
         r"slice_labels\.csv: line 2: slice_index must be a whole number >= 0, got 'NaN'"),
     Row("slice-labels-negative-index", _slice_labels("subject,slice_index,label\na,-1,1\n"),
         r"slice_labels\.csv: line 2: slice_index must be a whole number >= 0, got -1"),
+    Row("slice-labels-utf8-bom", _slice_labels(b"\xef\xbb\xbfsubject,slice_index,label\r\na,3,1\r\nzz,0,1\r\n"),
+        r"slice_labels\.csv: line 3: unknown subject 'zz'$"),
     Row("slice-labels-not-utf8", _slice_labels(b"subject,slice_index,label\nb\xe9,3,1\n"),
         r"slice_labels\.csv: cannot read the slice-label CSV \(UnicodeDecodeError"),
     Row("slice-labels-path-like-subject", _slice_labels("subject,slice_index,label\n../a,3,1\n"),
