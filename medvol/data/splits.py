@@ -62,6 +62,11 @@ def load_splits(cache_dir: str | Path, case_ids: list[str]) -> list[dict]:
             isinstance(s, dict) and isinstance(s.get("train"), list) and isinstance(s.get("val"), list)
             for s in splits):
         raise InputError(path, 'must be a list of {"train": [...], "val": [...]} (nnU-Net\'s format)')
+    for k, s in enumerate(splits):
+        for key in ("train", "val"):
+            bad = [c for c in s[key] if not isinstance(c, str)]
+            if bad:
+                raise InputError(path, f"fold {k}: '{key}' must list case ids (strings), got {bad[0]!r}")
     unknown = sorted({c for s in splits for c in s["train"] + s["val"]} - set(case_ids))
     if unknown:
         raise InputError(path, f"names cases that are not in the cache: {unknown[:5]}")
