@@ -737,6 +737,9 @@ CATALOGUE = [
     Row("splits-id-not-a-string", _splits([{"train": ["a", ["b"]], "val": ["c"]}]),
         r"cache/splits_final\.json: fold 0: 'train' must list case ids \(strings\), got \['b'\]",
         untouched=_cache_and("run")),
+    Row("splits-case-in-train-and-val", _splits([{"train": ["a", "b"], "val": ["b", "c"]}]),
+        r"cache/splits_final\.json: fold 0: case\(s\) \['b'\] are in both 'train' and 'val'",
+        untouched=_cache_and("run")),
     Row("splits-fold-beyond", _splits([{"train": ["a", "b"], "val": ["c"]}], fold="1"),
         r"--fold 1: .*cache/splits_final\.json holds folds 0\.\.0", untouched=_cache_and("run")),
     # cv over stale, missing, mismatched or tampered folds

@@ -67,6 +67,9 @@ def load_splits(cache_dir: str | Path, case_ids: list[str]) -> list[dict]:
             bad = [c for c in s[key] if not isinstance(c, str)]
             if bad:
                 raise InputError(path, f"fold {k}: '{key}' must list case ids (strings), got {bad[0]!r}")
+        both = sorted(set(s["train"]) & set(s["val"]))
+        if both:  # the fold would validate on cases it trained on
+            raise InputError(path, f"fold {k}: case(s) {both[:5]} are in both 'train' and 'val'")
     unknown = sorted({c for s in splits for c in s["train"] + s["val"]} - set(case_ids))
     if unknown:
         raise InputError(path, f"names cases that are not in the cache: {unknown[:5]}")
