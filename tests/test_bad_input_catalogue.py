@@ -742,6 +742,8 @@ CATALOGUE = [
         untouched=_cache_and("run")),
     Row("splits-fold-beyond", _splits([{"train": ["a", "b"], "val": ["c"]}], fold="1"),
         r"--fold 1: .*cache/splits_final\.json holds folds 0\.\.0", untouched=_cache_and("run")),
+    Row("splits-fold-without-training-cases", _splits([{"train": [], "val": ["a"]}]),
+        r"cache/splits_final\.json: fold 0: no training case \('train' is empty\)", untouched=_cache_and("run")),
     # cv over stale, missing, mismatched or tampered folds
     Row("cv-stale-validation", _cv(lambda r: _edit(r / "train_summary.json", lambda s: s.update(steps_total=5))),
         r"fold_0/validation/summary\.json: written at step 1, but the run trained to step 5",

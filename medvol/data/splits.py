@@ -84,4 +84,6 @@ def fold_cases(cache_dir: str | Path, case_ids: list[str], fold: int | str) -> t
     k = int(fold)
     if not 0 <= k < len(splits):
         raise ConfigError(f"--fold {fold}: {Path(cache_dir) / SPLITS_FILE} holds folds 0..{len(splits) - 1}")
+    if not splits[k]["train"]:
+        raise InputError(Path(cache_dir) / SPLITS_FILE, f"fold {k}: no training case ('train' is empty)")
     return list(splits[k]["train"]), list(splits[k]["val"])
