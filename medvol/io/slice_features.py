@@ -124,6 +124,8 @@ def read_features(path: str | Path) -> SliceFeatures:
             meta = json.loads(str(a["meta"]))
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise InputError(path, f"not a readable features file ({type(e).__name__}: {e})") from None
+    if not isinstance(meta, dict):
+        raise InputError(path, f"corrupt features file: 'meta' must hold a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise InputError(path, f"format {meta.get('format')!r}, expected {FORMAT!r}")
     return SliceFeatures(_split(path, a), meta)
