@@ -773,6 +773,9 @@ CATALOGUE = [
     Row("export-not-a-zip", _export(out="m.tar"), r"export -o .*m\.tar: the model file must end in \.zip",
         untouched=_cache_and("runs", "model")),
     # features files for the slice aggregator, and its run file
+    Row("features-with-nan", _features(lambda a: a["features"].__setitem__((1, 2), np.nan)),
+        r"features/features\.npz: 'features' holds NaN or infinite \(or non-numeric\) values",
+        untouched=_cache_and("features", "agg")),
     Row("features-meta-not-an-object", _features(lambda a: a.update(meta=np.array("[1, 2]"))),
         r"features/features\.npz: corrupt features file: 'meta' must hold a JSON object, got list",
         untouched=_cache_and("features", "agg")),

@@ -128,7 +128,18 @@ def read_features(path: str | Path) -> SliceFeatures:
         raise InputError(path, f"corrupt features file: 'meta' must hold a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise InputError(path, f"format {meta.get('format')!r}, expected {FORMAT!r}")
-    return SliceFeatures(_split(path, a), meta)
+    items = _split(path, a)
+    _check_values(path, items, meta)
+    return SliceFeatures(items, meta)
+
+
+def _check_values(path: Path, items: list[SubjectSlices], meta: dict) -> None:
+    """Finite features and logits: a file changed by hand (or by another tool) is named, not
+    trained on."""
+    for key in ("features", "logits"):
+        values = np.concatenate([getattr(s, key) for s in items])
+        if not np.issubdtype(values.dtype, np.number) or not np.isfinite(values).all():
+            raise InputError(path, f"'{key}' holds NaN or infinite (or non-numeric) values")
 
 
 def _split(path: Path, a: dict) -> list[SubjectSlices]:
