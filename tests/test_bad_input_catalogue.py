@@ -779,6 +779,8 @@ CATALOGUE = [
     Row("features-meta-not-an-object", _features(lambda a: a.update(meta=np.array("[1, 2]"))),
         r"features/features\.npz: corrupt features file: 'meta' must hold a JSON object, got list",
         untouched=_cache_and("features", "agg")),
+    Row("features-duplicate-subjects", _features(lambda a: a["subjects"].__setitem__(1, "s0")),
+        r"features/features\.npz: subject 's0' appears twice", untouched=_cache_and("features", "agg")),
     Row("features-offsets-tampered", _features(lambda a: a["offsets"].__setitem__(-1, 99)),
         r"features/features\.npz: corrupt features file", untouched=_cache_and("features", "agg")),
     Row("features-truncated", _features(raw=lambda b: b[: len(b) // 2]),

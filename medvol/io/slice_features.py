@@ -134,8 +134,13 @@ def read_features(path: str | Path) -> SliceFeatures:
 
 
 def _check_values(path: Path, items: list[SubjectSlices], meta: dict) -> None:
-    """Finite features and logits: a file changed by hand (or by another tool) is named, not
-    trained on."""
+    """Finite features and logits, one entry per subject: a file changed by hand (or by another
+    tool) is named, not trained on."""
+    seen: set[str] = set()
+    for s in items:
+        if s.subject in seen:
+            raise InputError(path, f"subject '{s.subject}' appears twice")
+        seen.add(s.subject)
     for key in ("features", "logits"):
         values = np.concatenate([getattr(s, key) for s in items])
         if not np.issubdtype(values.dtype, np.number) or not np.isfinite(values).all():
