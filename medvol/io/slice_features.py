@@ -134,8 +134,8 @@ def read_features(path: str | Path) -> SliceFeatures:
 
 
 def _check_values(path: Path, items: list[SubjectSlices], meta: dict) -> None:
-    """Finite features and logits, one entry per subject: a file changed by hand (or by another
-    tool) is named, not trained on."""
+    """Finite features and logits, one entry per subject, subject classes in range: a file
+    changed by hand (or by another tool) is named, not trained on."""
     seen: set[str] = set()
     for s in items:
         if s.subject in seen:
@@ -145,6 +145,12 @@ def _check_values(path: Path, items: list[SubjectSlices], meta: dict) -> None:
         values = np.concatenate([getattr(s, key) for s in items])
         if not np.issubdtype(values.dtype, np.number) or not np.isfinite(values).all():
             raise InputError(path, f"'{key}' holds NaN or infinite (or non-numeric) values")
+    k = meta.get("subject_classes")
+    for s in items:
+        if s.subject_class < -1 or (isinstance(k, int) and s.subject_class >= k):
+            allowed = f"0-{k - 1}" if isinstance(k, int) else "a class >= 0"
+            raise InputError(path, f"subject '{s.subject}': class {s.subject_class} is not {allowed} or -1 "
+                                   "(unlabelled)")
 
 
 def _split(path: Path, a: dict) -> list[SubjectSlices]:
