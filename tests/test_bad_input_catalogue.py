@@ -541,6 +541,39 @@ def _covid(c: Ctx, masks=("a", "b"), mask_size: int = 12) -> list[str]:
     return [str(src), str(c.tmp / "out")]
 
 
+def _sigterm_in_final_validation(c: Ctx):
+    """SIGTERM (a scheduler's pre-emption) while the end-of-run validation predicts its cases."""
+    from medvol.inference import predictor
+
+    real = predictor.predict_cases
+
+    def signalled(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    def unexpected(signum, frame):  # guard: the signal must never end the test session
+        raise AssertionError("SIGTERM reached no handler of medvol train during the final validation")
+
+    c.monkeypatch.setattr(predictor, "predict_cases", signalled)
+    old = signal.signal(signal.SIGTERM, unexpected)
+    c.cleanups.append(lambda: signal.signal(signal.SIGTERM, old))
+    return ["train", "quickstart", "--data", str(c.tiny["cache"]), "--out", str(c.tmp / "run"), "--quiet", "--device",
+            "cpu", "--set", "trainer.steps=1", "--set", "trainer.val_every=1", "--set", "data.num_workers=0", "--set",
+            "model.base_features=4", "--set", "model.max_features=8", "--set", "data.batch_size=2"]
+
+
+def _aggregator_stub(c: Ctx) -> Path:
+    agg = c.tmp / "agg"
+    agg.mkdir()
+    (agg / "aggregator.json").write_text(json.dumps({"classifier": "/nowhere"}))
+    return agg
+
+
+def _with_model(argv: list[str], model: Path) -> list[str]:
+    argv[argv.index("-m") + 1] = str(model)
+    return argv
+
+
 def _recipe_file(text: str):
     def make(c: Ctx):
         (c.tmp / "r.yaml").write_text(text)
@@ -829,6 +862,25 @@ CATALOGUE = [
               "damaged file ends in a json.JSONDecodeError traceback"),
     Row("predict-aggregator-run-without-checkpoint", _aggregator_run_file(json.dumps({"classifier": "/nowhere"})),
         r"agg/checkpoints/latest\.pt: no checkpoint here", untouched=_cache_and("in", "pred", "agg")),
+    Row("predict-aggregator-with-a-segmentation-option",
+        lambda c: _with_model(_predict("--tta")(c), _aggregator_stub(c)),
+        r"--tta: .*agg predicts subject classes \(a slice aggregator's run\); the option applies to segmentation "
+        r"models only", untouched=_cache_and("in", "pred", "agg")),
+    Row("ensemble-with-an-aggregator-run", lambda c: _predict("-m", str(_aggregator_stub(c)))(c),
+        r"agg: a slice aggregator's run \(subject classes from slice features\)",
+        untouched=_cache_and("in", "pred", "agg")),
+    Row("train-aggregator-on-a-cache", lambda c: ["train", "slice_aggregator", "--data", str(c.cache()), "--out",
+                                                  str(c.tmp / "agg"), "--quiet", "--device", "cpu"],
+        r"cache/features\.npz: no features file here; write one with `medvol extract-features",
+        untouched=_cache_and("cache", "agg")),
+    # SIGTERM during the end-of-run validation
+    Row("train-sigterm-during-final-validation", _sigterm_in_final_validation,
+        r"^medvol train: stopped by SIGTERM during the final validation: .*run/checkpoints/latest\.pt .*--resume",
+        rc=75, untouched=_cache_and(),
+        xfail="training.engine.fit leaves its PreemptionFlag block before training.final_validation.validate_at_end "
+              "runs: a SIGTERM (or SIGUSR1) while the validation cases are predicted gets the default handler (the "
+              "process dies with 143, no line saying the run is complete and how to validate it; RUN/validation/ is "
+              "left with the cases predicted so far and no summary.json)"),
     # recipes with values of the wrong type
     Row("recipe-steps-a-bool", _train("trainer.steps=true"), r"'trainer\.steps' must be an integer, got True",
         untouched=_cache_and("run")),
