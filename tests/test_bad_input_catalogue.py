@@ -850,6 +850,11 @@ CATALOGUE = [
         untouched=_cache_and("features", "agg")),
     Row("features-offsets-tampered", _features(lambda a: a["offsets"].__setitem__(-1, 99)),
         r"features/features\.npz: corrupt features file", untouched=_cache_and("features", "agg")),
+    Row("features-without-subjects", _features(lambda a: a.update(
+        subjects=a["subjects"][:0], offsets=a["offsets"][:1], subject_class=a["subject_class"][:0],
+        **{k: a[k][:0] for k in ("features", "logits", "slice_index", "raw_slice")})),
+        r"features/features\.npz: holds no subject; write it with `medvol extract-features",
+        untouched=_cache_and("features", "agg")),
     Row("features-truncated", _features(raw=lambda b: b[: len(b) // 2]),
         r"features/features\.npz: not a readable features file", untouched=_cache_and("features", "agg")),
     Row("extract-features-of-a-3d-run", lambda c: ["extract-features", str(c.tiny["run"]), "--data",

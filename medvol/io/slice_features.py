@@ -136,6 +136,8 @@ def read_features(path: str | Path) -> SliceFeatures:
 def _check_values(path: Path, items: list[SubjectSlices], meta: dict) -> None:
     """Finite features and logits, one entry per subject, subject classes in range: a file
     changed by hand (or by another tool) is named, not trained on."""
+    if not items:
+        raise InputError(path, "holds no subject; write it with `medvol extract-features RUN --data ... -o DIR`")
     seen: set[str] = set()
     for s in items:
         if s.subject in seen:
