@@ -145,6 +145,8 @@ def _check_values(path: Path, items: list[SubjectSlices], meta: dict) -> None:
         seen.add(s.subject)
     for key in ("features", "logits"):
         values = np.concatenate([getattr(s, key) for s in items])
+        if values.shape[1] == 0:
+            raise InputError(path, f"'{key}' has no columns (shape {values.shape})")
         if not np.issubdtype(values.dtype, np.number) or not np.isfinite(values).all():
             raise InputError(path, f"'{key}' holds NaN or infinite (or non-numeric) values")
     k = meta.get("subject_classes")
