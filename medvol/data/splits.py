@@ -12,6 +12,7 @@ case and validates on them too, as nnU-Net's ``fold all``.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,9 @@ def load_splits(cache_dir: str | Path, case_ids: list[str]) -> list[dict]:
             bad = [c for c in s[key] if not isinstance(c, str)]
             if bad:
                 raise InputError(path, f"fold {k}: '{key}' must list case ids (strings), got {bad[0]!r}")
+            twice = sorted(c for c, n in Counter(s[key]).items() if n > 1)
+            if twice:
+                raise InputError(path, f"fold {k}: '{key}' names '{twice[0]}' twice")
         both = sorted(set(s["train"]) & set(s["val"]))
         if both:  # the fold would validate on cases it trained on
             raise InputError(path, f"fold {k}: case(s) {both[:5]} are in both 'train' and 'val'")
