@@ -419,7 +419,8 @@ def _slice_labels(text: str | bytes):
 def _splits(splits, fold: str = "0"):
     """train --fold on a copy of the tiny cache holding ``splits`` as its splits_final.json."""
     def make(c: Ctx):
-        (c.cache() / "splits_final.json").write_text(json.dumps(splits))
+        if splits is not None:  # None: the file is already there
+            (c.cache() / "splits_final.json").write_text(json.dumps(splits))
         return ["train", "quickstart", "--data", str(c.cache()), "--out", str(c.tmp / "run"), "--quiet", "--device",
                 "cpu", "--fold", fold, "--set", "trainer.steps=1", "--set", "data.num_workers=0", "--set",
                 "model.base_features=4", "--set", "model.max_features=8", "--no-final-validation"]
@@ -790,7 +791,16 @@ CATALOGUE = [
         r"slice_labels\.csv: line 2: slice_index 22 is out of range: 'a' has 20 slices \(0-19\)"),
     Row("slice-labels-mask-not-found", _slice_labels("subject,slice_index,label,mask\na,3,1,masks/a_3.png\n"),
         r"slice_labels\.csv: line 2: mask file not found: .*raw/masks/a_3\.png"),
+    Row("slice-labels-extra-field", _slice_labels("subject,slice_index,label\na,3,1,masks/a.png\n"),
+        r"slice_labels\.csv: line 2: 4 fields, the header has 3"),
+    Row("slice-labels-subject-row-with-a-mask", _slice_labels("subject,slice_index,label,mask\na,,1,a.png\n"),
+        r"slice_labels\.csv: line 2: a mask needs a slice_index"),
     # splits_final.json (train --fold K)
+    Row("splits-not-json", lambda c: (c.cache().joinpath("splits_final.json").write_text("[{"), _splits(None)(c))[1],
+        r"cache/splits_final\.json: invalid JSON", untouched=_cache_and("run")),
+    Row("splits-a-mapping", _splits({"0": {"train": ["a"], "val": ["b"]}}),
+        r"cache/splits_final\.json: must be a list of \{\"train\": \[\.\.\.\], \"val\": \[\.\.\.\]\}",
+        untouched=_cache_and("run")),
     Row("splits-name-a-missing-case", _splits([{"train": ["a", "zz"], "val": ["b"]}]),
         r"cache/splits_final\.json: names cases that are not in the cache: \['zz'\]", untouched=_cache_and("run")),
     Row("splits-path-like-id", _splits([{"train": ["a", "../x"], "val": ["b"]}]),
