@@ -949,10 +949,7 @@ CATALOGUE = [
     Row("recipe-a-list", _recipe_file("- name: x\n"), r"r\.yaml: a recipe is a mapping of sections",
         untouched=_cache_and("run")),
     Row("recipe-model-options-unknown-key", _train("model.options={widths: five}"),
-        r"'model\.options': .*'widths'", untouched=_cache_and("run"),
-        xfail="networks.build_model passes model.options to the network's constructor unchecked: an option the "
-              "network does not take ends in a TypeError traceback (DynUNet.__init__() got an unexpected keyword "
-              "argument 'widths')"),
+        r"'model\.options': dynunet does not take \['widths'\]", untouched=_cache_and("run")),
     # a dataset adapter (python -m medvol.datasets.covid_semiseg) on a broken folder
     Row("covid-semiseg-image-without-mask", lambda c: _covid(c, masks=("a",)),
         r"Imgs/b\.png: no mask named 'b\.\*' in .*GT", untouched=_cache_and("src", "out"), adapter="covid_semiseg",

@@ -177,3 +177,15 @@ def test_register_trainer_takes_a_class_or_a_lazy_string(monkeypatch):
         register_trainer("toy4", "mypackage.trainers.Mine")
     with pytest.raises(ConfigError, match=r"trainer.name 'toy5' is unknown; known: \[.*'supervised'"):
         get_trainer("toy5")
+
+
+def test_every_network_names_an_option_it_does_not_take():
+    """One line naming the key, from every builder, instead of a TypeError from a constructor."""
+    from medvol.config import ModelConfig
+    from medvol.errors import ConfigError
+    from medvol.networks import _REGISTRY, build_model
+
+    build_model(ModelConfig(name="slice_cnn"), None, 1, 2)  # registers every builder
+    for name in sorted(_REGISTRY):
+        with pytest.raises(ConfigError, match=rf"'model.options': {name} does not take \['no_such_option'\]"):
+            build_model(ModelConfig(name=name, options={"no_such_option": 1}), None, 1, 2)

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from medvol.networks import register
+from medvol.networks import keyword_names, model_options, register
 from medvol.plans import Plans
 
 
@@ -133,7 +133,7 @@ class DoDNet(nn.Module):
 
 @register("dodnet")
 def build_dodnet(model_cfg, plans: Plans | None, in_channels: int, num_classes: int) -> nn.Module:
-    opts = dict(model_cfg.options)
+    opts = model_options(model_cfg, "dodnet", keyword_names(DoDNet, "in_channels"))
     base = model_cfg.base_features
     widths = opts.pop("widths", [base, 2 * base, 4 * base, 8 * base, 8 * base])
     return DoDNet(in_channels, widths=widths, **opts)

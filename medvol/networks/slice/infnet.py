@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medvol.errors import ConfigError
-from medvol.networks import register
+from medvol.networks import model_options, register
 from medvol.networks.weights import load_local_weights
 
 
@@ -290,10 +290,7 @@ def build_infnet(model_cfg, plans: dict, in_channels: int, num_classes: int) -> 
     """Binary Inf-Net (``num_classes`` 2 with background: one logit). ``model.options`` may set
     ``width_mult``, ``base_width``, ``rfb_channels``, ``input_scale`` and ``backbone_weights`` (a
     local Res2Net-50 v1b file); ``model.base_features`` is not used."""
-    opts = dict(model_cfg.options)
-    unknown = sorted(set(opts) - _OPTIONS)
-    if unknown:
-        raise ConfigError(f"model.options {unknown}: infnet takes {sorted(_OPTIONS)}")
+    opts = model_options(model_cfg, "infnet", _OPTIONS)
     if num_classes not in (1, 2):
         raise ConfigError(f"infnet segments one foreground class; the dataset has {num_classes} labels "
                           "(background included)")
