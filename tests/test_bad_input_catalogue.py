@@ -543,6 +543,13 @@ def _covid(c: Ctx, masks=("a", "b"), mask_size: int = 12) -> list[str]:
     return [str(src), str(c.tmp / "out")]
 
 
+def _covid_into_used_folder(c: Ctx) -> list[str]:
+    argv = _covid(c)
+    (c.tmp / "out").mkdir()
+    (c.tmp / "out" / "notes.txt").write_text("mine")
+    return argv
+
+
 def _sigterm_in_final_validation(c: Ctx):
     """SIGTERM (a scheduler's pre-emption) while the end-of-run validation predicts its cases."""
     from medvol.inference import predictor
@@ -952,13 +959,12 @@ CATALOGUE = [
         r"'model\.options': dynunet does not take \['widths'\]", untouched=_cache_and("run")),
     # a dataset adapter (python -m medvol.datasets.covid_semiseg) on a broken folder
     Row("covid-semiseg-image-without-mask", lambda c: _covid(c, masks=("a",)),
-        r"Imgs/b\.png: no mask named 'b\.\*' in .*GT", untouched=_cache_and("src", "out"), adapter="covid_semiseg",
-        xfail="datasets/covid_semiseg.main catches no MedvolError (the InputError ends in a traceback) and "
-              "convert_covid_semiseg has already written OUT/imagesTr and labelsTr of slice 'a' when slice 'b' "
-              "fails: a half-written raw dataset without dataset.json"),
+        r"Imgs/b\.png: no mask named 'b\.\*' in .*GT", untouched=_cache_and("src", "out"), adapter="covid_semiseg"),
     Row("covid-semiseg-mask-of-another-size", lambda c: _covid(c, mask_size=8),
         r"GT/a\.png: mask shape \(8, 8\) differs from its image's \(12, 12\)", untouched=_cache_and("src", "out"),
-        adapter="covid_semiseg", xfail="datasets/covid_semiseg.main catches no MedvolError: a traceback"),
+        adapter="covid_semiseg"),
+    Row("covid-semiseg-into-a-folder-with-files", _covid_into_used_folder,
+        r"out: exists and is not an empty folder", untouched=_cache_and("src", "out"), adapter="covid_semiseg"),
     Row("recipe-inference-step-strings", _train("inference.step=[a, b, c]"), r"'inference\.step'",
         untouched=_cache_and("run")),
 ]
