@@ -39,8 +39,8 @@ from medvol.preprocessing.fingerprint import (
 from medvol.preprocessing.normalization import normalize
 from medvol.preprocessing.planning import plan_experiment
 from medvol.preprocessing.raw import RawCase, RawDataset, load_raw_case, open_raw_dataset
-from medvol.preprocessing.resampling import compute_new_shape, resample_image, resample_label, separate_z_axis
 from medvol.preprocessing.sources import changed_sources, log_changed, record_sources
+from medvol.resampling import compute_new_shape, resample_image, resample_label, separate_z_axis
 from medvol.resources import worker_count
 from medvol.utils import read_json, save_npy, write_json
 
