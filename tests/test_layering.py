@@ -150,15 +150,20 @@ def test_layer_check_sees_a_bad_import(tmp_path):
         "medvol.losses.bad -> medvol.training.schedules (losses importing a higher row (stages))"]
 
 
-def test_lower_modules_load_no_preprocessing_driver():
-    """The geometry restore, PCRL's scan folders and the metrics (class names of a raw dataset)
-    never load the preprocessing stage; opening a raw layout loads that module only."""
-    code = ("import sys, medvol.inference.geometry, medvol.data.pretext, medvol.evaluation.metrics\n"
-            "assert not [m for m in sys.modules if m.startswith('medvol.preprocessing')]\n"
-            "from medvol.preprocessing import open_raw_dataset\n"
-            "print(sorted(m for m in sys.modules if m.startswith('medvol.preprocessing')))")
+def test_prediction_loads_no_preprocessing_driver():
+    """The geometry restore, PCRL's scan folders, the metrics (class names of a raw dataset) and
+    the predictor load no preprocessing module; the per-case transform loads its operations only,
+    opening a raw layout its module only: never the dataset driver, fingerprints or planning."""
+    code = ("import sys\n"
+            "import medvol.inference.geometry, medvol.inference.predictor, medvol.data.pretext\n"
+            "import medvol.evaluation.metrics\n"
+            "def loaded():\n    return sorted(m for m in sys.modules if m.startswith('medvol.preprocessing'))\n"
+            "print(loaded())\nfrom medvol.preprocessing import preprocess_case\nprint(loaded())\n"
+            "from medvol.preprocessing import open_raw_dataset\nprint(loaded())\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == str(["medvol.preprocessing", "medvol.preprocessing.raw"])
+    per_case = ["medvol.preprocessing", "medvol.preprocessing.cropping", "medvol.preprocessing.normalization",
+                "medvol.preprocessing.transform"]
+    assert out.strip().splitlines() == [str([]), str(per_case), str(sorted([*per_case, "medvol.preprocessing.raw"]))]
 
 
 def import_cycles(modules: dict[str, Path] = MODULES) -> list[list[str]]:

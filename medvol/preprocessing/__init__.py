@@ -11,22 +11,22 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from medvol.cache import list_cases, load_case, load_plans
+    from medvol.preprocessing.pool import Report
     from medvol.preprocessing.preprocessor import (
-        Report,
         fingerprint_dataset,
         plan_dataset,
-        preprocess_case,
         preprocess_cases,
         preprocess_dataset,
     )
     from medvol.preprocessing.raw import RawCase, RawDataset, open_raw_dataset
+    from medvol.preprocessing.transform import preprocess_case
 
 _WHERE = {"preprocess_dataset": "medvol.preprocessing.preprocessor",
           "preprocess_cases": "medvol.preprocessing.preprocessor",
           "fingerprint_dataset": "medvol.preprocessing.preprocessor",
           "plan_dataset": "medvol.preprocessing.preprocessor",
-          "Report": "medvol.preprocessing.preprocessor",
-          "preprocess_case": "medvol.preprocessing.preprocessor",
+          "Report": "medvol.preprocessing.pool",
+          "preprocess_case": "medvol.preprocessing.transform",
           "load_case": "medvol.cache", "load_plans": "medvol.cache", "list_cases": "medvol.cache",
           "open_raw_dataset": "medvol.preprocessing.raw", "RawCase": "medvol.preprocessing.raw",
           "RawDataset": "medvol.preprocessing.raw"}
