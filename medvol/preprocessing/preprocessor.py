@@ -48,7 +48,7 @@ from medvol.preprocessing.pool import (
 from medvol.preprocessing.raw import RawCase, RawDataset, load_raw_case, open_raw_dataset
 from medvol.preprocessing.sources import changed_sources, log_changed, record_sources
 from medvol.preprocessing.transform import geometry_properties, normalise_and_resample, preprocess_case
-from medvol.utils import read_json, save_npy, write_json
+from medvol.utils import read_json, save_npy, write_json, write_text
 
 __all__ = ["fingerprint_dataset", "plan_dataset", "preprocess_cases", "preprocess_dataset", "preprocess_case",
            "sample_class_locations", "Report"]
@@ -81,8 +81,7 @@ def _fingerprint_job(case: RawCase, dataset: RawDataset, out: Path, n_samples: i
     except OutputError:
         raise  # not this case's fault: the run stops (a rerun resumes)
     except MedvolError as e:
-        failure_path(out, case.case_id).parent.mkdir(parents=True, exist_ok=True)
-        failure_path(out, case.case_id).write_text(str(e))
+        write_text(failure_path(out, case.case_id), str(e))
         return case.case_id, str(e)
 
 
