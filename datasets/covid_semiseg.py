@@ -30,7 +30,6 @@ disagree with the label it belongs to. A given ``Edge/`` folder is therefore not
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -42,6 +41,7 @@ import numpy as np
 from medvol.errors import InputError, MedvolError, OutputError
 from medvol.io import Volume, write_volume
 from medvol.io.slices2d import IMAGE_SUFFIXES, files_by_stem, read_image_2d, read_mask_2d
+from medvol.utils import write_json
 
 SLICE_AFFINE = np.diag([1.0, 1.0, 999.0, 1.0])
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -123,7 +123,7 @@ def _convert(train: Path, out: Path, unlabelled, test, label_name: str) -> None:
             "channel_names": {"0": "zscore"}, "labels": {"background": 0, label_name: 1},
             "numTraining": len(labelled) + n_unlabelled, "file_ending": ".nii.gz",
             "labelled_cases": labelled, "source_ids": ids}
-    (out / "dataset.json").write_text(json.dumps(meta, indent=1))
+    write_json(out / "dataset.json", meta)
 
 
 def write_demo_layout(root: str | Path, n_labelled: int = 8, n_unlabelled: int = 8, n_test: int = 4,

@@ -337,7 +337,7 @@ def prepare_scan_folder(folder: str | Path, out_dir: str | Path, cfg: PretextCon
             if not np.isfinite(data).all():
                 raise InputError(p, "image holds NaN or infinite values")
             if cfg.spacing:
-                from medvol.preprocessing.resampling import compute_new_shape, resample_image
+                from medvol.resampling import compute_new_shape, resample_image
 
                 shape = compute_new_shape(data.shape[1:], vol.spacing, cfg.spacing)
                 data = resample_image(data, shape, vol.spacing, cfg.spacing, order="linear")

@@ -34,7 +34,7 @@ import numpy as np
 from medvol.errors import ConfigError, InputError
 from medvol.evaluation.metrics import summarize
 from medvol.manifest import claim_files
-from medvol.utils import atomic_path, read_json, write_json
+from medvol.utils import atomic_path, read_json, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +176,7 @@ def write_cross_validation(result: dict, out: str | Path) -> list[Path]:
     write_json(json_path, result)
     _write_csv(result, csv_path)
     _write_chart(result, png_path)
-    with atomic_path(html_path) as tmp:
-        tmp.write_text(_html(result, png_path))
+    write_text(html_path, _html(result, png_path))
     return [json_path, csv_path, html_path, png_path]
 
 
