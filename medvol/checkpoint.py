@@ -126,6 +126,17 @@ def expand_fold_folders(paths: list[Path]) -> list[Path]:
     return out
 
 
+def load_weights(model: torch.nn.Module, state: dict, described_by: Path, source: Path) -> None:
+    """``model.load_state_dict(state)``; a network that does not fit the weights (its plan or
+    recipe changed after training) is one error naming the file that built it."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
+        raise ConfigError(f"{described_by}: the network it describes does not fit the weights of the checkpoint "
+                          f"{source} ({first}); was it edited after training?") from None
+
+
 def load_run(run_dir: str | Path, device: torch.device, checkpoint: str = "best") -> RunModel:
     """Model (in eval mode, on ``device``), recipe and plans of a run folder written by ``medvol train``."""
     from medvol.config import load_recipe
@@ -147,6 +158,6 @@ def load_run(run_dir: str | Path, device: torch.device, checkpoint: str = "best"
     ckpt = load_checkpoint(run_checkpoint(run_dir, checkpoint), map_location="cpu")
     num_classes = int(ckpt.get("num_classes", plans.num_classes))  # a classifier's classes are not the plan's labels
     model = build_model(recipe.model, plans, plans.num_channels * (2 * recipe.data.context + 1), num_classes)
-    model.load_state_dict(inference_weights(ckpt))
+    load_weights(model, inference_weights(ckpt), run_dir / "plans.json", run_checkpoint(run_dir, checkpoint))
     model.to(device).eval()
     return RunModel(model, recipe, plans, run_dir)

@@ -107,7 +107,14 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+    """The JSON document at ``path``; a damaged file is one error naming it (JSONFileError)."""
+    from medvol.errors import JSONFileError
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f" (line {e.lineno}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise JSONFileError(path, f"invalid JSON{where}: damaged or not written by medvol") from None
 
 
 def save_npy(path: str | Path, array: np.ndarray) -> None:

@@ -863,10 +863,7 @@ CATALOGUE = [
         r"runs/other: its plan's normalization .* cannot be ensembled", untouched=_cache_and("in", "pred", "runs")),
     Row("predict-run-plan-disagrees-with-its-checkpoint", _ensemble(_plan_key("labels", {"background": 0, "fg": 1,
                                                                                         "extra": 2})),
-        r"runs/other/plans\.json: .*checkpoint", untouched=_cache_and("in", "pred", "runs"),
-        xfail="checkpoint.load_run builds the model from plans.json and calls load_state_dict unguarded: a run "
-              "whose plans.json declares 3 labels (or another channel count) while its checkpoint has 2 ends in "
-              "a RuntimeError traceback (size mismatch for the output layer)"),
+        r"runs/other/plans\.json: .*checkpoint", untouched=_cache_and("in", "pred", "runs")),
     Row("ensemble-other-target-spacing", _ensemble(_plan_key("target_spacing", [2.0, 2.0, 2.0])),
         r"runs/other: its plan's target_spacing \(\[2\.0, 2\.0, 2\.0\]\) differs",
         untouched=_cache_and("in", "pred", "runs")),
@@ -912,9 +909,7 @@ CATALOGUE = [
                                                    "--quiet"],
         r"run: a 3D model; the slice pipeline needs a 2D slice classifier", untouched=_cache_and("out")),
     Row("predict-aggregator-run-file-not-json", _aggregator_run_file("{not json"),
-        r"agg/aggregator\.json: invalid JSON", untouched=_cache_and("in", "pred", "agg"),
-        xfail="inference.subjects.load_subject_model reads aggregator.json with utils.read_json unguarded: a "
-              "damaged file ends in a json.JSONDecodeError traceback"),
+        r"agg/aggregator\.json: invalid JSON", untouched=_cache_and("in", "pred", "agg")),
     Row("predict-aggregator-run-without-checkpoint", _aggregator_run_file(json.dumps({"classifier": "/nowhere"})),
         r"agg/checkpoints/latest\.pt: no checkpoint here", untouched=_cache_and("in", "pred", "agg")),
     Row("predict-aggregator-with-a-segmentation-option",

@@ -265,7 +265,7 @@ def is_subject_run(run_dir: str | Path) -> bool:
 
 def load_subject_model(run_dir: str | Path, device: torch.device, checkpoint: str = "best") -> SubjectModel:
     """The aggregator of ``run_dir`` (eval mode, on ``device``) with its slice classifier."""
-    from medvol.checkpoint import inference_weights, load_checkpoint, run_checkpoint
+    from medvol.checkpoint import inference_weights, load_checkpoint, load_weights, run_checkpoint
     from medvol.config import load_recipe
     from medvol.io.slice_features import AGGREGATOR_RUN_FILE
     from medvol.networks import build_model
@@ -279,7 +279,7 @@ def load_subject_model(run_dir: str | Path, device: torch.device, checkpoint: st
     ckpt = load_checkpoint(run_checkpoint(run_dir, checkpoint))
     model = build_model(load_recipe(run_dir / "recipe.yaml").model, None, int(info["feature_dim"]),
                         int(info["num_classes"]))
-    model.load_state_dict(inference_weights(ckpt))
+    load_weights(model, inference_weights(ckpt), run_dir / AGGREGATOR_RUN_FILE, run_checkpoint(run_dir, checkpoint))
     clf = load_classifier(info["classifier"], device, info.get("classifier_checkpoint") or "best",
                           info.get("classifier_sha256"))
     return SubjectModel(model.to(device).eval(), clf, run_dir)
