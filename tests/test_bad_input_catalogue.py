@@ -842,10 +842,7 @@ CATALOGUE = [
         untouched=_cache_and("runs", "out")),
     Row("cv-tampered-summary", _cv(lambda r: _edit(r / "validation" / "summary.json",
                                                    lambda s: s.update(cases={"a": 0.9}))),
-        r"fold_0/validation/summary\.json: .*case 'a'", untouched=_cache_and("runs", "out"),
-        xfail="evaluation.crossval.load_fold checks only that 'cases' is a dict: a case whose metrics are not a "
-              "mapping ({'a': 0.9}) ends in AttributeError ('float' object has no attribute 'keys') in "
-              "cross_validation"),
+        r"fold_0/validation/summary\.json: .*case 'a'", untouched=_cache_and("runs", "out")),
     Row("cv-folds-leave-cases-unvalidated",
         lambda c: (_run_copy(c, "fold_0"), ["cv", str(c.tmp / "runs"), "--quiet"])[1],
         r"case\(s\) \['a', 'b'\] of the dataset are validated by no fold", untouched=_cache_and("runs"),

@@ -84,6 +84,10 @@ def load_fold(run: Path) -> Fold:
     summary = _read(path, "validation summary")
     if not isinstance(summary.get("cases"), dict) or not isinstance(summary.get("validation"), dict):
         raise InputError(path, "not an end-of-run validation summary (no 'cases' or 'validation' block)")
+    bad = next((c for c, m in summary["cases"].items() if not isinstance(m, dict)), None)
+    if bad is not None:
+        raise InputError(path, f"case '{bad}': its metrics are not a mapping of classes (the file was changed "
+                               f"after medvol wrote it); {again}")
     trained = read_json(run / "train_summary.json").get("steps_total") if (run / "train_summary.json").exists() \
         else None
     if trained is not None and summary["validation"].get("step") != trained:
