@@ -277,7 +277,8 @@ def run_arm(arm: Arm, c: Comparison, data: Data, budget: int, seed: int, out: Pa
     sets = [*arm.sets, *by_budget, *_common(c, budget, seed, toy)]
     if arm.pretrain:  # labels unused: every training case, as a user would pretrain
         pre_sets = [f"trainer.seed={seed}", *(TOY if toy else [])]
-        train(load_recipe(arm.pretrain, pre_sets), data.pre, out / "pretrain", device="cpu", quiet=True)
+        if not (out / "pretrain" / "encoder.pt").exists():  # a finished pretraining is reused by a rerun
+            train(load_recipe(arm.pretrain, pre_sets), data.pre, out / "pretrain", device="cpu", quiet=True)
         sets.append(f"init_from={out / 'pretrain' / 'encoder.pt'}")
     train(load_recipe(arm.recipe, sets), data.pre, out / "run", device="cpu", quiet=True)
     predict(out / "run", data.images, out / "pred", device="cpu", checkpoint="latest", tta=False, quiet=True)
