@@ -826,9 +826,7 @@ CATALOGUE = [
     Row("splits-fold-without-training-cases", _splits([{"train": [], "val": ["a"]}]),
         r"cache/splits_final\.json: fold 0: no training case \('train' is empty\)", untouched=_cache_and("run")),
     Row("raw-splits-name-a-missing-case", _raw_splits,
-        r"raw/splits_final\.json: names cases that are not in the dataset: \['zz'\]",
-        xfail="preprocessing.preprocessor.copy_raw_splits copies RAW/splits_final.json into the cache after checking "
-              "only that it is JSON: preprocess exits 0, and the split naming 'zz' fails only at `train --fold`"),
+        r"raw/splits_final\.json: names cases that are not in the dataset: \['zz'\]"),
     # cv over stale, missing, mismatched or tampered folds
     Row("cv-stale-validation", _cv(lambda r: _edit(r / "train_summary.json", lambda s: s.update(steps_total=5))),
         r"fold_0/validation/summary\.json: written at step 1, but the run trained to step 5",

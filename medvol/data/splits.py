@@ -12,12 +12,11 @@ case and validates on them too, as nnU-Net's ``fold all``.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from medvol.cache import SPLITS_FILE
+from medvol.cache import SPLITS_FILE, check_splits
 from medvol.errors import ConfigError, InputError
 from medvol.utils import read_json, write_json
 
@@ -59,24 +58,7 @@ def load_splits(cache_dir: str | Path, case_ids: list[str]) -> list[dict]:
         splits = read_json(path)
     except (ValueError, UnicodeDecodeError) as e:
         raise InputError(path, f"invalid JSON ({e})") from None
-    if not isinstance(splits, list) or not all(
-            isinstance(s, dict) and isinstance(s.get("train"), list) and isinstance(s.get("val"), list)
-            for s in splits):
-        raise InputError(path, 'must be a list of {"train": [...], "val": [...]} (nnU-Net\'s format)')
-    for k, s in enumerate(splits):
-        for key in ("train", "val"):
-            bad = [c for c in s[key] if not isinstance(c, str)]
-            if bad:
-                raise InputError(path, f"fold {k}: '{key}' must list case ids (strings), got {bad[0]!r}")
-            twice = sorted(c for c, n in Counter(s[key]).items() if n > 1)
-            if twice:
-                raise InputError(path, f"fold {k}: '{key}' names '{twice[0]}' twice")
-        both = sorted(set(s["train"]) & set(s["val"]))
-        if both:  # the fold would validate on cases it trained on
-            raise InputError(path, f"fold {k}: case(s) {both[:5]} are in both 'train' and 'val'")
-    unknown = sorted({c for s in splits for c in s["train"] + s["val"]} - set(case_ids))
-    if unknown:
-        raise InputError(path, f"names cases that are not in the cache: {unknown[:5]}")
+    check_splits(splits, path, case_ids, "cache")
     return splits
 
 

@@ -118,7 +118,7 @@ def copy_slice_labels(raw: Path, out: Path) -> None:
 def copy_raw_splits(raw: Path, out: Path) -> None:
     """A ``splits_final.json`` beside the raw dataset (nnU-Net's format; the dataset adapters
     write the published splits there) is copied into a cache that has none: ``--fold K`` uses it."""
-    from medvol.cache import SPLITS_FILE
+    from medvol.cache import SPLITS_FILE, check_splits
     from medvol.manifest import claim_files
 
     src, dst = raw / SPLITS_FILE, out / SPLITS_FILE
@@ -127,5 +127,6 @@ def copy_raw_splits(raw: Path, out: Path) -> None:
             splits = read_json(src)
         except (ValueError, UnicodeDecodeError) as e:
             raise InputError(src, f"invalid JSON ({e})") from None
+        check_splits(splits, src, read_json(out / "dataset.json").get("training_cases", []), "dataset")
         claim_files(out, [SPLITS_FILE])
         write_json(dst, splits)
