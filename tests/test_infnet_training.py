@@ -398,8 +398,8 @@ def test_semi_infnet_rounds_resume_between_rounds_and_end_as_a_run(demo_cache, t
 
 def test_the_paper_recipes_carry_the_published_schedule():
     from medvol.config import from_dict, load_recipe
-    from medvol.training.infnet import InfNetOptions
-    from medvol.training.semi_infnet import stage_recipe
+    from medvol.training.infnet import InfNetOptions, check_infnet_options
+    from medvol.training.semi_infnet import Stage, stage_recipe
 
     r = load_recipe("infnet")
     o = from_dict(InfNetOptions, r.method)
@@ -407,8 +407,16 @@ def test_the_paper_recipes_carry_the_published_schedule():
     assert (r.trainer.steps, r.schedule.milestones, r.schedule.gamma) == (900, [450], 0.1)
     assert (r.optimizer.name, r.optimizer.lr, r.data.batch_size, r.data.patch_size) == ("adam", 1e-4, 24, [352, 352])
     assert (r.trainer.grad_clip, o.clip, o.scales) == (0.5, "value", [0.75, 1.0, 1.25])
-    for name in ("infnet_demo", "semi_infnet_demo"):
-        load_recipe(name)  # the method sections parse (checked by their trainers)
+    # the demos' method sections parse into their options and pass their checks (load_recipe
+    # alone leaves `method:` unread)
+    demo = from_dict(InfNetOptions, load_recipe("infnet_demo").method)
+    check_infnet_options(demo)
+    assert (demo.scales, demo.clip, demo.size_multiple) == ([0.75, 1.0, 1.25], "value", 32)
+    sd = from_dict(SemiInfNetOptions, load_recipe("semi_infnet_demo").method)
+    check_infnet_options(sd)
+    assert (sd.scales, sd.clip, sd.per_round, sd.max_rounds) == ([0.75, 1.0, 1.25], "value", 4, None)
+    assert (sd.initial, sd.round, sd.pretrain, sd.finetune) == (Stage(20, 15, 3e-3, 8), Stage(3, None, 1e-3, 8),
+                                                                Stage(6, None, 3e-3, 8), Stage(10, 7, 1e-3, 8))
     semi = load_recipe("semi_infnet")
     so = from_dict(SemiInfNetOptions, semi.method)
     s = SemiState(labelled=[f"l{i}" for i in range(50)], unlabelled=[f"u{i}" for i in range(1600)], validation=[])
