@@ -222,10 +222,6 @@ def test_load_run_loads_the_checkpoint_it_was_trained_with(tiny_run):
         assert torch.equal(v, saved[k]), k
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="load_run passes a checkpoint that does not fit the recipe's model straight to "
-                          "load_state_dict: torch's RuntimeError (a traceback from the CLI), not a MedvolError "
-                          "naming the checkpoint")
 @pytest.mark.parametrize("base, top", [(8, 16), (2, 4)])
 def test_a_checkpoint_from_a_bigger_or_smaller_model_is_a_clear_error(tiny_run, tmp_path, base, top):
     run = _run_with_model_widths(tiny_run, tmp_path / "run", base, top)
