@@ -1,4 +1,5 @@
-"""Pretext data for PCRL (METHODS.md §3): pairs of overlapping random crops of unlabelled scans,
+"""Pretext data for PCRL (PCRL, ICCV 2021; ``docs/methods/pcrl.md``): pairs of overlapping random
+crops of unlabelled scans,
 Models-Genesis distortions, and the indicated flips/rot90 whose indicator conditions the decoder.
 
 One sample, all channel-first ``(C, *patch)`` in [0, 1], as the published dataset

@@ -1,4 +1,5 @@
-"""Subject-level predictions of the two-stage slice pipeline (METHODS.md §7).
+"""Subject-level predictions of the two-stage slice pipeline (after DC-MT's aggregation network,
+MedIA 2022; ``docs/methods/slice_aggregator.md``).
 
 Stage one, a trained 2D slice classifier (a run folder with ``data.configuration: 2d``), runs
 over each subject's slices across its plan's slice axis (through

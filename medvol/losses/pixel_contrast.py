@@ -1,4 +1,4 @@
-"""UGPCL's losses (IJCAI 2022; ``shared/METHODS.md`` §6): uncertainty-guided pixel contrast
+"""UGPCL's losses (IJCAI 2022; ``docs/methods/ugpcl.md``): uncertainty-guided pixel contrast
 against a per-class memory queue, and the total of the supervised, consistency, rotation and
 contrastive terms.
 

@@ -1,4 +1,5 @@
-"""Inf-Net's losses (METHODS.md §5): the structure loss (weighted BCE + weighted IoU) on the
+"""Inf-Net's losses (Inf-Net, IEEE TMI 2020; ``docs/methods/infnet.md``): the structure loss
+(weighted BCE + weighted IoU) on the
 segmentation maps and BCE on the edge map. Inputs are logits ``(B, 1, H, W)`` and targets in
 [0, 1] of the same shape.
 

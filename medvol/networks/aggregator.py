@@ -1,4 +1,5 @@
-"""GRU slice aggregator: per-slice feature vectors -> one subject-level prediction (METHODS.md §7).
+"""GRU slice aggregator: per-slice feature vectors -> one subject-level prediction (after DC-MT's
+aggregation network, MedIA 2022; ``docs/methods/slice_aggregator.md``).
 
 After DC-MT's aggregation network (Huo et al., MedIA 2022; the authors' ``SimpleRNN`` in
 ``Aggregation-Network/models/AttentionModel/rnn.py``): per-slice features ``(B, S, F)`` (F = 512

@@ -1,5 +1,5 @@
 """DoDNet (CVPR 2021): one encoder-decoder whose last layers are a dynamic head whose
-weights a task-conditioned controller generates per sample (METHODS.md §2).
+weights a task-conditioned controller generates per sample (DoDNet, CVPR 2021; ``docs/methods/dodnet.md``).
 
 Encoder: weight-standardised 3x3x3 convolutions, GroupNorm(16), pre-activation residual
 blocks; conv 1 -> 32, stages 32 (1 block, stride 1), 64 (2, s2), 128 (2, s2), 256 (2, s2),

@@ -1,4 +1,4 @@
-"""PCRL (METHODS.md §3): the Models-Genesis 3D U-Net and the parts PCRL adds to it.
+"""PCRL (PCRL, ICCV 2021; ``docs/methods/pcrl.md``): the Models-Genesis 3D U-Net and the parts PCRL adds to it.
 
 Backbone (widths for ``base`` = 32, the paper's): encoder stages of two conv 3³ + BN + ReLU,
 1->32->64 | pool | 64->128 | pool | 128->256 | pool | 256->512; decoder stages of a 2³

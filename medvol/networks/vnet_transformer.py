@@ -1,5 +1,5 @@
 """CANet's segmenter: a V-Net whose bottleneck is replaced by a Transformer, with a
-segmentation head and a tanh signed-distance head (METHODS.md §1).
+segmentation head and a tanh signed-distance head (CANet, ESWA 2023; ``docs/methods/canet.md``).
 
 V-Net (base 16, BatchNorm): encoder stages 16 (1 conv) -> 32 (2) -> 64 (3) -> 128 (3) ->
 256 (3), 2x2x2 stride-2 convolutions between them; decoder: 2x2x2 transposed convolutions

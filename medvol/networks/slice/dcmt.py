@@ -1,4 +1,5 @@
-"""DC-MT slice classifier: SE-ResNeXt50 + foreground attention + LSE pooling + CAMs (METHODS.md §4).
+"""DC-MT slice classifier: SE-ResNeXt50 + foreground attention + LSE pooling + CAMs (DC-MT, Huo et
+al., MedIA 2022; ``docs/methods/dcmt.md``).
 
 After Huo et al., "Automatic grading assessments for knee MRI cartilage defects via
 self-ensembling semi-supervised learning with dual-consistency", MedIA 2022.

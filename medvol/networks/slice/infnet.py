@@ -1,5 +1,6 @@
 """Inf-Net (Fan et al., IEEE TMI 2020): Res2Net backbone, edge attention, parallel partial
-decoder and cascaded reverse attention, for binary segmentation of 2D slices (METHODS.md §5).
+decoder and cascaded reverse attention, for binary segmentation of 2D slices (Inf-Net, IEEE TMI
+2020; ``docs/methods/infnet.md``).
 
 Tensors are ``(B, C, H, W)``. Every output is a logit map of one channel upsampled to the
 input's size (:class:`InfNetOutput`); in eval mode the model returns only the final map (the

@@ -1,4 +1,4 @@
-"""UGPCL's network (IJCAI 2022; ``shared/METHODS.md`` §6): a shared ResNet-50 encoder feeding a
+"""UGPCL's network (IJCAI 2022; ``docs/methods/ugpcl.md``): a shared ResNet-50 encoder feeding a
 U-Net CNN decoder and a Swin Transformer decoder, a projection head on the stride-8 feature for
 pixel contrast, and a 4-way rotation head. 2D: images ``(B, C, H, W)``.
 
