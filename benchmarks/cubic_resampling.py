@@ -16,7 +16,7 @@ from skimage.transform import resize
 
 from medvol.datasets.realdata import package_file
 from medvol.io import read_volume
-from medvol.preprocessing.resampling import compute_new_shape, resample_image
+from medvol.resampling import compute_new_shape, resample_image
 
 T1 = "nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 

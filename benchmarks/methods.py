@@ -23,6 +23,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -35,6 +36,7 @@ class Arm:
     recipe: str
     sets: tuple[str, ...] = ()
     pretrain: str | None = None  # a self-supervised recipe run first on the same cache; init_from its encoder.pt
+    sets_for: Callable[[int, int], tuple[str, ...]] | None = None  # more overrides, of (labelled budget, steps)
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class Comparison:
     budgets: tuple[int, ...]
     steps: int
     note: str = ""
-    partial: bool = False  # DoDNet: one network over partial datasets vs one baseline per dataset
+    partial: bool = False  # DoDNet: one network over partial datasets (steps x datasets) vs one per dataset
 
 
 @dataclass
@@ -95,6 +97,31 @@ INFNET_CPU = ("model.options.width_mult=0.25", "model.options.rfb_channels=16", 
               "data.batch_size=8", "data.patch_size=[128,128]", "optimizer.lr=1e-3", "schedule.milestones=[225]",
               "model.options.input_scale=2.0")
 Q2D_CPU = ("model.base_features=8", "data.batch_size=8")
+# Semi-Inf-Net against the supervised Inf-Net at the slices' own 128 px (4x cheaper than 256;
+# both arms alike). Its stages are sized in epochs of their own slices, as published: with k
+# labelled slices an epoch is ceil(k / 8) x 3 scales steps.
+INFNET_128 = tuple(s for s in INFNET_CPU if not s.startswith("model.options.input_scale"))
+SEMI_STEPS = 300  # the initial stage = the baseline's run; pretrain as long; finetune a third
+
+
+def semi_infnet_stages(budget: int, steps: int, per_round: int = 6, rounds: int = 4) -> tuple[str, ...]:
+    """Stage lengths for ``budget`` labelled slices: ``initial`` and ``pretrain`` ~``steps``
+    steps each, ``finetune`` ~``steps`` / 3, one x0.1 decay three quarters into each; 4 rounds
+    of 6 pseudo-labels, 3 epochs each; Adam 1e-3 throughout (no ImageNet backbone)."""
+    def epoch(n: int) -> int:
+        return -(-n // 8) * 3
+
+    def stage(name: str, steps: int, slices: int) -> tuple[str, ...]:
+        e = max(1, round(steps / epoch(slices)))
+        return (f"method.{name}.epochs={e}", f"method.{name}.decay_epoch={max(1, int(0.75 * e))}",
+                f"method.{name}.lr=1e-3", f"method.{name}.batch_size=8")
+
+    return (f"method.per_round={per_round}", f"method.max_rounds={rounds}",
+            *stage("initial", steps, budget), *stage("pretrain", steps, budget + per_round * rounds),
+            *stage("finetune", steps // 3, budget),
+            "method.round.epochs=3", "method.round.lr=1e-3", "method.round.batch_size=8")
+
+
 COMPARISONS = {c.method: c for c in [
     # the published whole-slice resize (here 128 -> 256) gives the stride-8 final map its cells: a 2-4 px
     # skull cannot be drawn by a 16 x 16 map, and a region's boundary is placed to +-4 px by one
@@ -104,9 +131,18 @@ COMPARISONS = {c.method: c for c in [
     Comparison("infnet_brain", "ct_brain", Arm("Inf-Net", "infnet", INFNET_CPU),
                Arm("quickstart_2d", "quickstart_2d", Q2D_CPU),
                budgets=(24,), steps=300, note="brain on real head-CT slices, 24 labelled slices"),
+    Comparison("semi_infnet", "ct_brain", Arm("Semi-Inf-Net", "semi_infnet", INFNET_128, sets_for=semi_infnet_stages),
+               Arm("Inf-Net", "infnet", INFNET_128), budgets=(8, 24), steps=SEMI_STEPS,
+               note="brain on real head-CT slices at 128 px; 24 of the 48 unlabelled slices pseudo-labelled"),
     Comparison("ugpcl", "brain_tissue", Arm("UGPCL", "ugpcl_demo"),
                Arm("quickstart_2d", "quickstart_2d", ("model.base_features=8",)),
                budgets=(1, 2), steps=300, note="GM/WM on real T1 scans, the rest of the 6 unlabelled"),
+    # the same UGPCL network with its unlabelled terms off: what the unlabelled scans themselves buy
+    Comparison("ugpcl_semi", "brain_tissue", Arm("UGPCL", "ugpcl_demo"),
+               Arm("UGPCL labelled only", "ugpcl_demo", ("method.consistency=0", "method.rotation_weight=0",
+                                                         "method.contrast_weight=0", "data.unlabelled_per_batch=0",
+                                                         "data.batch_size=4")),  # the same 4 labelled per batch
+               budgets=(1, 2), steps=300, note="GM/WM on real T1 scans: the unlabelled terms on and off"),
     Comparison("canet", "brain_wm", Arm("CANet", "canet_demo", ("data.val_cases=null",)),
                Arm("quickstart", "quickstart", ("model.base_features=8", "data.patch_size=[48,48,48]")),
                budgets=(1, 2), steps=300, note="white matter on real T1 scans, the rest of the 6 unlabelled"),
@@ -209,7 +245,9 @@ def run_partial_arm(arm: Arm, c: Comparison, data: Data, seed: int, out: Path, t
     t0, scores = time.perf_counter(), {}
     sets = [*arm.sets, *_common(c, None, seed, toy)]
     tasks = task_datasets(data.pre.parent / "raw", data.pre.parent)
-    if arm is c.arm:
+    if arm is c.arm:  # as many steps as the baselines together: each task's cases seen as often
+        steps = len(tasks) * (2 if toy else c.steps)
+        sets += [f"trainer.steps={steps}", f"trainer.val_every={steps + 1}"]
         train(load_recipe(arm.recipe, sets), data.pre, out / "run", device="cpu", quiet=True)
     for tid, (name, value, task_data) in tasks.items():
         if arm is c.arm:
@@ -235,10 +273,12 @@ def run_arm(arm: Arm, c: Comparison, data: Data, budget: int, seed: int, out: Pa
     if c.partial:
         return run_partial_arm(arm, c, data, seed, out, toy)
     t0 = time.perf_counter()
-    sets = [*arm.sets, *_common(c, budget, seed, toy)]
+    by_budget = arm.sets_for(budget, 2 if toy else c.steps) if arm.sets_for else ()
+    sets = [*arm.sets, *by_budget, *_common(c, budget, seed, toy)]
     if arm.pretrain:  # labels unused: every training case, as a user would pretrain
         pre_sets = [f"trainer.seed={seed}", *(TOY if toy else [])]
-        train(load_recipe(arm.pretrain, pre_sets), data.pre, out / "pretrain", device="cpu", quiet=True)
+        if not (out / "pretrain" / "encoder.pt").exists():  # a finished pretraining is reused by a rerun
+            train(load_recipe(arm.pretrain, pre_sets), data.pre, out / "pretrain", device="cpu", quiet=True)
         sets.append(f"init_from={out / 'pretrain' / 'encoder.pt'}")
     train(load_recipe(arm.recipe, sets), data.pre, out / "run", device="cpu", quiet=True)
     predict(out / "run", data.images, out / "pred", device="cpu", checkpoint="latest", tta=False, quiet=True)
@@ -246,10 +286,11 @@ def run_arm(arm: Arm, c: Comparison, data: Data, budget: int, seed: int, out: Pa
             "scores": _scores(out / "pred", data.labels), "seconds": time.perf_counter() - t0}
 
 
-def run_comparison(c: Comparison, seeds: list[int], work: Path, toy: bool, deadline: float) -> list[dict]:
+def run_comparison(c: Comparison, seeds: list[int], work: Path, toy: bool, deadline: float,
+                   budgets: list[int] | None = None) -> list[dict]:
     data = build_data(c.dataset, work, toy)
     rows = []
-    for budget in (0,) if c.partial else (2,) if toy else c.budgets:
+    for budget in (0,) if c.partial else (2,) if toy else [b for b in c.budgets if not budgets or b in budgets]:
         for seed in seeds:
             for arm in (c.arm, c.baseline):
                 if time.time() > deadline:
@@ -330,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--method", action="append", choices=sorted(COMPARISONS), help="repeat for several")
     ap.add_argument("--all", action="store_true")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--budgets", type=int, nargs="+", help="only these labelled budgets (default: the comparison's)")
     ap.add_argument("--budget-minutes", type=float, default=float("inf"))
     ap.add_argument("--out", type=Path, default=Path("bench_methods"))
     ap.add_argument("--toy", action="store_true", help="toy data and 2 steps: checks the harness, measures nothing")
@@ -342,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         methods = sorted(COMPARISONS) if a.all else (a.method or ap.error("give --method NAME or --all"))
         deadline = time.time() + 60 * a.budget_minutes
-        rows = [r for m in methods for r in run_comparison(COMPARISONS[m], a.seeds, a.out, a.toy, deadline)]
+        rows = [r for m in methods for r in run_comparison(COMPARISONS[m], a.seeds, a.out, a.toy, deadline, a.budgets)]
     summary = summarise(rows)
     (a.out / "methods.json").write_text(json.dumps({"runs": rows, "summary": summary}, indent=1))
     print(write_table(summary, a.out).read_text())

@@ -27,7 +27,6 @@ frames are on both sides). Images are channel ``MRI`` (z-scored per image by pre
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ import numpy as np
 from medvol.errors import InputError
 from medvol.io import Volume, write_volume
 from medvol.io.slices2d import read_h5_slice, read_slice_list
+from medvol.utils import write_json
 
 LABELS = {"background": 0, "RV": 1, "MYO": 2, "LV": 3}
 SLICE_AFFINE = np.diag([1.0, 1.0, 999.0, 1.0])
@@ -85,8 +85,8 @@ def _write_meta(out: Path, name: str, train: list[str], val: list[str], labelled
     meta = {"name": name, "description": "ACDC cine MRI (RV, myocardium, LV), semi-supervised split",
             "channel_names": {"0": "MRI"}, "labels": LABELS, "numTraining": len(train) + len(val),
             "file_ending": ".nii.gz", "labelled_cases": labelled, "source_ids": source}
-    (out / "splits_final.json").write_text(json.dumps(_splits(train, val), indent=1))
-    (out / "dataset.json").write_text(json.dumps(meta, indent=1))
+    write_json(out / "splits_final.json", _splits(train, val))
+    write_json(out / "dataset.json", meta)
 
 
 # ------------------------------------------------------------------ NIfTI volumes

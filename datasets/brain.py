@@ -19,6 +19,7 @@ import numpy as np
 
 from medvol.datasets.realdata import MNI152_2009A, package_file
 from medvol.io import Volume, write_volume
+from medvol.utils import write_json
 
 LABELS = {"background": 0, "grey_matter": 1, "white_matter": 2}
 
@@ -163,7 +164,7 @@ def build_brain_dataset(out: str | Path, n_train: int = 8, n_test: int = 2, base
     }
     if labelled_cases is not None:
         meta["labelled_cases"] = [f"brain_{i:03d}" for i in range(labelled_cases)]
-    (out / "dataset.json").write_text(json.dumps(meta, indent=1))
+    write_json(out / "dataset.json", meta)
     return out
 
 
@@ -183,5 +184,5 @@ def build_brain_partial_dataset(out: str | Path, n_train: int = 8, n_test: int =
     meta["tasks"] = PARTIAL_TASKS
     meta["case_tasks"] = {f"brain_{i:03d}": {"task_id": i % 2, "annotated": [1, 0] if i % 2 == 0 else [0, 1]}
                           for i in range(n)}
-    (out / "dataset.json").write_text(json.dumps(meta, indent=1))
+    write_json(out / "dataset.json", meta)
     return out

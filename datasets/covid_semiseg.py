@@ -30,15 +30,18 @@ disagree with the label it belongs to. A given ``Edge/`` folder is therefore not
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import re
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from medvol.errors import InputError
+from medvol.errors import InputError, MedvolError, OutputError
 from medvol.io import Volume, write_volume
 from medvol.io.slices2d import IMAGE_SUFFIXES, files_by_stem, read_image_2d, read_mask_2d
+from medvol.utils import write_json
 
 SLICE_AFFINE = np.diag([1.0, 1.0, 999.0, 1.0])
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -86,8 +89,25 @@ def _write_pairs(folder: Path, prefix: str, out: Path, img_dir: str, lab_dir: st
 def convert_covid_semiseg(train: str | Path, out: str | Path, unlabelled: str | Path | None = None,
                           test: str | Path | None = None, label_name: str = "infection") -> Path:
     """Write ``out`` (nnU-Net v2 layout) from the COVID-SemiSeg folders; returns ``out``.
-    ``label_name``: the foreground's name in dataset.json (the same layout holds other targets)."""
-    train, out = Path(train), Path(out)
+    ``label_name``: the foreground's name in dataset.json (the same layout holds other targets).
+    Written into a hidden sibling folder renamed to ``out`` when complete: a bad slice leaves
+    nothing behind; ``out`` must not exist yet, or be empty."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise OutputError(out, "exists and is not an empty folder: choose a new one (nothing is overwritten)")
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    staging.mkdir(parents=True)  # the user's umask
+    try:
+        _convert(Path(train), staging, unlabelled, test, label_name)
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _convert(train: Path, out: Path, unlabelled, test, label_name: str) -> None:
     ids: dict[str, str] = {}
     labelled = _write_pairs(train, "lab", out, "imagesTr", "labelsTr", ids)
     n_unlabelled = 0
@@ -103,8 +123,7 @@ def convert_covid_semiseg(train: str | Path, out: str | Path, unlabelled: str | 
             "channel_names": {"0": "zscore"}, "labels": {"background": 0, label_name: 1},
             "numTraining": len(labelled) + n_unlabelled, "file_ending": ".nii.gz",
             "labelled_cases": labelled, "source_ids": ids}
-    (out / "dataset.json").write_text(json.dumps(meta, indent=1))
-    return out
+    write_json(out / "dataset.json", meta)
 
 
 def write_demo_layout(root: str | Path, n_labelled: int = 8, n_unlabelled: int = 8, n_test: int = 4,
@@ -154,15 +173,20 @@ def iio_write(path: Path, array: np.ndarray) -> None:
     iio.imwrite(path, array)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m medvol.datasets.covid_semiseg", description=__doc__.split("\n")[0])
     p.add_argument("train", help="folder with Imgs/ and GT/ (the labelled training slices)")
     p.add_argument("out", help="raw dataset folder to write (e.g. raw/Dataset050_COVIDSemiSeg)")
     p.add_argument("--unlabelled", help="folder of unlabelled slices (searched recursively)")
     p.add_argument("--test", help="folder with Imgs/ and GT/ (the test slices)")
     a = p.parse_args(argv)
-    print(convert_covid_semiseg(a.train, a.out, a.unlabelled, a.test))
+    try:
+        print(convert_covid_semiseg(a.train, a.out, a.unlabelled, a.test))
+    except MedvolError as e:  # one line naming the file, as medvol's commands say it
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -12,7 +12,6 @@ it is not a substitute for a real CT when accuracy is measured.
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from scipy import ndimage
 
 from medvol.datasets.realdata import pydicom_test_file
 from medvol.io import Volume, write_volume
+from medvol.utils import write_json
 
 SLICE = "693_UNCI.dcm"
 LABELS = {"background": 0, "brain": 1, "bone": 2}
@@ -77,5 +77,5 @@ def build_ct_dataset(out: str | Path, cases: int = 3, slices: int = 300, spacing
     meta = {"name": name, "description": "CT-sized head volumes built from the real 512x512 head CT slice "
                                          f"{SLICE} of pydicom-data (see medvol.datasets.ct)",
             "channel_names": {"0": "CT"}, "labels": LABELS, "numTraining": cases, "file_ending": ".nii.gz"}
-    (out / "dataset.json").write_text(json.dumps(meta, indent=1))
+    write_json(out / "dataset.json", meta)
     return out

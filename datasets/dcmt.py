@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +46,7 @@ import numpy as np
 from medvol.errors import InputError
 from medvol.io import Volume, write_volume
 from medvol.io.slices2d import IMAGE_SUFFIXES, read_h5_slice, read_image_2d, read_mask_2d
+from medvol.utils import write_json, write_text
 
 SLICE_SPACING = 999.0
 CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -88,12 +87,6 @@ def _resize(arr: np.ndarray, size: Sequence[int] | None, order: int) -> np.ndarr
     out = resize(arr.astype(np.float32), (*arr.shape[:-2], *size), order=order, preserve_range=True,
                  anti_aliasing=False, mode="edge")
     return out.astype(arr.dtype)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _csv_text(rows: Iterable[Sequence]) -> str:
@@ -153,11 +146,11 @@ def write_subject_stacks(slices: list[GradedSlice], out: str | Path, subject_gra
         if subject not in grades and graded:
             grades[subject] = max(g for _, g in graded)
     labels_rows += [(subject, "", g) for subject, g in grades.items() if subject in groups]
-    _write_text(out / "slice_labels.csv", _csv_text(labels_rows))
-    _write_text(out / "slice_sources.csv", _csv_text(sources))
+    write_text(out / "slice_labels.csv", _csv_text(labels_rows))
+    write_text(out / "slice_sources.csv", _csv_text(sources))
     _write_meta(out, groups, n_channels.pop(), labelled, name, description)
     if folds:
-        _write_text(out / "splits_final.json", json.dumps(fold_splits(folds), indent=1))
+        write_json(out / "splits_final.json", fold_splits(folds))
     return out
 
 
@@ -173,7 +166,7 @@ def _write_meta(out: Path, groups: dict, n_channels: int, labelled, name: str, d
             "labels": {"background": 0, "region": 1}, "numTraining": len(groups), "file_ending": ".nii.gz"}
     if labelled is not None:
         meta["labelled_cases"] = sorted(labelled)
-    _write_text(out / "dataset.json", json.dumps(meta, indent=1))
+    write_json(out / "dataset.json", meta)
 
 
 def fold_splits(folds: dict[str, int]) -> list[dict]:

@@ -12,13 +12,13 @@ LA MRI voxel size (0.625 mm isotropic) is written as an axis-aligned affine.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from medvol.errors import InputError
 from medvol.io import Volume, write_volume
+from medvol.utils import write_json
 
 LA_SPACING = (0.625, 0.625, 0.625)
 
@@ -60,5 +60,5 @@ def convert_la2018(src: str | Path, out: str | Path, labelled: int = 16, spacing
             "channel_names": {"0": "noNorm"}, "labels": {"background": 0, "left_atrium": 1},
             "numTraining": len(train), "file_ending": ".nii.gz",
             "labelled_cases": [f"la_{i:03d}" for i in range(labelled)], "source_ids": ids}
-    (out / "dataset.json").write_text(json.dumps(meta, indent=1))
+    write_json(out / "dataset.json", meta)
     return out

@@ -20,7 +20,6 @@ seeded split keeps each task's test share (e.g. LiTS 27 of 131).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import numpy as np
 
 from medvol.data.partial_labels import TASK_RULES
 from medvol.errors import InputError
+from medvol.utils import write_json
 
 DECATHLON_TASKS = {"HepaticVessel": 2, "Pancreas": 3, "Colon": 4, "Lung": 5, "Spleen": 6}
 TEST_SHARE = {0: 27 / 131, 1: 42 / 210, 2: 61 / 303, 3: 57 / 281, 4: 26 / 126, 5: 13 / 63, 6: 9 / 41}
@@ -140,5 +140,5 @@ def build_mots(out: str | Path, lits: str | Path | None = None, kits19: str | Pa
             "channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1, "tumour": 2},
             "numTraining": n_train, "file_ending": ".nii.gz", "case_tasks": case_tasks, "source_ids": ids,
             "tasks": {str(t): TASK_RULES[t][0] for t in TASK_RULES}}
-    (out / "dataset.json").write_text(json.dumps(meta, indent=1))
+    write_json(out / "dataset.json", meta)
     return out

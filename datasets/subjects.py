@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +26,7 @@ from scipy import ndimage
 
 from medvol.datasets.brain import Acquisition, make_case
 from medvol.io import Volume, write_volume
+from medvol.utils import write_json, write_text
 
 KINDS = ("large", "small", "none")
 # In-plane semi-axes (mm) per kind; with the default threshold (80 mm^2) a large lesion's widest
@@ -89,12 +88,6 @@ def make_subject(acq: Acquisition, kind: str, rng: np.random.Generator) -> tuple
     return Volume(img, image.affine, {}), Volume(mask.astype(np.uint8), image.affine, {})
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def slice_label_rows(subject: str, areas: np.ndarray, threshold_mm2: float) -> list[tuple]:
     """``(subject, slice_index, label)`` per slice (lesion present), then the subject's own row."""
     rows = [(subject, z, int(a > 0)) for z, a in enumerate(areas)]
@@ -129,7 +122,7 @@ def build_subject_dataset(out: str | Path, n: int = 12, spacing: float = 2.0, th
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerows([("subject", "slice_index", "label"), *rows])
-    _write_atomic(out / "slice_labels.csv", buf.getvalue())
+    write_text(out / "slice_labels.csv", buf.getvalue())
     meta = {
         "name": name,
         "description": f"MNI152 2009a T1 (nilearn wheel) with varied crops, flips, intensities and noise; some "
@@ -142,5 +135,5 @@ def build_subject_dataset(out: str | Path, n: int = 12, spacing: float = 2.0, th
         "numTraining": n,
         "file_ending": ".nii.gz",
     }
-    _write_atomic(out / "dataset.json", json.dumps(meta, indent=1))
+    write_json(out / "dataset.json", meta)
     return out

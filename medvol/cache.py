@@ -38,6 +38,33 @@ CACHE_VERSION = 3
 SPLITS_FILE = "splits_final.json"  # nnU-Net's cross-validation folds, beside the raw data and in the cache
 
 
+def check_splits(splits, path: Path, case_ids, where: str) -> None:
+    """``splits`` (read from ``path``) is nnU-Net's list of folds, each ``train`` and ``val``
+    listing distinct case ids of ``case_ids`` (the ``where``: cache or dataset), none in both."""
+    from collections import Counter
+
+    from medvol.errors import InputError
+
+    if not isinstance(splits, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("train"), list) and isinstance(s.get("val"), list)
+            for s in splits):
+        raise InputError(path, 'must be a list of {"train": [...], "val": [...]} (nnU-Net\'s format)')
+    for k, s in enumerate(splits):
+        for key in ("train", "val"):
+            bad = [c for c in s[key] if not isinstance(c, str)]
+            if bad:
+                raise InputError(path, f"fold {k}: '{key}' must list case ids (strings), got {bad[0]!r}")
+            twice = sorted(c for c, n in Counter(s[key]).items() if n > 1)
+            if twice:
+                raise InputError(path, f"fold {k}: '{key}' names '{twice[0]}' twice")
+        both = sorted(set(s["train"]) & set(s["val"]))
+        if both:  # the fold would validate on cases it trained on
+            raise InputError(path, f"fold {k}: case(s) {both[:5]} are in both 'train' and 'val'")
+    unknown = sorted({c for s in splits for c in s["train"] + s["val"]} - set(case_ids))
+    if unknown:
+        raise InputError(path, f"names cases that are not in the {where}: {unknown[:5]}")
+
+
 def cases_dir(out: Path) -> Path:
     return Path(out) / "cases"
 

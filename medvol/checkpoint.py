@@ -109,6 +109,13 @@ def run_checkpoint(run_dir: str | Path, checkpoint: str = "best") -> Path:
     return path
 
 
+def inference_weights(ckpt: dict) -> dict:
+    """The state dict that prediction, export and feature extraction load from a checkpoint: the
+    model its trainer named ``inference_model`` (a mean teacher's ``"teacher"``), ``"model"`` in
+    checkpoints written before that was recorded. The one rule of which weights inference uses."""
+    return ckpt["models"][ckpt.get("inference_model", "model")]
+
+
 def expand_fold_folders(paths: list[Path]) -> list[Path]:
     """The run folders meant by ``paths``: each path itself, or, for a folder that is not a run
     (no ``recipe.yaml``) but holds ``fold_*`` runs, those runs in name order."""
@@ -117,6 +124,17 @@ def expand_fold_folders(paths: list[Path]) -> list[Path]:
         folds = sorted(r.glob("fold_*")) if r.is_dir() and not (r / "recipe.yaml").exists() else []
         out += folds or [r]
     return out
+
+
+def load_weights(model: torch.nn.Module, state: dict, described_by: Path, source: Path) -> None:
+    """``model.load_state_dict(state)``; a network that does not fit the weights (its plan or
+    recipe changed after training) is one error naming the file that built it."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
+        raise ConfigError(f"{described_by}: the network it describes does not fit the weights of the checkpoint "
+                          f"{source} ({first}); was it edited after training?") from None
 
 
 def load_run(run_dir: str | Path, device: torch.device, checkpoint: str = "best") -> RunModel:
@@ -138,9 +156,8 @@ def load_run(run_dir: str | Path, device: torch.device, checkpoint: str = "best"
                           f"encoder.pt (--set init_from={run_dir / 'encoder.pt'})")
     plans = Plans.from_dict(read_json(run_dir / "plans.json")).for_configuration(recipe.data.configuration)
     ckpt = load_checkpoint(run_checkpoint(run_dir, checkpoint), map_location="cpu")
-    key = ckpt.get("inference_model", "model")
     num_classes = int(ckpt.get("num_classes", plans.num_classes))  # a classifier's classes are not the plan's labels
     model = build_model(recipe.model, plans, plans.num_channels * (2 * recipe.data.context + 1), num_classes)
-    model.load_state_dict(ckpt["models"][key])
+    load_weights(model, inference_weights(ckpt), run_dir / "plans.json", run_checkpoint(run_dir, checkpoint))
     model.to(device).eval()
     return RunModel(model, recipe, plans, run_dir)

@@ -60,6 +60,43 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="print the full traceback of medvol's own errors too")
 
 
+# Options that several commands take, defined once; help=None prints as argparse's no-help line.
+PRECISIONS = ["auto", "fp32", "bf16", "fp16"]
+AUTO_PRECISION = ("auto: bf16 on CPUs with native bf16 and on GPUs that support it, fp16 on other GPUs, "
+                  "else fp32")
+
+
+def _add_out(p: argparse.ArgumentParser, help: str | None = None, required: bool = True,
+             short: bool = True) -> None:
+    p.add_argument(*(("-o", "--out") if short else ("--out",)), type=Path, required=required, help=help)
+
+
+def _add_device(p: argparse.ArgumentParser, help: str | None = None) -> None:
+    p.add_argument("--device", default="auto", action=_checked(validation.device), help=help)
+
+
+def _add_workers(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-j", "--workers", type=int, default=None, action=_checked(validation.positive_int),
+                   help="worker processes (default: the usable CPUs, fewer when memory would not hold them)")
+
+
+def _add_checkpoint(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
+
+
+def _add_precision(p: argparse.ArgumentParser, default: str | None, help: str) -> None:
+    p.add_argument("--precision", choices=PRECISIONS, default=default, help=help)
+
+
+def _add_cache_options(p: argparse.ArgumentParser, overwrite_help: str | None, shard_help: str,
+                       orientation_help: str) -> None:
+    """The options `medvol preprocess` and `medvol fingerprint` share (the raw dataset, the cache)."""
+    _add_workers(p)
+    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    p.add_argument("--shard", help=shard_help)
+    p.add_argument("--orientation", choices=["stored", "RAS"], default="stored", help=orientation_help)
+
+
 def _add_plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory", type=float, default=8.0, dest="gpu_memory_gb", action=_checked(validation.positive),
                    help="GPU memory target in GB for patch/batch size (nnU-Net default 8)")
@@ -79,7 +116,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, required=True,
                    help="the preprocessing cache (medvol preprocess -o); PCRL also takes any folder of scans; "
                         "slice_aggregator the features of medvol extract-features")
-    p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs, recipe, plans)")
+    _add_out(p, "run folder (checkpoints, logs, recipe, plans)", short=False)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set trainer.steps=500 (repeatable)")
     p.add_argument("--fold", help="cross-validation fold of DATA/splits_final.json: 0-4 or 'all' (written with "
@@ -87,11 +124,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", nargs="?", const=True, default=False, choices=[True, "auto"],
                    help="continue from OUT/checkpoints/latest.pt; `--resume auto` starts fresh when there is "
                         "none (one job script for the first start and every requeue)")
-    p.add_argument("--device", default="auto", action=_checked(validation.device),
-                   help="cpu, cuda, cuda:1 or auto (default)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None,
-                   help="numerical precision (default: the recipe's trainer.precision, auto: bf16 on CPUs with "
-                        "native bf16 and on GPUs that support it, fp16 on other GPUs, else fp32)")
+    _add_device(p, "cpu, cuda, cuda:1 or auto (default)")
+    _add_precision(p, None, f"numerical precision (default: the recipe's trainer.precision, {AUTO_PRECISION})")
     p.add_argument("--nproc", type=int, default=1, action=_checked(validation.positive_int),
                    help="processes on this node (DDP through torchrun)")
     _add_common(p)
@@ -104,26 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("preprocess", help="fingerprint -> plan -> crop/normalise/resample into a cache")
     p.add_argument("raw", type=Path, help="raw dataset: nnU-Net/Decathlon folder, NIfTI folder or DICOM tree")
-    p.add_argument("-o", "--out", type=Path, required=True, help="output (cache) folder")
-    p.add_argument("-j", "--workers", type=int, default=None, action=_checked(validation.positive_int),
-                   help="worker processes (default: the usable CPUs, fewer when memory would not hold them)")
-    p.add_argument("--overwrite", action="store_true", help="start from scratch instead of resuming")
-    p.add_argument("--shard", help="K/N: process cases K, K+N, ... (K from 0); needs `medvol plan` first")
-    p.add_argument("--orientation", choices=["stored", "RAS"], default="stored",
-                   help="voxel order of the cache: each file's own (default, as nnU-Net) or every case "
-                        "reoriented to RAS (datasets that mix storage orders); predictions come back as stored")
+    _add_out(p, "output (cache) folder")
+    _add_cache_options(p, "start from scratch instead of resuming",
+                       "K/N: process cases K, K+N, ... (K from 0); needs `medvol plan` first",
+                       "voxel order of the cache: each file's own (default, as nnU-Net) or every case "
+                       "reoriented to RAS (datasets that mix storage orders); predictions come back as stored")
     _add_plan_options(p)
     _add_common(p)
 
     p = sub.add_parser("fingerprint", help="per-case fingerprints (and cropped arrays) only")
     p.add_argument("raw", type=Path)
-    p.add_argument("-o", "--out", type=Path, required=True)
-    p.add_argument("-j", "--workers", type=int, default=None, action=_checked(validation.positive_int),
-                   help="worker processes (default: the usable CPUs, fewer when memory would not hold them)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--shard", help="K/N: fingerprint cases K, K+N, ... (K from 0)")
-    p.add_argument("--orientation", choices=["stored", "RAS"], default="stored",
-                   help="as for preprocess: the cache's voxel order (every shard must use the same)")
+    _add_out(p)
+    _add_cache_options(p, None, "K/N: fingerprint cases K, K+N, ... (K from 0)",
+                       "as for preprocess: the cache's voxel order (every shard must use the same)")
     _add_common(p)
 
     p = sub.add_parser("plan", help="merge fingerprints into fingerprint.json and write plans.json")
@@ -156,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--input", type=Path, required=True,
                    help="a scan file (NIfTI, .mhd, .nrrd), a folder of them (e.g. imagesTs) and of DICOM series "
                         "folders, or one DICOM series folder")
-    p.add_argument("-o", "--out", type=Path, required=True, help="output folder (<case>.nii.gz)")
+    _add_out(p, "output folder (<case>.nii.gz)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="mirroring test-time augmentation over the trained axes, about 2^axes times the "
                         "cost (default: the recipe's inference.tta)")
@@ -165,9 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, nargs="+", metavar="N", default=None,
                    help="sliding-window step in voxels of the preprocessed grid, per axis of the patch (X Y Z; "
                         "2 in-plane values for a 2D model; a paper's stride); replaces --overlap")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None,
-                   help="numerical precision (default: the recipe's inference.precision, auto: bf16 on CPUs with "
-                        "native bf16 and on GPUs that support it, fp16 on other GPUs, else fp32)")
+    _add_precision(p, None, f"numerical precision (default: the recipe's inference.precision, {AUTO_PRECISION})")
     p.add_argument("--all-windows", action="store_true", default=None,
                    help="also run the windows that lie wholly outside the scan's nonzero (body) mask "
                         "(default: they are skipped and read as background)")
@@ -175,9 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep only the largest connected component of each label (default: the recipe's)")
     p.add_argument("--sw-batch-size", type=int, default=2, action=_checked(validation.positive_int),
                    help="windows per forward pass")
-    p.add_argument("--device", default="auto", action=_checked(validation.device))
+    _add_device(p)
     p.add_argument("--save-probabilities", action="store_true", help="also write <case>.npz (float16)")
-    p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
+    _add_checkpoint(p)
     p.add_argument("--task", help="task-conditioned models (DoDNet): a task id or name, or 'all' (default)")
     p.add_argument("--no-pictures", action="store_true", help="skip the PNGs and index.html")
     _add_common(p)
@@ -188,47 +213,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True,
                    help="a preprocessing cache made with the classifier's plan (subject classes from its "
                         "slice_labels.csv), or scans: a file, a folder of them, DICOM series folders")
-    p.add_argument("-o", "--out", type=Path, required=True, help="output folder (features.npz): the --data of "
-                                                                 "`medvol train slice_aggregator`")
+    _add_out(p, "output folder (features.npz): the --data of `medvol train slice_aggregator`")
     p.add_argument("--labels", type=Path, help="a slice_labels.csv giving the subjects' classes (default: the "
                                                "cache's own)")
-    p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
+    _add_checkpoint(p)
     p.add_argument("--slice-batch", type=int, default=16, action=_checked(validation.positive_int),
                    help="slices per forward pass (default 16)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="the classifier's numerical precision (default auto, as medvol predict's: predict "
-                        "with the precision the features were extracted with)")
-    p.add_argument("--device", default="auto", action=_checked(validation.device))
+    _add_precision(p, "auto", "the classifier's numerical precision (default auto, as medvol predict's: predict "
+                              "with the precision the features were extracted with)")
+    _add_device(p)
     _add_common(p)
 
     p = sub.add_parser("export", help="pack a run's model into one portable file for predict -m")
     p.add_argument("run", type=Path, help="run folder written by `medvol train`")
-    p.add_argument("-o", "--out", type=Path, required=True, help="the model file to write (.zip)")
-    p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
+    _add_out(p, "the model file to write (.zip)")
+    _add_checkpoint(p)
     _add_common(p)
 
     p = sub.add_parser("evaluate", help="metrics (Dice, Jaccard, HD95, ASD in mm, volumes) against references")
     p.add_argument("--pred", type=Path, required=True, help="folder of predicted label maps")
     p.add_argument("--ref", type=Path, required=True, help="folder of reference label maps (same file names)")
-    p.add_argument("-o", "--out", type=Path, help="metrics file stem (default PRED/metrics): .json and .csv")
+    _add_out(p, "metrics file stem (default PRED/metrics): .json and .csv", required=False)
     p.add_argument("--images", type=Path, help="images folder: also draw pictures and an index.html in PRED")
     _add_common(p)
 
     p = sub.add_parser("cv", help="merge the folds' end-of-run validations into one cross-validation table")
     p.add_argument("runs", type=Path, nargs="+", metavar="RUN",
                    help="the folds' run folders, or one folder holding fold_* runs")
-    p.add_argument("-o", "--out", type=Path,
-                   help="output folder (cv_summary.json/.csv/.html, cv_dice.png); default: the folder of fold_* "
-                        "runs when one is given")
+    _add_out(p, "output folder (cv_summary.json/.csv/.html, cv_dice.png); default: the folder of fold_* runs "
+                "when one is given", required=False)
     _add_common(p)
 
     p = sub.add_parser("demo", help="the main job end to end on the built-in real data")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default ./demo_out)")
-    p.add_argument("-j", "--workers", type=int, default=None, action=_checked(validation.positive_int),
-                   help="worker processes (default: the usable CPUs, fewer when memory would not hold them)")
+    _add_workers(p)
     p.add_argument("--steps", type=int, default=150, action=_checked(validation.positive_int),
                    help="training steps (default 150, a few minutes on 2 cores)")
-    p.add_argument("--device", default="auto", action=_checked(validation.device))
+    _add_device(p)
     _add_common(p)
     return parser
 
@@ -281,7 +302,7 @@ def _cmd_recipes(a) -> int:
 def _cmd_train(a) -> int:
     import os
 
-    from medvol.config import load_recipe
+    from medvol.training import load_recipe  # the method: section parsed too
 
     if a.fold is not None:
         a.overrides = [*a.overrides, f"data.fold={a.fold}"]

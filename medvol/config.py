@@ -1,5 +1,9 @@
 """Recipes: YAML files parsed into dataclasses. Unknown keys are errors naming the key and
-the file; ``--set a.b=c`` overrides any value (parsed as YAML)."""
+the file; ``--set a.b=c`` overrides any value (parsed as YAML). A recipe may start from another
+(``extends: canet_la``, a built-in name, or ``extends: base.yaml``, a path relative to the file)
+and state only the keys that differ: mappings merge key by key, lists and scalars are replaced,
+chains are followed, a cycle is an error; ``name`` and ``description`` are never inherited.
+What a run saves (``save_recipe``) is the merged, fully resolved recipe, without ``extends``."""
 
 from __future__ import annotations
 
@@ -202,7 +206,12 @@ def from_dict(cls, data: dict, source: str = "<recipe>", prefix: str = ""):
         raise ConfigError(f"{source}: unknown key '{where}' (known keys{' of ' + prefix if prefix else ''}: "
                           f"{', '.join(sorted(names))})")
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k, source) for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # a check in the dataclass's __post_init__: name the file too
+        if str(e).startswith(f"{source}: "):
+            raise
+        raise ConfigError(f"{source}: {e}") from None
 
 
 def to_dict(obj) -> dict:
@@ -273,15 +282,80 @@ def find_recipe(path: str | Path):
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    path = Path(find_recipe(path))
+    """The recipe ``path`` (a file or a built-in name), its ``extends`` chain merged in and
+    ``overrides`` applied, typed and checked. The ``method:`` section stays a mapping here:
+    :func:`medvol.training.load_recipe` also parses it with the method trainer's ``Options``."""
+    data, source = read_recipe(path, overrides)
+    return check_recipe(from_dict(Recipe, data, source), source)
+
+
+def read_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[dict, str]:
+    """The recipe's raw mapping, fully resolved: the ``extends`` chain merged (see
+    :func:`merge_recipe`), then ``overrides``; and the source to name in errors (the file, and
+    the files it extends). Each file's own keys are checked against the recipe's sections first,
+    so an unknown key or a bad type names the file that holds it."""
+    chain = _extends_chain(Path(find_recipe(path)))
+    data: dict = {}
+    for i, (_, own) in enumerate(chain):
+        if i < len(chain) - 1:  # a recipe's name and description are its own, never inherited
+            own = {k: v for k, v in own.items() if k not in ("name", "description")}
+        data = merge_recipe(data, own)
+    source = str(chain[-1][0])
+    if len(chain) > 1:
+        source += " (extends " + " -> ".join(str(f) for f, _ in reversed(chain[:-1])) + ")"
+    return apply_overrides(data, overrides or [], source), source
+
+
+def merge_recipe(base: dict, child: dict) -> dict:
+    """``child`` over ``base``: mappings merged key by key (at any depth), anything else (lists,
+    numbers, strings, null) replaced by the child's value. Neither argument is changed."""
+    out = dict(base)
+    for k, v in child.items():
+        out[k] = merge_recipe(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of sections")
-    data = apply_overrides(data, overrides or [], str(path))
-    return check_recipe(from_dict(Recipe, data, str(path)), str(path))
+    return data
+
+
+def _extends_chain(path: Path) -> list[tuple[Path, dict]]:
+    """``[(file, its own keys)]`` from the root recipe down to ``path``: each file's ``extends``
+    (a built-in recipe's name, or a path ending in .yaml relative to the file) followed."""
+    chain: list[tuple[Path, dict]] = []
+    while True:
+        if any(path.resolve() == f.resolve() for f, _ in chain):
+            files = " -> ".join(str(f) for f, _ in reversed(chain))
+            raise ConfigError(f"{chain[-1][0]}: 'extends' forms a cycle: {files} -> {path}")
+        data = _read_yaml(path)
+        parent = data.pop("extends", None)
+        from_dict(Recipe, data, str(path))  # the file's own keys and types, named with the file
+        chain.insert(0, (path, data))
+        if parent is None:
+            return chain
+        path = _extended_file(parent, path)
+
+
+def _extended_file(parent: Any, child: Path) -> Path:
+    if not isinstance(parent, str) or not parent.strip():
+        raise ConfigError(f"{child}: 'extends' must be a built-in recipe's name or a path to a .yaml file, "
+                          f"got {parent!r}")
+    if parent.endswith((".yaml", ".yml")) or "/" in parent or "\\" in parent:
+        file = child.parent / Path(parent).expanduser()  # an absolute path stays absolute
+        if not file.is_file():
+            raise ConfigError(f"{child}: extends {parent!r}: no such file ({file})")
+        return file
+    builtin = builtin_recipes()
+    if parent not in builtin:
+        raise ConfigError(f"{child}: extends {parent!r}: not a built-in recipe ({', '.join(builtin)}); "
+                          "a path to a file ends in .yaml")
+    return Path(str(builtin[parent]))
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # medvol.precision.PRECISIONS (kept free of torch here)

@@ -26,6 +26,10 @@ class InputError(MedvolError):
         return (type(self), (self.path, self.problem))
 
 
+class JSONFileError(InputError, ValueError):
+    """A JSON file medvol reads is not valid JSON (still a ValueError, as json's own error is)."""
+
+
 class ConfigError(MedvolError):
     """A recipe, plan or command-line setting is wrong (unknown key, bad value)."""
 

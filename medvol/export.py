@@ -36,19 +36,17 @@ def _sha256(data: bytes) -> str:
 def export_model(run_dir: str | Path, out: str | Path, checkpoint: str = "best") -> Path:
     """Pack a run folder's model into ``out`` (a .zip)."""
     from medvol import __version__
-    from medvol.checkpoint import load_checkpoint
+    from medvol.checkpoint import inference_weights, load_checkpoint, run_checkpoint
 
     run_dir, out = Path(run_dir), Path(out)
     for f in ("recipe.yaml", "plans.json"):
         if not (run_dir / f).exists():
             raise InputError(run_dir, f"not a medvol run folder (no {f})")
-    ckpt_path = run_dir / "checkpoints" / f"{checkpoint}.pt"
-    if not ckpt_path.exists() and checkpoint == "best":
-        ckpt_path = run_dir / "checkpoints" / "latest.pt"
+    ckpt_path = run_checkpoint(run_dir, checkpoint)
     ckpt = load_checkpoint(ckpt_path)
-    key = ckpt.get("inference_model", "model")
     buf = io.BytesIO()
-    torch.save({"models": {"model": ckpt["models"][key]}, "inference_model": "model", "step": ckpt.get("step")}, buf)
+    torch.save({"models": {"model": inference_weights(ckpt)}, "inference_model": "model", "step": ckpt.get("step")},
+               buf)
     data = {"recipe.yaml": (run_dir / "recipe.yaml").read_bytes(), "plans.json": (run_dir / "plans.json").read_bytes(),
             "checkpoint.pt": buf.getvalue()}
     manifest = {"format": FORMAT, "checkpoint": ckpt_path.stem, "step": ckpt.get("step"), "medvol": __version__,

@@ -1,8 +1,10 @@
-"""Small helpers shared by every stage: atomic writes, JSON of numpy values, the AMP dtype."""
+"""Small helpers shared by every stage: atomic writes (text, JSON, arrays), JSON of numpy values,
+files' SHA-256."""
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import tempfile
@@ -93,13 +95,26 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
-def write_json(path: str | Path, obj: Any) -> None:
+def write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_path`): a reader sees the old file or
+    the whole new one, never a part."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(to_jsonable(obj), indent=1))
+        tmp.write_text(text)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(to_jsonable(obj), indent=1))
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+    """The JSON document at ``path``; a damaged file is one error naming it (JSONFileError)."""
+    from medvol.errors import JSONFileError
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f" (line {e.lineno}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise JSONFileError(path, f"invalid JSON{where}: damaged or not written by medvol") from None
 
 
 def save_npy(path: str | Path, array: np.ndarray) -> None:
@@ -108,3 +123,17 @@ def save_npy(path: str | Path, array: np.ndarray) -> None:
             np.save(f, np.ascontiguousarray(array))
 
 
+
+
+def sha256_file(*paths: str | Path, named: bool = False) -> str:
+    """The SHA-256 of the files' bytes, in the order given, read 1 MiB at a time (a file is never
+    whole in memory). ``named``: each file's name and a NUL byte go before its bytes (a DICOM
+    series folder's hash, in which a renamed slice is a change)."""
+    h = hashlib.sha256()
+    for path in map(Path, paths):
+        if named:
+            h.update(path.name.encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()

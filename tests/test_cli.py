@@ -33,6 +33,49 @@ def test_predict_switches_override_the_recipe_both_ways(flags, tta, lcc, monkeyp
     assert seen == {"tta": tta, "lcc": lcc}
 
 
+def test_predict_options_override_the_recipes_inference_settings(tiny_run, tmp_path):
+    """The rule for real (predictor._settings through `medvol predict`): an option given
+    replaces the recipe's value, either way; one not given keeps it; an explicit --overlap
+    without --step sets the recipe's step aside; --step beats any overlap. What was used is
+    predict.json's record, and the probabilities show that it was used."""
+    import json
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["inference"] = dict(recipe["inference"], tta=True, overlap=0.25, step=[5, 5, 5], largest_component=True,
+                               precision="fp32", all_windows=True, blend="constant")
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    inp = tmp_path / "imagesTs"
+    write_nifti(inp / "brain_008_0000.nii.gz", sphere_case()[0])
+
+    def predict(name, *flags):
+        out = tmp_path / name
+        assert cli.main(["predict", "-m", str(run), "-i", str(inp), "-o", str(out), "--device", "cpu", "--quiet",
+                         "--no-pictures", "--save-probabilities", *flags]) == 0
+        used = json.loads((out / "predict.json").read_text())["settings"]
+        return {k: used[k] for k in ("tta", "overlap", "step", "largest_component", "precision", "all_windows",
+                                     "blend")}, np.load(out / "brain_008.npz")["probabilities"]
+
+    base = dict(tta=True, overlap=0.25, step=[5, 5, 5], largest_component=True, precision="fp32", all_windows=True,
+                blend="constant")
+    recipes, p_recipe = predict("recipe")
+    assert recipes == base
+    given, p_given = predict("given", "--no-tta", "--overlap", "0.5", "--no-largest-component")
+    assert given == dict(base, tta=False, overlap=0.5, step=None, largest_component=False)
+    steps, _ = predict("step", "--step", "4", "4", "4")
+    assert steps == dict(base, step=[4, 4, 4])
+    both, _ = predict("both", "--overlap", "0.5", "--step", "4", "4", "4")
+    assert both == dict(base, overlap=0.5, step=[4, 4, 4])
+    again, p_again = predict("again", "--tta", "--step", "5", "5", "5")
+    assert again == base
+    np.testing.assert_array_equal(p_again, p_recipe)  # the recipe's settings, given or not: the same output
+    assert np.abs(p_given.astype(np.float32) - p_recipe.astype(np.float32)).max() > 1e-3  # the options took effect
+
+
 def test_a_file_and_its_folder_give_the_same_output_name(tiny_run, tmp_path):
     inp = tmp_path / "imagesTs"
     write_nifti(inp / "brain_008_0000.nii.gz", sphere_case()[0])

@@ -271,8 +271,16 @@ def test_short_run_learns_grades_and_attention(demo_pre, tmp_path):
     0.61; not asserted: 3 labelled subjects and 100 steps are too few for a stable grade). With
     the earlier noise (std ~ U(0, 0.316), not clipped), seeds 0-3: ratio 0.664 / 0.457 / 0.502 /
     0.475, IoU after 0.229 / 0.259 / 0.287 / 0.241, inside after 0.260 / 0.318 / 0.329 / 0.289.
-    Bars: ratio < 0.8, IoU gain > 0.01 with IoU > 0.2, inside gain > 0.04 with inside > 0.2.
-    About 0.3 s a step on one idle core.
+    Re-measured with one thread, trainer seeds 0-4 (the published noise): ratio 0.651 / 0.521 /
+    0.496 / 0.478 / 0.563; val/cam_iou 0.053 -> 0.290 / 0.226 -> 0.293 / 0.104 -> 0.299 / 0.140
+    -> 0.245 / 0.155 -> 0.290 (gains 0.237 / 0.067 / 0.195 / 0.105 / 0.135); val/cam_inside 0.063
+    -> 0.357 / 0.231 -> 0.311 / 0.154 -> 0.331 / 0.235 -> 0.305 / 0.200 -> 0.326 (gains 0.294 /
+    0.080 / 0.177 / 0.070 / 0.126). An untrained model reaches IoU 0.226 and inside 0.235 (seed
+    1): the former absolute bars (0.2) and gains (+0.01 IoU) were within chance's reach, and
+    untrained and trained IoU overlap within 0.02, so IoU is judged by its gain only.
+    Bars: ratio < 0.8 (0.15 above the highest); IoU gain > 0.03 and inside gain > 0.035 (about
+    half the smallest gain); inside > 0.27 (midway between the untrained highest, 0.235, and the
+    trained lowest, 0.305). About 0.3 s a step on one idle core.
     """
     from medvol import cli
 
@@ -286,6 +294,6 @@ def test_short_run_learns_grades_and_attention(demo_pre, tmp_path):
     ce = np.array(s["train/ce"])
     assert len(ce) == 100 and ce[-20:].mean() < 0.8 * ce[:20].mean(), (ce[:20].mean(), ce[-20:].mean())
     iou, inside = s["val/cam_iou"][-1], s["val/cam_inside"][-1]
-    assert iou > max(0.2, init["val/cam_iou"] + 0.01), (init["val/cam_iou"], iou)
-    assert inside > max(0.2, init["val/cam_inside"] + 0.04), (init["val/cam_inside"], inside)
+    assert iou > init["val/cam_iou"] + 0.03, (init["val/cam_iou"], iou)
+    assert inside > max(0.27, init["val/cam_inside"] + 0.035), (init["val/cam_inside"], inside)
     assert s["train/w_att"][0] == 0 and s["train/w_att"][-1] > 0  # the consistency terms came in

@@ -93,3 +93,20 @@ def test_every_caller_uses_the_discovery_module(mixed, tmp_path):
         for node in ast.walk(ast.parse(p.read_text())):
             if isinstance(node, ast.ImportFrom):
                 assert not [a.name for a in node.names if a.name in ("_case_groups", "_stem", "_scan_name")], p
+
+
+def test_one_channel_file_rule(tmp_path):
+    """``<case>_<cccc>``: io.discovery.split_channel for predict inputs and the raw layouts alike;
+    an nnU-Net image name without it (or with an empty case id) is refused."""
+    from medvol.io.discovery import split_channel
+    from medvol.preprocessing import open_raw_dataset
+
+    assert split_channel("brain_001_0002") == ("brain_001", 2)
+    assert [split_channel(s) for s in ("brain_001", "_0000", "brain_01", "brain_00001", "brain_0000\n")] == [None] * 5
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    (tmp_path / "dataset.json").write_text('{"channel_names": {"0": "MRI"}, "labels": {"background": 0}, '
+                                           '"numTraining": 1, "file_ending": ".nii.gz"}')
+    write_nifti(tmp_path / "imagesTr" / "_0000.nii.gz", np.zeros((4, 4, 4), np.float32))
+    with pytest.raises(InputError, match=r"<case>_<cccc>\.nii\.gz"):
+        open_raw_dataset(tmp_path)

@@ -52,18 +52,20 @@ def test_rescaled_batch_has_the_size_and_a_binary_label():
     assert x2 is image and y2 is target
 
 
-def test_mask_edges_is_the_band_where_the_3x3_neighbourhood_holds_both_classes():
+def test_mask_edges_is_the_one_pixel_line_canny_draws_on_a_binary_mask():
     m = torch.zeros(1, 1, 12, 12)
     m[..., 3:8, 4:10] = 1
     e = mask_edges(m)[0, 0].numpy()
     mm = m[0, 0].numpy()
     want = np.zeros_like(mm)
     for i in range(12):
-        for j in range(12):
-            nb = mm[max(i - 1, 0):i + 2, max(j - 1, 0):j + 2]
-            want[i, j] = float(nb.min() != nb.max())
+        for j in range(12):  # the pixel before each step, along rows and along columns
+            want[i, j] = float((i < 11 and mm[i, j] != mm[i + 1, j]) or (j < 11 and mm[i, j] != mm[i, j + 1]))
     np.testing.assert_array_equal(e, want)
-    assert e[5, 6] == 0 and e[3, 6] == 1 and e[2, 6] == 1 and e[1, 6] == 0  # two pixels across the boundary
+    # OpenCV's Canny on this mask (uint8 0/255, thresholds 100/200) marks 18 pixels: rows 2
+    # and 7, columns 3 and 9 without three of the corners; the rule keeps those corners
+    assert e[2, 6] == 1 and e[3, 6] == 0 and e[7, 6] == 1 and e[8, 6] == 0 and e[5, 3] == 1 and e[5, 9] == 1
+    assert e.sum() == 21
     assert float(mask_edges(torch.zeros(1, 1, 5, 5)).sum()) == 0
 
 
@@ -396,8 +398,8 @@ def test_semi_infnet_rounds_resume_between_rounds_and_end_as_a_run(demo_cache, t
 
 def test_the_paper_recipes_carry_the_published_schedule():
     from medvol.config import from_dict, load_recipe
-    from medvol.training.infnet import InfNetOptions
-    from medvol.training.semi_infnet import stage_recipe
+    from medvol.training.infnet import InfNetOptions, check_infnet_options
+    from medvol.training.semi_infnet import Stage, stage_recipe
 
     r = load_recipe("infnet")
     o = from_dict(InfNetOptions, r.method)
@@ -405,8 +407,16 @@ def test_the_paper_recipes_carry_the_published_schedule():
     assert (r.trainer.steps, r.schedule.milestones, r.schedule.gamma) == (900, [450], 0.1)
     assert (r.optimizer.name, r.optimizer.lr, r.data.batch_size, r.data.patch_size) == ("adam", 1e-4, 24, [352, 352])
     assert (r.trainer.grad_clip, o.clip, o.scales) == (0.5, "value", [0.75, 1.0, 1.25])
-    for name in ("infnet_demo", "semi_infnet_demo"):
-        load_recipe(name)  # the method sections parse (checked by their trainers)
+    # the demos' method sections parse into their options and pass their checks (load_recipe
+    # alone leaves `method:` unread)
+    demo = from_dict(InfNetOptions, load_recipe("infnet_demo").method)
+    check_infnet_options(demo)
+    assert (demo.scales, demo.clip, demo.size_multiple) == ([0.75, 1.0, 1.25], "value", 32)
+    sd = from_dict(SemiInfNetOptions, load_recipe("semi_infnet_demo").method)
+    check_infnet_options(sd)
+    assert (sd.scales, sd.clip, sd.per_round, sd.max_rounds) == ([0.75, 1.0, 1.25], "value", 4, None)
+    assert (sd.initial, sd.round, sd.pretrain, sd.finetune) == (Stage(20, 15, 3e-3, 8), Stage(3, None, 1e-3, 8),
+                                                                Stage(6, None, 3e-3, 8), Stage(10, 7, 1e-3, 8))
     semi = load_recipe("semi_infnet")
     so = from_dict(SemiInfNetOptions, semi.method)
     s = SemiState(labelled=[f"l{i}" for i in range(50)], unlabelled=[f"u{i}" for i in range(1600)], validation=[])

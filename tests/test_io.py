@@ -235,3 +235,19 @@ def test_metaimage_reads_with_the_same_geometry_as_nifti(tmp_path):
     (tmp_path / "t.mha").write_bytes(data[: len(data) - 100])
     with pytest.raises(InputError, match="t.mha: not a readable ITK image"):
         read_volume(tmp_path / "t.mha")
+
+
+def test_dataset_json_labels_of_both_dialects(tmp_path):
+    """io.dataset_json: the labels of nnU-Net v2 (name -> value) and Decathlon (value -> name)
+    dataset.json files, None for a folder without one or with invalid labels."""
+    import json
+
+    from medvol.io.dataset_json import dataset_labels
+
+    assert dataset_labels(tmp_path) is None
+    (tmp_path / "dataset.json").write_text(json.dumps({"file_ending": ".nii.gz", "labels": {"background": 0, "lv": 1}}))
+    assert dataset_labels(tmp_path) == {"background": 0, "lv": 1}
+    (tmp_path / "dataset.json").write_text(json.dumps({"modality": {"0": "CT"}, "labels": {"0": "bg", "1": "liver"}}))
+    assert dataset_labels(tmp_path) == {"bg": 0, "liver": 1}
+    (tmp_path / "dataset.json").write_text(json.dumps({"file_ending": ".nii.gz", "labels": {"a": 1}}))  # no 0
+    assert dataset_labels(tmp_path) is None

@@ -52,3 +52,15 @@ def test_the_harness_runs_a_comparison_end_to_end(tmp_path, one_torch_thread):
     merged = tmp_path / "merged"  # runs of several --out folders in one table
     assert h.main(["--merge", str(tmp_path), str(tmp_path), "--out", str(merged)]) == 0
     assert len(json.loads((merged / "methods.json").read_text())["runs"]) == 4
+
+
+def test_semi_infnet_stages_are_sized_in_epochs_of_their_own_slices():
+    """An epoch of k slices is ceil(k / 8) x 3 steps: the initial stage is ~300 steps (the
+    supervised Inf-Net arm's run) at every budget, pretrain ~300 over the grown pool."""
+    h = _harness()
+    for budget, initial, pretrain in ((8, 100, 25), (24, 33, 17)):
+        sets = dict(s.split("=") for s in h.semi_infnet_stages(budget, 300))
+        assert int(sets["method.initial.epochs"]) == initial and int(sets["method.pretrain.epochs"]) == pretrain
+        steps = int(sets["method.initial.epochs"]) * -(-budget // 8) * 3
+        assert abs(steps - 300) <= 9
+        assert sets["method.max_rounds"] == "4" and sets["method.per_round"] == "6"

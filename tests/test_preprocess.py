@@ -23,7 +23,7 @@ from medvol.preprocessing import (
     preprocess_case,
     preprocess_dataset,
 )
-from medvol.preprocessing.resampling import compute_new_shape
+from medvol.resampling import compute_new_shape
 
 
 def test_cache_holds_every_training_case_with_consistent_properties(brain_raw, brain_pre):

@@ -104,3 +104,31 @@ def test_an_unreadable_or_unwritable_path_is_one_line(monkeypatch, capsys):
     monkeypatch.setitem(COMMANDS, "evaluate", denied)
     assert main(["evaluate", "--pred", "p", "--ref", "r"]) == 2
     assert capsys.readouterr().err.splitlines() == ["medvol evaluate: error: /data/raw/a.nii.gz: Permission denied"]
+
+
+def test_one_file_hash_and_one_atomic_text_write(tmp_path, monkeypatch):
+    """utils.sha256_file streams the files (a DICOM folder's names count with ``named``);
+    utils.write_text leaves the old file whole when the write fails."""
+    import hashlib
+
+    from medvol.utils import sha256_file, write_text
+
+    a, b = tmp_path / "a.dcm", tmp_path / "b.dcm"
+    a.write_bytes(b"x" * (3 << 20) + b"end")
+    b.write_bytes(b"second")
+    assert sha256_file(a) == hashlib.sha256(a.read_bytes()).hexdigest()
+    assert sha256_file(a, b, named=True) == hashlib.sha256(
+        b"a.dcm\0" + a.read_bytes() + b"b.dcm\0" + b.read_bytes()).hexdigest()
+    assert sha256_file(a, b, named=True) != sha256_file(a, b)
+    out = tmp_path / "page.html"
+    write_text(out, "old")
+
+    def fail(self, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("pathlib.Path.write_text", fail)
+    with pytest.raises(Exception, match="disk full"):
+        write_text(out, "new")
+    monkeypatch.undo()
+    assert out.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.dcm", "b.dcm", "page.html"]  # no temp file left

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from medvol.preprocessing.resampling import (
+from medvol.resampling import (
     compute_new_shape,
     resample_image,
     resample_label,
@@ -135,7 +135,7 @@ def _dense_label_reference(seg: np.ndarray, size, axis):
     import torch
     import torch.nn.functional as F
 
-    from medvol.preprocessing.resampling import _nearest_indices
+    from medvol.resampling import _nearest_indices
 
     near = [_nearest_indices(n, m) for n, m in zip(seg.shape, size)]
     nearest = seg[np.ix_(*near)]

@@ -58,7 +58,7 @@ def test_worker_count(cpus, mem, per_job, jobs, requested, expect, monkeypatch):
 def test_preprocess_estimates_a_case_from_its_headers(tmp_path):
     import numpy as np
 
-    from medvol.preprocessing.preprocessor import BYTES_PER_VOXEL, _case_bytes
+    from medvol.preprocessing.pool import BYTES_PER_VOXEL, _case_bytes
     from medvol.preprocessing.raw import RawCase
 
     from conftest import write_nifti

@@ -39,6 +39,48 @@ def test_sliding_window_equals_a_whole_volume_forward(blend):
         torch.testing.assert_close(probs.float(), whole, atol=3e-3, rtol=0)
 
 
+class _WindowPosition(nn.Module):
+    """Ignores the image: the foreground logit is the voxel's position along the window's first
+    axis, (i - 4) / 3; background 0. Overlapping windows disagree, so the blend shows."""
+
+    def forward(self, x):
+        i = torch.arange(x.shape[2], dtype=x.dtype).view(1, 1, -1, 1, 1)
+        fg = ((i - 4) / 3).expand(x.shape[0], 1, *x.shape[2:])
+        return torch.cat([torch.zeros_like(fg), fg], 1)
+
+
+@pytest.mark.parametrize("blend", ["gaussian", "constant"])
+def test_blend_weights_windows_as_a_hand_computed_blend(blend):
+    """Two windows of 16 at x = 0 and 8 over a 24-voxel axis (the other axes one window each).
+    Gaussian: nnU-Net's map, exp(-d^2 / (2 sigma^2)) per axis with d from the window centre and
+    sigma = patch / 8, the product clamped below at 1e-3 (MONAI's floor); constant: weights 1.
+    The logits are blended with these weights, then softmaxed: probs[1] = sigmoid(blend)."""
+    patch, shape = (16, 4, 3), (24, 4, 3)
+
+    def gauss(n):
+        d = np.arange(n) - (n - 1) / 2
+        return np.exp(-d ** 2 / (2 * (n / 8) ** 2))
+
+    g = gauss(16)[:, None, None] * gauss(4)[None, :, None] * gauss(3)[None, None, :]
+    weight = np.maximum(g, 1e-3) if blend == "gaussian" else np.ones(patch)
+    f = np.broadcast_to(((np.arange(16) - 4) / 3)[:, None, None], patch)
+    num, den = np.zeros(shape), np.zeros(shape)
+    for start in (0, 8):
+        num[start:start + 16] += weight * f
+        den[start:start + 16] += weight
+    want = 1 / (1 + np.exp(-num / den))
+    probs = sliding_window_probabilities(_WindowPosition(), np.zeros((1, *shape), np.float32), list(patch), CPU,
+                                         overlap=0.5, blend=blend)
+    np.testing.assert_allclose(probs[1].float().numpy(), want, atol=4e-3, rtol=0)
+    # the two weightings differ by far more than that tolerance where the windows overlap
+    other = np.ones(patch) if blend == "gaussian" else np.maximum(g, 1e-3)
+    num_o, den_o = np.zeros(shape), np.zeros(shape)
+    for start in (0, 8):
+        num_o[start:start + 16] += other * f
+        den_o[start:start + 16] += other
+    assert np.abs(1 / (1 + np.exp(-num_o / den_o)) - want).max() > 0.2
+
+
 def test_a_one_channel_binary_model_gives_two_class_probabilities():
     net, image = _pointwise_net(1), _image()
     probs = sliding_window_probabilities(net, image, [16, 16, 12], CPU)

@@ -202,5 +202,5 @@ def test_slice_cnn_outputs_and_options():
     assert out["logits"].shape == (2, 5) and out["features"].shape == (2, 12) and model.feature_dim == 12
     assert h.shape == (2, 6, 5, 7)  # two stride-2 stages
     assert torch.equal(out["features"], torch.cat([h.amax((2, 3)), h.mean((2, 3))], 1))  # max, then mean
-    with pytest.raises(ConfigError, match="slice_cnn takes"):
+    with pytest.raises(ConfigError, match=r"'model.options': slice_cnn does not take \['depth'\]"):
         build_model(ModelConfig(name="slice_cnn", options={"depth": 3}), None, 1, 2)

@@ -3,7 +3,7 @@
 Every case of a partially labelled dataset carries a task id; a task's rule says which label
 values make the target of each of the two output channels (organ, tumour), or that its
 dataset does not annotate that channel. The rules come from the dataset's ``dataset.json``
-(``tasks``: {id: {name, organ, tumour}}) or, by default, from MOTS (METHODS.md §2).
+(``tasks``: {id: {name, organ, tumour}}) or, by default, from MOTS (DoDNet, CVPR 2021; ``docs/methods/dodnet.md``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Pretext data for PCRL (METHODS.md §3): pairs of overlapping random crops of unlabelled scans,
+"""Pretext data for PCRL (PCRL, ICCV 2021; ``docs/methods/pcrl.md``): pairs of overlapping random
+crops of unlabelled scans,
 Models-Genesis distortions, and the indicated flips/rot90 whose indicator conditions the decoder.
 
 One sample, all channel-first ``(C, *patch)`` in [0, 1], as the published dataset
@@ -337,7 +338,7 @@ def prepare_scan_folder(folder: str | Path, out_dir: str | Path, cfg: PretextCon
             if not np.isfinite(data).all():
                 raise InputError(p, "image holds NaN or infinite values")
             if cfg.spacing:
-                from medvol.preprocessing.resampling import compute_new_shape, resample_image
+                from medvol.resampling import compute_new_shape, resample_image
 
                 shape = compute_new_shape(data.shape[1:], vol.spacing, cfg.spacing)
                 data = resample_image(data, shape, vol.spacing, cfg.spacing, order="linear")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medvol.cache import SPLITS_FILE
+from medvol.cache import SPLITS_FILE, check_splits
 from medvol.errors import ConfigError, InputError
 from medvol.utils import read_json, write_json
 
@@ -58,13 +58,7 @@ def load_splits(cache_dir: str | Path, case_ids: list[str]) -> list[dict]:
         splits = read_json(path)
     except (ValueError, UnicodeDecodeError) as e:
         raise InputError(path, f"invalid JSON ({e})") from None
-    if not isinstance(splits, list) or not all(
-            isinstance(s, dict) and isinstance(s.get("train"), list) and isinstance(s.get("val"), list)
-            for s in splits):
-        raise InputError(path, 'must be a list of {"train": [...], "val": [...]} (nnU-Net\'s format)')
-    unknown = sorted({c for s in splits for c in s["train"] + s["val"]} - set(case_ids))
-    if unknown:
-        raise InputError(path, f"names cases that are not in the cache: {unknown[:5]}")
+    check_splits(splits, path, case_ids, "cache")
     return splits
 
 
@@ -76,4 +70,6 @@ def fold_cases(cache_dir: str | Path, case_ids: list[str], fold: int | str) -> t
     k = int(fold)
     if not 0 <= k < len(splits):
         raise ConfigError(f"--fold {fold}: {Path(cache_dir) / SPLITS_FILE} holds folds 0..{len(splits) - 1}")
+    if not splits[k]["train"]:
+        raise InputError(Path(cache_dir) / SPLITS_FILE, f"fold {k}: no training case ('train' is empty)")
     return list(splits[k]["train"]), list(splits[k]["val"])

@@ -34,7 +34,7 @@ import numpy as np
 from medvol.errors import ConfigError, InputError
 from medvol.evaluation.metrics import summarize
 from medvol.manifest import claim_files
-from medvol.utils import atomic_path, read_json, write_json
+from medvol.utils import atomic_path, read_json, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,10 @@ def load_fold(run: Path) -> Fold:
     summary = _read(path, "validation summary")
     if not isinstance(summary.get("cases"), dict) or not isinstance(summary.get("validation"), dict):
         raise InputError(path, "not an end-of-run validation summary (no 'cases' or 'validation' block)")
+    bad = next((c for c, m in summary["cases"].items() if not isinstance(m, dict)), None)
+    if bad is not None:
+        raise InputError(path, f"case '{bad}': its metrics are not a mapping of classes (the file was changed "
+                               f"after medvol wrote it); {again}")
     trained = read_json(run / "train_summary.json").get("steps_total") if (run / "train_summary.json").exists() \
         else None
     if trained is not None and summary["validation"].get("step") != trained:
@@ -176,8 +180,7 @@ def write_cross_validation(result: dict, out: str | Path) -> list[Path]:
     write_json(json_path, result)
     _write_csv(result, csv_path)
     _write_chart(result, png_path)
-    with atomic_path(html_path) as tmp:
-        tmp.write_text(_html(result, png_path))
+    write_text(html_path, _html(result, png_path))
     return [json_path, csv_path, html_path, png_path]
 
 

@@ -21,6 +21,7 @@ import torch
 
 from medvol.errors import InputError
 from medvol.io import read_volume
+from medvol.io.dataset_json import dataset_labels
 from medvol.io.discovery import find_scans, scan_stem
 from medvol.manifest import claim_files
 from medvol.utils import atomic_path, write_json
@@ -112,18 +113,6 @@ def _load_pair(pred: Path, ref: Path) -> tuple[np.ndarray, np.ndarray, tuple]:
     return np.asarray(pv.array).astype(np.int64), np.asarray(rv.array).astype(np.int64), rv.spacing
 
 
-def _dataset_labels(root: Path) -> dict[str, int] | None:
-    """The label names of an nnU-Net/Decathlon dataset folder, if it is one."""
-    if not (root / "dataset.json").exists():
-        return None
-    from medvol.preprocessing.raw import open_raw_dataset
-
-    try:
-        return open_raw_dataset(root).labels
-    except InputError:
-        return None
-
-
 def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, out: str | Path | None = None,
                      labels: dict[str, int] | None = None) -> dict:
     """Compare every prediction with the reference of the same name; write
@@ -138,7 +127,7 @@ def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, out: str | Path 
         raise InputError(pred_dir, f"no prediction for {len(missing)} of the {len(refs)} reference case(s) in "
                                    f"{ref_dir}: {', '.join(missing[:10])}{'...' if len(missing) > 10 else ''}")
     if labels is None:  # nnU-Net layout: the reference folder's dataset.json names the classes
-        labels = _dataset_labels(ref_dir.parent)
+        labels = dataset_labels(ref_dir.parent)
     return evaluate_pairs({case: (preds[case], refs[case]) for case in cases}, labels, out)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from medvol.manifest import claim_files
+from medvol.utils import write_text
 
 COLOURS = ["#ff3b30", "#34c759", "#0a84ff", "#ffd60a", "#bf5af2", "#ff9f0a", "#64d2ff", "#ff375f"]
 
@@ -102,7 +103,7 @@ def write_index(out_dir: str | Path, pictures: dict[str, str], metrics: dict | N
             "table{border-collapse:collapse}th,td{border-bottom:1px solid #ddd}</style></head><body>"
             f"<h1>{html.escape(title)}</h1>{summary_html}<h2>Cases</h2><table>{''.join(rows)}</table></body></html>")
     path = out_dir / "index.html"
-    path.write_text(page)
+    write_text(path, page)
     return path
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from medvol.io.orientation import undo_orientation
-from medvol.preprocessing.resampling import resample_probabilities
+from medvol.resampling import resample_probabilities
 
 
 def restore_geometry(array: np.ndarray | torch.Tensor, properties: dict, fill: str | float = "background",

@@ -1,4 +1,5 @@
-"""Subject-level predictions of the two-stage slice pipeline (METHODS.md §7).
+"""Subject-level predictions of the two-stage slice pipeline (after DC-MT's aggregation network,
+MedIA 2022; ``docs/methods/slice_aggregator.md``).
 
 Stage one, a trained 2D slice classifier (a run folder with ``data.configuration: 2d``), runs
 over each subject's slices across its plan's slice axis (through
@@ -19,7 +20,6 @@ subject's feature sequence into subject class probabilities.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import logging
 import sys
@@ -36,6 +36,7 @@ from medvol.errors import CacheError, ConfigError
 from medvol.networks.aggregator import pad_slices
 from medvol.networks.slice_adapter import SliceAdapter
 from medvol.precision import Precision, choose_precision
+from medvol.utils import sha256_file, write_text
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +100,6 @@ def subject_probabilities(model: nn.Module, sequences: Sequence, device: torch.d
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @dataclass
 class SliceClassifier:
     """A trained 2D slice classifier ready to run over preprocessed volumes."""
@@ -129,7 +122,7 @@ class SliceClassifier:
     def meta(self) -> dict:
         """What a features file records about the classifier that made it."""
         return {"classifier": str(self.run_dir.resolve()), "checkpoint": self.checkpoint.stem,
-                "checkpoint_sha256": file_sha256(self.checkpoint), "slice_axis": self.slice_axis,
+                "checkpoint_sha256": sha256_file(self.checkpoint), "slice_axis": self.slice_axis,
                 "context": self.context}
 
 
@@ -147,7 +140,7 @@ def load_classifier(run_dir: str | Path, device: torch.device, checkpoint: str =
         raise ConfigError(f"{run_dir}: a 3D model; the slice pipeline needs a 2D slice classifier "
                           "(data.configuration: 2d)")
     ckpt = run_checkpoint(run_dir, checkpoint)
-    if sha256 and file_sha256(ckpt) != sha256:
+    if sha256 and sha256_file(ckpt) != sha256:
         raise ConfigError(f"{ckpt}: not the checkpoint the aggregator's features were extracted with (it changed "
                           "since): extract the features again and retrain the aggregator")
     return SliceClassifier(run.model, run.plans.raw, int(run.slice_axis), run.context, run.patch_size, run_dir, ckpt)
@@ -273,7 +266,7 @@ def is_subject_run(run_dir: str | Path) -> bool:
 
 def load_subject_model(run_dir: str | Path, device: torch.device, checkpoint: str = "best") -> SubjectModel:
     """The aggregator of ``run_dir`` (eval mode, on ``device``) with its slice classifier."""
-    from medvol.checkpoint import load_checkpoint, run_checkpoint
+    from medvol.checkpoint import inference_weights, load_checkpoint, load_weights, run_checkpoint
     from medvol.config import load_recipe
     from medvol.io.slice_features import AGGREGATOR_RUN_FILE
     from medvol.networks import build_model
@@ -287,7 +280,7 @@ def load_subject_model(run_dir: str | Path, device: torch.device, checkpoint: st
     ckpt = load_checkpoint(run_checkpoint(run_dir, checkpoint))
     model = build_model(load_recipe(run_dir / "recipe.yaml").model, None, int(info["feature_dim"]),
                         int(info["num_classes"]))
-    model.load_state_dict(ckpt["models"][ckpt.get("inference_model", "model")])
+    load_weights(model, inference_weights(ckpt), run_dir / AGGREGATOR_RUN_FILE, run_checkpoint(run_dir, checkpoint))
     clf = load_classifier(info["classifier"], device, info.get("classifier_checkpoint") or "best",
                           info.get("classifier_sha256"))
     return SubjectModel(model.to(device).eval(), clf, run_dir)
@@ -331,15 +324,13 @@ def _prob_columns(k: int) -> list[str]:
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
     """Probabilities with 6 decimals; written atomically and recorded in the folder's manifest."""
     from medvol.manifest import claim_files
-    from medvol.utils import atomic_path
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
     writer.writerows([[f"{v:.6f}" if isinstance(v, (float, np.floating)) else v for v in row] for row in rows])
     claim_files(path.parent, [path.name])
-    with atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue())
+    write_text(path, buf.getvalue())
     return path
 
 

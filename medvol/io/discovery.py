@@ -7,7 +7,8 @@
   ``.dcm``; ``DICOMDIR`` is not a slice).
 - A file's *stem* is its name without the scan suffix; a scan's *id* under a root folder is
   its relative path without the suffix, ``/`` written ``__``.
-- Channel files are ``<case>_<cccc><suffix>`` (nnU-Net); :func:`group_channels` gathers them.
+- Channel files are ``<case>_<cccc><suffix>`` (nnU-Net): :func:`split_channel` is the one rule
+  (the raw layouts' ``imagesTr`` too), :func:`group_channels` gathers them.
 
 The raw layouts, ``medvol predict``/``evaluate``, PCRL's scan folders and the demo all use
 these functions.
@@ -23,7 +24,7 @@ from medvol.errors import InputError
 from medvol.io.dicom import list_dicom_files
 
 SCAN_SUFFIXES = (".nii.gz", ".nii", ".mhd", ".mha", ".nrrd", ".nhdr")
-_CHANNEL = re.compile(r"^(.*)_(\d{4})$")
+_CHANNEL = re.compile(r"(.+)_([0-9]{4})")
 
 
 def scan_suffix(name: str) -> str:
@@ -36,6 +37,13 @@ def scan_stem(name: str) -> str:
     """``name`` without its scan suffix (``brain_0000.nii.gz`` -> ``brain_0000``)."""
     suffix = scan_suffix(name)
     return name[: -len(suffix)] if suffix else name
+
+
+def split_channel(stem: str) -> tuple[str, int] | None:
+    """``(case, channel)`` of a channel file's stem ``<case>_<cccc>`` (nnU-Net's rule: a non-empty
+    case id, an underscore and the channel as 4 digits), None for any other stem."""
+    m = _CHANNEL.fullmatch(stem)
+    return (m.group(1), int(m.group(2))) if m else None
 
 
 def is_scan_file(path: Path) -> bool:
@@ -75,9 +83,8 @@ def group_channels(files: Iterable[Path], num_channels: int) -> list[tuple[str, 
     """
     groups: dict[str, dict[int, Path]] = {}
     for p in files:
-        m = _CHANNEL.match(scan_stem(p.name))
-        case, channel = (m.group(1), int(m.group(2))) if m and (num_channels > 1 or m.group(2) == "0000") \
-            else (scan_stem(p.name), 0)
+        split = split_channel(scan_stem(p.name))
+        case, channel = split if split and (num_channels > 1 or split[1] == 0) else (scan_stem(p.name), 0)
         other = groups.setdefault(case, {}).setdefault(channel, p)
         if other != p:  # x.nii beside x.nii.gz: one would silently replace the other
             raise InputError(p, f"maps to the same case '{case}' (channel {channel}) as {other.name}: "
@@ -101,8 +108,8 @@ def input_cases(path: str | Path, num_channels: int) -> list[tuple[str, list[Pat
         if not is_scan_file(path):
             raise InputError(path, "expected a scan file (NIfTI, MetaImage, NRRD), a folder of them, "
                                    "or a DICOM series folder")
-        m = _CHANNEL.match(scan_stem(path.name))  # named as in a folder: <case>_0000 -> <case>
-        return [(m.group(1) if m and m.group(2) == "0000" else scan_stem(path.name), [path])]
+        split = split_channel(scan_stem(path.name))  # named as in a folder: <case>_0000 -> <case>
+        return [(split[0] if split and split[1] == 0 else scan_stem(path.name), [path])]
     if not path.is_dir():
         raise InputError(path, "input not found")
     if is_dicom_series(path):

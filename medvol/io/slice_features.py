@@ -124,9 +124,37 @@ def read_features(path: str | Path) -> SliceFeatures:
             meta = json.loads(str(a["meta"]))
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise InputError(path, f"not a readable features file ({type(e).__name__}: {e})") from None
+    if not isinstance(meta, dict):
+        raise InputError(path, f"corrupt features file: 'meta' must hold a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise InputError(path, f"format {meta.get('format')!r}, expected {FORMAT!r}")
-    return SliceFeatures(_split(path, a), meta)
+    items = _split(path, a)
+    _check_values(path, items, meta)
+    return SliceFeatures(items, meta)
+
+
+def _check_values(path: Path, items: list[SubjectSlices], meta: dict) -> None:
+    """Finite features and logits, one entry per subject, subject classes in range: a file
+    changed by hand (or by another tool) is named, not trained on."""
+    if not items:
+        raise InputError(path, "holds no subject; write it with `medvol extract-features RUN --data ... -o DIR`")
+    seen: set[str] = set()
+    for s in items:
+        if s.subject in seen:
+            raise InputError(path, f"subject '{s.subject}' appears twice")
+        seen.add(s.subject)
+    for key in ("features", "logits"):
+        values = np.concatenate([getattr(s, key) for s in items])
+        if values.shape[1] == 0:
+            raise InputError(path, f"'{key}' has no columns (shape {values.shape})")
+        if not np.issubdtype(values.dtype, np.number) or not np.isfinite(values).all():
+            raise InputError(path, f"'{key}' holds NaN or infinite (or non-numeric) values")
+    k = meta.get("subject_classes")
+    for s in items:
+        if s.subject_class < -1 or (isinstance(k, int) and s.subject_class >= k):
+            allowed = f"0-{k - 1}" if isinstance(k, int) else "a class >= 0"
+            raise InputError(path, f"subject '{s.subject}': class {s.subject_class} is not {allowed} or -1 "
+                                   "(unlabelled)")
 
 
 def _split(path: Path, a: dict) -> list[SubjectSlices]:

@@ -65,7 +65,7 @@ def read_slice_labels(path: str | Path, slice_counts: Mapping[str, int]) -> Slic
     """Read and check ``path`` against ``slice_counts`` (``{subject: number of slices}``)."""
     path = Path(path)
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # a BOM (Excel's "CSV UTF-8") is no column
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise InputError(path, f"cannot read the slice-label CSV ({type(e).__name__}: {e})") from None

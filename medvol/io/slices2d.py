@@ -1,6 +1,6 @@
 """Native 2D datasets: folders of images + masks, HDF5 slice files, slice lists.
 
-Layouts (METHODS.md §4-§6):
+Layouts (``docs/methods/{dcmt,infnet,ugpcl}.md``):
 - a folder of images (PNG/JPEG/BMP/TIFF through imageio, which scikit-image brings, or 2D
   NIfTI) and optionally a folder of masks paired by file stem (Inf-Net: ``Imgs/x.jpg`` +
   ``GT/x.png``);

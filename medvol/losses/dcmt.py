@@ -1,4 +1,5 @@
-"""DC-MT's losses (METHODS.md §4): supervised classification + attention terms on labelled
+"""DC-MT's losses (DC-MT, Huo et al., MedIA 2022; ``docs/methods/dcmt.md``): supervised
+classification + attention terms on labelled
 slices, class and attention consistency between student and teacher.
 
 Inputs are the outputs of :class:`medvol.networks.slice.dcmt.DCMTNet` for one batch of

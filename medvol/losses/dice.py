@@ -29,6 +29,18 @@ def world_sum(x: torch.Tensor) -> torch.Tensor:
     return torch.stack(all_gather(x)).sum(0)
 
 
+def soft_dice(prob: torch.Tensor, target: torch.Tensor, dims, smooth_nr: float = 1e-5, smooth_dr: float = 1e-5,
+              squared: bool = False, gather: bool = True) -> torch.Tensor:
+    """The one soft Dice of the losses: ``(2 sum(p g) + s_nr) / (sum(p) + sum(g) + s_dr)``, the sums
+    over ``dims`` (what is left is one Dice per class, or per sample and channel). ``squared``:
+    ``sum(p^2) + sum(g^2)`` below (V-Net's form, as the SDF and UGPCL papers have it); ``gather``:
+    the sums span every DDP rank's part of the batch (:func:`world_sum`)."""
+    sums = [(prob * target).sum(dims), (prob * prob if squared else prob).sum(dims),
+            (target * target if squared else target).sum(dims)]
+    inter, pred, ref = world_sum(torch.stack(sums)) if gather else sums
+    return (2 * inter + smooth_nr) / (pred + ref + smooth_dr)
+
+
 class BatchDiceLoss(nn.Module):
     """1 - mean over foreground classes of (2 tp + s_nr) / (2 tp + fp + fn + s_dr), with tp,
     fp, fn summed over the global batch (all ranks) and space. Logits ``(B, C, ...)``, integer
@@ -44,10 +56,7 @@ class BatchDiceLoss(nn.Module):
         onehot = F.one_hot(target[:, 0].long(), logits.shape[1]).movedim(-1, 1).to(prob.dtype)
         if not self.include_background:
             prob, onehot = prob[:, 1:], onehot[:, 1:]
-        dims = [0] + list(range(2, prob.ndim))
-        stats = world_sum(torch.stack([(prob * onehot).sum(dims), prob.sum(dims), onehot.sum(dims)]))
-        tp, pred, ref = stats
-        dice = (2 * tp + self.smooth_nr) / (pred + ref + self.smooth_dr)
+        dice = soft_dice(prob, onehot, [0] + list(range(2, prob.ndim)), self.smooth_nr, self.smooth_dr)
         return 1 - dice.mean()
 
 

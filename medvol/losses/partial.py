@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from medvol.losses.dice import world_sum
+from medvol.losses.dice import soft_dice, world_sum
 
 
 def partial_dice_bce(logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor,
@@ -20,7 +20,7 @@ def partial_dice_bce(logits: torch.Tensor, target: torch.Tensor, annotated: torc
     mask = annotated.to(logits.dtype).reshape(b, k)
     prob = torch.sigmoid(logits).flatten(2)
     t = target.to(logits.dtype).flatten(2)
-    dice = 1 - (2 * (prob * t).sum(-1) + smooth) / (prob.sum(-1) + t.sum(-1) + smooth)
+    dice = 1 - soft_dice(prob, t, -1, smooth, smooth, gather=False)
     bce = F.binary_cross_entropy_with_logits(logits.flatten(2), t, reduction="none").mean(-1)
     per = (dice + bce) * mask
     total, count = world_sum(torch.stack([per.sum(), mask.sum()]))  # the mean over every rank's pairs

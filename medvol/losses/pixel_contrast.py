@@ -1,4 +1,4 @@
-"""UGPCL's losses (IJCAI 2022; ``shared/METHODS.md`` §6): uncertainty-guided pixel contrast
+"""UGPCL's losses (IJCAI 2022; ``docs/methods/ugpcl.md``): uncertainty-guided pixel contrast
 against a per-class memory queue, and the total of the supervised, consistency, rotation and
 contrastive terms.
 
@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medvol.losses.contrastive import KeyQueue
-from medvol.losses.dice import BatchDiceLoss, world_sum
+from medvol.losses.dice import BatchDiceLoss, soft_dice
 from medvol.ramps import sigmoid_rampup
 
 IGNORE = -1
@@ -359,9 +359,8 @@ class PublishedDiceLoss(nn.Module):
         n = prob.shape[1]
         onehot = F.one_hot(target[:, 0].long(), n).movedim(-1, 1).to(prob.dtype)
         p, t = prob[:, 1:], onehot[:, 1:]
-        dims = [0] + list(range(2, p.ndim))
-        inter, pp, tt = world_sum(torch.stack([(p * t).sum(dims), (p * p).sum(dims), (t * t).sum(dims)]))
-        return (1 - (2 * inter + self.smooth) / (pp + tt + self.smooth)).sum() / n
+        dice = soft_dice(p, t, [0] + list(range(2, p.ndim)), self.smooth, self.smooth, squared=True)
+        return (1 - dice).sum() / n
 
 
 # ------------------------------------------------------------------ total

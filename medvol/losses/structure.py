@@ -1,4 +1,5 @@
-"""Inf-Net's losses (METHODS.md §5): the structure loss (weighted BCE + weighted IoU) on the
+"""Inf-Net's losses (Inf-Net, IEEE TMI 2020; ``docs/methods/infnet.md``): the structure loss
+(weighted BCE + weighted IoU) on the
 segmentation maps and BCE on the edge map. Inputs are logits ``(B, 1, H, W)`` and targets in
 [0, 1] of the same shape.
 
@@ -53,14 +54,19 @@ def structure_loss(logits: torch.Tensor, target: torch.Tensor, official_compat: 
 
 
 def mask_edges(mask: torch.Tensor) -> torch.Tensor:
-    """Edge target of a binary mask ``(B, 1, H, W)``: its morphological gradient (3×3 dilation
-    minus 3×3 erosion), the pixels whose 3×3 neighbourhood holds both classes, a band two
-    pixels wide across each boundary. Inf-Net's edge labels are OpenCV Canny edges of the
-    binary mask, which on a two-valued image also mark boundary pixels (a line 1–2 px wide);
-    the gradient gives the same boundaries, runs on the batch's device and follows whatever
-    the label went through (augmentation, rescaling)."""
-    m = (mask > 0.5).float()
-    return (F.max_pool2d(m, 3, 1, 1) + F.max_pool2d(-m, 3, 1, 1)).clamp(0, 1)
+    """Edge target of a binary mask ``(B, 1, H, W)``: a line one pixel wide along each
+    boundary, the pixels whose right or lower neighbour holds the other class. Inf-Net's edge
+    labels are OpenCV Canny edges of the binary mask: on a two-valued image Canny keeps one
+    pixel per boundary crossing, the one before the step along each axis, which is this rule
+    (measured on discs of radius 4-30 and a 3-px ring: the same edge mass within 5 %, 80 % of
+    the pixels in common; a 3×3 morphological gradient, two pixels across, carries 2.4× the
+    mass and shifts the edge BCE). Computed on the batch's device, so it follows whatever the
+    label went through (augmentation, rescaling)."""
+    m = mask > 0.5
+    e = torch.zeros_like(m)
+    e[..., :-1, :] |= m[..., :-1, :] != m[..., 1:, :]
+    e[..., :, :-1] |= m[..., :, :-1] != m[..., :, 1:]
+    return e.to(mask.dtype if mask.is_floating_point() else torch.float32)
 
 
 def edge_bce(edge_logits: torch.Tensor, edge_target: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable
+import inspect
+from typing import Callable, Iterable
 
 import torch.nn as nn
 
@@ -18,6 +19,22 @@ def register(name: str):
         return fn
 
     return deco
+
+
+def keyword_names(cls, *set_by_builder: str) -> set[str]:
+    """The parameters of ``cls``'s constructor that a recipe may set: all but ``set_by_builder``."""
+    return set(inspect.signature(cls).parameters) - set(set_by_builder)
+
+
+def model_options(model_cfg, name: str, allowed: Iterable[str]) -> dict:
+    """A copy of ``model.options``, refused with one line naming the key when it holds one that
+    network ``name`` does not take (instead of a TypeError from its constructor)."""
+    opts = dict(model_cfg.options or {})
+    names = set(allowed)
+    unknown = sorted(set(opts) - names)
+    if unknown:
+        raise ConfigError(f"'model.options': {name} does not take {unknown}; it takes {sorted(names)}")
+    return opts
 
 
 def build_model(model_cfg, plans: Plans | None, in_channels: int, num_classes: int) -> nn.Module:

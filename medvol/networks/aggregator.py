@@ -1,4 +1,5 @@
-"""GRU slice aggregator: per-slice feature vectors -> one subject-level prediction (METHODS.md §7).
+"""GRU slice aggregator: per-slice feature vectors -> one subject-level prediction (after DC-MT's
+aggregation network, MedIA 2022; ``docs/methods/slice_aggregator.md``).
 
 After DC-MT's aggregation network (Huo et al., MedIA 2022; the authors' ``SimpleRNN`` in
 ``Aggregation-Network/models/AttentionModel/rnn.py``): per-slice features ``(B, S, F)`` (F = 512
@@ -39,7 +40,7 @@ import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from medvol.errors import ConfigError
-from medvol.networks import register
+from medvol.networks import model_options, register
 
 
 def slice_lengths(mask: torch.Tensor | None, batch: int, slices: int, device=None) -> torch.Tensor:
@@ -215,8 +216,5 @@ def build_gru_aggregator(model_cfg, plans: dict, in_channels: int, num_classes: 
     """``in_channels`` is the per-slice feature width F; ``model.options`` may set ``hidden``,
     ``gru_hidden``, ``dropout``, ``fixed_slices`` and ``pooling`` (``model.base_features`` is not
     used)."""
-    opts = dict(model_cfg.options)
-    unknown = sorted(set(opts) - _OPTIONS)
-    if unknown:
-        raise ConfigError(f"model.options {unknown}: gru_aggregator takes {sorted(_OPTIONS)}")
+    opts = model_options(model_cfg, "gru_aggregator", _OPTIONS)
     return GRUSliceAggregator(num_classes, in_features=in_channels, **opts)

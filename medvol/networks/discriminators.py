@@ -1,4 +1,5 @@
-"""CANet's attention discriminator (DAM, METHODS.md §1): does this signed-distance map come
+"""CANet's attention discriminator (DAM, CANet, ESWA 2023; ``docs/methods/canet.md``): does this
+signed-distance map come
 from a labelled or an unlabelled sample?
 
 conv0 on the map and conv1 on the image (each 1 -> 64, k4 s2 p1) are summed, LeakyReLU 0.2,

@@ -1,5 +1,5 @@
 """DoDNet (CVPR 2021): one encoder-decoder whose last layers are a dynamic head whose
-weights a task-conditioned controller generates per sample (METHODS.md §2).
+weights a task-conditioned controller generates per sample (DoDNet, CVPR 2021; ``docs/methods/dodnet.md``).
 
 Encoder: weight-standardised 3x3x3 convolutions, GroupNorm(16), pre-activation residual
 blocks; conv 1 -> 32, stages 32 (1 block, stride 1), 64 (2, s2), 128 (2, s2), 256 (2, s2),
@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from medvol.networks import register
+from medvol.networks import keyword_names, model_options, register
 from medvol.plans import Plans
 
 
@@ -133,7 +133,7 @@ class DoDNet(nn.Module):
 
 @register("dodnet")
 def build_dodnet(model_cfg, plans: Plans | None, in_channels: int, num_classes: int) -> nn.Module:
-    opts = dict(model_cfg.options)
+    opts = model_options(model_cfg, "dodnet", keyword_names(DoDNet, "in_channels"))
     base = model_cfg.base_features
     widths = opts.pop("widths", [base, 2 * base, 4 * base, 8 * base, 8 * base])
     return DoDNet(in_channels, widths=widths, **opts)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from medvol.errors import ConfigError
-from medvol.networks import register
+from medvol.networks import keyword_names, model_options, register
 from medvol.plans import Plans
 
 
@@ -21,12 +21,14 @@ def features_per_stage(n_stages: int, base: int, cap: int) -> list[int]:
 def build_dynunet(model_cfg, plans: Plans | None, in_channels: int, num_classes: int) -> nn.Module:
     from monai.networks.nets import DynUNet
 
+    options = model_options(model_cfg, "dynunet", keyword_names(
+        DynUNet, "spatial_dims", "in_channels", "out_channels", "kernel_size", "strides", "upsample_kernel_size",
+        "filters", "norm_name", "act_name", "deep_supervision", "deep_supr_num"))
     if plans is None:
         raise ConfigError("model dynunet is configured from a plan: train it on a preprocessing cache")
     net = plans.topology
     kernels, strides = net["kernel_sizes"], net["strides"]
     n = len(strides)
-    options = dict(model_cfg.options)
     return DynUNet(
         spatial_dims=len(plans.patch_size), in_channels=in_channels, out_channels=num_classes,
         kernel_size=kernels, strides=strides, upsample_kernel_size=strides[1:],

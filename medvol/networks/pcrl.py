@@ -1,4 +1,4 @@
-"""PCRL (METHODS.md §3): the Models-Genesis 3D U-Net and the parts PCRL adds to it.
+"""PCRL (PCRL, ICCV 2021; ``docs/methods/pcrl.md``): the Models-Genesis 3D U-Net and the parts PCRL adds to it.
 
 Backbone (widths for ``base`` = 32, the paper's): encoder stages of two conv 3³ + BN + ReLU,
 1->32->64 | pool | 64->128 | pool | 128->256 | pool | 256->512; decoder stages of a 2³
@@ -29,8 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from medvol.errors import ConfigError
-from medvol.networks import register
+from medvol.networks import model_options, register
 from medvol.plans import Plans
 
 N_INDICATOR = 7  # 3 flip flags + one-hot of rot90 k in {0, 1, 2, 3}
@@ -199,6 +198,5 @@ class PCRLSegNet(nn.Module):
 @register("pcrl_unet")
 def build_pcrl_unet(model_cfg, plans: Plans | None, in_channels: int, num_classes: int) -> nn.Module:
     """``model.base_features`` sets the width (32 in the paper); one logit per class."""
-    if model_cfg.options:
-        raise ConfigError(f"model.options {sorted(model_cfg.options)}: pcrl_unet takes none")
+    model_options(model_cfg, "pcrl_unet", ())
     return PCRLSegNet(in_channels, num_classes, model_cfg.base_features)

@@ -1,4 +1,5 @@
-"""Run any 2D network over a 3D volume, slice by slice (METHODS.md §7).
+"""Run any 2D network over a 3D volume, slice by slice (after DC-MT's aggregation network, MedIA
+2022; ``docs/methods/slice_aggregator.md``).
 
 :class:`SliceAdapter` cuts a ``(B, C, X, Y, Z)`` batch into 2D slices along one spatial axis,
 feeds the 2D model at most ``slice_batch`` slices at a time (so the model's activations are

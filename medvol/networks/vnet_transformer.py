@@ -1,5 +1,5 @@
 """CANet's segmenter: a V-Net whose bottleneck is replaced by a Transformer, with a
-segmentation head and a tanh signed-distance head (METHODS.md §1).
+segmentation head and a tanh signed-distance head (CANet, ESWA 2023; ``docs/methods/canet.md``).
 
 V-Net (base 16, BatchNorm): encoder stages 16 (1 conv) -> 32 (2) -> 64 (3) -> 128 (3) ->
 256 (3), 2x2x2 stride-2 convolutions between them; decoder: 2x2x2 transposed convolutions
@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from medvol.networks import register
+from medvol.networks import keyword_names, model_options, register
 from medvol.plans import Plans
 
 
@@ -105,7 +105,8 @@ class VNetTransformer(nn.Module):
 
 @register("vnet_transformer")
 def build_vnet_transformer(model_cfg, plans: Plans | None, in_channels: int, num_classes: int) -> nn.Module:
-    opts = dict(model_cfg.options)
+    opts = model_options(model_cfg, "vnet_transformer", keyword_names(VNetTransformer, "in_channels", "out_channels",
+                                                                         "base"))
     patch = opts.pop("patch_size", None) or (plans.patch_size if plans else None)
     # binary tasks use one sigmoid channel, as the paper does
     out = 1 if num_classes == 2 else num_classes

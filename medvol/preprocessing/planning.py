@@ -24,7 +24,7 @@ from numpy.typing import ArrayLike
 
 from medvol import validation
 from medvol.preprocessing.normalization import MASKABLE, scheme_for_channel
-from medvol.preprocessing.resampling import ANISO_THRESHOLD, compute_new_shape
+from medvol.resampling import ANISO_THRESHOLD, compute_new_shape
 
 PLANS_VERSION = 1
 # nnU-Net v2 ExperimentPlanner constants (PlainConvUNet, 8 GB target).

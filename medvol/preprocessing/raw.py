@@ -13,7 +13,6 @@ Which files are scans and which folders are DICOM series: :mod:`medvol.io.discov
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +21,9 @@ import numpy as np
 
 from medvol.errors import InputError
 from medvol.io import Volume, read_volume
+from medvol.io.dataset_json import DATASET_JSON, is_nnunet_v2, parse_labels, read_dataset_json
 from medvol.io.dicom import group_series, list_dicom_files
-from medvol.io.discovery import find_scans, scan_id, scan_stem, scan_suffix
+from medvol.io.discovery import find_scans, scan_id, scan_stem, scan_suffix, split_channel
 from medvol.io.orientation import orient_channels
 from medvol.io.volume import c_order, spacing_from_affine
 
@@ -103,7 +103,7 @@ def open_raw_dataset(path: str | Path) -> RawDataset:
         raise InputError(root, "dataset folder not found")
     if root.is_file():
         raise InputError(root, "expected a dataset folder, got a file")
-    if (root / "dataset.json").exists():
+    if (root / DATASET_JSON).exists():
         return _open_with_json(root)
     files = [p for p in find_scans(root) if p.is_file()]
     if files:
@@ -127,37 +127,36 @@ def _ending(name: str) -> str:
 
 
 def _open_with_json(root: Path) -> RawDataset:
-    jpath = root / "dataset.json"
-    try:
-        meta = json.loads(jpath.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise InputError(jpath, f"not UTF-8 text (byte {e.start}); save it as UTF-8 JSON") from None
-    except json.JSONDecodeError as e:
-        raise InputError(jpath, f"invalid JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise InputError(jpath, "must hold a JSON object")
-    is_v2 = "channel_names" in meta or "file_ending" in meta
+    jpath = root / DATASET_JSON
+    meta = read_dataset_json(jpath)
+    is_v2 = is_nnunet_v2(meta)
     _check_keys(jpath, meta, is_v2)
     _check_types(jpath, meta)
     _check_reader(jpath, meta)
-    labels = _parse_labels(jpath, meta["labels"], is_v2)
-    if is_v2:
-        ending = meta["file_ending"]
-        channel_names = _channel_names(jpath, meta["channel_names"], "channel_names")
-        labelled = meta.get("labelled_cases")
-        training = _v2_cases(root, "imagesTr", "labelsTr", ending, len(channel_names), jpath, labelled=labelled)
-        test = _v2_cases(root, "imagesTs", "labelsTs", ending, len(channel_names), jpath, labels_optional=True)
-        if "numTraining" in meta and meta["numTraining"] != len(training):
-            raise InputError(jpath, f"numTraining is {meta['numTraining']} but imagesTr holds {len(training)} cases")
-        if labelled is not None:
-            unknown_cases = sorted(set(labelled) - {c.case_id for c in training})
-            if unknown_cases:
-                raise InputError(jpath, f"labelled_cases names cases not in imagesTr: {unknown_cases[:5]}")
-        case_meta = meta.get("case_tasks") or {}
-        if not isinstance(case_meta, dict) or not all(isinstance(v, dict) for v in case_meta.values()):
-            raise InputError(jpath, "case_tasks must map case ids to {task_id, annotated}")
-        return RawDataset(root, "nnunet_v2", channel_names, labels, ending, training, test, labelled, case_meta,
-                          meta.get("tasks"))
+    labels = parse_labels(jpath, meta["labels"], is_v2)
+    return _open_v2(root, jpath, meta, labels) if is_v2 else _open_decathlon(root, jpath, meta, labels)
+
+
+def _open_v2(root: Path, jpath: Path, meta: dict, labels: dict[str, int]) -> RawDataset:
+    ending = meta["file_ending"]
+    channel_names = _channel_names(jpath, meta["channel_names"], "channel_names")
+    labelled = meta.get("labelled_cases")
+    training = _v2_cases(root, "imagesTr", "labelsTr", ending, len(channel_names), jpath, labelled=labelled)
+    test = _v2_cases(root, "imagesTs", "labelsTs", ending, len(channel_names), jpath, labels_optional=True)
+    if "numTraining" in meta and meta["numTraining"] != len(training):
+        raise InputError(jpath, f"numTraining is {meta['numTraining']} but imagesTr holds {len(training)} cases")
+    if labelled is not None:
+        unknown_cases = sorted(set(labelled) - {c.case_id for c in training})
+        if unknown_cases:
+            raise InputError(jpath, f"labelled_cases names cases not in imagesTr: {unknown_cases[:5]}")
+    case_meta = meta.get("case_tasks") or {}
+    if not isinstance(case_meta, dict) or not all(isinstance(v, dict) for v in case_meta.values()):
+        raise InputError(jpath, "case_tasks must map case ids to {task_id, annotated}")
+    return RawDataset(root, "nnunet_v2", channel_names, labels, ending, training, test, labelled, case_meta,
+                      meta.get("tasks"))
+
+
+def _open_decathlon(root: Path, jpath: Path, meta: dict, labels: dict[str, int]) -> RawDataset:
     channel_names = _channel_names(jpath, meta["modality"], "modality")
     training = []
     for item in meta["training"]:
@@ -264,43 +263,6 @@ def _channel_names(jpath: Path, channels: dict, key: str) -> dict[int, str]:
     return out
 
 
-def _label_value(jpath: Path, name, value) -> int:
-    """An integer, or (Decathlon keys) a string of one; 1.5, true or "one" are refused."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
-    raise InputError(jpath, f"label '{name}': value {value!r} is not an integer")
-
-
-def _parse_labels(jpath: Path, labels, is_v2: bool) -> dict[str, int]:
-    """Label name -> value. As nnU-Net requires, the values are consecutive from 0
-    (background): a gap would become an index error in training."""
-    if not isinstance(labels, dict) or not labels:
-        raise InputError(jpath, "'labels' must be a non-empty mapping")
-    out = {}
-    for k, v in labels.items():
-        if is_v2:
-            if isinstance(v, (list, tuple)):
-                raise InputError(jpath, f"label '{k}' is a region {v}: region-based training is not supported")
-            if k == "ignore":  # nnU-Net leaves these voxels out of the loss; medvol would train them as a class
-                raise InputError(jpath, "label 'ignore' (nnU-Net's ignore label for unannotated voxels) is not "
-                                        "supported: medvol would learn it as a class")
-            name, value = str(k), v
-        else:  # Decathlon: "0": "background"
-            if not isinstance(v, str):
-                raise InputError(jpath, f"'labels' maps values to names (e.g. {{\"1\": \"tumour\"}}), got {k!r}: {v!r}")
-            name, value = v, k
-        out[name] = _label_value(jpath, k, value)
-    if 0 not in out.values():
-        raise InputError(jpath, "labels must declare background as 0")
-    values = sorted(out.values())
-    if values != list(range(len(values))):
-        raise InputError(jpath, f"label values must be consecutive from 0 (0, 1, 2, ...) as nnU-Net requires, "
-                                f"got {values}")
-    return out
-
-
 def _v2_cases(root: Path, img_dir: str, lab_dir: str, ending: str, n_channels: int, jpath: Path,
               labels_optional: bool = False, labelled: list | None = None) -> list[RawCase]:
     """The cases of one images/labels folder pair. A label file is required unless
@@ -315,10 +277,10 @@ def _v2_cases(root: Path, img_dir: str, lab_dir: str, ending: str, n_channels: i
     for p in sorted(idir.iterdir()):
         if not p.name.endswith(ending) or p.name.startswith("."):
             continue
-        stem = p.name[: -len(ending)]
-        if len(stem) < 6 or stem[-5] != "_" or not stem[-4:].isdigit():
+        split = split_channel(p.name[: -len(ending)])
+        if split is None:
             raise InputError(p, f"image names must be <case>_<cccc>{ending} (channel as 4 digits)")
-        by_case.setdefault(stem[:-5], {})[int(stem[-4:])] = p
+        by_case.setdefault(split[0], {})[split[1]] = p
     cases = []
     for case, chans in sorted(by_case.items()):
         problem = None

@@ -8,10 +8,11 @@ a file only touched or copied back is not counted as changed.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Iterable
+
+from medvol.utils import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +28,7 @@ def _stat(path: Path) -> tuple[int, int]:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    for f in _files(path):
-        if path.is_dir():
-            h.update(f.name.encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
+    return sha256_file(*_files(path), named=path.is_dir())
 
 
 def record_sources(paths: Iterable[Path | None]) -> list[dict]:

@@ -167,14 +167,11 @@ class Trainer:
         ``encoder.pt``)."""
 
     def _parse_options(self):
-        if self.Options is None:
-            if self.recipe.method:
-                raise ConfigError(f"recipe section 'method' has keys {sorted(self.recipe.method)}, but trainer "
-                                  f"'{self.name}' takes none")
-            return None
-        from medvol.config import from_dict
+        """The recipe's ``method:`` section as ``self.Options`` (None when the trainer takes none):
+        the registry's parser, the one ``medvol.training.load_recipe`` checks recipes with."""
+        from medvol.training import parse_method
 
-        return from_dict(self.Options, self.recipe.method, f"recipe '{self.recipe.name}'", "method")
+        return parse_method(type(self), self.recipe.method, f"recipe '{self.recipe.name}'")
 
     def build_models(self) -> dict[str, nn.Module]:
         from medvol.networks import build_model

@@ -20,8 +20,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from medvol.errors import ConfigError
-from medvol.networks import register
+from medvol.networks import model_options, register
 
 
 def _block(cin: int, cout: int, stride: int) -> list[nn.Module]:
@@ -51,8 +50,5 @@ class SliceCNN(nn.Module):
 @register("slice_cnn")
 def build_slice_cnn(model_cfg, plans, in_channels: int, num_classes: int) -> nn.Module:
     """``model.options`` may set ``widths`` (per stage; default [16, 32, 64])."""
-    opts = dict(model_cfg.options)
-    unknown = sorted(set(opts) - {"widths"})
-    if unknown:
-        raise ConfigError(f"model.options {unknown}: slice_cnn takes ['widths']")
+    opts = model_options(model_cfg, "slice_cnn", {"widths"})
     return SliceCNN(num_classes, in_channels, **opts)

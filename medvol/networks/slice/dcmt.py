@@ -1,4 +1,5 @@
-"""DC-MT slice classifier: SE-ResNeXt50 + foreground attention + LSE pooling + CAMs (METHODS.md §4).
+"""DC-MT slice classifier: SE-ResNeXt50 + foreground attention + LSE pooling + CAMs (DC-MT, Huo et
+al., MedIA 2022; ``docs/methods/dcmt.md``).
 
 After Huo et al., "Automatic grading assessments for knee MRI cartilage defects via
 self-ensembling semi-supervised learning with dual-consistency", MedIA 2022.
@@ -42,8 +43,7 @@ from monai.networks.blocks.squeeze_and_excitation import SEResNeXtBottleneck
 from monai.networks.nets import SEResNeXt50
 from monai.networks.nets.senet import SENet
 
-from medvol.errors import ConfigError
-from medvol.networks import register
+from medvol.networks import model_options, register
 from medvol.networks.weights import load_local_weights
 
 PAPER_LAYERS = (3, 4, 6, 3)
@@ -236,10 +236,7 @@ def build_dcmt(model_cfg, plans: dict, in_channels: int, num_classes: int) -> nn
     """A 2D :class:`DCMTNet` (wrap it in a ``SliceAdapter`` for volumes); ``model.options`` may
     set the keyword arguments above and ``backbone_weights`` (a local SE-ResNeXt50 32x4d state
     dict, MONAI/Cadene names) for the trunk (``model.base_features`` is not used)."""
-    opts = dict(model_cfg.options)
-    unknown = sorted(set(opts) - _OPTIONS)
-    if unknown:
-        raise ConfigError(f"model.options {unknown}: dcmt takes {sorted(_OPTIONS)}")
+    opts = model_options(model_cfg, "dcmt", _OPTIONS)
     weights = opts.pop("backbone_weights", None)
     model = DCMTNet(num_classes, in_channels, **opts)
     if weights:

@@ -1,5 +1,6 @@
 """Inf-Net (Fan et al., IEEE TMI 2020): Res2Net backbone, edge attention, parallel partial
-decoder and cascaded reverse attention, for binary segmentation of 2D slices (METHODS.md §5).
+decoder and cascaded reverse attention, for binary segmentation of 2D slices (Inf-Net, IEEE TMI
+2020; ``docs/methods/infnet.md``).
 
 Tensors are ``(B, C, H, W)``. Every output is a logit map of one channel upsampled to the
 input's size (:class:`InfNetOutput`); in eval mode the model returns only the final map (the
@@ -25,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medvol.errors import ConfigError
-from medvol.networks import register
+from medvol.networks import model_options, register
 from medvol.networks.weights import load_local_weights
 
 
@@ -290,10 +291,7 @@ def build_infnet(model_cfg, plans: dict, in_channels: int, num_classes: int) -> 
     """Binary Inf-Net (``num_classes`` 2 with background: one logit). ``model.options`` may set
     ``width_mult``, ``base_width``, ``rfb_channels``, ``input_scale`` and ``backbone_weights`` (a
     local Res2Net-50 v1b file); ``model.base_features`` is not used."""
-    opts = dict(model_cfg.options)
-    unknown = sorted(set(opts) - _OPTIONS)
-    if unknown:
-        raise ConfigError(f"model.options {unknown}: infnet takes {sorted(_OPTIONS)}")
+    opts = model_options(model_cfg, "infnet", _OPTIONS)
     if num_classes not in (1, 2):
         raise ConfigError(f"infnet segments one foreground class; the dataset has {num_classes} labels "
                           "(background included)")

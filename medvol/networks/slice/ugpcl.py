@@ -1,4 +1,4 @@
-"""UGPCL's network (IJCAI 2022; ``shared/METHODS.md`` §6): a shared ResNet-50 encoder feeding a
+"""UGPCL's network (IJCAI 2022; ``docs/methods/ugpcl.md``): a shared ResNet-50 encoder feeding a
 U-Net CNN decoder and a Swin Transformer decoder, a projection head on the stride-8 feature for
 pixel contrast, and a 4-way rotation head. 2D: images ``(B, C, H, W)``.
 
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from medvol.errors import ConfigError
 from medvol.losses.pixel_contrast import ClassMemoryQueue
-from medvol.networks import register
+from medvol.networks import model_options, register
 from medvol.networks.weights import load_local_weights
 from medvol.plans import Plans
 
@@ -222,10 +222,7 @@ def resnet_names(key: str) -> str:
 def build_ugpcl(model_cfg, plans: Plans | dict | None, in_channels: int, num_classes: int) -> nn.Module:
     """``model.options``: any of :data:`_OPTIONS` (see :class:`UGPCLNet`); ``input_size``
     defaults to the plan's 2D ``patch_size``, else 224². ``model.base_features`` is not used."""
-    opts = dict(model_cfg.options)
-    unknown = sorted(set(opts) - _OPTIONS)
-    if unknown:
-        raise ConfigError(f"model.options {unknown}: ugpcl takes {sorted(_OPTIONS)}")
+    opts = model_options(model_cfg, "ugpcl", _OPTIONS)
     if "input_size" not in opts:
         patch = plans.patch_size if isinstance(plans, Plans) else (plans or {}).get("patch_size")
         opts["input_size"] = tuple(patch) if patch is not None and len(patch) == 2 else (224, 224)

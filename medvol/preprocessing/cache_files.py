@@ -1,0 +1,132 @@
+"""What a preprocessing run writes into its cache folder besides the cases' arrays: the folder
+and its manifest, the cache's ``dataset.json``, each case's class locations, and the
+``slice_labels.csv`` and ``splits_final.json`` copied from beside the raw dataset. The format
+itself (paths, versions, completeness) is :mod:`medvol.cache`'s.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from medvol.cache import case_paths, load_plans
+from medvol.errors import CacheError, InputError
+from medvol.manifest import OutputFolder, refuse_overlap
+from medvol.preprocessing.raw import RawDataset
+from medvol.utils import read_json, write_json
+
+NUM_LOCATION_SAMPLES = 10_000
+MIN_LOCATION_COVERAGE = 0.01
+
+
+def sample_class_locations(seg: np.ndarray, classes: Iterable[int], seed: int = 1234) -> dict[str, np.ndarray]:
+    """Up to 10,000 voxel positions (x, y, z) per class (at least 1 % of its voxels), for
+    foreground oversampling, as ``(n, 3)`` int32 arrays; fixed seed, as nnU-Net."""
+    rng = np.random.default_rng(seed)  # draws n of N in O(n) (RandomState permutes all N)
+    flat = seg.reshape(-1)
+    spatial = seg.shape[1:]
+    out: dict[str, np.ndarray] = {}
+    for c in classes:
+        idx = np.flatnonzero(flat == c)
+        if idx.size == 0:
+            out[str(c)] = np.zeros((0, len(spatial)), np.int32)
+            continue
+        n = max(min(NUM_LOCATION_SAMPLES, idx.size), int(np.ceil(idx.size * MIN_LOCATION_COVERAGE)))
+        chosen = idx[rng.choice(idx.size, n, replace=False)]
+        out[str(c)] = np.stack(np.unravel_index(chosen, spatial), axis=1).astype(np.int32)
+    return out
+
+
+CACHE_ENTRIES = ("cases", "fingerprints", "staging", "dataset.json", "fingerprint.json", "plans.json", "failures.json",
+                 "slice_labels.csv")
+
+
+def cache_folder(out: Path) -> OutputFolder:
+    """The cache folder and its manifest: what preprocessing may write (and --overwrite remove)."""
+    return OutputFolder(out, "preprocess", CACHE_ENTRIES)
+
+
+def _is_legacy_cache(out: Path) -> bool:
+    """A cache written before manifests existed: our dataset.json (it records raw_root)."""
+    try:
+        return "raw_root" in read_json(out / "dataset.json")
+    except (OSError, ValueError):
+        return False
+
+
+def prepare_out(raw: RawDataset, out: Path, overwrite: bool, orientation: str = "stored") -> None:
+    refuse_overlap(out, [raw.root])
+    folder = cache_folder(out)
+    if overwrite and out.exists():
+        folder.clear()
+    folder.claim(adopt=_is_legacy_cache(out))  # refuses a folder of someone else's files
+    desc = raw.dataset_json()
+    desc["raw_root"] = str(raw.root.resolve())
+    desc["training_cases"] = [c.case_id for c in raw.training]
+    desc["test_cases"] = [c.case_id for c in raw.test]
+    desc["orientation"] = orientation
+    djson = out / "dataset.json"
+    if djson.exists():
+        old = read_json(djson)
+        if old.get("training_cases") != desc["training_cases"] or old.get("raw_root") != desc["raw_root"]:
+            raise CacheError(f"{out}: holds a cache of another dataset ({old.get('raw_root')}); "
+                             "use another output folder or --overwrite")
+        if old.get("orientation", "stored") != orientation:
+            raise CacheError(f"{out}: was made with --orientation {old.get('orientation', 'stored')}, not "
+                             f"{orientation}; use another output folder or --overwrite")
+    folder.claim(desc["training_cases"])
+    if not djson.exists():
+        write_json(djson, desc)
+
+
+def cache_description(out: Path) -> dict:
+    """The ``dataset.json`` that ``medvol fingerprint`` wrote into ``out`` (not a raw dataset's)."""
+    first = f"run `medvol fingerprint RAW -o {out}` first"
+    try:
+        desc = read_json(out / "dataset.json")
+    except FileNotFoundError:
+        raise CacheError(f"{out}: no dataset.json; {first}") from None
+    except (OSError, ValueError):
+        desc = None
+    if not isinstance(desc, dict) or "training_cases" not in desc:
+        raise CacheError(f"{out}: a raw dataset (or another folder), not one `medvol fingerprint` wrote: run "
+                         f"`medvol fingerprint {out} -o CACHE`, then `medvol plan CACHE`")
+    return desc
+
+
+def copy_slice_labels(raw: Path, out: Path) -> None:
+    """A ``slice_labels.csv`` beside the raw dataset, checked against the raw scans' slice counts
+    across the 2d plan's slice axis, is copied into the cache (training reads it from there)."""
+    from medvol.io.slice_labels import SLICE_LABELS_FILE, read_slice_labels, write_slice_labels
+
+    src = raw / SLICE_LABELS_FILE
+    if not src.is_file():
+        return
+    plans = load_plans(out)
+    axis = int(plans["configurations"]["2d"]["slice_axis"])
+    desc = read_json(out / "dataset.json")
+    counts = {c: 10**9 for c in desc["training_cases"]}  # failed cases: any index passes
+    for case in desc["training_cases"]:
+        props = case_paths(out, case)[2]
+        if props.exists():
+            counts[case] = int(read_json(props)["original_shape"][axis])
+    write_slice_labels(read_slice_labels(src, counts), out / SLICE_LABELS_FILE)
+
+
+def copy_raw_splits(raw: Path, out: Path) -> None:
+    """A ``splits_final.json`` beside the raw dataset (nnU-Net's format; the dataset adapters
+    write the published splits there) is copied into a cache that has none: ``--fold K`` uses it."""
+    from medvol.cache import SPLITS_FILE, check_splits
+    from medvol.manifest import claim_files
+
+    src, dst = raw / SPLITS_FILE, out / SPLITS_FILE
+    if src.is_file() and not dst.exists():
+        try:
+            splits = read_json(src)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InputError(src, f"invalid JSON ({e})") from None
+        check_splits(splits, src, read_json(out / "dataset.json").get("training_cases", []), "dataset")
+        claim_files(out, [SPLITS_FILE])
+        write_json(dst, splits)
