@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 MEDVOL = Path(__file__).resolve().parents[1] / "medvol"
 APPLICATION_MODULES = {"cli.py", "__main__.py"}  # may use any library module (never datasets/ either)
 
@@ -32,10 +30,6 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 # The one exception to "a row never imports its own row": training validates, and predicts at
 # its end, through inference's paths (one sliding window, one post-processing, one predictor).
 TRAINING_MAY_USE = ("medvol.inference.sliding_window", "medvol.inference.postprocess", "medvol.inference.predictor")
-# Known breaks inside training/, removed on branch house-engine (issue 28): the general rule passes
-# over exactly these, and the xfail tests at the end flip when that branch merges.
-ENGINE_BRANCH = "fixed on branch house-engine"
-TRAINING_USES_SUBJECTS = {"training/aggregator.py", "training/slice_classifier.py"}
 
 
 def imports_of(path: Path) -> set[str]:
@@ -125,9 +119,6 @@ def layer_violations(modules: dict[str, Path] = MODULES) -> list[str]:
                 continue
             if unit == "medvol.training" and target.startswith(TRAINING_MAY_USE):
                 continue
-            if path.is_relative_to(MEDVOL) and path.relative_to(MEDVOL).as_posix() in TRAINING_USES_SUBJECTS \
-                    and target == "medvol.inference.subjects":
-                continue  # ENGINE_BRANCH: see test_training_never_imports_inference_subjects
             where = "its own row" if t_row == row else f"a higher row ({LAYERS[t_row][0]})"
             out.append(f"{name} -> {target} ({LAYERS[row][0]} importing {where})")
     return out
@@ -205,7 +196,6 @@ def test_cycle_check_sees_a_cycle(tmp_path):
     assert import_cycles({"medvol.a": tmp_path / "a.py", "medvol.b": tmp_path / "b.py"}) == [["medvol.a", "medvol.b"]]
 
 
-@pytest.mark.xfail(strict=True, reason=ENGINE_BRANCH)
 def test_training_never_imports_inference_subjects():
     """The subject pipeline is a stage of its own: training uses only TRAINING_MAY_USE."""
     users = [p.relative_to(MEDVOL).as_posix() for p in (MEDVOL / "training").rglob("*.py")
@@ -213,7 +203,6 @@ def test_training_never_imports_inference_subjects():
     assert users == []
 
 
-@pytest.mark.xfail(strict=True, reason=ENGINE_BRANCH)
 def test_no_import_cycles():
-    """Today: engine <-> final_validation (fit calls validate_at_end, which imports the engine)."""
+    """engine -> final_validation one way: validate_at_end takes plain values, not the trainer."""
     assert import_cycles() == []

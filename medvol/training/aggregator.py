@@ -1,4 +1,5 @@
-"""The GRU slice aggregator's trainer (``trainer.name: slice_aggregator``, METHODS.md §7).
+"""The GRU slice aggregator's trainer (``trainer.name: slice_aggregator``, after DC-MT's
+aggregation network, MedIA 2022; ``docs/methods/slice_aggregator.md``).
 
 Stage two of the two-stage subject pipeline: ``medvol extract-features`` ran a trained slice
 classifier over every subject and wrote per-slice features with the subjects' classes

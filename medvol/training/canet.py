@@ -1,5 +1,5 @@
 """CANet: semi-supervised segmentation with a signed-distance head and an attention
-discriminator (METHODS.md §1).
+discriminator (CANet, ESWA 2023; ``docs/methods/canet.md``).
 
 Segmenter step: soft Dice on sigmoid(seg) and beta * MSE(tanh SDF, ground-truth SDF) on the
 labelled samples, plus lambda(t) * CE(D(SDF_unlabelled, image_unlabelled), "labelled") so

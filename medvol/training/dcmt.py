@@ -1,4 +1,5 @@
-"""DC-MT: dual-consistency mean teacher on 2D slices (METHODS.md §4), on the mean-teacher base.
+"""DC-MT: dual-consistency mean teacher on 2D slices (DC-MT, Huo et al., MedIA 2022;
+``docs/methods/dcmt.md``), on the mean-teacher base.
 
 Data (recipe ``data.configuration: 2d``): slices of the cache, each with its ``class`` (the
 grade, from the cache's ``slice_labels.csv``; -1 for none and for the unlabelled stream) and

@@ -1,4 +1,4 @@
-"""DoDNet: one network for many partially labelled tasks (METHODS.md §2).
+"""DoDNet: one network for many partially labelled tasks (DoDNet, CVPR 2021; ``docs/methods/dodnet.md``).
 
 Each sample carries its task id and which output channels (organ, tumour) its dataset
 annotates; the controller turns the task into the dynamic head's weights; the loss is Dice +

@@ -1,4 +1,5 @@
-"""Inf-Net trainer (METHODS.md §5): binary segmentation of 2D slices with edge supervision.
+"""Inf-Net trainer (Inf-Net, IEEE TMI 2020; ``docs/methods/infnet.md``): binary segmentation of 2D
+slices with edge supervision.
 
 One step: the batch (2D slices of the plan's ``2d`` configuration) is rescaled by the factor
 ``scales[step % len(scales)]`` (0.75, 1, 1.25: each factor equally often, in turn), the size

@@ -1,6 +1,7 @@
 """Mean-teacher training: a student learns, a teacher follows it as an exponential moving average
 (Tarvainen & Valpola 2017), and losses ask the student to agree with the teacher on another view
-of the same batch. DC-MT configures it (METHODS.md §4); other consistency methods can too.
+of the same batch. DC-MT configures it (DC-MT, Huo et al., MedIA 2022; ``docs/methods/dcmt.md``);
+other consistency methods can too.
 
 What a subclass gets, and the small API it builds on:
 

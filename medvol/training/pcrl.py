@@ -1,4 +1,4 @@
-"""PCRL pretraining (METHODS.md §3): the published step (``pytorch/pcrl_3d.py``,
+"""PCRL pretraining (PCRL, ICCV 2021; ``docs/methods/pcrl.md``): the published step (``pytorch/pcrl_3d.py``,
 ``train_rep_C2L``) with InfoNCE in place of its NCE criterion.
 
 One step, on a batch of the pretext data (:mod:`medvol.data.pretext`: distorted inputs ``x1``,

@@ -1,4 +1,5 @@
-"""Semi-Inf-Net (METHODS.md §5): the progressive pseudo-label loop, as a driver of Inf-Net runs.
+"""Semi-Inf-Net (Inf-Net, IEEE TMI 2020; ``docs/methods/infnet.md``): the progressive pseudo-label
+loop, as a driver of Inf-Net runs.
 
 ``medvol train semi_infnet --data PRE --out RUN`` runs these stages, each an ordinary engine
 run of :class:`medvol.training.infnet.InfNetTrainer` in ``RUN/stages/<stage>/`` (recipe,
@@ -57,7 +58,7 @@ import torch
 from medvol.cache import case_paths, cases_dir, load_case, save_locations
 from medvol.config import Recipe, ScheduleConfig, save_recipe
 from medvol.errors import ConfigError
-from medvol.preprocessing.preprocessor import sample_class_locations
+from medvol.preprocessing.cache_files import sample_class_locations
 from medvol.training import register_trainer
 from medvol.training.infnet import InfNetOptions, check_infnet_options, epoch_steps
 from medvol.utils import read_json, save_npy, write_json

@@ -1,5 +1,5 @@
 """UGPCL: uncertainty-guided pixel contrastive learning, semi-supervised 2D segmentation with a
-CNN and a Transformer decoder (IJCAI 2022; ``shared/METHODS.md`` §6, ``docs/methods/ugpcl.md``).
+CNN and a Transformer decoder (IJCAI 2022; ``docs/methods/ugpcl.md``, ``docs/methods/ugpcl.md``).
 
 Each step: every image of the batch (labelled and unlabelled) is rotated by k·90° (k drawn in
 {0..3}, the rotation head's target) plus a random angle in ±``rotate_deg`` (labels with it,
