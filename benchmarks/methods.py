@@ -235,12 +235,24 @@ def _binarised(pred: Path, value: int, out: Path) -> Path:
     return out
 
 
+def _train(recipe: str, sets: list[str], cache: Path, run: Path) -> None:
+    """Train one run, or reuse it when a previous harness call finished it (its
+    ``train_summary.json`` says every step was done): a rerun after a crash trains only what is
+    missing. A run folder left half-way is continued from its ``latest.pt``."""
+    from medvol.training import load_recipe, train
+
+    summary = run / "train_summary.json"
+    if summary.exists():
+        done = json.loads(summary.read_text())
+        if done.get("steps_done") == done.get("steps_total"):
+            return
+    train(load_recipe(recipe, sets), cache, run, resume="auto", device="cpu", quiet=True)
+
+
 def run_partial_arm(arm: Arm, c: Comparison, data: Data, seed: int, out: Path, toy: bool) -> dict:
     """DoDNet: one network on the partial cache, predicted per task; the baseline: one network
     per task's own dataset. Each task scored against its structure on the held-out scans."""
-    from medvol.config import load_recipe
     from medvol.inference import predict
-    from medvol.training import train
 
     t0, scores = time.perf_counter(), {}
     sets = [*arm.sets, *_common(c, None, seed, toy)]
@@ -248,14 +260,14 @@ def run_partial_arm(arm: Arm, c: Comparison, data: Data, seed: int, out: Path, t
     if arm is c.arm:  # as many steps as the baselines together: each task's cases seen as often
         steps = len(tasks) * (2 if toy else c.steps)
         sets += [f"trainer.steps={steps}", f"trainer.val_every={steps + 1}"]
-        train(load_recipe(arm.recipe, sets), data.pre, out / "run", device="cpu", quiet=True)
+        _train(arm.recipe, sets, data.pre, out / "run")
     for tid, (name, value, task_data) in tasks.items():
         if arm is c.arm:
             predict(out / "run", data.images, out / f"pred_{name}", device="cpu", checkpoint="latest", tta=False,
                     task=tid, quiet=True)
             pred = _binarised(out / f"pred_{name}", value, out / f"bin_{name}")
         else:
-            train(load_recipe(arm.recipe, sets), task_data.pre, out / f"run_{name}", device="cpu", quiet=True)
+            _train(arm.recipe, sets, task_data.pre, out / f"run_{name}")
             pred = out / f"pred_{name}"
             predict(out / f"run_{name}", task_data.images, pred, device="cpu", checkpoint="latest", tta=False,
                     quiet=True)
@@ -266,9 +278,7 @@ def run_partial_arm(arm: Arm, c: Comparison, data: Data, seed: int, out: Path, t
 
 def run_arm(arm: Arm, c: Comparison, data: Data, budget: int, seed: int, out: Path, toy: bool) -> dict:
     """Train one arm, predict the held-out scans, score them: ``{class: {dice, hd95}}``."""
-    from medvol.config import load_recipe
     from medvol.inference import predict
-    from medvol.training import train
 
     if c.partial:
         return run_partial_arm(arm, c, data, seed, out, toy)
@@ -277,10 +287,9 @@ def run_arm(arm: Arm, c: Comparison, data: Data, budget: int, seed: int, out: Pa
     sets = [*arm.sets, *by_budget, *_common(c, budget, seed, toy)]
     if arm.pretrain:  # labels unused: every training case, as a user would pretrain
         pre_sets = [f"trainer.seed={seed}", *(TOY if toy else [])]
-        if not (out / "pretrain" / "encoder.pt").exists():  # a finished pretraining is reused by a rerun
-            train(load_recipe(arm.pretrain, pre_sets), data.pre, out / "pretrain", device="cpu", quiet=True)
+        _train(arm.pretrain, pre_sets, data.pre, out / "pretrain")
         sets.append(f"init_from={out / 'pretrain' / 'encoder.pt'}")
-    train(load_recipe(arm.recipe, sets), data.pre, out / "run", device="cpu", quiet=True)
+    _train(arm.recipe, sets, data.pre, out / "run")
     predict(out / "run", data.images, out / "pred", device="cpu", checkpoint="latest", tta=False, quiet=True)
     return {"method": c.method, "arm": arm.label, "budget": budget, "seed": seed,
             "scores": _scores(out / "pred", data.labels), "seconds": time.perf_counter() - t0}
