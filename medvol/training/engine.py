@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from medvol.cache import load_case, load_plans
-from medvol.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from medvol.checkpoint import inference_weights, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from medvol.config import Recipe, save_recipe
 from medvol.data import PatchDataset, Streams, build_augmentation, make_loader, training_cases
 from medvol.data.dataset import StepDataset
@@ -40,7 +40,7 @@ from medvol.training.distributed import DistInfo, barrier, params_identical_acro
 from medvol.training.logger import RunLogger
 from medvol.training.preemption import PreemptionFlag
 from medvol.training.schedules import make_optimizer, make_scheduler
-from medvol.utils import write_json
+from medvol.utils import write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def init_from(model: nn.Module, path: str | Path) -> dict:
     """Load the tensors of ``path`` (a medvol checkpoint or a plain state dict, read with
     weights_only=True) whose names and shapes match ``model``'s; report what happened."""
     ckpt = load_checkpoint(path)
-    sd = ckpt["models"][ckpt.get("inference_model", "model")] if "models" in ckpt else ckpt.get("encoder", ckpt)
+    sd = inference_weights(ckpt) if "models" in ckpt else ckpt.get("encoder", ckpt)
     own = model.state_dict()
     loaded = [k for k, v in sd.items() if k in own and own[k].shape == v.shape]
     skipped = sorted(k for k, v in sd.items() if k in own and own[k].shape != v.shape)
@@ -398,7 +398,7 @@ def setup_run_folder(trainer: Trainer, resume: bool) -> tuple[int, float]:
         if trainer.plans is not None:
             write_json(run / "plans.json", trainer.plans.raw)
         if (trainer.cache_dir / "dataset.json").exists():
-            (run / "dataset.json").write_text((trainer.cache_dir / "dataset.json").read_text())
+            write_text(run / "dataset.json", (trainer.cache_dir / "dataset.json").read_text())
         write_json(run / "split.json", {"labelled": trainer.labelled, "unlabelled": trainer.unlabelled,
                                         "validation": trainer.val_cases})
         if trainer.init_report:
