@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from typing import Any
 
 from medvol import config
 from medvol.config import Recipe, from_dict
@@ -61,23 +62,36 @@ def trainer_names() -> list[str]:
 
 
 def get_trainer(name: str):
-    """The trainer class registered as ``name``, importing its module (and only its) when needed."""
+    """The trainer class registered as ``name``, importing its module (and only its) when needed.
+    ``name`` may also be a trainer's own ``"package.module:Class"`` (a method in a file of
+    yours, on the Python path): a new method is then one file and one recipe."""
     if name not in _TRAINERS:
+        if name.count(":") == 1:
+            return _import_trainer(name, name, None)
         raise ConfigError(f"trainer.name '{name}' is unknown; known: {trainer_names()}")
     value = _TRAINERS[name]
     if isinstance(value, str):
-        module, _, qualname = value.partition(":")
-        try:
-            obj = importlib.import_module(module)
-            for part in qualname.split("."):
-                obj = getattr(obj, part)
-        except (ImportError, AttributeError) as e:
-            raise ConfigError(f"trainer '{name}': cannot import {value} ({type(e).__name__}: {e})") from e
-        if not isinstance(obj, type) or getattr(obj, "name", None) != name:
-            raise ConfigError(f"trainer '{name}': {value} is not a trainer class named '{name}' "
-                              f"(its name: {getattr(obj, 'name', None)!r})")
-        _TRAINERS[name] = value = obj
+        _TRAINERS[name] = value = _import_trainer(value, name, name)
     return value
+
+
+def _import_trainer(value: str, where: str, name: str | None) -> type:
+    """The class ``value`` (``"module:Class"``) names; ``name``: the ``.name`` it must have."""
+    module, _, qualname = value.partition(":")
+    obj: Any
+    try:
+        obj = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"trainer '{where}': cannot import {value} ({type(e).__name__}: {e})") from e
+    from medvol.training.engine import Trainer
+
+    ok = isinstance(obj, type) and (issubclass(obj, Trainer) or hasattr(obj, "drive"))
+    if not ok or (name is not None and getattr(obj, "name", None) != name):
+        raise ConfigError(f"trainer '{where}': {value} is not a trainer class" + (f" named '{name}'" if name else "")
+                          + f" (its name: {getattr(obj, 'name', None)!r})")
+    return obj
 
 
 def parse_method(trainer: type, method: dict, source: str):
