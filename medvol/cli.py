@@ -405,11 +405,9 @@ def _cmd_extract_features(a) -> int:
 
 def _cmd_export(a) -> int:
     from medvol.export import export_model
-    from medvol.manifest import claim_files
 
     if a.out.suffix != ".zip":
         raise ConfigError(f"export -o {a.out}: the model file must end in .zip")
-    claim_files(a.out.parent, [a.out.name])
     print(f"model -> {export_model(a.run, a.out, a.checkpoint)} (medvol predict -m {a.out} ...)")
     return 0
 

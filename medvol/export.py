@@ -37,6 +37,7 @@ def export_model(run_dir: str | Path, out: str | Path, checkpoint: str = "best")
     """Pack a run folder's model into ``out`` (a .zip)."""
     from medvol import __version__
     from medvol.checkpoint import inference_weights, load_checkpoint, run_checkpoint
+    from medvol.manifest import claim_files
 
     run_dir, out = Path(run_dir), Path(out)
     for f in ("recipe.yaml", "plans.json"):
@@ -51,6 +52,7 @@ def export_model(run_dir: str | Path, out: str | Path, checkpoint: str = "best")
             "checkpoint.pt": buf.getvalue()}
     manifest = {"format": FORMAT, "checkpoint": ckpt_path.stem, "step": ckpt.get("step"), "medvol": __version__,
                 "torch": torch.__version__, "sha256": {k: _sha256(v) for k, v in data.items()}}
+    claim_files(out.parent, [out.name])  # after every check of the run: a refusal writes nothing
     with atomic_path(out) as tmp:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
             for name, payload in data.items():

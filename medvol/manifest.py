@@ -178,7 +178,9 @@ def check_files(folder: str | Path, names: Iterable[str]) -> None:
 def claim_files(folder: str | Path, names: Iterable[str]) -> None:
     """Before writing ``names`` into a folder medvol shares with other files (predictions,
     pictures, metrics): refuse to replace any that medvol did not write, then record them."""
+    names = list(names)
     out = OutputFolder(folder, "files", ())
+    out.check_writable(names)  # a refusal leaves the folder as it was (no manifest written)
     out.claim(exclusive=False)
     out.ensure_writable(names)
 

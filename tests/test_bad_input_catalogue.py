@@ -866,14 +866,9 @@ CATALOGUE = [
         r"nope: not a medvol run folder", untouched=_cache_and("in", "pred")),
     # export
     Row("export-run-without-checkpoint", _export(lambda r: shutil.rmtree(r / "checkpoints")),
-        r"runs/run/checkpoints/latest\.pt", untouched=_cache_and("runs", "model"),
-        xfail="cli._cmd_export calls manifest.claim_files(OUT's folder) before export_model reads the run: the "
-              "error line is right, but OUT's folder is left with a .medvol-manifest.json listing a m.zip that "
-              "was never written"),
+        r"runs/run/checkpoints/latest\.pt", untouched=_cache_and("runs", "model")),
     Row("export-over-a-foreign-file", _export(existing=True),
-        r"model/m\.zip: exists and was not written by medvol", untouched=_cache_and("runs", "model"),
-        xfail="manifest.claim_files writes OUT/.medvol-manifest.json (OutputFolder.claim) before ensure_writable "
-              "refuses the foreign m.zip: the refusal leaves a new manifest in the user's folder"),
+        r"model/m\.zip: exists and was not written by medvol", untouched=_cache_and("runs", "model")),
     Row("export-not-a-zip", _export(out="m.tar"), r"export -o .*m\.tar: the model file must end in \.zip",
         untouched=_cache_and("runs", "model")),
     # features files for the slice aggregator, and its run file
