@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from medvol.errors import CacheError
+from medvol.errors import CacheError, InputError
 from medvol.utils import atomic_path, read_json
 
 CACHE_VERSION = 3
@@ -41,10 +42,6 @@ SPLITS_FILE = "splits_final.json"  # nnU-Net's cross-validation folds, beside th
 def check_splits(splits, path: Path, case_ids, where: str) -> None:
     """``splits`` (read from ``path``) is nnU-Net's list of folds, each ``train`` and ``val``
     listing distinct case ids of ``case_ids`` (the ``where``: cache or dataset), none in both."""
-    from collections import Counter
-
-    from medvol.errors import InputError
-
     if not isinstance(splits, list) or not all(
             isinstance(s, dict) and isinstance(s.get("train"), list) and isinstance(s.get("val"), list)
             for s in splits):

@@ -1,4 +1,4 @@
-"""DC-MT network and losses (METHODS.md §4): LSE pooling, CAM refinement, CAM/logit relation,
+"""DC-MT network and losses (``docs/methods/dcmt.md``): LSE pooling, CAM refinement, CAM/logit relation,
 shapes and stride, registry and SliceAdapter use, losses against hand computations, the
 unlabelled CAM selection and gradient flow into the attention module."""
 

@@ -1,5 +1,5 @@
-"""DC-MT's trainer (METHODS.md §4) on the slice path, and its features feeding the GRU
-aggregator (§7): input preparation, the teacher-argmax CAM channel of unlabelled slices, save
+"""DC-MT's trainer (``docs/methods/dcmt.md``) on the slice path, and its features feeding the GRU
+aggregator: input preparation, the teacher-argmax CAM channel of unlabelled slices, save
 and resume, a short learning run, subject-level prediction end to end."""
 
 from __future__ import annotations

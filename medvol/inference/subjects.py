@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from medvol.data.slice_outputs import SLICE_BATCH, pad_in_plane, slice_outputs, subject_probabilities  # noqa: F401
+from medvol.data.slice_outputs import SLICE_BATCH, slice_outputs, subject_probabilities
 from medvol.errors import CacheError, ConfigError
 from medvol.precision import Precision, choose_precision
 from medvol.utils import sha256_file, write_text
