@@ -38,7 +38,7 @@ def test_foreground_oversampling_ratio(small_fg_cache):
     centre_fg, random_fg = [], []
     for step in range(60):
         for slot in range(6):
-            s = ds.sample(step, slot)
+            s = ds.item(step, slot)
             hit = bool(s["label"][0, 8, 8, 8] > 0)
             (centre_fg if slot >= ds.first_fg_slot else random_fg).append(hit)
     assert ds.first_fg_slot == 4  # round(6 * 0.67): the last 2 of 6 slots are forced
@@ -78,12 +78,12 @@ def test_augmentation_keeps_image_and_label_aligned():
 def test_same_seed_same_sample_different_step_different_sample(small_fg_cache):
     streams = Streams(["c0", "c1"], ["c2"], global_batch=4, unlabelled_per_batch=1)
     ds = PatchDataset(small_fg_cache, streams, (16, 16, 16), augment=build_augmentation(AugmentConfig()), seed=3)
-    a, b = ds.sample(5, 1), ds.sample(5, 1)
+    a, b = ds.item(5, 1), ds.item(5, 1)
     torch.testing.assert_close(a["image"], b["image"])
-    assert not torch.equal(ds.sample(6, 1)["image"], a["image"])
-    u = ds.sample(5, 3)  # last slot: unlabelled stream
+    assert not torch.equal(ds.item(6, 1)["image"], a["image"])
+    u = ds.item(5, 3)  # last slot: unlabelled stream
     assert not bool(u["labelled"]) and bool(torch.all(u["label"] == -1))
-    assert bool(ds.sample(5, 0)["labelled"])
+    assert bool(ds.item(5, 0)["labelled"])
 
 
 def test_step_sampler_shards_the_global_batch():
@@ -124,13 +124,13 @@ def test_partial_label_fields_travel_with_the_sample(small_fg_cache, tmp_path):
     p.update(task_id=4, annotated=[0, 1])  # e.g. a tumour-only dataset of a partially labelled union
     props.write_text(json.dumps(p))
     ds = PatchDataset(cache, Streams(["c1"], [], 2), (16, 16, 16), seed=0)
-    s = ds.sample(0, 0)
+    s = ds.item(0, 0)
     assert int(s["task_id"]) == 4 and s["annotated"].tolist() == [0, 1]
 
 
 def test_samples_are_plain_tensors(small_fg_cache):
     ds = PatchDataset(small_fg_cache, Streams(["c0"], [], 2), (16, 16, 16), augment=build_augmentation(AugmentConfig()))
-    s = ds.sample(0, 0)
+    s = ds.item(0, 0)
     assert type(s["image"]) is torch.Tensor and type(s["label"]) is torch.Tensor
 
 

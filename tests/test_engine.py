@@ -18,6 +18,7 @@ from medvol.config import load_recipe
 from medvol.errors import ConfigError
 from medvol.training.distributed import DistInfo
 from medvol.training.engine import Trainer
+from medvol.training.sources import DataSource
 
 TRAINING = Path(__file__).resolve().parents[1] / "medvol" / "training"
 X = torch.tensor([[1.0, 2.0, -1.0, 0.5], [0.5, -1.0, 2.0, 1.0]])
@@ -30,11 +31,10 @@ class TwoUpdateTrainer(Trainer):
     name = "test_two_updates"
     grad_scale = 1.0  # the first closure's loss is multiplied by this (large: clipping shows)
 
-    def setup_data(self) -> None:
-        self.plans, self.slice_axis, self.num_classes, self.in_channels = None, None, 2, 4
-        self.patch_size, self.batch_size = [], 2
-        self.labelled, self.unlabelled, self.val_cases = ["a"], [], ["a", "b"]
+    def make_source(self) -> DataSource:
         self.events: list[str] = []
+        return DataSource(root=Path("unused-cache"), in_channels=4, num_outputs=2, batch_size=2, labelled=["a"],
+                          unlabelled=[], val_cases=["a", "b"])
 
     def build_models(self) -> dict[str, nn.Module]:
         return {"model": nn.Linear(4, 1), "critic": nn.Linear(4, 1)}

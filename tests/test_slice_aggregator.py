@@ -113,9 +113,9 @@ def test_subject_split_and_batches(tmp_path):
         data.items[i].subject_class = -1  # no subject label
     t = _trainer(tmp_path, data, ["data.val_cases=[s000, s001]", "data.labelled=3", "method.mean_teacher=true",
                                   "data.batch_size=4", "data.unlabelled_per_batch=1"])
-    assert t.plans is None and t.in_channels == F_DIM and t.num_classes == 2
-    assert t.val_cases == ["s000", "s001"] and t.labelled == ["s002", "s003", "s004"]
-    assert t.unlabelled == ["s009", "s010", "s011", "s005", "s006", "s007", "s008"]
+    assert t.source.find_plans() is None and t.in_channels == F_DIM and t.num_classes == 2
+    assert t.source.val_cases == ["s000", "s001"] and t.source.labelled == ["s002", "s003", "s004"]
+    assert t.source.unlabelled == ["s009", "s010", "s011", "s005", "s006", "s007", "s008"]
     ds = t.make_dataset()
     batch = [ds[i] for i in range(4)]  # step 0: three labelled slots, then one unlabelled
     assert [bool(b["labelled"]) for b in batch] == [True, True, True, False]
@@ -194,8 +194,9 @@ def test_the_recipe_holds_the_published_settings(tmp_path):
     assert (r.optimizer.name, r.optimizer.lr, r.optimizer.weight_decay) == ("adam", 1e-3, 1e-4)
     assert r.trainer.grad_clip is None and r.method["mean_teacher"] and r.method["consistency"] == 1.0
     t = _published(tmp_path, synthetic_features(40, 0), ["data.batch_size=8", "data.unlabelled_per_batch=6"])
-    assert (len(t.val_cases), len(t.labelled), len(t.unlabelled)) == (8, 8, 24)
-    assert t.labelled == [s.subject for s in t.data.items if s.subject not in t.val_cases][:8]
+    src = t.source
+    assert (len(src.val_cases), len(src.labelled), len(src.unlabelled)) == (8, 8, 24)
+    assert src.labelled == [s.subject for s in src.features.items if s.subject not in src.val_cases][:8]
     assert t.steps_per_epoch == 4 and (t.recipe.trainer.steps, t.recipe.trainer.val_every) == (600, 20)
     assert isinstance(t.models["model"].pool_a, PositionalSum)
     lrs = []

@@ -115,7 +115,7 @@ def _rotation_z(angle: float) -> np.ndarray:
 
 def test_2d_patch_override_gets_its_own_topology(run_2d, tmp_path):
     from medvol.plans import Plans
-    from medvol.training.engine import plans_for_patch
+    from medvol.training.sources import plans_for_patch
 
     plans = Plans.from_dict(json.loads((run_2d[1] / "plans.json").read_text())).for_2d()
     assert plans.patch_size == [20, 20] and plans.slice_axis == 2 and len(plans.topology["strides"][0]) == 2
@@ -181,7 +181,7 @@ def test_slice_labels_beside_the_raw_dataset_reach_the_2d_batches(tmp_path):
     ds = trainer.make_dataset()
     seen = {}
     for step in range(60):
-        b = ds.sample(step, 0)
+        b = ds.item(step, 0)
         seen[int(b["slice_index"])] = (int(b["class"]), int(b["subject_class"]))
     from medvol.data.slices import raw_slice_of
 

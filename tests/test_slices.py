@@ -52,20 +52,20 @@ def test_forced_slots_cut_the_foreground_slice_and_centre_on_it(cache):
     assert ds.first_fg_slot == 2  # round(3 * 0.66): the last slot is forced
     random_z = []
     for step in range(40):
-        forced = ds.sample(step, 2)
+        forced = ds.item(step, 2)
         z = int(forced["slice_index"])
         assert z in (4, 25)
         assert forced["image"].shape == (2, 8, 8)  # (C, X, Y)
         np.testing.assert_array_equal(forced["image"][0].numpy(), z)  # channel 0 = the Z index
         assert forced["label"][0, 4, 4] == 1  # centred on a voxel of the square (no clipping here)
-        random_z += [int(ds.sample(step, s)["slice_index"]) for s in (0, 1)]
+        random_z += [int(ds.item(step, s)["slice_index"]) for s in (0, 1)]
     assert len(set(random_z)) > 20  # random slots spread over the 30 slices
     assert np.mean([z in (4, 25) for z in random_z]) < 0.2
 
 
 def test_other_slice_axes_put_the_remaining_axes_in_xyz_order(cache):
     ds = SliceDataset(cache, Streams(["a"], [], global_batch=1), (6, 10), slice_axis=0, oversample=1.0)
-    s = ds.sample(0, 0)
+    s = ds.item(0, 0)
     assert s["image"].shape == (2, 6, 10)  # (C, Y, Z)
     x = int(s["slice_index"])
     assert 8 <= x <= 10  # the foreground square's X range
@@ -92,7 +92,7 @@ def test_context_stacks_neighbours_like_the_slice_adapter():
 def test_context_samples_and_padding(cache):
     ds = SliceDataset(cache, Streams(["a"], [], global_batch=1), (24, 8), slice_axis=2, context=1,
                       oversample=1.0, seed=1)
-    s = ds.sample(0, 0)
+    s = ds.item(0, 0)
     assert s["image"].shape == (6, 24, 8)  # 3 slices x 2 channels; X padded from 20 to 24
     np.testing.assert_array_equal(s["image"][[0, 2, 4], 2:22, 0].numpy().mean(1), [3, 4, 5])  # Z of slices 3, 4, 5
     np.testing.assert_array_equal(s["image"][0, :2].numpy(), 0)  # padded image: 0
@@ -106,13 +106,13 @@ def test_unlabelled_stream_and_determinism(cache):
     again = SliceDataset(cache, streams, (8, 8), slice_axis=2, augment=build_augmentation(AugmentConfig(), ndim=2),
                          seed=5)
     for slot in range(4):
-        a, b = ds.sample(7, slot), again.sample(7, slot)
+        a, b = ds.item(7, slot), again.item(7, slot)
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
-    u = ds.sample(7, 3)
+    u = ds.item(7, 3)
     assert not bool(u["labelled"]) and (u["label"] == -1).all()
-    assert bool(ds.sample(7, 0)["labelled"])
-    assert not torch.equal(ds.sample(7, 0)["image"], ds.sample(8, 0)["image"])
-    assert ds[7 * 4 + 2]["slice_index"] == ds.sample(7, 2)["slice_index"]
+    assert bool(ds.item(7, 0)["labelled"])
+    assert not torch.equal(ds.item(7, 0)["image"], ds.item(8, 0)["image"])
+    assert ds[7 * 4 + 2]["slice_index"] == ds.item(7, 2)["slice_index"]
 
 
 def test_2d_augmentation_keeps_image_and_label_aligned():
@@ -158,7 +158,7 @@ def test_loader_batches_and_ranks_take_their_slots(cache):
     ranks = [list(make_loader(ds, 3, 5, per_process_batch=2, rank=r, world_size=2, num_workers=0)) for r in (0, 1)]
     assert ranks[0][0]["image"].shape == (2, 6, 8, 6) and ranks[0][0]["label"].shape == (2, 1, 8, 6)
     for step in range(2):
-        expect = [ds.sample(3 + step, slot) for slot in range(4)]  # rank r takes slots 2r, 2r + 1
+        expect = [ds.item(3 + step, slot) for slot in range(4)]  # rank r takes slots 2r, 2r + 1
         got = torch.cat([ranks[0][step]["image"], ranks[1][step]["image"]])
         assert torch.equal(got, torch.stack([e["image"] for e in expect]))
         assert ranks[1][step]["labelled"].tolist() == [True, False]  # each rank's last slot is unlabelled
@@ -180,18 +180,18 @@ def test_cached_slices_take_the_class_of_the_nearest_raw_slice(cache, tmp_path):
     ds = SliceDataset(cache, streams, (8, 8), slice_axis=2, oversample=1.0, seed=0, slice_labels=labels)
     seen = set()
     for step in range(12):
-        s = ds.sample(step, 0)
+        s = ds.item(step, 0)
         z = int(s["slice_index"])
         expect = {4: (2, 1), 25: (3, -1)}[z]  # b has no subject class
         assert (int(s["class"]), int(s["subject_class"])) == expect
         seen.add(z)
-        u = ds.sample(step, 2)  # unlabelled stream: labels hidden even where the CSV has one
+        u = ds.item(step, 2)  # unlabelled stream: labels hidden even where the CSV has one
         assert int(u["class"]) == -1 and int(u["subject_class"]) == -1
     assert seen == {4, 25}
     # random slices of a: cached 4 and 5 both come from raw slice 7, the others have no class
     random = SliceDataset(cache, Streams(["a"], [], global_batch=1), (8, 8), slice_axis=2, oversample=0.0,
                           slice_labels=labels)
-    classes = {int(s["slice_index"]): int(s["class"]) for s in (random.sample(t, 0) for t in range(200))}
+    classes = {int(s["slice_index"]): int(s["class"]) for s in (random.item(t, 0) for t in range(200))}
     assert len(classes) == 30 and all(c == (2 if z in (4, 5) else -1) for z, c in classes.items())
 
 
@@ -212,6 +212,6 @@ def test_from_a_real_preprocessed_cache(tmp_path):
     cfg = slice_config(plans)
     assert cfg["slice_axis"] == 2 and cfg["patch_size"] == [32, 28]  # the whole X, Y plane
     ds = SliceDataset.from_plans(tmp_path / "pre", plans, Streams(["c0", "c1"], [], global_batch=2), oversample=0.5)
-    s = ds.sample(0, 1)  # the forced slot
+    s = ds.item(0, 1)  # the forced slot
     assert s["image"].shape == (1, 32, 28) and int(s["slice_index"]) in (3, 4)
     assert int(s["label"].sum()) == 16  # the 4 x 4 square of that slice

@@ -79,10 +79,31 @@ class Streams:
 
 
 class StepDataset(Dataset):
-    """A dataset whose item ``step * global_batch + slot`` is a pure function of
-    ``(seed, step, slot)``: exact resume and DDP equivalence follow from that."""
+    """Base of the training datasets: item ``step * global_batch + slot`` is a pure function of
+    ``(seed, step, slot)``, so exact resume and DDP equivalence follow. The base owns the
+    indexing and the one seeded generator (:meth:`rng`); a subclass implements
+    :meth:`sample` ``(step, slot, rng)``, drawing everything random from ``rng``."""
 
-    seed: int
+    def __init__(self, global_batch: int, seed: int = 0):
+        self.global_batch, self.seed = int(global_batch), int(seed)
+
+    def __len__(self) -> int:  # effectively unbounded; the sampler decides what is drawn
+        return 2**62
+
+    def rng(self, step: int, slot: int) -> np.random.Generator:
+        """The generator of ``(seed, step, slot)``: the only source of randomness of an item."""
+        return np.random.default_rng([self.seed, step, slot])
+
+    def item(self, step: int, slot: int) -> dict:
+        """The sample of ``slot`` (of the global batch) at ``step``."""
+        return self.sample(step, slot, self.rng(step, slot))
+
+    def sample(self, step: int, slot: int, rng: np.random.Generator) -> dict:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict:
+        step, slot = divmod(int(index), self.global_batch)
+        return self.item(step, slot)
 
 
 class PatchDataset(StepDataset):
@@ -90,12 +111,12 @@ class PatchDataset(StepDataset):
 
     def __init__(self, cache_dir, streams: Streams, patch_size: Sequence[int], oversample: float = 0.33,
                  augment=None, seed: int = 0):
+        super().__init__(streams.global_batch, seed)
         self.cache_dir = str(cache_dir)
         self.streams = streams
         self.patch = [int(p) for p in patch_size]
         self.oversample = oversample
         self.transform = augment
-        self.seed = seed
         self._cases: dict = {}  # per worker process: case id -> (image memmap, label memmap, props)
         nl = streams.labelled_slots()
         self.first_fg_slot = int(round(nl * (1 - oversample)))
@@ -105,11 +126,7 @@ class PatchDataset(StepDataset):
             self._cases[case_id] = load_case(self.cache_dir, case_id, mmap=True)
         return self._cases[case_id]
 
-    def __len__(self) -> int:  # effectively unbounded; the sampler decides what is drawn
-        return 2**62
-
-    def sample(self, step: int, slot: int) -> dict:
-        rng = np.random.default_rng([self.seed, step, slot])
+    def sample(self, step: int, slot: int, rng: np.random.Generator) -> dict:
         image, label, props, labelled_slot, force_fg = self._draw_case(rng, slot)
         start, _ = choose_patch_start(image.shape[1:], self.patch, rng, props.get("class_locations"), force_fg)
         img = extract_patch(image, start, self.patch, 0.0)
@@ -148,10 +165,6 @@ class PatchDataset(StepDataset):
             if k in props:
                 out[k] = torch.as_tensor(props[k])
         return out
-
-    def __getitem__(self, index: int) -> dict:
-        step, slot = divmod(int(index), self.streams.global_batch)
-        return self.sample(step, slot)
 
 
 class StepSampler(Sampler):
@@ -233,5 +246,5 @@ def training_cases(cache_dir, data_cfg, seed: int) -> tuple[list[str], list[str]
     return labelled, unlabelled, val
 
 
-__all__ = ["PatchDataset", "StepSampler", "Streams", "make_loader", "split_cases", "training_cases",
+__all__ = ["PatchDataset", "StepDataset", "StepSampler", "Streams", "make_loader", "split_cases", "training_cases",
            "build_augmentation"]

@@ -247,9 +247,10 @@ class PretextDataset(StepDataset):
                  global_batch: int, seed: int = 0):
         if not cases:
             raise ValueError("no scans to draw pretext crops from")
+        super().__init__(global_batch, seed)
         self.root, self.cases, self.kind = str(root), list(cases), kind
         self.patch = [int(p) for p in patch_size]
-        self.cfg, self.global_batch, self.seed = cfg, global_batch, seed
+        self.cfg = cfg
         self._volumes: dict = {}  # per worker: case -> (array, lo, hi), lo/hi per channel
 
     def _volume(self, case: str):
@@ -263,11 +264,7 @@ class PretextDataset(StepDataset):
                 self._volumes[case] = (np.load(Path(self.root) / f"{case}.npy", mmap_mode="r"), 0.0, 1.0)
         return self._volumes[case]
 
-    def __len__(self) -> int:
-        return 2**62
-
-    def sample(self, step: int, slot: int) -> dict:
-        rng = np.random.default_rng([self.seed, step, slot])
+    def sample(self, step: int, slot: int, rng: np.random.Generator) -> dict:
         cfg = self.cfg
         image, lo, hi = self._volume(self.cases[int(rng.integers(len(self.cases)))])
         clean = []
@@ -286,10 +283,6 @@ class PretextDataset(StepDataset):
         out = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in arrays.items()}
         out["slot"] = torch.tensor(slot)
         return out
-
-    def __getitem__(self, index: int) -> dict:
-        step, slot = divmod(int(index), self.global_batch)
-        return self.sample(step, slot)
 
 
 # ---------------------------------------------------------------- scan folders

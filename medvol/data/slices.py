@@ -127,8 +127,7 @@ class SliceDataset(PatchDataset):
         cfg = slice_config(plans)
         return cls(cache_dir, streams, cfg["patch_size"], cfg["slice_axis"], **kwargs)
 
-    def sample(self, step: int, slot: int) -> dict:
-        rng = np.random.default_rng([self.seed, step, slot])
+    def sample(self, step: int, slot: int, rng: np.random.Generator) -> dict:
         image, label, props, labelled_slot, force_fg = self._draw_case(rng, slot)
         index, start = choose_slice(image.shape[1:], self.slice_axis, self.patch, rng,
                                     props.get("class_locations"), force_fg)

@@ -5,7 +5,7 @@ Stage two of the two-stage subject pipeline: ``medvol extract-features`` ran a t
 classifier over every subject and wrote per-slice features with the subjects' classes
 (:mod:`medvol.io.slice_features`); this trainer learns subject classes from them with
 :class:`medvol.networks.aggregator.GRUSliceAggregator`. ``--data`` is that features file (or
-its folder); the 3D cache and plans are not used (``self.plans`` is None).
+its folder, a :class:`medvol.training.sources.FeatureFile`); no cache and no plans.
 
 - A batch holds whole subjects: ``features`` ``(B, S, F)`` zero-padded to the longest subject
   and ``mask`` ``(B, S)`` (True = real slice); the model takes any length under its mask, or
@@ -48,14 +48,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from medvol.data.dataset import StepDataset, Streams, split_cases
+from medvol.data.dataset import StepDataset, Streams
 from medvol.errors import ConfigError
 from medvol.evaluation.classification import classification_metrics
-from medvol.io.slice_features import AGGREGATOR_RUN_FILE, SliceFeatures, features_path, read_features
+from medvol.io.slice_features import AGGREGATOR_RUN_FILE, SliceFeatures
 from medvol.training import register_trainer
 from medvol.training.ema import frozen_copy, update_teacher
 from medvol.training.engine import Trainer, unwrap
 from medvol.training.schedules import epoch_step_decay, recipe_in_epochs
+from medvol.training.sources import FeatureFile
 from medvol.utils import write_json
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,12 @@ DEFAULT_BATCH = 8  # subjects per batch when the recipe gives no data.batch_size
 
 @dataclass
 class AggregatorOptions:
+    """The recipe's ``method`` section for the slice aggregator: supervised or mean teacher
+    (EMA decay, BatchNorm statistics, consistency weight with its start and ramp-up), the
+    feature views' dropout and noise, the share of subjects that keep their class, and the
+    epoch clock (steps per epoch, epochs, validation and learning-rate decay every so many
+    epochs). Checked when the recipe is loaded (:meth:`__post_init__`)."""
+
     mean_teacher: bool = False  # train a mean teacher (semi-supervised) instead of the student alone
     ema_decay: float = 0.99  # the teacher's EMA decay (reached after 1 / (1 - decay) steps or epochs)
     ema_buffers: bool = True  # the teacher takes the student's BatchNorm statistics (false: its own, published)
@@ -81,28 +88,30 @@ class AggregatorOptions:
     lr_decay_every: float | None = None  # epochs (published: 50); needs schedule.name constant
     lr_decay: float = 0.5  # the learning rate's factor every lr_decay_every epochs
 
+    def __post_init__(self) -> None:
+        """Each setting in its range, or one ConfigError line naming ``method.<key>``."""
+        o = self
+        for key, ok, want in (("ema_decay", 0 <= o.ema_decay < 1, "in [0, 1)"),
+                              ("consistency", o.consistency >= 0, ">= 0"),
+                              ("consistency_start", o.consistency_start >= 0, ">= 0"),
+                              ("rampup_steps", o.rampup_steps >= 0, ">= 0"),
+                              ("rampup_epochs", o.rampup_epochs >= 0, ">= 0"),
+                              ("feature_dropout", 0 <= o.feature_dropout < 1, "in [0, 1)"),
+                              ("feature_noise", o.feature_noise >= 0, ">= 0"),
+                              ("labelled_fraction", o.labelled_fraction is None or 0 < o.labelled_fraction <= 1,
+                               "in (0, 1] or null"),
+                              ("steps_per_epoch", o.steps_per_epoch is None or o.steps_per_epoch >= 1,
+                               ">= 1 or null"),
+                              ("epochs", _positive(o.epochs), "> 0 or null"),
+                              ("val_every_epochs", _positive(o.val_every_epochs), "> 0 or null"),
+                              ("lr_decay_every", _positive(o.lr_decay_every), "> 0 or null"),
+                              ("lr_decay", 0 < o.lr_decay <= 1, "in (0, 1]")):
+            if not ok:
+                raise ConfigError(f"method.{key} must be {want}, got {getattr(o, key)!r}")
+
 
 def _positive(v) -> bool:
     return v is None or v > 0
-
-
-def check_options(o: AggregatorOptions) -> None:
-    for key, ok, want in (("ema_decay", 0 <= o.ema_decay < 1, "in [0, 1)"),
-                          ("consistency", o.consistency >= 0, ">= 0"),
-                          ("consistency_start", o.consistency_start >= 0, ">= 0"),
-                          ("rampup_steps", o.rampup_steps >= 0, ">= 0"),
-                          ("rampup_epochs", o.rampup_epochs >= 0, ">= 0"),
-                          ("feature_dropout", 0 <= o.feature_dropout < 1, "in [0, 1)"),
-                          ("feature_noise", o.feature_noise >= 0, ">= 0"),
-                          ("labelled_fraction", o.labelled_fraction is None or 0 < o.labelled_fraction <= 1,
-                           "in (0, 1] or null"),
-                          ("steps_per_epoch", o.steps_per_epoch is None or o.steps_per_epoch >= 1, ">= 1 or null"),
-                          ("epochs", _positive(o.epochs), "> 0 or null"),
-                          ("val_every_epochs", _positive(o.val_every_epochs), "> 0 or null"),
-                          ("lr_decay_every", _positive(o.lr_decay_every), "> 0 or null"),
-                          ("lr_decay", 0 < o.lr_decay <= 1, "in (0, 1]")):
-        if not ok:
-            raise ConfigError(f"method.{key} must be {want}, got {getattr(o, key)!r}")
 
 
 def consistency_ramp(t: float, start: float, length: float) -> float:
@@ -118,52 +127,17 @@ def consistency_ramp(t: float, start: float, length: float) -> float:
     return math.exp(-5.0 * (1.0 - done / length) ** 2)
 
 
-def subject_split(data: SliceFeatures, d, seed: int,
-                  labelled_fraction: float | None = None) -> tuple[list[str], list[str], list[str]]:
-    """(labelled train, unlabelled train, validation) subjects: validation from the labelled
-    ones (``data.val_cases`` or a seeded ``data.val_fraction``); ``data.labelled`` (a count or a
-    list) keeps labels on that many / those training subjects only, the rest become unlabelled;
-    ``labelled_fraction`` keeps them on the first ``round(fraction * n)`` (at least one) of the
-    ``n`` training subjects, as ``data.labelled`` with that count."""
-    if d.fold is not None:
-        raise ConfigError("data.fold: the slice aggregator splits subjects by data.val_cases or data.val_fraction")
-    labelled = [s.subject for s in data.items if s.subject_class >= 0]
-    unlabelled = [s.subject for s in data.items if s.subject_class < 0]
-    if not labelled:
-        raise ConfigError("the features file holds no subject class (slice_labels.csv rows with an empty "
-                          "slice_index): nothing to train on")
-    bad = sorted(set(d.val_cases or []) - set(labelled))
-    if bad:
-        raise ConfigError(f"data.val_cases: {bad} are not labelled subjects of the features file")
-    if labelled_fraction is not None and d.labelled is not None:
-        raise ConfigError("data.labelled and method.labelled_fraction both choose the labelled subjects: set one")
-    train, val = split_cases(labelled, d.val_fraction, d.val_cases, seed)
-    wanted = d.labelled
-    if labelled_fraction is not None:
-        wanted = max(1, int(round(labelled_fraction * len(train))))
-    if isinstance(wanted, int):
-        wanted = train[:wanted]
-    if wanted is not None:
-        unlabelled += [c for c in train if c not in wanted]
-        train = [c for c in train if c in wanted]
-    return train, unlabelled, val
-
-
 class SubjectDataset(StepDataset):
     """Whole subjects, drawn as a pure function of ``(seed, step, slot)`` from the labelled or
     the unlabelled stream, each padded to the longest subject of the file."""
 
     def __init__(self, data: SliceFeatures, streams: Streams, seed: int = 0):
+        super().__init__(streams.global_batch, seed)
         self.subjects = data.by_subject()
-        self.streams, self.seed = streams, seed
+        self.streams = streams
         self.length = max(len(s.features) for s in data.items)
 
-    def __len__(self) -> int:
-        return 2**62
-
-    def __getitem__(self, index: int) -> dict:
-        step, slot = divmod(int(index), self.streams.global_batch)
-        rng = np.random.default_rng([self.seed, step, slot])
+    def sample(self, step: int, slot: int, rng: np.random.Generator) -> dict:
         labelled = self.streams.labelled_index(slot) is not None
         pool = self.streams.labelled if labelled else self.streams.unlabelled
         s = self.subjects[pool[int(rng.integers(len(pool)))]]
@@ -176,32 +150,32 @@ class SubjectDataset(StepDataset):
 
 @register_trainer
 class SliceAggregatorTrainer(Trainer):
+    """The slice aggregator (``trainer.name: slice_aggregator``): a GRU over the per-slice
+    features of each subject (:class:`FeatureFile`) learns the subject class, alone or as a
+    mean teacher with consistency on the unlabelled subjects; validated by subject accuracy,
+    balanced accuracy and AUC. No cache, no plans: the run records its features file instead."""
+
     name = "slice_aggregator"
     Options = AggregatorOptions
     primary_metric = "val/accuracy"
     scan_validation = False  # subject classes from features: no label map to score against the scans
+    source: FeatureFile
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.options.mean_teacher:
             self.inference_key = "teacher"
-        train = [self.data.by_subject()[c].features for c in self.labelled + self.unlabelled]
+        src = self.source
+        train = [src.features.by_subject()[c].features for c in src.labelled + src.unlabelled]
         scale = np.concatenate(train).std(0) if train else np.ones(self.in_channels)
         self.feature_scale = torch.as_tensor(scale, dtype=torch.float32, device=self.device)
 
-    def setup_data(self) -> None:
-        check_options(self.options)
-        d = self.recipe.data
-        self.plans = None
-        self.data = read_features(features_path(self.cache_dir))
-        self.in_channels, self.num_classes = self.data.feature_dim, self.data.num_subject_classes
-        self.patch_size = []
-        self.batch_size = int(d.batch_size or DEFAULT_BATCH)
-        o = self.options
-        self.labelled, self.unlabelled, self.val_cases = subject_split(self.data, d, self.recipe.trainer.seed,
-                                                                       o.labelled_fraction)
-        if not self.labelled:
-            raise ConfigError(f"{self.cache_dir}: no labelled training subject left after the validation split")
+    def make_source(self) -> FeatureFile:
+        return FeatureFile.from_recipe(self.cache_dir, self.recipe, DEFAULT_BATCH, self.options.labelled_fraction)
+
+    def after_source(self) -> None:
+        """The mean-teacher check, and the epoch clock (``method.epochs`` as steps)."""
+        d, o = self.recipe.data, self.options
         if d.unlabelled_per_batch and not o.mean_teacher:
             raise ConfigError("data.unlabelled_per_batch > 0 needs method.mean_teacher: true (only the mean "
                               "teacher learns from unlabelled subjects)")
@@ -215,7 +189,8 @@ class SliceAggregatorTrainer(Trainer):
         """One pass over the unlabelled training subjects (the labelled ones without an
         unlabelled stream), the remainder dropped, as the published two-stream sampler does."""
         u = self.recipe.data.unlabelled_per_batch * self.dist.world_size
-        n, per_step = (len(self.unlabelled), u) if u else (len(self.labelled), self.batch_size * self.dist.world_size)
+        src = self.source
+        n, per_step = (len(src.unlabelled), u) if u else (len(src.labelled), src.batch_size * self.dist.world_size)
         return max(1, n // per_step)
 
     def clock(self, step: int) -> int:
@@ -243,15 +218,15 @@ class SliceAggregatorTrainer(Trainer):
         return models
 
     def make_dataset(self) -> StepDataset:
-        return SubjectDataset(self.data, self.streams(), seed=self.recipe.trainer.seed)
+        return SubjectDataset(self.source.features, self.streams(), seed=self.recipe.trainer.seed)
 
     def before_training(self, start_step: int) -> None:
         """The run folder records where its features came from: ``medvol predict`` finds the
         slice classifier there."""
         if self.dist.is_main:
-            meta = self.data.meta
+            meta = self.source.features.meta
             write_json(self.run_dir / AGGREGATOR_RUN_FILE, {
-                "features": str(features_path(self.cache_dir).resolve()), "feature_dim": self.in_channels,
+                "features": str(self.source.root.resolve()), "feature_dim": self.in_channels,
                 "num_classes": self.num_classes, "classifier": meta.get("classifier"),
                 "classifier_checkpoint": meta.get("checkpoint"), "classifier_sha256": meta.get("checkpoint_sha256"),
                 "features_precision": meta.get("precision")})
@@ -289,8 +264,8 @@ class SliceAggregatorTrainer(Trainer):
         """Subject accuracy, balanced accuracy (and AUC for two classes) on the validation subjects."""
         from medvol.data.slice_outputs import subject_probabilities
 
-        if not self.val_cases:
+        if not self.source.val_cases:
             return {}
-        items = [self.data.by_subject()[c] for c in self.val_cases]
+        items = [self.source.features.by_subject()[c] for c in self.source.val_cases]
         probs = subject_probabilities(self.inference_model(), [s.features for s in items], self.device)
         return classification_metrics(probs, np.array([s.subject_class for s in items]))

@@ -48,21 +48,26 @@ import torch.nn as nn
 from monai.networks import eval_mode
 
 from medvol.cache import load_case
-from medvol.data.slices import cached_slice_labels, raw_slice_of
 from medvol.errors import ConfigError
 from medvol.evaluation.classification import classification_metrics
-from medvol.io.slice_labels import SliceLabels
 from medvol.losses.dcmt import DCMTLoss, DCMTLossConfig, select_cams
 from medvol.networks.slice.dcmt import DCMTNet
 from medvol.training import register_trainer
 from medvol.training.mean_teacher import MeanTeacherOptions, MeanTeacherTrainer
 from medvol.training.schedules import epoch_step_decay, recipe_in_epochs
+from medvol.training.sources import GradedSlices
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class DCMTOptions(MeanTeacherOptions):
+    """The recipe's ``method`` section for DC-MT: the mean-teacher settings, the region mask's
+    labels, the loss weights with their warm-up and ramp-up (:class:`DCMTLossConfig`, in
+    epochs), the epoch clock (``steps_per_epoch``, ``epochs``, ``val_every_epochs``) and its
+    step decay of the learning rate, and how validation runs (``val_slices`` per pass,
+    ``validate_student``)."""
+
     mask_labels: list | None = None  # label values forming the region mask (None: every label > 0)
     loss: DCMTLossConfig = field(default_factory=DCMTLossConfig)  # weights, warm-up and ramp-up (epochs)
     steps_per_epoch: int | None = None  # None: one pass over the unlabelled slices (published)
@@ -76,50 +81,48 @@ class DCMTOptions(MeanTeacherOptions):
 
 @register_trainer
 class DCMTTrainer(MeanTeacherTrainer):
+    """DC-MT (``trainer.name: dcmt``): a mean teacher on graded cache slices
+    (:class:`GradedSlices`) whose student learns the grades, their attention inside the
+    region mask and, after the warm-up, class and attention consistency with the teacher; the
+    teacher predicts and is validated (slice accuracy, balanced accuracy, CAM overlap)."""
+
     name = "dcmt"
     requires_model = "dcmt"
     Options = DCMTOptions
     primary_metric = "val/balanced_accuracy"  # the published selection: mean per-class recall
     scan_validation = False  # slice grades: no label map to score against the scans
+    source: GradedSlices
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_fn = DCMTLoss(self.options.loss)
 
     # ------------------------------------------------------------------ setup
-    def setup_data(self) -> None:
-        super().setup_data()
+    def make_source(self) -> GradedSlices:
+        return GradedSlices.from_recipe(self.cache_dir, self.recipe)
+
+    def after_source(self) -> None:
+        """The epoch clock: steps per epoch, and ``method.epochs`` as steps."""
         o = self.options
-        if self.slice_axis is None:
-            raise ConfigError("trainer 'dcmt' trains on slices: set data.configuration: 2d")
-        self.axis: int = self.slice_axis
-        labels = cached_slice_labels(self.cache_dir, self.axis)
-        if labels is None:
-            raise ConfigError(f"{self.cache_dir}: no slice_labels.csv (DC-MT needs slice grades; put one beside the "
-                              "raw dataset.json and preprocess again)")
-        self.slice_labels: SliceLabels = labels
-        self.num_classes = self._grade_count()
-        self.steps_per_epoch = o.steps_per_epoch or self._published_epoch_steps()
         if o.steps_per_epoch is not None and o.steps_per_epoch < 1:
             raise ConfigError(f"method.steps_per_epoch must be >= 1, got {o.steps_per_epoch}")
+        self.steps_per_epoch = o.steps_per_epoch or self._published_epoch_steps()
         self.recipe = recipe_in_epochs(self.recipe, self.steps_per_epoch, o.epochs, o.val_every_epochs)
         log.info("dcmt: %d steps per epoch, %d steps (%.1f epochs)", self.steps_per_epoch,
                  self.recipe.trainer.steps, self.recipe.trainer.steps / self.steps_per_epoch)
 
     def _published_epoch_steps(self) -> int:
         """One pass over the unlabelled slices (or the labelled ones without an unlabelled stream)."""
-        u = self.recipe.data.unlabelled_per_batch * self.dist.world_size
-        cases, per_step = (self.unlabelled, u) if u else (self.labelled, self.batch_size * self.dist.world_size)
-        n = sum(load_case(self.cache_dir, c, mmap=True)[0].shape[1 + self.axis] for c in cases)
+        u, src = self.recipe.data.unlabelled_per_batch * self.dist.world_size, self.source
+        cases, per_step = (src.unlabelled, u) if u else (src.labelled, src.batch_size * self.dist.world_size)
+        n = sum(load_case(src.root, c, mmap=True)[0].shape[1 + self.axis] for c in cases)
         return max(1, n // per_step)
 
-    def _grade_count(self) -> int:
-        """Grades 0..max over the cache's slice and subject labels (at least 2)."""
-        labels = self.slice_labels
-        values = [g for per in labels.slices.values() for g in per.values()] + list(labels.subjects.values())
-        if not values:
-            raise ConfigError(f"{self.cache_dir}: slice_labels.csv holds no grade; DC-MT trains on graded slices")
-        return max(2, max(values) + 1)
+    @property
+    def axis(self) -> int:
+        """The slice axis (a :class:`GradedSlices` source always has one)."""
+        assert self.source.slice_axis is not None
+        return self.source.slice_axis
 
     def make_schedulers(self) -> dict:
         o = self.options
@@ -165,9 +168,6 @@ class DCMTTrainer(MeanTeacherTrainer):
         return terms
 
     # ------------------------------------------------------------------ validation
-    def state(self, step: int, best: float) -> dict:
-        return {**super().state(step, best), "num_classes": self.num_classes}
-
     def validate(self) -> dict[str, float]:
         with eval_mode(*self.models.values()):
             out = self._scores(self.teacher, "val/")
@@ -182,7 +182,7 @@ class DCMTTrainer(MeanTeacherTrainer):
         grades: list = []
         iou: list[float] = []
         inside: list[float] = []
-        for case in self.val_cases:
+        for case in self.source.val_cases:
             p, g, i, s = self._validate_case(case, net)
             probs, grades, iou, inside = probs + p, grades + g, iou + i, inside + s
         if not grades:
@@ -195,8 +195,8 @@ class DCMTTrainer(MeanTeacherTrainer):
 
     def _validate_case(self, case: str, net: nn.Module) -> tuple[list, list, list[float], list[float]]:
         """``([probabilities (n, K)], [grades (n,)], IoUs, inside shares)`` of a case's graded slices."""
-        image, label, props = load_case(self.cache_dir, case, mmap=True)
-        grades = self.cached_slice_grades(props)
+        image, label, props = load_case(self.source.root, case, mmap=True)
+        grades = self.source.cached_grades(props)
         graded = np.flatnonzero(grades >= 0)
         probs: list = []
         iou: list[float] = []
@@ -220,12 +220,6 @@ class DCMTTrainer(MeanTeacherTrainer):
         """Slices ``idx`` across the slice axis of a cached ``(C, X, Y, Z)`` array: ``(n, C, H, W)``."""
         picked = np.moveaxis(np.take(array, idx, 1 + self.axis), 1 + self.axis, 0)
         return torch.from_numpy(np.ascontiguousarray(picked, np.float32))
-
-    def cached_slice_grades(self, props: dict) -> np.ndarray:
-        """The grade of every cached slice of a case (-1: none), through the raw slice it came from."""
-        raw = raw_slice_of(props, self.axis)
-        per = self.slice_labels.slices.get(props["case_id"], {})
-        return np.array([per.get(int(r), -1) for r in raw], np.int64)
 
 
 __all__ = ["DCMTOptions", "DCMTTrainer"]

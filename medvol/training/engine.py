@@ -25,10 +25,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from medvol.cache import load_case, load_plans
+from medvol.cache import load_case
 from medvol.checkpoint import inference_weights, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from medvol.config import Recipe, save_recipe
-from medvol.data import PatchDataset, Streams, build_augmentation, make_loader, training_cases
+from medvol.data import PatchDataset, Streams, build_augmentation, make_loader
 from medvol.data.dataset import StepDataset
 from medvol.errors import ConfigError, Preempted
 from medvol.evaluation.metrics import dice
@@ -40,6 +40,7 @@ from medvol.training.distributed import DistInfo, barrier, params_identical_acro
 from medvol.training.logger import RunLogger
 from medvol.training.preemption import PreemptionFlag
 from medvol.training.schedules import make_optimizer, make_scheduler
+from medvol.training.sources import CacheSamples, DataSource
 from medvol.utils import write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,12 @@ def unwrap(m: nn.Module) -> nn.Module:
 
 
 class Trainer:
-    """Base trainer: supervised segmentation over the cache. Subclasses override hooks."""
+    """Base trainer: supervised segmentation over patches (or slices) of the preprocessing
+    cache. A method subclasses it and overrides hooks: its data (:meth:`make_source`, a
+    :mod:`medvol.training.sources` type), models, update steps, validation. The engine owns
+    the rest (see the module docstring). ``in_channels``, ``num_classes``, ``batch_size``,
+    ``plans``, ``patch_size`` and ``slice_axis`` read the source (kept as the names that the
+    trainers, benchmarks and tests use)."""
 
     name = "supervised"
     Options: type | None = None  # a dataclass for the recipe's ``method`` section, or None (must be empty)
@@ -94,6 +100,7 @@ class Trainer:
     scan_validation = True  # end-of-run validation from the raw scans (False: no class-label output to score)
     grad_clip_keys: tuple[str, ...] = ("model",)  # the optimisers whose gradients trainer.grad_clip clips
     requires_model: str | None = None  # the recipe's model.name this trainer works with (None: any)
+    source: DataSource  # what it trains on: from make_source()
 
     def __init__(self, recipe: Recipe, cache_dir: str | Path, run_dir: str | Path, dist: DistInfo):
         self.recipe, self.cache_dir, self.run_dir, self.dist = recipe, Path(cache_dir), Path(run_dir), dist
@@ -103,8 +110,9 @@ class Trainer:
             raise ConfigError(f"trainer '{self.name}' needs model.name {self.requires_model}, "
                               f"got '{recipe.model.name}'")
         self.current_step = 0
-        self.setup_data()
-        self.global_batch = self.batch_size * dist.world_size
+        self.source = self.make_source()
+        self.after_source()
+        self.global_batch = self.source.batch_size * dist.world_size
         self.precision = choose_precision(self.device, recipe.trainer.precision, recipe.trainer.amp)
         self.amp_dtype = self.precision.dtype
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
@@ -125,22 +133,49 @@ class Trainer:
                     self.models[k] = nn.parallel.DistributedDataParallel(
                         m, device_ids=ids, find_unused_parameters=self.ddp_find_unused)
 
-    # ------------------------------------------------------------------ hooks
-    def setup_data(self) -> None:
-        """Plans, channels/classes, patch and (per-process) batch size, and the case split."""
-        d = self.recipe.data
-        self.plans: Plans | None = Plans.from_dict(load_plans(self.cache_dir)).for_configuration(d.configuration)
-        self.slice_axis = self.plans.slice_axis  # None for 3D patches
-        self.num_classes = self.plans.num_classes
-        self.in_channels = self.plans.num_channels * (2 * d.context + 1)
-        self.patch_size = list(d.patch_size or self.plans.patch_size)
-        if self.patch_size != self.plans.patch_size and self.recipe.model.name == "dynunet":
-            self.plans = plans_for_patch(self.plans, self.patch_size)
-        self.batch_size = int(d.batch_size or self.plans.batch_size)  # per process
-        self.labelled, self.unlabelled, self.val_cases = training_cases(self.cache_dir, d, self.recipe.trainer.seed)
-        if not self.labelled:
-            raise ConfigError(f"{self.cache_dir}: no labelled training case left after the validation split")
+    # ------------------------------------------------------------------ data
+    def make_source(self) -> DataSource:
+        """What this trainer trains on, the one data hook (:mod:`medvol.training.sources`):
+        patches, or with ``data.configuration: 2d`` slices, of the preprocessing cache here."""
+        return CacheSamples.from_recipe(self.cache_dir, self.recipe)
 
+    def after_source(self) -> None:
+        """Called once the source is made, before the models: what a trainer derives from its
+        data (DC-MT and the aggregator turn epochs into steps here)."""
+
+    def cache_samples(self, purpose: str) -> CacheSamples:
+        """The source as patches/slices of a cache, or one ConfigError line naming ``purpose``."""
+        if not isinstance(self.source, CacheSamples):
+            raise ConfigError(f"{purpose} needs patches of a preprocessing cache, but trainer '{self.name}' trains on "
+                              f"a {self.source.kind} ({self.source.root})")
+        return self.source
+
+    @property
+    def in_channels(self) -> int:
+        return self.source.in_channels
+
+    @property
+    def num_classes(self) -> int:
+        return self.source.num_outputs
+
+    @property
+    def batch_size(self) -> int:
+        """Per process."""
+        return self.source.batch_size
+
+    @property
+    def plans(self) -> Plans:
+        return self.source.require_plans(f"trainer '{self.name}'")
+
+    @property
+    def patch_size(self) -> list[int]:
+        return self.cache_samples("the patch size").patch_size
+
+    @property
+    def slice_axis(self) -> int | None:
+        return self.cache_samples("the slice axis").slice_axis
+
+    # ------------------------------------------------------------------ hooks
     def _freeze_loaded_tensors(self) -> None:
         """``trainer.freeze_init_steps``: the parameters init_from loaded get no update for
         that many steps (their gradients are dropped before the optimiser step, so neither
@@ -176,7 +211,8 @@ class Trainer:
     def build_models(self) -> dict[str, nn.Module]:
         from medvol.networks import build_model
 
-        return {"model": build_model(self.recipe.model, self.plans, self.in_channels, self.num_classes)}
+        src = self.source
+        return {"model": build_model(self.recipe.model, src.find_plans(), src.in_channels, src.num_outputs)}
 
     def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"model": make_optimizer(self.recipe.optimizer, self.models["model"].parameters())}
@@ -189,25 +225,25 @@ class Trainer:
     def streams(self) -> Streams:
         """Batch composition: labelled only, or two streams when the recipe asks for
         ``data.unlabelled_per_batch`` unlabelled samples in every (per-process) batch."""
-        u = self.recipe.data.unlabelled_per_batch
-        if u and not self.unlabelled:
+        u, src = self.recipe.data.unlabelled_per_batch, self.source
+        if u and not src.unlabelled:
             raise ConfigError("data.unlabelled_per_batch > 0 but no unlabelled training case (see data.labelled)")
-        if u >= self.batch_size:
+        if u >= src.batch_size:
             raise ConfigError("data.unlabelled_per_batch must leave room for labelled samples in each batch")
-        return Streams(self.labelled, self.unlabelled, self.global_batch, u, self.batch_size)
+        return Streams(src.labelled, src.unlabelled, self.global_batch, u, src.batch_size)
 
     def make_dataset(self) -> StepDataset:
         """3D patches of the cache, or (``data.configuration: 2d``) 2D slices of it."""
-        d = self.recipe.data
-        augment = build_augmentation(d.augment, ndim=len(self.patch_size))
-        if self.slice_axis is None:
-            return PatchDataset(self.cache_dir, self.streams(), self.patch_size, d.oversample_foreground, augment,
+        d, src = self.recipe.data, self.cache_samples("the base trainer's dataset")
+        augment = build_augmentation(d.augment, ndim=len(src.patch_size))
+        if src.slice_axis is None:
+            return PatchDataset(src.root, self.streams(), src.patch_size, d.oversample_foreground, augment,
                                 seed=self.recipe.trainer.seed)
-        from medvol.data.slices import SliceDataset, cached_slice_labels
+        from medvol.data.slices import SliceDataset
 
-        return SliceDataset(self.cache_dir, self.streams(), self.patch_size, self.slice_axis, d.oversample_foreground,
-                            augment, seed=self.recipe.trainer.seed, context=d.context,
-                            slice_labels=cached_slice_labels(self.cache_dir, self.slice_axis))
+        return SliceDataset(src.root, self.streams(), src.patch_size, src.slice_axis, d.oversample_foreground,
+                            augment, seed=self.recipe.trainer.seed, context=src.context,
+                            slice_labels=src.slice_labels())
 
     def autocast(self):
         """The run's precision (:mod:`medvol.precision`) as an autocast context."""
@@ -275,7 +311,7 @@ class Trainer:
 
     def class_dice(self, pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
         """``val/dice_<class name>`` of one case, for every foreground class."""
-        names = self.plans.label_names if self.plans else {}
+        names = self.plans.label_names
         return {f"val/dice_{names.get(c, c)}": dice(pred == c, ref == c) for c in range(1, self.num_classes)}
 
     def predicted_labels(self, image: np.ndarray, props: dict) -> np.ndarray:
@@ -299,7 +335,7 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """:meth:`score_case` on each validation case, then :meth:`reduce`."""
         scores: dict[str, list] = {}
-        for case in self.val_cases:
+        for case in self.source.val_cases:
             image, label, props = load_case(self.cache_dir, case)
             for k, v in self.score_case(case, image, label, props).items():
                 scores.setdefault(k, []).append(v)
@@ -319,6 +355,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
             "extra": self.extra_state(),
+            **self.source.checkpoint_fields(),
         }
 
     def extra_state(self) -> dict:
@@ -340,23 +377,6 @@ class Trainer:
         return int(ckpt["step"]), float(ckpt["best_metric"])
 
 
-def plans_for_patch(plans: Plans, patch_size: list[int]) -> Plans:
-    """``plans`` with the U-Net topology nnU-Net's rule gives ``patch_size`` (the recipe's
-    patch, when it is not the plan's): the run folder's plans.json records it, so prediction
-    rebuilds the same network."""
-    from medvol.preprocessing.planning import topology_for_patch
-
-    topo = topology_for_patch(plans.target_spacing, patch_size)
-    if topo["strides"] != plans.topology.get("strides") or topo["kernel_sizes"] != plans.topology.get("kernel_sizes"):
-        log.info("patch %s: U-Net topology recomputed for it (strides %s)", patch_size, topo["strides"])
-    if plans.slice_axis is None:
-        raw = {**plans.raw, "patch_size": list(patch_size), "network": {**plans.raw.get("network", {}), **topo}}
-        return Plans.from_dict(raw)
-    cfg = plans.raw["configurations"]["2d"]
-    cfg = {**cfg, "patch_size": list(patch_size), "network": {**cfg.get("network", {}), **topo}}
-    return Plans.from_dict({**plans.raw, "configurations": {**plans.raw["configurations"], "2d": cfg}}).for_2d()
-
-
 def fit(trainer: Trainer, resume: bool = False, stop_at: int | None = None, quiet: bool = False) -> dict:
     """Run (or resume) training; returns the last validation metrics.
 
@@ -374,10 +394,12 @@ def fit(trainer: Trainer, resume: bool = False, stop_at: int | None = None, quie
     if dist.is_main and stop < total:  # "interrupted": leave a resumable checkpoint
         save_checkpoint(trainer.run_dir / "checkpoints" / "latest.pt", trainer.state(stop, loop.best))
     write_summary(trainer, loop, stop, time.perf_counter() - t0)
-    if stop == total and trainer.recipe.trainer.final_validation and trainer.scan_validation and trainer.val_cases:
+    val_cases = trainer.source.val_cases
+    if stop == total and trainer.recipe.trainer.final_validation and trainer.scan_validation and val_cases:
         from medvol.training.final_validation import validate_at_end
 
-        validate_at_end(trainer.run_dir, trainer.cache_dir, trainer.val_cases, total, trainer.device, dist,
+        trainer.source.require_plans("the end-of-run validation (trainer.final_validation)")
+        validate_at_end(trainer.run_dir, trainer.cache_dir, val_cases, total, trainer.device, dist,
                         trained=start < total, quiet=quiet)
     return loop.metrics
 
@@ -395,12 +417,12 @@ def setup_run_folder(trainer: Trainer, resume: bool) -> tuple[int, float]:
     if dist.is_main:
         run.mkdir(parents=True, exist_ok=True)
         save_recipe(trainer.recipe, run / "recipe.yaml")
-        if trainer.plans is not None:
-            write_json(run / "plans.json", trainer.plans.raw)
+        plans = trainer.source.find_plans()
+        if plans is not None:
+            write_json(run / "plans.json", plans.raw)
         if (trainer.cache_dir / "dataset.json").exists():
             write_text(run / "dataset.json", (trainer.cache_dir / "dataset.json").read_text())
-        write_json(run / "split.json", {"labelled": trainer.labelled, "unlabelled": trainer.unlabelled,
-                                        "validation": trainer.val_cases})
+        write_json(run / "split.json", trainer.source.split())
         if trainer.init_report:
             write_json(run / "init_report.json", trainer.init_report)
     return 0, -np.inf

@@ -44,22 +44,26 @@ import torch.nn.functional as F
 from monai.networks import eval_mode
 
 from medvol.checkpoint import save_checkpoint
-from medvol.data.dataset import StepDataset, split_cases
-from medvol.data.pretext import PretextConfig, PretextDataset, prepare_scan_folder
+from medvol.data.dataset import StepDataset
+from medvol.data.pretext import PretextConfig, PretextDataset
 from medvol.errors import ConfigError
 from medvol.losses.contrastive import KeyQueue, info_nce
 from medvol.networks.pcrl import KeyEncoder, PCRLNet
-from medvol.plans import Plans
 from medvol.training import register_trainer
-from medvol.training.distributed import barrier
 from medvol.training.ema import ema_update
 from medvol.training.engine import Trainer, unwrap
+from medvol.training.sources import PretextVolumes
 
 ENCODER_FORMAT = "medvol-encoder-1"
 
 
 @dataclass
 class PCRLOptions:
+    """The recipe's ``method`` section for PCRL pretraining: the momentum encoder's decay, the
+    InfoNCE temperature and queue, the projection and attention heads' sizes, the shuffled-BN
+    groups, the weights of the contrast and reconstruction terms, the validation samples, the
+    queue warm-up, and the pretext crops and distortions (:class:`PretextConfig`)."""
+
     momentum: float = 0.999
     temperature: float = 0.2
     queue_size: int = 16384
@@ -171,6 +175,11 @@ def pcrl_loss_terms(out: dict[str, torch.Tensor], k: torch.Tensor, k_tilde: torc
 
 @register_trainer
 class PCRLTrainer(Trainer):
+    """PCRL pretraining (``trainer.name: pcrl``, model ``pcrl``): the published step on pretext
+    pairs of unlabelled volumes (:class:`PretextVolumes`, a cache or any folder of scans),
+    validated by reconstruction MSE and key retrieval on fixed samples of the validation scans;
+    writes ``encoder.pt`` for fine-tuning with ``pcrl_unet``."""
+
     name = "pcrl"
     requires_model = "pcrl"
     Options = PCRLOptions
@@ -178,37 +187,22 @@ class PCRLTrainer(Trainer):
     higher_is_better = False
     scan_validation = False  # pretraining: no segmentation output to validate
 
+    source: PretextVolumes
+    _val_batch: dict | None = None  # the fixed validation samples, drawn on first use
+
     # ------------------------------------------------------------------ data
-    def setup_data(self) -> None:
-        d, o = self.recipe.data, self.options
-        if (self.cache_dir / "plans.json").exists():
-            from medvol.cache import list_cases, load_plans
+    def make_source(self) -> PretextVolumes:
+        source = PretextVolumes.from_recipe(self.cache_dir, self.run_dir, self.recipe, self.options.pretext, self.dist,
+                                            default_patch=[64, 64, 32], default_batch=16)
+        if any(p % 8 for p in source.patch_size):
+            raise ConfigError(f"data.patch_size {source.patch_size}: PCRL's U-Net pools three times; use multiples "
+                              "of 8")
+        return source
 
-            self.kind, self.source_root = "cache", self.cache_dir
-            self.plans = Plans.from_dict(load_plans(self.cache_dir))
-            cases = list_cases(self.cache_dir)
-            self.in_channels = self.plans.num_channels
-        else:  # any folder of scans, converted once into the run folder
-            from medvol.utils import read_json
-
-            self.kind, self.source_root, self.plans = "folder", self.run_dir / "pretext_volumes", None
-            if self.dist.is_main:
-                prepare_scan_folder(self.cache_dir, self.source_root, o.pretext, quiet=False)
-            barrier(self.dist)
-            cases = sorted(read_json(self.source_root / "manifest.json")["scans"])
-            self.in_channels = int(np.load(self.source_root / f"{cases[0]}.npy", mmap_mode="r").shape[0])
-        if not cases:
-            raise ConfigError(f"{self.cache_dir}: no scans to pretrain on")
-        self.num_classes = 0  # no segmentation output
-        self.patch_size = list(d.patch_size or [64, 64, 32])
-        self.batch_size = int(d.batch_size or 16)
-        train, self.val_cases = split_cases(cases, d.val_fraction, d.val_cases, self.recipe.trainer.seed)
-        self.labelled, self.unlabelled = train, []  # labels, where the cache has them, are never read
-        if not train:
-            raise ConfigError(f"{self.cache_dir}: no scan left for pretraining after the validation split")
-        if any(p % 8 for p in self.patch_size):
-            raise ConfigError(f"data.patch_size {self.patch_size}: PCRL's U-Net pools three times; use multiples of 8")
-        self._val_batch: dict | None = None
+    def pretext_dataset(self, cases: list[str], global_batch: int, seed: int) -> PretextDataset:
+        """Pretext samples of ``cases`` of the source."""
+        src = self.source
+        return PretextDataset(src.root, cases, src.volumes, src.patch_size, self.options.pretext, global_batch, seed)
 
     @property
     def queue(self) -> KeyQueue:
@@ -223,8 +217,7 @@ class PCRLTrainer(Trainer):
         return s
 
     def make_dataset(self) -> StepDataset:
-        return PretextDataset(self.source_root, self.labelled, self.kind, self.patch_size, self.options.pretext,
-                              self.global_batch, seed=self.recipe.trainer.seed)
+        return self.pretext_dataset(self.source.labelled, self.global_batch, self.recipe.trainer.seed)
 
     # ------------------------------------------------------------------ models
     def build_models(self) -> dict[str, nn.Module]:
@@ -293,8 +286,7 @@ class PCRLTrainer(Trainer):
         if start_step or not self.options.queue_warmup:
             return
         n_steps = -(-queue.size // self.global_batch)
-        ds = PretextDataset(self.source_root, self.labelled, self.kind, self.patch_size, self.options.pretext,
-                            self.global_batch, seed=self.recipe.trainer.seed + 104729)
+        ds = self.pretext_dataset(self.source.labelled, self.global_batch, self.recipe.trainer.seed + 104729)
         loader = make_loader(ds, 0, n_steps, self.batch_size, self.dist.rank, self.dist.world_size,
                              self.recipe.data.num_workers)
         for step, batch in enumerate(loader):
@@ -307,9 +299,8 @@ class PCRLTrainer(Trainer):
     def _validation_batch(self) -> dict:
         if self._val_batch is None:
             n = self.options.val_samples
-            ds = PretextDataset(self.source_root, self.val_cases, self.kind, self.patch_size, self.options.pretext,
-                                n, seed=self.recipe.trainer.seed + 7919)
-            samples = [ds.sample(0, i) for i in range(n)]
+            ds = self.pretext_dataset(self.source.val_cases, n, self.recipe.trainer.seed + 7919)
+            samples = [ds.item(0, i) for i in range(n)]
             self._val_batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
         return self._val_batch
 
@@ -317,7 +308,7 @@ class PCRLTrainer(Trainer):
         """On fixed pretext samples of the validation scans: ordinary-path reconstruction MSE, key
         retrieval accuracy (each query's nearest key among the validation keys is its own) and
         the spread of the queries (mean per-dimension std; near 0 = collapsed embeddings)."""
-        if not self.val_cases:
+        if not self.source.val_cases:
             return {}
         student, key = self.student, self.models["momentum"]
         batch = self._validation_batch()

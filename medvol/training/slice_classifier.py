@@ -20,33 +20,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medvol.data.slices import cached_slice_labels, raw_slice_of
-from medvol.errors import ConfigError
 from medvol.evaluation.classification import classification_metrics
 from medvol.networks.slice_adapter import split_classifier_output
 from medvol.training import register_trainer
 from medvol.training.engine import Trainer
+from medvol.training.sources import GradedSlices
 
 
 @register_trainer
 class SliceClassifierTrainer(Trainer):
+    """Supervised slice classification (``trainer.name: slice_classifier``): cross-entropy of
+    the model's slice logits on the graded slices of the cache (:class:`GradedSlices`, the
+    source DC-MT trains on too), validated by slice accuracy, balanced accuracy and AUC."""
+
     name = "slice_classifier"
     primary_metric = "val/balanced_accuracy"  # slice classes are rarely balanced (most slices hold no finding)
     scan_validation = False  # a slice classifier: no label map to score against the scans
+    source: GradedSlices
 
-    def setup_data(self) -> None:
-        super().setup_data()
-        if self.slice_axis is None:
-            raise ConfigError("trainer slice_classifier classifies slices: set data.configuration: 2d")
-        labels = cached_slice_labels(self.cache_dir, self.slice_axis)
-        if labels is None or not labels.slices:
-            raise ConfigError(f"{self.cache_dir}: no slice classes (a slice_labels.csv beside the raw dataset.json "
-                              "with slice rows is copied into the cache by medvol preprocess)")
-        self.slice_labels = labels
-        self.num_classes = max(2, 1 + max(c for s in labels.slices.values() for c in s.values()))
-
-    def state(self, step: int, best: float) -> dict:
-        return {**super().state(step, best), "num_classes": self.num_classes}
+    def make_source(self) -> GradedSlices:
+        return GradedSlices.from_recipe(self.cache_dir, self.recipe)
 
     def training_step(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         logits, _ = split_classifier_output(self.models["model"](batch["image"]))
@@ -59,12 +52,11 @@ class SliceClassifierTrainer(Trainer):
         """Class probabilities and classes of the case's labelled slices (``(n, K)``, ``(n,)``)."""
         from medvol.data.slice_outputs import slice_outputs
 
-        axis = self.slice_axis
-        assert axis is not None  # setup_data checked it
-        raw_targets = self.slice_labels.slice_targets(case, int(props["original_shape"][axis]))
-        target = raw_targets[raw_slice_of(props, axis)]
-        logits, _ = slice_outputs(self.inference_model(), image, axis, self.recipe.data.context, self.device,
-                                  self.patch_size, features=False)
+        src = self.source
+        assert src.slice_axis is not None  # a GradedSlices source has one
+        target = src.cached_grades(props)
+        logits, _ = slice_outputs(self.inference_model(), image, src.slice_axis, src.context, self.device,
+                                  src.patch_size, features=False)
         return {"probs": torch.from_numpy(logits).softmax(1).numpy()[target >= 0], "targets": target[target >= 0]}
 
     def reduce(self, scores: dict[str, list]) -> dict[str, float]:
