@@ -135,12 +135,15 @@ def test_a_source_without_plans_says_so():
         src.require_plans("the end-of-run validation")
 
 
-def test_aggregator_options_are_checked_when_the_recipe_is_loaded():
+def test_method_options_are_checked_when_the_recipe_is_loaded():
     with pytest.raises(ConfigError, match=r"method.ema_decay must be in \[0, 1\), got 1.0"):
         load_checked_recipe("slice_aggregator", ["method.ema_decay=1.0"])
     with pytest.raises(ConfigError, match="method.lr_decay must be in"):
         load_checked_recipe("slice_aggregator", ["method.lr_decay=0"])
+    with pytest.raises(ConfigError, match="method.steps_per_epoch must be >= 1, got 0"):
+        load_checked_recipe("dcmt_demo", ["method.steps_per_epoch=0"])
     assert load_checked_recipe("slice_aggregator").trainer.name == "slice_aggregator"
+    assert load_checked_recipe("dcmt_demo").trainer.name == "dcmt"
 
 
 class Draws(StepDataset):

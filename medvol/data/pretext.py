@@ -56,6 +56,11 @@ PUBLISHED_CROPS = ((1.0, 1.0, 1.0), (1.5, 1.5, 1.5), (1.5, 1.5, 3.0), (0.5, 0.5,
 
 @dataclass
 class PretextConfig:
+    """PCRL's pretext samples (the recipe's ``method.pretext``): the crop pairs (sizes relative
+    to the patch, overlap, border), the random affine, the indicated flips/rot90, the
+    Models-Genesis distortions (pixel shuffle, in-/out-painting, blur) and, for folders of
+    scans, how intensities reach [0, 1] and the spacing they are resampled to first."""
+
     crop_sizes: tuple = PUBLISHED_CROPS  # crop sides / patch sides per axis; each crop draws one
     min_iou: float = 0.25  # the two crops' boxes overlap with IoU above this (published: > 0.25)
     border: list | None = None  # voxels kept clear of each face, per axis (published LUNA: [70, 70, 15])

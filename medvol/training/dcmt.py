@@ -78,6 +78,11 @@ class DCMTOptions(MeanTeacherOptions):
     val_slices: int = 32  # slices per forward pass at validation
     validate_student: bool = False  # also report the student's scores (val/student_*), as published
 
+    def __post_init__(self) -> None:
+        """Checked when the recipe is loaded (before ``--nproc`` spawns processes)."""
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise ConfigError(f"method.steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
+
 
 @register_trainer
 class DCMTTrainer(MeanTeacherTrainer):
@@ -104,8 +109,6 @@ class DCMTTrainer(MeanTeacherTrainer):
     def after_source(self) -> None:
         """The epoch clock: steps per epoch, and ``method.epochs`` as steps."""
         o = self.options
-        if o.steps_per_epoch is not None and o.steps_per_epoch < 1:
-            raise ConfigError(f"method.steps_per_epoch must be >= 1, got {o.steps_per_epoch}")
         self.steps_per_epoch = o.steps_per_epoch or self._published_epoch_steps()
         self.recipe = recipe_in_epochs(self.recipe, self.steps_per_epoch, o.epochs, o.val_every_epochs)
         log.info("dcmt: %d steps per epoch, %d steps (%.1f epochs)", self.steps_per_epoch,
