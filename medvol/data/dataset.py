@@ -99,6 +99,7 @@ class StepDataset(Dataset):
         return self.sample(step, slot, self.rng(step, slot))
 
     def sample(self, step: int, slot: int, rng: np.random.Generator) -> dict:
+        """The item of ``(step, slot)``, every random draw from ``rng`` (a subclass's one method)."""
         raise NotImplementedError
 
     def __getitem__(self, index: int) -> dict:
@@ -107,7 +108,8 @@ class StepDataset(Dataset):
 
 
 class PatchDataset(StepDataset):
-    """Map-style dataset indexed by ``step * global_batch + slot``."""
+    """3D patches of the cache's cases (:class:`StepDataset`: item ``step * global_batch + slot``),
+    composed as the module docstring says: streams, foreground slots, pass-through keys."""
 
     def __init__(self, cache_dir, streams: Streams, patch_size: Sequence[int], oversample: float = 0.33,
                  augment=None, seed: int = 0):
