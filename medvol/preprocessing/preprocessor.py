@@ -15,7 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from medvol.cache import CACHE_VERSION, case_is_complete, case_paths, load_plans, plans_digest, save_locations
+from medvol.cache import (
+    CACHE_VERSION,
+    case_is_complete,
+    case_paths,
+    load_plans,
+    plans_digest,
+    sample_class_locations,
+    save_locations,
+)
 from medvol.errors import CacheError, MedvolError, OutputError
 from medvol.io import Volume
 from medvol.preprocessing.cache_files import (
@@ -23,7 +31,6 @@ from medvol.preprocessing.cache_files import (
     copy_raw_splits,
     copy_slice_labels,
     prepare_out,
-    sample_class_locations,
 )
 from medvol.preprocessing.cropping import crop_to_nonzero
 from medvol.preprocessing.fingerprint import (
