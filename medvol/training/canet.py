@@ -32,6 +32,11 @@ from medvol.training.schedules import make_scheduler
 
 @dataclass
 class CANetOptions:
+    """The ``method:`` section of ``trainer.name: canet``: ``beta`` (the SDF regression's
+    weight), the adversarial weight's ramp ``adv_weight`` · exp(-5 (1 - min(t // adv_ramp_div,
+    adv_ramp_len) / adv_ramp_len)²), the discriminator's Adam (``d_lr``, ``d_betas``) and width
+    (``d_base``), and which label values form the ``foreground``."""
+
     beta: float = 0.3  # weight of the SDF regression
     adv_weight: float = 0.01  # w in lambda(t)
     adv_ramp_div: int = 150  # t // this ...
@@ -49,6 +54,13 @@ def adversarial_weight(step: int, o: CANetOptions) -> float:
 
 @register_trainer
 class CANetTrainer(Trainer):
+    """``trainer.name: canet``: CANet (``model.name: vnet_transformer``, segmentation + signed
+    distance heads) with an attention discriminator (``models["discriminator"]``, its own Adam
+    and constant schedule). Every batch holds labelled and unlabelled samples
+    (``data.unlabelled_per_batch``); each step updates the segmenter (Dice + β·SDF + λ(t)·
+    adversarial) and then the discriminator (:meth:`update_steps`). Validation is the engine's
+    per-class Dice of the segmentation head."""
+
     name = "canet"
     requires_model = "vnet_transformer"
     Options = CANetOptions

@@ -1,5 +1,5 @@
 """UGPCL: uncertainty-guided pixel contrastive learning, semi-supervised 2D segmentation with a
-CNN and a Transformer decoder (IJCAI 2022; ``docs/methods/ugpcl.md``, ``docs/methods/ugpcl.md``).
+CNN and a Transformer decoder (IJCAI 2022; ``docs/methods/ugpcl.md``).
 
 Each step: every image of the batch (labelled and unlabelled) is rotated by k·90° (k drawn in
 {0..3}, the rotation head's target) plus a random angle in ±``rotate_deg`` (labels with it,
@@ -39,6 +39,12 @@ _ANCHOR_STREAM = 0xA7C40
 
 @dataclass
 class UGPCLOptions:
+    """The ``method:`` section of ``trainer.name: ugpcl``: the loss weights (``tf_weight``,
+    ``consistency`` and its ramp-up, ``rotation_weight``, ``contrast_weight`` from
+    ``contrast_start`` on), the rotation range, the contrast's ``temperature``, anchors and
+    uncertainty-threshold ramp, the published-or-alternative choices (``anchor_sampling``,
+    ``background_queue``, ``dice``) and ``val_slice_batch`` of the 2D batch-averaged Dice."""
+
     tf_weight: float = 0.4  # weight of the Transformer decoder's supervised loss
     consistency: float = 0.01  # weight of MSE(softmax_cnn, softmax_tf) on the unlabelled images...
     consistency_rampup: int | None = None  # ... times sigmoid_rampup over this many steps (None: trainer.steps)
@@ -107,6 +113,13 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
 
 @register_trainer
 class UGPCLTrainer(Trainer):
+    """``trainer.name: ugpcl``: UGPCL (``model.name: ugpcl``: a shared encoder, CNN and
+    Transformer decoders, rotation and projection heads, the class memory queue in its buffers)
+    on 2D slices, labelled and unlabelled ones in every batch. Each step rotates the batch
+    (:meth:`prepare_batch`) and takes :class:`~medvol.losses.pixel_contrast.UGPCLLoss` with the
+    weights of :class:`UGPCLOptions`. Validation: the engine's per-class Dice per case and the
+    paper's 2D batch-averaged Dice over the slices (``val/dice2d_*``)."""
+
     name = "ugpcl"
     requires_model = "ugpcl"
     Options = UGPCLOptions
