@@ -122,8 +122,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fold", help="cross-validation fold of DATA/splits_final.json: 0-4 or 'all' (written with "
                                   "nnU-Net's rule when absent); data.val_cases in the recipe wins")
     p.add_argument("--resume", nargs="?", const=True, default=False, choices=[True, "auto"],
-                   help="continue from OUT/checkpoints/latest.pt; `--resume auto` starts fresh when there is "
-                        "none (one job script for the first start and every requeue)")
+                   help="continue from OUT/checkpoints/latest.pt (semi_infnet: OUT/semi_state.json); `--resume "
+                        "auto` starts fresh when there is none (one job script for the first start and every requeue)")
     _add_device(p, "cpu, cuda, cuda:1 or auto (default)")
     _add_precision(p, None, f"numerical precision (default: the recipe's trainer.precision, {AUTO_PRECISION})")
     p.add_argument("--nproc", type=int, default=1, action=_checked(validation.positive_int),

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks import eval_mode
 
+from medvol import validation
 from medvol.config import ScheduleConfig
 from medvol.errors import ConfigError
 from medvol.losses.sdf import signed_distance, soft_dice_loss
@@ -45,6 +46,20 @@ class CANetOptions:
     d_betas: tuple = (0.9, 0.99)
     d_base: int = 64
     foreground: list | None = None  # label values forming the foreground (None: every label > 0)
+
+    def __post_init__(self) -> None:  # checked when the recipe is loaded
+        validation.non_negative(self.beta, "method.beta")
+        validation.non_negative(self.adv_weight, "method.adv_weight")
+        for key in ("adv_ramp_div", "adv_ramp_len", "d_base"):
+            validation.positive_int(getattr(self, key), f"method.{key}")
+        validation.positive(self.d_lr, "method.d_lr")
+        if not isinstance(self.d_betas, (list, tuple)) or len(self.d_betas) != 2:
+            raise ConfigError(f"method.d_betas: expected two numbers in [0, 1), got {self.d_betas!r}")
+        self.d_betas = tuple(validation.fraction(b, "method.d_betas") for b in self.d_betas)
+        if self.foreground is not None and not (
+                isinstance(self.foreground, list) and self.foreground
+                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in self.foreground)):
+            raise ConfigError(f"method.foreground: expected a list of label values > 0, got {self.foreground!r}")
 
 
 def adversarial_weight(step: int, o: CANetOptions) -> float:

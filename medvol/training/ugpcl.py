@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medvol import validation
 from medvol.errors import ConfigError
 from medvol.losses.pixel_contrast import ANCHOR_SAMPLING, BACKGROUND_QUEUE, DICE, UGPCLLoss
 from medvol.training import register_trainer
@@ -59,6 +60,19 @@ class UGPCLOptions:
     background_queue: str = "zeros"  # published: class 0's queue is zero vectors; "means": background means
     dice: str = "published"  # foreground Dice, squared denominators; "all_classes": background in, linear
     val_slice_batch: int = 16  # slices per batch of the paper's 2D batch-averaged validation Dice
+
+    def __post_init__(self) -> None:  # checked when the recipe is loaded
+        for key in ("tf_weight", "consistency", "rotation_weight", "contrast_weight", "rotate_deg"):
+            validation.non_negative(getattr(self, key), f"method.{key}")
+        validation.positive(self.temperature, "method.temperature")
+        for key in ("max_anchors_per_class", "val_slice_batch"):
+            validation.positive_int(getattr(self, key), f"method.{key}")
+        for key in ("consistency_rampup", "threshold_rampup"):
+            if getattr(self, key) is not None:
+                validation.positive_int(getattr(self, key), f"method.{key}")
+        for key, choices in (("anchor_sampling", ANCHOR_SAMPLING), ("background_queue", BACKGROUND_QUEUE),
+                             ("dice", DICE)):
+            validation.one_of(getattr(self, key), choices, f"method.{key}")
 
 
 # ------------------------------------------------------------------ rotation
@@ -128,10 +142,6 @@ class UGPCLTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         o, steps = self.options, self.recipe.trainer.steps
-        for key, choices in (("anchor_sampling", ANCHOR_SAMPLING), ("background_queue", BACKGROUND_QUEUE),
-                             ("dice", DICE)):
-            if getattr(o, key) not in choices:
-                raise ConfigError(f"method.{key} must be one of {', '.join(choices)}, got '{getattr(o, key)}'")
         self.loss_fn = UGPCLLoss(
             tf_weight=o.tf_weight, consistency=o.consistency,
             consistency_rampup=float(steps if o.consistency_rampup is None else o.consistency_rampup),
