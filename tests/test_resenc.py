@@ -37,7 +37,8 @@ def _fingerprint(spacings, shapes, relative=0.9):
 
 # (fingerprint, dataset.json) in medvol's X, Y, Z order. "demo": the demo data's (medvol.datasets.brain's
 # default build: 8 brain-tissue cases, ~2 mm, merged by `medvol plan`); "iso": 10 cases of
-# 192 x 224 x 176 at 1 mm; "aniso": 20 cases of 320 x 288 x 32 at 0.75 x 0.75 x 5 mm.
+# 192 x 224 x 176 at 1 mm; "aniso": 20 cases of 320 x 288 x 32 at 0.75 x 0.75 x 5 mm; "wide": 30
+# cases of 704 x 704 x 64 at 0.7 x 0.7 x 2.5 mm (a 2d patch too large for the presets).
 FINGERPRINTS = {
     "demo": _fingerprint(
         [[2.0102040767669678, 2.0086207389831543, 2.0106382369995117],
@@ -52,6 +53,7 @@ FINGERPRINTS = {
          [66, 83, 71]], relative=0.4744333861732108),
     "iso": _fingerprint([[1.0, 1.0, 1.0]] * 10, [[192, 224, 176]] * 10),
     "aniso": _fingerprint([[0.75, 0.75, 5.0]] * 20, [[320, 288, 32]] * 20),
+    "wide": _fingerprint([[0.7, 0.7, 2.5]] * 30, [[704, 704, 64]] * 30),
 }
 
 # Per fingerprint and preset: 3d patch (X, Y, Z), 3d batch, 3d stages, 3d estimate, 2d patch, 2d batch.
@@ -84,6 +86,17 @@ FINGERPRINTS = {
 #   round(5.11) = 5 (cap round(18.0) = 18). M: shrinks y, x, x, z (28), y: (28, 224, 256) with 6
 #   stages, 691,550,720 > 680e6, then z: (24, 224, 256), 592,757,760 fits; batch round(2.29) = 2.
 #   2d: (320, 320), 7 stages, estimate 50,598,400: M 32.02 -> 32, L 90.12 -> 90, XL 132.81 -> 133.
+# wide: 0.7 x 0.7 x 2.5 mm (z: 2.5 > 3 x 0.7 and 64 x 3 < 704, so its 10th percentile, 2.5),
+#   median (704, 704, 64), 30 cases: 951,582,720 voxels. 3d (z, y, x): initial (64, 448, 448)
+#   (256^3 voxels shaped by 1/spacing), 7 stages, estimate 4,735,974,656; every preset shrinks:
+#   XL down to (48, 448, 448), 3,555,414,912 <= 3.6e9, batch round(2.03) = 2; L on to
+#   (32, 384, 384), 1,741,427,712 <= 2.1e9, round(2.41) = 2; M on to (24, 256, 256),
+#   585,283,584 <= 680e6, round(2.32) = 2.
+#   2d: the in-plane median 704 pools 7 times (704 -> ... -> 11 -> 6), so (768, 768), 8 stages,
+#   estimate 291,833,856. L (380e6) and XL (560e6) take it: batch round(15.63) = 16 and
+#   round(23.03) = 23. M (135e6) shrinks while estimate > 135e6 (the default planner would test
+#   estimate / 12 * 2 and keep 768^2): (768, 640) 243,194,880, (640, 640) 202,662,400, (640, 512)
+#   162,129,920, (512, 512) 129,703,936 fits; batch round(135e6 / 129,703,936 * 12 = 12.49) = 12.
 EXPECTED = {
     ("demo", "resenc-m"): ([80, 96, 80], 6, 5, 163_132_800, [80, 96], 439),
     ("demo", "resenc-l"): ([80, 96, 80], 6, 5, 163_132_800, [80, 96], 505),
@@ -94,6 +107,9 @@ EXPECTED = {
     ("aniso", "resenc-m"): ([256, 224, 24], 2, 6, 592_757_760, [320, 320], 32),
     ("aniso", "resenc-l"): ([320, 320, 32], 3, 7, 1_410_336_000, [320, 320], 90),
     ("aniso", "resenc-xl"): ([320, 320, 32], 5, 7, 1_410_336_000, [320, 320], 133),
+    ("wide", "resenc-m"): ([256, 256, 24], 2, 7, 585_283_584, [512, 512], 12),
+    ("wide", "resenc-l"): ([384, 384, 32], 2, 7, 1_741_427_712, [768, 768], 16),
+    ("wide", "resenc-xl"): ([448, 448, 48], 2, 7, 3_555_414_912, [768, 768], 23),
 }
 
 

@@ -155,7 +155,7 @@ def feature_map_size(planner: Planner, patch_size, strides, features, num_classe
     """The VRAM proxy of the network ``planner`` plans for. nnU-Net's planners build that network
     without deep supervision (one segmentation head), and so does the ResEnc estimate here; the
     default planner's keeps counting every head, as medvol always planned (it can give a 2d batch
-    one lower than nnU-Net's: docs/planning.md)."""
+    one lower than nnU-Net's: docs/resenc.md)."""
     if planner.residual:
         return resenc_unet_feature_map_size(patch_size, strides, features, num_classes,
                                             planner.blocks_encoder, planner.blocks_decoder, deep_supervision=False)
