@@ -167,17 +167,19 @@ def _features(n_stages: int, max_features: int = MAX_FEATURES_3D) -> list[int]:
 
 
 def plan_configuration(spacing, median_shape, num_classes: int, n_voxels_dataset: float,
-                       gpu_memory_gb: float = 8.0, planner: Planner = DEFAULT) -> dict:
+                       gpu_memory_gb: float | None = None, planner: Planner = DEFAULT) -> dict:
     """Patch size, batch size and topology for one 3d or 2d configuration (in nnU-Net's axis
     order); the dimension is ``len(spacing)`` and picks nnU-Net's 3d or 2d constants, ``planner``
-    the reference values, VRAM proxy and batch cap (:mod:`medvol.preprocessing.planners`)."""
+    the reference values, VRAM proxy and batch cap (:mod:`medvol.preprocessing.planners`);
+    ``gpu_memory_gb`` None: the planner's own memory target."""
     dim = len(spacing)
     tmp = 1 / np.array(spacing, float)
     budget = [round(i) for i in tmp * (INITIAL_EDGE[dim] ** dim / np.prod(tmp)) ** (1 / dim)]
     initial = np.array([min(i, j) for i, j in zip(budget, median_shape)])
     num_pool, strides, kernels, patch, divisor = pool_and_conv_props(spacing, initial)
     ref_bs, max_features = (REFERENCE_BS_2D, MAX_FEATURES_2D) if dim == 2 else (REFERENCE_BS_3D, MAX_FEATURES_3D)
-    reference = planner.reference_val(dim) * (gpu_memory_gb / planner.reference_gb)
+    gb = planner.reference_gb if gpu_memory_gb is None else gpu_memory_gb
+    reference = planner.reference_val(dim) * (gb / planner.reference_gb)
     cache: dict = {}
 
     def estimate(patch, strides):
