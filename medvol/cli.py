@@ -98,8 +98,15 @@ def _add_cache_options(p: argparse.ArgumentParser, overwrite_help: str | None, s
 
 
 def _add_plan_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gpu-memory", type=float, default=8.0, dest="gpu_memory_gb", action=_checked(validation.positive),
-                   help="GPU memory target in GB for patch/batch size (nnU-Net default 8)")
+    from medvol.preprocessing.planners import PLANNERS
+
+    p.add_argument("--planner", choices=list(PLANNERS), default="default",
+                   help="nnU-Net's experiment planner (-pl): default (ExperimentPlanner, plain U-Net) or a "
+                        "Residual Encoder preset nnUNetPlannerResEncM/L/XL (8/24/40 GB; nnU-Net recommends L); "
+                        "train a ResEnc plan with the quickstart_resenc recipe")
+    p.add_argument("--gpu-memory", type=float, default=None, dest="gpu_memory_gb", action=_checked(validation.positive),
+                   help="GPU memory target in GB for patch/batch size (nnU-Net's -gpu_memory_target; default: the "
+                        "planner's own, 8 for default and resenc-m, 24 for resenc-l, 40 for resenc-xl)")
     p.add_argument("--interpolation", choices=["cubic", "linear"], default="cubic", dest="image_interpolation",
                    help="image resampling: cubic spline as nnU-Net (default) or torch trilinear (faster)")
     p.add_argument("--cache-dtype", choices=["float32", "float16"], default="float32", dest="cache_dtype",
@@ -270,7 +277,8 @@ def _cmd_preprocess(a) -> int:
 
     rep = preprocess_dataset(a.raw, a.out, a.workers, a.overwrite, a.shard, a.quiet, gpu_memory_gb=a.gpu_memory_gb,
                              image_interpolation=a.image_interpolation, cache_dtype=a.cache_dtype,
-                             target_spacing=a.target_spacing, ct_window=a.ct_window, orientation=a.orientation)
+                             target_spacing=a.target_spacing, ct_window=a.ct_window, orientation=a.orientation,
+                             planner=a.planner)
     return _report(rep, a.out)
 
 
@@ -283,7 +291,8 @@ def _cmd_fingerprint(a) -> int:
 def _cmd_plan(a) -> int:
     from medvol.preprocessing import plan_dataset
 
-    plans = plan_dataset(a.out, a.gpu_memory_gb, a.image_interpolation, a.cache_dtype, a.target_spacing, a.ct_window)
+    plans = plan_dataset(a.out, a.gpu_memory_gb, a.image_interpolation, a.cache_dtype, a.target_spacing, a.ct_window,
+                         a.planner)
     print(f"target spacing {plans['target_spacing']} mm, patch {plans['patch_size']}, "
           f"batch {plans['batch_size']} -> {a.out / 'plans.json'}")
     return 0
