@@ -57,9 +57,10 @@ def _settle_ties(out: np.ndarray, array, properties: dict) -> None:
     Without it, argmax gave every such near-tie (scores up to one float16 step apart, ~5e-4
     near 0.5) to the lower class, background first: the round trip of a small structure lost
     to nnU-Net's (tests/test_geometry_ties.py). Only the tied voxels are recomputed."""
-    top = out.max(0)
+    bits = out.view(np.int16)  # ordered as the values wherever the top one is >= 0 (probabilities)
+    top = bits.max(0)
     count = np.zeros(top.shape, np.uint8)
-    for ch in out:
+    for ch in bits:
         count += ch == top
     at = np.nonzero(count > 1)
     if not at[0].size:
@@ -69,5 +70,5 @@ def _settle_ties(out: np.ndarray, array, properties: dict) -> None:
     winner = exact.astype(np.float32).argmax(0)
     rounded = out[(slice(None),) + tuple(at)]
     moved = rounded.argmax(0) != winner
-    pick = tuple(a[moved] for a in at)
-    out[(winner[moved],) + pick] = np.nextafter(top[pick], np.inf, dtype=out.dtype)
+    out[(winner[moved],) + tuple(a[moved] for a in at)] = np.nextafter(rounded.max(0)[moved], np.inf,
+                                                                       dtype=out.dtype)
