@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from medvol.datasets.brain import load_gyri
 from medvol.inference import restore_geometry
@@ -31,14 +32,15 @@ def block():
     return load_gyri().argmax(0)[30:74, 102:166, 46:90].astype(np.int16)
 
 
-def _round_trip(seg: np.ndarray, spacing: float, dtype=None, target: float = 0.9) -> np.ndarray:
+def _round_trip(seg: np.ndarray, spacing: float, dtype=None, target: float = 0.9, tensor: bool = False
+                ) -> np.ndarray:
     shape = compute_new_shape(seg.shape, [spacing] * 3, [target] * 3)
     cached = resample_label(seg[None], shape, [spacing] * 3, [target] * 3)[0]
     props = {"shape_after_crop": list(seg.shape), "original_shape": list(seg.shape),
              "crop_bbox": [[0, n] for n in seg.shape], "target_spacing": [target] * 3,
              "original_spacing": [spacing] * 3}
     onehot = np.stack([cached == c for c in range(6)]).astype(np.float16)
-    return restore_geometry(onehot, props, dtype=dtype).argmax(0)
+    return restore_geometry(torch.from_numpy(onehot) if tensor else onehot, props, dtype=dtype).argmax(0)
 
 
 def _dice(a, b):
@@ -51,7 +53,9 @@ def test_float16_restore_keeps_the_float32_argmax(block, stored, spacing):
     """Rounding the restored probabilities to float16 makes near-ties (within ~2.4e-4) exact;
     argmax then gave them to the lower class (background) and small structures lost voxels."""
     seg = np.ascontiguousarray(np.flip(block, FLIPS[stored]))
-    np.testing.assert_array_equal(_round_trip(seg, spacing), _round_trip(seg, spacing, dtype=np.float32))
+    exact = _round_trip(seg, spacing, dtype=np.float32)
+    np.testing.assert_array_equal(_round_trip(seg, spacing), exact)
+    np.testing.assert_array_equal(_round_trip(seg, spacing, tensor=True), exact)  # predict's float16 tensor
 
 
 @pytest.mark.parametrize("stored, spacing", list(NNUNET))
