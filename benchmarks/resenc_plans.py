@@ -13,9 +13,9 @@ default build, as tests/test_resenc.py holds it) and the two hand-made ones of t
     python benchmarks/resenc_plans.py --nnunet-python .venv-nnunet/bin/python
 
 Prints one row per fingerprint, planner and configuration and exits 1 on any difference of a
-ResEnc preset. The default planner's rows are for reference: medvol's default VRAM estimate
-counts every deep-supervision head where nnU-Net's planner counts one, which makes the "iso"
-2d batch 75 where nnU-Net's is 76 (kept, so that medvol's default plans stay as they were).
+ResEnc preset. The default planner's rows are for reference (they equal nnU-Net's since its VRAM
+estimate counts one segmentation head, as nnU-Net's does: before, the "iso" 2d batch was 75
+where nnU-Net's is 76).
 """
 
 from __future__ import annotations

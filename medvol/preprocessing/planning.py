@@ -152,14 +152,14 @@ def _decoder_feature_map_size(skips, features, num_classes: int, convs, deep_sup
 
 
 def feature_map_size(planner: Planner, patch_size, strides, features, num_classes: int) -> int:
-    """The VRAM proxy of the network ``planner`` plans for. nnU-Net's planners build that network
-    without deep supervision (one segmentation head), and so does the ResEnc estimate here; the
-    default planner's keeps counting every head, as medvol always planned (it can give a 2d batch
-    one lower than nnU-Net's: docs/resenc.md)."""
+    """The VRAM proxy of the network ``planner`` plans for. nnU-Net's planners (2.8.1) build that
+    network without deep supervision (one segmentation head) and so do both estimates here
+    (medvol's default planner counted every head until 2026-12-07, one lower 2d batch than
+    nnU-Net's on some fingerprints: benchmarks/resenc_plans.py)."""
     if planner.residual:
         return resenc_unet_feature_map_size(patch_size, strides, features, num_classes,
                                             planner.blocks_encoder, planner.blocks_decoder, deep_supervision=False)
-    return unet_feature_map_size(patch_size, strides, features, num_classes)
+    return unet_feature_map_size(patch_size, strides, features, num_classes, deep_supervision=False)
 
 
 def _features(n_stages: int, max_features: int = MAX_FEATURES_3D) -> list[int]:
