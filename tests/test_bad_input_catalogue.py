@@ -550,22 +550,22 @@ def _covid_into_used_folder(c: Ctx) -> list[str]:
     return argv
 
 
-def _sigterm_in_final_validation(c: Ctx):
+def _sigterm_in_final_validation(c: Ctx, sig: signal.Signals = signal.SIGTERM):
     """SIGTERM (a scheduler's pre-emption) while the end-of-run validation predicts its cases."""
     from medvol.inference import predictor
 
     real = predictor.predict_cases
 
     def signalled(*a, **k):
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), sig)
         return real(*a, **k)
 
     def unexpected(signum, frame):  # guard: the signal must never end the test session
-        raise AssertionError("SIGTERM reached no handler of medvol train during the final validation")
+        raise AssertionError(f"{sig.name} reached no handler of medvol train during the final validation")
 
     c.monkeypatch.setattr(predictor, "predict_cases", signalled)
-    old = signal.signal(signal.SIGTERM, unexpected)
-    c.cleanups.append(lambda: signal.signal(signal.SIGTERM, old))
+    old = signal.signal(sig, unexpected)
+    c.cleanups.append(lambda: signal.signal(sig, old))
     return ["train", "quickstart", "--data", str(c.tiny["cache"]), "--out", str(c.tmp / "run"), "--quiet", "--device",
             "cpu", "--set", "trainer.steps=1", "--set", "trainer.val_every=1", "--set", "data.num_workers=0", "--set",
             "model.base_features=4", "--set", "model.max_features=8", "--set", "data.batch_size=2"]
@@ -591,6 +591,41 @@ def _sigterm_in(where: Callable[[], tuple[object, str]], make: Callable[[Ctx], l
         return argv
 
     return wrapped
+
+
+def _validating(cases: list[str], trained_on: list[str]) -> Callable[[Path], None]:
+    """Make a copy of the tiny run (it validated 'c' after training on 'a' and 'b') the fold that
+    trained on ``trained_on`` and validated ``cases`` (each with 'c''s metrics): a realistic fold."""
+    def change(run: Path) -> None:
+        _edit(run / "validation" / "summary.json", lambda s: (
+            s.update(cases={k: s["cases"]["c"] for k in cases}), s["validation"].update(cases=cases)))
+        _edit(run / "split.json", lambda s: s.update(labelled=trained_on, validation=cases))
+
+    return change
+
+
+def _complete_cv(c: Ctx, again: bool = False) -> list[str]:
+    """cv over two folds that validate every case of the tiny dataset ('c', then 'a' and 'b');
+    ``again``: OUT already holds the cross-validation of an earlier `medvol cv`."""
+    runs = [_run_copy(c, "fold_0"), _run_copy(c, "fold_1", _validating(["a", "b"], ["c"]))]
+    argv = ["cv", *map(str, runs), "-o", str(c.tmp / "out"), "--quiet"]
+    if again:
+        assert main(argv) == 0
+    return argv
+
+
+def _cv_fold_missing(c: Ctx) -> list[str]:
+    """Two of the three folds of the cache's splits_final.json: fold 1 (validating 'a') is missing."""
+    splits = [{"train": ["a", "b"], "val": ["c"]}, {"train": ["b", "c"], "val": ["a"]},
+              {"train": ["a", "c"], "val": ["b"]}]
+    c.cache().joinpath("splits_final.json").write_text(json.dumps(splits))
+    runs = []
+    for k in (0, 2):
+        def change(run: Path, k=k) -> None:
+            _validating(splits[k]["val"], splits[k]["train"])(run)
+            _edit(run / "validation" / "summary.json", lambda s: s["validation"].update(cache=str(c.cache())))
+        runs.append(_run_copy(c, f"fold_{k}", change))
+    return ["cv", *map(str, runs), "-o", str(c.tmp / "out"), "--quiet"]
 
 
 def _crossval_module():
@@ -843,10 +878,10 @@ CATALOGUE = [
         r"fold_0/validation/summary\.json: .*case 'a'", untouched=_cache_and("runs", "out")),
     Row("cv-folds-leave-cases-unvalidated",
         lambda c: (_run_copy(c, "fold_0"), ["cv", str(c.tmp / "runs"), "--quiet"])[1],
-        r"case\(s\) \['a', 'b'\] of the dataset are validated by no fold", untouched=_cache_and("runs"),
-        xfail="evaluation.crossval.cross_validation merges whatever folds it is given: one fold of three "
-              "validating 1 of the 3 training cases is written as a cross-validation (cv_summary.json) without "
-              "a word about the 2 cases no fold validated (folds missing)"),
+        r"case\(s\) \['a', 'b'\] of the dataset are validated by no fold given", untouched=_cache_and("runs")),
+    Row("cv-a-fold-of-a-split-missing", _cv_fold_missing,
+        r"case\(s\) \['a'\] of the dataset are validated by no fold given .*: .*pass the run\(s\) of fold\(s\) 1 "
+        r"of .*cache/splits_final\.json too", untouched=_cache_and("runs", "cache", "out")),
     Row("cv-folder-without-runs", lambda c: (c.tmp.joinpath("runs").mkdir(), ["cv", str(c.tmp / "runs"), "--quiet"])[1],
         r"runs: not a medvol run folder \(no recipe\.yaml\)", untouched=_cache_and("runs")),
     # ensembles of runs that do not fit together
@@ -916,21 +951,20 @@ CATALOGUE = [
     # SIGTERM during the end-of-run validation
     Row("train-sigterm-during-final-validation", _sigterm_in_final_validation,
         r"^medvol train: stopped by SIGTERM during the final validation: .*run/checkpoints/latest\.pt .*--resume",
-        rc=75, untouched=_cache_and(),
-        xfail="training.engine.fit leaves its PreemptionFlag block before training.final_validation.validate_at_end "
-              "runs: a SIGTERM (or SIGUSR1) while the validation cases are predicted gets the default handler (the "
-              "process dies with 143, no line saying the run is complete and how to validate it; RUN/validation/ is "
-              "left with the cases predicted so far and no summary.json)"),
+        rc=75, untouched=_cache_and()),
     Row("export-sigterm-while-writing", _sigterm_in(lambda: (zipfile.ZipFile, "writestr"), _export(), "export"),
-        r"^medvol export: stopped by SIGTERM: .*model/m\.zip not written", rc=75, untouched=_cache_and("runs", "model"),
-        xfail="medvol export installs no SIGTERM handler: the default action kills it with 143 and no line, and "
-              "utils.atomic_path's temporary file (model/.m.zip.*.part.zip) is left in the output folder (its "
-              "cleanup runs only on an exception)"),
-    Row("cv-sigterm-while-writing", _sigterm_in(lambda: (_crossval_module(), "_write_csv"),
-                                                _cv(None, _other_validation_cases), "cv"),
-        r"^medvol cv: stopped by SIGTERM", rc=75, untouched=_cache_and("runs"),
-        xfail="medvol cv installs no SIGTERM handler: killed with 143 between crossval.write_cross_validation's "
-              "four files, OUT keeps the new cv_summary.json beside an older (or no) .csv, .html and .png"),
+        r"^medvol export: stopped by SIGTERM: .*model/m\.zip not written", rc=75,
+        untouched=_cache_and("runs", "model")),
+    Row("cv-sigterm-while-writing", _sigterm_in(lambda: (_crossval_module(), "_write_csv"), _complete_cv, "cv"),
+        r"^medvol cv: stopped by SIGTERM: nothing written to .*out ", rc=75, untouched=_cache_and("runs", "out")),
+    Row("cv-sigterm-while-rewriting", _sigterm_in(lambda: (_crossval_module(), "_write_chart"),
+                                                  lambda c: _complete_cv(c, again=True), "cv"),
+        r"^medvol cv: stopped by SIGTERM: nothing written to .*out \(its cv_summary\.json, .* are as they were\)",
+        rc=75, untouched=_cache_and("runs", "out")),
+    Row("train-sigusr1-during-final-validation", lambda c: _sigterm_in_final_validation(c, signal.SIGUSR1),
+        r"^medvol train: stopped by SIGUSR1 during the final validation: the run is complete \(.*run/checkpoints/"
+        r"latest\.pt written at step 1\); 0 of 1 validation case\(s\) predicted .*no summary\.json written",
+        rc=75, untouched=_cache_and()),
     # recipes with values of the wrong type
     Row("recipe-steps-a-bool", _train("trainer.steps=true"), r"'trainer\.steps' must be an integer, got True",
         untouched=_cache_and("run")),
