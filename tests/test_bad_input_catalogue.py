@@ -92,6 +92,7 @@ class Row:
     untouched: Callable[[Ctx], list[Path]] = field(default=lambda c: [c.tmp / "raw"])
     xfail: str | None = None  # a case that does not hold yet: the bug, precisely (strict: it must fail)
     adapter: str | None = None  # a dataset adapter's module (medvol.datasets.X) run instead of `medvol`
+    prefix: Callable[[Ctx], list[str]] | None = None  # run `medvol` as a process behind this command prefix
 
 
 # --------------------------------------------------------------------------- input builders
@@ -658,6 +659,104 @@ def _recipe_file(text: str):
     return make
 
 
+# --------------------------------------------------------------------------- read-only and full disks (issue 35, 3)
+SMALL_TRAIN = ["trainer.steps=1", "trainer.val_every=1", "data.num_workers=0", "model.base_features=4",
+               "model.max_features=8", "data.batch_size=2"]
+
+
+def _unprivileged(c: Ctx) -> list[str]:
+    """A prefix that runs the command as root without the capabilities that let root write
+    anywhere (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH): the kernel checks file permissions as for
+    any user. (A separate user cannot run this interpreter: it lives under /root, mode 0700.)"""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to drop root's capabilities (setpriv); as a user, row "
+                    "read-only-output-folder covers it in-process")
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}"]
+
+
+def _read_only_folder(c: Ctx) -> Path:
+    """An empty output folder of mode 0555 (owned by root, written to without root's powers)."""
+    out = c.tmp / "place" / "out"
+    out.mkdir(parents=True)
+    out.chmod(0o555)
+    c.cleanups.append(lambda: out.chmod(0o755))
+    return out
+
+
+def _tmpfs(c: Ctx, size: str) -> Path:
+    """A fresh tmpfs mounted at c.tmp/place (unmounted after the command); skip where mounts are
+    not permitted (not root, or a container without CAP_SYS_ADMIN)."""
+    place = c.tmp / "place"
+    place.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs (a real full or read-only disk)")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=755", "tmpfs", str(place)],
+                       capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"mounting a tmpfs is not permitted here: {r.stderr.strip()}")
+    c.cleanups.append(lambda: subprocess.run(["umount", "-l", str(place)], check=True))
+    return place
+
+
+def _full_disk(c: Ctx) -> Path:
+    """A 256 KiB tmpfs filled to the last byte by the user's own file; the output goes to a new
+    folder on it."""
+    place = _tmpfs(c, "256k")
+    fd = os.open(place / "user_data.bin", os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\x5a" * 4096):
+            pass
+    except OSError as e:
+        assert e.errno == errno.ENOSPC, e
+    finally:
+        os.close(fd)
+    return place / "out"
+
+
+def _read_only_disk(c: Ctx) -> Path:
+    """A tmpfs holding one file of the user's, remounted read-only (EROFS, even for root)."""
+    place = _tmpfs(c, "1m")
+    (place / "notes.txt").write_text("the user's own file")
+    subprocess.run(["mount", "-o", "remount,ro", str(place)], check=True, capture_output=True)
+    return place / "out"
+
+
+def _writing(command: str, place: Callable[[Ctx], Path]):
+    """``medvol <command>`` with its output in the folder ``place`` prepares."""
+    def make(c: Ctx) -> list[str]:
+        out = place(c)
+        if command == "preprocess":
+            return ["preprocess", str(c.raw()), "-o", str(out), "-j", "1", "--quiet"]
+        if command == "train":
+            return ["train", "quickstart", "--data", str(c.tiny["cache"]), "--out", str(out), "--quiet", "--device",
+                    "cpu", *sum((["--set", s] for s in SMALL_TRAIN), [])]
+        if command == "export":
+            return ["export", str(c.tiny["run"]), "-o", str(out / "m.zip"), "--quiet"]
+        write_nifti(c.tmp / "in" / "x.nii.gz", sphere_case()[0])
+        return ["predict", "-m", str(c.tiny["run"]), "-i", str(c.tmp / "in" / "x.nii.gz"), "-o", str(out),
+                "--device", "cpu", "--quiet"]
+
+    return make
+
+
+def _place_rows() -> list[Row]:
+    """preprocess/train/predict/export into a read-only folder (as a user), onto a full disk
+    and onto a read-only disk: one line, exit 2, the user's files as they were, nothing added."""
+    rows = []
+    problems = {"read-only-folder-as-a-user": (_read_only_folder, r"[Pp]ermission denied", _unprivileged),
+                "full-disk": (_full_disk, r"disk full|No space left on device", None),
+                "read-only-disk": (_read_only_disk, r"[Rr]ead-only file system", None)}
+    for command in ("preprocess", "train", "predict", "export"):
+        for name, (place, error, prefix) in problems.items():
+            rows.append(Row(f"{command}-onto-a-{name}" if "disk" in name else f"{command}-into-a-{name}",
+                            _writing(command, place), rf"place/out\S*: (cannot write: )?({error})",
+                            untouched=_cache_and("place", "raw"), prefix=prefix))
+    return rows
+
+
 def _cache_and(*names):
     return lambda c: [c.tmp / n for n in names]
 
@@ -989,6 +1088,7 @@ CATALOGUE = [
         r"out: exists and is not an empty folder", untouched=_cache_and("src", "out"), adapter="covid_semiseg"),
     Row("recipe-inference-step-strings", _train("inference.step=[a, b, c]"), r"'inference\.step'",
         untouched=_cache_and("run")),
+    *_place_rows(),
 ]
 
 
@@ -1001,6 +1101,13 @@ def checksums(paths: list[Path]) -> dict[str, str]:
         for f in files:
             out[str(f)] = hashlib.sha256(f.read_bytes()).hexdigest()
     return out
+
+
+def run_process(prefix: list[str], argv: list[str]) -> tuple[int, str]:
+    """``medvol ARGV`` as a process behind ``prefix``: (exit status, stderr)."""
+    proc = subprocess.run([*prefix, sys.executable, "-m", "medvol", *argv], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    return proc.returncode, proc.stderr
 
 
 def run_cli(argv: list[str], adapter: str | None = None) -> int:
@@ -1035,8 +1142,11 @@ def _check_row(row: Row, ctx: Ctx, capsys) -> None:
     watched = row.untouched(ctx)
     before = checksums(watched)
     capsys.readouterr()
-    rc = run_cli(argv, row.adapter)
-    err = capsys.readouterr().err
+    if row.prefix is None:
+        rc = run_cli(argv, row.adapter)
+        err = capsys.readouterr().err
+    else:
+        rc, err = run_process(row.prefix(ctx), argv)
     if (tmp_path / "out").exists():
         (tmp_path / "out").chmod(0o755)  # let pytest clean up a read-only output folder
     assert "Traceback" not in err, err
