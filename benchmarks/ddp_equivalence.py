@@ -17,7 +17,7 @@ patched to the default dtype in the workers). If the DDP gap is reduction order,
 size of the permutation gap in float32 and vanishes (~1e-13) in float64 with it; a statistic
 pooled per rank would leave a float64 gap as large as the float32 one.
 
-    python benchmarks/ddp_equivalence.py [--seeds 0 1] [--keep DIR] [--json out.json]
+    python benchmarks/ddp_equivalence.py [--seeds 0 1] [--keep DIR] [--json out.json] [--set KEY=VALUE ...]
 
 About 1 minute per seed on the 2-core machine.
 """
@@ -58,7 +58,7 @@ def build_cache(tmp: Path) -> Path:
     return pre
 
 
-def worker(pre: str, out: str, batch: int, swap: bool, f64: bool, seed: int) -> None:
+def worker(pre: str, out: str, batch: int, swap: bool, f64: bool, seed: int, extra: list[str]) -> None:
     """One training run in this process (a torchrun worker under DDP), patched as asked."""
     import torch
 
@@ -83,16 +83,17 @@ def worker(pre: str, out: str, batch: int, swap: bool, f64: bool, seed: int) -> 
 
     engine._Loop.validate_and_checkpoint = checkpoint_only  # type: ignore[method-assign]
     samples = _record_samples()
-    recipe = load_recipe("quickstart", SETS + [f"data.batch_size={batch}", f"trainer.seed={seed}"])
+    recipe = load_recipe("quickstart", SETS + extra + [f"data.batch_size={batch}", f"trainer.seed={seed}"])
     train(recipe, pre, out, device="cpu", quiet=True)
     if batch == 2:
         Path(out, "samples.json").write_text(json.dumps(samples))
 
 
 def _record_samples() -> list[dict]:
-    """Per sample drawn, in order: its case, the share of its label patch that is padding (the
-    case is smaller than the patch there) and the classes present in it (an empty class of one
-    rank's part is what a per-rank statistic would get wrong)."""
+    """Per sample drawn, in order: its case, the share of its label patch that is -1 (padding
+    where the case is smaller than the patch, or outside the case's nonzero mask) and the
+    classes present in it (an empty class of one rank's part is what a per-rank statistic would
+    get wrong)."""
     import numpy as np
 
     from medvol.data import dataset as ds
@@ -107,7 +108,7 @@ def _record_samples() -> list[dict]:
     def recorded_extract(arr, start, patch, fill):
         out = extract(arr, start, patch, fill)
         if fill == -1:  # the label patch
-            samples[-1].update(padded=round(float((out < 0).mean()), 4),
+            samples[-1].update(outside=round(float((out < 0).mean()), 4),
                                classes=sorted(int(c) for c in np.unique(out[out >= 0])))
         return out
 
@@ -116,9 +117,9 @@ def _record_samples() -> list[dict]:
     return samples
 
 
-def launch(pre: Path, out: Path, name: str, f64: bool, seed: int) -> float:
+def launch(pre: Path, out: Path, name: str, f64: bool, seed: int, extra: list[str]) -> float:
     batch, swap, nproc = RUNS[name]
-    args = [__file__, "--worker", str(pre), str(out), str(batch), str(int(swap)), str(int(f64)), str(seed)]
+    args = [__file__, "--worker", str(pre), str(out), str(batch), str(int(swap)), str(int(f64)), str(seed), *extra]
     if nproc > 1:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -144,7 +145,7 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
-def measure(pre: Path, tmp: Path, seed: int) -> dict:
+def measure(pre: Path, tmp: Path, seed: int, extra: list[str]) -> dict:
     import torch
 
     from medvol.networks import build_model
@@ -158,7 +159,7 @@ def measure(pre: Path, tmp: Path, seed: int) -> dict:
         w = {}
         for name in RUNS:
             out = tmp / f"{name}_{dtype}_s{seed}"
-            row[f"seconds_{name}_{dtype}"] = launch(pre, out, name, f64, seed)
+            row[f"seconds_{name}_{dtype}"] = launch(pre, out, name, f64, seed, extra)
             w[name] = weights(out)
         if not f64:
             row["samples"] = json.loads((tmp / f"one_{dtype}_s{seed}" / "samples.json").read_text())
@@ -178,19 +179,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--keep", type=Path, help="work folder to keep (default: a temporary one)")
     p.add_argument("--json", type=Path)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a recipe override for every run (e.g. model.base_features=32), after the defaults")
     a = p.parse_args(argv)
     tmp = a.keep or Path(tempfile.mkdtemp(prefix="ddp-equivalence-"))
     tmp.mkdir(parents=True, exist_ok=True)
     pre = tmp / "pre" if (tmp / "pre" / "plans.json").exists() else build_cache(tmp)
-    rows = [measure(pre, tmp, s) for s in a.seeds]
+    rows = [measure(pre, tmp, s, a.set) for s in a.seeds]
     print("max |Δw| after 4 steps (seed: DDP vs one process, permuted batch vs one process; update size)")
     for r in rows:
         print(f"seed {r['seed']}: float32 ddp {r['ddp_vs_one_float32']:.2e} permuted {r['permuted_vs_one_float32']:.2e}"
               f" | float64 ddp {r['ddp_vs_one_float64']:.2e} permuted {r['permuted_vs_one_float64']:.2e}"
               f" | update {r['update_size']:.2e}")
-        padded = [x["case"] for x in r["samples"] if x["padded"] > 0]
+        padded = [f"{x['case']} {x['outside']:.0%}" for x in r["samples"] if x["outside"] > 0]
         partial = [f"{x['case']} has {x['classes']}" for x in r["samples"] if x["classes"] != [0, 1, 2]]
-        print(f"  {len(r['samples'])} samples: {len(padded)} padded ({', '.join(padded)}), {len(partial)} "
+        print(f"  {len(r['samples'])} samples: {len(padded)} partly padding or outside the mask ({', '.join(padded)}), "
+              f"{len(partial)} "
               f"missing a class ({', '.join(partial)})")
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1))
@@ -200,6 +204,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         pre_, out_, b, sw, f, sd = sys.argv[2:8]
-        worker(pre_, out_, int(b), bool(int(sw)), bool(int(f)), int(sd))
+        worker(pre_, out_, int(b), bool(int(sw)), bool(int(f)), int(sd), sys.argv[8:])
     else:
         sys.exit(main())
