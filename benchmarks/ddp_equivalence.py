@@ -11,15 +11,19 @@ Dice + CE over the deep-supervision levels, SGD Nesterov 0.99, grad clip), a sma
                 update: every loss term and gradient is a sum or mean over the batch; only the
                 order in which floating-point sums add the samples changes);
 - ``ddp``:      2 gloo processes × batch 1 (torchrun), the samples of the same global slots;
+- ``nudged``:   one process × batch 2 with the images multiplied by 1 + 2^-23 (one float32 ulp):
+                how far 4 steps carry a perturbation of rounding size (float32 only);
 
 each in float32 (as training runs) and in float64 (model, batch and loss; ``Tensor.float`` is
 patched to the default dtype in the workers). If the DDP gap is reduction order, it is of the
 size of the permutation gap in float32 and vanishes (~1e-13) in float64 with it; a statistic
-pooled per rank would leave a float64 gap as large as the float32 one.
+pooled per rank would leave a float64 gap as large as the float32 one. The float32 gaps are
+then compared with the nudged run's: what rounding-size perturbations become after 4 steps.
 
     python benchmarks/ddp_equivalence.py [--seeds 0 1] [--keep DIR] [--json out.json] [--set KEY=VALUE ...]
 
-About 1 minute per seed on the 2-core machine.
+About 3 minutes per seed on the idle 2-core machine (each run is a process of its own; 15 under
+a load average of 16).
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ from pathlib import Path
 SETS = ["model.base_features=8", "model.max_features=32", "data.patch_size=[48, 48, 48]", "data.num_workers=0",
         "trainer.steps=4", "trainer.val_every=1000", "trainer.log_every=1", "trainer.final_validation=false",
         "trainer.precision=fp32", "data.val_cases=[brain_005]"]
-RUNS = {"one": (2, False, 1), "permuted": (2, True, 1), "ddp": (1, False, 2)}  # batch, swap samples, processes
+# batch, change (1: swap the two samples, 2: nudge the images by one float32 ulp), processes
+RUNS = {"one": (2, 0, 1), "permuted": (2, 1, 1), "ddp": (1, 0, 2), "nudged": (2, 2, 1)}
 
 
 def build_cache(tmp: Path) -> Path:
@@ -58,7 +63,7 @@ def build_cache(tmp: Path) -> Path:
     return pre
 
 
-def worker(pre: str, out: str, batch: int, swap: bool, f64: bool, seed: int, extra: list[str]) -> None:
+def worker(pre: str, out: str, batch: int, change: int, f64: bool, seed: int, extra: list[str]) -> None:
     """One training run in this process (a torchrun worker under DDP), patched as asked."""
     import torch
 
@@ -70,13 +75,15 @@ def worker(pre: str, out: str, batch: int, swap: bool, f64: bool, seed: int, ext
         torch.set_default_dtype(torch.float64)
         torch.Tensor.float = lambda self, *a, **k: self.to(torch.float64)  # type: ignore[method-assign]
         Precision.layout = lambda self, x: x.double()  # type: ignore[method-assign]  # float inputs only
-    if swap:
+    if change:
         step = engine.Trainer.optimization_step
 
-        def swapped(self, batch, s):
-            return step(self, {k: v.flip(0) for k, v in batch.items()}, s)
+        def changed(self, batch, s):
+            if change == 1:
+                return step(self, {k: v.flip(0) for k, v in batch.items()}, s)
+            return step(self, {**batch, "image": batch["image"] * (1 + 2.0**-23)}, s)
 
-        engine.Trainer.optimization_step = swapped  # type: ignore[method-assign]
+        engine.Trainer.optimization_step = changed  # type: ignore[method-assign]
 
     def checkpoint_only(self, step: int) -> None:  # no validation: only the weights matter here
         save_checkpoint(self.trainer.run_dir / "checkpoints" / "latest.pt", self.trainer.state(step + 1, self.best))
@@ -118,8 +125,8 @@ def _record_samples() -> list[dict]:
 
 
 def launch(pre: Path, out: Path, name: str, f64: bool, seed: int, extra: list[str]) -> float:
-    batch, swap, nproc = RUNS[name]
-    args = [__file__, "--worker", str(pre), str(out), str(batch), str(int(swap)), str(int(f64)), str(seed), *extra]
+    batch, change, nproc = RUNS[name]
+    args = [__file__, "--worker", str(pre), str(out), str(batch), str(change), str(int(f64)), str(seed), *extra]
     if nproc > 1:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -157,7 +164,7 @@ def measure(pre: Path, tmp: Path, seed: int, extra: list[str]) -> dict:
     for f64 in (False, True):
         dtype = "float64" if f64 else "float32"
         w = {}
-        for name in RUNS:
+        for name in [n for n in RUNS if not (f64 and n == "nudged")]:  # float32's ulp: its sensitivity
             out = tmp / f"{name}_{dtype}_s{seed}"
             row[f"seconds_{name}_{dtype}"] = launch(pre, out, name, f64, seed, extra)
             w[name] = weights(out)
@@ -166,6 +173,7 @@ def measure(pre: Path, tmp: Path, seed: int, extra: list[str]) -> dict:
         row[f"ddp_vs_one_{dtype}"] = max_diff(w["ddp"], w["one"])
         row[f"permuted_vs_one_{dtype}"] = max_diff(w["permuted"], w["one"])
         if not f64:
+            row["nudged_vs_one_float32"] = max_diff(w["nudged"], w["one"])
             run = tmp / f"one_{dtype}_s{seed}"
             torch.manual_seed(seed)  # as the trainer seeds before building its model
             init = build_model(load_recipe(run / "recipe.yaml").model, Plans.from_dict(read_json(run / "plans.json")),
@@ -190,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"seed {r['seed']}: float32 ddp {r['ddp_vs_one_float32']:.2e} permuted {r['permuted_vs_one_float32']:.2e}"
               f" | float64 ddp {r['ddp_vs_one_float64']:.2e} permuted {r['permuted_vs_one_float64']:.2e}"
-              f" | update {r['update_size']:.2e}")
+              f" | float32 nudged by 1 ulp {r['nudged_vs_one_float32']:.2e} | update {r['update_size']:.2e}")
         padded = [f"{x['case']} {x['outside']:.0%}" for x in r["samples"] if x["outside"] > 0]
         partial = [f"{x['case']} has {x['classes']}" for x in r["samples"] if x["classes"] != [0, 1, 2]]
         print(f"  {len(r['samples'])} samples: {len(padded)} partly padding or outside the mask ({', '.join(padded)}), "
@@ -204,6 +212,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         pre_, out_, b, sw, f, sd = sys.argv[2:8]
-        worker(pre_, out_, int(b), bool(int(sw)), bool(int(f)), int(sd), sys.argv[8:])
+        worker(pre_, out_, int(b), int(sw), bool(int(f)), int(sd), sys.argv[8:])
     else:
         sys.exit(main())
