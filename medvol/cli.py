@@ -2,9 +2,9 @@
 
 Errors of the MedvolError family are printed as one line, without a traceback, and the
 command exits with status 2; a preprocessing run in which some cases failed exits 1
-after listing them (the valid cases are processed all the same). A training or prediction
-stopped by SIGTERM/SIGUSR1 at a safe point exits 75 (130 for Ctrl-C) after one line saying
-what it wrote (:class:`medvol.errors.Stopped`).
+after listing them (the valid cases are processed all the same). A training (its final
+validation included), prediction, export or cv stopped by SIGTERM/SIGUSR1 at a safe point
+exits 75 (130 for Ctrl-C) after one line saying what it wrote (:class:`medvol.errors.Stopped`).
 """
 
 from __future__ import annotations
