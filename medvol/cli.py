@@ -2,9 +2,9 @@
 
 Errors of the MedvolError family are printed as one line, without a traceback, and the
 command exits with status 2; a preprocessing run in which some cases failed exits 1
-after listing them (the valid cases are processed all the same). A training or prediction
-stopped by SIGTERM/SIGUSR1 at a safe point exits 75 (130 for Ctrl-C) after one line saying
-what it wrote (:class:`medvol.errors.Stopped`).
+after listing them (the valid cases are processed all the same). A training (its final
+validation included), prediction, export or cv stopped by SIGTERM/SIGUSR1 at a safe point
+exits 75 (130 for Ctrl-C) after one line saying what it wrote (:class:`medvol.errors.Stopped`).
 """
 
 from __future__ import annotations
@@ -413,11 +413,15 @@ def _cmd_extract_features(a) -> int:
 
 
 def _cmd_export(a) -> int:
+    """SIGTERM/SIGUSR1 stop it before the zip is renamed into place: exit 75, nothing written."""
     from medvol.export import export_model
+    from medvol.training.preemption import PreemptionFlag
 
     if a.out.suffix != ".zip":
         raise ConfigError(f"export -o {a.out}: the model file must end in .zip")
-    print(f"model -> {export_model(a.run, a.out, a.checkpoint)} (medvol predict -m {a.out} ...)")
+    with PreemptionFlag() as flag:
+        model = export_model(a.run, a.out, a.checkpoint, stop=flag.stop_point)
+    print(f"model -> {model} (medvol predict -m {a.out} ...)")
     return 0
 
 
@@ -442,6 +446,7 @@ def _cmd_evaluate(a) -> int:
 
 def _cmd_cv(a) -> int:
     from medvol.evaluation.crossval import FOREGROUND, cross_validation, write_cross_validation
+    from medvol.training.preemption import PreemptionFlag
 
     out = a.out
     if out is None:
@@ -449,8 +454,9 @@ def _cmd_cv(a) -> int:
             raise ConfigError("medvol cv: give -o OUT (the default, the folder of fold_* runs, needs exactly one "
                               "such folder)")
         out = a.runs[0]
-    res = cross_validation(a.runs)
-    written = write_cross_validation(res, out)
+    with PreemptionFlag() as flag:  # SIGTERM/SIGUSR1: stop before the files are renamed into place (exit 75)
+        res = cross_validation(a.runs)
+        written = write_cross_validation(res, out, stop=flag.stop_point)
     pooled, folds = res["all_cases"], res["mean_of_folds"]
     for c in [*res["classes"], FOREGROUND]:
         d, f = pooled["summary"][c]["dice"], folds["summary"][c]["dice"]
