@@ -19,16 +19,20 @@ torchvision; the resampling and export path needs neither, so install it without
         dynamic-network-architectures==0.4.4
     .venv-nnunet/bin/pip install scikit-image simpleitk scipy numpy pandas tqdm blosc2 nibabel
 
-Data: real brain-tissue cases (background / grey / white matter) built by
-``medvol.datasets.brain`` from the MNI152 2009a template: an isotropic dataset and a
-thick-slice one, each with cases finer and coarser than the dataset's target spacing.
+Data, built by ``medvol.datasets.brain`` from the MNI152 2009a template (nothing downloaded):
+real brain-tissue cases (background / grey / white matter), an isotropic dataset and a
+thick-slice one, each with cases finer and coarser than the dataset's target spacing; and small
+structures, five Harvard-Oxford cortical regions (the atlas in the nimare wheel) within the
+template's grey matter, ribbons 2-4 mm thick, in cases stored RAS, LAS and LPS at 0.7 mm (finer
+than the 0.9 mm target), 0.9, 1.0 and 1.3 mm.
 
-    python benchmarks/label_roundtrip.py --nnunet-venv .venv-nnunet [--json out.json]
+    python benchmarks/label_roundtrip.py --nnunet-venv .venv-nnunet [--json out.json] [--only NAME ...]
 
 It prints one table per dataset (the figures in benchmarks/RESULTS.md) and exits 1 when medvol
-keeps less of any class than nnU-Net on any case, beyond ``TIE_NOISE``. About 7 minutes on the
-2-core machine, most of it nnU-Net's preprocessing; ``--keep DIR --reuse`` reruns medvol's side
-against nnU-Net's results already in DIR (about 2 minutes).
+keeps less of any class than nnU-Net on any case, beyond ``TIE_NOISE``. About 7 minutes for the
+two tissue datasets on an idle 2-core machine; the small structures took 14 more on a busy one
+(nnU-Net's preprocessing 8 of them); ``--keep DIR --reuse`` reruns medvol's side against
+nnU-Net's results already in DIR (2-6 minutes per dataset).
 """
 
 from __future__ import annotations
@@ -85,7 +89,7 @@ print(json.dumps(out))
 
 
 def datasets():
-    """(name, acquisitions): each set's median spacing is its target. Cases finer and coarser
+    """(name, acquisitions, labels): each set's median spacing is its target. Cases finer and coarser
     than it, by odd ratios and by exactly 2 (where every sample point of the coarser grid lies
     midway between voxels of the finer one: label ties); the finest ones with a cropped field
     of view to stay within the 2-core machine's time."""
@@ -103,7 +107,16 @@ def datasets():
              Acquisition((0.9, 0.9, 4.0), seed=3),
              Acquisition((1.2, 1.2, 5.5), noise=0.02, seed=4),
              Acquisition((1.8, 1.8, 8.0), seed=5)]
-    return [("Dataset101_RoundTripIso", iso), ("Dataset102_RoundTripThick", thick)]
+    # small structures: five gyral regions, stored RAS, LAS and LPS, finer and coarser than the target
+    gyri = [Acquisition((0.7, 0.7, 0.7), noise=0.02, seed=1),
+            Acquisition((0.7, 0.7, 0.7), flip=(0,), seed=2),  # LAS
+            Acquisition((0.7, 0.7, 0.7), flip=(0, 1), noise=0.02, seed=3),  # LPS
+            Acquisition((0.9, 0.9, 0.9), seed=4),
+            Acquisition((1.0, 1.0, 1.0), flip=(0,), seed=5),  # LAS
+            Acquisition((1.0, 1.0, 1.0), flip=(0, 1), noise=0.02, seed=6),  # LPS
+            Acquisition((1.3, 1.3, 1.3), flip=(0,), seed=7)]  # LAS
+    return [("Dataset101_RoundTripIso", iso, "tissue"), ("Dataset102_RoundTripThick", thick, "tissue"),
+            ("Dataset103_RoundTripGyri", gyri, "gyri")]
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -112,6 +125,8 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def medvol_roundtrip(raw: Path, pre: Path) -> dict:
+    from nibabel.orientations import aff2axcodes
+
     from medvol.inference import restore_geometry
     from medvol.io import read_volume
     from medvol.preprocessing import list_cases, load_case, load_plans, preprocess_dataset
@@ -131,6 +146,7 @@ def medvol_roundtrip(raw: Path, pre: Path) -> dict:
         back = restore_geometry(onehot, props).argmax(0)
         ref = np.asarray(read_volume(raw / "labelsTr" / f"{case}.nii.gz").array)
         cases[case] = {"dice": {str(c): dice(back == c, ref == c) for c in range(1, n)},
+                       "stored": "".join(aff2axcodes(props["original_affine"])),
                        "spacing": props["original_spacing"], "shape_after_crop": props["shape_after_crop"],
                        "shape_after_resampling": list(seg.shape[1:])}
     return {"spacing": load_plans(pre)["target_spacing"], "seconds": seconds, "cases": cases}
@@ -162,21 +178,22 @@ def nnunet_roundtrip(raw: Path, work: Path, venv: Path, reuse: bool = False) -> 
     return out
 
 
-def table(name: str, mv: dict, nn: dict) -> list[str]:
+def table(name: str, mv: dict, nn: dict, labels: dict) -> list[str]:
     target = np.asarray(mv["spacing"])
+    classes = {str(v): k for k, v in labels.items() if v}
     rows = [f"### {name}: target spacing medvol {np.round(target, 4).tolist()} mm, "
             f"nnU-Net {np.round(nn['spacing'], 4).tolist()} mm", "",
-            "| case | spacing (mm) | spacing / target | crop -> resampled shape | GM Dice medvol / nnU-Net "
-            "| WM Dice medvol / nnU-Net | min medvol - nnU-Net |",
-            "|---|---|---|---|---|---|---|"]
+            "| case | stored | spacing (mm) | spacing / target | crop -> resampled shape | "
+            + " | ".join(f"{n} Dice medvol / nnU-Net" for n in classes.values()) + " | min medvol - nnU-Net |",
+            "|---" * (6 + len(classes)) + "|"]
     for case, m in mv["cases"].items():
         n = nn["cases"][case]
         ratio = "/".join(f"{r:.2f}" for r in np.asarray(m["spacing"]) / target)
         shapes = f"{m['shape_after_crop']} -> {m['shape_after_resampling']}"
-        cells = [f"{m['dice'][c]:.5f} / {n['dice'][c]:.5f}" for c in ("1", "2")]
+        cells = [f"{m['dice'][c]:.5f} / {n['dice'][c]:.5f}" for c in classes]
         delta = min(m["dice"][c] - n["dice"][c] for c in m["dice"])
-        rows.append(f"| {case} | {np.round(m['spacing'], 3).tolist()} | {ratio} | {shapes} | {cells[0]} | "
-                    f"{cells[1]} | {delta:+.1e} |")
+        rows.append(f"| {case} | {m['stored']} | {np.round(m['spacing'], 3).tolist()} | {ratio} | {shapes} | "
+                    + " | ".join(cells) + f" | {delta:+.1e} |")
     return rows
 
 
@@ -187,6 +204,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="write the figures here")
     ap.add_argument("--reuse", action="store_true", help="with --keep: reuse the raw data and nnU-Net's "
                                                           "preprocessing found there (medvol's is always redone)")
+    ap.add_argument("--only", nargs="+", help="run only these datasets (e.g. Dataset103_RoundTripGyri)")
     a = ap.parse_args()
     if not (a.nnunet_venv / "bin" / "nnUNetv2_plan_and_preprocess").exists():
         print(f"nnunetv2 not found in {a.nnunet_venv}: see this script's docstring", file=sys.stderr)
@@ -198,15 +216,18 @@ def main() -> int:
     torch.set_num_threads(1)
     work = Path(a.keep or tempfile.mkdtemp(prefix="mv_roundtrip_")).resolve()
     results, worst = {}, []
-    for name, acqs in datasets():
+    for name, acqs, labels in datasets():
+        if a.only and name not in a.only:
+            continue
         raw = work / "nnUNet_raw" / name
         if not (a.reuse and (raw / "dataset.json").exists()):
-            build_brain_dataset(raw, n_train=len(acqs), n_test=0, acquisitions=acqs, name=name)
+            build_brain_dataset(raw, n_train=len(acqs), n_test=0, acquisitions=acqs, name=name, labels=labels)
         shutil.rmtree(work / f"medvol_{name}", ignore_errors=True)
         mv = medvol_roundtrip(raw, work / f"medvol_{name}")
         nn = nnunet_roundtrip(raw, work, a.nnunet_venv.resolve(), a.reuse)
         results[name] = {"medvol": mv, "nnunet": nn}
-        print("\n".join(table(name, mv, nn)) + "\n", flush=True)
+        names = json.loads((raw / "dataset.json").read_text())["labels"]
+        print("\n".join(table(name, mv, nn, names)) + "\n", flush=True)
         for case, m in mv["cases"].items():
             worst += [m["dice"][c] - nn["cases"][case]["dice"][c] for c in m["dice"]]
     print(f"medvol - nnU-Net per-class Dice: min {min(worst):+.2e}, max {max(worst):+.2e} "

@@ -17,11 +17,16 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from medvol.datasets.realdata import MNI152_2009A, package_file
+from medvol.datasets.realdata import FSL_MNI152, MNI152_2009A, package_file
 from medvol.io import Volume, write_volume
 from medvol.utils import write_json
 
 LABELS = {"background": 0, "grey_matter": 1, "white_matter": 2}
+# Small structures: five Harvard-Oxford cortical regions (left and right are one region in this
+# atlas) within the template's grey matter, value -> Harvard-Oxford index.
+GYRI = {"heschl_gyrus": 45, "frontal_operculum": 41, "planum_polare": 44, "supracalcarine_cortex": 47,
+        "superior_temporal_gyrus_anterior": 9}
+GYRI_LABELS = {"background": 0, **{name: i + 1 for i, name in enumerate(GYRI)}}
 
 
 @dataclass
@@ -49,6 +54,28 @@ def load_template() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.asarray(t1.dataobj, np.float32), probs, t1.affine.copy()
 
 
+@lru_cache(maxsize=1)
+def load_gyri() -> np.ndarray:
+    """Probabilities float32 (6, X, Y, Z) on the template's 1 mm grid: background and the five
+    ``GYRI`` regions, each = grey-matter probability x the region's Harvard-Oxford mask (its
+    2 mm maxprob map, sampled at each template voxel's world position, nearest neighbour). The
+    atlas is in FSL's MNI152 (6th gen) space, the template in 2009a: a few mm apart, enough for
+    real gyral shapes, not an anatomical atlas of this template."""
+    _, probs, affine = load_template()
+    ho = nib.load(package_file("nimare", FSL_MNI152["harvard_oxford_2mm"]))
+    atlas = np.asarray(ho.dataobj)
+    ijk = np.indices(probs.shape[1:]).reshape(3, -1)
+    to_atlas = np.linalg.inv(ho.affine) @ affine
+    idx = np.rint(to_atlas[:3, :3] @ ijk + to_atlas[:3, 3:]).astype(np.int64)
+    inside = np.all((idx >= 0) & (idx < np.array(atlas.shape)[:, None]), axis=0)
+    region = np.zeros(ijk.shape[1], atlas.dtype)
+    region[inside] = atlas[tuple(idx[:, inside])]
+    region = region.reshape(probs.shape[1:])
+    out = np.stack([np.zeros_like(probs[1])] + [probs[1] * (region == r) for r in GYRI.values()])
+    out[0] = 1.0 - out[1:].sum(0)
+    return out
+
+
 def _resample(arr: np.ndarray, affine: np.ndarray, src_spacing, dst_spacing, order: int):
     zoom = np.asarray(src_spacing, float) / np.asarray(dst_spacing, float)
     new_shape = np.maximum(np.round(np.array(arr.shape[-3:]) * zoom).astype(int), 1)
@@ -67,9 +94,12 @@ def _resample(arr: np.ndarray, affine: np.ndarray, src_spacing, dst_spacing, ord
     return out, affine @ m
 
 
-def make_case(acq: Acquisition) -> tuple[Volume, Volume]:
-    """Image and label volumes of one acquisition of the template."""
+def make_case(acq: Acquisition, labels: str = "tissue") -> tuple[Volume, Volume]:
+    """Image and label volumes of one acquisition of the template; ``labels="gyri"``: the
+    five small ``GYRI`` regions instead of the tissue classes."""
     t1, probs, affine = load_template()
+    if labels == "gyri":
+        probs = load_gyri()
     stacked = np.concatenate([t1[None], probs])
     stacked, affine = _resample(stacked, affine, (1.0, 1.0, 1.0), acq.spacing, order=1)
     image, probs = stacked[0], stacked[1:]
@@ -133,19 +163,20 @@ def default_acquisitions(n: int, base_spacing: float = 2.0) -> list[Acquisition]
 def build_brain_dataset(out: str | Path, n_train: int = 8, n_test: int = 2, base_spacing: float = 2.0,
                         acquisitions: list[Acquisition] | None = None,
                         name: str = "Dataset001_BrainTissue", binary: str | None = None,
-                        labelled_cases: int | None = None) -> Path:
+                        labelled_cases: int | None = None, labels: str = "tissue") -> Path:
     """Write an nnU-Net v2 raw dataset (``dataset.json``, ``imagesTr``, ``labelsTr``,
     ``imagesTs``, ``labelsTs``) of brain-tissue cases built from the real template.
 
     ``binary="white_matter"`` (or "grey_matter") makes a one-structure task; with
     ``labelled_cases=k`` the dataset declares only its first k training cases labelled
-    (semi-supervised), the other labels staying on disk for evaluation."""
+    (semi-supervised), the other labels staying on disk for evaluation. ``labels="gyri"``: five
+    small cortical regions (``GYRI_LABELS``) instead of the tissue classes."""
     out = Path(out)
     acqs = acquisitions or default_acquisitions(n_train + n_test, base_spacing)
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     for i, acq in enumerate(acqs):
-        image, label = make_case(acq)
+        image, label = make_case(acq, labels)
         if binary:
             label = Volume((label.array == LABELS[binary]).astype(np.uint8), label.affine, {})
         train = i < len(acqs) - n_test
@@ -154,11 +185,14 @@ def build_brain_dataset(out: str | Path, n_train: int = 8, n_test: int = 2, base
         write_volume(label, out / ("labelsTr" if train else "labelsTs") / f"{case}.nii.gz")
     meta = {
         "name": name,
-        "description": "Brain tissue (background/GM/WM) from the MNI152 2009a template shipped by nilearn, "
+        "description": ("Five Harvard-Oxford cortical regions within the grey matter" if labels == "gyri" else
+                        "Brain tissue (background/GM/WM)") + " of the MNI152 2009a template shipped by nilearn, "
                        "seen through varied spacings, orientations, fields of view and intensities.",
-        "reference": "Fonov et al. 2009/2011 (MNI ICBM152 2009a); files from the nilearn wheel",
+        "reference": "Fonov et al. 2009/2011 (MNI ICBM152 2009a); files from the nilearn wheel"
+                     + ("; Harvard-Oxford cortical atlas (Desikan et al. 2006), from the nimare wheel"
+                        if labels == "gyri" else ""),
         "channel_names": {"0": "T1"},
-        "labels": {"background": 0, binary: 1} if binary else LABELS,
+        "labels": {"background": 0, binary: 1} if binary else GYRI_LABELS if labels == "gyri" else LABELS,
         "numTraining": len(acqs) - n_test,
         "file_ending": ".nii.gz",
     }

@@ -20,23 +20,33 @@ part of every case's plan digest, so a cache of another version is redone, never
 
 Per-case fingerprints live in ``OUT/fingerprints/``; cropped arrays waiting for the plan
 in ``OUT/staging/`` (removed as each case finishes).
+
+An *overlay* (:func:`link_overlay`) is a cache of its own that starts as a view of another:
+its top-level files are copies and its case files symbolic links to the other cache's. A case
+written into the overlay (:func:`write_label`: Semi-Inf-Net's pseudo-labels) replaces its links
+with files of its own; every write here goes to a temporary name renamed over the link, so the
+linked cache is never written.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from collections import Counter
 from pathlib import Path
-from typing import Literal
+from typing import Iterable, Literal
 
 import numpy as np
 
 from medvol.errors import CacheError, InputError
-from medvol.utils import atomic_path, read_json
+from medvol.utils import atomic_path, read_json, save_npy, write_json
 
 CACHE_VERSION = 3
 SPLITS_FILE = "splits_final.json"  # nnU-Net's cross-validation folds, beside the raw data and in the cache
+NUM_LOCATION_SAMPLES = 10_000
+MIN_LOCATION_COVERAGE = 0.01
 
 
 def check_splits(splits, path: Path, case_ids, where: str) -> None:
@@ -87,6 +97,53 @@ def save_locations(out: Path, case_id: str, locations: dict[str, np.ndarray]) ->
     with atomic_path(locations_path(out, case_id)) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **{k: np.asarray(v, np.int32) for k, v in locations.items()})  # type: ignore[arg-type]
+
+
+def sample_class_locations(seg: np.ndarray, classes: Iterable[int], seed: int = 1234) -> dict[str, np.ndarray]:
+    """Up to 10,000 voxel positions (x, y, z) per class (at least 1 % of its voxels), for
+    foreground oversampling, as ``(n, 3)`` int32 arrays; fixed seed, as nnU-Net."""
+    rng = np.random.default_rng(seed)  # draws n of N in O(n) (RandomState permutes all N)
+    flat = seg.reshape(-1)
+    spatial = seg.shape[1:]
+    out: dict[str, np.ndarray] = {}
+    for c in classes:
+        idx = np.flatnonzero(flat == c)
+        if idx.size == 0:
+            out[str(c)] = np.zeros((0, len(spatial)), np.int32)
+            continue
+        n = max(min(NUM_LOCATION_SAMPLES, idx.size), int(np.ceil(idx.size * MIN_LOCATION_COVERAGE)))
+        chosen = idx[rng.choice(idx.size, n, replace=False)]
+        out[str(c)] = np.stack(np.unravel_index(chosen, spatial), axis=1).astype(np.int32)
+    return out
+
+
+def link_overlay(src: Path, dst: Path) -> None:
+    """Make ``dst`` an overlay of the cache ``src`` (see the module's docstring): ``src``'s
+    top-level files copied, its case files linked. Idempotent: files already in ``dst`` (copies,
+    links, or cases written there) are left as they are; only what is missing is added."""
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        raise CacheError(f"{dst}: an overlay cannot be the cache it links ({src})")
+    cases_dir(dst).mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and not (dst / f.name).exists():
+            shutil.copy2(f, dst / f.name)
+    for f in cases_dir(src).iterdir():
+        link = cases_dir(dst) / f.name
+        if f.is_file() and not f.name.startswith(".") and not (link.exists() or link.is_symlink()):
+            os.symlink(f.resolve(), link)
+
+
+def write_label(out: Path, case_id: str, seg: np.ndarray, props: dict, classes: Iterable[int]) -> None:
+    """Give ``case_id`` of the cache ``out`` the label ``seg`` ``(1, X, Y, Z)`` (stored as int8):
+    the label, the sampled locations of ``classes``, then ``props`` with ``has_label: true``,
+    written last as it marks the case finished. Each file replaces what was there (in an
+    overlay, a link: the linked cache is not written)."""
+    _, seg_path, props_path = case_paths(out, case_id)
+    seg = np.asarray(seg).astype(np.int8)
+    save_npy(seg_path, seg)
+    save_locations(out, case_id, sample_class_locations(seg, classes))
+    write_json(props_path, {**props, "has_label": True})
 
 
 def load_locations(out: Path, case_id: str) -> dict[str, np.ndarray]:

@@ -134,7 +134,22 @@ def load_weights(model: torch.nn.Module, state: dict, described_by: Path, source
     except RuntimeError as e:
         first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
         raise ConfigError(f"{described_by}: the network it describes does not fit the weights of the checkpoint "
-                          f"{source} ({first}); was it edited after training?") from None
+                          f"{source} ({_mismatches(model.state_dict(), state) or first}); was it edited after "
+                          "training?") from None
+
+
+def _mismatches(own: dict, saved: dict, shown: int = 3) -> str:
+    """The tensors of a network (``own``) and a checkpoint (``saved``) that differ: their count,
+    and the first ``shown`` by name with both shapes (or the side they are missing from)."""
+    def shape(t) -> str:
+        return "x".join(map(str, getattr(t, "shape", ()))) or "scalar"
+
+    diff = [f"{k}: {shape(saved[k])} in the checkpoint, {shape(own[k])} in the network" for k in own
+            if k in saved and getattr(saved[k], "shape", None) != own[k].shape]
+    diff += [f"{k}: not in the checkpoint" for k in own if k not in saved]
+    diff += [f"{k}: not in the network" for k in saved if k not in own]
+    more = f", and {len(diff) - shown} more" if len(diff) > shown else ""
+    return f"{len(diff)} tensor(s) differ: {'; '.join(diff[:shown])}{more}" if diff else ""
 
 
 def load_run(run_dir: str | Path, device: torch.device, checkpoint: str = "best") -> RunModel:

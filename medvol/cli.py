@@ -2,9 +2,9 @@
 
 Errors of the MedvolError family are printed as one line, without a traceback, and the
 command exits with status 2; a preprocessing run in which some cases failed exits 1
-after listing them (the valid cases are processed all the same). A training or prediction
-stopped by SIGTERM/SIGUSR1 at a safe point exits 75 (130 for Ctrl-C) after one line saying
-what it wrote (:class:`medvol.errors.Stopped`).
+after listing them (the valid cases are processed all the same). A training (its final
+validation included), prediction, export or cv stopped by SIGTERM/SIGUSR1 at a safe point
+exits 75 (130 for Ctrl-C) after one line saying what it wrote (:class:`medvol.errors.Stopped`).
 """
 
 from __future__ import annotations
@@ -98,8 +98,15 @@ def _add_cache_options(p: argparse.ArgumentParser, overwrite_help: str | None, s
 
 
 def _add_plan_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gpu-memory", type=float, default=8.0, dest="gpu_memory_gb", action=_checked(validation.positive),
-                   help="GPU memory target in GB for patch/batch size (nnU-Net default 8)")
+    from medvol.preprocessing.planners import PLANNERS
+
+    p.add_argument("--planner", choices=list(PLANNERS), default="default",
+                   help="nnU-Net's experiment planner (-pl): default (ExperimentPlanner, plain U-Net) or a "
+                        "Residual Encoder preset nnUNetPlannerResEncM/L/XL (8/24/40 GB; nnU-Net recommends L); "
+                        "train a ResEnc plan with the quickstart_resenc recipe")
+    p.add_argument("--gpu-memory", type=float, default=None, dest="gpu_memory_gb", action=_checked(validation.positive),
+                   help="GPU memory target in GB for patch/batch size (nnU-Net's -gpu_memory_target; default: the "
+                        "planner's own, 8 for default and resenc-m, 24 for resenc-l, 40 for resenc-xl)")
     p.add_argument("--interpolation", choices=["cubic", "linear"], default="cubic", dest="image_interpolation",
                    help="image resampling: cubic spline as nnU-Net (default) or torch trilinear (faster)")
     p.add_argument("--cache-dtype", choices=["float32", "float16"], default="float32", dest="cache_dtype",
@@ -122,8 +129,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fold", help="cross-validation fold of DATA/splits_final.json: 0-4 or 'all' (written with "
                                   "nnU-Net's rule when absent); data.val_cases in the recipe wins")
     p.add_argument("--resume", nargs="?", const=True, default=False, choices=[True, "auto"],
-                   help="continue from OUT/checkpoints/latest.pt; `--resume auto` starts fresh when there is "
-                        "none (one job script for the first start and every requeue)")
+                   help="continue from OUT/checkpoints/latest.pt (semi_infnet: OUT/semi_state.json); `--resume "
+                        "auto` starts fresh when there is none (one job script for the first start and every requeue)")
     _add_device(p, "cpu, cuda, cuda:1 or auto (default)")
     _add_precision(p, None, f"numerical precision (default: the recipe's trainer.precision, {AUTO_PRECISION})")
     p.add_argument("--nproc", type=int, default=1, action=_checked(validation.positive_int),
@@ -270,7 +277,8 @@ def _cmd_preprocess(a) -> int:
 
     rep = preprocess_dataset(a.raw, a.out, a.workers, a.overwrite, a.shard, a.quiet, gpu_memory_gb=a.gpu_memory_gb,
                              image_interpolation=a.image_interpolation, cache_dtype=a.cache_dtype,
-                             target_spacing=a.target_spacing, ct_window=a.ct_window, orientation=a.orientation)
+                             target_spacing=a.target_spacing, ct_window=a.ct_window, orientation=a.orientation,
+                             planner=a.planner)
     return _report(rep, a.out)
 
 
@@ -283,7 +291,8 @@ def _cmd_fingerprint(a) -> int:
 def _cmd_plan(a) -> int:
     from medvol.preprocessing import plan_dataset
 
-    plans = plan_dataset(a.out, a.gpu_memory_gb, a.image_interpolation, a.cache_dtype, a.target_spacing, a.ct_window)
+    plans = plan_dataset(a.out, a.gpu_memory_gb, a.image_interpolation, a.cache_dtype, a.target_spacing, a.ct_window,
+                         a.planner)
     print(f"target spacing {plans['target_spacing']} mm, patch {plans['patch_size']}, "
           f"batch {plans['batch_size']} -> {a.out / 'plans.json'}")
     return 0
@@ -404,11 +413,15 @@ def _cmd_extract_features(a) -> int:
 
 
 def _cmd_export(a) -> int:
+    """SIGTERM/SIGUSR1 stop it before the zip is renamed into place: exit 75, nothing written."""
     from medvol.export import export_model
+    from medvol.training.preemption import PreemptionFlag
 
     if a.out.suffix != ".zip":
         raise ConfigError(f"export -o {a.out}: the model file must end in .zip")
-    print(f"model -> {export_model(a.run, a.out, a.checkpoint)} (medvol predict -m {a.out} ...)")
+    with PreemptionFlag() as flag:
+        model = export_model(a.run, a.out, a.checkpoint, stop=flag.stop_point)
+    print(f"model -> {model} (medvol predict -m {a.out} ...)")
     return 0
 
 
@@ -433,6 +446,7 @@ def _cmd_evaluate(a) -> int:
 
 def _cmd_cv(a) -> int:
     from medvol.evaluation.crossval import FOREGROUND, cross_validation, write_cross_validation
+    from medvol.training.preemption import PreemptionFlag
 
     out = a.out
     if out is None:
@@ -440,8 +454,9 @@ def _cmd_cv(a) -> int:
             raise ConfigError("medvol cv: give -o OUT (the default, the folder of fold_* runs, needs exactly one "
                               "such folder)")
         out = a.runs[0]
-    res = cross_validation(a.runs)
-    written = write_cross_validation(res, out)
+    with PreemptionFlag() as flag:  # SIGTERM/SIGUSR1: stop before the files are renamed into place (exit 75)
+        res = cross_validation(a.runs)
+        written = write_cross_validation(res, out, stop=flag.stop_point)
     pooled, folds = res["all_cases"], res["mean_of_folds"]
     for c in [*res["classes"], FOREGROUND]:
         d, f = pooled["summary"][c]["dice"], folds["summary"][c]["dice"]

@@ -22,6 +22,11 @@ from medvol.errors import ConfigError
 
 @dataclass
 class ModelConfig:
+    """The recipe's ``model:`` section: the network's registry ``name`` (``dynunet``, nnU-Net's
+    U-Net, by default), its width (``base_features`` doubling per stage up to ``max_features``),
+    whether it has ``deep_supervision`` heads, and architecture-specific keyword ``options``.
+    The topology (kernels, strides) comes from the plan."""
+
     name: str = "dynunet"
     base_features: int = 32  # nnU-Net: 32 * 2**stage, capped at max_features
     max_features: int = 320
@@ -31,7 +36,10 @@ class ModelConfig:
 
 @dataclass
 class AugmentConfig:
-    """nnU-Net's default augmentation, with MONAI transforms (probabilities per sample)."""
+    """The ``data.augment:`` section: nnU-Net's default augmentation, with MONAI transforms.
+    Each transform has a ``*_prob`` (per sample) and its range: rotation, scaling, elastic
+    deformation, Gaussian noise and blur, brightness, contrast, low resolution, gamma, mirroring
+    (``flip_axes``) and 90° turns; ``enabled: false`` turns them all off."""
 
     enabled: bool = True
     rotate_prob: float = 0.2
@@ -58,6 +66,12 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
+    """The recipe's ``data:`` section: what training reads from the preprocessing cache. The
+    ``configuration`` (3D patches or 2D slices, with ``context`` neighbours), patch and batch
+    size (the plan's when None), foreground oversampling, worker processes, the validation split
+    (``val_fraction``, explicit ``val_cases`` or a cross-validation ``fold``), which cases keep
+    labels (``labelled``) and how many unlabelled samples join each batch, and ``augment``."""
+
     configuration: str = "3d_fullres"  # nnU-Net's names: 3d_fullres (3D patches) | 2d (slices of the same cache)
     context: int = 0  # 2d: this many neighbouring slices on each side come along as channels (2.5D)
     patch_size: list | None = None  # None: the plan's (of the configuration)
@@ -74,6 +88,11 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
+    """The recipe's ``optimizer:`` section, for the main model: ``name`` (SGD with Nesterov
+    momentum, nnU-Net's, or Adam/AdamW), learning rate, momentum, weight decay and Adam's
+    ``betas``. A method's extra optimisers (a discriminator's) take their settings from its
+    ``method:`` section."""
+
     name: str = "sgd"  # sgd | adam | adamw
     lr: float = 0.01
     momentum: float = 0.99
@@ -84,6 +103,10 @@ class OptimizerConfig:
 
 @dataclass
 class ScheduleConfig:
+    """The recipe's ``schedule:`` section, the learning rate over the steps: ``poly`` (nnU-Net's,
+    with ``power``), ``step`` (×``gamma`` at each of ``milestones``), ``cosine`` or ``constant``,
+    after ``warmup_steps`` of linear warm-up, never below ``min_lr``."""
+
     name: str = "poly"  # poly | step | cosine | constant
     power: float = 0.9
     milestones: list = field(default_factory=list)  # step schedule: steps at which lr *= gamma
@@ -94,6 +117,12 @@ class ScheduleConfig:
 
 @dataclass
 class TrainerConfig:
+    """The recipe's ``trainer:`` section: which method trains (``name``, a registered trainer or
+    ``module:Class``), for how many ``steps``, how often it validates (``val_every``, writing
+    ``latest.pt``/``best.pt``) and logs, the loss, gradient clipping, precision, the seed, the
+    validation windows' overlap, freezing loaded weights, extra checkpoints for pre-emptible
+    clusters and the final validation from the raw scans."""
+
     name: str = "supervised"
     steps: int = 1000
     val_every: int = 250
@@ -111,7 +140,10 @@ class TrainerConfig:
 
 @dataclass
 class InferenceConfig:
-    """How ``medvol predict`` runs a trained model (its command-line options override these)."""
+    """The recipe's ``inference:`` section: how ``medvol predict`` runs a trained model (its
+    command-line options override these): mirroring TTA, the sliding window's overlap or step
+    and its blending, post-processing (largest component, DoDNet's rules), precision, and
+    whether windows outside the body mask run."""
 
     tta: bool = False  # mirroring test-time augmentation over the trained flip axes
     overlap: float = 0.5  # sliding-window overlap fraction
@@ -125,6 +157,11 @@ class InferenceConfig:
 
 @dataclass
 class Recipe:
+    """A whole recipe (one YAML file in ``pipelines/``, or a file of yours): its ``name`` and
+    ``description``, the sections above (``model``, ``data``, ``optimizer``, ``schedule``,
+    ``trainer``, ``inference``), the method's own ``method:`` mapping (parsed by the trainer's
+    ``Options`` in :func:`medvol.training.load_recipe`) and ``init_from``, weights to start from."""
+
     name: str = "unnamed"
     description: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -18,7 +18,7 @@ import tempfile
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -33,11 +33,14 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def export_model(run_dir: str | Path, out: str | Path, checkpoint: str = "best") -> Path:
-    """Pack a run folder's model into ``out`` (a .zip)."""
+def export_model(run_dir: str | Path, out: str | Path, checkpoint: str = "best",
+                 stop: Callable[[str], None] | None = None) -> Path:
+    """Pack a run folder's model into ``out`` (a .zip). ``stop(what)``, called once the zip is
+    written under a temporary name and before it is renamed to ``out``, may raise to stop
+    (``medvol export`` on SIGTERM: :meth:`PreemptionFlag.stop_point`): nothing is left then."""
     from medvol import __version__
     from medvol.checkpoint import inference_weights, load_checkpoint, run_checkpoint
-    from medvol.manifest import claim_files
+    from medvol.manifest import check_files, claim_files
 
     run_dir, out = Path(run_dir), Path(out)
     for f in ("recipe.yaml", "plans.json"):
@@ -52,12 +55,15 @@ def export_model(run_dir: str | Path, out: str | Path, checkpoint: str = "best")
             "checkpoint.pt": buf.getvalue()}
     manifest = {"format": FORMAT, "checkpoint": ckpt_path.stem, "step": ckpt.get("step"), "medvol": __version__,
                 "torch": torch.__version__, "sha256": {k: _sha256(v) for k, v in data.items()}}
-    claim_files(out.parent, [out.name])  # after every check of the run: a refusal writes nothing
+    check_files(out.parent, [out.name])  # after every check of the run: a refusal writes nothing
     with atomic_path(out) as tmp:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
             for name, payload in data.items():
                 z.writestr(name, payload)
             z.writestr("manifest.json", json.dumps(manifest, indent=1))
+        if stop is not None:
+            stop(f"{out} not written (the run folder is unchanged); rerun the same command to export it")
+        claim_files(out.parent, [out.name])
     return out
 
 

@@ -236,8 +236,13 @@ def _acquire(path: Path, command: str) -> int:
         log.warning("%s: taking over the lock of a medvol %s that is no longer running (%s)", path, command, stale)
     record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": f"medvol {command}",
                          "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, record, 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record, 0)
+    except OSError:  # a full disk: leave no empty lock file behind
+        path.unlink(missing_ok=True)
+        os.close(fd)
+        raise
     return fd
 
 

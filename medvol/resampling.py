@@ -309,17 +309,24 @@ def _mixed_blocks(seg: np.ndarray) -> np.ndarray:
     return mixed
 
 
-def _score_block(seg: np.ndarray, taps: list, at: tuple, nearest: np.ndarray) -> np.ndarray:
-    """Labels of the output voxels ``at`` (index arrays): argmax of the linearly interpolated
-    one-hot scores, summed over the 8 corners in float64; scores within ``TIE_TOLERANCE``
-    are tied: the nearest voxel's label wins a tie it is part of, else the lowest label."""
-    labels, weights = [], []
-    for corner in np.ndindex(*(2,) * seg.ndim):
+def _corners(taps: list, at: tuple):
+    """Per corner of the 2x2x2 linear neighbourhood of the output voxels ``at`` (index arrays):
+    its input indices per axis and its float64 weights (``taps`` per axis: i0, i1, weight of i1)."""
+    for corner in np.ndindex(*(2,) * len(at)):
         idx, w = [], np.ones(len(at[0]))
         for axis, c in enumerate(corner):
             i0, i1, l1 = taps[axis]
             idx.append((i1 if c else i0)[at[axis]])
             w = w * (l1[at[axis]] if c else 1.0 - l1[at[axis]])
+        yield idx, w
+
+
+def _score_block(seg: np.ndarray, taps: list, at: tuple, nearest: np.ndarray) -> np.ndarray:
+    """Labels of the output voxels ``at`` (index arrays): argmax of the linearly interpolated
+    one-hot scores, summed over the 8 corners in float64; scores within ``TIE_TOLERANCE``
+    are tied: the nearest voxel's label wins a tie it is part of, else the lowest label."""
+    labels, weights = [], []
+    for idx, w in _corners(taps, at):
         labels.append(seg[tuple(idx)])
         weights.append(w)
     lab, wts = np.stack(labels), np.stack(weights)
@@ -391,3 +398,17 @@ def resample_probabilities(probs: "np.ndarray | torch.Tensor", new_shape: Sequen
         else:
             out = _separate_z(t, new_shape, axis, lambda x, size: _interp(x, size))
     return out.to(dtype)
+
+
+def probabilities_at(probs: np.ndarray, new_shape: Sequence[int], separate_z: int | None,
+                     at: tuple[np.ndarray, ...]) -> np.ndarray:
+    """What :func:`resample_probabilities` gives at the output voxels ``at`` (index arrays),
+    ``(C, len(at[0]))``, summed over the 8 corners in float64 (the same taps: half-pixel
+    linear, nearest along ``separate_z``): a few voxels of a volume at full precision."""
+    taps = [(idx, idx, np.zeros(len(idx))) if a == separate_z else _linear_taps(n, int(m))
+            for a, (n, m) in enumerate(zip(probs.shape[1:], new_shape))
+            for idx in [_nearest_indices(n, int(m))]]
+    out = np.zeros((probs.shape[0], len(at[0])))
+    for idx, w in _corners(taps, at):
+        out += w * np.asarray(probs[(slice(None),) + tuple(idx)], np.float64)
+    return out

@@ -29,6 +29,19 @@ def positive(value, name: str) -> float:
     return v
 
 
+def non_negative(value, name: str) -> float:
+    v = finite(value, name)
+    if not v >= 0:
+        raise ConfigError(f"{name}: must be >= 0, got {value!r}")
+    return v
+
+
+def one_of(value, choices: Sequence, name: str):
+    if value not in choices:
+        raise ConfigError(f"{name}: must be one of {', '.join(map(str, choices))}, got {value!r}")
+    return value
+
+
 def positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not value >= 1:
         raise ConfigError(f"{name}: must be an integer >= 1, got {value!r}")

@@ -92,6 +92,7 @@ class Row:
     untouched: Callable[[Ctx], list[Path]] = field(default=lambda c: [c.tmp / "raw"])
     xfail: str | None = None  # a case that does not hold yet: the bug, precisely (strict: it must fail)
     adapter: str | None = None  # a dataset adapter's module (medvol.datasets.X) run instead of `medvol`
+    prefix: Callable[[Ctx], list[str]] | None = None  # run `medvol` as a process behind this command prefix
 
 
 # --------------------------------------------------------------------------- input builders
@@ -550,22 +551,22 @@ def _covid_into_used_folder(c: Ctx) -> list[str]:
     return argv
 
 
-def _sigterm_in_final_validation(c: Ctx):
+def _sigterm_in_final_validation(c: Ctx, sig: signal.Signals = signal.SIGTERM):
     """SIGTERM (a scheduler's pre-emption) while the end-of-run validation predicts its cases."""
     from medvol.inference import predictor
 
     real = predictor.predict_cases
 
     def signalled(*a, **k):
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), sig)
         return real(*a, **k)
 
     def unexpected(signum, frame):  # guard: the signal must never end the test session
-        raise AssertionError("SIGTERM reached no handler of medvol train during the final validation")
+        raise AssertionError(f"{sig.name} reached no handler of medvol train during the final validation")
 
     c.monkeypatch.setattr(predictor, "predict_cases", signalled)
-    old = signal.signal(signal.SIGTERM, unexpected)
-    c.cleanups.append(lambda: signal.signal(signal.SIGTERM, old))
+    old = signal.signal(sig, unexpected)
+    c.cleanups.append(lambda: signal.signal(sig, old))
     return ["train", "quickstart", "--data", str(c.tiny["cache"]), "--out", str(c.tmp / "run"), "--quiet", "--device",
             "cpu", "--set", "trainer.steps=1", "--set", "trainer.val_every=1", "--set", "data.num_workers=0", "--set",
             "model.base_features=4", "--set", "model.max_features=8", "--set", "data.batch_size=2"]
@@ -593,6 +594,44 @@ def _sigterm_in(where: Callable[[], tuple[object, str]], make: Callable[[Ctx], l
     return wrapped
 
 
+def _validating(cases: list[str], trained_on: list[str]) -> Callable[[Path], None]:
+    """Make a copy of the tiny run (it validated 'c' after training on 'a' and 'b') the fold that
+    trained on ``trained_on`` and validated ``cases`` (each with 'c''s metrics): a realistic fold."""
+    def change(run: Path) -> None:
+        _edit(run / "validation" / "summary.json", lambda s: (
+            s.update(cases={k: s["cases"]["c"] for k in cases}), s["validation"].update(cases=cases)))
+        _edit(run / "split.json", lambda s: s.update(labelled=trained_on, validation=cases))
+
+    return change
+
+
+def _complete_cv(c: Ctx, again: bool = False) -> list[str]:
+    """cv over two folds that validate every case of the tiny dataset ('c', then 'a' and 'b');
+    ``again``: OUT already holds the cross-validation of an earlier `medvol cv`, and fold_1 was
+    validated again since (other metrics: the new table differs from the old)."""
+    runs = [_run_copy(c, "fold_0"), _run_copy(c, "fold_1", _validating(["a", "b"], ["c"]))]
+    argv = ["cv", *map(str, runs), "-o", str(c.tmp / "out"), "--quiet"]
+    if again:
+        assert main(argv) == 0
+        _edit(runs[1] / "validation" / "summary.json",
+              lambda s: [m.update(dice=m["dice"] / 2) for m in s["cases"]["a"].values()])
+    return argv
+
+
+def _cv_fold_missing(c: Ctx) -> list[str]:
+    """Two of the three folds of the cache's splits_final.json: fold 1 (validating 'a') is missing."""
+    splits = [{"train": ["a", "b"], "val": ["c"]}, {"train": ["b", "c"], "val": ["a"]},
+              {"train": ["a", "c"], "val": ["b"]}]
+    c.cache().joinpath("splits_final.json").write_text(json.dumps(splits))
+    runs = []
+    for k in (0, 2):
+        def change(run: Path, k=k) -> None:
+            _validating(splits[k]["val"], splits[k]["train"])(run)
+            _edit(run / "validation" / "summary.json", lambda s: s["validation"].update(cache=str(c.cache())))
+        runs.append(_run_copy(c, f"fold_{k}", change))
+    return ["cv", *map(str, runs), "-o", str(c.tmp / "out"), "--quiet"]
+
+
 def _crossval_module():
     import medvol.evaluation.crossval
 
@@ -618,6 +657,104 @@ def _recipe_file(text: str):
                 "--quiet", "--device", "cpu"]
 
     return make
+
+
+# --------------------------------------------------------------------------- read-only and full disks (issue 35, 3)
+SMALL_TRAIN = ["trainer.steps=1", "trainer.val_every=1", "data.num_workers=0", "model.base_features=4",
+               "model.max_features=8", "data.batch_size=2"]
+
+
+def _unprivileged(c: Ctx) -> list[str]:
+    """A prefix that runs the command as root without the capabilities that let root write
+    anywhere (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH): the kernel checks file permissions as for
+    any user. (A separate user cannot run this interpreter: it lives under /root, mode 0700.)"""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to drop root's capabilities (setpriv); as a user, row "
+                    "read-only-output-folder covers it in-process")
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}"]
+
+
+def _read_only_folder(c: Ctx) -> Path:
+    """An empty output folder of mode 0555 (owned by root, written to without root's powers)."""
+    out = c.tmp / "place" / "out"
+    out.mkdir(parents=True)
+    out.chmod(0o555)
+    c.cleanups.append(lambda: out.chmod(0o755))
+    return out
+
+
+def _tmpfs(c: Ctx, size: str) -> Path:
+    """A fresh tmpfs mounted at c.tmp/place (unmounted after the command); skip where mounts are
+    not permitted (not root, or a container without CAP_SYS_ADMIN)."""
+    place = c.tmp / "place"
+    place.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs (a real full or read-only disk)")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=755", "tmpfs", str(place)],
+                       capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"mounting a tmpfs is not permitted here: {r.stderr.strip()}")
+    c.cleanups.append(lambda: subprocess.run(["umount", "-l", str(place)], check=True))
+    return place
+
+
+def _full_disk(c: Ctx) -> Path:
+    """A 256 KiB tmpfs filled to the last byte by the user's own file; the output goes to a new
+    folder on it."""
+    place = _tmpfs(c, "256k")
+    fd = os.open(place / "user_data.bin", os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\x5a" * 4096):
+            pass
+    except OSError as e:
+        assert e.errno == errno.ENOSPC, e
+    finally:
+        os.close(fd)
+    return place / "out"
+
+
+def _read_only_disk(c: Ctx) -> Path:
+    """A tmpfs holding one file of the user's, remounted read-only (EROFS, even for root)."""
+    place = _tmpfs(c, "1m")
+    (place / "notes.txt").write_text("the user's own file")
+    subprocess.run(["mount", "-o", "remount,ro", str(place)], check=True, capture_output=True)
+    return place / "out"
+
+
+def _writing(command: str, place: Callable[[Ctx], Path]):
+    """``medvol <command>`` with its output in the folder ``place`` prepares."""
+    def make(c: Ctx) -> list[str]:
+        out = place(c)
+        if command == "preprocess":
+            return ["preprocess", str(c.raw()), "-o", str(out), "-j", "1", "--quiet"]
+        if command == "train":
+            return ["train", "quickstart", "--data", str(c.tiny["cache"]), "--out", str(out), "--quiet", "--device",
+                    "cpu", *sum((["--set", s] for s in SMALL_TRAIN), [])]
+        if command == "export":
+            return ["export", str(c.tiny["run"]), "-o", str(out / "m.zip"), "--quiet"]
+        write_nifti(c.tmp / "in" / "x.nii.gz", sphere_case()[0])
+        return ["predict", "-m", str(c.tiny["run"]), "-i", str(c.tmp / "in" / "x.nii.gz"), "-o", str(out),
+                "--device", "cpu", "--quiet"]
+
+    return make
+
+
+def _place_rows() -> list[Row]:
+    """preprocess/train/predict/export into a read-only folder (as a user), onto a full disk
+    and onto a read-only disk: one line, exit 2, the user's files as they were, nothing added."""
+    rows = []
+    problems = {"read-only-folder-as-a-user": (_read_only_folder, r"[Pp]ermission denied", _unprivileged),
+                "full-disk": (_full_disk, r"disk full|No space left on device", None),
+                "read-only-disk": (_read_only_disk, r"[Rr]ead-only file system", None)}
+    for command in ("preprocess", "train", "predict", "export"):
+        for name, (place, error, prefix) in problems.items():
+            rows.append(Row(f"{command}-onto-a-{name}" if "disk" in name else f"{command}-into-a-{name}",
+                            _writing(command, place), rf"place/out\S*: (cannot write: )?({error})",
+                            untouched=_cache_and("place", "raw"), prefix=prefix))
+    return rows
 
 
 def _cache_and(*names):
@@ -843,10 +980,10 @@ CATALOGUE = [
         r"fold_0/validation/summary\.json: .*case 'a'", untouched=_cache_and("runs", "out")),
     Row("cv-folds-leave-cases-unvalidated",
         lambda c: (_run_copy(c, "fold_0"), ["cv", str(c.tmp / "runs"), "--quiet"])[1],
-        r"case\(s\) \['a', 'b'\] of the dataset are validated by no fold", untouched=_cache_and("runs"),
-        xfail="evaluation.crossval.cross_validation merges whatever folds it is given: one fold of three "
-              "validating 1 of the 3 training cases is written as a cross-validation (cv_summary.json) without "
-              "a word about the 2 cases no fold validated (folds missing)"),
+        r"case\(s\) \['a', 'b'\] of the dataset are validated by no fold given", untouched=_cache_and("runs")),
+    Row("cv-a-fold-of-a-split-missing", _cv_fold_missing,
+        r"case\(s\) \['a'\] of the dataset are validated by no fold given .*: .*pass the run\(s\) of fold\(s\) 1 "
+        r"of .*cache/splits_final\.json too", untouched=_cache_and("runs", "cache", "out")),
     Row("cv-folder-without-runs", lambda c: (c.tmp.joinpath("runs").mkdir(), ["cv", str(c.tmp / "runs"), "--quiet"])[1],
         r"runs: not a medvol run folder \(no recipe\.yaml\)", untouched=_cache_and("runs")),
     # ensembles of runs that do not fit together
@@ -916,21 +1053,20 @@ CATALOGUE = [
     # SIGTERM during the end-of-run validation
     Row("train-sigterm-during-final-validation", _sigterm_in_final_validation,
         r"^medvol train: stopped by SIGTERM during the final validation: .*run/checkpoints/latest\.pt .*--resume",
-        rc=75, untouched=_cache_and(),
-        xfail="training.engine.fit leaves its PreemptionFlag block before training.final_validation.validate_at_end "
-              "runs: a SIGTERM (or SIGUSR1) while the validation cases are predicted gets the default handler (the "
-              "process dies with 143, no line saying the run is complete and how to validate it; RUN/validation/ is "
-              "left with the cases predicted so far and no summary.json)"),
+        rc=75, untouched=_cache_and()),
     Row("export-sigterm-while-writing", _sigterm_in(lambda: (zipfile.ZipFile, "writestr"), _export(), "export"),
-        r"^medvol export: stopped by SIGTERM: .*model/m\.zip not written", rc=75, untouched=_cache_and("runs", "model"),
-        xfail="medvol export installs no SIGTERM handler: the default action kills it with 143 and no line, and "
-              "utils.atomic_path's temporary file (model/.m.zip.*.part.zip) is left in the output folder (its "
-              "cleanup runs only on an exception)"),
-    Row("cv-sigterm-while-writing", _sigterm_in(lambda: (_crossval_module(), "_write_csv"),
-                                                _cv(None, _other_validation_cases), "cv"),
-        r"^medvol cv: stopped by SIGTERM", rc=75, untouched=_cache_and("runs"),
-        xfail="medvol cv installs no SIGTERM handler: killed with 143 between crossval.write_cross_validation's "
-              "four files, OUT keeps the new cv_summary.json beside an older (or no) .csv, .html and .png"),
+        r"^medvol export: stopped by SIGTERM: .*model/m\.zip not written", rc=75,
+        untouched=_cache_and("runs", "model")),
+    Row("cv-sigterm-while-writing", _sigterm_in(lambda: (_crossval_module(), "_write_csv"), _complete_cv, "cv"),
+        r"^medvol cv: stopped by SIGTERM: nothing written to .*out ", rc=75, untouched=_cache_and("runs", "out")),
+    Row("cv-sigterm-while-rewriting", _sigterm_in(lambda: (_crossval_module(), "_write_chart"),
+                                                  lambda c: _complete_cv(c, again=True), "cv"),
+        r"^medvol cv: stopped by SIGTERM: nothing written to .*out \(its cv_summary\.json, .* are as they were\)",
+        rc=75, untouched=_cache_and("runs", "out")),
+    Row("train-sigusr1-during-final-validation", lambda c: _sigterm_in_final_validation(c, signal.SIGUSR1),
+        r"^medvol train: stopped by SIGUSR1 during the final validation: the run is complete \(.*run/checkpoints/"
+        r"latest\.pt written at step 1\); 0 of 1 validation case\(s\) predicted .*no summary\.json written",
+        rc=75, untouched=_cache_and()),
     # recipes with values of the wrong type
     Row("recipe-steps-a-bool", _train("trainer.steps=true"), r"'trainer\.steps' must be an integer, got True",
         untouched=_cache_and("run")),
@@ -952,6 +1088,7 @@ CATALOGUE = [
         r"out: exists and is not an empty folder", untouched=_cache_and("src", "out"), adapter="covid_semiseg"),
     Row("recipe-inference-step-strings", _train("inference.step=[a, b, c]"), r"'inference\.step'",
         untouched=_cache_and("run")),
+    *_place_rows(),
 ]
 
 
@@ -964,6 +1101,13 @@ def checksums(paths: list[Path]) -> dict[str, str]:
         for f in files:
             out[str(f)] = hashlib.sha256(f.read_bytes()).hexdigest()
     return out
+
+
+def run_process(prefix: list[str], argv: list[str]) -> tuple[int, str]:
+    """``medvol ARGV`` as a process behind ``prefix``: (exit status, stderr)."""
+    proc = subprocess.run([*prefix, sys.executable, "-m", "medvol", *argv], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    return proc.returncode, proc.stderr
 
 
 def run_cli(argv: list[str], adapter: str | None = None) -> int:
@@ -998,8 +1142,11 @@ def _check_row(row: Row, ctx: Ctx, capsys) -> None:
     watched = row.untouched(ctx)
     before = checksums(watched)
     capsys.readouterr()
-    rc = run_cli(argv, row.adapter)
-    err = capsys.readouterr().err
+    if row.prefix is None:
+        rc = run_cli(argv, row.adapter)
+        err = capsys.readouterr().err
+    else:
+        rc, err = run_process(row.prefix(ctx), argv)
     if (tmp_path / "out").exists():
         (tmp_path / "out").chmod(0o755)  # let pytest clean up a read-only output folder
     assert "Traceback" not in err, err

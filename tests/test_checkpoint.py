@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -225,5 +226,12 @@ def test_load_run_loads_the_checkpoint_it_was_trained_with(tiny_run):
 @pytest.mark.parametrize("base, top", [(8, 16), (2, 4)])
 def test_a_checkpoint_from_a_bigger_or_smaller_model_is_a_clear_error(tiny_run, tmp_path, base, top):
     run = _run_with_model_widths(tiny_run, tmp_path / "run", base, top)
-    with pytest.raises(MedvolError, match=r"best\.pt|latest\.pt"):
+    with pytest.raises(MedvolError) as e:
         load_run(run, CPU)
+    saved = load_checkpoint(run_checkpoint(run))["models"]["model"]
+    shapes = {k: "x".join(map(str, v.shape)) for k, v in saved.items()}
+    first = next(iter(shapes))  # the first tensor differs in width, named with both shapes
+    assert re.fullmatch(rf".*/run/plans\.json: the network it describes does not fit the weights of the checkpoint "
+                        rf".*/run/checkpoints/(best|latest)\.pt \(\d+ tensor\(s\) differ: {re.escape(first)}: "
+                        rf"{shapes[first]} in the checkpoint, {base}x.* in the network; .*\); was it edited after "
+                        r"training\?", str(e.value)), str(e.value)

@@ -119,19 +119,24 @@ def test_cv_merges_the_folds(folds, capsys):
     assert "-o OUT" in capsys.readouterr().err
 
 
-def _fake_fold(src: Path, dst: Path, dice: list[float], hd95: list[float], prefix: str) -> Path:
+def _fake_fold(src: Path, dst: Path, dice: list[float], hd95: list[float], cases: list[str]) -> Path:
+    """A copy of a fold that validated ``cases`` of the dataset (s0-s3) with the given metrics and
+    trained on the others, as its split.json says: a fold of another split of the same data."""
     shutil.copytree(src, dst)
     s = _summary(dst)
-    s["cases"] = {f"{prefix}{i}": {"fg": {**{k: 0.0 for k in METRICS}, "dice": d, "hd95": h}}
-                  for i, (d, h) in enumerate(zip(dice, hd95))}
+    s["cases"] = {c: {"fg": {**{k: 0.0 for k in METRICS}, "dice": d, "hd95": h}}
+                  for c, d, h in zip(cases, dice, hd95)}
+    s["validation"]["cases"] = cases
     (dst / "validation" / "summary.json").write_text(json.dumps(s))
+    split = {"labelled": [c for c in ("s0", "s1", "s2", "s3") if c not in cases], "unlabelled": [], "validation": cases}
+    (dst / "split.json").write_text(json.dumps(split))
     return dst
 
 
 def test_cv_pools_cases_and_averages_folds_as_documented(folds, tmp_path):
     _, _, cv = folds
-    a = _fake_fold(cv / "fold_0", tmp_path / "a", [1.0, 0.5, 0.0], [1.0, math.nan, 3.0], "a")
-    b = _fake_fold(cv / "fold_1", tmp_path / "b", [0.8], [2.0], "b")
+    a = _fake_fold(cv / "fold_0", tmp_path / "a", [1.0, 0.5, 0.0], [1.0, math.nan, 3.0], ["s0", "s1", "s2"])
+    b = _fake_fold(cv / "fold_1", tmp_path / "b", [0.8], [2.0], ["s3"])
     res = cross_validation([a, b])
     pooled, folds_ = res["all_cases"]["summary"]["fg"], res["mean_of_folds"]["summary"]["fg"]
     assert pooled["dice"]["mean"] == pytest.approx((1.0 + 0.5 + 0.0 + 0.8) / 4)  # case-weighted
@@ -167,6 +172,11 @@ def test_cv_refuses_what_is_no_cross_validation(folds, tmp_path, capsys):
     twice = tmp_path / "fold_0_again"
     shutil.copytree(cv / "fold_0", twice)
     assert "case s2 is validated by both" in err(cv / "fold_0", twice)
+    # one fold of the two: its training cases are validated by no fold given, and the missing
+    # fold is named from the cache's splits_final.json
+    missing = err(cv / "fold_0")
+    assert "case(s) ['s0', 's1'] of the dataset are validated by no fold given" in missing
+    assert "pass the run(s) of fold(s) 1 of" in missing and "splits_final.json too" in missing
     stale = tmp_path / "stale"
     shutil.copytree(cv / "fold_1", stale)
     s = _summary(stale)

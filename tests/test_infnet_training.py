@@ -18,7 +18,6 @@ from medvol.training.infnet import rescale_batch, scaled_size
 from medvol.training.semi_infnet import (
     SemiInfNetOptions,
     SemiState,
-    link_cache,
     load_state,
     n_rounds,
     save_state,
@@ -125,11 +124,12 @@ def _fake_cache(root, cases):
 
 
 def test_pool_cache_links_the_cache_and_holds_pseudo_labels_without_touching_it(tmp_path):
+    from medvol.cache import link_overlay
+
     src = _fake_cache(tmp_path / "pre", {"a": True, "u": False})
     before = {p.name: p.read_bytes() for p in (src / "cases").iterdir()}
     dst = tmp_path / "run" / "pool_cache"
-    link_cache(src, dst)
-    link_cache(src, dst)  # a second call changes nothing
+    link_overlay(src, dst)
     assert sorted(p.name for p in (dst / "cases").iterdir()) == sorted(before)
     assert (dst / "cases" / "u.json").is_symlink() and (dst / "plans.json").is_file()
     fg = np.zeros((6, 5, 1))
@@ -142,6 +142,8 @@ def test_pool_cache_links_the_cache_and_holds_pseudo_labels_without_touching_it(
     assert seg.shape == (1, 6, 5, 1) and seg.dtype == np.int8 and int(seg.sum()) == 6
     with np.load(dst / "cases" / "u_locations.npz") as z:
         assert len(z["1"]) == 6  # every foreground voxel, for oversampling
+    link_overlay(src, dst)  # the driver's call on --resume: the pseudo-label stays
+    assert not (dst / "cases" / "u.json").is_symlink() and int(np.load(dst / "cases" / "u_seg.npy").sum()) == 6
     assert {p.name: p.read_bytes() for p in (src / "cases").iterdir()} == before  # the user's cache untouched
 
 
@@ -241,6 +243,36 @@ def test_stage_recipes_turn_epochs_into_steps_and_decay_once():
     assert rr.trainer.steps == 27 and rr.schedule.name == "constant" and rr.optimizer.lr == 3e-4
     assert rr.data.batch_size == 16 and len(rr.data.labelled) == 7 and rr.trainer.val_every == 27
     assert rr.init_from == str(previous / "checkpoints" / "latest.pt")  # fine-tunes the previous stage
+
+
+BAD_OPTIONS = [  # (recipe, override, the key the one-line error names)
+    ("infnet_demo", "method.scales=[]", "method.scales"),
+    ("infnet_demo", "method.scales=[1.0, -0.5]", "method.scales"),
+    ("infnet_demo", "method.scales=[1.0, big]", "method.scales"),
+    ("infnet_demo", "method.size_multiple=0", "method.size_multiple"),
+    ("infnet_demo", "method.clip=both", "method.clip"),
+    ("semi_infnet_demo", "method.clip=both", "method.clip"),  # Inf-Net's checks hold in every stage
+    ("semi_infnet_demo", "method.per_round=0", "method.per_round"),
+    ("semi_infnet_demo", "method.max_rounds=-1", "method.max_rounds"),
+    ("semi_infnet_demo", "method.threshold=1.0", "method.threshold"),
+    ("semi_infnet_demo", "method.threshold=0", "method.threshold"),
+    ("semi_infnet_demo", "method.initial.epochs=0", "method.initial.epochs"),
+    ("semi_infnet_demo", "method.round.decay_epoch=-2", "method.round.decay_epoch"),
+    ("semi_infnet_demo", "method.pretrain.lr=0", "method.pretrain.lr"),
+    ("semi_infnet_demo", "method.finetune.batch_size=0", "method.finetune.batch_size"),
+]
+
+
+@pytest.mark.parametrize("recipe,override,key", BAD_OPTIONS)
+def test_a_bad_method_value_is_refused_when_the_recipe_is_loaded(recipe, override, key):
+    from medvol.config import find_recipe
+    from medvol.training import load_recipe
+
+    with pytest.raises(ConfigError) as e:
+        load_recipe(recipe, [override])  # what `medvol train` does before --nproc spawns processes
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(str(find_recipe(recipe))), msg  # names the file
+    assert f": '{key}' must be " in msg, msg  # and the key
 
 
 # ---------------------------------------------------------------- medvol train / predict on a tiny cache
@@ -397,8 +429,9 @@ def test_semi_infnet_rounds_resume_between_rounds_and_end_as_a_run(demo_cache, t
 
 
 def test_the_paper_recipes_carry_the_published_schedule():
-    from medvol.config import from_dict, load_recipe
-    from medvol.training.infnet import InfNetOptions, check_infnet_options
+    from medvol.config import from_dict
+    from medvol.training import load_recipe, method_options
+    from medvol.training.infnet import InfNetOptions
     from medvol.training.semi_infnet import Stage, stage_recipe
 
     r = load_recipe("infnet")
@@ -407,13 +440,12 @@ def test_the_paper_recipes_carry_the_published_schedule():
     assert (r.trainer.steps, r.schedule.milestones, r.schedule.gamma) == (900, [450], 0.1)
     assert (r.optimizer.name, r.optimizer.lr, r.data.batch_size, r.data.patch_size) == ("adam", 1e-4, 24, [352, 352])
     assert (r.trainer.grad_clip, o.clip, o.scales) == (0.5, "value", [0.75, 1.0, 1.25])
-    # the demos' method sections parse into their options and pass their checks (load_recipe
-    # alone leaves `method:` unread)
-    demo = from_dict(InfNetOptions, load_recipe("infnet_demo").method)
-    check_infnet_options(demo)
+    # the demos' method sections parse into their options, whose checks they pass
+    demo = method_options(load_recipe("infnet_demo"))
+    assert isinstance(demo, InfNetOptions)
     assert (demo.scales, demo.clip, demo.size_multiple) == ([0.75, 1.0, 1.25], "value", 32)
-    sd = from_dict(SemiInfNetOptions, load_recipe("semi_infnet_demo").method)
-    check_infnet_options(sd)
+    sd = method_options(load_recipe("semi_infnet_demo"))
+    assert isinstance(sd, SemiInfNetOptions)
     assert (sd.scales, sd.clip, sd.per_round, sd.max_rounds) == ([0.75, 1.0, 1.25], "value", 4, None)
     assert (sd.initial, sd.round, sd.pretrain, sd.finetune) == (Stage(20, 15, 3e-3, 8), Stage(3, None, 1e-3, 8),
                                                                 Stage(6, None, 3e-3, 8), Stage(10, 7, 1e-3, 8))

@@ -241,7 +241,7 @@ def test_trainer_supervised_term_is_the_published_dice_and_ce(brain_pre, tmp_pat
     assert (old.contrast.anchor_sampling, old.contrast.background_queue) == ("random", "means")
     assert not isinstance(old.dice, type(t.loss_fn.dice))
     for key in ("anchor_sampling", "background_queue", "dice"):
-        with pytest.raises(ConfigError, match=f"method.{key} must be one of"):
+        with pytest.raises(ConfigError, match=f"method.{key}: must be one of"):
             _trainer(brain_pre, tmp_path / "bad", f"method.{key}=bogus")
 
 

@@ -14,7 +14,10 @@ foreground classes:
 Undefined values (HD95 when a class is absent from the prediction or the reference) are left
 out of means, as :func:`medvol.evaluation.metrics.summarize` does. The runs must be folds of
 one experiment: one plan, one dataset (case list and labels), one configuration, and no case
-validated in two folds (that would be no cross-validation: e.g. fold ``all`` among the folds).
+validated in two folds (that would be no cross-validation: e.g. fold ``all`` among the folds),
+and no case left unvalidated (every case a fold trained on with its label, ``RUN/split.json``,
+is validated by another fold: a fold missing is named when the cache's splits_final.json can
+be read).
 Written to OUT: ``cv_summary.json``, ``cv_summary.csv``, ``cv_summary.html`` (self-contained,
 with the chart inlined) and ``cv_dice.png``.
 """
@@ -24,17 +27,20 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import json
 import logging
 import math
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from medvol.errors import ConfigError, InputError
 from medvol.evaluation.metrics import summarize
-from medvol.manifest import claim_files
-from medvol.utils import atomic_path, read_json, write_json, write_text
+from medvol.manifest import check_files, claim_files
+from medvol.utils import atomic_path, read_json, to_jsonable
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +63,8 @@ class Fold:
     dataset: dict
     configuration: str
     recipe: str
+    labelled: list[str]  # the cases it trained on with their labels (RUN/split.json): another fold validates them
+    cache: str | None  # the preprocessing cache it was trained from (as its validation recorded it)
 
 
 def _read(path: Path, what: str) -> dict:
@@ -95,8 +103,10 @@ def load_fold(run: Path) -> Fold:
                                f"{trained}: {again}")
     recipe = load_recipe(run / "recipe.yaml")
     dataset = read_json(run / "dataset.json") if (run / "dataset.json").exists() else {}
+    split = read_json(run / "split.json") if (run / "split.json").exists() else {}
     return Fold(run.name, run, recipe.data.fold, summary["cases"], _read(run / "plans.json", "the run's plan"),
-                dataset, recipe.data.configuration, recipe.name)
+                dataset, recipe.data.configuration, recipe.name, list(split.get("labelled", [])),
+                summary["validation"].get("cache"))
 
 
 def _check_one_experiment(folds: list[Fold]) -> None:
@@ -123,6 +133,32 @@ def _check_one_experiment(folds: list[Fold]) -> None:
                                   "cross-validation validate disjoint cases (is one of them fold 'all', or were the "
                                   "splits drawn at random rather than from PRE/splits_final.json?)")
             seen[case] = f.run
+
+
+def _check_every_case_validated(folds: list[Fold]) -> None:
+    """Every case a fold trained on with its label is validated by one of the folds: else folds
+    are missing (named from the cache's splits_final.json when it can be read)."""
+    validated = {c for f in folds for c in f.cases}
+    missing = sorted({c for f in folds for c in f.labelled} - validated)
+    if not missing:
+        return
+    more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+    raise ConfigError(f"case(s) {missing[:10]}{more} of the dataset are validated by no fold given "
+                      f"({', '.join(str(f.run) for f in folds)}): a cross-validation merges all its folds; "
+                      f"{_missing_folds(folds, missing)}")
+
+
+def _missing_folds(folds: list[Fold], missing: list[str]) -> str:
+    """Which folds of the cache's splits_final.json validate ``missing`` (a hint; best effort)."""
+    splits_path = Path(folds[0].cache or "") / "splits_final.json"
+    try:
+        splits = read_json(splits_path)
+        wanted = sorted({k for k, s in enumerate(splits) for c in missing if c in s["val"]})
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        wanted = []
+    if not wanted:
+        return "train and validate the folds that validate them, and pass them too"
+    return f"pass the run(s) of fold(s) {', '.join(map(str, wanted))} of {splits_path} too"
 
 
 def _summary(cases: dict, classes: list[str]) -> dict:
@@ -158,6 +194,7 @@ def cross_validation(runs: list[Path]) -> dict:
             raise InputError(p, "run folder not found")
     folds = [load_fold(p) for p in paths]
     _check_one_experiment(folds)
+    _check_every_case_validated(folds)
     names = [f.name for f in folds]
     if len(set(names)) < len(names):  # /a/run and /b/run: tell them apart by path
         names = [str(f.run) for f in folds]
@@ -172,16 +209,24 @@ def cross_validation(runs: list[Path]) -> dict:
             "mean_of_folds": {"n_folds": len(folds), "summary": _mean_of_folds(list(per_fold.values()), classes)}}
 
 
-def write_cross_validation(result: dict, out: str | Path) -> list[Path]:
-    """``cv_summary.json``, ``.csv``, ``.html`` and ``cv_dice.png`` in ``out``."""
+def write_cross_validation(result: dict, out: str | Path, stop: Callable[[str], None] | None = None) -> list[Path]:
+    """``cv_summary.json``, ``.csv``, ``.html`` and ``cv_dice.png`` in ``out``, as one set: all
+    four are written under temporary names and renamed into place together. ``stop(what)``,
+    called before the renames, may raise to stop (``medvol cv`` on SIGTERM): then no file of
+    ``out`` changed."""
     out = Path(out)
-    claim_files(out, CV_FILES)
-    json_path, csv_path, html_path, png_path = (out / n for n in CV_FILES)
-    write_json(json_path, result)
-    _write_csv(result, csv_path)
-    _write_chart(result, png_path)
-    write_text(html_path, _html(result, png_path))
-    return [json_path, csv_path, html_path, png_path]
+    check_files(out, CV_FILES)
+    paths = [out / n for n in CV_FILES]
+    with ExitStack() as renames:  # each atomic_path renames on leaving, or removes its file on an exception
+        json_tmp, csv_tmp, html_tmp, png_tmp = (renames.enter_context(atomic_path(p)) for p in paths)
+        json_tmp.write_text(json.dumps(to_jsonable(result), indent=1))
+        _write_csv(result, csv_tmp)
+        _write_chart(result, png_tmp)
+        html_tmp.write_text(_html(result, png_tmp))
+        if stop is not None:
+            stop(f"nothing written to {out} (its {', '.join(CV_FILES)} are as they were); rerun the same command")
+        claim_files(out, CV_FILES)
+    return paths
 
 
 def _rows(result: dict):
@@ -193,14 +238,13 @@ def _rows(result: dict):
 
 
 def _write_csv(result: dict, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["row", "run", "n", "class", *[f"{k}_{s}" for k in CV_METRICS for s in ("mean", "std")]])
-            for label, run, n, summary in _rows(result):
-                for c in [*result["classes"], FOREGROUND]:
-                    vals = [summary[c][k].get(s, math.nan) for k in CV_METRICS for s in ("mean", "std")]
-                    w.writerow([label, run, n, c, *[f"{v:.6g}" for v in vals]])
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["row", "run", "n", "class", *[f"{k}_{s}" for k in CV_METRICS for s in ("mean", "std")]])
+        for label, run, n, summary in _rows(result):
+            for c in [*result["classes"], FOREGROUND]:
+                vals = [summary[c][k].get(s, math.nan) for k in CV_METRICS for s in ("mean", "std")]
+                w.writerow([label, run, n, c, *[f"{v:.6g}" for v in vals]])
 
 
 def _write_chart(result: dict, path: Path) -> None:
@@ -223,8 +267,7 @@ def _write_chart(result: dict, path: Path) -> None:
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
+    fig.savefig(path, format="png")
     plt.close(fig)
 
 

@@ -1,5 +1,5 @@
 """What a preprocessing run writes into its cache folder besides the cases' arrays: the folder
-and its manifest, the cache's ``dataset.json``, each case's class locations, and the
+and its manifest, the cache's ``dataset.json``, and the
 ``slice_labels.csv`` and ``splits_final.json`` copied from beside the raw dataset. The format
 itself (paths, versions, completeness) is :mod:`medvol.cache`'s.
 """
@@ -7,37 +7,12 @@ itself (paths, versions, completeness) is :mod:`medvol.cache`'s.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
-
-import numpy as np
 
 from medvol.cache import case_paths, load_plans
 from medvol.errors import CacheError, InputError
 from medvol.manifest import OutputFolder, refuse_overlap
 from medvol.preprocessing.raw import RawDataset
 from medvol.utils import read_json, write_json
-
-NUM_LOCATION_SAMPLES = 10_000
-MIN_LOCATION_COVERAGE = 0.01
-
-
-def sample_class_locations(seg: np.ndarray, classes: Iterable[int], seed: int = 1234) -> dict[str, np.ndarray]:
-    """Up to 10,000 voxel positions (x, y, z) per class (at least 1 % of its voxels), for
-    foreground oversampling, as ``(n, 3)`` int32 arrays; fixed seed, as nnU-Net."""
-    rng = np.random.default_rng(seed)  # draws n of N in O(n) (RandomState permutes all N)
-    flat = seg.reshape(-1)
-    spatial = seg.shape[1:]
-    out: dict[str, np.ndarray] = {}
-    for c in classes:
-        idx = np.flatnonzero(flat == c)
-        if idx.size == 0:
-            out[str(c)] = np.zeros((0, len(spatial)), np.int32)
-            continue
-        n = max(min(NUM_LOCATION_SAMPLES, idx.size), int(np.ceil(idx.size * MIN_LOCATION_COVERAGE)))
-        chosen = idx[rng.choice(idx.size, n, replace=False)]
-        out[str(c)] = np.stack(np.unravel_index(chosen, spatial), axis=1).astype(np.int32)
-    return out
-
 
 CACHE_ENTRIES = ("cases", "fingerprints", "staging", "dataset.json", "fingerprint.json", "plans.json", "failures.json",
                  "slice_labels.csv")

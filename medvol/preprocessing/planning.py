@@ -24,22 +24,20 @@ from numpy.typing import ArrayLike
 
 from medvol import validation
 from medvol.preprocessing.normalization import MASKABLE, scheme_for_channel
+from medvol.preprocessing.planners import DEFAULT, Planner, planner_by_name
 from medvol.resampling import ANISO_THRESHOLD, compute_new_shape
 
 PLANS_VERSION = 1
-# nnU-Net v2 ExperimentPlanner constants (PlainConvUNet, 8 GB target).
-REFERENCE_VAL_3D = 560_000_000
-REFERENCE_GB = 8
+# nnU-Net v2 ExperimentPlanner constants every planner shares; the reference values, memory
+# target and batch cap of each planner are in medvol.preprocessing.planners.
 REFERENCE_BS_3D = 2
 BASE_FEATURES = 32
 MAX_FEATURES_3D = 320
-REFERENCE_VAL_2D = 85_000_000
 REFERENCE_BS_2D = 12
 MAX_FEATURES_2D = 512
 INITIAL_EDGE = {2: 2048, 3: 256}  # the initial patch has the voxels of an EDGE^dim cube
 MIN_EDGE = 4  # smallest feature-map edge in the bottleneck
 MIN_BATCH = 2
-MAX_DATASET_COVERED = 0.05
 CONVS_PER_STAGE = 2
 
 
@@ -113,14 +111,55 @@ def unet_feature_map_size(patch_size, strides, features, num_classes: int, deep_
         total += CONVS_PER_STAGE * f * int(np.prod(size, dtype=np.int64))
         if s < len(strides) - 1:
             skips.append(list(size))
-    for s in range(len(strides) - 1):
+    decoder_convs = [CONVS_PER_STAGE] * (len(strides) - 1)
+    return total + _decoder_feature_map_size(skips, features, num_classes, decoder_convs, deep_supervision)
+
+
+def resenc_unet_feature_map_size(patch_size, strides, features, num_classes: int, blocks_encoder,
+                                 blocks_decoder, deep_supervision: bool = True) -> int:
+    """Sum of feature-map voxels of nnU-Net's ResidualEncoderUNet (its VRAM proxy for the ResEnc
+    planners): the stem conv (features[0], full size); per encoder stage s with n basic blocks,
+    2 convs per block at the strided size, plus the first block's 1x1 projection when the
+    stage changes the features or the size; the decoder as PlainConvUNet's with
+    ``blocks_decoder[s]`` convs per stage (s = 0 the lowest resolution)."""
+    size = list(patch_size)
+    prev = features[0]
+    total = prev * int(np.prod(size, dtype=np.int64))  # stem
+    skips = []
+    for s, (stride, f) in enumerate(zip(strides, features)):
+        new = [a // b for a, b in zip(size, stride)]
+        projection = f != prev or new != size
+        total += (2 * blocks_encoder[s] + int(projection)) * f * int(np.prod(new, dtype=np.int64))
+        size, prev = new, f
+        if s < len(strides) - 1:
+            skips.append(list(size))
+    return total + _decoder_feature_map_size(skips, features, num_classes, blocks_decoder, deep_supervision)
+
+
+def _decoder_feature_map_size(skips, features, num_classes: int, convs, deep_supervision: bool) -> int:
+    """Decoder stage s (0 = lowest resolution) on the skip of v voxels and f features: its
+    convs (convs[s] * f * v), the transposed conv (f * v) and the segmentation head
+    (classes * v; only the last stage's without deep supervision)."""
+    total = 0
+    for s in range(len(skips)):
         skip = skips[-(s + 1)]
         f = features[-(s + 2)]
         vox = int(np.prod(skip, dtype=np.int64))
-        total += CONVS_PER_STAGE * f * vox + f * vox  # conv block + transposed conv
-        if deep_supervision or s == len(strides) - 2:
+        total += convs[s] * f * vox + f * vox  # conv block + transposed conv
+        if deep_supervision or s == len(skips) - 1:
             total += num_classes * vox
     return total
+
+
+def feature_map_size(planner: Planner, patch_size, strides, features, num_classes: int) -> int:
+    """The VRAM proxy of the network ``planner`` plans for. nnU-Net's planners (2.8.1) build that
+    network without deep supervision (one segmentation head) and so do both estimates here
+    (medvol's default planner counted every head until 2026-12-07, one lower 2d batch than
+    nnU-Net's on some fingerprints: benchmarks/resenc_plans.py)."""
+    if planner.residual:
+        return resenc_unet_feature_map_size(patch_size, strides, features, num_classes,
+                                            planner.blocks_encoder, planner.blocks_decoder, deep_supervision=False)
+    return unet_feature_map_size(patch_size, strides, features, num_classes, deep_supervision=False)
 
 
 def _features(n_stages: int, max_features: int = MAX_FEATURES_3D) -> list[int]:
@@ -128,27 +167,32 @@ def _features(n_stages: int, max_features: int = MAX_FEATURES_3D) -> list[int]:
 
 
 def plan_configuration(spacing, median_shape, num_classes: int, n_voxels_dataset: float,
-                       gpu_memory_gb: float = 8.0) -> dict:
+                       gpu_memory_gb: float | None = None, planner: Planner = DEFAULT) -> dict:
     """Patch size, batch size and topology for one 3d or 2d configuration (in nnU-Net's axis
-    order); the dimension is ``len(spacing)`` and picks nnU-Net's 3d or 2d constants."""
+    order); the dimension is ``len(spacing)`` and picks nnU-Net's 3d or 2d constants, ``planner``
+    the reference values, VRAM proxy and batch cap (:mod:`medvol.preprocessing.planners`);
+    ``gpu_memory_gb`` None: the planner's own memory target."""
     dim = len(spacing)
     tmp = 1 / np.array(spacing, float)
     budget = [round(i) for i in tmp * (INITIAL_EDGE[dim] ** dim / np.prod(tmp)) ** (1 / dim)]
     initial = np.array([min(i, j) for i, j in zip(budget, median_shape)])
     num_pool, strides, kernels, patch, divisor = pool_and_conv_props(spacing, initial)
-    ref_val, ref_bs, max_features = ((REFERENCE_VAL_2D, REFERENCE_BS_2D, MAX_FEATURES_2D) if dim == 2 else
-                                     (REFERENCE_VAL_3D, REFERENCE_BS_3D, MAX_FEATURES_3D))
-    reference = ref_val * (gpu_memory_gb / REFERENCE_GB)
+    ref_bs, max_features = (REFERENCE_BS_2D, MAX_FEATURES_2D) if dim == 2 else (REFERENCE_BS_3D, MAX_FEATURES_3D)
+    gb = planner.reference_gb if gpu_memory_gb is None else gpu_memory_gb
+    reference = planner.reference_val(dim) * (gb / planner.reference_gb)
     cache: dict = {}
 
     def estimate(patch, strides):
         key = (tuple(patch), str(strides))
         if key not in cache:
-            cache[key] = unet_feature_map_size(patch, strides, _features(len(strides), max_features), num_classes)
+            cache[key] = feature_map_size(planner, patch, strides, _features(len(strides), max_features), num_classes)
         return cache[key]
 
+    def too_large(est):
+        return est / ref_bs * MIN_BATCH > reference if planner.shrink_for_min_batch else est > reference
+
     est = estimate(patch, strides)
-    while est / ref_bs * 2 > reference:
+    while too_large(est):
         axis = int(np.argsort([i / j for i, j in zip(patch, median_shape)])[-1])
         trial = list(patch)
         trial[axis] -= divisor[axis]
@@ -158,22 +202,27 @@ def plan_configuration(spacing, median_shape, num_classes: int, n_voxels_dataset
         num_pool, strides, kernels, patch, divisor = pool_and_conv_props(spacing, patch)
         est = estimate(patch, strides)
     batch = round(reference / est * ref_bs)
-    bs_5pct = round(n_voxels_dataset * MAX_DATASET_COVERED / np.prod(patch, dtype=np.float64))
-    batch = max(min(batch, bs_5pct), MIN_BATCH)
+    bs_cap = round(n_voxels_dataset * planner.max_dataset_covered / np.prod(patch, dtype=np.float64))
+    batch = max(min(batch, bs_cap), MIN_BATCH)
     return {"patch_size": [int(p) for p in patch], "batch_size": int(batch), "strides": strides,
             "kernel_sizes": kernels, "num_pool_per_axis": num_pool,
             "features_per_stage": _features(len(strides), max_features),
             "vram_estimate": int(est)}
 
 
-def plan_experiment(fingerprint: dict, dataset_json: dict, gpu_memory_gb: float = 8.0,
+def plan_experiment(fingerprint: dict, dataset_json: dict, gpu_memory_gb: float | None = None,
                     image_interpolation: str = "cubic", cache_dtype: str = "float32",
-                    target_spacing=None, ct_window=None) -> dict:
+                    target_spacing=None, ct_window=None, planner: str = "default") -> dict:
     """Build ``plans.json`` content from a merged fingerprint (all per-axis values in X, Y, Z).
 
     ``target_spacing`` (mm, X Y Z) replaces nnU-Net's rule (e.g. DoDNet's 0.8 x 0.8 x 1.5);
-    ``ct_window`` (lo, hi) replaces CT channels' dataset statistics with a fixed window."""
-    gpu_memory_gb = validation.positive(gpu_memory_gb, "--gpu-memory")
+    ``ct_window`` (lo, hi) replaces CT channels' dataset statistics with a fixed window;
+    ``planner`` names nnU-Net's planner (:data:`medvol.preprocessing.planners.PLANNERS`), whose
+    own memory target (8, 24 or 40 GB) ``gpu_memory_gb`` replaces when given. The default
+    planner's plans carry no ``planner`` entry (they are what medvol always wrote)."""
+    plan = planner_by_name(planner)
+    gpu_memory_gb = validation.positive(plan.reference_gb if gpu_memory_gb is None else gpu_memory_gb,
+                                        "--gpu-memory")
     if ct_window is not None:
         ct_window = validation.ct_window(ct_window)
     spacings = np.asarray(fingerprint["spacings"], float)
@@ -193,7 +242,7 @@ def plan_experiment(fingerprint: dict, dataset_json: dict, gpu_memory_gb: float 
     median_shape = np.median(new_shapes, 0)
     n_vox = float(np.prod(median_shape, dtype=np.float64) * len(spacings))
     num_classes = len(dataset_json["labels"])
-    cfg = plan_configuration(target[work_axes], median_shape[work_axes], num_classes, n_vox, gpu_memory_gb)
+    cfg = plan_configuration(target[work_axes], median_shape[work_axes], num_classes, n_vox, gpu_memory_gb, plan)
     back = np.argsort(work_axes)  # planning order -> X,Y,Z
 
     def to_xyz(v):
@@ -208,14 +257,14 @@ def plan_experiment(fingerprint: dict, dataset_json: dict, gpu_memory_gb: float 
             if s == "CTNormalization":
                 schemes[c] = "CTWindowNormalization"
                 stats[str(c)] = {"lower": float(ct_window[0]), "upper": float(ct_window[1])}
-    return {
+    plans = {
         "plans_version": PLANS_VERSION,
         "axis_order": "XYZ",
         "target_spacing": [float(s) for s in target],
         "median_shape_after_resampling": [float(s) for s in median_shape],
         "patch_size": to_xyz(cfg["patch_size"]),
         "batch_size": cfg["batch_size"],
-        "network": _network_block(cfg, to_xyz, gpu_memory_gb),
+        "network": _network_block(cfg, to_xyz, gpu_memory_gb, plan),
         "normalization": [
             {"channel": c, "name": channel_names[c], "scheme": schemes[c], "use_mask_for_norm": bool(use_mask[c]),
              "statistics": stats[str(c)]} for c in range(len(schemes))
@@ -226,16 +275,22 @@ def plan_experiment(fingerprint: dict, dataset_json: dict, gpu_memory_gb: float 
         "channel_names": {str(k): v for k, v in channel_names.items()},
         "cache_dtype": cache_dtype,
         "nnunet_transpose_forward": transpose_nn,
-        "configurations": {"2d": plan_2d(target, median_shape, work_axes, num_classes, n_vox, gpu_memory_gb)},
+        "configurations": {"2d": plan_2d(target, median_shape, work_axes, num_classes, n_vox, gpu_memory_gb, plan)},
     }
+    if plan is not DEFAULT:
+        plans["planner"] = {"name": plan.name, "nnunet_planner": plan.nnunet_class,
+                            "nnunet_plans_name": plan.nnunet_plans_name}
+    return plans
 
 
-def plan_2d(target, median_shape, work_axes, num_classes: int, n_vox: float, gpu_memory_gb: float) -> dict:
+def plan_2d(target, median_shape, work_axes, num_classes: int, n_vox: float, gpu_memory_gb: float,
+            planner: Planner = DEFAULT) -> dict:
     """nnU-Net's ``2d`` configuration: slices across ``work_axes[0]`` (the coarsest axis),
     planned on the other two axes' 3d target spacing and median resampled shape; the 5 % batch
     cap uses the 3d dataset's voxels, as nnU-Net does. Per-axis values in X, Y, Z order."""
     in_plane_nn = list(work_axes[1:])
-    cfg = plan_configuration(target[in_plane_nn], median_shape[in_plane_nn], num_classes, n_vox, gpu_memory_gb)
+    cfg = plan_configuration(target[in_plane_nn], median_shape[in_plane_nn], num_classes, n_vox, gpu_memory_gb,
+                             planner)
     back = np.argsort(in_plane_nn)  # planning order -> ascending X, Y, Z
 
     def to_xy(v):
@@ -249,14 +304,17 @@ def plan_2d(target, median_shape, work_axes, num_classes: int, n_vox: float, gpu
         "patch_size": to_xy(cfg["patch_size"]),
         "batch_size": cfg["batch_size"],
         "batch_dice": True,
-        "network": _network_block(cfg, to_xy, gpu_memory_gb),
+        "network": _network_block(cfg, to_xy, gpu_memory_gb, planner),
         "data": "3d_fullres cache, sliced along slice_axis",
     }
 
 
-def _network_block(cfg: dict, to_axes, gpu_memory_gb: float) -> dict:
-    return {
-        "n_stages": len(cfg["strides"]),
+def _network_block(cfg: dict, to_axes, gpu_memory_gb: float, planner: Planner = DEFAULT) -> dict:
+    """The plan's U-Net: topology in the plan's axis order; a residual-encoder planner's block
+    also names the architecture and its blocks per encoder stage / convs per decoder stage."""
+    n = len(cfg["strides"])
+    block = {
+        "n_stages": n,
         "features_per_stage": cfg["features_per_stage"],
         "kernel_sizes": [to_axes(k) for k in cfg["kernel_sizes"]],
         "strides": [to_axes(s) for s in cfg["strides"]],
@@ -265,6 +323,11 @@ def _network_block(cfg: dict, to_axes, gpu_memory_gb: float) -> dict:
         "vram_estimate": cfg["vram_estimate"],
         "gpu_memory_gb": gpu_memory_gb,
     }
+    if planner.residual:
+        del block["n_conv_per_stage"]
+        block.update(architecture=planner.architecture, n_blocks_per_stage=list(planner.blocks_encoder[:n]),
+                     n_conv_per_stage_decoder=list(planner.blocks_decoder[:n - 1]))
+    return block
 
 
 def topology_for_patch(spacing, patch_size) -> dict:

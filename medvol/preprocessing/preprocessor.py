@@ -15,7 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from medvol.cache import CACHE_VERSION, case_is_complete, case_paths, load_plans, plans_digest, save_locations
+from medvol.cache import (
+    CACHE_VERSION,
+    case_is_complete,
+    case_paths,
+    load_plans,
+    plans_digest,
+    sample_class_locations,
+    save_locations,
+)
 from medvol.errors import CacheError, MedvolError, OutputError
 from medvol.io import Volume
 from medvol.preprocessing.cache_files import (
@@ -23,7 +31,6 @@ from medvol.preprocessing.cache_files import (
     copy_raw_splits,
     copy_slice_labels,
     prepare_out,
-    sample_class_locations,
 )
 from medvol.preprocessing.cropping import crop_to_nonzero
 from medvol.preprocessing.fingerprint import (
@@ -169,9 +176,11 @@ def fingerprint_dataset(raw: str | Path, out: str | Path, num_workers: int | Non
     return report
 
 
-def plan_dataset(out: str | Path, gpu_memory_gb: float = 8.0, image_interpolation: str = "cubic",
-                 cache_dtype: str = "float32", target_spacing=None, ct_window=None) -> dict:
-    """Merge the per-case fingerprints into ``fingerprint.json`` and write ``plans.json``."""
+def plan_dataset(out: str | Path, gpu_memory_gb: float | None = None, image_interpolation: str = "cubic",
+                 cache_dtype: str = "float32", target_spacing=None, ct_window=None, planner: str = "default") -> dict:
+    """Merge the per-case fingerprints into ``fingerprint.json`` and write ``plans.json``
+    (``planner``: nnU-Net's default planner or a ResEnc preset; ``gpu_memory_gb`` None: its own
+    memory target)."""
     out = Path(out)
     desc = cache_description(out)
     fp_dir = out / "fingerprints"
@@ -183,7 +192,8 @@ def plan_dataset(out: str | Path, gpu_memory_gb: float = 8.0, image_interpolatio
     check_dimensionality(fp, desc.get("raw_root", out))
     fp["failed_cases"] = failed
     warn_mixed_coarse_axes(fp)
-    plans = plan_experiment(fp, desc, gpu_memory_gb, image_interpolation, cache_dtype, target_spacing, ct_window)
+    plans = plan_experiment(fp, desc, gpu_memory_gb, image_interpolation, cache_dtype, target_spacing, ct_window,
+                            planner)
     plans["orientation"] = desc.get("orientation", "stored")
     write_json(out / "fingerprint.json", fp)
     old = out / "plans.json"

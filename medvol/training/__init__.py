@@ -134,36 +134,26 @@ def train(recipe, data: str | Path, out: str | Path, resume: bool | str = False,
           stop_at: int | None = None, quiet: bool = False) -> dict:
     """Train ``recipe`` (a Recipe, or a path/name plus overrides already applied) on the
     preprocessing cache ``data``, writing the run folder ``out``. Joins a process group
-    when started by torchrun. ``resume``: True continues ``out``'s ``latest.pt`` (which must
-    exist); ``"auto"`` continues it when it exists and starts fresh otherwise, so one job
-    script serves the first start and every requeue after a pre-emption."""
+    when started by torchrun. ``resume``: True continues the run in ``out`` (its
+    ``latest.pt``, which must exist); ``"auto"`` continues it when it exists and starts fresh
+    otherwise, so one job script serves the first start and every requeue after a pre-emption
+    (:func:`medvol.training.run_folder.resume_flag`, the one rule for every trainer; a driver
+    of several runs names the file it resumes from as ``resume_file``)."""
     from medvol.training.distributed import setup, teardown
     from medvol.training.engine import fit
+    from medvol.training.run_folder import LATEST, resume_flag
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     out = Path(out)
     cls = get_trainer(recipe.trainer.name)
     parse_method(cls, recipe.method, f"recipe '{recipe.name}'")  # before a process group or a run folder
-    driver = getattr(cls, "drive", None)  # several runs in one (Semi-Inf-Net): its own layout and resume rules
-    if driver is None:
-        resume = _resume_flag(out, resume)
+    resume = resume_flag(out, resume, getattr(cls, "resume_file", LATEST))
+    driver = getattr(cls, "drive", None)  # several runs in one (Semi-Inf-Net): its own layout
     info = setup(device)
     try:
         if driver is not None:
             return driver(recipe, data, out, info, resume=resume, stop_at=stop_at, quiet=quiet)
-        return fit(cls(recipe, data, out, info), resume=bool(resume), stop_at=stop_at, quiet=quiet)
+        return fit(cls(recipe, data, out, info), resume=resume, stop_at=stop_at, quiet=quiet)
     finally:
         teardown(info)
-
-
-def _resume_flag(out: Path, resume: bool | str) -> bool:
-    latest = out / "checkpoints" / "latest.pt"
-    if resume == "auto":
-        return latest.exists()
-    if resume and not latest.exists():
-        raise ConfigError(f"{out}: nothing to resume (no checkpoints/latest.pt); use --resume auto to start "
-                          "fresh when there is none")
-    if not resume and latest.exists():
-        raise ConfigError(f"{out}: holds a run already; pass --resume to continue it or choose another --out")
-    return bool(resume)

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks import eval_mode
 
+from medvol import validation
 from medvol.config import ScheduleConfig
 from medvol.errors import ConfigError
 from medvol.losses.sdf import signed_distance, soft_dice_loss
@@ -32,6 +33,11 @@ from medvol.training.schedules import make_scheduler
 
 @dataclass
 class CANetOptions:
+    """The ``method:`` section of ``trainer.name: canet``: ``beta`` (the SDF regression's
+    weight), the adversarial weight's ramp ``adv_weight`` · exp(-5 (1 - min(t // adv_ramp_div,
+    adv_ramp_len) / adv_ramp_len)²), the discriminator's Adam (``d_lr``, ``d_betas``) and width
+    (``d_base``), and which label values form the ``foreground``."""
+
     beta: float = 0.3  # weight of the SDF regression
     adv_weight: float = 0.01  # w in lambda(t)
     adv_ramp_div: int = 150  # t // this ...
@@ -41,6 +47,20 @@ class CANetOptions:
     d_base: int = 64
     foreground: list | None = None  # label values forming the foreground (None: every label > 0)
 
+    def __post_init__(self) -> None:  # checked when the recipe is loaded
+        validation.non_negative(self.beta, "method.beta")
+        validation.non_negative(self.adv_weight, "method.adv_weight")
+        for key in ("adv_ramp_div", "adv_ramp_len", "d_base"):
+            validation.positive_int(getattr(self, key), f"method.{key}")
+        validation.positive(self.d_lr, "method.d_lr")
+        if not isinstance(self.d_betas, (list, tuple)) or len(self.d_betas) != 2:
+            raise ConfigError(f"method.d_betas: expected two numbers in [0, 1), got {self.d_betas!r}")
+        self.d_betas = tuple(validation.fraction(b, "method.d_betas") for b in self.d_betas)
+        if self.foreground is not None and not (
+                isinstance(self.foreground, list) and self.foreground
+                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in self.foreground)):
+            raise ConfigError(f"method.foreground: expected a list of label values > 0, got {self.foreground!r}")
+
 
 def adversarial_weight(step: int, o: CANetOptions) -> float:
     t = min(step // o.adv_ramp_div, o.adv_ramp_len) / o.adv_ramp_len
@@ -49,6 +69,13 @@ def adversarial_weight(step: int, o: CANetOptions) -> float:
 
 @register_trainer
 class CANetTrainer(Trainer):
+    """``trainer.name: canet``: CANet (``model.name: vnet_transformer``, segmentation + signed
+    distance heads) with an attention discriminator (``models["discriminator"]``, its own Adam
+    and constant schedule). Every batch holds labelled and unlabelled samples
+    (``data.unlabelled_per_batch``); each step updates the segmenter (Dice + β·SDF + λ(t)·
+    adversarial) and then the discriminator (:meth:`update_steps`). Validation is the engine's
+    per-class Dice of the segmentation head."""
+
     name = "canet"
     requires_model = "vnet_transformer"
     Options = CANetOptions

@@ -21,6 +21,13 @@ from medvol.training.engine import Trainer
 
 @register_trainer
 class DoDNetTrainer(Trainer):
+    """``trainer.name: dodnet``: DoDNet (``model.name: dodnet``) on a cache whose cases carry a
+    ``task_id`` and whose tasks annotate organ and/or tumour (the rules of the cache's
+    ``dataset.json``). Each step conditions the dynamic head on the samples' tasks and takes Dice
+    + BCE on the annotated channels only; no ``method:`` options. Validation scores Dice per task
+    and annotated channel (``val/dice_<task>_<channel>``) and their mean; there is no final
+    validation from the raw scans (``scan_validation``: no class-label output to score)."""
+
     name = "dodnet"
     requires_model = "dodnet"
     scan_validation = False  # task-conditioned outputs against partial labels: per-task validation only

@@ -389,18 +389,18 @@ def fit(trainer: Trainer, resume: bool = False, stop_at: int | None = None, quie
     stop = min(total, stop_at) if stop_at else total
     loop = _Loop(trainer, RunLogger(trainer.run_dir, dist.is_main, start), best)
     t0 = time.perf_counter()
-    with PreemptionFlag() as loop.preempt:
+    with PreemptionFlag() as loop.preempt:  # to the end: the final validation stops on it too
         loop.run(start, stop, quiet)
-    if dist.is_main and stop < total:  # "interrupted": leave a resumable checkpoint
-        save_checkpoint(trainer.run_dir / "checkpoints" / "latest.pt", trainer.state(stop, loop.best))
-    write_summary(trainer, loop, stop, time.perf_counter() - t0)
-    val_cases = trainer.source.val_cases
-    if stop == total and trainer.recipe.trainer.final_validation and trainer.scan_validation and val_cases:
-        from medvol.training.final_validation import validate_at_end
+        if dist.is_main and stop < total:  # "interrupted": leave a resumable checkpoint
+            save_checkpoint(trainer.run_dir / "checkpoints" / "latest.pt", trainer.state(stop, loop.best))
+        write_summary(trainer, loop, stop, time.perf_counter() - t0)
+        val_cases = trainer.source.val_cases
+        if stop == total and trainer.recipe.trainer.final_validation and trainer.scan_validation and val_cases:
+            from medvol.training.final_validation import validate_at_end
 
-        trainer.source.require_plans("the end-of-run validation (trainer.final_validation)")
-        validate_at_end(trainer.run_dir, trainer.cache_dir, val_cases, total, trainer.device, dist,
-                        trained=start < total, quiet=quiet)
+            trainer.source.require_plans("the end-of-run validation (trainer.final_validation)")
+            validate_at_end(trainer.run_dir, trainer.cache_dir, val_cases, total, trainer.device, dist,
+                            trained=start < total, quiet=quiet, flag=loop.preempt)
     return loop.metrics
 
 

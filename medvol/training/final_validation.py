@@ -31,8 +31,9 @@ from pathlib import Path
 
 import torch
 
-from medvol.errors import InputError, MedvolError
+from medvol.errors import InputError, MedvolError, PredictionStopped
 from medvol.evaluation.crossval import SUMMARY, VALIDATION_DIR
+from medvol.training.preemption import PreemptionFlag
 from medvol.utils import read_json
 
 log = logging.getLogger(__name__)
@@ -101,9 +102,12 @@ def _warn_changed(cache_dir: Path, cases: list[tuple[str, list[Path], Path]]) ->
 
 
 def final_validation(run_dir: str | Path, cache_dir: str | Path, cases: list[str], step: int,
-                     device: torch.device, checkpoint: str = "latest", quiet: bool = True) -> dict | None:
+                     device: torch.device, checkpoint: str = "latest", quiet: bool = True,
+                     flag: PreemptionFlag | None = None) -> dict | None:
     """Predict ``cases`` from their raw scans with the run's ``checkpoint`` and evaluate them
-    into ``RUN/validation/``; returns the summary (None when skipped, with a warning saying why)."""
+    into ``RUN/validation/``; returns the summary (None when skipped, with a warning saying why).
+    A signal caught by ``flag`` stops it before the next case (:class:`medvol.errors.Stopped`,
+    saying which cases were written; no summary.json, so ``--resume`` validates again)."""
     run_dir, cache_dir = Path(run_dir), Path(cache_dir)
     later = f"validate it later with `medvol train ... --out {run_dir} --resume` once that is fixed"
     try:
@@ -119,10 +123,18 @@ def final_validation(run_dir: str | Path, cache_dir: str | Path, cases: list[str
         return None
     _warn_changed(cache_dir, found)
     try:
-        result = _predict_and_evaluate(run_dir, found, device, checkpoint, quiet)
+        result = _predict_and_evaluate(run_dir, found, device, checkpoint, quiet, flag)
     except MedvolError as e:
         log.warning("final validation failed: %s. The run itself is complete; %s", e, later)
         return None
+    except PredictionStopped as e:  # only fit's flag asks predict_cases to stop
+        if flag is not None:
+            latest = run_dir / "checkpoints" / "latest.pt"
+            flag.stop_point(f"the run is complete ({latest} written at step {step}); {e.done} of {len(found)} "
+                            f"validation case(s) predicted into {run_dir / VALIDATION_DIR}, no {SUMMARY} written; "
+                            f"validate it with `medvol train ... --out {run_dir} --resume`",
+                            during="the final validation")
+        raise
     recipe = result.pop("recipe")
     result["validation"] = {"run": str(run_dir.resolve()), "fold": recipe.data.fold,
                             "configuration": recipe.data.configuration, "checkpoint": checkpoint, "step": step,
@@ -138,7 +150,7 @@ def final_validation(run_dir: str | Path, cache_dir: str | Path, cases: list[str
 
 
 def _predict_and_evaluate(run_dir: Path, found: list[tuple[str, list[Path], Path]], device: torch.device,
-                          checkpoint: str, quiet: bool) -> dict:
+                          checkpoint: str, quiet: bool, flag: PreemptionFlag | None = None) -> dict:
     """The cases predicted as ``medvol predict`` does, then their metrics (and the run's recipe)."""
     from medvol.checkpoint import load_run
     from medvol.evaluation.metrics import evaluate_pairs
@@ -146,7 +158,8 @@ def _predict_and_evaluate(run_dir: Path, found: list[tuple[str, list[Path], Path
 
     run = load_run(run_dir, device, checkpoint)
     out = run_dir / VALIDATION_DIR
-    predict_cases([run], [(case, images) for case, images, _ in found], out, device, quiet=quiet)
+    predict_cases([run], [(case, images) for case, images, _ in found], out, device, quiet=quiet,
+                  stop=None if flag is None else lambda: flag.signum)
     labels = {name: value for value, name in run.plans.label_names.items()}
     result = evaluate_pairs({case: (out / f"{case}.nii.gz", label) for case, _, label in found}, labels)
     result["recipe"] = run.recipe
@@ -154,17 +167,17 @@ def _predict_and_evaluate(run_dir: Path, found: list[tuple[str, list[Path], Path
 
 
 def validate_at_end(run_dir: Path, cache_dir: Path, cases: list[str], step: int, device: torch.device,
-                    dist, trained: bool, quiet: bool) -> None:
+                    dist, trained: bool, quiet: bool, flag: PreemptionFlag | None = None) -> None:
     """The end of :func:`medvol.training.engine.fit` (``trainer.final_validation``): the main
     process of ``dist`` validates ``cases`` at the run's final ``step`` while the others wait;
     a resumed run that trained nothing (``trained`` False) keeps a summary already written at
-    that step."""
+    that step. ``flag``: fit's pre-emption flag, which stops it between two cases."""
     from medvol.training.distributed import run_on_main
 
     def validate() -> None:
         if not trained and validated_step(run_dir) == step:
             log.info("final validation: %s is from this step (%d) already", run_dir / VALIDATION_DIR / SUMMARY, step)
             return
-        final_validation(run_dir, cache_dir, cases, step, device, quiet=quiet)
+        final_validation(run_dir, cache_dir, cases, step, device, quiet=quiet, flag=flag)
 
     run_on_main(dist, validate)

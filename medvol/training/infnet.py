@@ -42,19 +42,28 @@ from medvol.training.engine import Trainer, mean_scores
 
 @dataclass
 class InfNetOptions:
+    """The ``method:`` section of ``trainer.name: infnet``: the multi-scale training ``scales``
+    (each factor in turn by step), the ``size_multiple`` rescaled sizes are rounded to, how
+    ``trainer.grad_clip`` clips (``clip``: each element, published, or the global norm) and
+    ``official_compat`` (the published unweighted BCE in the structure loss). Every value is
+    checked when the recipe is loaded (:func:`medvol.training.load_recipe`)."""
+
     scales: list = field(default_factory=lambda: [0.75, 1.0, 1.25])  # multi-scale training, in turn by step
     size_multiple: int = 32  # rescaled sizes are rounded to a multiple of this (published: 32)
     clip: str = "value"  # trainer.grad_clip clamps each gradient element ("value", published) or the "norm"
     official_compat: bool = False  # structure loss with the published (unweighted) BCE
 
+    def __post_init__(self) -> None:
+        if not self.scales or not all(_positive_number(s) for s in self.scales):
+            raise ConfigError(f"'method.scales' must be a list of positive factors, got {self.scales!r}")
+        if self.size_multiple < 1:
+            raise ConfigError(f"'method.size_multiple' must be >= 1, got {self.size_multiple!r}")
+        if self.clip not in ("value", "norm"):
+            raise ConfigError(f"'method.clip' must be 'value' or 'norm', got {self.clip!r}")
 
-def check_infnet_options(o: InfNetOptions) -> None:
-    if not o.scales or not all(s > 0 for s in o.scales):
-        raise ConfigError(f"method.scales must be positive factors, got {o.scales}")
-    if o.size_multiple < 1:
-        raise ConfigError(f"method.size_multiple must be >= 1, got {o.size_multiple}")
-    if o.clip not in ("value", "norm"):
-        raise ConfigError(f"method.clip must be 'value' or 'norm', got {o.clip!r}")
+
+def _positive_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
 def scaled_size(size, rate: float, multiple: int = 32) -> tuple[int, ...]:
@@ -88,6 +97,12 @@ def slices_of(volume: np.ndarray, axis: int):
 
 @register_trainer
 class InfNetTrainer(Trainer):
+    """``trainer.name: infnet``: Inf-Net (``model.name: infnet``) on the 2D slices of the plan's
+    ``2d`` configuration, labelled slices only. Each step rescales the batch to the scale of
+    its turn (:class:`InfNetOptions`), computes the edge target from the binary label, and
+    takes the structure + edge loss; ``method.clip`` chooses how ``trainer.grad_clip`` clips.
+    Validation scores the Dice at 0.5 and ``val/mean_dice_256`` (the primary metric)."""
+
     name = "infnet"
     requires_model = "infnet"
     Options = InfNetOptions
@@ -95,7 +110,6 @@ class InfNetTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        check_infnet_options(self.options)
         if self.recipe.data.unlabelled_per_batch:
             raise ConfigError("trainer 'infnet' trains on labelled slices only: set data.unlabelled_per_batch 0 "
                               "(Semi-Inf-Net uses unlabelled slices through pseudo-labels: trainer semi_infnet)")

@@ -46,7 +46,10 @@ from medvol.training.engine import Trainer, unwrap
 
 @dataclass
 class MeanTeacherOptions:
-    """The mean-teacher settings of a recipe's ``method`` section (subclass it for a method's own)."""
+    """The mean-teacher settings of a recipe's ``method`` section (subclass it for a method's
+    own): the teacher's ``ema_decay`` (the cap of :func:`teacher_decay`), whether it copies the
+    student's BatchNorm statistics (``ema_buffers``) or keeps its own, whether its forward runs
+    in train mode (``teacher_train_mode``, published), and the two views' ``perturb``ations."""
 
     ema_decay: float = 0.99
     ema_buffers: bool = False  # copy the student's BatchNorm statistics into the teacher (else its own)
@@ -55,7 +58,11 @@ class MeanTeacherOptions:
 
 
 class MeanTeacherTrainer(Trainer):
-    """Base of mean-teacher trainers (not registered: a subclass names a method and its step)."""
+    """Base of mean-teacher trainers (not registered: a subclass names a method and its step):
+    ``models["model"]`` the student, the only model an optimiser updates, and
+    ``models["teacher"]`` its EMA copy, moved after every update and used for prediction and
+    validation (``inference_key``); :meth:`views`, :meth:`teacher_forward` and
+    :meth:`labelled_mask` for the subclass's ``training_step`` (see the module's docstring)."""
 
     Options = MeanTeacherOptions
     inference_key = "teacher"

@@ -5,7 +5,10 @@ only set a flag; the loop finishes its step, writes ``latest.pt`` and stops with
 every step (an all-reduce of one number), so all stop at the same step.
 
 ``medvol predict`` uses the same flag, with SIGINT among the signals: it finishes the case in
-flight and stops before the next one; a second Ctrl-C stops at once (KeyboardInterrupt)."""
+flight and stops before the next one; a second Ctrl-C stops at once (KeyboardInterrupt).
+The end-of-run validation of ``medvol train``, ``medvol export`` and ``medvol cv`` hold it too
+and stop at their safe point (:meth:`PreemptionFlag.stop_point`: before anything is renamed
+into place) with one line saying what was written and what was not, exit status 75."""
 
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import threading
 
 import torch
 import torch.distributed as tdist
+
+from medvol.errors import INTERRUPTED_EXIT, Stopped
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -54,3 +59,15 @@ class PreemptionFlag:
         flag = torch.tensor([float(self.raised)], device=device)
         tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
         return bool(flag.item())
+
+    def stop_point(self, what: str, during: str | None = None) -> None:
+        """A safe point of a command: when a signal was caught, stop with :class:`Stopped`,
+        one line ``stopped by SIG... [during <during>]: <what>`` (``what``: what was written and
+        what was not), exit status 75 (130 for Ctrl-C) as a pre-empted training run."""
+        if self.signum is None:
+            return
+        stopped = Stopped(f"stopped by {signal.Signals(self.signum).name}{f' during {during}' if during else ''}: "
+                          f"{what}")
+        if self.signum == signal.SIGINT:
+            stopped.exit_status = INTERRUPTED_EXIT
+        raise stopped

@@ -17,9 +17,9 @@ checkpoints, metrics, resumable like any run):
    false`` trains on the pseudo-labels alone).
 4. ``finetune``: from ``pretrain``'s weights, on the labelled slices. Its weights are the result.
 
-Pseudo-labels live in ``RUN/pool_cache/``, a preprocessing cache that links every file of the
-training cache (nothing of the user's cache is ever written) and holds, for each
-pseudo-labelled case, its own label (``<case>_seg.npy``: the predicted foreground probability
+Pseudo-labels live in ``RUN/pool_cache/``, an overlay of the training cache
+(:func:`medvol.cache.link_overlay`: every file linked, nothing of the user's cache ever written)
+that holds, for each pseudo-labelled case, its own label (``<case>_seg.npy``: the predicted foreground probability
 ≥ ``threshold``, in the cache's preprocessed space), foreground locations and properties
 (``has_label: true``, ``pseudo_label: true``). Every stage trains on this cache with
 ``data.labelled`` naming its cases; the Inf-Net trainer computes the edges of every label,
@@ -29,11 +29,12 @@ probability map kept soft (their edges come from it thresholded at 0.5); here th
 ``RUN/semi_state.json`` holds the pools (labelled, pseudo-labelled in order of addition,
 unlabelled in order of use, validation), how many rounds are labelled and which stages are
 done; it is rewritten atomically after every change, so an interrupted loop resumes
-(``--resume``) at the stage where it stopped: a stage is resumed from its own
-``latest.pt``; pseudo-labels written before the state recorded them are simply made again
-(the same model gives the same labels). When ``finetune`` is done, ``RUN`` becomes a run
-folder of the final model (``plans.json``, ``checkpoints/`` linked from the stage), so
-``medvol predict RUN`` works as for any run.
+(``--resume``, which takes the values and refuses the folders that it does for any run:
+:func:`medvol.training.run_folder.resume_flag`, with this file as what is resumed) at the stage
+where it stopped: a stage is resumed from its own ``latest.pt``; pseudo-labels written before
+the state recorded them are simply made again (the same model gives the same labels). When
+``finetune`` is done, ``RUN`` becomes a run folder of the final model (``plans.json``,
+``checkpoints/`` linked from the stage), so ``medvol predict RUN`` works as for any run.
 
 Stage settings (``method.initial``, ``round``, ``pretrain``, ``finetune``): epochs over the
 stage's own slices, the epoch of the one ×``schedule.gamma`` decay, learning rate and batch
@@ -55,13 +56,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medvol.cache import case_paths, cases_dir, load_case, save_locations
+from medvol.cache import case_paths, link_overlay, load_case, write_label
 from medvol.config import Recipe, ScheduleConfig, save_recipe
 from medvol.errors import ConfigError
-from medvol.preprocessing.cache_files import sample_class_locations
 from medvol.training import register_trainer
-from medvol.training.infnet import InfNetOptions, check_infnet_options, epoch_steps
-from medvol.utils import read_json, save_npy, write_json
+from medvol.training.infnet import InfNetOptions, epoch_steps
+from medvol.training.run_folder import resume_flag
+from medvol.utils import read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,11 @@ STATE_FORMAT = "medvol-semi-infnet-1"
 
 @dataclass
 class Stage:
-    """One stage's length and rate, in epochs over its own training slices (converted to steps
-    by :func:`medvol.training.infnet.epoch_steps`, so a round's length follows its pool)."""
+    """One stage's length and rate (``method.initial``, ``round``, ``pretrain``, ``finetune``):
+    ``epochs`` over its own training slices (converted to steps by
+    :func:`medvol.training.infnet.epoch_steps`, so a round's length follows its pool), the
+    ``decay_epoch`` of the one ×``schedule.gamma`` decay, and ``lr`` and ``batch_size`` when they
+    differ from the recipe's. Checked by :class:`SemiInfNetOptions`, which knows its key."""
 
     epochs: float = 100.0
     decay_epoch: float | None = 50.0  # the one ×schedule.gamma decay, after this many epochs (None: never)
@@ -82,6 +86,12 @@ class Stage:
 
 @dataclass
 class SemiInfNetOptions(InfNetOptions):
+    """The ``method:`` section of ``trainer.name: semi_infnet``: Inf-Net's options (every stage
+    trains with them) plus the loop's: ``per_round`` slices pseudo-labelled per round (k),
+    ``max_rounds``, the foreground ``threshold`` of a pseudo-label, whether ``pretrain`` also
+    trains on the labelled slices (published), and one :class:`Stage` per stage kind. Every value
+    is checked when the recipe is loaded (:func:`medvol.training.load_recipe`)."""
+
     per_round: int = 5  # unlabelled slices pseudo-labelled per round (k)
     max_rounds: int | None = None  # None: until the unlabelled pool is empty
     threshold: float = 0.5  # pseudo-label = foreground probability >= threshold
@@ -91,9 +101,37 @@ class SemiInfNetOptions(InfNetOptions):
     pretrain: Stage = field(default_factory=Stage)
     finetune: Stage = field(default_factory=Stage)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.per_round < 1:
+            raise ConfigError(f"'method.per_round' must be >= 1, got {self.per_round!r}")
+        if self.max_rounds is not None and self.max_rounds < 0:
+            raise ConfigError(f"'method.max_rounds' must be >= 0 (or null: until the pool is empty), "
+                              f"got {self.max_rounds!r}")
+        if not 0 < self.threshold < 1:
+            raise ConfigError(f"'method.threshold' must be in (0, 1), got {self.threshold!r}")
+        for kind in ("initial", "round", "pretrain", "finetune"):
+            _check_stage(getattr(self, kind), f"method.{kind}")
+
+
+def _check_stage(s: Stage, key: str) -> None:
+    if not s.epochs > 0:
+        raise ConfigError(f"'{key}.epochs' must be > 0, got {s.epochs!r}")
+    if s.decay_epoch is not None and not s.decay_epoch > 0:
+        raise ConfigError(f"'{key}.decay_epoch' must be > 0 (or null: no decay), got {s.decay_epoch!r}")
+    if s.lr is not None and not s.lr > 0:
+        raise ConfigError(f"'{key}.lr' must be > 0 (or null: optimizer.lr), got {s.lr!r}")
+    if s.batch_size is not None and s.batch_size < 1:
+        raise ConfigError(f"'{key}.batch_size' must be >= 1 (or null: data.batch_size), got {s.batch_size!r}")
+
 
 @dataclass
 class SemiState:
+    """The loop's pools and progress (``RUN/semi_state.json``): the ``labelled`` slices, the
+    ``unlabelled`` ones in the order they will be pseudo-labelled, the ``validation`` slices,
+    the ``pseudo``-labelled ones in order of addition, how many rounds are labelled
+    (``rounds_labelled``) and the finished stages (``done``)."""
+
     labelled: list[str]
     unlabelled: list[str]  # in the order they will be pseudo-labelled
     validation: list[str]
@@ -142,29 +180,13 @@ def initial_state(cache: Path, recipe: Recipe) -> SemiState:
 
 # ---------------------------------------------------------------- the pool cache
 
-def link_cache(src: Path, dst: Path) -> None:
-    """``dst``: a cache whose top-level files are copies of ``src``'s and whose case files are
-    links to them (made once; later calls add links for nothing and change nothing)."""
-    (cases_dir(dst)).mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.is_file() and not (dst / f.name).exists():
-            shutil.copy2(f, dst / f.name)
-    for f in cases_dir(src).iterdir():
-        link = cases_dir(dst) / f.name
-        if f.is_file() and not f.name.startswith(".") and not (link.exists() or link.is_symlink()):
-            os.symlink(f.resolve(), link)
-
-
 def write_pseudo_label(src: Path, dst: Path, case: str, foreground: np.ndarray, threshold: float) -> None:
-    """The label of ``case`` in the pool cache ``dst``: ``foreground`` (X, Y, Z) >= threshold.
-    Label, locations, then the properties (written last, replacing the link to ``src``'s)."""
-    seg = (np.asarray(foreground) >= threshold)[None].astype(np.int8)
-    img, seg_path, props_path = case_paths(dst, case)
-    save_npy(seg_path, seg)
-    save_locations(dst, case, sample_class_locations(seg, [1]))
+    """The label of ``case`` in the overlay ``dst`` of ``src``: ``foreground`` (X, Y, Z) >=
+    threshold, with ``src``'s properties marked ``pseudo_label: true``
+    (:func:`medvol.cache.write_label`)."""
+    seg = (np.asarray(foreground) >= threshold)[None]
     props = read_json(case_paths(src, case)[2])
-    props.update(has_label=True, pseudo_label=True, label_file=None)
-    write_json(props_path, props)
+    write_label(dst, case, seg, {**props, "pseudo_label": True, "label_file": None}, classes=[1])
 
 
 def pseudo_label(prev_run: Path, src: Path, dst: Path, cases: list[str], threshold: float, device) -> None:
@@ -226,7 +248,7 @@ def run_stage(recipe: Recipe, cache: Path, run: Path, dist, quiet: bool) -> dict
     from medvol.training.infnet import InfNetTrainer
 
     trainer = InfNetTrainer(recipe, cache, run, dist)
-    return fit(trainer, resume=(run / "checkpoints" / "latest.pt").exists(), quiet=quiet)
+    return fit(trainer, resume=resume_flag(run, "auto"), quiet=quiet)
 
 
 def publish(stage: Path, run: Path) -> None:
@@ -243,33 +265,11 @@ def publish(stage: Path, run: Path) -> None:
 
 # ---------------------------------------------------------------- the driver
 
-def _check(recipe: Recipe, o: SemiInfNetOptions) -> None:
-    check_infnet_options(o)
-    if o.per_round < 1:
-        raise ConfigError(f"method.per_round must be >= 1, got {o.per_round}")
-    if not 0 < o.threshold < 1:
-        raise ConfigError(f"method.threshold must be in (0, 1), got {o.threshold}")
-    for kind in ("initial", "round", "pretrain", "finetune"):
-        s: Stage = getattr(o, kind)
-        if not s.epochs > 0 or (s.decay_epoch is not None and not s.decay_epoch > 0):
-            raise ConfigError(f"method.{kind}: epochs > 0 and decay_epoch > 0 (or null), got {s}")
-
-
-def _open_run(run: Path, resume: bool | str) -> bool:
-    """True when ``run`` holds a loop to continue; the same rules as ``medvol train --resume``."""
-    has = (run / STATE).exists()
-    if resume == "auto":
-        return has
-    if resume and not has:
-        raise ConfigError(f"{run}: nothing to resume (no {STATE}); use --resume auto to start fresh when there is none")
-    if not resume and (has or (run / "checkpoints").exists()):
-        raise ConfigError(f"{run}: holds a run already; pass --resume to continue it or choose another --out")
-    return bool(resume)
-
-
-def drive(recipe: Recipe, cache, run, dist, resume: bool | str = False, stop_at: int | None = None,
+def drive(recipe: Recipe, cache, run, dist, resume: bool = False, stop_at: int | None = None,
           quiet: bool = False) -> dict:
-    """Run (or continue) the loop; ``stop_at``: stop after that many stages of this call.
+    """Run (or, with ``resume``, continue) the loop; ``stop_at``: stop after that many stages of
+    this call. :func:`medvol.training.train` decides ``resume`` by the rule of every run
+    (:func:`medvol.training.run_folder.resume_flag` with ``resume_file`` :data:`STATE`).
     Returns the last validation metrics of the last stage run, and ``stages_done``."""
     from medvol.config import from_dict
 
@@ -277,16 +277,15 @@ def drive(recipe: Recipe, cache, run, dist, resume: bool | str = False, stop_at:
         raise ConfigError("trainer semi_infnet runs on one process (its stages are small 2D runs): start it "
                           "without torchrun")
     o = from_dict(SemiInfNetOptions, recipe.method, f"recipe '{recipe.name}'", "method")
-    _check(recipe, o)
     cache, run = Path(cache), Path(run)
-    if _open_run(run, resume):
+    if resume:
         state = load_state(run)
     else:
         state = initial_state(cache, recipe)
         run.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, run / "recipe.yaml")
         save_state(run, state)
-    link_cache(cache, run / "pool_cache")
+    link_overlay(cache, run / "pool_cache")
     names = stage_names(n_rounds(len(state.unlabelled) + len(state.pseudo), o))
     metrics: dict = {}
     ran = 0
@@ -320,8 +319,12 @@ def _label_round(state: SemiState, o: SemiInfNetOptions, cache: Path, run: Path,
 @register_trainer
 class SemiInfNet:
     """``trainer.name: semi_infnet``: not an engine trainer but the driver of Inf-Net stages
-    (:func:`drive`); :func:`medvol.training.train` hands the whole run to it."""
+    (:func:`drive`); :func:`medvol.training.train` hands the whole run to it, once it has
+    decided ``--resume`` by the rule of every run with ``resume_file`` (this loop's
+    ``semi_state.json``). ``Options`` (:class:`SemiInfNetOptions`) parse its ``method:``
+    section when the recipe is loaded."""
 
     name = "semi_infnet"
     Options = SemiInfNetOptions
+    resume_file = STATE  # what --resume continues (medvol.training.run_folder.resume_flag)
     drive = staticmethod(drive)

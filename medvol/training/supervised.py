@@ -11,6 +11,11 @@ from medvol.training.engine import Trainer
 
 @register_trainer
 class SupervisedTrainer(Trainer):
+    """``trainer.name: supervised``: the nnU-Net recipe. Any segmentation model of the
+    registry (DynUNet by default) on labelled patches, ``trainer.loss`` (Dice + CE by default)
+    on every deep-supervision head when ``model.deep_supervision`` is on; no ``method:`` options.
+    Validation is the engine's per-class Dice by the sliding window."""
+
     name = "supervised"
 
     def __init__(self, *args, **kwargs):

@@ -1,5 +1,5 @@
 """UGPCL: uncertainty-guided pixel contrastive learning, semi-supervised 2D segmentation with a
-CNN and a Transformer decoder (IJCAI 2022; ``docs/methods/ugpcl.md``, ``docs/methods/ugpcl.md``).
+CNN and a Transformer decoder (IJCAI 2022; ``docs/methods/ugpcl.md``).
 
 Each step: every image of the batch (labelled and unlabelled) is rotated by k·90° (k drawn in
 {0..3}, the rotation head's target) plus a random angle in ±``rotate_deg`` (labels with it,
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medvol import validation
 from medvol.errors import ConfigError
 from medvol.losses.pixel_contrast import ANCHOR_SAMPLING, BACKGROUND_QUEUE, DICE, UGPCLLoss
 from medvol.training import register_trainer
@@ -39,6 +40,12 @@ _ANCHOR_STREAM = 0xA7C40
 
 @dataclass
 class UGPCLOptions:
+    """The ``method:`` section of ``trainer.name: ugpcl``: the loss weights (``tf_weight``,
+    ``consistency`` and its ramp-up, ``rotation_weight``, ``contrast_weight`` from
+    ``contrast_start`` on), the rotation range, the contrast's ``temperature``, anchors and
+    uncertainty-threshold ramp, the published-or-alternative choices (``anchor_sampling``,
+    ``background_queue``, ``dice``) and ``val_slice_batch`` of the 2D batch-averaged Dice."""
+
     tf_weight: float = 0.4  # weight of the Transformer decoder's supervised loss
     consistency: float = 0.01  # weight of MSE(softmax_cnn, softmax_tf) on the unlabelled images...
     consistency_rampup: int | None = None  # ... times sigmoid_rampup over this many steps (None: trainer.steps)
@@ -53,6 +60,19 @@ class UGPCLOptions:
     background_queue: str = "zeros"  # published: class 0's queue is zero vectors; "means": background means
     dice: str = "published"  # foreground Dice, squared denominators; "all_classes": background in, linear
     val_slice_batch: int = 16  # slices per batch of the paper's 2D batch-averaged validation Dice
+
+    def __post_init__(self) -> None:  # checked when the recipe is loaded
+        for key in ("tf_weight", "consistency", "rotation_weight", "contrast_weight", "rotate_deg"):
+            validation.non_negative(getattr(self, key), f"method.{key}")
+        validation.positive(self.temperature, "method.temperature")
+        for key in ("max_anchors_per_class", "val_slice_batch"):
+            validation.positive_int(getattr(self, key), f"method.{key}")
+        for key in ("consistency_rampup", "threshold_rampup"):
+            if getattr(self, key) is not None:
+                validation.positive_int(getattr(self, key), f"method.{key}")
+        for key, choices in (("anchor_sampling", ANCHOR_SAMPLING), ("background_queue", BACKGROUND_QUEUE),
+                             ("dice", DICE)):
+            validation.one_of(getattr(self, key), choices, f"method.{key}")
 
 
 # ------------------------------------------------------------------ rotation
@@ -107,6 +127,13 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
 
 @register_trainer
 class UGPCLTrainer(Trainer):
+    """``trainer.name: ugpcl``: UGPCL (``model.name: ugpcl``: a shared encoder, CNN and
+    Transformer decoders, rotation and projection heads, the class memory queue in its buffers)
+    on 2D slices, labelled and unlabelled ones in every batch. Each step rotates the batch
+    (:meth:`prepare_batch`) and takes :class:`~medvol.losses.pixel_contrast.UGPCLLoss` with the
+    weights of :class:`UGPCLOptions`. Validation: the engine's per-class Dice per case and the
+    paper's 2D batch-averaged Dice over the slices (``val/dice2d_*``)."""
+
     name = "ugpcl"
     requires_model = "ugpcl"
     Options = UGPCLOptions
@@ -115,10 +142,6 @@ class UGPCLTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         o, steps = self.options, self.recipe.trainer.steps
-        for key, choices in (("anchor_sampling", ANCHOR_SAMPLING), ("background_queue", BACKGROUND_QUEUE),
-                             ("dice", DICE)):
-            if getattr(o, key) not in choices:
-                raise ConfigError(f"method.{key} must be one of {', '.join(choices)}, got '{getattr(o, key)}'")
         self.loss_fn = UGPCLLoss(
             tf_weight=o.tf_weight, consistency=o.consistency,
             consistency_rampup=float(steps if o.consistency_rampup is None else o.consistency_rampup),
