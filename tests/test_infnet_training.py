@@ -318,12 +318,18 @@ def test_infnet_demo_learns_through_medvol_train(infnet_run):
     run, before, after = infnet_run
     series = metric_series(run)
     loss = series["train/loss"]
-    # Measured over trainer.seed 0 / 1 / 2 (one thread): mean loss of the first 10 -> last 10
-    # steps 6.73 -> 4.52, 6.73 -> 4.38, 6.76 -> 4.29; validation mean_dice_256 0.138 -> 0.426,
-    # 0.071 -> 0.304, 0.111 -> 0.455 and Dice at 0.5 0.134 -> 0.485, 0.000 -> 0.290, 0.122 -> 0.462.
+    # Re-measured over trainer.seed 0 / 1 / 2 / 3 (one thread): mean loss of the first 10 -> last
+    # 10 steps 6.71 -> 4.50, 6.82 -> 4.52, 6.68 -> 4.41, 6.87 -> 4.33; validation mean_dice_256
+    # 0.138 -> 0.348, 0.071 -> 0.331, 0.111 -> 0.238, 0.001 -> 0.327 (gains 0.210 / 0.260 / 0.127 /
+    # 0.326) and Dice at 0.5 0.134 -> 0.391, 0.000 -> 0.352, 0.122 -> 0.204, 0.000 -> 0.325 (gains
+    # 0.257 / 0.352 / 0.082 / 0.325). The former gain bars (+0.12 each) failed seed 2's Dice at 0.5
+    # and passed its mean_dice_256 by 0.007. Planted: the final map taken from ra4 instead of ra2
+    # (seed 0): mean_dice_256 0.145 -> 0.103, Dice at 0.5 0.134 -> 0.081. Bars: gains above about
+    # half the smallest (0.06, 0.04); levels midway between the untrained/planted highest (0.145,
+    # 0.134) and the trained lowest (0.238, 0.204).
     assert np.mean(loss[-10:]) < np.mean(loss[:10]) - 1.2
-    assert after["val/mean_dice_256"] > before["val/mean_dice_256"] + 0.12 and after["val/mean_dice_256"] > 0.2
-    assert after["val/dice_infection"] > before["val/dice_infection"] + 0.12
+    assert after["val/mean_dice_256"] > before["val/mean_dice_256"] + 0.06 and after["val/mean_dice_256"] > 0.19
+    assert after["val/dice_infection"] > before["val/dice_infection"] + 0.04 and after["val/dice_infection"] > 0.17
     # multi-scale: 48 -> 32, 48, 64 in turn; the learning rate decays once, at step 68 (the rate
     # logged with step s is the one step s + 1 uses: the scheduler has stepped)
     assert series["train/size"][:6] == [32.0, 48.0, 64.0, 32.0, 48.0, 64.0]
@@ -364,7 +370,11 @@ def test_a_2d_infnet_predicts_a_ct_volume_and_single_slices_in_their_geometry(in
     np.testing.assert_allclose(pred.affine, affine)
     ref = np.stack([s[1] for s in slices], -1)
     p = np.asarray(pred.array) > 0
-    assert 2 * (p & ref).sum() / (p.sum() + ref.sum()) > 0.15  # measured 0.32 (this run, seed 0)
+    # Dice on this CT, measured over trainer.seed 0 / 1 / 2 / 3 (one thread): 0.319 / 0.310 /
+    # 0.315 / 0.364; untrained weights (seed 0, one step at learning rate 0) 0.091; planted, the
+    # final map taken from ra4 instead of ra2: 0.082. Bar 0.2: 0.11 below the lowest trained,
+    # 0.11 above the highest broken.
+    assert 2 * (p & ref).sum() / (p.sum() + ref.sum()) > 0.2
     raw = demo_cache[0]  # the test slices: NIfTIs one voxel thick
     assert main(["predict", "-m", str(run), "-i", str(raw / "imagesTs"), "-o", str(tmp_path / "ts"),
                  "--device", "cpu", "--quiet", "--no-pictures"]) == 0
