@@ -310,7 +310,8 @@ def test_supervised_loss_falls_and_dice_rises(learned):
     sup, dice = s["train/sup_cnn"], s["val/dice_mean"]
     assert len(dice) == 4 and len(s["val/dice2d_mean"]) == 4
     assert np.mean(sup[-10:]) < 0.5 * np.mean(sup[:10])
-    assert dice[-1] > 0.7 and dice[-1] > untrained["val/dice_mean"] + 0.4 and dice[-1] >= dice[0]
+    # from step 25 to 100 the seeds gained 0.056 / 0.071 / 0.176: at least 0.02
+    assert dice[-1] > 0.7 and dice[-1] > untrained["val/dice_mean"] + 0.4 and dice[-1] > dice[0] + 0.02
     assert s["train/contrast"][-1] > 0 and s["train/contrast"][0] == 0
 
 
