@@ -43,6 +43,8 @@ def _checked(check):
 DESCRIPTION = """\
 medvol: 3D medical image segmentation with nnU-Net-style preprocessing.
 
+  medvol convert-msd TASK RAW           Decathlon task folder -> nnU-Net v2 raw layout
+  medvol check RAW                      verify a raw dataset (nnU-Net's --verify_dataset_integrity)
   medvol preprocess RAW -o PRE          NIfTI/DICOM dataset -> plan + training cache
   medvol recipes                        the built-in recipes and what each is for
   medvol train quickstart --data PRE --out RUN
@@ -53,6 +55,19 @@ medvol: 3D medical image segmentation with nnU-Net-style preprocessing.
   medvol demo                           the whole pipeline on built-in real data
 
 `medvol COMMAND --help` lists a command's options."""
+
+
+CONVERT_MSD_EXAMPLES = """\
+examples:
+  medvol convert-msd Task05_Prostate raw/           -> raw/Dataset005_Prostate (4D images split per channel)
+  medvol convert-msd Task05_Prostate raw/ --id 205  -> raw/Dataset205_Prostate
+  medvol check raw/Dataset005_Prostate              then verify it before preprocessing"""
+
+CHECK_EXAMPLES = """\
+examples:
+  medvol check raw/Dataset005_Prostate    every case read; one report of all problems
+
+exit status: 0 when every case is clean, 2 when any problem was found (all of them are listed)."""
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -249,6 +264,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the folds' run folders, or one folder holding fold_* runs")
     _add_out(p, "output folder (cv_summary.json/.csv/.html, cv_dice.png); default: the folder of fold_* runs "
                 "when one is given", required=False)
+    _add_common(p)
+
+    p = sub.add_parser("convert-msd", help="a Medical Segmentation Decathlon task folder -> nnU-Net v2 raw layout",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=CONVERT_MSD_EXAMPLES)
+    p.add_argument("task", type=Path, help="the MSD task folder TaskNN_Name (dataset.json, imagesTr, imagesTs, "
+                                           "labelsTr)")
+    p.add_argument("out", type=Path, help="the raw folder (nnU-Net's nnUNet_raw) that gets DatasetNNN_Name/")
+    p.add_argument("--id", type=int, default=None, dest="dataset_id", action=_checked(validation.positive_int),
+                   help="dataset id (default: the task number, e.g. 5 for Task05_Prostate -> Dataset005_Prostate)")
+    _add_common(p)
+
+    p = sub.add_parser("check", help="verify a raw dataset as nnU-Net's --verify_dataset_integrity; writes nothing",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=CHECK_EXAMPLES)
+    p.add_argument("raw", type=Path, help="raw dataset: nnU-Net v2 or Decathlon folder (also a NIfTI folder or "
+                                          "DICOM tree)")
     _add_common(p)
 
     p = sub.add_parser("demo", help="the main job end to end on the built-in real data")
@@ -466,6 +496,24 @@ def _cmd_cv(a) -> int:
     return 0
 
 
+def _cmd_convert_msd(a) -> int:
+    from medvol.preprocessing.convert_msd import convert_msd
+
+    target = convert_msd(a.task, a.out, a.dataset_id)
+    print(f"{a.task} -> {target} (check it with: medvol check {target})")
+    return 0
+
+
+def _cmd_check(a) -> int:
+    from medvol.preprocessing.integrity import check_raw_dataset
+
+    rep = check_raw_dataset(a.raw)
+    print(f"{a.raw} ({rep.layout}): {len(rep.checked)} case(s) checked, {len(rep.problems)} with problems")
+    for case, problem in rep.problems.items():
+        print(f"  {case}: {problem}", file=sys.stderr)
+    return 0 if rep.ok else 2
+
+
 def _cmd_demo(a) -> int:
     """The demo application ships with the dataset builders (``datasets/demo.py``): run it,
     so that nothing under ``medvol/`` imports them."""
@@ -479,7 +527,8 @@ def _cmd_demo(a) -> int:
 COMMANDS = {"preprocess": _cmd_preprocess, "fingerprint": _cmd_fingerprint, "plan": _cmd_plan,
             "recipes": _cmd_recipes, "train": _cmd_train, "export": _cmd_export,
             "pretrain": _cmd_train, "predict": _cmd_predict, "extract-features": _cmd_extract_features,
-            "evaluate": _cmd_evaluate, "cv": _cmd_cv, "demo": _cmd_demo}
+            "evaluate": _cmd_evaluate, "cv": _cmd_cv, "demo": _cmd_demo,
+            "convert-msd": _cmd_convert_msd, "check": _cmd_check}
 
 
 def main(argv: list[str] | None = None) -> int:
