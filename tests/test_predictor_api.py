@@ -59,7 +59,12 @@ def test_predict_files_equals_medvol_predict(tiny_run, tmp_path):
     labels, _, probs = _cli(tiny_run, path.parent, tmp_path / "cli")
     with Predictor(tiny_run, device="cpu", tta=False) as p:
         written = p.predict_files([path], tmp_path / "api", save_probabilities=True)
+        from_folder = p.predict_files(path.parent, tmp_path / "api2")
+        with pytest.raises(MedvolError, match="scan: this case name is given twice in the inputs"):
+            p.predict_files([path, path.parent], tmp_path / "api3")
     assert written == [tmp_path / "api" / "scan.nii.gz"]
+    assert (tmp_path / "api" / "predict.json").is_file() and not (tmp_path / "api3").exists()
+    assert np.array_equal(np.asarray(nib.load(str(from_folder[0])).dataobj), labels)
     assert np.array_equal(np.asarray(nib.load(str(written[0])).dataobj), labels)
     with np.load(tmp_path / "api" / "scan.npz") as z:
         np.testing.assert_array_equal(z["probabilities"], probs)
