@@ -92,7 +92,7 @@ def predict(run_dir: str | Path | Sequence[str | Path], inputs: str | Path, out_
     their probabilities are averaged before post-processing; the first one's inference
     settings apply) or a folder holding ``fold_*`` runs. ``stop``: see :func:`predict_cases`."""
     _check_options(sw_batch_size, overlap)
-    with _unpacked_models(run_dir) as run_dirs:
+    with unpacked_models(run_dir) as run_dirs:
         dev = resolve_device(device)
         runs = [load_run(r, dev, checkpoint) for r in run_dirs]
         cases = input_cases(inputs, runs[0].plans.num_channels)
@@ -121,7 +121,7 @@ def _check_options(sw_batch_size: int, overlap: float | None) -> None:
 
 
 @contextmanager
-def _unpacked_models(run_dir) -> Iterator[list[Path]]:
+def unpacked_models(run_dir) -> Iterator[list[Path]]:
     """Run folders for ``predict``: the ones given, the ``fold_*`` runs of a folder of folds,
     model zips unpacked for the duration."""
     from medvol.export import unpacked_model
@@ -134,7 +134,7 @@ def _unpacked_models(run_dir) -> Iterator[list[Path]]:
 
 def model_plans(run_dir) -> Plans:
     """The plan of the model(s) ``predict`` would run (the first one's)."""
-    with _unpacked_models(run_dir) as run_dirs:
+    with unpacked_models(run_dir) as run_dirs:
         return Plans.from_dict(read_json(run_dirs[0] / "plans.json"))
 
 
@@ -152,14 +152,8 @@ def predict_cases(runs: list[RunModel], cases: list[tuple[str, list[Path]]], out
     are complete: every file is written atomically)."""
     from tqdm import tqdm
 
-    _check_options(sw_batch_size, overlap)
-    _check_segmentation_models(runs)
-    run = _same_plans(runs)
-    settings = _settings(run.recipe.inference, tta=tta, overlap=overlap, step=step,
-                         largest_component=largest_component_only, precision=precision, all_windows=all_windows)
-    if settings.largest_component and postprocess is None:
-        postprocess = largest_component
-    tasks = _resolve_tasks(run, task)
+    settings, postprocess, tasks = run_settings(runs, tta, overlap, sw_batch_size, postprocess, largest_component_only,
+                                                task, step, precision, all_windows)
     out_dir = Path(out_dir)
     names = [_output_name(case, tname, tasks) for case, _ in cases for _, tname in tasks]
     _claim_outputs(out_dir, [s for _, srcs in cases for s in srcs],
@@ -173,6 +167,23 @@ def predict_cases(runs: list[RunModel], cases: list[tuple[str, list[Path]]], out
                                  postprocess, save_probabilities)
     _write_record(out_dir, runs, settings, device)
     return written
+
+
+def run_settings(runs: list[RunModel], tta: bool | None = None, overlap: float | None = None, sw_batch_size: int = 2,
+                 postprocess=None, largest_component_only: bool | None = None, task: str | int | None = None,
+                 step: list[int] | None = None, precision: str | None = None, all_windows: bool | None = None
+                 ) -> tuple[InferenceConfig, Callable | None, list[tuple[int | None, str]]]:
+    """The loaded models checked (segmentation models planned alike) and what they predict
+    with: the recipe's inference settings under the options given, the label-map
+    post-processing (or None) and the tasks (:func:`_resolve_tasks`)."""
+    _check_options(sw_batch_size, overlap)
+    _check_segmentation_models(runs)
+    run = _same_plans(runs)
+    settings = _settings(run.recipe.inference, tta=tta, overlap=overlap, step=step,
+                         largest_component=largest_component_only, precision=precision, all_windows=all_windows)
+    if settings.largest_component and postprocess is None:
+        postprocess = largest_component
+    return settings, postprocess, _resolve_tasks(run, task)
 
 
 PREDICT_RECORD = "predict.json"
@@ -227,18 +238,37 @@ def _predict_case(runs: list[RunModel], case: str, sources: list[Path], out_dir:
                   settings: InferenceConfig, tasks, sw_batch_size: int, postprocess, save_probabilities: bool
                   ) -> list[Path]:
     """One case (every task of a task-conditioned model): label maps (and probabilities) written."""
+    vols = [read_volume(s) for s in sources]
+    ref, written = vols[0], []
+    for tname, seg, restored in case_outputs(runs, vols, device, settings, tasks, sw_batch_size, postprocess,
+                                             case, inplace=True):  # the scans are ours: no extra copy
+        name = _output_name(case, tname, tasks)
+        claim_files(out_dir, [f"{name}.nii.gz"] + ([f"{name}.npz"] if save_probabilities else []))
+        path = write_volume(Volume(seg, ref.affine, {}), out_dir / f"{name}.nii.gz")
+        if save_probabilities:
+            with atomic_path(out_dir / f"{name}.npz") as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez_compressed(f, probabilities=restored, affine=ref.affine)
+        written.append(path)
+        log.info("%s -> %s", name, path)
+    return written
+
+
+def case_outputs(runs: list[RunModel], vols: list[Volume], device: torch.device, settings: InferenceConfig, tasks,
+                 sw_batch_size: int, postprocess, case: str = "", inplace: bool = False
+                 ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """``(task name, label map, probabilities)`` per task of one scan (its channel volumes), both
+    in the scan's own grid: preprocessing, the ensemble's sliding window, the geometry restore and
+    post-processing. ``inplace``: the volumes' arrays may be overwritten."""
     from medvol.inference.geometry import restore_geometry
     from medvol.preprocessing import preprocess_case
 
-    vols = [read_volume(s) for s in sources]
-    # the scans are ours: no extra copy
-    array, props = preprocess_case(vols, runs[0].plans.raw, inplace=True, body_mask=not settings.all_windows,
+    array, props = preprocess_case(vols, runs[0].plans.raw, inplace=inplace, body_mask=not settings.all_windows,
                                    slice_axis=_scan_slice_axis(runs))
     image = torch.from_numpy(array).half()
     del array  # the float32 array is dropped here
-    ref, mask = vols[0], props.pop("body_mask", None)
+    mask = props.pop("body_mask", None)
     stats: dict[str, int] = {}
-    written = []
     for tid, tname in tasks:
         probs = _ensemble_probabilities(runs, image, device, settings, sw_batch_size, tid, mask, stats)
         if stats.get("windows_skipped"):
@@ -255,16 +285,7 @@ def _predict_case(runs: list[RunModel], case: str, sources: list[Path], out_dir:
             seg = postprocess(seg)
         if tid is not None and settings.dodnet_postprocess:
             seg = dodnet_postprocess(seg, tname, organ_annotated=_annotated(runs[0], tid)[0])
-        name = _output_name(case, tname, tasks)
-        claim_files(out_dir, [f"{name}.nii.gz"] + ([f"{name}.npz"] if save_probabilities else []))
-        path = write_volume(Volume(seg, ref.affine, {}), out_dir / f"{name}.nii.gz")
-        if save_probabilities:
-            with atomic_path(out_dir / f"{name}.npz") as tmp:
-                with open(tmp, "wb") as f:
-                    np.savez_compressed(f, probabilities=restored, affine=ref.affine)
-        written.append(path)
-        log.info("%s -> %s", name, path)
-    return written
+        yield tname, seg, restored
 
 
 def _scan_slice_axis(runs: list[RunModel]) -> int | None:
