@@ -93,7 +93,8 @@ def test_preprocess_options_parse_or_exit_2(opts):
     argv = ["preprocess", "raw", "-o", "out"] + [x for k, v in opts.items() for x in [k, *v]]
     a = _parse(argv)
     if a is not None:  # accepted values are usable
-        assert math.isfinite(a.gpu_memory_gb) and a.gpu_memory_gb > 0
+        # None: the planner's own memory target
+        assert a.gpu_memory_gb is None or (math.isfinite(a.gpu_memory_gb) and a.gpu_memory_gb > 0)
         assert a.workers is None or a.workers >= 1  # None: the usable CPUs
         if a.ct_window is not None:
             assert all(map(math.isfinite, a.ct_window)) and a.ct_window[0] < a.ct_window[1]
