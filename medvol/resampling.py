@@ -400,14 +400,20 @@ def resample_probabilities(probs: "np.ndarray | torch.Tensor", new_shape: Sequen
     return out.to(dtype)
 
 
+def _nearest_taps(n: int, m: int) -> tuple:
+    """Taps of nearest-neighbour resampling in ``_linear_taps``' form: both corners the nearest
+    input voxel, weight 0 on the second."""
+    idx = _nearest_indices(n, m)
+    return idx, idx, np.zeros(len(idx))
+
+
 def probabilities_at(probs: np.ndarray, new_shape: Sequence[int], separate_z: int | None,
                      at: tuple[np.ndarray, ...]) -> np.ndarray:
     """What :func:`resample_probabilities` gives at the output voxels ``at`` (index arrays),
     ``(C, len(at[0]))``, summed over the 8 corners in float64 (the same taps: half-pixel
     linear, nearest along ``separate_z``): a few voxels of a volume at full precision."""
-    taps = [(idx, idx, np.zeros(len(idx))) if a == separate_z else _linear_taps(n, int(m))
-            for a, (n, m) in enumerate(zip(probs.shape[1:], new_shape))
-            for idx in [_nearest_indices(n, int(m))]]
+    taps = [_nearest_taps(n, int(m)) if a == separate_z else _linear_taps(n, int(m))
+            for a, (n, m) in enumerate(zip(probs.shape[1:], new_shape))]
     out = np.zeros((probs.shape[0], len(at[0])))
     for idx, w in _corners(taps, at):
         out += w * np.asarray(probs[(slice(None),) + tuple(idx)], np.float64)
