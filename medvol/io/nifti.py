@@ -27,14 +27,7 @@ def read_nifti(path: str | Path, header_only: bool = False) -> Volume:
     image as some tools write it) is read as channels.
     """
     path = Path(path)
-    try:
-        img = nib.load(str(path))
-    except FileNotFoundError:
-        raise InputError(path, "file not found") from None
-    except Exception as e:  # nibabel raises many types for bad headers
-        raise InputError(path, f"not a readable NIfTI file ({type(e).__name__}: {e})") from None
-    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):  # e.g. an Analyze file named .nii
-        raise InputError(path, f"not a NIfTI image (nibabel reads it as {type(img).__name__})")
+    img = open_nifti(path)
     shape = img.shape
     if len(shape) == 5 and shape[3] == 1:
         shape = shape[:3] + shape[4:]
@@ -56,12 +49,31 @@ def read_nifti(path: str | Path, header_only: bool = False) -> Volume:
         raise InputError(path, f"voxel spacing (pixdim) must be finite and > 0, got {zooms.tolist()} mm")
     if header_only:
         return Volume(np.empty((0, 0, 0)), img.affine, meta)
+    data = nifti_values(path, img)
+    return Volume(np.asarray(data).reshape(shape), img.affine, meta)
+
+
+def open_nifti(path: Path) -> nib.Nifti1Image | nib.Nifti2Image:
+    """The NIfTI image at ``path`` (header read, voxels not yet), or one InputError line."""
+    try:
+        img = nib.load(str(path))
+    except FileNotFoundError:
+        raise InputError(path, "file not found") from None
+    except Exception as e:  # nibabel raises many types for bad headers
+        raise InputError(path, f"not a readable NIfTI file ({type(e).__name__}: {e})") from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):  # e.g. an Analyze file named .nii
+        raise InputError(path, f"not a NIfTI image (nibabel reads it as {type(img).__name__})")
+    return img
+
+
+def nifti_values(path: Path, img) -> np.ndarray:
+    """The voxel values of ``img`` (opened from ``path``) as its header scales them, or one
+    InputError line for a file shorter than its header says or corrupt data."""
     _check_declared_size(path, img)
     try:
-        data = np.asanyarray(_fast_gzip(path, img).dataobj)
+        return np.asanyarray(_fast_gzip(path, img).dataobj)
     except (EOFError, OSError, zlib.error, ValueError) as e:
         raise InputError(path, f"truncated or corrupt image data ({type(e).__name__}: {e})") from None
-    return Volume(np.asarray(data).reshape(shape), img.affine, meta)
 
 
 def _fast_gzip(path: Path, img):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -24,6 +23,7 @@ import numpy as np
 
 from medvol.errors import InputError
 from medvol.io.dataset_json import DATASET_JSON, read_dataset_json
+from medvol.io.nifti import nifti_values, open_nifti
 from medvol.manifest import OutputFolder, refuse_overlap
 from medvol.preprocessing.raw import open_raw_dataset
 from medvol.utils import atomic_path, write_json
@@ -66,14 +66,14 @@ def split_channels(src: Path, out_dir: Path) -> list[Path]:
     its 4th axis with the header (affine, qform/sform, units, dtype) kept; values the header
     scales (scl_slope/scl_inter) are written as float32."""
     case = src.name[: -len(ENDING)]
-    img = _load_nifti1(src)
+    img = open_nifti(src)
     if img.ndim == 3:
         return [_copy(src, out_dir / f"{case}_0000{ENDING}")]
     if img.ndim != 4:
         raise InputError(src, f"expected a 3D or 4D image, got shape {img.shape}: cannot split into channels")
     out, values = [], _voxel_values(src, img)
     for c in range(img.shape[3]):
-        part = nib.Nifti1Image(values[..., c], img.affine, img.header.copy())
+        part = type(img)(values[..., c], img.affine, img.header.copy())
         part.header.set_data_dtype(values.dtype)
         path = out_dir / f"{case}_{c:04d}{ENDING}"
         with atomic_path(path) as tmp:
@@ -82,24 +82,11 @@ def split_channels(src: Path, out_dir: Path) -> list[Path]:
     return out
 
 
-def _voxel_values(src: Path, img: nib.Nifti1Image) -> np.ndarray:
+def _voxel_values(src: Path, img) -> np.ndarray:
     """The image's values in its stored dtype; float32 when the header scales them (scl_slope,
     scl_inter), as nnU-Net's SimpleITK reader gives them: a rescaled integer would lose them."""
-    try:
-        data = np.asanyarray(img.dataobj)
-        return data if data.dtype == img.get_data_dtype() else data.astype(np.float32)
-    except (EOFError, OSError, zlib.error, ValueError) as e:
-        raise InputError(src, f"truncated or corrupt image data ({type(e).__name__}: {e})") from None
-
-
-def _load_nifti1(src: Path) -> nib.Nifti1Image:
-    try:
-        img = nib.load(str(src))
-    except Exception as e:  # nibabel raises many types for bad headers
-        raise InputError(src, f"not a readable NIfTI file ({type(e).__name__}: {e})") from None
-    if not isinstance(img, nib.Nifti1Image):
-        raise InputError(src, f"not a NIfTI-1 image (nibabel reads it as {type(img).__name__})")
-    return img
+    data = nifti_values(src, img)
+    return data if data.dtype == img.get_data_dtype() else data.astype(np.float32)
 
 
 def _copy(src: Path, dst: Path) -> Path:
