@@ -161,3 +161,27 @@ def test_the_predict_flag_waits_for_the_case_in_flight_but_not_for_a_second_ctrl
             with pytest.raises(KeyboardInterrupt):
                 os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sigkill_during_predict_leaves_whole_files_and_the_rerun_finishes(tiny_run, tmp_path):
+    """Issue 35, 3: SIGKILL (no handler can run) while predicting: every case file in OUT is
+    whole, and the same command run again predicts every case into the same folder."""
+    inp, out = tmp_path / "in", tmp_path / "out"
+    cases = [f"c{i:02d}" for i in range(8)]
+    for i, c in enumerate(cases):
+        write_nifti(inp / f"{c}.nii.gz", sphere_case(seed=i)[0])
+    argv = [sys.executable, "-m", "medvol", "predict", "-m", str(tiny_run), "-i", str(inp), "-o", str(out),
+            "--device", "cpu", "--quiet", "--tta", "--no-pictures"]
+    proc = subprocess.Popen(argv, env=ENV, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list(out.glob("*.nii.gz")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.kill()
+    proc.communicate(timeout=60)
+    written = sorted(out.glob("c*.nii.gz"))
+    assert 1 <= len(written) < len(cases)
+    for p in written:
+        assert nib.load(p).get_fdata().shape == (24, 24, 20)
+    rerun = subprocess.run(argv, env=ENV, stderr=subprocess.PIPE, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert sorted(p.name for p in out.glob("c*.nii.gz")) == [f"{c}.nii.gz" for c in cases]
