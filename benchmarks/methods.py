@@ -162,6 +162,21 @@ COMPARISONS = {c.method: c for c in [
 ]}
 
 
+# Comparisons scored otherwise than by the Dice of a label map (super-resolution, multi-rater
+# calibration, vessel metrics): method name -> a module beside this file with
+# ``run(seeds, work, toy, deadline) -> list[dict]`` (rows with "method", "arm", "seed") and
+# ``table(rows, out) -> str`` (its Markdown table, appended to methods.md; pictures into ``out``).
+SCORED_ELSEWHERE: dict[str, str] = {}
+
+
+def _elsewhere(method: str):
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    return importlib.import_module(SCORED_ELSEWHERE[method])
+
+
 def _task_copy(raw: Path, out: Path, cases: list[str], values: list[int], name: str) -> Path:
     """One partial dataset on its own: ``cases`` (and every test scan) with label 1 where the
     label is one of ``values``: what that dataset's annotators drew."""
@@ -382,7 +397,8 @@ def plot(summary: list[dict], method: str, out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--method", action="append", choices=sorted(COMPARISONS), help="repeat for several")
+    ap.add_argument("--method", action="append", choices=sorted({**COMPARISONS, **SCORED_ELSEWHERE}),
+                    help="repeat for several")
     ap.add_argument("--all", action="store_true")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--budgets", type=int, nargs="+", help="only these labelled budgets (default: the comparison's)")
@@ -396,13 +412,20 @@ def main(argv: list[str] | None = None) -> int:
     if a.merge:
         rows = [r for d in a.merge for r in json.loads((d / "methods.json").read_text())["runs"]]
     else:
-        methods = sorted(COMPARISONS) if a.all else (a.method or ap.error("give --method NAME or --all"))
+        methods = sorted({**COMPARISONS, **SCORED_ELSEWHERE}) if a.all else (
+            a.method or ap.error("give --method NAME or --all"))
         deadline = time.time() + 60 * a.budget_minutes
-        rows = [r for m in methods for r in run_comparison(COMPARISONS[m], a.seeds, a.out, a.toy, deadline, a.budgets)]
-    summary = summarise(rows)
+        rows = [r for m in methods for r in (
+            _elsewhere(m).run(a.seeds, a.out, a.toy, deadline) if m in SCORED_ELSEWHERE
+            else run_comparison(COMPARISONS[m], a.seeds, a.out, a.toy, deadline, a.budgets))]
+    summary = summarise([r for r in rows if r["method"] in COMPARISONS])
     (a.out / "methods.json").write_text(json.dumps({"runs": rows, "summary": summary}, indent=1))
-    print(write_table(summary, a.out).read_text())
-    for m in dict.fromkeys(r["method"] for r in rows):
+    table = write_table(summary, a.out)
+    for m in dict.fromkeys(r["method"] for r in rows if r["method"] in SCORED_ELSEWHERE):
+        with table.open("a") as f:
+            f.write("\n" + _elsewhere(m).table([r for r in rows if r["method"] == m], a.out) + "\n")
+    print(table.read_text())
+    for m in dict.fromkeys(r["method"] for r in rows if r["method"] in COMPARISONS):
         print("picture:", plot(summary, m, a.out))
     return 0
 
