@@ -257,6 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", type=Path, required=True, help="folder of reference label maps (same file names)")
     _add_out(p, "metrics file stem (default PRED/metrics): .json and .csv", required=False)
     p.add_argument("--images", type=Path, help="images folder: also draw pictures and an index.html in PRED")
+    p.add_argument("--vessels", action="store_true",
+                   help="retinal-vessel metrics instead (AUC, accuracy, sensitivity, specificity, F1 inside the "
+                        "FOV; AUC from PRED/<case>.npz, written by predict --save-probabilities)")
+    p.add_argument("--fov", type=Path, help="with --vessels: folder of field-of-view masks (same file names); "
+                                            "default: every pixel counts")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="with --vessels: vessel where the probability >= this (default 0.5)")
     _add_common(p)
 
     p = sub.add_parser("cv", help="merge the folds' end-of-run validations into one cross-validation table")
@@ -458,6 +465,10 @@ def _cmd_export(a) -> int:
 def _cmd_evaluate(a) -> int:
     from medvol.evaluation import evaluate_folders
 
+    if a.vessels:
+        return _evaluate_vessels(a)
+    if a.fov is not None:
+        raise ConfigError("evaluate --fov: the field-of-view mask is used by the vessel metrics only (add --vessels)")
     out = a.out or (a.pred / "metrics")
     res = evaluate_folders(a.pred, a.ref, out)
     for cls, s in res["summary"].items():
@@ -471,6 +482,16 @@ def _cmd_evaluate(a) -> int:
         groups = dict(input_cases(a.images, 1))
         cases = {c: (groups[c][0], a.pred / f"{c}.nii.gz", a.ref / f"{c}.nii.gz") for c in res["cases"] if c in groups}
         print(f"report: {write_report(a.pred, cases, res)}")
+    return 0
+
+
+def _evaluate_vessels(a) -> int:
+    from medvol.evaluation.metrics import VESSEL_METRICS, evaluate_vessel_folders
+
+    out = a.out or (a.pred / "vessel_metrics")
+    res = evaluate_vessel_folders(a.pred, a.ref, a.fov, out, a.threshold)
+    print(", ".join(f"{k} {res['summary'][k]:.4f}" for k in VESSEL_METRICS) + f" (mean of {len(res['cases'])} images)")
+    print(f"metrics: {out.with_suffix('.json')} and .csv")
     return 0
 
 

@@ -18,6 +18,7 @@ from medvol.errors import ConfigError
 BUILTIN_TRAINERS: dict[str, str] = {
     "canet": "medvol.training.canet:CANetTrainer",
     "dcmt": "medvol.training.dcmt:DCMTTrainer",
+    "de_dcgcn_ee": "medvol.training.de_dcgcn_ee:DEDCGCNEETrainer",
     "dodnet": "medvol.training.dodnet:DoDNetTrainer",
     "infnet": "medvol.training.infnet:InfNetTrainer",
     "pcrl": "medvol.training.pcrl:PCRLTrainer",
