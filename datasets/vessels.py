@@ -21,9 +21,9 @@ red, green and blue channels, channel names ``rgb_to_0_1``: /255), ``labelsTr/<c
 (0/1 vessels, above half the mask's maximum), ``fovTr/<case>.nii.gz`` (0/1 FOV), and
 ``imagesTs``/``labelsTs``/``fovTs`` for test images. Every image is a NIfTI of shape
 ``(H, W, 1)`` (rows, columns, one slice), affine diag(1, 1, 999): the 2D convention of
-:mod:`datasets.covid_semiseg`. Evaluate with ``medvol evaluate --vessels --fov RAW/fovTs``.
+:mod:`medvol.datasets.covid_semiseg`. Evaluate with ``medvol evaluate --vessels --fov RAW/fovTs``.
 
-    python -m datasets.vessels {drive,chase,stare} SOURCE OUT [--n-train N]
+    python -m medvol.datasets.vessels {drive,chase,stare} SOURCE OUT [--n-train N]
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.covid_semiseg import SLICE_AFFINE
+from medvol.datasets.covid_semiseg import SLICE_AFFINE
 from medvol.errors import InputError, MedvolError, OutputError
 from medvol.io import Volume, write_volume
 from medvol.io.slices2d import read_image_2d, read_mask_2d
@@ -67,9 +67,25 @@ def _rgb(path: Path) -> np.ndarray:
     return img
 
 
+def _gif_mask(path: Path) -> np.ndarray:
+    """A GIF mask (DRIVE's): its first frame, one channel (imageio gives GIFs as RGB frames)."""
+    import imageio.v3 as iio
+
+    _need(path, "mask")
+    try:
+        arr = np.asarray(iio.imread(path, index=0))
+    except Exception as e:  # imageio's plugins raise many types for bad files
+        raise InputError(path, f"not a readable GIF ({type(e).__name__}: {e})") from None
+    if arr.ndim == 3:
+        if not all(np.array_equal(arr[..., 0], arr[..., c]) for c in range(1, arr.shape[-1])):
+            raise InputError(path, f"a mask must have one channel (or equal ones), got shape {arr.shape}")
+        arr = arr[..., 0]
+    return arr
+
+
 def _binary(path: Path, shape: tuple[int, ...], what: str) -> np.ndarray:
     """A 0/1 mask (``(H, W)`` uint8, above half its maximum), checked against ``shape``."""
-    m = read_mask_2d(path)
+    m = _gif_mask(path) if path.suffix.lower() == ".gif" else read_mask_2d(path)
     if m.shape != tuple(shape):
         raise InputError(path, f"{what} shape {m.shape} differs from its image's {tuple(shape)}")
     top = int(m.max())
@@ -145,8 +161,8 @@ def _convert(pairs, out: Path, name: str) -> None:
 
 
 def dataset_json(name: str, n_train: int, ids: dict, fov_derived: bool) -> dict:
-    fov = "FOV masks (fovTr/, fovTs/) " + ("derived by thresholding (datasets.vessels.derive_fov)" if fov_derived
-                                           else "as published")
+    how = "derived by thresholding (medvol.datasets.vessels.derive_fov)" if fov_derived else "as published"
+    fov = f"FOV masks (fovTr/, fovTs/) {how}"
     return {"name": name, "description": f"{name} retinal vessels, one image a case (RGB as 3 channels); {fov}",
             "channel_names": {"0": "rgb_to_0_1", "1": "rgb_to_0_1", "2": "rgb_to_0_1"},
             "labels": {"background": 0, "vessel": 1}, "numTraining": n_train, "file_ending": ".nii.gz",
@@ -231,7 +247,7 @@ def write_demo(out: str | Path, size: int = 256, tile: int = 64, n_test: int = 4
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m datasets.vessels", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m medvol.datasets.vessels", description=__doc__.split("\n\n")[0])
     p.add_argument("layout", choices=["drive", "chase", "stare", "demo"])
     p.add_argument("source", type=Path, help="the dataset's folder as published (ignored for demo)")
     p.add_argument("out", type=Path, help="the raw dataset folder to write, e.g. raw/Dataset060_DRIVE")
