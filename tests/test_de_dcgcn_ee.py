@@ -222,6 +222,31 @@ def test_stare_layout_reads_ppm(tmp_path):
     _check_case(out, "Ts", "stare_im0002", *_fundus(seed=2))
 
 
+def test_bad_vessel_inputs_name_the_file(tmp_path):
+    from medvol.cli import main
+    from medvol.datasets.vessels import convert
+
+    src = tmp_path / "CHASEDB1"
+    src.mkdir()
+    rgb, vessel, _ = _fundus()
+    iio.imwrite(src / "Image_01L.jpg", rgb)
+    with pytest.raises(InputError, match=r"Image_01L_1stHO\.png: vessel mask not found"):
+        convert("chase", src, tmp_path / "raw")
+    iio.imwrite(src / "Image_01L_1stHO.png", np.zeros((5, 5), np.uint8))
+    with pytest.raises(InputError, match=r"Image_01L_1stHO\.png: vessel mask shape \(5, 5\) differs"):
+        convert("chase", src, tmp_path / "raw")
+    stare = tmp_path / "STARE" / "stare-images"
+    stare.mkdir(parents=True)
+    iio.imwrite(stare / "im0001.ppm", rgb[..., 0], extension=".pgm")  # a grey image under a .ppm name
+    (tmp_path / "STARE" / "labels-ah").mkdir()
+    iio.imwrite(tmp_path / "STARE" / "labels-ah" / "im0001.ah.ppm", np.stack([vessel.astype(np.uint8) * 255] * 3, -1),
+                extension=".ppm")
+    with pytest.raises(InputError, match=r"im0001\.ppm: expected an RGB fundus image, got 1 channel"):
+        convert("stare", tmp_path / "STARE", tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()
+    assert main(["evaluate", "--pred", str(tmp_path), "--ref", str(tmp_path), "--fov", str(tmp_path)]) == 2
+
+
 # ---------------------------------------------------------------- training on the retina demo
 
 DEMO_SETS = ["trainer.log_every=1"]
