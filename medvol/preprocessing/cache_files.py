@@ -15,7 +15,7 @@ from medvol.preprocessing.raw import RawDataset
 from medvol.utils import read_json, write_json
 
 CACHE_ENTRIES = ("cases", "fingerprints", "staging", "dataset.json", "fingerprint.json", "plans.json", "failures.json",
-                 "slice_labels.csv")
+                 "slice_labels.csv", "3d_lowres")
 
 
 def cache_folder(out: Path) -> OutputFolder:
