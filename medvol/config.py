@@ -420,7 +420,7 @@ def check_recipe(recipe: Recipe, source: str = "<recipe>") -> Recipe:
     if not o.lr > 0:
         bad("optimizer.lr", "> 0", o.lr)
     _check_data(d, bad)
-    _check_cascade(d, bad)
+    _check_cascade(d, t.name, bad)
     if not 0 <= t.val_overlap < 1:
         bad("trainer.val_overlap", "in [0, 1)", t.val_overlap)
     inf = recipe.inference
@@ -436,16 +436,19 @@ def check_recipe(recipe: Recipe, source: str = "<recipe>") -> Recipe:
     return recipe
 
 
-def _check_cascade(d: DataConfig, bad) -> None:
-    """``data.previous_stage`` (the 3d_lowres run folder(s)) exactly when the configuration is
-    the cascade's second stage, whose batches hold only labelled samples."""
+def _check_cascade(d: DataConfig, trainer: str, bad) -> None:
+    """``data.previous_stage`` (the 3d_lowres run folder(s)) only for the cascade's second stage,
+    whose batches hold only labelled samples (training refuses it unset: the recipe may leave it
+    to ``--set``)."""
     cascade = d.configuration == "3d_cascade_fullres"
     stages = [d.previous_stage] if isinstance(d.previous_stage, str) else d.previous_stage
-    if cascade and (not stages or not all(isinstance(s, str) and s for s in stages)):
+    if cascade and stages is not None and (not stages or not all(isinstance(s, str) and s for s in stages)):
         bad("data.previous_stage", "the 3d_lowres run folder (or a list of its fold folders) for "
             "data.configuration 3d_cascade_fullres", d.previous_stage)
     if not cascade and d.previous_stage is not None:
         bad("data.previous_stage", "null unless data.configuration is 3d_cascade_fullres", d.previous_stage)
+    if cascade and trainer == "supervised":
+        bad("trainer.name", "cascade for data.configuration 3d_cascade_fullres (it feeds the previous stage)", trainer)
     if cascade and d.unlabelled_per_batch:
         bad("data.unlabelled_per_batch", "0 for data.configuration 3d_cascade_fullres", d.unlabelled_per_batch)
 
