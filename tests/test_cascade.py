@@ -194,7 +194,7 @@ def test_cascade_predict_runs_both_stages_in_scan_geometry(brain_raw, lowres_run
     np.testing.assert_array_equal(np.asarray(out.dataobj), expected)
 
 
-def test_cascade_recipe_errors(lowres_pre, brain_pre, tmp_path):
+def test_cascade_recipe_errors(lowres_pre, tmp_path):
     from medvol.training import train
 
     with pytest.raises(ConfigError, match="trainer.name"):
@@ -206,3 +206,18 @@ def test_cascade_recipe_errors(lowres_pre, brain_pre, tmp_path):
     with pytest.raises(ConfigError, match="no recipe.yaml"):
         train(load_recipe("quickstart_cascade", TINY + [f"data.previous_stage={tmp_path}"]), lowres_pre,
               tmp_path / "r2", device="cpu", quiet=True)
+
+
+def test_each_case_takes_the_lowres_fold_that_validated_on_it(tmp_path):
+    from medvol.training.cascade import _validating_run
+    from medvol.utils import write_json
+
+    folds = []
+    for k, val in enumerate((["a", "b"], ["c"])):
+        run = tmp_path / f"fold_{k}"
+        run.mkdir()
+        write_json(run / "split.json", {"labelled": [], "unlabelled": [], "validation": val})
+        folds.append(run)
+    assert _validating_run("c", folds) == (folds[1], True)
+    assert _validating_run("a", folds) == (folds[0], True)
+    assert _validating_run("z", folds) == (folds[0], False)  # no fold validated on it: the first, flagged
