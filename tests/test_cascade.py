@@ -21,7 +21,7 @@ from medvol.data.dataset import Streams
 from medvol.data.sampling import patch_bounds
 from medvol.errors import ConfigError
 from medvol.plans import Plans
-from medvol.resampling import compute_new_shape
+from medvol.resampling import compute_new_shape, resample_label
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -188,7 +188,13 @@ def test_cascade_predict_runs_both_stages_in_scan_geometry(brain_raw, lowres_run
     image, props = preprocess_case(read_volume(src), run.plans.raw, body_mask=True)
     mask = props.pop("body_mask")
     low_seg = np.asarray(nib.load(tmp_path / "low" / f"{case}.nii.gz").dataobj)
-    x = torch.cat([torch.from_numpy(image).half(), previous_stage_channels(low_seg, props, run.plans).half()])
+    (x0, x1), (y0, y1), (z0, z1) = props["crop_bbox"]
+    assert [x1 - x0, y1 - y0, z1 - z0] != list(low_seg.shape)  # the crop matters for this scan
+    on_grid = resample_label(low_seg[None, x0:x1, y0:y1, z0:z1], image.shape[1:], props["original_spacing"],
+                             props["target_spacing"])[0]
+    extra = torch.from_numpy(np.stack([on_grid == 1, on_grid == 2])).half()
+    assert torch.equal(extra, previous_stage_channels(low_seg, props, run.plans).half())
+    x = torch.cat([torch.from_numpy(image).half(), extra])
     probs = case_probabilities(run, x, torch.device("cpu"), settings, mask=mask)
     expected = argmax_labels(restore_geometry(probs, props, dtype=np.float16))
     np.testing.assert_array_equal(np.asarray(out.dataobj), expected)
