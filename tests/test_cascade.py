@@ -227,3 +227,20 @@ def test_each_case_takes_the_lowres_fold_that_validated_on_it(tmp_path):
     assert _validating_run("c", folds) == (folds[1], True)
     assert _validating_run("a", folds) == (folds[0], True)
     assert _validating_run("z", folds) == (folds[0], False)  # no fold validated on it: the first, flagged
+
+
+@pytest.mark.slow  # preprocesses the tiny data twice (about 15 s)
+def test_overwrite_removes_the_lowres_cache_but_not_foreign_files(brain_raw, tmp_path):
+    from medvol.errors import InputError
+    from medvol.preprocessing import preprocess_dataset
+
+    out = tmp_path / "pre"
+    preprocess_dataset(brain_raw, out, num_workers=1, quiet=True, gpu_memory_gb=0.02)
+    stale = out / "3d_lowres" / "cases" / "brain_000.npy"
+    before = stale.stat().st_mtime_ns
+    preprocess_dataset(brain_raw, out, num_workers=1, quiet=True, gpu_memory_gb=0.02, overwrite=True)
+    assert stale.stat().st_mtime_ns != before and len(list_cases(out / "3d_lowres")) == 5
+    (out / "3d_lowres" / "mine.txt").write_text("not medvol's")
+    with pytest.raises(InputError, match="mine.txt"):
+        preprocess_dataset(brain_raw, out, num_workers=1, quiet=True, gpu_memory_gb=0.02, overwrite=True)
+    assert (out / "3d_lowres" / "mine.txt").exists() and stale.exists()  # refused: nothing removed

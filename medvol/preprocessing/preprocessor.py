@@ -28,9 +28,11 @@ from medvol.cache import (
 )
 from medvol.errors import CacheError, MedvolError, OutputError
 from medvol.io import Volume
+from medvol.manifest import claim_files
 from medvol.plans import LOWRES, lowres_plans
 from medvol.preprocessing.cache_files import (
     cache_description,
+    cache_folder,
     copy_raw_splits,
     copy_slice_labels,
     prepare_out,
@@ -277,9 +279,10 @@ def prepare_lowres_cache(out: Path) -> Path | None:
     if LOWRES not in (plans.get("configurations") or {}):
         return None
     sub = Path(out) / LOWRES_DIR
-    sub.mkdir(exist_ok=True)
+    cache_folder(sub).claim(read_json(out / "dataset.json").get("training_cases", []))  # its own manifest
     for name in ("dataset.json", "fingerprint.json", SPLITS_FILE):
         if (out / name).exists() and (not (sub / name).exists() or read_json(sub / name) != read_json(out / name)):
+            claim_files(sub, [name])
             write_json(sub / name, read_json(out / name))
     lp = lowres_plans(plans)
     if not (sub / "plans.json").exists() or read_json(sub / "plans.json") != lp:
