@@ -200,6 +200,7 @@ def plan_dataset(out: str | Path, gpu_memory_gb: float | None = None, image_inte
     plans = plan_experiment(fp, desc, gpu_memory_gb, image_interpolation, cache_dtype, target_spacing, ct_window,
                             planner)
     plans["orientation"] = desc.get("orientation", "stored")
+    _log_lowres(plans)
     write_json(out / "fingerprint.json", fp)
     old = out / "plans.json"
     if not old.exists() or read_json(old) != plans:
@@ -268,6 +269,14 @@ def preprocess_dataset(raw: str | Path, out: str | Path, num_workers: int | None
     if shard is None and not report.failures:  # every case is cached: the cropped copies are spent
         shutil.rmtree(out / "staging", ignore_errors=True)
     return report
+
+
+def _log_lowres(plans: dict) -> None:
+    low = (plans.get("configurations") or {}).get(LOWRES)
+    if low is not None:
+        log.info("3d_lowres planned (the 3d_fullres patch holds < 25 %% of the median image): spacing %s mm, patch "
+                 "%s, batch %d; cached in 3d_lowres/ (train quickstart_lowres, then quickstart_cascade)",
+                 [round(float(s), 3) for s in low["spacing"]], low["patch_size"], low["batch_size"])
 
 
 def prepare_lowres_cache(out: Path) -> Path | None:
