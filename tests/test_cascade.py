@@ -244,3 +244,13 @@ def test_overwrite_removes_the_lowres_cache_but_not_foreign_files(brain_raw, tmp
     with pytest.raises(InputError, match="mine.txt"):
         preprocess_dataset(brain_raw, out, num_workers=1, quiet=True, gpu_memory_gb=0.02, overwrite=True)
     assert (out / "3d_lowres" / "mine.txt").exists() and stale.exists()  # refused: nothing removed
+
+
+@pytest.mark.slow  # needs the trained cascade run
+def test_export_refuses_a_cascade_run(cascade_run, tmp_path):
+    from medvol.errors import InputError
+    from medvol.export import export_model
+
+    with pytest.raises(InputError, match="3d_lowres run"):
+        export_model(cascade_run, tmp_path / "model.zip", checkpoint="latest")
+    assert not (tmp_path / "model.zip").exists()
