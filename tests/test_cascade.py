@@ -207,7 +207,7 @@ def test_cascade_recipe_errors(lowres_pre, tmp_path):
         load_recipe("quickstart", ["data.configuration=3d_cascade_fullres"])
     with pytest.raises(ConfigError, match="previous_stage"):
         load_recipe("quickstart", ["data.previous_stage=somewhere"])
-    with pytest.raises(ConfigError, match="data.previous_stage"):  # left unset
+    with pytest.raises(ConfigError, match="data.previous_stage is not set"):  # left unset
         train(load_recipe("quickstart_cascade", TINY), lowres_pre, tmp_path / "r1", device="cpu", quiet=True)
     with pytest.raises(ConfigError, match="no recipe.yaml"):
         train(load_recipe("quickstart_cascade", TINY + [f"data.previous_stage={tmp_path}"]), lowres_pre,

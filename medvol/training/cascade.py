@@ -49,7 +49,8 @@ def previous_stage_runs(recipe, where: str = "data.previous_stage") -> list[Path
     given = recipe.data.previous_stage
     runs = [Path(p).resolve() for p in ([given] if isinstance(given, str) else list(given or []))]
     if not runs:
-        raise ConfigError(f"{where}: the 3d_lowres run folder(s) the cascade's second stage takes its input from")
+        raise ConfigError(f"{where} is not set: give the 3d_lowres run folder (or its fold folders) the cascade's "
+                          f"second stage takes its input from (--set {where}=RUN_LOWRES)")
     for run in runs:
         if not (run / "recipe.yaml").exists():
             raise ConfigError(f"{where}: {run} is not a medvol run folder (no recipe.yaml); train the 3d_lowres "
