@@ -70,6 +70,23 @@ examples:
 exit status: 0 when every case is clean, 2 when any problem was found (all of them are listed)."""
 
 
+TRAIN_EXAMPLES = """\
+examples:
+  medvol train quickstart --data PRE --out RUN                      3d_fullres (nnU-Net's default)
+  medvol train quickstart_lowres --data PRE --out RUN_LOW           3d_lowres: PRE/3d_lowres/ (when planned)
+  medvol train quickstart_cascade --data PRE --out RUN_CASCADE --set data.previous_stage=RUN_LOW
+                                       3d_cascade_fullres: RUN_LOW's predictions as extra input channels
+  medvol train quickstart_cascade --data PRE --out RUN_CASCADE/fold_0 --fold 0 \\
+      --set 'data.previous_stage=[RUN_LOW/fold_0, RUN_LOW/fold_1, RUN_LOW/fold_2, RUN_LOW/fold_3, RUN_LOW/fold_4]'
+                                       each case's input from the low-res fold that validated on it"""
+
+PREDICT_EXAMPLES = """\
+examples:
+  medvol predict -m RUN -i SCANS -o OUT
+  medvol predict -m RUN_CASCADE -i SCANS -o OUT   a 3d_cascade_fullres run: its low-res run predicts first
+                                                  (nnU-Net's -prev_stage_predictions, made for you)"""
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logging")
     p.add_argument("--debug", action="store_true", help="print the full traceback of medvol's own errors too")
@@ -183,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("recipes", help="list the built-in recipes (name and purpose)")
     _add_common(p)
 
-    p = sub.add_parser("train", help="train a recipe on a preprocessing cache")
+    p = sub.add_parser("train", help="train a recipe on a preprocessing cache",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TRAIN_EXAMPLES)
     p.add_argument("recipe", help="recipe YAML (a path, or a built-in recipe's name, e.g. quickstart: "
                                   "see medvol recipes)")
     p.add_argument("--no-final-validation", action="store_true",
@@ -197,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a PCRL recipe (default pcrl_pretrain, the paper's; pcrl_demo is small)")
     _add_train_options(p)
 
-    p = sub.add_parser("predict", help="predict whole scans with a trained run, in the scans' own geometry")
+    p = sub.add_parser("predict", help="predict whole scans with a trained run, in the scans' own geometry",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=PREDICT_EXAMPLES)
     p.add_argument("-m", "--model", type=Path, required=True, action="append",
                    help="run folder written by `medvol train`, a model file from `medvol export` (.zip), or a "
                         "folder of fold_* runs; repeat -m to ensemble (probabilities averaged). A slice "

@@ -277,6 +277,8 @@ def plan_experiment(fingerprint: dict, dataset_json: dict, gpu_memory_gb: float 
         "nnunet_transpose_forward": transpose_nn,
         "configurations": {"2d": plan_2d(target, median_shape, work_axes, num_classes, n_vox, gpu_memory_gb, plan)},
     }
+    plans["configurations"].update(plan_cascade(target, median_shape, work_axes, cfg, num_classes, len(spacings),
+                                                gpu_memory_gb, plan))
     if plan is not DEFAULT:
         plans["planner"] = {"name": plan.name, "nnunet_planner": plan.nnunet_class,
                             "nnunet_plans_name": plan.nnunet_plans_name}
@@ -344,3 +346,74 @@ def topology_for_patch(spacing, patch_size) -> dict:
         raise ConfigError(f"data.patch_size {patch}: the U-Net this spacing gives pools {num_pool} times per axis, "
                           f"so each axis must be a multiple of {divisor}; nearest valid sizes: {below} or {padded}")
     return {"kernel_sizes": kernels, "strides": strides, "num_pool_per_axis": num_pool, "n_stages": len(strides)}
+
+
+# nnU-Net's 3d_lowres rule (ExperimentPlanner.plan_experiment): a lowres configuration when the
+# fullres patch holds less than this share of the median resampled shape's voxels ...
+LOWRES_CREATION_THRESHOLD = 0.25
+LOWRES_SPACING_STEP = 1.03  # ... found by growing the spacing by this factor per iteration
+LOWRES_MIN_VOXEL_RATIO = 2.0  # kept only when the fullres median has at least 2x its voxels
+
+
+def lowres_spacings(spacing, median_shape, fullres_patch, plan_at) -> tuple[np.ndarray, dict | None, float]:
+    """nnU-Net's search for the 3d_lowres spacing (planning order). While the last patch holds
+    less than 25 % of the median shape's voxels at the current spacing: grow the spacing by
+    1.03 (only the axes more than 2x finer than the coarsest while there are such, else all),
+    shrink the median shape by fullres / lowres spacing and plan again (``plan_at(spacing,
+    rounded median shape, unrounded median voxels)``). Returns the last spacing, its plan (None
+    when the fullres patch was large enough) and its median voxel count."""
+    fullres = np.asarray(spacing, float)
+    median = np.asarray(median_shape, float)
+    lowres = fullres.copy()
+    median_voxels = float(np.prod(median, dtype=np.float64))
+    patch_voxels = float(np.prod(fullres_patch, dtype=np.float64))
+    cfg = None
+    while patch_voxels / median_voxels < LOWRES_CREATION_THRESHOLD:
+        finer = lowres.max() / lowres > 2
+        if finer.any():
+            lowres[finer] *= LOWRES_SPACING_STEP
+        else:
+            lowres *= LOWRES_SPACING_STEP
+        shape = fullres / lowres * median
+        median_voxels = float(np.prod(shape, dtype=np.float64))
+        cfg = plan_at(lowres.copy(), [round(float(s)) for s in shape], median_voxels)
+        patch_voxels = float(np.prod(cfg["patch_size"], dtype=np.float64))
+    return lowres, cfg, median_voxels
+
+
+def plan_cascade(target, median_shape, work_axes, fullres_cfg: dict, num_classes: int, n_cases: int,
+                 gpu_memory_gb: float, planner: Planner = DEFAULT) -> dict:
+    """nnU-Net's cascade configurations beside the 3d_fullres plan (``fullres_cfg``, planning
+    order): ``3d_lowres`` (:func:`lowres_spacings`; dropped when the fullres median shape has
+    fewer than 2x its voxels) and ``3d_cascade_fullres`` (the fullres plan with the lowres
+    prediction as extra input), and the ``batch_dice`` rule: on for 3d_fullres only when a
+    3d_lowres exists, off for 3d_lowres. Per-axis values in X, Y, Z order; the lowres cases are
+    cached in ``3d_lowres/`` inside the cache (:func:`medvol.plans.lowres_plans`)."""
+    axes = list(work_axes)
+    back = np.argsort(axes)
+
+    def to_xyz(v):
+        return [v[i] for i in back]
+
+    def plan_at(spacing, shape, median_voxels):
+        return plan_configuration(spacing, shape, num_classes, median_voxels * n_cases, gpu_memory_gb, planner)
+
+    spacing, cfg, median_voxels = lowres_spacings(target[axes], median_shape[axes], fullres_cfg["patch_size"],
+                                                  plan_at)
+    if cfg is not None and float(np.prod(median_shape, dtype=np.float64)) / median_voxels < LOWRES_MIN_VOXEL_RATIO:
+        cfg = None
+    if cfg is None:
+        return {"3d_fullres": {"batch_dice": False}}
+    shape = np.asarray(target[axes], float) / spacing * np.asarray(median_shape[axes], float)
+    lowres = {
+        "spacing": to_xyz([float(s) for s in spacing]),
+        "median_shape": to_xyz([float(s) for s in shape]),
+        "patch_size": to_xyz(cfg["patch_size"]),
+        "batch_size": cfg["batch_size"],
+        "batch_dice": False,
+        "network": _network_block(cfg, to_xyz, gpu_memory_gb, planner),
+        "next_stage": "3d_cascade_fullres",
+        "data": "3d_lowres/ (a cache of its own inside this one)",
+    }
+    return {"3d_fullres": {"batch_dice": True}, "3d_lowres": lowres,
+            "3d_cascade_fullres": {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}}

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from medvol.cache import load_case
+from medvol.cache import configuration_cache, load_case
 from medvol.checkpoint import inference_weights, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from medvol.config import Recipe, save_recipe
 from medvol.data import PatchDataset, Streams, build_augmentation, make_loader
@@ -103,7 +103,8 @@ class Trainer:
     source: DataSource  # what it trains on: from make_source()
 
     def __init__(self, recipe: Recipe, cache_dir: str | Path, run_dir: str | Path, dist: DistInfo):
-        self.recipe, self.cache_dir, self.run_dir, self.dist = recipe, Path(cache_dir), Path(run_dir), dist
+        self.recipe, self.run_dir, self.dist = recipe, Path(run_dir), dist
+        self.cache_dir = configuration_cache(cache_dir, recipe.data.configuration)  # 3d_lowres: PRE/3d_lowres
         self.device = dist.device
         self.options = self._parse_options()
         if self.requires_model is not None and recipe.model.name != self.requires_model:
