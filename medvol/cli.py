@@ -52,6 +52,7 @@ medvol: 3D medical image segmentation with nnU-Net-style preprocessing.
   medvol extract-features RUN_2D --data PRE -o FEATURES   slice features for the subject aggregator
   medvol evaluate --pred OUT --ref LABELS
   medvol cv RUNS/                       cross-validation table of the fold_* runs' validations
+  medvol best RUN_A RUN_B -o OUT        best configuration/ensemble and its post-processing
   medvol demo                           the whole pipeline on built-in real data
 
 `medvol COMMAND --help` lists a command's options."""
@@ -68,6 +69,20 @@ examples:
   medvol check raw/Dataset005_Prostate    every case read; one report of all problems
 
 exit status: 0 when every case is clean, 2 when any problem was found (all of them are listed)."""
+
+
+BEST_EXAMPLES = """\
+examples:
+  medvol best runs/3d_fullres runs/2d -o runs/best
+      scores 3d_fullres, 2d and their ensemble on the folds' validations (foreground-mean Dice), decides
+      the post-processing of the best and prints the command, e.g.
+      medvol predict -m runs/3d_fullres -i IN -o OUT --checkpoint latest \\
+          --postprocessing runs/best/postprocessing.json
+  medvol best runs/3d_fullres -o runs/best          one configuration: its post-processing only
+  medvol best runs/a runs/b runs/c -o runs/best --no-ensembles
+
+Ensembles average the folds' validation probabilities; folds that did not save them predict their
+validation cases once more (--device)."""
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -220,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: they are skipped and read as background)")
     p.add_argument("--largest-component", action=argparse.BooleanOptionalAction, default=None,
                    help="keep only the largest connected component of each label (default: the recipe's)")
+    p.add_argument("--postprocessing", type=Path, default=None, metavar="FILE",
+                   help="apply the post-processing that `medvol best` decided (its OUT/postprocessing.json: "
+                        "largest regions kept per nnU-Net's rule); replaces the recipe's largest-component setting")
     p.add_argument("--sw-batch-size", type=int, default=2, action=_checked(validation.positive_int),
                    help="windows per forward pass")
     _add_device(p)
@@ -287,6 +305,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=150, action=_checked(validation.positive_int),
                    help="training steps (default 150, a few minutes on 2 cores)")
     _add_device(p)
+    _add_common(p)
+
+    p = sub.add_parser("best", help="the best configuration or ensemble of cross-validated RUNs and its "
+                                    "post-processing (nnU-Net's find_best_configuration)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=BEST_EXAMPLES)
+    p.add_argument("runs", type=Path, nargs="+", metavar="RUN",
+                   help="one per configuration: a folder of its fold_* runs (each finished, with its end-of-run "
+                        "validation), as medvol cv takes it")
+    _add_out(p, "output folder: postprocessing.json, best.json, inference_instructions.txt, ensembles/")
+    p.add_argument("--no-ensembles", action="store_true",
+                   help="compare the configurations only (nnU-Net's --disable_ensembling)")
+    _add_device(p, "where folds without saved validation probabilities predict them again (for ensembles)")
     _add_common(p)
     return parser
 
@@ -394,8 +424,18 @@ def _predict_segmentations(a, stop) -> int:
     from medvol.inference import predict
 
     models = a.model if len(a.model) > 1 else a.model[0]
+    postprocess = None
+    if a.postprocessing is not None:
+        from medvol.inference.postprocess import postprocessing_from_file
+        from medvol.inference.predictor import model_plans
+
+        if a.largest_component is not None:
+            raise ConfigError("--postprocessing and --largest-component: give one (the file decides which largest "
+                              "components are kept)")
+        postprocess = postprocessing_from_file(a.postprocessing, model_plans(models).raw["labels"])
     written = predict(models, a.input, a.out, a.device, a.tta, a.overlap, a.sw_batch_size, a.save_probabilities,
-                      a.checkpoint, a.quiet, largest_component_only=a.largest_component, task=a.task,
+                      a.checkpoint, a.quiet, postprocess=postprocess, largest_component_only=a.largest_component,
+                      task=a.task,
                       step=a.step, precision=a.precision, all_windows=a.all_windows, stop=stop)
     if not a.no_pictures:
         from medvol.evaluation.report import write_report
@@ -496,6 +536,18 @@ def _cmd_cv(a) -> int:
     return 0
 
 
+def _cmd_best(a) -> int:
+    from medvol.evaluation.crossval import FOREGROUND
+    from medvol.inference.best import find_best_configuration
+
+    info = find_best_configuration(a.runs, a.out, not a.no_ensembles, a.device, a.quiet)
+    for name, d in info["all_results"].items():
+        print(f"{name}: foreground-mean Dice {d[FOREGROUND]:.4f}")
+    print(f"\n{info['instructions']}\n\n(written to {a.out / 'inference_instructions.txt'}; scores in "
+          f"{a.out / 'best.json'})")
+    return 0
+
+
 def _cmd_convert_msd(a) -> int:
     from medvol.preprocessing.convert_msd import convert_msd
 
@@ -528,7 +580,7 @@ COMMANDS = {"preprocess": _cmd_preprocess, "fingerprint": _cmd_fingerprint, "pla
             "recipes": _cmd_recipes, "train": _cmd_train, "export": _cmd_export,
             "pretrain": _cmd_train, "predict": _cmd_predict, "extract-features": _cmd_extract_features,
             "evaluate": _cmd_evaluate, "cv": _cmd_cv, "demo": _cmd_demo,
-            "convert-msd": _cmd_convert_msd, "check": _cmd_check}
+            "convert-msd": _cmd_convert_msd, "check": _cmd_check, "best": _cmd_best}
 
 
 def main(argv: list[str] | None = None) -> int:
