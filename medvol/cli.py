@@ -147,6 +147,14 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ct-window", type=float, nargs=2, metavar=("LO", "HI"), dest="ct_window",
                    action=_checked(validation.ct_window),
                    help="CT channels: clip to this HU window and divide by max(|LO|,|HI|) (DoDNet: -325 325)")
+    p.add_argument("--from-plans", type=Path, default=None, metavar="PLANS_JSON", dest="from_plans",
+                   help="another dataset's plans.json (its cache's) for this dataset, as nnU-Net's "
+                        "move_plans_between_datasets: spacing, patch, batch, network, normalisation (CT statistics "
+                        "included) from there, labels and channel names from here; for fine-tuning across datasets "
+                        "(init_from). The planning options above do not apply with it")
+    p.add_argument("--own-intensities", action="store_true", dest="own_intensities",
+                   help="with --from-plans: this dataset's foreground intensity statistics (CT clip values, mean, "
+                        "std) instead of the other dataset's")
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -338,7 +346,7 @@ def _cmd_preprocess(a) -> int:
     rep = preprocess_dataset(a.raw, a.out, a.workers, a.overwrite, a.shard, a.quiet, gpu_memory_gb=a.gpu_memory_gb,
                              image_interpolation=a.image_interpolation, cache_dtype=a.cache_dtype,
                              target_spacing=a.target_spacing, ct_window=a.ct_window, orientation=a.orientation,
-                             planner=a.planner)
+                             planner=a.planner, **_transfer_options(a))
     return _report(rep, a.out)
 
 
@@ -352,10 +360,33 @@ def _cmd_plan(a) -> int:
     from medvol.preprocessing import plan_dataset
 
     plans = plan_dataset(a.out, a.gpu_memory_gb, a.image_interpolation, a.cache_dtype, a.target_spacing, a.ct_window,
-                         a.planner)
+                         a.planner, **_transfer_options(a))
     print(f"target spacing {plans['target_spacing']} mm, patch {plans['patch_size']}, "
           f"batch {plans['batch_size']} -> {a.out / 'plans.json'}")
+    if "transferred_from" in plans:
+        t = plans["transferred_from"]
+        print(f"transferred from {t['plans']}: {', '.join(t['from_source'])}; this dataset's own: "
+              f"{', '.join(t['from_this_dataset'])}")
+        for note in t["notes"]:
+            print(f"  not transferred: {note}")
     return 0
+
+
+PLANNING_OPTIONS = {"planner": "default", "gpu_memory_gb": None, "target_spacing": None, "ct_window": None}
+
+
+def _transfer_options(a) -> dict:
+    """``--from-plans``/``--own-intensities`` for plan_dataset; the planning options that the
+    transferred plans replace are refused beside --from-plans."""
+    if a.from_plans is None:
+        if a.own_intensities:
+            raise ConfigError("--own-intensities applies with --from-plans only")
+        return {}
+    given = [k for k, default in PLANNING_OPTIONS.items() if getattr(a, k) != default]
+    if given:
+        raise ConfigError(f"--{given[0].replace('_gb', '').replace('_', '-')} and --from-plans: the transferred plans "
+                          "decide it (plan without --from-plans to choose it)")
+    return {"from_plans": a.from_plans, "own_intensities": a.own_intensities}
 
 
 def _cmd_recipes(a) -> int:
