@@ -71,6 +71,15 @@ examples:
 exit status: 0 when every case is clean, 2 when any problem was found (all of them are listed)."""
 
 
+PLAN_EXAMPLES = """\
+examples:
+  medvol plan pre/Dataset002_Kidney                                   nnU-Net's default planner
+  medvol plan pre/Dataset002_Kidney --planner resenc-l                a Residual Encoder preset
+  medvol plan pre/Dataset002_Kidney --from-plans pre/Dataset001_Liver/plans.json
+      the liver dataset's plans for the kidney dataset (nnU-Net's move_plans_between_datasets), to
+      fine-tune from a liver run: medvol train quickstart --data pre/Dataset002_Kidney --out runs/kidney \\
+          --set init_from=runs/liver/checkpoints/latest.pt   (RUN/init_report.json names what did not load)"""
+
 BEST_EXAMPLES = """\
 examples:
   medvol best runs/3d_fullres runs/2d -o runs/best
@@ -198,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "as for preprocess: the cache's voxel order (every shard must use the same)")
     _add_common(p)
 
-    p = sub.add_parser("plan", help="merge fingerprints into fingerprint.json and write plans.json")
+    p = sub.add_parser("plan", help="merge fingerprints into fingerprint.json and write plans.json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=PLAN_EXAMPLES)
     p.add_argument("out", type=Path, help="the folder `medvol fingerprint` wrote")
     _add_plan_options(p)
     _add_common(p)
