@@ -87,6 +87,35 @@ def test_init_from_names_the_head_and_the_input_layer_it_could_not_load(tmp_path
         torch.testing.assert_close(sd[k], theirs[k])
 
 
+def test_a_head_of_other_labels_is_not_loaded_even_when_its_shape_fits(tmp_path):
+    """Same class count, other classes (the checkpoint's run folder names its labels): the
+    head is left as initialised (nnU-Net never loads its seg layers); same labels: loaded."""
+    from medvol.training.engine import head_tensors, init_from
+
+    torch.manual_seed(0)
+    there = _dynunet(1, 2)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    torch.save(there.state_dict(), tmp_path / "run" / "checkpoints" / "latest.pt")
+    (tmp_path / "run" / "plans.json").write_text(json.dumps({"labels": {"background": 0, "liver": 1}}))
+    here = _dynunet(1, 2)
+    head = head_tensors(here)
+    report = init_from(here, tmp_path / "run" / "checkpoints" / "latest.pt", {"background": 0, "kidney": 1})
+    (part,) = report["not_transferred"]
+    assert part["part"] == "segmentation head" and set(part["tensors"]) == head and "liver" in part["why"]
+    assert not head & set(report["loaded"]) and len(report["loaded"]) == len(here.state_dict()) - len(head)
+    same = init_from(_dynunet(1, 2), tmp_path / "run" / "checkpoints" / "latest.pt", {"background": 0, "liver": 1})
+    assert not same["not_transferred"] and head <= set(same["loaded"])
+
+
+def test_from_plans_of_a_missing_file_is_one_error(tmp_path, capsys):
+    from medvol.cli import main
+
+    raw = write_v2_dataset(tmp_path / "Dataset003_C", {"c0": ([sphere_case()[0]], sphere_case()[1], np.eye(4))})
+    assert main(["fingerprint", str(raw), "-o", str(tmp_path / "pre"), "-j", "1", "--quiet"]) == 0
+    assert main(["plan", str(tmp_path / "pre"), "--from-plans", str(tmp_path / "nope.json"), "--quiet"]) == 2
+    assert f"{tmp_path / 'nope.json'}: not found" in capsys.readouterr().err
+
+
 TINY = ["model.base_features=4", "model.max_features=8", "data.batch_size=2", "data.num_workers=0",
         "trainer.steps=1", "trainer.val_every=1", "trainer.final_validation=false"]
 
