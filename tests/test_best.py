@@ -171,6 +171,26 @@ def test_ensembles_average_the_cross_validation_probabilities(cv, tmp_path):
         np.testing.assert_array_equal(argmax_labels(a), np.asarray(read_volume(runs / "model" / fold / "validation" /
                                                                                 f"{case}.nii.gz").array))
     assert not (out / "probabilities" / "blob").exists()
+    kept = out / "probabilities" / "model" / "fold_0" / "s2.npz"
+    before = kept.stat().st_mtime_ns
+    assert main(["best", str(runs / "model"), str(runs / "blob"), "-o", str(out), "--device", "cpu",
+                 "--quiet"]) == 0  # into the same folder again: the probabilities are reused
+    assert kept.stat().st_mtime_ns == before
+    assert json.loads((out / "best.json").read_text()) == info
+
+
+def test_configurations_predict_cannot_ensemble_are_not_ensembled(cv, tmp_path, caplog):
+    raw, runs = cv
+    other = tmp_path / "other"
+    shutil.copytree(runs / "blob", other)
+    for plans_file in other.glob("fold_*/plans.json"):
+        plans = json.loads(plans_file.read_text())
+        plans["configurations"]["2d"]["batch_size"] += 1  # as a ResEnc plan beside a default one
+        plans_file.write_text(json.dumps(plans))
+    with caplog.at_level("WARNING"):
+        assert main(["best", str(runs / "blob"), str(other), "-o", str(tmp_path / "best"), "--device", "cpu"]) == 0
+    assert list(json.loads((tmp_path / "best" / "best.json").read_text())["all_results"]) == ["blob", "other"]
+    assert "blob+other not ensembled: their plans' configurations differ" in caplog.text
 
 
 def test_predict_applies_the_postprocessing_file(cv, tmp_path):

@@ -9,7 +9,9 @@ runs themselves, as ``medvol cv`` takes them), each holding its end-of-run valid
    over cases: ``medvol cv``'s "all cases" row);
 2. every pair of configurations is ensembled (their saved cross-validation probabilities
    averaged, then argmax) and scored the same way (``--no-ensembles``: nnU-Net's
-   ``--disable_ensembling``). The probabilities are ``fold/validation/<case>.npz`` when the
+   ``--disable_ensembling``); a pair that ``medvol predict`` could not ensemble (plans that
+   differ in spacing, labels, normalisation, orientation or configurations) is skipped with a
+   warning. The probabilities are ``fold/validation/<case>.npz`` when the
    fold saved them; otherwise the fold's model predicts its validation cases once more (its
    validation checkpoint and the recipe's inference settings, as the final validation did)
    into ``OUT/probabilities/<configuration>/<fold>/`` (reused by a later run while newer than
@@ -129,6 +131,16 @@ def _check_comparable(configs: list[Configuration]) -> None:
             diff = sorted(set(c.predictions) ^ set(first.predictions))
             raise ConfigError(f"{c.path} and {first.path} cross-validate different cases ({', '.join(diff[:5])}): "
                               "configurations are compared on the same cases")
+
+
+def _not_ensemblable(a: Configuration, b: Configuration) -> str | None:
+    """Why ``medvol predict -m A -m B`` would refuse this pair (plans that differ where an
+    ensemble needs one grid, classes and channels), or None."""
+    from medvol.inference.predictor import ENSEMBLE_PLAN_KEYS
+
+    pa, pb = a.folds[0].plans, b.folds[0].plans
+    diff = [k for k in ENSEMBLE_PLAN_KEYS if pa.get(k) != pb.get(k)]
+    return f"their plans' {', '.join(diff)} differ" if diff else None
 
 
 def _names(runs: list[Path]) -> list[str]:
@@ -268,6 +280,10 @@ def find_best_configuration(runs: list[Path], out: Path, ensembles: bool = True,
         for i, a in enumerate(configs):
             for b in configs[i + 1:]:
                 name = f"{a.name}+{b.name}"
+                why = _not_ensemblable(a, b)
+                if why:
+                    log.warning("%s not ensembled: %s (medvol predict could not run it)", name, why)
+                    continue
                 preds = ensemble_predictions(a, b, out / "ensembles" / name, out / "probabilities", device, quiet)
                 candidates.append(Candidate(name, [a, b], preds))
     for cand in candidates:
