@@ -65,7 +65,7 @@ def _dynunet(in_channels, classes):
 
 
 def test_init_from_names_the_head_and_the_input_layer_it_could_not_load(tmp_path):
-    from medvol.training.engine import init_from
+    from medvol.training.transfer import init_from
 
     torch.manual_seed(0)
     there = _dynunet(2, 3)
@@ -90,7 +90,7 @@ def test_init_from_names_the_head_and_the_input_layer_it_could_not_load(tmp_path
 def test_a_head_of_other_labels_is_not_loaded_even_when_its_shape_fits(tmp_path):
     """Same class count, other classes (the checkpoint's run folder names its labels): the
     head is left as initialised (nnU-Net never loads its seg layers); same labels: loaded."""
-    from medvol.training.engine import head_tensors, init_from
+    from medvol.training.transfer import head_tensors, init_from
 
     torch.manual_seed(0)
     there = _dynunet(1, 2)

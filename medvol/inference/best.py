@@ -244,6 +244,8 @@ def determine_postprocessing(predictions: dict[str, Path], references: dict[str,
     """nnU-Net's decision (see the module doc) on the label maps ``predictions``: the steps
     chosen, each test's Dice before and after, and the Dice without and with the steps."""
     fg = {n: v for n, v in labels.items() if v > 0}
+    if not fg:
+        raise ConfigError(f"labels {labels}: no foreground label to post-process")
     all_fg = sorted(fg.values())
     base = mean_dice(dice_table(predictions, references, labels))
     after_fg = mean_dice(dice_table(predictions, references, labels, [all_fg]))
