@@ -65,7 +65,6 @@ class Configuration:
     predictions: dict[str, Path] = field(default_factory=dict)
     references: dict[str, Path] = field(default_factory=dict)
     scans: dict[str, list[Path]] = field(default_factory=dict)
-    fold_of: dict[str, Fold] = field(default_factory=dict)
 
 
 @dataclass
@@ -94,7 +93,6 @@ def load_configuration(run: Path, name: str) -> Configuration:
         for case in f.cases:
             cfg.predictions[case] = f.run / VALIDATION_DIR / f"{case}.nii.gz"
             cfg.references[case], cfg.scans[case] = raw[case].label, list(raw[case].images)
-            cfg.fold_of[case] = f
     return cfg
 
 
