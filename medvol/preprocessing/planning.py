@@ -417,3 +417,63 @@ def plan_cascade(target, median_shape, work_axes, fullres_cfg: dict, num_classes
     }
     return {"3d_fullres": {"batch_dice": True}, "3d_lowres": lowres,
             "3d_cascade_fullres": {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}}
+
+# What ``plan --from-plans`` takes from the other dataset's plans.json (nnU-Net's
+# move_plans_between_datasets moves everything but the dataset's name and image reader, CT
+# clip values, mean and std included) and what stays this dataset's own.
+OWN_KEYS = ("plans_version", "axis_order", "labels", "channel_names", "median_shape_after_resampling")
+
+
+def transfer_plans(source: dict, fingerprint: dict, dataset_json: dict, source_path: str = "",
+                   own_intensities: bool = False) -> dict:
+    """Another dataset's plans (``source``: target spacing, patch and batch size, network
+    topology and planner, normalisation schemes with their intensity statistics, resampling,
+    every configuration) for this dataset (``fingerprint``, ``dataset_json``), as nnU-Net's
+    ``nnUNetv2_move_plans_between_datasets``: only the labels, channel names and median
+    resampled shape (at the transferred spacing) are this dataset's. ``own_intensities``:
+    this dataset's foreground intensity statistics instead of the source's (nnU-Net transfers
+    them: a network pretrained there sees the same intensities here). The plans record what
+    came from where under ``transferred_from``; a channel count that differs is a ConfigError
+    (the normalisation and the network's input are per channel)."""
+    from copy import deepcopy
+
+    from medvol.errors import ConfigError
+
+    channels = {int(k): v for k, v in dataset_json["channel_names"].items()}
+    if len(source.get("normalization", [])) != len(channels):
+        raise ConfigError(f"--from-plans {source_path}: planned for {len(source.get('normalization', []))} image "
+                          f"channel(s), this dataset has {len(channels)}: the normalisation and the network's "
+                          "input are per channel, so these plans do not transfer")
+    plans = deepcopy(source)
+    own = plan_experiment(fingerprint, dataset_json)
+    target = [float(s) for s in source["target_spacing"]]
+    shapes = [compute_new_shape(sh, sp, target) for sp, sh in
+              zip(np.asarray(fingerprint["spacings"], float), np.asarray(fingerprint["shapes_after_crop"], int))]
+    median = [float(s) for s in np.median(np.array(shapes), 0)]
+    plans.update({k: own[k] for k in OWN_KEYS}, median_shape_after_resampling=median)
+    for cfg in (plans.get("configurations") or {}).values():
+        if "in_plane_axes" in cfg and "median_shape" in cfg:
+            cfg["median_shape"] = [median[a] for a in cfg["in_plane_axes"]]
+    for c, norm in enumerate(plans["normalization"]):
+        norm["name"] = channels[c]
+        if own_intensities:
+            norm["statistics"] = own["normalization"][c]["statistics"]
+    plans["transferred_from"] = _transfer_record(source, own, source_path, own_intensities)
+    return plans
+
+
+def _transfer_record(source: dict, own: dict, source_path: str, own_intensities: bool) -> dict:
+    """What came from the source plans, what is this dataset's, and where the two datasets
+    differ in what was not transferred (their labels: the segmentation head of a network
+    trained there does not fit here when the class count differs)."""
+    notes = []
+    if source.get("labels") != own["labels"]:
+        notes.append(f"labels differ ({len(source.get('labels', {}))} classes there, {len(own['labels'])} here: "
+                     f"{own['labels']}); init_from a checkpoint trained there loads all but the segmentation head")
+    if source.get("channel_names") != own["channel_names"]:
+        notes.append(f"channel names differ ({source.get('channel_names')} there, {own['channel_names']} here); "
+                     "the source's normalisation schemes are kept")
+    own_keys = [*OWN_KEYS, *(["normalization.statistics"] if own_intensities else [])]
+    mine = (*OWN_KEYS, "orientation", "transferred_from")  # the cache's voxel order is set by plan_dataset
+    return {"plans": source_path, "from_source": sorted(k for k in source if k not in mine),
+            "from_this_dataset": own_keys, "notes": notes}

@@ -26,7 +26,7 @@ from medvol.cache import (
     sample_class_locations,
     save_locations,
 )
-from medvol.errors import CacheError, MedvolError, OutputError
+from medvol.errors import CacheError, InputError, MedvolError, OutputError
 from medvol.io import Volume
 from medvol.manifest import claim_files
 from medvol.plans import LOWRES, lowres_plans
@@ -47,7 +47,7 @@ from medvol.preprocessing.fingerprint import (
     warn_mixed_coarse_axes,
     write_case_fingerprint,
 )
-from medvol.preprocessing.planning import plan_experiment
+from medvol.preprocessing.planning import plan_experiment, transfer_plans
 from medvol.preprocessing.pool import (
     Report,
     clean_partial,
@@ -182,10 +182,12 @@ def fingerprint_dataset(raw: str | Path, out: str | Path, num_workers: int | Non
 
 
 def plan_dataset(out: str | Path, gpu_memory_gb: float | None = None, image_interpolation: str = "cubic",
-                 cache_dtype: str = "float32", target_spacing=None, ct_window=None, planner: str = "default") -> dict:
+                 cache_dtype: str = "float32", target_spacing=None, ct_window=None, planner: str = "default",
+                 from_plans: str | Path | None = None, own_intensities: bool = False) -> dict:
     """Merge the per-case fingerprints into ``fingerprint.json`` and write ``plans.json``
     (``planner``: nnU-Net's default planner or a ResEnc preset; ``gpu_memory_gb`` None: its own
-    memory target)."""
+    memory target). ``from_plans``: another dataset's plans.json transferred to this one
+    (:func:`medvol.preprocessing.planning.transfer_plans`) instead of planning."""
     out = Path(out)
     desc = cache_description(out)
     fp_dir = out / "fingerprints"
@@ -197,8 +199,11 @@ def plan_dataset(out: str | Path, gpu_memory_gb: float | None = None, image_inte
     check_dimensionality(fp, desc.get("raw_root", out))
     fp["failed_cases"] = failed
     warn_mixed_coarse_axes(fp)
-    plans = plan_experiment(fp, desc, gpu_memory_gb, image_interpolation, cache_dtype, target_spacing, ct_window,
-                            planner)
+    if from_plans is not None:
+        plans = _transferred_plans(Path(from_plans), fp, desc, own_intensities)
+    else:
+        plans = plan_experiment(fp, desc, gpu_memory_gb, image_interpolation, cache_dtype, target_spacing, ct_window,
+                                planner)
     plans["orientation"] = desc.get("orientation", "stored")
     _log_lowres(plans)
     write_json(out / "fingerprint.json", fp)
@@ -206,6 +211,21 @@ def plan_dataset(out: str | Path, gpu_memory_gb: float | None = None, image_inte
     if not old.exists() or read_json(old) != plans:
         write_json(old, plans)
     return plans
+
+
+def _transferred_plans(path: Path, fp: dict, desc: dict, own_intensities: bool) -> dict:
+    try:
+        source = read_json(path)
+    except FileNotFoundError:
+        raise InputError(path, "not found (--from-plans takes the plans.json of another preprocessing cache)") \
+            from None
+    except (OSError, ValueError) as e:
+        raise InputError(path, f"unreadable plans ({e})") from None
+    missing = [k for k in ("target_spacing", "patch_size", "network", "normalization")
+               if not isinstance(source, dict) or k not in source]
+    if missing:
+        raise InputError(path, f"not a medvol plans.json (no {', '.join(missing) or 'mapping'})")
+    return transfer_plans(source, fp, desc, str(path.resolve()), own_intensities)
 
 
 def preprocess_cases(raw: str | Path, out: str | Path, num_workers: int | None = None, shard: str | None = None,
