@@ -9,6 +9,8 @@ uniform window in every dimension, K1 0.01, K2 0.03), so each side must be at le
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from medvol.errors import InputError
@@ -44,3 +46,35 @@ def ssim(pred: np.ndarray, ref: np.ndarray, data_range: float | None = None) -> 
 def image_scores(pred: np.ndarray, ref: np.ndarray, data_range: float | None = None) -> dict[str, float]:
     """``{"psnr": dB, "ssim": ...}`` of one image or volume against its reference."""
     return {"psnr": psnr(pred, ref, data_range), "ssim": ssim(pred, ref, data_range)}
+
+
+def evaluate_image_folders(pred_dir: str | Path, ref_dir: str | Path, out: str | Path | None = None) -> dict:
+    """``medvol evaluate --kind image``: PSNR and SSIM of every scan of ``pred_dir`` against the
+    scan of the same name in ``ref_dir`` (same grid required; each volume's data range is its
+    reference's); writes ``<out>.json`` (per case + mean/std) and ``<out>.csv`` when ``out`` is given."""
+    from medvol.io import read_volume
+    from medvol.io.discovery import find_scans, scan_stem
+    from medvol.utils import write_json, write_text
+
+    pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
+    preds = {scan_stem(p.name): p for p in find_scans(pred_dir) if p.is_file()}
+    refs = {scan_stem(p.name): p for p in find_scans(ref_dir) if p.is_file()}
+    missing = sorted(set(refs) - set(preds))
+    if not refs or missing:
+        raise InputError(pred_dir, f"no image for the reference(s) {missing[:10]} of {ref_dir}" if refs
+                         else f"no reference scans in {ref_dir}")
+    cases = {}
+    for case in sorted(refs):
+        p, r = read_volume(preds[case]).array, read_volume(refs[case]).array
+        if p.shape != r.shape:
+            raise InputError(preds[case], f"shape {p.shape} differs from its reference {refs[case]} {r.shape}")
+        cases[case] = image_scores(p, r)
+    summary = {k: {"mean": float(np.mean([c[k] for c in cases.values()])),
+                   "std": float(np.std([c[k] for c in cases.values()])), "n": len(cases)} for k in ("psnr", "ssim")}
+    result = {"cases": cases, "summary": summary}
+    if out is not None:
+        out = Path(out)
+        write_json(out.with_suffix(".json"), result)
+        rows = ["case,psnr,ssim"] + [f"{c},{s['psnr']:.6f},{s['ssim']:.6f}" for c, s in cases.items()]
+        write_text(out.with_suffix(".csv"), "\n".join(rows) + "\n")
+    return result
