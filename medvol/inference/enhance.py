@@ -2,9 +2,12 @@
 
 Each scan (NIfTI, MetaImage/NRRD or a DICOM series folder, read by :mod:`medvol.io`) is
 normalised as the run's cache was (the plan's per-channel z-score: mean and std of the whole
-scan, or of its nonzero voxels when the plan normalised inside the mask), super-resolved slice by
-slice across the run's slice axis through :class:`medvol.networks.slice_adapter.SliceAdapter`,
-mapped back to the scan's intensities (``* std + mean``) and written as NIfTI (atomic).
+scan; or, when the plan normalised inside the nonzero mask, of its nonzero voxels, with 0
+outside), super-resolved slice by slice across the run's slice axis through
+:class:`medvol.networks.slice_adapter.SliceAdapter`, mapped back to the scan's intensities
+(``* std + mean``; outside the nonzero mask 0 again) and written as NIfTI (atomic). The scan
+is used at its own spacing (no resampling to the plan's): the network learned a x``scale``
+step at the cache's spacing and is applied as such.
 
 Geometry: the two in-plane axes get ``scale`` times as many voxels, their spacing divided by
 ``scale``; the affine keeps the scan where it was: input voxel ``i`` covers
@@ -91,9 +94,16 @@ def enhance_volume(run: RunModel, volume: Volume, device: torch.device, slice_ba
     stats = [_norm_stats(image[c], entries[c]) for c in range(image.shape[0])]
     for c, (mean, std) in enumerate(stats):
         image[c] = (image[c] - mean) / std
+    masked = any(e.get("use_mask_for_norm") for e in entries)
+    if masked:  # as the cache: z-scores inside the nonzero mask, 0 outside
+        inside = volume.channel_first(np.float32).any(0)
+        image *= inside
     out = super_resolve_volume(run.model, image, scale, axis, device, slice_batch, precision)
     for c, (mean, std) in enumerate(stats):
         out[c] = out[c] * std + mean
+    if masked:  # outside the mask stays 0: each input voxel's s x s output voxels (same field of view)
+        out *= np.repeat(np.repeat(inside, scale, [a for a in range(3) if a != axis][0]), scale,
+                         [a for a in range(3) if a != axis][1])
     array = out[0] if volume.array.ndim == 3 else np.moveaxis(out, 0, -1)
     axes = tuple(a for a in range(3) if a != axis)
     meta = {**volume.meta, "enhanced_by": str(run.run_dir), "scale": scale}
