@@ -121,7 +121,7 @@ def run(seeds: list[int], work: Path, toy: bool, deadline: float) -> list[dict]:
             model = load_run(run_dir, torch.device("cpu"), "latest").model
             rows.append({"method": "seran", "arm": arm, "seed": seed, "steps": steps, "seconds": time.time() - t0,
                          "params": n_seran if arm == "SERAN" else n_plain,
-                         **score(lambda lr: super_resolve(model, lr, torch.device("cpu")), crops)})
+                         **score(lambda lr, m=model: super_resolve(m, lr, torch.device("cpu")), crops)})
     (work / "seran.json").write_text(json.dumps({"rows": rows, "held_out": held_out, "n_slices": len(crops)},
                                                 indent=1))
     return rows

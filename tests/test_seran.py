@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import metric_series, pinned
 from medvol.checkpoint import load_checkpoint
 from medvol.data.sr_pairs import bicubic_downsample, degrade, kspace_truncate
 from medvol.evaluation.image import psnr, ssim
 from medvol.inference.enhance import upsampled_affine
 from medvol.networks.seran import SERAN, ReasoningAttention, parameter_count
+
+from conftest import metric_series, pinned
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
