@@ -104,6 +104,7 @@ def test_psnr_by_hand():
     ref[0, 0] = 1.0  # range 1
     assert psnr(ref + 0.1, ref) == pytest.approx(20.0)  # 10 log10(1 / 0.01)
     assert psnr(ref + 0.1, ref, data_range=2.0) == pytest.approx(10 * np.log10(4 / 0.01))
+    assert psnr(2 * ref, ref) == pytest.approx(10 * np.log10(64))  # MSE 1/64; the range is the reference's
 
 
 def test_ssim_by_hand():
