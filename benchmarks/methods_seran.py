@@ -90,6 +90,34 @@ def score(restore, crops: list[np.ndarray]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in ("psnr", "ssim")}
 
 
+def figure(crop: np.ndarray, model, out: Path) -> Path:
+    """LR (nearest), bicubic, SERAN and HR of one held-out crop side by side, with each PSNR."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from medvol.data.sr_pairs import degrade
+    from medvol.evaluation.image import psnr
+    from medvol.training.seran import bicubic_upsample, super_resolve
+
+    lr = degrade(torch.from_numpy(np.ascontiguousarray(crop))[None], SCALE, "bicubic")[0].numpy()
+    panels = {"LR (x2 bicubic-degraded)": np.kron(lr[0], np.ones((SCALE, SCALE))),
+              "bicubic": bicubic_upsample(lr, SCALE)[0], "SERAN": super_resolve(model, lr, torch.device("cpu"))[0],
+              "HR": crop[0]}
+    fig, axes = plt.subplots(1, 4, figsize=(12, 3.4))
+    lo, hi = np.percentile(crop, [1, 99.5])
+    for ax, (name, img) in zip(axes, panels.items()):
+        ax.imshow(img.T, cmap="gray", vmin=lo, vmax=hi, origin="lower")
+        ax.set_title(name if name.startswith(("LR", "HR")) else f"{name} {psnr(img, crop[0]):.2f} dB", fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def run(seeds: list[int], work: Path, toy: bool, deadline: float) -> list[dict]:
     import torch
 
@@ -119,6 +147,8 @@ def run(seeds: list[int], work: Path, toy: bool, deadline: float) -> list[dict]:
             t0 = time.time()
             train(load_recipe(RECIPE, sets), pre, run_dir, resume="auto", device="cpu", quiet=True)
             model = load_run(run_dir, torch.device("cpu"), "latest").model
+            if arm == "SERAN" and seed == seeds[0]:
+                figure(crops[len(crops) // 2], model, work / "seran_crops.png")
             rows.append({"method": "seran", "arm": arm, "seed": seed, "steps": steps, "seconds": time.time() - t0,
                          "params": n_seran if arm == "SERAN" else n_plain,
                          **score(lambda lr, m=model: super_resolve(m, lr, torch.device("cpu")), crops)})

@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_out(p, "output folder (<case>.nii.gz, in-plane spacing divided by the run's scale)")
     p.add_argument("--slice-batch", type=int, default=8, action=_checked(validation.positive_int),
                    help="slices per forward pass (default 8)")
-    _add_precision(p, "fp32", f"numerical precision (default fp32; {AUTO_PRECISION})")
+    _add_precision(p, "auto", f"numerical precision (default {AUTO_PRECISION})")
     _add_checkpoint(p)
     _add_device(p)
     _add_common(p)

@@ -111,7 +111,7 @@ def enhance_volume(run: RunModel, volume: Volume, device: torch.device, slice_ba
 
 
 def enhance(run_dir: str | Path, inputs: str | Path, out_dir: str | Path, device: torch.device,
-            checkpoint: str = "best", quiet: bool = False, slice_batch: int = 8, precision: str = "fp32") -> list[Path]:
+            checkpoint: str = "best", quiet: bool = False, slice_batch: int = 8, precision: str = "auto") -> list[Path]:
     """Every scan of ``inputs`` (a scan, a folder of scans, DICOM series folders) super-resolved
     into ``out_dir/<case>.nii.gz``."""
     from tqdm import tqdm
