@@ -249,3 +249,12 @@ def test_enhance_reads_a_dicom_series(seran_run, tmp_path):
     out = read_volume(out_path)
     assert out.array.shape == (40, 36, 4)
     np.testing.assert_allclose(out.affine, upsampled_affine(src.affine, (0, 1), 2), atol=1e-4)
+
+
+def test_label_options_are_refused(brain_pre, tmp_path):
+    from medvol.errors import ConfigError
+    from medvol.training import load_recipe, train
+
+    with pytest.raises(ConfigError, match="without labels"):
+        train(load_recipe("seran_demo", TINY + ["data.labelled=2"]), brain_pre, tmp_path / "r", device="cpu",
+              quiet=True)

@@ -88,6 +88,9 @@ class SRSlices(DataSource):
     @classmethod
     def from_recipe(cls, cache_dir: str | Path, recipe, options: SERANOptions) -> SRSlices:
         d, cache_dir = recipe.data, Path(cache_dir)
+        if d.fold is not None or d.labelled is not None or d.unlabelled_per_batch:
+            raise ConfigError("trainer 'seran' trains on every case without labels: leave data.fold, data.labelled "
+                              "and data.unlabelled_per_batch unset (split by data.val_fraction or data.val_cases)")
         plans = Plans.from_dict(load_plans(cache_dir))
         cases = list_cases(cache_dir)
         train, val = split_cases(cases, d.val_fraction, d.val_cases, recipe.trainer.seed)
