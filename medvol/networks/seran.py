@@ -118,6 +118,8 @@ class SERAN(nn.Module):
         super().__init__()
         if min(features, groups, blocks, descriptors) < 1:
             raise ConfigError("SERAN's features, groups, blocks and descriptors must be >= 1")
+        if scale not in SCALES:
+            raise ConfigError(f"SERAN's scale must be one of {SCALES}, got {scale!r}")
         self.scale = int(scale)
         self.head = nn.Conv2d(in_channels, features, 3, padding=1)
         self.body = nn.Sequential(*[ResidualGroup(features, blocks, descriptors, res_scale, attention)
