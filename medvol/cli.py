@@ -311,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", type=Path, required=True, help="folder of reference label maps (same file names)")
     _add_out(p, "metrics file stem (default PRED/metrics): .json and .csv", required=False)
     p.add_argument("--images", type=Path, help="images folder: also draw pictures and an index.html in PRED")
+    p.add_argument("--kind", choices=["labels", "image"], default="labels",
+                   help="labels (default): label maps; image: PSNR and SSIM of images (super-resolution)")
     _add_common(p)
 
     p = sub.add_parser("cv", help="merge the folds' end-of-run validations into one cross-validation table")
@@ -353,6 +355,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ensembles", action="store_true",
                    help="compare the configurations only (nnU-Net's --disable_ensembling)")
     _add_device(p, "where folds without saved validation probabilities predict them again (for ensembles)")
+
+    p = sub.add_parser("enhance", help="super-resolve scans with a trained SERAN run (NIfTI out, same field of view)")
+    p.add_argument("-m", "--model", type=Path, required=True, help="run folder of `medvol train seran`")
+    p.add_argument("-i", "--input", type=Path, required=True,
+                   help="a scan file (NIfTI, .mhd, .nrrd), a folder of them and of DICOM series folders, or one "
+                        "DICOM series folder")
+    _add_out(p, "output folder (<case>.nii.gz, in-plane spacing divided by the run's scale)")
+    p.add_argument("--slice-batch", type=int, default=8, action=_checked(validation.positive_int),
+                   help="slices per forward pass (default 8)")
+    _add_precision(p, "auto", f"numerical precision (default {AUTO_PRECISION})")
+    _add_checkpoint(p)
+    _add_device(p)
     _add_common(p)
     return parser
 
@@ -557,6 +571,8 @@ def _cmd_export(a) -> int:
 def _cmd_evaluate(a) -> int:
     from medvol.evaluation import evaluate_folders
 
+    if a.kind == "image":
+        return _evaluate_images(a)
     out = a.out or (a.pred / "metrics")
     res = evaluate_folders(a.pred, a.ref, out)
     for cls, s in res["summary"].items():
@@ -570,6 +586,27 @@ def _cmd_evaluate(a) -> int:
         groups = dict(input_cases(a.images, 1))
         cases = {c: (groups[c][0], a.pred / f"{c}.nii.gz", a.ref / f"{c}.nii.gz") for c in res["cases"] if c in groups}
         print(f"report: {write_report(a.pred, cases, res)}")
+    return 0
+
+
+def _evaluate_images(a) -> int:
+    from medvol.evaluation.image import evaluate_image_folders
+
+    out = a.out or (a.pred / "image_metrics")
+    s = evaluate_image_folders(a.pred, a.ref, out)["summary"]
+    print(f"PSNR {s['psnr']['mean']:.2f} ± {s['psnr']['std']:.2f} dB, SSIM {s['ssim']['mean']:.4f} ± "
+          f"{s['ssim']['std']:.4f} (n={s['psnr']['n']})")
+    print(f"metrics: {out.with_suffix('.json')} and .csv")
+    return 0
+
+
+def _cmd_enhance(a) -> int:
+    from medvol.inference.enhance import enhance
+    from medvol.inference.predictor import resolve_device
+
+    written = enhance(a.model, a.input, a.out, resolve_device(a.device), a.checkpoint, a.quiet, a.slice_batch,
+                      a.precision)
+    print(f"{len(written)} enhanced scan(s) -> {a.out}")
     return 0
 
 
@@ -639,7 +676,8 @@ COMMANDS = {"preprocess": _cmd_preprocess, "fingerprint": _cmd_fingerprint, "pla
             "recipes": _cmd_recipes, "train": _cmd_train, "export": _cmd_export,
             "pretrain": _cmd_train, "predict": _cmd_predict, "extract-features": _cmd_extract_features,
             "evaluate": _cmd_evaluate, "cv": _cmd_cv, "demo": _cmd_demo,
-            "convert-msd": _cmd_convert_msd, "check": _cmd_check, "best": _cmd_best}
+            "convert-msd": _cmd_convert_msd, "check": _cmd_check, "best": _cmd_best,
+            "enhance": _cmd_enhance}
 
 
 def main(argv: list[str] | None = None) -> int:
