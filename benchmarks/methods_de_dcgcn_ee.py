@@ -9,7 +9,7 @@ FOV by thresholding), preprocessed once into ``OUT/data/retina``. Both arms trai
 without augmentation; each recipe keeps its own network, loss and optimiser (DE-DCGCN-EE:
 ``de_dcgcn_ee_demo``, widths 8-64, BCE, Adam 1e-3; quickstart_2d: nnU-Net's 2D U-Net from the
 plan, Dice + CE with deep supervision, SGD 0.01 poly). The last checkpoint predicts the 4 test
-tiles from their raw files with their probabilities; ``medvol evaluate --vessels`` scores them
+tiles from their raw files with their probabilities; ``medvol evaluate --kind vessels`` scores them
 inside the FOV (AUC from the probabilities, the rest at 0.5).
 """
 

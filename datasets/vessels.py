@@ -21,7 +21,7 @@ red, green and blue channels, channel names ``rgb_to_0_1``: /255), ``labelsTr/<c
 (0/1 vessels, above half the mask's maximum), ``fovTr/<case>.nii.gz`` (0/1 FOV), and
 ``imagesTs``/``labelsTs``/``fovTs`` for test images. Every image is a NIfTI of shape
 ``(H, W, 1)`` (rows, columns, one slice), affine diag(1, 1, 999): the 2D convention of
-:mod:`medvol.datasets.covid_semiseg`. Evaluate with ``medvol evaluate --vessels --fov RAW/fovTs``.
+:mod:`medvol.datasets.covid_semiseg`. Evaluate with ``medvol evaluate --kind vessels --fov RAW/fovTs``.
 
     python -m medvol.datasets.vessels {drive,chase,stare} SOURCE OUT [--n-train N]
 """

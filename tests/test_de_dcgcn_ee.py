@@ -129,13 +129,13 @@ def test_evaluate_vessels_reads_probabilities_and_the_fov(tmp_path):
     np.savez(tmp_path / "pred" / "a.npz", probabilities=np.stack([1 - prob, prob])[..., None], affine=np.eye(4))
     _nii(tmp_path / "ref" / "a.nii.gz", ref)
     _nii(tmp_path / "fov" / "a.nii.gz", np.array([[1, 1, 1], [1, 1, 0]], np.uint8))
-    assert main(["evaluate", "--vessels", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"),
+    assert main(["evaluate", "--kind", "vessels", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"),
                  "--fov", str(tmp_path / "fov"), "-o", str(tmp_path / "m")]) == 0
     s = json.loads((tmp_path / "m.json").read_text())["summary"]
     assert s["auc"] == pytest.approx(5 / 6) and s["f1"] == pytest.approx(2 / 3)
     assert s["accuracy"] == pytest.approx(3 / 5)
     (tmp_path / "pred" / "a.npz").unlink()  # without probabilities: no AUC, the rest from the label map
-    assert main(["evaluate", "--vessels", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"),
+    assert main(["evaluate", "--kind", "vessels", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"),
                  "-o", str(tmp_path / "m2")]) == 0
     s = json.loads((tmp_path / "m2.json").read_text())["summary"]
     assert math.isnan(s["auc"]) and s["sensitivity"] == pytest.approx(2 / 3)
@@ -314,7 +314,7 @@ def test_predict_writes_the_images_geometry_and_probabilities(retina, tmp_path):
         np.testing.assert_allclose(pred.affine, img.affine)
         with np.load(out / f"{case}.npz") as f:
             assert f["probabilities"].shape == (2, 64, 64, 1)
-    assert main(["evaluate", "--vessels", "--pred", str(out), "--ref", str(raw / "labelsTs"),
+    assert main(["evaluate", "--kind", "vessels", "--pred", str(out), "--ref", str(raw / "labelsTs"),
                  "--fov", str(raw / "fovTs")]) == 0
 
 

@@ -27,6 +27,8 @@ BUILTIN_TRAINERS: dict[str, str] = {
     "slice_classifier": "medvol.training.slice_classifier:SliceClassifierTrainer",
     "supervised": "medvol.training.supervised:SupervisedTrainer",
     "ugpcl": "medvol.training.ugpcl:UGPCLTrainer",
+    "cascade": "medvol.training.cascade:CascadeTrainer",
+    "seran": "medvol.training.seran:SERANTrainer",
 }
 _TRAINERS: dict[str, str | type] = dict(BUILTIN_TRAINERS)  # name -> "module:Class", or the class once imported
 
