@@ -161,3 +161,22 @@ def test_predict_takes_a_window_step_in_voxels(tiny_run, brain_raw, tmp_path, ca
     assert read_volume(out / "brain_005.nii.gz").spatial_shape == src.spatial_shape
     assert main(args + ["--step", "40", "16", "16"]) == 2  # beyond the 32-voxel patch
     assert "window step [40, 16, 16]" in capsys.readouterr().err
+
+
+def test_the_picture_of_a_2d_image_shows_its_one_plane(tmp_path):
+    """A 2D image stored as (H, W, 1) NIfTI: one view, the slice itself (the through-plane
+    views of one voxel's depth have nothing to draw and used to crash the contour)."""
+    from PIL import Image
+
+    from medvol.evaluation.report import case_picture
+    from medvol.io import Volume
+
+    img = np.random.default_rng(0).random((40, 30, 1)).astype(np.float32)
+    lab = np.zeros((40, 30, 1), np.uint8)
+    lab[10:20, 5:25] = 1
+    png = case_picture(Volume(img, np.eye(4)), Volume(lab, np.eye(4)), tmp_path / "a.png", Volume(lab, np.eye(4)))
+    w, h = Image.open(png).size
+    assert (w, h) == (400, 440)  # one panel of 4 x 4.4 inches at 100 dpi
+    three = case_picture(Volume(np.repeat(img, 3, 2), np.eye(4)), Volume(np.repeat(lab, 3, 2), np.eye(4)),
+                         tmp_path / "b.png")
+    assert Image.open(three).size == (1200, 440)

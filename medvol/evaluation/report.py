@@ -42,8 +42,10 @@ def case_picture(image_vol, pred_vol, out_png: str | Path, ref_vol=None, title: 
     classes = sorted(set(np.unique(pred).tolist()) | (set(np.unique(ref).tolist()) if ref is not None else set()))
     classes = [c for c in classes if c > 0]
     lo, hi = np.percentile(img, [0.5, 99.5])
-    views = [("axial", 2), ("coronal", 1), ("sagittal", 0)]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4), dpi=100)
+    views = [(name, axis) for name, axis in (("axial", 2), ("coronal", 1), ("sagittal", 0))  # 2D images: one view
+             if min(n for i, n in enumerate(img.shape[:3]) if i != axis) > 1]
+    fig, axes = plt.subplots(1, len(views), figsize=(4 * len(views), 4.4), dpi=100, squeeze=False)
+    axes = axes[0]
     for ax, (name, axis) in zip(axes, views):
         def take(a, axis=axis):  # the slice through the centre; rows = next axis up
             return np.take(a, centre[axis], axis=axis).T
