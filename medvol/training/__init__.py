@@ -20,6 +20,7 @@ BUILTIN_TRAINERS: dict[str, str] = {
     "dcmt": "medvol.training.dcmt:DCMTTrainer",
     "dodnet": "medvol.training.dodnet:DoDNetTrainer",
     "infnet": "medvol.training.infnet:InfNetTrainer",
+    "mrnet": "medvol.training.mrnet:MRNetTrainer",
     "pcrl": "medvol.training.pcrl:PCRLTrainer",
     "semi_infnet": "medvol.training.semi_infnet:SemiInfNet",
     "slice_aggregator": "medvol.training.aggregator:SliceAggregatorTrainer",
