@@ -62,7 +62,7 @@ def soft_reference(files: Sequence[Path], num_classes: int, expertise: Sequence[
             raise InputError(f, f"shape {lab.shape} differs from the other raters' {out.shape[1:]}")
         for c in range(num_classes):
             out[c] += wk * (lab == c)
-    assert out is not None
+    assert out is not None and affine is not None
     return out, affine
 
 
@@ -84,7 +84,8 @@ def evaluate_soft(pred_dir: str | Path, ref_dir: str | Path, out: str | Path,
     refs = rater_files(ref_dir)
     labels = dataset_labels(ref_dir.parent) or {}
     names = {v: k for k, v in labels.items()}
-    cases, pooled = {}, {}
+    cases: dict[str, dict] = {}
+    pooled: dict[str, np.ndarray] = {}
     for case, files in refs.items():
         probe = read_volume(files[0])
         probs = _probabilities(pred_dir / f"{case}.npz", probe.spatial_shape, probe.affine)
@@ -99,7 +100,7 @@ def evaluate_soft(pred_dir: str | Path, ref_dir: str | Path, out: str | Path,
             acc += np.nan_to_num(np.stack([b["count"], b["confidence"] * b["count"], b["frequency"] * b["count"]]))
     summary = {n: {k: float(np.mean([cases[c][n][k] for c in cases])) for k in ("soft_dice", "ece")}
                for n in pooled}
-    result = {"cases": cases, "summary": summary, "expertise": list(expertise) if expertise else "equal",
+    result: dict = {"cases": cases, "summary": summary, "expertise": list(expertise) if expertise else "equal",
               "reliability": {n: {"count": a[0].tolist(), "confidence": (a[1] / np.maximum(a[0], 1)).tolist(),
                                   "frequency": (a[2] / np.maximum(a[0], 1)).tolist()} for n, a in pooled.items()}}
     claim_files(out.parent, [f"{out.name}_calibration.json", f"{out.name}_reliability.png"])

@@ -14,7 +14,7 @@ import logging
 import sys
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -111,7 +111,8 @@ def apply_expertise(runs: list[RunModel], expertise: Sequence[float] | None) -> 
     if expertise is not None and len(conditioned) != len(runs):
         raise ConfigError(f"--expertise: {runs[0].run_dir} is not an expertise-conditioned (MRNet) model")
     for r in conditioned:
-        r.model.set_expertise(expertise if expertise is not None else [1.0] * r.model.num_raters)
+        model: Any = r.model  # an MRNet (medvol.networks.slice.mrnet), not imported here
+        model.set_expertise(expertise if expertise is not None else [1.0] * model.num_raters)
     return bool(conditioned)
 
 

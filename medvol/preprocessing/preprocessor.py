@@ -144,7 +144,7 @@ def _preprocess_job(case: RawCase, dataset: RawDataset, out: Path, plans: dict, 
 
 
 def _source_paths(case: RawCase) -> list:
-    return [*case.images, *(case.rater_labels or [case.label])]
+    return [*case.images, *(case.rater_labels or [case.label])]  # type: ignore[list-item]
 
 
 def _sources_changed(record_file: Path, case: RawCase, stage: str) -> bool:

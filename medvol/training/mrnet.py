@@ -24,6 +24,7 @@ prediction against the raters' mean, per foreground class, and its ECE.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from medvol import validation
 from medvol.errors import ConfigError
 from medvol.evaluation.metrics import expected_calibration_error, soft_dice
+from medvol.networks.slice.mrnet import MRNet
 from medvol.training.engine import Trainer, unwrap
 from medvol.training.schedules import make_optimizer
 from medvol.utils import read_json
@@ -107,10 +109,14 @@ class MRNetTrainer(Trainer):
             raise ConfigError(f"model.options.num_raters is {given} but the cache has {len(self.raters)} raters")
         self.recipe.model.options["num_raters"] = len(self.raters)  # saved with the run's recipe for predict
 
+    def _net(self) -> MRNet:
+        return cast(MRNet, unwrap(self.models["model"]))
+
     def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        m = unwrap(self.models["model"])
-        parts = {"model": [m.segmenter, m.coarse_head], "recon": [m.reconstructor, m.rater_heads],
-                 "perception": [m.perception]}
+        m = self._net()
+        parts: dict[str, list[torch.nn.Module]] = {"model": [m.segmenter, m.coarse_head],
+                                                   "recon": [m.reconstructor, m.rater_heads],
+                                                   "perception": [m.perception]}
         return {k: make_optimizer(self.recipe.optimizer, [p for mod in mods for p in mod.parameters()])
                 for k, mods in parts.items()}
 
@@ -128,7 +134,7 @@ class MRNetTrainer(Trainer):
     def _reconstruction_step(self, batch: dict, step: int, state: dict) -> dict:
         """The coarse predictions under the three expertise vectors (kept, with their graphs, for
         the segmenter's update), and the reconstruction loss on their detached probabilities."""
-        m, x = unwrap(self.models["model"]), batch["image"]
+        m, x = self._net(), batch["image"]
         onehot = rater_onehot(batch["label"], self.num_classes)
         state.update(x=x, onehot=onehot, expertise=self._expertise(batch, step), coarse={}, rebuilt={})
         losses = []
@@ -147,19 +153,19 @@ class MRNetTrainer(Trainer):
         return (a * per_kind["equal"] + b * per_kind["random"] + c * per_kind["onehot"]) / (a + b + c)
 
     def _segmenter_step(self, batch: dict, state: dict) -> dict:
-        m, x, onehot = unwrap(self.models["model"]), state["x"], state["onehot"]
+        m, x, onehot = self._net(), state["x"], state["onehot"]
         targets = {k: soft_label(onehot, w) for k, w in state["expertise"].items()}
         state["targets"] = targets
         main = self._mixed({k: soft_cross_entropy(state["coarse"][k][0], targets[k]) for k in targets})
         predicted = m.reconstruction_features(x, torch.softmax(state["coarse"]["equal"][0].float(), 1))
         drawn = m.reconstruction_features(x, targets["equal"])
-        consistency = sum(((a - b) ** 2).sum(-1).mean() for a, b in zip(predicted, drawn))
+        consistency = torch.stack([((a - b) ** 2).sum(-1).mean() for a, b in zip(predicted, drawn)]).sum()
         o = self.options
         loss = o.main_weight * main + o.consistency_weight * o.consistency_scale * consistency
         return {"loss": loss, "loss_main": main.detach(), "loss_consistency": consistency.detach()}
 
     def _perception_step(self, state: dict) -> dict:
-        m = unwrap(self.models["model"])
+        m = self._net()
         finals = {k: m.perceive(state["rebuilt"][k], f.detach(), logits.detach())
                   for k, (logits, f) in state["coarse"].items()}
         loss = self._mixed({k: soft_cross_entropy(finals[k], state["targets"][k]) for k in finals})

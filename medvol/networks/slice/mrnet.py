@@ -105,13 +105,15 @@ class HolisticAttention(nn.Module):
     """Soft attention of a map (B, 1, H, W) on features: the map blurred by a fixed Gaussian,
     min-max normalised per image, the larger of it and the map, multiplied into the features."""
 
+    kernel: torch.Tensor
+
     def __init__(self, size: int = 31, nsig: float = 4.0):
         super().__init__()
         self.register_buffer("kernel", torch.from_numpy(gaussian_kernel(size, nsig))[None, None], persistent=False)
 
     def forward(self, attention: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         k = self.kernel.to(attention.dtype)
-        soft = F.conv2d(attention, k, padding=k.shape[-1] // 2)
+        soft = F.conv2d(attention, k, padding=int(k.shape[-1]) // 2)
         lo = soft.amin((2, 3), keepdim=True)
         hi = soft.amax((2, 3), keepdim=True)
         soft = (soft - lo) / (hi - lo + 1e-8)
@@ -140,6 +142,8 @@ class PerceptionModule(nn.Module):
 class MRNet(nn.Module):
     """MRNet (see the module docstring). ``widths``: the coarse U-Net's channels per level;
     ``recon_widths``: the reconstruction network's; ``perception_width``: the MPM's features."""
+
+    expertise: torch.Tensor
 
     def __init__(self, in_channels: int, num_classes: int, num_raters: int,
                  widths: Sequence[int] = (32, 64, 128, 256), recon_widths: Sequence[int] = (16, 32, 64, 128),
