@@ -28,7 +28,7 @@ from medvol.training.sources import CacheSamples, DataSource, FeatureFile, Grade
 
 KINDS = {"supervised": CacheSamples, "canet": CacheSamples, "dodnet": CacheSamples, "ugpcl": CacheSamples,
          "infnet": CacheSamples, "dcmt": GradedSlices, "slice_classifier": GradedSlices,
-         "slice_aggregator": FeatureFile, "pcrl": PretextVolumes}
+         "slice_aggregator": FeatureFile, "pcrl": PretextVolumes, "mrnet": CacheSamples}
 
 
 def test_every_builtin_trainer_names_its_source():
