@@ -193,6 +193,13 @@ def test_evaluate_soft_by_hand(tmp_path):
     assert (pred / "m_reliability.png").stat().st_size > 1000
     res = evaluate_soft(pred, ref, pred / "m1", expertise=[0, 1])  # rater 1 only: reference [1, 0]
     assert res["cases"]["c"]["class_1"]["soft_dice"] == pytest.approx((2 / 3 + 2 / 3 + 1 + 1 + 1) / 5)
+    from medvol.cli import main  # the same through the command line
+
+    assert main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--soft", "--expertise", "0,1",
+                 "-o", str(pred / "cli")]) == 0
+    assert json.loads((pred / "cli_calibration.json").read_text())["cases"] == res["cases"]
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--soft", "--expertise", "a,b"])
 
 
 # ---------------------------------------------------------------- network
@@ -294,6 +301,7 @@ def test_rebuilt_maps_match_their_raters_better_than_chance(learned):
 def test_predict_writes_probabilities_and_labels_in_the_scans_geometry(learned, tmp_path):
     raw, _, run = learned
     probs = _predict(run, raw, tmp_path / "p", None)
+    assert json.loads((tmp_path / "p" / "predict.json").read_text())["expertise"][0] == pytest.approx([1 / 3] * 3)
     scan = nib.load(raw / "imagesTs" / "mni_004_0000.nii.gz")
     seg = nib.load(tmp_path / "p" / "mni_004.nii.gz")
     assert seg.shape == scan.shape and probs.shape == (2, *scan.shape)

@@ -219,7 +219,15 @@ def _write_record(out_dir: Path, runs: list[RunModel], settings: InferenceConfig
     claim_files(out_dir, [PREDICT_RECORD])
     write_json(out_dir / PREDICT_RECORD, {
         "models": [str(r.run_dir) for r in runs], "device": str(device),
-        "settings": to_dict(settings), **choose_precision(device, settings.precision).describe()})
+        "settings": to_dict(settings), **choose_precision(device, settings.precision).describe(),
+        **_expertise_record(runs)})
+
+
+def _expertise_record(runs: list[RunModel]) -> dict:
+    """``{"expertise": [weights per MRNet run]}`` for expertise-conditioned models, else nothing."""
+    models: list[Any] = [r.model for r in runs if hasattr(r.model, "set_expertise")]
+    weights = [m.expertise.tolist() for m in models]
+    return {"expertise": weights} if weights else {}
 
 
 ENSEMBLE_PLAN_KEYS = ("target_spacing", "labels", "normalization", "orientation", "configurations")
