@@ -310,6 +310,12 @@ def test_predict_writes_probabilities_and_labels_in_the_scans_geometry(learned, 
     np.testing.assert_allclose(probs.sum(0), 1.0, atol=2e-3)
     truth = np.mean([np.asarray(nib.load(raw / "labelsTs" / f"mni_004_r{k}.nii.gz").dataobj) for k in range(3)], 0)
     assert soft_dice(probs[1], truth) > 0.6
+    from medvol.inference import Predictor  # the Python API takes the expertise too
+    from medvol.io import read_volume
+
+    with Predictor(run, device="cpu", expertise=[0, 0, 1]) as p:
+        strict, strict_probs = p.predict_volume(read_volume(raw / "imagesTs" / "mni_004_0000.nii.gz"), True)
+    assert strict.array.shape == scan.shape and strict_probs[1].astype(np.float32).mean() < probs[1].mean() - 0.01
 
 
 def test_resume_is_exact(multirater, tmp_path):
