@@ -168,6 +168,7 @@ COMPARISONS = {c.method: c for c in [
 # ``table(rows, out) -> str`` (its Markdown table, appended to methods.md; pictures into ``out``).
 SCORED_ELSEWHERE: dict[str, str] = {
     "de_dcgcn_ee": "methods_de_dcgcn_ee",
+    "mrnet": "methods_mrnet",
     "seran": "methods_seran",
 }
 

@@ -280,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-probabilities", action="store_true", help="also write <case>.npz (float16)")
     _add_checkpoint(p)
     p.add_argument("--task", help="task-conditioned models (DoDNet): a task id or name, or 'all' (default)")
+    p.add_argument("--expertise", type=_weights, default=None, metavar="W1,...,WK",
+                   help="MRNet: one weight per rater (normalised; default equal); writes <case>.npz probabilities too")
     p.add_argument("--no-pictures", action="store_true", help="skip the PNGs and index.html")
     _add_common(p)
 
@@ -311,14 +313,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", type=Path, required=True, help="folder of reference label maps (same file names)")
     _add_out(p, "metrics file stem (default PRED/metrics): .json and .csv", required=False)
     p.add_argument("--images", type=Path, help="images folder: also draw pictures and an index.html in PRED")
-    p.add_argument("--kind", choices=["labels", "image", "vessels"], default="labels",
+    p.add_argument("--kind", choices=["labels", "image", "vessels", "soft"], default="labels",
                    help="labels (default): label maps; image: PSNR and SSIM of images (super-resolution); "
                         "vessels: AUC, accuracy, sensitivity, specificity, F1 inside the FOV (AUC from "
-                        "PRED/<case>.npz, written by predict --save-probabilities)")
+                        "PRED/<case>.npz, written by predict --save-probabilities); soft: several raters "
+                        "(REF/<case>_r<k>): soft Dice and ECE of PRED/<case>.npz probabilities, and a "
+                        "reliability diagram")
     p.add_argument("--fov", type=Path, help="--kind vessels: folder of field-of-view masks (same file names); "
                                             "default: every pixel counts")
     p.add_argument("--threshold", type=float, default=0.5,
                    help="--kind vessels: vessel where the probability >= this (default 0.5)")
+
+    p.add_argument("--expertise", type=_weights, default=None, metavar="W1,...,WK",
+                   help="--kind soft: rater weights of the soft reference (default equal)")
     _add_common(p)
 
     p = sub.add_parser("cv", help="merge the folds' end-of-run validations into one cross-validation table")
@@ -482,6 +489,14 @@ def _cmd_train(a) -> int:
     return 0
 
 
+def _weights(text: str) -> list[float]:
+    """``--expertise 1,0,0``: comma-separated numbers."""
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers (one per rater), got {text!r}") from None
+
+
 def _cmd_predict(a) -> int:
     """One ``medvol predict`` at a time per output folder (``OUT/.medvol-predict.lock``).
     SIGTERM, SIGUSR1 and Ctrl-C stop a segmentation run between two cases (exit 75 or 130,
@@ -515,7 +530,8 @@ def _predict_segmentations(a, stop) -> int:
     written = predict(models, a.input, a.out, a.device, a.tta, a.overlap, a.sw_batch_size, a.save_probabilities,
                       a.checkpoint, a.quiet, postprocess=postprocess, largest_component_only=a.largest_component,
                       task=a.task,
-                      step=a.step, precision=a.precision, all_windows=a.all_windows, stop=stop)
+                      step=a.step, precision=a.precision, all_windows=a.all_windows, stop=stop,
+                      expertise=a.expertise)
     if not a.no_pictures:
         from medvol.evaluation.report import write_report
         from medvol.inference.predictor import model_plans
@@ -582,9 +598,13 @@ def _cmd_evaluate(a) -> int:
                           "(add --kind vessels)")
     if a.kind == "image":
         return _evaluate_images(a)
+    if a.expertise is not None and a.kind != "soft":
+        raise ConfigError("evaluate --expertise: rater weights are used by --kind soft only")
     if a.kind == "vessels":
         return _evaluate_vessels(a)
     out = a.out or (a.pred / "metrics")
+    if a.kind == "soft":
+        return _evaluate_soft(a, out)
     res = evaluate_folders(a.pred, a.ref, out)
     for cls, s in res["summary"].items():
         print(f"{cls}: Dice {s['dice']['mean']:.4f} ± {s['dice']['std']:.4f}, HD95 {s['hd95']['mean']:.2f} mm, "
@@ -618,6 +638,16 @@ def _evaluate_vessels(a) -> int:
     res = evaluate_vessel_folders(a.pred, a.ref, a.fov, out, a.threshold)
     print(", ".join(f"{k} {res['summary'][k]:.4f}" for k in VESSEL_METRICS) + f" (mean of {len(res['cases'])} images)")
     print(f"metrics: {out.with_suffix('.json')} and .csv")
+    return 0
+
+
+def _evaluate_soft(a, out: Path) -> int:
+    from medvol.evaluation.calibration import evaluate_soft
+
+    res = evaluate_soft(a.pred, a.ref, out, a.expertise)
+    for cls, s in res["summary"].items():
+        print(f"{cls}: soft Dice {s['soft_dice']:.4f}, ECE {s['ece']:.4f} (n={len(res['cases'])})")
+    print(f"metrics: {out.parent / (out.name + '_calibration.json')} and {out.name}_reliability.png")
     return 0
 
 

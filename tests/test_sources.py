@@ -29,7 +29,8 @@ from medvol.training.sources import CacheSamples, DataSource, FeatureFile, Grade
 
 KINDS = {"supervised": CacheSamples, "canet": CacheSamples, "dodnet": CacheSamples, "ugpcl": CacheSamples,
          "infnet": CacheSamples, "dcmt": GradedSlices, "slice_classifier": GradedSlices,
-         "slice_aggregator": FeatureFile, "pcrl": PretextVolumes, "cascade": CascadeSamples}
+         "slice_aggregator": FeatureFile, "pcrl": PretextVolumes, "cascade": CascadeSamples,
+         "mrnet": CacheSamples}
 
 
 def test_every_builtin_trainer_names_its_source():

@@ -268,3 +268,36 @@ def _write_vessel_metrics(out: Path, result: dict) -> None:
             w.writerow(["case", *VESSEL_METRICS])
             for case, m in result["cases"].items():
                 w.writerow([case, *[f"{m[k]:.6g}" for k in VESSEL_METRICS]])
+
+# ------------------------------------------------------------------ calibration (multi-rater references)
+SOFT_DICE_THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9)  # MRNet's soft Dice (Ji et al. 2021)
+
+
+def soft_dice(prob, soft_ref, thresholds=SOFT_DICE_THRESHOLDS) -> float:
+    """MRNet's soft Dice: the mean over ``thresholds`` of the :func:`dice` of the prediction's
+    probability and the soft reference (e.g. the fraction of raters who drew the class), both
+    binarised at the same threshold (``> t``)."""
+    p, r = np.asarray(prob, np.float32), np.asarray(soft_ref, np.float32)
+    return float(np.mean([dice(p > t, r > t) for t in thresholds]))
+
+
+def reliability_bins(prob, target, n_bins: int = 10) -> dict[str, np.ndarray]:
+    """Per equal-width bin of the predicted probability ``prob`` (``[0, 1]``, last bin closed):
+    ``count``, ``confidence`` (mean probability) and ``frequency`` (mean of ``target``: a 0/1
+    label or a soft reference), NaN in empty bins."""
+    p = np.asarray(prob, np.float64).ravel()
+    t = np.asarray(target, np.float64).ravel()
+    idx = np.minimum((p * n_bins).astype(np.int64), n_bins - 1)
+    count = np.bincount(idx, minlength=n_bins).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        conf = np.bincount(idx, p, minlength=n_bins) / count
+        freq = np.bincount(idx, t, minlength=n_bins) / count
+    return {"count": count, "confidence": conf, "frequency": freq}
+
+
+def expected_calibration_error(prob, target, n_bins: int = 10) -> float:
+    """ECE (Guo et al. 2017) of one class's probabilities against ``target``: the mean over
+    voxels of |confidence - frequency| of their bin (:func:`reliability_bins`)."""
+    b = reliability_bins(prob, target, n_bins)
+    ok = b["count"] > 0
+    return float(np.sum(b["count"][ok] * np.abs(b["confidence"][ok] - b["frequency"][ok])) / b["count"].sum())

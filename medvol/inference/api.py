@@ -17,7 +17,14 @@ import numpy as np
 
 from medvol.checkpoint import load_run
 from medvol.errors import ConfigError, InputError
-from medvol.inference.predictor import case_outputs, predict_cases, resolve_device, run_settings, unpacked_models
+from medvol.inference.predictor import (
+    apply_expertise,
+    case_outputs,
+    predict_cases,
+    resolve_device,
+    run_settings,
+    unpacked_models,
+)
 from medvol.io import Volume
 from medvol.io.discovery import input_cases
 
@@ -29,18 +36,20 @@ class Predictor:
     runs or a model zip (``medvol export``: unpacked until :meth:`close`), loaded once.
 
     ``device``, ``checkpoint`` and the inference options (``tta``, ``overlap``, ``step``,
-    ``sw_batch_size``, ``precision``, ``largest_component_only``, ``all_windows``, ``task``)
-    mean what they mean for ``medvol predict``; unset ones come from the recipe."""
+    ``sw_batch_size``, ``precision``, ``largest_component_only``, ``all_windows``, ``task``,
+    ``expertise``) mean what they mean for ``medvol predict``; unset ones come from the recipe."""
 
     def __init__(self, model: PathLike | Sequence[PathLike], device: str = "auto", checkpoint: str = "best",
                  tta: bool | None = None, overlap: float | None = None, step: list[int] | None = None,
                  sw_batch_size: int = 2, precision: str | None = None, largest_component_only: bool | None = None,
-                 all_windows: bool | None = None, task: str | int | None = None):
+                 all_windows: bool | None = None, task: str | int | None = None,
+                 expertise: Sequence[float] | None = None):
         self._stack = ExitStack()
         try:
             run_dirs = self._stack.enter_context(unpacked_models(model))
             self.device = resolve_device(device)
             self.runs = [load_run(r, self.device, checkpoint) for r in run_dirs]
+            apply_expertise(self.runs, expertise)  # MRNet: one weight per rater (None: equal)
             self._options: dict[str, Any] = dict(
                 tta=tta, overlap=overlap, sw_batch_size=sw_batch_size, task=task, step=step, precision=precision,
                 largest_component_only=largest_component_only, all_windows=all_windows)

@@ -14,7 +14,7 @@ import logging
 import sys
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -81,7 +81,8 @@ def predict(run_dir: str | Path | Sequence[str | Path], inputs: str | Path, out_
             save_probabilities: bool = False, checkpoint: str = "best", quiet: bool = False, postprocess=None,
             largest_component_only: bool | None = None, task: str | int | None = None,
             step: list[int] | None = None, precision: str | None = None,
-            all_windows: bool | None = None, stop: Callable[[], int | None] | None = None) -> list[Path]:
+            all_windows: bool | None = None, stop: Callable[[], int | None] | None = None,
+            expertise: Sequence[float] | None = None) -> list[Path]:
     """Predict every scan in ``inputs``; write ``<case>.nii.gz`` (and ``.npz``) to ``out_dir``.
 
     ``tta``, ``overlap``, ``step`` (window step in voxels per axis, replacing ``overlap``),
@@ -90,14 +91,29 @@ def predict(run_dir: str | Path | Sequence[str | Path], inputs: str | Path, out_
     what was used is written to ``out_dir/predict.json``. ``run_dir`` may
     also be a model file written by ``medvol export`` (``.zip``), several of them (an ensemble:
     their probabilities are averaged before post-processing; the first one's inference
-    settings apply) or a folder holding ``fold_*`` runs. ``stop``: see :func:`predict_cases`."""
+    settings apply) or a folder holding ``fold_*`` runs. ``stop``: see :func:`predict_cases`.
+    ``expertise`` (MRNet runs): one weight per rater, see :func:`apply_expertise`; an MRNet run
+    always writes its calibrated probabilities (``.npz``) beside the label map."""
     _check_options(sw_batch_size, overlap)
     with unpacked_models(run_dir) as run_dirs:
         dev = resolve_device(device)
         runs = [load_run(r, dev, checkpoint) for r in run_dirs]
+        save_probabilities = apply_expertise(runs, expertise) or save_probabilities
         cases = input_cases(inputs, runs[0].plans.num_channels)
         return predict_cases(runs, cases, out_dir, dev, tta, overlap, sw_batch_size, save_probabilities, quiet,
                              postprocess, largest_component_only, task, step, precision, all_windows, stop)
+
+
+def apply_expertise(runs: list[RunModel], expertise: Sequence[float] | None) -> bool:
+    """Give every expertise-conditioned (MRNet) model ``expertise`` (None: equal weights);
+    True when there is such a model. Expertise for a model that takes none is a ConfigError."""
+    conditioned = [r for r in runs if hasattr(r.model, "set_expertise")]
+    if expertise is not None and len(conditioned) != len(runs):
+        raise ConfigError(f"--expertise: {runs[0].run_dir} is not an expertise-conditioned (MRNet) model")
+    for r in conditioned:
+        model: Any = r.model  # an MRNet (medvol.networks.slice.mrnet), not imported here
+        model.set_expertise(expertise if expertise is not None else [1.0] * model.num_raters)
+    return bool(conditioned)
 
 
 SLICE_CLASSIFIERS = ("slice_classifier", "dcmt")  # trainers whose models grade slices: no label map
@@ -203,7 +219,15 @@ def _write_record(out_dir: Path, runs: list[RunModel], settings: InferenceConfig
     claim_files(out_dir, [PREDICT_RECORD])
     write_json(out_dir / PREDICT_RECORD, {
         "models": [str(r.run_dir) for r in runs], "device": str(device),
-        "settings": to_dict(settings), **choose_precision(device, settings.precision).describe()})
+        "settings": to_dict(settings), **choose_precision(device, settings.precision).describe(),
+        **_expertise_record(runs)})
+
+
+def _expertise_record(runs: list[RunModel]) -> dict:
+    """``{"expertise": [weights per MRNet run]}`` for expertise-conditioned models, else nothing."""
+    models: list[Any] = [r.model for r in runs if hasattr(r.model, "set_expertise")]
+    weights = [m.expertise.tolist() for m in models]
+    return {"expertise": weights} if weights else {}
 
 
 ENSEMBLE_PLAN_KEYS = ("target_spacing", "labels", "normalization", "orientation", "configurations")

@@ -83,3 +83,20 @@ def dataset_labels(root: Path) -> dict[str, int] | None:
         return parse_labels(jpath, meta.get("labels"), is_nnunet_v2(meta))
     except (InputError, OSError):
         return None
+
+
+def parse_raters(jpath: Path, raters) -> list[str] | None:
+    """``dataset.json``'s ``raters``: a list of at least two distinct names (None when absent)."""
+    if raters is None:
+        return None
+    if not isinstance(raters, list) or len(raters) < 2 or not all(isinstance(r, str) and r for r in raters):
+        raise InputError(jpath, f"'raters' must list at least two rater names, e.g. [\"A\", \"B\"], got {raters!r:.60}")
+    if len(set(raters)) != len(raters):
+        raise InputError(jpath, f"'raters' names a rater twice: {raters}")
+    return list(raters)
+
+
+def dataset_raters(root: Path) -> list[str] | None:
+    """The rater names of the dataset folder ``root``'s ``dataset.json`` (None: none declared)."""
+    jpath = root / DATASET_JSON
+    return parse_raters(jpath, read_dataset_json(jpath).get("raters")) if jpath.is_file() else None

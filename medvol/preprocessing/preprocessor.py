@@ -135,7 +135,9 @@ def _preprocess_job(case: RawCase, dataset: RawDataset, out: Path, plans: dict, 
             dtype = np.int16 if seg_r.max() > 127 else np.int8
             save_npy(s_out, seg_r.astype(dtype))
             fg = [v for v in sorted(set(plans["labels"].values())) if v > 0]
-            save_locations(out, case.case_id, sample_class_locations(seg_r, fg))
+            # several raters: oversample where any rater drew a class (the highest value drawn)
+            union = seg_r if seg_r.shape[0] == 1 else seg_r.max(axis=0, keepdims=True)
+            save_locations(out, case.case_id, sample_class_locations(union, fg))
         write_json(p_out, props)
         for p in (img_p, seg_p, props_p):
             p.unlink(missing_ok=True)
@@ -147,7 +149,7 @@ def _preprocess_job(case: RawCase, dataset: RawDataset, out: Path, plans: dict, 
 
 
 def _source_paths(case: RawCase) -> list:
-    return [*case.images, case.label]
+    return [*case.images, *(case.rater_labels or [case.label])]  # type: ignore[list-item]
 
 
 def _sources_changed(record_file: Path, case: RawCase, stage: str) -> bool:

@@ -21,7 +21,7 @@ import numpy as np
 
 from medvol.errors import InputError
 from medvol.io import Volume, read_volume
-from medvol.io.dataset_json import DATASET_JSON, is_nnunet_v2, parse_labels, read_dataset_json
+from medvol.io.dataset_json import DATASET_JSON, is_nnunet_v2, parse_labels, parse_raters, read_dataset_json
 from medvol.io.dicom import group_series, list_dicom_files
 from medvol.io.discovery import find_scans, scan_id, scan_stem, scan_suffix, split_channel
 from medvol.io.orientation import orient_channels
@@ -36,7 +36,8 @@ OPTIONAL_KEYS = {"name", "description", "reference", "licence", "license", "rele
                  "numTest", "test", "dataset_name", "author", "citation", "converted_by", "link", "relase",
                  "modalities", "overwrite_image_reader_writer",
                  # medvol extensions: semi-supervised splits and the ids cases had in their source
-                 "labelled_cases", "source_ids", "case_tasks", "tasks"}
+                 "labelled_cases", "source_ids", "case_tasks", "tasks",
+                 "raters"}  # multi-rater labels: labelsTr/<case>_r<k><ext> per rater k (see RATER_SUFFIX)
 # nnU-Net keys that change what the dataset means: medvol does not do what they ask, so they are refused.
 REFUSED_KEYS = {"regions_class_order": "region-based training is not supported; declare one value per label",
                 "dataset": "cases listed in 'dataset' (files outside imagesTr/labelsTr) are not supported; "
@@ -60,6 +61,7 @@ class RawCase:
     multichannel_file: bool = False  # True when images[0] is one 4D file holding all channels
     extra: dict = field(default_factory=dict)
     problem: InputError | None = None  # found at discovery (missing file): reported when processed
+    rater_labels: list[Path] | None = None  # multi-rater datasets: one label file per rater (label: the first)
 
 
 @dataclass
@@ -74,6 +76,7 @@ class RawDataset:
     labelled_cases: list[str] | None = None  # semi-supervised: only these training labels are used
     case_meta: dict = field(default_factory=dict)  # per case: task_id, annotated channels (partial labels)
     tasks: dict | None = None  # partial labels: task id -> name (and its channel rules)
+    raters: list[str] | None = None  # multi-rater labels: the raters' names, in label-channel order
 
     @property
     def num_channels(self) -> int:
@@ -86,7 +89,8 @@ class RawDataset:
     def dataset_json(self) -> dict:
         return {"channel_names": {str(k): v for k, v in self.channel_names.items()}, "labels": self.labels,
                 "numTraining": len(self.training), "file_ending": self.file_ending, "layout": self.layout,
-                "labelled_cases": self.labelled_cases, "tasks": self.tasks}
+                "labelled_cases": self.labelled_cases, "tasks": self.tasks,
+                **({"raters": self.raters} if self.raters else {})}
 
 
 def _inside(root: Path, rel: str, where: Path) -> Path:
@@ -134,6 +138,9 @@ def _open_with_json(root: Path) -> RawDataset:
     _check_types(jpath, meta)
     _check_reader(jpath, meta)
     labels = parse_labels(jpath, meta["labels"], is_v2)
+    if "raters" in meta and not is_v2:
+        raise InputError(jpath, "'raters' (one label file per rater) needs the nnU-Net v2 layout (channel_names, "
+                                "file_ending, labelsTr/<case>_r<k><ending>)")
     return _open_v2(root, jpath, meta, labels) if is_v2 else _open_decathlon(root, jpath, meta, labels)
 
 
@@ -141,8 +148,11 @@ def _open_v2(root: Path, jpath: Path, meta: dict, labels: dict[str, int]) -> Raw
     ending = meta["file_ending"]
     channel_names = _channel_names(jpath, meta["channel_names"], "channel_names")
     labelled = meta.get("labelled_cases")
-    training = _v2_cases(root, "imagesTr", "labelsTr", ending, len(channel_names), jpath, labelled=labelled)
-    test = _v2_cases(root, "imagesTs", "labelsTs", ending, len(channel_names), jpath, labels_optional=True)
+    raters = parse_raters(jpath, meta.get("raters"))
+    training = _v2_cases(root, "imagesTr", "labelsTr", ending, len(channel_names), jpath, labelled=labelled,
+                         raters=raters)
+    test = _v2_cases(root, "imagesTs", "labelsTs", ending, len(channel_names), jpath, labels_optional=True,
+                     raters=raters)
     if "numTraining" in meta and meta["numTraining"] != len(training):
         raise InputError(jpath, f"numTraining is {meta['numTraining']} but imagesTr holds {len(training)} cases")
     if labelled is not None:
@@ -153,7 +163,7 @@ def _open_v2(root: Path, jpath: Path, meta: dict, labels: dict[str, int]) -> Raw
     if not isinstance(case_meta, dict) or not all(isinstance(v, dict) for v in case_meta.values()):
         raise InputError(jpath, "case_tasks must map case ids to {task_id, annotated}")
     return RawDataset(root, "nnunet_v2", channel_names, labels, ending, training, test, labelled, case_meta,
-                      meta.get("tasks"))
+                      meta.get("tasks"), raters)
 
 
 def _open_decathlon(root: Path, jpath: Path, meta: dict, labels: dict[str, int]) -> RawDataset:
@@ -264,10 +274,12 @@ def _channel_names(jpath: Path, channels: dict, key: str) -> dict[int, str]:
 
 
 def _v2_cases(root: Path, img_dir: str, lab_dir: str, ending: str, n_channels: int, jpath: Path,
-              labels_optional: bool = False, labelled: list | None = None) -> list[RawCase]:
+              labels_optional: bool = False, labelled: list | None = None,
+              raters: list[str] | None = None) -> list[RawCase]:
     """The cases of one images/labels folder pair. A label file is required unless
     ``labels_optional``, or unless the dataset declares ``labelled_cases`` (a semi-supervised
-    split) and the case is not among them: such a case is unlabelled training data."""
+    split) and the case is not among them: such a case is unlabelled training data. With
+    ``raters`` a case's label is one file per rater, ``<case>_r<k><ending>`` (k = 0, 1, ...)."""
     idir = root / img_dir
     if not idir.is_dir():
         if labels_optional:
@@ -287,23 +299,41 @@ def _v2_cases(root: Path, img_dir: str, lab_dir: str, ending: str, n_channels: i
         missing = [c for c in range(n_channels) if c not in chans]
         extra = sorted(set(chans) - set(range(n_channels)))
         lab = root / lab_dir / f"{case}{ending}"
+        rater_files = rater_label_files(root / lab_dir, case, ending, raters)
+        if rater_files is not None:
+            lab = rater_files[0]
         if missing:
             problem = InputError(idir / f"{case}_{missing[0]:04d}{ending}",
                                  f"case '{case}' is missing channel file(s) {missing}")
         elif extra:
             problem = InputError(chans[extra[0]], f"channel {extra[0]} is not declared in channel_names")
         may_lack_label = labels_optional or (labelled is not None and case not in labelled)
-        if not lab.exists() and not may_lack_label and problem is None:
-            problem = InputError(lab, f"label file of case '{case}' is missing")
+        absent = [p for p in rater_files or [lab] if not p.exists()]
+        if rater_files is not None and absent and len(absent) < len(rater_files) and problem is None:
+            problem = InputError(absent[0], f"case '{case}' has labels of some raters but not of "
+                                            f"{[p.name for p in absent]}: every rater labels every case")
+        if absent and not may_lack_label and problem is None:
+            problem = InputError(absent[0], f"label file of case '{case}' is missing")
         cases.append(RawCase(case, [chans.get(c, idir / f"{case}_{c:04d}{ending}") for c in range(n_channels)],
-                             lab if lab.exists() else None, problem=problem))
+                             lab if not absent else None, problem=problem,
+                             rater_labels=rater_files if not absent else None))
     return cases
+
+
+RATER_SUFFIX = "_r{k}"  # labelsTr/<case>_r<k><ending>: rater k's label (k as dataset.json's "raters" lists them)
+
+
+def rater_label_files(folder: Path, case: str, ending: str, raters: list[str] | None) -> list[Path] | None:
+    """The label files of ``case``'s raters in ``folder`` (None: not a multi-rater dataset)."""
+    if raters is None:
+        return None
+    return [folder / f"{case}{RATER_SUFFIX.format(k=k)}{ending}" for k in range(len(raters))]
 
 
 @dataclass
 class LoadedCase:
     image: np.ndarray  # (C, X, Y, Z), C-ordered: float32, or the file's small integer dtype
-    label: np.ndarray | None  # (1, X, Y, Z) int8 (int16 for labels above 127)
+    label: np.ndarray | None  # (1, X, Y, Z) int8 (int16 for labels above 127); (R, X, Y, Z): one per rater
     reference: Volume  # first channel's geometry as stored in its file (its array a zero-byte stand-in)
     affine: np.ndarray | None = None  # the arrays' affine when reoriented (else the reference's)
 
@@ -347,17 +377,23 @@ def load_raw_case(case: RawCase, dataset: RawDataset, check_labels: bool = True,
                          f"{bad} non-finite intensity value(s) (NaN/inf) in channel {c}")
     label = None
     if case.label is not None:
-        lv = read_volume(case.label)
-        if lv.array.ndim != 3:
-            raise InputError(case.label, f"label must be a 3D image, got shape {lv.array.shape}")
-        _check_geometry(case.label, lv, case.images[0], ref)
-        label = _label_array(case.label, np.asarray(lv.array), dataset.label_values if check_labels else None)[None]
-        del lv
+        declared = dataset.label_values if check_labels else None
+        files = case.rater_labels or [case.label]
+        label = np.concatenate([_read_label(p, case.images[0], ref, declared) for p in files])
     if orientation in (None, "stored"):
         return LoadedCase(image, label, ref)
     image, affine = orient_channels(image, ref.affine, orientation)
     label = None if label is None else orient_channels(label, ref.affine, orientation)[0]
     return LoadedCase(image, label, ref, affine)
+
+
+def _read_label(path: Path, ref_path: Path, ref: Volume, declared: list[int] | None) -> np.ndarray:
+    """One label file as ``(1, X, Y, Z)``, checked: 3D, on the image's grid, values declared."""
+    lv = read_volume(path)
+    if lv.array.ndim != 3:
+        raise InputError(path, f"label must be a 3D image, got shape {lv.array.shape}")
+    _check_geometry(path, lv, ref_path, ref)
+    return _label_array(path, np.asarray(lv.array), declared)[None]
 
 
 def _geometry_only(v: Volume) -> Volume:

@@ -37,8 +37,9 @@ def normalise_and_resample(image: np.ndarray | list, seg: np.ndarray | None, spa
     target = plans["target_spacing"]
     new_shape = compute_new_shape(owned[0].shape[1:], spacing, target)
     image = resample_image(owned, new_shape, spacing, target, order=plans["resampling"]["image"])
-    if seg is not None:
-        seg = resample_label(seg, new_shape, spacing, target)
+    if seg is not None:  # several label channels (one per rater): each resampled as a label map
+        seg = resample_label(seg, new_shape, spacing, target) if len(seg) == 1 else \
+            np.concatenate([resample_label(s[None], new_shape, spacing, target) for s in seg])
     return image, seg, new_shape
 
 

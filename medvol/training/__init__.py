@@ -21,6 +21,7 @@ BUILTIN_TRAINERS: dict[str, str] = {
     "de_dcgcn_ee": "medvol.training.de_dcgcn_ee:DEDCGCNEETrainer",
     "dodnet": "medvol.training.dodnet:DoDNetTrainer",
     "infnet": "medvol.training.infnet:InfNetTrainer",
+    "mrnet": "medvol.training.mrnet:MRNetTrainer",
     "pcrl": "medvol.training.pcrl:PCRLTrainer",
     "semi_infnet": "medvol.training.semi_infnet:SemiInfNet",
     "slice_aggregator": "medvol.training.aggregator:SliceAggregatorTrainer",
