@@ -368,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ensembles", action="store_true",
                    help="compare the configurations only (nnU-Net's --disable_ensembling)")
     _add_device(p, "where folds without saved validation probabilities predict them again (for ensembles)")
+    _add_common(p)
 
     p = sub.add_parser("enhance", help="super-resolve scans with a trained SERAN run (NIfTI out, same field of view)")
     p.add_argument("-m", "--model", type=Path, required=True, help="run folder of `medvol train seran`")
