@@ -98,3 +98,17 @@ def test_train_fold_option_sets_the_recipes_fold(monkeypatch, tmp_path):
     assert seen == {"fold": 3}
     assert cli.main(["train", "quickstart", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--fold", "x",
                      "--quiet"]) == 2
+
+
+def test_every_command_takes_quiet_and_debug():
+    """main() reads args.quiet and args.debug for every command: a subcommand without them
+    fails on its first use (as `best` did after a merge)."""
+    import argparse
+
+    from medvol.cli import COMMANDS, build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == set(COMMANDS)
+    for name, p in sub.choices.items():
+        opts = {o for a in p._actions for o in a.option_strings}
+        assert {"--quiet", "--debug"} <= opts, name
