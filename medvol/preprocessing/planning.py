@@ -277,6 +277,8 @@ def plan_experiment(fingerprint: dict, dataset_json: dict, gpu_memory_gb: float 
         "nnunet_transpose_forward": transpose_nn,
         "configurations": {"2d": plan_2d(target, median_shape, work_axes, num_classes, n_vox, gpu_memory_gb, plan)},
     }
+    if dataset_json.get("regions_class_order"):  # region-based training (medvol.labels)
+        plans["regions_class_order"] = list(dataset_json["regions_class_order"])
     if plan is not DEFAULT:
         plans["planner"] = {"name": plan.name, "nnunet_planner": plan.nnunet_class,
                             "nnunet_plans_name": plan.nnunet_plans_name}

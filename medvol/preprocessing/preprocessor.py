@@ -19,6 +19,7 @@ from medvol.cache import (
     CACHE_VERSION,
     case_is_complete,
     case_paths,
+    label_locations,
     load_plans,
     plans_digest,
     sample_class_locations,
@@ -26,6 +27,7 @@ from medvol.cache import (
 )
 from medvol.errors import CacheError, MedvolError, OutputError
 from medvol.io import Volume
+from medvol.labels import LabelScheme
 from medvol.preprocessing.cache_files import (
     cache_description,
     copy_raw_splits,
@@ -129,8 +131,7 @@ def _preprocess_job(case: RawCase, dataset: RawDataset, out: Path, plans: dict, 
         if has_label:
             dtype = np.int16 if seg_r.max() > 127 else np.int8
             save_npy(s_out, seg_r.astype(dtype))
-            fg = [v for v in sorted(set(plans["labels"].values())) if v > 0]
-            save_locations(out, case.case_id, sample_class_locations(seg_r, fg))
+            save_locations(out, case.case_id, label_locations(seg_r, LabelScheme.from_plans(plans)))
         write_json(p_out, props)
         for p in (img_p, seg_p, props_p):
             p.unlink(missing_ok=True)

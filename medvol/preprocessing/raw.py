@@ -26,6 +26,7 @@ from medvol.io.dicom import group_series, list_dicom_files
 from medvol.io.discovery import find_scans, scan_id, scan_stem, scan_suffix, split_channel
 from medvol.io.orientation import orient_channels
 from medvol.io.volume import c_order, spacing_from_affine
+from medvol.labels import LabelScheme
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +35,11 @@ DECATHLON_KEYS = {"modality", "labels", "training"}
 # Read (or only informative) keys; any other key is ignored with a warning naming it.
 OPTIONAL_KEYS = {"name", "description", "reference", "licence", "license", "release", "tensorImageSize",
                  "numTest", "test", "dataset_name", "author", "citation", "converted_by", "link", "relase",
-                 "modalities", "overwrite_image_reader_writer",
+                 "modalities", "overwrite_image_reader_writer", "regions_class_order",
                  # medvol extensions: semi-supervised splits and the ids cases had in their source
                  "labelled_cases", "source_ids", "case_tasks", "tasks"}
 # nnU-Net keys that change what the dataset means: medvol does not do what they ask, so they are refused.
-REFUSED_KEYS = {"regions_class_order": "region-based training is not supported; declare one value per label",
-                "dataset": "cases listed in 'dataset' (files outside imagesTr/labelsTr) are not supported; "
+REFUSED_KEYS = {"dataset": "cases listed in 'dataset' (files outside imagesTr/labelsTr) are not supported; "
                            "put the files in imagesTr/ and labelsTr/"}
 KNOWN_KEYS = NNUNET_V2_KEYS | DECATHLON_KEYS | OPTIONAL_KEYS | set(REFUSED_KEYS)
 # overwrite_image_reader_writer: nnU-Net reader classes that read as medvol's own readers do (each scan
@@ -67,13 +67,14 @@ class RawDataset:
     root: Path
     layout: str  # "nnunet_v2" | "decathlon" | "nifti_folder" | "dicom_tree"
     channel_names: dict[int, str]
-    labels: dict[str, int]
+    labels: dict  # name -> value, region (list of values) or the ignore label (medvol.labels)
     file_ending: str
     training: list[RawCase]
     test: list[RawCase]
     labelled_cases: list[str] | None = None  # semi-supervised: only these training labels are used
     case_meta: dict = field(default_factory=dict)  # per case: task_id, annotated channels (partial labels)
     tasks: dict | None = None  # partial labels: task id -> name (and its channel rules)
+    regions_class_order: list[int] | None = None  # region-based training (medvol.labels)
 
     @property
     def num_channels(self) -> int:
@@ -81,10 +82,12 @@ class RawDataset:
 
     @property
     def label_values(self) -> list[int]:
-        return sorted(set(self.labels.values()))
+        """The values a label file may hold (the ignore label included)."""
+        return LabelScheme.parse(self.root, self.labels, self.regions_class_order).file_values
 
     def dataset_json(self) -> dict:
-        return {"channel_names": {str(k): v for k, v in self.channel_names.items()}, "labels": self.labels,
+        regions = {"regions_class_order": self.regions_class_order} if self.regions_class_order else {}
+        return {**regions, "channel_names": {str(k): v for k, v in self.channel_names.items()}, "labels": self.labels,
                 "numTraining": len(self.training), "file_ending": self.file_ending, "layout": self.layout,
                 "labelled_cases": self.labelled_cases, "tasks": self.tasks}
 
@@ -133,8 +136,11 @@ def _open_with_json(root: Path) -> RawDataset:
     _check_keys(jpath, meta, is_v2)
     _check_types(jpath, meta)
     _check_reader(jpath, meta)
-    labels = parse_labels(jpath, meta["labels"], is_v2)
-    return _open_v2(root, jpath, meta, labels) if is_v2 else _open_decathlon(root, jpath, meta, labels)
+    labels = parse_labels(jpath, meta["labels"], is_v2, meta.get("regions_class_order"))
+    ds = _open_v2(root, jpath, meta, labels) if is_v2 else _open_decathlon(root, jpath, meta, labels)
+    if is_v2 and LabelScheme.parse(jpath, labels, meta.get("regions_class_order")).has_regions:
+        ds.regions_class_order = [int(v) for v in meta["regions_class_order"]]
+    return ds
 
 
 def _open_v2(root: Path, jpath: Path, meta: dict, labels: dict[str, int]) -> RawDataset:

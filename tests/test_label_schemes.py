@@ -1,0 +1,123 @@
+"""nnU-Net's label modes (medvol.labels): regions with regions_class_order, the ignore label.
+Losses against hand-computed values, conversion order, parsing errors naming the file."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from medvol.errors import InputError
+from medvol.labels import LabelScheme
+from medvol.losses import segmentation_loss
+from medvol.losses.dice import BatchDiceCELoss, BatchDiceLoss, cross_entropy
+
+S = 1e-5  # the losses' smoothing
+
+
+def scheme(labels, order=None):
+    return LabelScheme.parse("dataset.json", labels, order)
+
+
+def volume(values):
+    """A (1, C, 1, 1, N) logit tensor or a (1, 1, 1, 1, N) target from per-voxel lists."""
+    a = torch.tensor(values, dtype=torch.float32)
+    return a.T[None, :, None, None, :] if a.ndim == 2 else a[None, None, None, None, :].long()
+
+
+IGNORE = {"background": 0, "fg": 1, "ignore": 2}
+REGIONS = {"background": 0, "a": [1, 2], "b": 2}
+
+
+def test_ignore_label_dice_and_ce_by_hand():
+    labels = scheme(IGNORE)
+    logits = volume([[0.0, math.log(3)], [0.0, 0.0], [0.0, 5.0]])  # fg softmax 0.75, 0.5, (ignored)
+    target = volume([1, 0, 2])
+    dice = (2 * 0.75 + S) / (1.25 + 1 + S)  # annotated voxels only: tp .75, sum p 1.25, sum g 1
+    ce = (math.log(4 / 3) + math.log(2)) / 2  # mean over the 2 annotated voxels
+    assert BatchDiceLoss(labels=labels)(logits, target).item() == pytest.approx(1 - dice, abs=1e-6)
+    assert cross_entropy(logits, target, labels).item() == pytest.approx(ce, abs=1e-6)
+    assert BatchDiceCELoss(labels=labels)(logits, target).item() == pytest.approx(1 - dice + ce, abs=1e-6)
+    # the ignored voxel's logits get no gradient
+    logits.requires_grad_(True)
+    BatchDiceCELoss(labels=labels)(logits, target).backward()
+    assert logits.grad[..., 2].abs().max() == 0 and logits.grad[..., :2].abs().max() > 0
+
+
+def test_ignore_label_everything_ignored_gives_a_finite_loss():
+    labels = scheme(IGNORE)
+    logits = torch.zeros(1, 2, 1, 1, 3, requires_grad=True)
+    loss = BatchDiceCELoss(labels=labels)(logits, torch.full((1, 1, 1, 1, 3), 2))
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(0.0, abs=1e-6)  # smoothing: Dice 1, no CE
+
+
+def test_region_dice_and_bce_by_hand():
+    labels = scheme(REGIONS, [1, 2])
+    logits = torch.zeros(1, 2, 1, 1, 3)  # sigmoid 0.5 everywhere
+    target = volume([2, 1, 0])  # region a = {1, 2}: 1 1 0; region b = {2}: 1 0 0
+    da = (2 * 1.0 + S) / (1.5 + 2 + S)
+    db = (2 * 0.5 + S) / (1.5 + 1 + S)
+    expected = 1 - (da + db) / 2 + math.log(2)
+    assert BatchDiceCELoss(labels=labels)(logits, target).item() == pytest.approx(expected, abs=1e-6)
+    assert torch.equal(labels.region_targets(target)[0, :, 0, 0], torch.tensor([[1.0, 1, 0], [1, 0, 0]]))
+
+
+def test_regions_with_ignore_label_by_hand():
+    labels = scheme({**REGIONS, "ignore": 3}, [1, 2])
+    logits = torch.zeros(1, 2, 1, 1, 3)
+    target = volume([2, 1, 3])  # last voxel ignored
+    da = (2 * 1.0 + S) / (1.0 + 2 + S)
+    db = (2 * 0.5 + S) / (1.0 + 1 + S)
+    bce = 4 * math.log(2) / 2  # nnU-Net: sum over 2 regions x 2 annotated voxels / 2 annotated voxels
+    assert BatchDiceCELoss(labels=labels)(logits, target).item() == pytest.approx(1 - (da + db) / 2 + bce, abs=1e-6)
+
+
+def test_deep_supervision_targets_are_regions_of_the_downsampled_labels():
+    labels = scheme(REGIONS, [1, 2])
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 3, (2, 1, 4, 4, 4), generator=g).float()  # MONAI interpolates float maps
+    full, half = torch.randn(2, 2, 4, 4, 4, generator=g), torch.randn(2, 2, 2, 2, 2, generator=g)
+    loss = segmentation_loss("dice_ce", True, labels)([full, half], target)
+    small = target[:, :, 1::2, 1::2, 1::2]  # nearest-exact to half size: voxel centres 1, 3
+    base = BatchDiceCELoss(labels=labels)
+    assert loss.item() == pytest.approx((base(full, target) + 0.5 * base(half, small)).item(), abs=1e-6)
+
+
+def test_region_conversion_places_labels_in_order():
+    labels = scheme(REGIONS, [1, 2])
+    # voxels: both regions, only a, only b, none
+    probs = np.array([[0.9, 0.9, 0.1, 0.2], [0.8, 0.3, 0.7, 0.4]], np.float32)[:, None, None, :]
+    assert labels.to_labels(probs)[0, 0].tolist() == [2, 1, 2, 0]  # b placed last overwrites a
+    backwards = scheme({"background": 0, "b": 2, "a": [1, 2]}, [2, 1])
+    assert backwards.to_labels(probs[::-1].copy())[0, 0].tolist() == [1, 1, 2, 0]  # a placed last wins
+
+
+def test_class_conversion_is_the_argmax():
+    probs = np.array([[0.2, 0.7], [0.5, 0.1], [0.3, 0.2]], np.float32)[:, None, None, :]
+    assert scheme(IGNORE).to_labels(probs)[0, 0].tolist() == [1, 0]
+
+
+def test_scheme_outputs_and_values():
+    r = scheme({**REGIONS, "ignore": 3}, [1, 2])
+    assert r.has_regions and r.num_outputs == 2 and r.regions == [(1, 2), (2,)]
+    assert r.label_values == [0, 1, 2] and r.file_values == [0, 1, 2, 3]
+    assert scheme(IGNORE).outputs == {0: "background", 1: "fg"}  # no output for the ignore label
+    assert scheme(IGNORE).scored() == {"fg": (1,)}
+
+
+@pytest.mark.parametrize("labels, order, message", [
+    ({"background": 0, "fg": 1, "ignore": 5}, None, "ignore label must be the highest label value, one above"),
+    ({"background": 0, "fg": 1, "ignore": 1}, None, "ignore label must be the highest"),
+    ({"background": 0, "fg": 1, "ignore": [2]}, None, "must be one integer, not a region"),
+    (REGIONS, None, "'regions_class_order' is required"),
+    (REGIONS, [1], "one label value per foreground region"),
+    (REGIONS, [1, 7], r"'regions_class_order' holds \[7\]"),
+    ({"background": 0, "a": [1, 3]}, [1], "consecutive from 0"),
+    ({"background": 1, "a": 0}, None, "'background' as 0"),
+])
+def test_bad_label_declarations_name_the_file(labels, order, message):
+    with pytest.raises(InputError, match=message) as e:
+        scheme(labels, order)
+    assert "dataset.json" in str(e.value)
