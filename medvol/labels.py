@@ -14,8 +14,9 @@ nnU-Net v2's ``dataset.json`` ``labels`` (name -> value) declares one of:
   network has no output for it.
 
 :class:`LabelScheme` is the one place that reads these rules; the label files themselves stay
-integer maps. Arrays are channel-first ``(C, X, Y, Z)`` (batches ``(B, C, X, Y, Z)``). Torch
-is imported only by the methods that take tensors (preprocessing never imports torch).
+integer maps (:func:`medvol.inference.postprocess.to_labels` turns outputs back into them).
+Arrays are channel-first ``(C, X, Y, Z)`` (batches ``(B, C, X, Y, Z)``); torch is imported
+only by the methods that take tensors (preprocessing never imports torch).
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from medvol.errors import InputError
 
@@ -122,24 +121,6 @@ class LabelScheme:
         out: dict[str, int | list[int]] = {n: list(v) if isinstance(v, tuple) else v for n, v in self.declared.items()}
         if self.ignore_label is not None:
             out[IGNORE] = self.ignore_label
-        return out
-
-    def to_labels(self, probabilities: np.ndarray, slab: int = 8) -> np.ndarray:
-        """A label map ``(X, Y, Z)`` from probabilities ``(C, X, Y, Z)``: the argmax over
-        classes, or, for regions, ``regions_class_order[i]`` placed where region i's
-        probability exceeds 0.5, in order (later regions overwrite earlier ones). Slab by slab:
-        no int64 volume."""
-        order = self.regions_class_order
-        big = max(self.label_values) > 255 or probabilities.shape[0] > 255
-        out = np.zeros(probabilities.shape[1:], np.int16 if big else np.uint8)
-        for z in range(0, probabilities.shape[-1], slab):
-            part = probabilities[..., z:z + slab]
-            if order is None:
-                out[..., z:z + slab] = part.argmax(0)
-                continue
-            view = out[..., z:z + slab]
-            for i, value in enumerate(order):
-                view[part[i] > 0.5] = value
         return out
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from medvol.errors import InputError
+from medvol.inference.postprocess import to_labels
 from medvol.labels import LabelScheme
 from medvol.losses import segmentation_loss
 from medvol.losses.dice import BatchDiceCELoss, BatchDiceLoss, cross_entropy
@@ -89,14 +90,14 @@ def test_region_conversion_places_labels_in_order():
     labels = scheme(REGIONS, [1, 2])
     # voxels: both regions, only a, only b, none
     probs = np.array([[0.9, 0.9, 0.1, 0.2], [0.8, 0.3, 0.7, 0.4]], np.float32)[:, None, None, :]
-    assert labels.to_labels(probs)[0, 0].tolist() == [2, 1, 2, 0]  # b placed last overwrites a
+    assert to_labels(probs, labels)[0, 0].tolist() == [2, 1, 2, 0]  # b placed last overwrites a
     backwards = scheme({"background": 0, "b": 2, "a": [1, 2]}, [2, 1])
-    assert backwards.to_labels(probs[::-1].copy())[0, 0].tolist() == [1, 1, 2, 0]  # a placed last wins
+    assert to_labels(probs[::-1].copy(), backwards)[0, 0].tolist() == [1, 1, 2, 0]  # a placed last wins
 
 
 def test_class_conversion_is_the_argmax():
     probs = np.array([[0.2, 0.7], [0.5, 0.1], [0.3, 0.2]], np.float32)[:, None, None, :]
-    assert scheme(IGNORE).to_labels(probs)[0, 0].tolist() == [1, 0]
+    assert to_labels(probs, scheme(IGNORE))[0, 0].tolist() == [1, 0]
 
 
 def test_scheme_outputs_and_values():
@@ -121,3 +122,21 @@ def test_bad_label_declarations_name_the_file(labels, order, message):
     with pytest.raises(InputError, match=message) as e:
         scheme(labels, order)
     assert "dataset.json" in str(e.value)
+
+
+def test_metrics_skip_ignore_voxels_and_score_regions_by_hand(tmp_path):
+    from medvol.evaluation.metrics import evaluate_pairs
+    from medvol.io import Volume, write_volume
+
+    pred = np.array([1, 1, 0, 2, 2], np.uint8).reshape(5, 1, 1)
+    ref = np.array([1, 0, 0, 2, 3], np.uint8).reshape(5, 1, 1)  # 3: ignore (the prediction's 2 there is no FP)
+    pairs = {"a": (write_volume(Volume(pred, np.eye(4), {}), tmp_path / "p.nii.gz"),
+                   write_volume(Volume(ref, np.eye(4), {}), tmp_path / "r.nii.gz"))}
+    classes = evaluate_pairs(pairs, {"background": 0, "one": 1, "two": 2, "ignore": 3})["cases"]["a"]
+    assert classes["one"]["dice"] == pytest.approx(2 / 3)  # P {0,1}, R {0}
+    assert classes["two"]["dice"] == pytest.approx(1.0)  # without the ignore rule: 2/3
+    assert classes["two"]["volume_pred_ml"] == pytest.approx(0.001)  # the ignored voxel is not counted
+    assert set(classes) == {"one", "two"}
+    regions = evaluate_pairs(pairs, {"background": 0, "any": [1, 2], "two": 2, "ignore": 3})["cases"]["a"]
+    assert regions["any"]["dice"] == pytest.approx(2 * 2 / (3 + 2))  # P {0,1,3}, R {0,3}
+    assert regions["two"]["dice"] == pytest.approx(1.0)
