@@ -11,6 +11,7 @@ import shutil
 
 import numpy as np
 import pytest
+
 from medvol.config import load_recipe
 from medvol.evaluation.metrics import evaluate_folders
 from medvol.inference.postprocess import to_labels
@@ -114,8 +115,8 @@ def test_ignore_label_training_on_sparse_slices_predicts_dense_tissue(brain_raw,
     assert set(np.unique(read_volume(out / "brain_005.nii.gz").array)) <= {0, 1, 2}
     sparse = evaluate_folders(out, raw / "labelsTs")["summary"]  # the ignored slices count for nothing
     full = evaluate_folders(out, dense)["summary"]  # dense predictions against the dense truth
-    print("ignore:", losses[:10].mean(), losses[-10:].mean(), metrics, {k: (v["dice"]["mean"], sparse[k]["dice"]["mean"])
-                                                                        for k, v in full.items()})
+    print("ignore:", losses[:10].mean(), losses[-10:].mean(), metrics,
+          {k: (v["dice"]["mean"], sparse[k]["dice"]["mean"]) for k, v in full.items()})
     for c in ("grey_matter", "white_matter"):
         assert full[c]["dice"]["mean"] > 0.5
         assert sparse[c]["volume_ref_ml"]["mean"] < 0.5 * full[c]["volume_ref_ml"]["mean"]

@@ -121,7 +121,7 @@ def _load_pair(pred: Path, ref: Path) -> tuple[np.ndarray, np.ndarray, tuple]:
 
 
 def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, out: str | Path | None = None,
-                     labels: dict[str, int] | None = None) -> dict:
+                     labels: dict | None = None) -> dict:
     """Compare every prediction with the reference of the same name; write
     ``<out>.json`` (per case + summary) and ``<out>.csv`` (one row per case and class)."""
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
@@ -151,7 +151,7 @@ def _class_names(labels: dict | None, pairs: dict[str, tuple[Path, Path]]) -> di
     return {c: f"class_{c}" for c in sorted(found) if c > 0}
 
 
-def evaluate_pairs(pairs: dict[str, tuple[Path, Path]], labels: dict[str, int] | None = None,
+def evaluate_pairs(pairs: dict[str, tuple[Path, Path]], labels: dict | None = None,
                    out: str | Path | None = None) -> dict:
     """Metrics of each case's (prediction, reference) files, one case in memory at a time,
     as :func:`evaluate_folders` computes and writes them (``labels``: name -> value, region

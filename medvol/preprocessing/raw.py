@@ -143,7 +143,7 @@ def _open_with_json(root: Path) -> RawDataset:
     return ds
 
 
-def _open_v2(root: Path, jpath: Path, meta: dict, labels: dict[str, int]) -> RawDataset:
+def _open_v2(root: Path, jpath: Path, meta: dict, labels: dict) -> RawDataset:
     ending = meta["file_ending"]
     channel_names = _channel_names(jpath, meta["channel_names"], "channel_names")
     labelled = meta.get("labelled_cases")
@@ -162,7 +162,7 @@ def _open_v2(root: Path, jpath: Path, meta: dict, labels: dict[str, int]) -> Raw
                       meta.get("tasks"))
 
 
-def _open_decathlon(root: Path, jpath: Path, meta: dict, labels: dict[str, int]) -> RawDataset:
+def _open_decathlon(root: Path, jpath: Path, meta: dict, labels: dict) -> RawDataset:
     channel_names = _channel_names(jpath, meta["modality"], "modality")
     training = []
     for item in meta["training"]:
