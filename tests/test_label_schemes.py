@@ -140,3 +140,44 @@ def test_metrics_skip_ignore_voxels_and_score_regions_by_hand(tmp_path):
     regions = evaluate_pairs(pairs, {"background": 0, "any": [1, 2], "two": 2, "ignore": 3})["cases"]["a"]
     assert regions["any"]["dice"] == pytest.approx(2 * 2 / (3 + 2))  # P {0,1,3}, R {0,3}
     assert regions["two"]["dice"] == pytest.approx(1.0)
+
+
+def test_sampling_with_an_ignore_label_centres_patches_on_annotated_voxels():
+    from medvol.cache import ANNOTATED, label_locations
+    from medvol.data.sampling import choose_patch_start
+
+    seg = np.full((1, 40, 40, 40), 2, np.int8)  # all ignored but one annotated slab, class 1 in a corner
+    seg[0, :, :, 30:32] = 0
+    seg[0, 2:4, 2:4, 30:32] = 1
+    locs = label_locations(seg, scheme({"background": 0, "fg": 1, "ignore": 2}))
+    assert set(locs) == {"1", ANNOTATED} and len(locs[ANNOTATED]) == 3200  # all 3200 (< 10,000)
+    assert (seg[0][tuple(locs[ANNOTATED].T)] != 2).all()
+    rng = np.random.default_rng(0)
+    patch = np.array([8, 8, 8])
+    for force_fg in (False, True):
+        for _ in range(50):
+            start, cls = choose_patch_start(seg.shape[1:], patch, rng, locs, force_fg)
+            window = seg[0][tuple(slice(a, a + p) for a, p in zip(start, patch))]
+            assert (window != 2).any()  # never a patch of ignored voxels only
+            assert cls == (1 if force_fg else None)  # foreground picks the class, never 'annotated'
+            if force_fg:
+                assert (window == 1).any()
+    without = label_locations(seg, scheme({"background": 0, "a": 1, "b": 2}))
+    assert ANNOTATED not in without  # no ignore label: the sampler as before
+
+
+def test_region_decoder_blends_logits_and_takes_sigmoids():
+    from medvol.inference.sliding_window import RegionSigmoid, sliding_window_probabilities
+
+    class Fixed(torch.nn.Module):  # two region logits, +2 and -1 everywhere, from one input channel
+        def forward(self, x):
+            return torch.cat([x * 0 + 2.0, x * 0 - 1.0], 1)
+
+    probs = sliding_window_probabilities(Fixed(), torch.zeros(1, 12, 12, 12).half(), [8, 8, 8], torch.device("cpu"),
+                                         RegionSigmoid(), n_channels=2)
+    assert probs.shape == (2, 12, 12, 12)
+    assert torch.allclose(probs[0].float(), torch.sigmoid(torch.tensor(2.0)), atol=1e-3)
+    assert torch.allclose(probs[1].float(), torch.sigmoid(torch.tensor(-1.0)), atol=1e-3)
+    one = sliding_window_probabilities(torch.nn.Conv3d(1, 1, 1), torch.zeros(1, 8, 8, 8).half(), [8, 8, 8],
+                                       torch.device("cpu"), RegionSigmoid(), n_channels=1)
+    assert one.shape[0] == 1  # one region stays one sigmoid channel (no binary-softmax expansion)
