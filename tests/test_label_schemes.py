@@ -56,12 +56,14 @@ def test_ignore_label_everything_ignored_gives_a_finite_loss():
 
 def test_region_dice_and_bce_by_hand():
     labels = scheme(REGIONS, [1, 2])
-    logits = torch.zeros(1, 2, 1, 1, 3)  # sigmoid 0.5 everywhere
+    l3 = math.log(3)
+    logits = volume([[l3, l3], [0.0, -l3], [-l3, 0.0]])  # sigmoids: a .75 .5 .25, b .75 .25 .5
     target = volume([2, 1, 0])  # region a = {1, 2}: 1 1 0; region b = {2}: 1 0 0
-    da = (2 * 1.0 + S) / (1.5 + 2 + S)
-    db = (2 * 0.5 + S) / (1.5 + 1 + S)
-    expected = 1 - (da + db) / 2 + math.log(2)
-    assert BatchDiceCELoss(labels=labels)(logits, target).item() == pytest.approx(expected, abs=1e-6)
+    da = (2 * 1.25 + S) / (1.5 + 2 + S)
+    db = (2 * 0.75 + S) / (1.5 + 1 + S)
+    bce = (4 * math.log(4 / 3) + 2 * math.log(2)) / 6  # the mean over 2 regions x 3 voxels
+    assert BatchDiceCELoss(labels=labels)(logits, target).item() == pytest.approx(1 - (da + db) / 2 + bce, abs=1e-6)
+    assert cross_entropy(logits, target, labels).item() == pytest.approx(bce, abs=1e-6)
     assert torch.equal(labels.region_targets(target)[0, :, 0, 0], torch.tensor([[1.0, 1, 0], [1, 0, 0]]))
 
 
