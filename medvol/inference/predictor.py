@@ -207,7 +207,8 @@ def _write_record(out_dir: Path, runs: list[RunModel], settings: InferenceConfig
         "settings": to_dict(settings), **choose_precision(device, settings.precision).describe()})
 
 
-ENSEMBLE_PLAN_KEYS = ("target_spacing", "labels", "normalization", "orientation", "configurations")
+ENSEMBLE_PLAN_KEYS = ("target_spacing", "labels", "normalization", "orientation", "configurations",
+                      "regions_class_order")
 
 
 def _same_plans(runs: list[RunModel]) -> RunModel:
