@@ -14,6 +14,7 @@ from medvol.inference.postprocess import to_labels
 from medvol.labels import LabelScheme
 from medvol.losses import segmentation_loss
 from medvol.losses.dice import BatchDiceCELoss, BatchDiceLoss, cross_entropy
+from medvol.training.supervised import SupervisedTrainer
 
 S = 1e-5  # the losses' smoothing
 
@@ -183,3 +184,35 @@ def test_region_decoder_blends_logits_and_takes_sigmoids():
     one = sliding_window_probabilities(torch.nn.Conv3d(1, 1, 1), torch.zeros(1, 8, 8, 8).half(), [8, 8, 8],
                                        torch.device("cpu"), RegionSigmoid(), n_channels=1)
     assert one.shape[0] == 1  # one region stays one sigmoid channel (no binary-softmax expansion)
+
+
+def test_ignore_label_cache_trains_with_supervised_and_is_refused_by_other_trainers(tmp_path):
+    from medvol.config import load_recipe
+    from medvol.errors import ConfigError
+    from medvol.preprocessing import preprocess_dataset
+    from medvol.training import train
+
+    from conftest import sphere_case, write_v2_dataset
+
+    cases = {}
+    for i in range(2):
+        img, lab, _ = sphere_case(seed=i)
+        lab = lab.copy()
+        lab[:, :, ::2] = 2  # every other slice unannotated
+        cases[f"s{i}"] = ([img], lab, np.eye(4))
+    root = write_v2_dataset(tmp_path / "Dataset045_Sparse", cases, labels={"background": 0, "fg": 1, "ignore": 2})
+    assert not preprocess_dataset(root, tmp_path / "pre", num_workers=1, quiet=True).failures
+    tiny = ["model.base_features=4", "model.max_features=8", "data.patch_size=[16, 16, 16]", "data.batch_size=2",
+            "data.num_workers=0", "trainer.steps=2", "trainer.val_every=2", "data.val_cases=[s1]"]
+    metrics = train(load_recipe("quickstart", tiny), tmp_path / "pre", tmp_path / "run", device="cpu", quiet=True)
+    assert set(metrics) >= {"val/dice_fg"} and not any(k.endswith("_ignore") for k in metrics)
+    plain = load_recipe("quickstart", tiny + ["trainer.name=test_label_schemes:PlainLossTrainer"])
+    with pytest.raises(ConfigError, match="declares an ignore label, which trainer 'plain_loss' does not support"):
+        train(plain, tmp_path / "pre", tmp_path / "run_plain", device="cpu", quiet=True)
+
+
+class PlainLossTrainer(SupervisedTrainer):
+    """A trainer whose loss does not know nnU-Net's label modes (as every method but supervised)."""
+
+    name = "plain_loss"
+    label_modes = False
