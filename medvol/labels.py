@@ -162,10 +162,10 @@ def _ignore(where, labels: dict) -> int | None:
 
 
 def _check_values(where, scheme: LabelScheme) -> None:
-    bg = scheme.declared.get("background")
-    if bg is None or bg not in (0, (0,)):
-        raise InputError(where, "labels must declare 'background' as 0")
+    bg = scheme.declared.get("background", 0)  # Decathlon files may name it otherwise ("bg")
     values = scheme.label_values
+    if bg not in (0, (0,)) or 0 not in values:
+        raise InputError(where, "labels must declare background as 0")
     if values != list(range(len(values))):
         raise InputError(where, f"label values must be consecutive from 0 (0, 1, 2, ...) as nnU-Net requires, "
                                 f"got {values}")

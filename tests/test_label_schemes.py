@@ -119,7 +119,8 @@ def test_scheme_outputs_and_values():
     (REGIONS, [1], "one label value per foreground region"),
     (REGIONS, [1, 7], r"'regions_class_order' holds \[7\]"),
     ({"background": 0, "a": [1, 3]}, [1], "consecutive from 0"),
-    ({"background": 1, "a": 0}, None, "'background' as 0"),
+    ({"background": 1, "a": 0}, None, "background as 0"),
+    ({"a": 1, "b": 2}, None, "background as 0"),
 ])
 def test_bad_label_declarations_name_the_file(labels, order, message):
     with pytest.raises(InputError, match=message) as e:
