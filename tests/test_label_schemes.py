@@ -3,6 +3,7 @@ Losses against hand-computed values, conversion order, parsing errors naming the
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 
 from medvol.errors import InputError
 from medvol.inference.postprocess import to_labels
+from medvol.io import read_volume
 from medvol.labels import LabelScheme
 from medvol.losses import segmentation_loss
 from medvol.losses.dice import BatchDiceCELoss, BatchDiceLoss, cross_entropy
@@ -217,3 +219,34 @@ class PlainLossTrainer(SupervisedTrainer):
 
     name = "plain_loss"
     label_modes = False
+
+
+def test_region_run_predicts_region_sigmoids_and_no_region_outside_the_crop(tmp_path):
+    from medvol.config import load_recipe
+    from medvol.inference.predictor import predict
+    from medvol.preprocessing import preprocess_dataset
+    from medvol.training import train
+
+    from conftest import sphere_case, write_v2_dataset
+
+    cases = {}
+    for i in range(2):
+        img, lab, _ = sphere_case(seed=i)
+        lab = lab.astype(np.uint8) + (lab > 0) * (np.indices(lab.shape)[0] > 11)  # sphere 1, its half 2
+        cases[f"s{i}"] = ([img], lab, np.eye(4))
+    regions = {"background": 0, "sphere": [1, 2], "half": 2}
+    root = write_v2_dataset(tmp_path / "Dataset046_Halves", cases, labels=regions,
+                            extra_json={"regions_class_order": [1, 2]})
+    assert not preprocess_dataset(root, tmp_path / "pre", num_workers=1, quiet=True).failures
+    tiny = ["model.base_features=4", "model.max_features=8", "data.patch_size=[16, 16, 16]", "data.batch_size=2",
+            "data.num_workers=0", "trainer.steps=2", "trainer.val_every=2", "data.val_cases=[s1]",
+            "trainer.final_validation=false"]
+    metrics = train(load_recipe("quickstart", tiny), tmp_path / "pre", tmp_path / "run", device="cpu", quiet=True)
+    assert {"val/dice_sphere", "val/dice_half"} <= set(metrics)
+    predict(tmp_path / "run", root / "imagesTr", tmp_path / "pred", device="cpu", save_probabilities=True, quiet=True)
+    probs = np.load(tmp_path / "pred" / "s0.npz")["probabilities"].astype(np.float32)
+    assert probs.shape == (2, 24, 24, 20)  # one sigmoid per region, in the scan's grid
+    assert (probs[:, :2] == 0).all() and (probs[:, :, :, :2] == 0).all()  # outside the crop box: no region
+    seg = np.asarray(read_volume(tmp_path / "pred" / "s0.nii.gz").array)
+    plans = json.loads((tmp_path / "run" / "plans.json").read_text())
+    assert np.array_equal(seg, to_labels(probs, LabelScheme.from_plans(plans)))

@@ -4,8 +4,8 @@ A patch is either random (uniform over all positions that keep it within the pad
 or centred on a random stored voxel of a random class present in the case (the class
 locations sampled at preprocessing time). With an ignore label, random patches are centred on
 annotated voxels instead (nnU-Net's rule). With regions the foreground class is drawn among the
-labels present, where nnU-Net draws among the regions present: the same voxels, other weights. Cases smaller than the patch are padded (image
-with 0, label with -1, nnU-Net's convention).
+labels present, where nnU-Net draws among the regions present: the same voxels, other weights.
+Cases smaller than the patch are padded (image with 0, label with -1, nnU-Net's convention).
 """
 
 from __future__ import annotations
