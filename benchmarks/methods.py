@@ -166,7 +166,10 @@ COMPARISONS = {c.method: c for c in [
 # calibration, vessel metrics): method name -> a module beside this file with
 # ``run(seeds, work, toy, deadline) -> list[dict]`` (rows with "method", "arm", "seed") and
 # ``table(rows, out) -> str`` (its Markdown table, appended to methods.md; pictures into ``out``).
-SCORED_ELSEWHERE: dict[str, str] = {}
+SCORED_ELSEWHERE: dict[str, str] = {
+    "de_dcgcn_ee": "methods_de_dcgcn_ee",
+    "seran": "methods_seran",
+}
 
 
 def _elsewhere(method: str):

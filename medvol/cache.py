@@ -237,6 +237,33 @@ def _load_array(path: Path, mode, props: dict) -> np.ndarray:
     return arr
 
 
+LOWRES_DIR = "3d_lowres"  # the 3d_lowres cases: a cache of their own inside the fullres cache
+
+
+def configuration_cache(out: str | Path, configuration: str) -> Path:
+    """The cache a configuration trains on: for ``3d_lowres`` the folder ``3d_lowres/`` inside
+    the fullres cache ``out`` (or ``out`` itself when it is that folder), for the others ``out``.
+    A plan without a 3d_lowres configuration is a ConfigError; one whose lowres cases are not
+    cached yet a CacheError."""
+    from medvol.errors import ConfigError
+    from medvol.plans import LOWRES, lowres_plans
+
+    out = Path(out)
+    marked = read_json(out / "plans.json").get("configuration") if (out / "plans.json").exists() else None
+    if configuration != LOWRES:
+        if marked == LOWRES:
+            raise ConfigError(f"{out}: the 3d_lowres cache; data.configuration {configuration} trains on the cache "
+                              f"above it ({out.parent})")
+        return out
+    if marked == LOWRES:
+        return out
+    sub = out / LOWRES_DIR
+    if not (sub / "plans.json").exists():
+        lowres_plans(load_plans(out))  # no such configuration: the ConfigError says why
+        raise CacheError(f"{sub}: the 3d_lowres cases are not cached; rerun `medvol preprocess` (it adds them)")
+    return sub
+
+
 def load_plans(out: str | Path) -> dict:
     path = Path(out) / "plans.json"
     if not path.exists():

@@ -8,7 +8,7 @@ A run folder (written by ``medvol train``) holds ``recipe.yaml``, ``plans.json``
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +74,7 @@ class RunModel:
     recipe: Recipe
     plans: Plans
     run_dir: Path | None
+    previous_stage: list[RunModel] = field(default_factory=list)  # 3d_cascade_fullres: the 3d_lowres run(s)
 
     @property
     def patch_size(self) -> list[int]:
@@ -172,7 +173,28 @@ def load_run(run_dir: str | Path, device: torch.device, checkpoint: str = "best"
     plans = Plans.from_dict(read_json(run_dir / "plans.json")).for_configuration(recipe.data.configuration)
     ckpt = load_checkpoint(run_checkpoint(run_dir, checkpoint), map_location="cpu")
     num_classes = int(ckpt.get("num_classes", plans.num_classes))  # a classifier's classes are not the plan's labels
-    model = build_model(recipe.model, plans, plans.num_channels * (2 * recipe.data.context + 1), num_classes)
+    previous = _previous_stage(run_dir, recipe, device)
+    extra = len([v for v in plans.label_names if v != 0]) if previous else 0  # one-hot previous-stage labels
+    model = build_model(recipe.model, plans, plans.num_channels * (2 * recipe.data.context + 1) + extra, num_classes)
     load_weights(model, inference_weights(ckpt), run_dir / "plans.json", run_checkpoint(run_dir, checkpoint))
     model.to(device).eval()
-    return RunModel(model, recipe, plans, run_dir)
+    return RunModel(model, recipe, plans, run_dir, previous)
+
+
+PREVIOUS_STAGE_FILE = "previous_stage.json"  # a cascade run's 3d_lowres run folder(s), absolute
+
+
+def _previous_stage(run_dir: Path, recipe: Recipe, device: torch.device) -> list[RunModel]:
+    """The 3d_lowres run(s) a 3d_cascade_fullres run takes its input from (none for other runs),
+    as ``RUN/previous_stage.json`` records them (their ``best`` checkpoints)."""
+    if recipe.data.configuration != "3d_cascade_fullres":
+        return []
+    record = run_dir / PREVIOUS_STAGE_FILE
+    if not record.exists():
+        raise ConfigError(f"{run_dir}: a 3d_cascade_fullres run without {PREVIOUS_STAGE_FILE} (its low-res run); "
+                          "train it again")
+    runs = [Path(p) for p in read_json(record)["runs"]]
+    missing = [str(p) for p in runs if not (p / "recipe.yaml").exists()]
+    if missing:
+        raise ConfigError(f"{record}: the low-res run {missing[0]} is gone (moved?); put it back or edit the file")
+    return [load_run(p, device) for p in runs]

@@ -52,6 +52,7 @@ medvol: 3D medical image segmentation with nnU-Net-style preprocessing.
   medvol extract-features RUN_2D --data PRE -o FEATURES   slice features for the subject aggregator
   medvol evaluate --pred OUT --ref LABELS
   medvol cv RUNS/                       cross-validation table of the fold_* runs' validations
+  medvol best RUN_A RUN_B -o OUT        best configuration/ensemble and its post-processing
   medvol demo                           the whole pipeline on built-in real data
 
 `medvol COMMAND --help` lists a command's options."""
@@ -68,6 +69,45 @@ examples:
   medvol check raw/Dataset005_Prostate    every case read; one report of all problems
 
 exit status: 0 when every case is clean, 2 when any problem was found (all of them are listed)."""
+
+
+TRAIN_EXAMPLES = """\
+examples:
+  medvol train quickstart --data PRE --out RUN                      3d_fullres (nnU-Net's default)
+  medvol train quickstart_lowres --data PRE --out RUN_LOW           3d_lowres: PRE/3d_lowres/ (when planned)
+  medvol train quickstart_cascade --data PRE --out RUN_CASCADE --set data.previous_stage=RUN_LOW
+                                       3d_cascade_fullres: RUN_LOW's predictions as extra input channels
+  medvol train quickstart_cascade --data PRE --out RUN_CASCADE/fold_0 --fold 0 \\
+      --set 'data.previous_stage=[RUN_LOW/fold_0, RUN_LOW/fold_1, RUN_LOW/fold_2, RUN_LOW/fold_3, RUN_LOW/fold_4]'
+                                       each case's input from the low-res fold that validated on it"""
+
+PREDICT_EXAMPLES = """\
+examples:
+  medvol predict -m RUN -i SCANS -o OUT
+  medvol predict -m RUN_CASCADE -i SCANS -o OUT   a 3d_cascade_fullres run: its low-res run predicts first
+                                                  (nnU-Net's -prev_stage_predictions, made for you)"""
+
+PLAN_EXAMPLES = """\
+examples:
+  medvol plan pre/Dataset002_Kidney                                   nnU-Net's default planner
+  medvol plan pre/Dataset002_Kidney --planner resenc-l                a Residual Encoder preset
+  medvol plan pre/Dataset002_Kidney --from-plans pre/Dataset001_Liver/plans.json
+      the liver dataset's plans for the kidney dataset (nnU-Net's move_plans_between_datasets), to
+      fine-tune from a liver run: medvol train quickstart --data pre/Dataset002_Kidney --out runs/kidney \\
+          --set init_from=runs/liver/checkpoints/latest.pt   (RUN/init_report.json names what did not load)"""
+
+BEST_EXAMPLES = """\
+examples:
+  medvol best runs/3d_fullres runs/2d -o runs/best
+      scores 3d_fullres, 2d and their ensemble on the folds' validations (foreground-mean Dice), decides
+      the post-processing of the best and prints the command, e.g.
+      medvol predict -m runs/3d_fullres -i IN -o OUT --checkpoint latest \\
+          --postprocessing runs/best/postprocessing.json
+  medvol best runs/3d_fullres -o runs/best          one configuration: its post-processing only
+  medvol best runs/a runs/b runs/c -o runs/best --no-ensembles
+
+Ensembles average the folds' validation probabilities; folds that did not save them predict their
+validation cases once more (--device)."""
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -132,6 +172,14 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ct-window", type=float, nargs=2, metavar=("LO", "HI"), dest="ct_window",
                    action=_checked(validation.ct_window),
                    help="CT channels: clip to this HU window and divide by max(|LO|,|HI|) (DoDNet: -325 325)")
+    p.add_argument("--from-plans", type=Path, default=None, metavar="PLANS_JSON", dest="from_plans",
+                   help="another dataset's plans.json (its cache's) for this dataset, as nnU-Net's "
+                        "move_plans_between_datasets: spacing, patch, batch, network, normalisation (CT statistics "
+                        "included) from there, labels and channel names from here; for fine-tuning across datasets "
+                        "(init_from). The planning options above do not apply with it")
+    p.add_argument("--own-intensities", action="store_true", dest="own_intensities",
+                   help="with --from-plans: this dataset's foreground intensity statistics (CT clip values, mean, "
+                        "std) instead of the other dataset's")
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -175,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "as for preprocess: the cache's voxel order (every shard must use the same)")
     _add_common(p)
 
-    p = sub.add_parser("plan", help="merge fingerprints into fingerprint.json and write plans.json")
+    p = sub.add_parser("plan", help="merge fingerprints into fingerprint.json and write plans.json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=PLAN_EXAMPLES)
     p.add_argument("out", type=Path, help="the folder `medvol fingerprint` wrote")
     _add_plan_options(p)
     _add_common(p)
@@ -183,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("recipes", help="list the built-in recipes (name and purpose)")
     _add_common(p)
 
-    p = sub.add_parser("train", help="train a recipe on a preprocessing cache")
+    p = sub.add_parser("train", help="train a recipe on a preprocessing cache",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TRAIN_EXAMPLES)
     p.add_argument("recipe", help="recipe YAML (a path, or a built-in recipe's name, e.g. quickstart: "
                                   "see medvol recipes)")
     p.add_argument("--no-final-validation", action="store_true",
@@ -197,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a PCRL recipe (default pcrl_pretrain, the paper's; pcrl_demo is small)")
     _add_train_options(p)
 
-    p = sub.add_parser("predict", help="predict whole scans with a trained run, in the scans' own geometry")
+    p = sub.add_parser("predict", help="predict whole scans with a trained run, in the scans' own geometry",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=PREDICT_EXAMPLES)
     p.add_argument("-m", "--model", type=Path, required=True, action="append",
                    help="run folder written by `medvol train`, a model file from `medvol export` (.zip), or a "
                         "folder of fold_* runs; repeat -m to ensemble (probabilities averaged). A slice "
@@ -220,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: they are skipped and read as background)")
     p.add_argument("--largest-component", action=argparse.BooleanOptionalAction, default=None,
                    help="keep only the largest connected component of each label (default: the recipe's)")
+    p.add_argument("--postprocessing", type=Path, default=None, metavar="FILE",
+                   help="apply the post-processing that `medvol best` decided (its OUT/postprocessing.json: "
+                        "largest regions kept per nnU-Net's rule); replaces the recipe's largest-component setting")
     p.add_argument("--sw-batch-size", type=int, default=2, action=_checked(validation.positive_int),
                    help="windows per forward pass")
     _add_device(p)
@@ -257,6 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", type=Path, required=True, help="folder of reference label maps (same file names)")
     _add_out(p, "metrics file stem (default PRED/metrics): .json and .csv", required=False)
     p.add_argument("--images", type=Path, help="images folder: also draw pictures and an index.html in PRED")
+    p.add_argument("--kind", choices=["labels", "image", "vessels"], default="labels",
+                   help="labels (default): label maps; image: PSNR and SSIM of images (super-resolution); "
+                        "vessels: AUC, accuracy, sensitivity, specificity, F1 inside the FOV (AUC from "
+                        "PRED/<case>.npz, written by predict --save-probabilities)")
+    p.add_argument("--fov", type=Path, help="--kind vessels: folder of field-of-view masks (same file names); "
+                                            "default: every pixel counts")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="--kind vessels: vessel where the probability >= this (default 0.5)")
     _add_common(p)
 
     p = sub.add_parser("cv", help="merge the folds' end-of-run validations into one cross-validation table")
@@ -288,6 +350,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training steps (default 150, a few minutes on 2 cores)")
     _add_device(p)
     _add_common(p)
+
+    p = sub.add_parser("best", help="the best configuration or ensemble of cross-validated RUNs and its "
+                                    "post-processing (nnU-Net's find_best_configuration)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=BEST_EXAMPLES)
+    p.add_argument("runs", type=Path, nargs="+", metavar="RUN",
+                   help="one per configuration: a folder of its fold_* runs (each finished, with its end-of-run "
+                        "validation), as medvol cv takes it")
+    _add_out(p, "output folder: postprocessing.json, best.json, inference_instructions.txt, ensembles/")
+    p.add_argument("--no-ensembles", action="store_true",
+                   help="compare the configurations only (nnU-Net's --disable_ensembling)")
+    _add_device(p, "where folds without saved validation probabilities predict them again (for ensembles)")
+
+    p = sub.add_parser("enhance", help="super-resolve scans with a trained SERAN run (NIfTI out, same field of view)")
+    p.add_argument("-m", "--model", type=Path, required=True, help="run folder of `medvol train seran`")
+    p.add_argument("-i", "--input", type=Path, required=True,
+                   help="a scan file (NIfTI, .mhd, .nrrd), a folder of them and of DICOM series folders, or one "
+                        "DICOM series folder")
+    _add_out(p, "output folder (<case>.nii.gz, in-plane spacing divided by the run's scale)")
+    p.add_argument("--slice-batch", type=int, default=8, action=_checked(validation.positive_int),
+                   help="slices per forward pass (default 8)")
+    _add_precision(p, "auto", f"numerical precision (default {AUTO_PRECISION})")
+    _add_checkpoint(p)
+    _add_device(p)
+    _add_common(p)
     return parser
 
 
@@ -308,7 +394,7 @@ def _cmd_preprocess(a) -> int:
     rep = preprocess_dataset(a.raw, a.out, a.workers, a.overwrite, a.shard, a.quiet, gpu_memory_gb=a.gpu_memory_gb,
                              image_interpolation=a.image_interpolation, cache_dtype=a.cache_dtype,
                              target_spacing=a.target_spacing, ct_window=a.ct_window, orientation=a.orientation,
-                             planner=a.planner)
+                             planner=a.planner, **_transfer_options(a))
     return _report(rep, a.out)
 
 
@@ -322,10 +408,33 @@ def _cmd_plan(a) -> int:
     from medvol.preprocessing import plan_dataset
 
     plans = plan_dataset(a.out, a.gpu_memory_gb, a.image_interpolation, a.cache_dtype, a.target_spacing, a.ct_window,
-                         a.planner)
+                         a.planner, **_transfer_options(a))
     print(f"target spacing {plans['target_spacing']} mm, patch {plans['patch_size']}, "
           f"batch {plans['batch_size']} -> {a.out / 'plans.json'}")
+    if "transferred_from" in plans:
+        t = plans["transferred_from"]
+        print(f"transferred from {t['plans']}: {', '.join(t['from_source'])}; this dataset's own: "
+              f"{', '.join(t['from_this_dataset'])}")
+        for note in t["notes"]:
+            print(f"  not transferred: {note}")
     return 0
+
+
+PLANNING_OPTIONS = {"planner": "default", "gpu_memory_gb": None, "target_spacing": None, "ct_window": None}
+
+
+def _transfer_options(a) -> dict:
+    """``--from-plans``/``--own-intensities`` for plan_dataset; the planning options that the
+    transferred plans replace are refused beside --from-plans."""
+    if a.from_plans is None:
+        if a.own_intensities:
+            raise ConfigError("--own-intensities applies with --from-plans only")
+        return {}
+    given = [k for k, default in PLANNING_OPTIONS.items() if getattr(a, k) != default]
+    if given:
+        raise ConfigError(f"--{given[0].replace('_gb', '').replace('_', '-')} and --from-plans: the transferred plans "
+                          "decide it (plan without --from-plans to choose it)")
+    return {"from_plans": a.from_plans, "own_intensities": a.own_intensities}
 
 
 def _cmd_recipes(a) -> int:
@@ -394,8 +503,18 @@ def _predict_segmentations(a, stop) -> int:
     from medvol.inference import predict
 
     models = a.model if len(a.model) > 1 else a.model[0]
+    postprocess = None
+    if a.postprocessing is not None:
+        from medvol.inference.postprocess import postprocessing_from_file
+        from medvol.inference.predictor import model_plans
+
+        if a.largest_component is not None:
+            raise ConfigError("--postprocessing and --largest-component: give one (the file decides which largest "
+                              "components are kept)")
+        postprocess = postprocessing_from_file(a.postprocessing, model_plans(models).raw["labels"])
     written = predict(models, a.input, a.out, a.device, a.tta, a.overlap, a.sw_batch_size, a.save_probabilities,
-                      a.checkpoint, a.quiet, largest_component_only=a.largest_component, task=a.task,
+                      a.checkpoint, a.quiet, postprocess=postprocess, largest_component_only=a.largest_component,
+                      task=a.task,
                       step=a.step, precision=a.precision, all_windows=a.all_windows, stop=stop)
     if not a.no_pictures:
         from medvol.evaluation.report import write_report
@@ -458,6 +577,13 @@ def _cmd_export(a) -> int:
 def _cmd_evaluate(a) -> int:
     from medvol.evaluation import evaluate_folders
 
+    if a.fov is not None and a.kind != "vessels":
+        raise ConfigError("evaluate --fov: the field-of-view mask is used by the vessel metrics only "
+                          "(add --kind vessels)")
+    if a.kind == "image":
+        return _evaluate_images(a)
+    if a.kind == "vessels":
+        return _evaluate_vessels(a)
     out = a.out or (a.pred / "metrics")
     res = evaluate_folders(a.pred, a.ref, out)
     for cls, s in res["summary"].items():
@@ -471,6 +597,37 @@ def _cmd_evaluate(a) -> int:
         groups = dict(input_cases(a.images, 1))
         cases = {c: (groups[c][0], a.pred / f"{c}.nii.gz", a.ref / f"{c}.nii.gz") for c in res["cases"] if c in groups}
         print(f"report: {write_report(a.pred, cases, res)}")
+    return 0
+
+
+def _evaluate_images(a) -> int:
+    from medvol.evaluation.image import evaluate_image_folders
+
+    out = a.out or (a.pred / "image_metrics")
+    s = evaluate_image_folders(a.pred, a.ref, out)["summary"]
+    print(f"PSNR {s['psnr']['mean']:.2f} ± {s['psnr']['std']:.2f} dB, SSIM {s['ssim']['mean']:.4f} ± "
+          f"{s['ssim']['std']:.4f} (n={s['psnr']['n']})")
+    print(f"metrics: {out.with_suffix('.json')} and .csv")
+    return 0
+
+
+def _evaluate_vessels(a) -> int:
+    from medvol.evaluation.metrics import VESSEL_METRICS, evaluate_vessel_folders
+
+    out = a.out or (a.pred / "vessel_metrics")
+    res = evaluate_vessel_folders(a.pred, a.ref, a.fov, out, a.threshold)
+    print(", ".join(f"{k} {res['summary'][k]:.4f}" for k in VESSEL_METRICS) + f" (mean of {len(res['cases'])} images)")
+    print(f"metrics: {out.with_suffix('.json')} and .csv")
+    return 0
+
+
+def _cmd_enhance(a) -> int:
+    from medvol.inference.enhance import enhance
+    from medvol.inference.predictor import resolve_device
+
+    written = enhance(a.model, a.input, a.out, resolve_device(a.device), a.checkpoint, a.quiet, a.slice_batch,
+                      a.precision)
+    print(f"{len(written)} enhanced scan(s) -> {a.out}")
     return 0
 
 
@@ -493,6 +650,18 @@ def _cmd_cv(a) -> int:
         print(f"{c}: Dice {d['mean']:.4f} over {pooled['n_cases']} case(s); mean of {folds['n_folds']} fold(s) "
               f"{f['mean']:.4f} ± {f['std']:.4f}")
     print(f"cross-validation: {written[0]} (.csv, .html) and {written[3].name}")
+    return 0
+
+
+def _cmd_best(a) -> int:
+    from medvol.evaluation.crossval import FOREGROUND
+    from medvol.inference.best import find_best_configuration
+
+    info = find_best_configuration(a.runs, a.out, not a.no_ensembles, a.device, a.quiet)
+    for name, d in info["all_results"].items():
+        print(f"{name}: foreground-mean Dice {d[FOREGROUND]:.4f}")
+    print(f"\n{info['instructions']}\n\n(written to {a.out / 'inference_instructions.txt'}; scores in "
+          f"{a.out / 'best.json'})")
     return 0
 
 
@@ -528,7 +697,8 @@ COMMANDS = {"preprocess": _cmd_preprocess, "fingerprint": _cmd_fingerprint, "pla
             "recipes": _cmd_recipes, "train": _cmd_train, "export": _cmd_export,
             "pretrain": _cmd_train, "predict": _cmd_predict, "extract-features": _cmd_extract_features,
             "evaluate": _cmd_evaluate, "cv": _cmd_cv, "demo": _cmd_demo,
-            "convert-msd": _cmd_convert_msd, "check": _cmd_check}
+            "convert-msd": _cmd_convert_msd, "check": _cmd_check, "best": _cmd_best,
+            "enhance": _cmd_enhance}
 
 
 def main(argv: list[str] | None = None) -> int:

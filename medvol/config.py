@@ -72,7 +72,8 @@ class DataConfig:
     (``val_fraction``, explicit ``val_cases`` or a cross-validation ``fold``), which cases keep
     labels (``labelled``) and how many unlabelled samples join each batch, and ``augment``."""
 
-    configuration: str = "3d_fullres"  # nnU-Net's names: 3d_fullres (3D patches) | 2d (slices of the same cache)
+    configuration: str = "3d_fullres"  # nnU-Net's: 3d_fullres (3D patches) | 2d (slices of that cache) | 3d_lowres
+    # | 3d_cascade_fullres (CONFIGURATIONS)
     context: int = 0  # 2d: this many neighbouring slices on each side come along as channels (2.5D)
     patch_size: list | None = None  # None: the plan's (of the configuration)
     batch_size: int | None = None  # per process; None: the plan's
@@ -84,6 +85,9 @@ class DataConfig:
     labelled: int | list | None = None  # semi-supervised: how many (or which) training cases keep labels
     unlabelled_per_batch: int = 0  # two-stream batches: this many unlabelled samples in each batch
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # 3d_cascade_fullres: the 3d_lowres run folder, or its fold folders (each case's low-res
+    # prediction from a fold that validated on it, when there is one)
+    previous_stage: str | list | None = None
 
 
 @dataclass
@@ -396,7 +400,9 @@ def _extended_file(parent: Any, child: Path) -> Path:
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # medvol.precision.PRECISIONS (kept free of torch here)
-CONFIGURATIONS = {"3d_fullres": 3, "2d": 2}  # data.configuration -> spatial dims of the model
+# data.configuration -> spatial dims of the model (nnU-Net's names; 3d_lowres trains on the cache's 3d_lowres/,
+# 3d_cascade_fullres on the fullres cache with data.previous_stage's predictions as extra one-hot channels)
+CONFIGURATIONS = {"3d_fullres": 3, "2d": 2, "3d_lowres": 3, "3d_cascade_fullres": 3}
 
 
 def check_recipe(recipe: Recipe, source: str = "<recipe>") -> Recipe:
@@ -414,6 +420,7 @@ def check_recipe(recipe: Recipe, source: str = "<recipe>") -> Recipe:
     if not o.lr > 0:
         bad("optimizer.lr", "> 0", o.lr)
     _check_data(d, bad)
+    _check_cascade(d, t.name, bad)
     if not 0 <= t.val_overlap < 1:
         bad("trainer.val_overlap", "in [0, 1)", t.val_overlap)
     inf = recipe.inference
@@ -427,6 +434,23 @@ def check_recipe(recipe: Recipe, source: str = "<recipe>") -> Recipe:
     if inf.step is not None and not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in inf.step):
         bad("inference.step", "positive integers (voxels per axis)", inf.step)
     return recipe
+
+
+def _check_cascade(d: DataConfig, trainer: str, bad) -> None:
+    """``data.previous_stage`` (the 3d_lowres run folder(s)) only for the cascade's second stage,
+    whose batches hold only labelled samples (training refuses it unset: the recipe may leave it
+    to ``--set``)."""
+    cascade = d.configuration == "3d_cascade_fullres"
+    stages = [d.previous_stage] if isinstance(d.previous_stage, str) else d.previous_stage
+    if cascade and stages is not None and (not stages or not all(isinstance(s, str) and s for s in stages)):
+        bad("data.previous_stage", "the 3d_lowres run folder (or a list of its fold folders) for "
+            "data.configuration 3d_cascade_fullres", d.previous_stage)
+    if not cascade and d.previous_stage is not None:
+        bad("data.previous_stage", "null unless data.configuration is 3d_cascade_fullres", d.previous_stage)
+    if cascade and trainer == "supervised":
+        bad("trainer.name", "cascade for data.configuration 3d_cascade_fullres (it feeds the previous stage)", trainer)
+    if cascade and d.unlabelled_per_batch:
+        bad("data.unlabelled_per_batch", "0 for data.configuration 3d_cascade_fullres", d.unlabelled_per_batch)
 
 
 def _check_data(d: DataConfig, bad) -> None:

@@ -46,6 +46,9 @@ def export_model(run_dir: str | Path, out: str | Path, checkpoint: str = "best",
     for f in ("recipe.yaml", "plans.json"):
         if not (run_dir / f).exists():
             raise InputError(run_dir, f"not a medvol run folder (no {f})")
+    if (run_dir / "previous_stage.json").exists():  # a 3d_cascade_fullres run (medvol.training.cascade)
+        raise InputError(run_dir, "a 3d_cascade_fullres run: its 3d_lowres run is part of the model and a model zip "
+                                  "does not carry it yet; predict with `medvol predict -m` on the run folder")
     ckpt_path = run_checkpoint(run_dir, checkpoint)
     ckpt = load_checkpoint(ckpt_path)
     buf = io.BytesIO()

@@ -58,8 +58,12 @@ class Plans:
                    topology=dict(plans.get("network", {})), raw=plans)
 
     def for_configuration(self, name: str) -> Plans:
-        """These plans for ``3d_fullres`` (themselves) or ``2d`` (:meth:`for_2d`)."""
-        return self if name == "3d_fullres" else self.for_2d()
+        """These plans for ``3d_fullres`` and ``3d_cascade_fullres`` (themselves: the cascade's
+        second stage is the fullres plan with extra input channels), ``3d_lowres``
+        (:func:`lowres_plans`) or ``2d`` (:meth:`for_2d`)."""
+        if name == "3d_lowres":
+            return Plans.from_dict(lowres_plans(self.raw))
+        return self if name in ("3d_fullres", "3d_cascade_fullres") else self.for_2d()
 
     def for_2d(self) -> Plans:
         """nnU-Net's 2d configuration of the same plan: 2-D ``patch_size`` (in X, Y, Z order of
@@ -82,3 +86,26 @@ def _label_names(scheme: LabelScheme) -> dict[int, str]:
     if scheme.regions_class_order is None:
         return dict(scheme.outputs)
     return {0: "background", **{v: n for v, n in zip(scheme.regions_class_order, scheme.scored())}}
+
+
+LOWRES = "3d_lowres"
+
+
+def lowres_plans(plans: dict) -> dict:
+    """``plans.json`` of the 3d_lowres cache (the folder ``3d_lowres/`` inside the fullres
+    cache): the fullres plan with the ``configurations.3d_lowres`` block's spacing, median shape,
+    patch, batch and network at the top level, marked ``"configuration": "3d_lowres"``. A plan
+    already so marked is returned as it is. A plan without that block (nnU-Net's rule made none:
+    the fullres patch already covers a quarter of the median shape) is a ConfigError."""
+    from medvol.errors import ConfigError
+
+    if plans.get("configuration") == LOWRES:
+        return plans
+    cfg = (plans.get("configurations") or {}).get(LOWRES)
+    if cfg is None:
+        raise ConfigError("data.configuration 3d_lowres: this plan has no 3d_lowres configuration (nnU-Net makes one "
+                          "only when the 3d_fullres patch holds less than 25 % of the median image's voxels); "
+                          "train 3d_fullres")
+    return {**plans, "configuration": LOWRES, "target_spacing": list(cfg["spacing"]),
+            "median_shape_after_resampling": list(cfg["median_shape"]), "patch_size": list(cfg["patch_size"]),
+            "batch_size": cfg["batch_size"], "network": dict(cfg["network"])}

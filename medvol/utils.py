@@ -7,6 +7,8 @@ import errno
 import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,12 +16,44 @@ from typing import Any, Iterator
 
 import numpy as np
 
+# A temp file names its writer, "<host>-<pid>", so that a later write into the same folder can
+# tell the debris of a killed writer on this host from a live writer's file (kept, on any host).
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+_PART = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.[a-z0-9_]{8}\.part")
+_swept: set[Path] = set()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_dead_parts(folder: Path) -> list[Path]:
+    """Remove the temp files in ``folder`` that a writer on this host left when it was killed
+    (SIGKILL, out of memory: no handler ran); their writer's process is gone. Returns them."""
+    gone = []
+    for p in folder.glob(".*.part*"):
+        m = _PART.match(p.name)
+        if m and m["host"] == _HOST and not _alive(int(m["pid"])):
+            p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
+
 
 def _tmp_name(path: Path) -> Path:
     # The temp file keeps the real suffixes (".nii.gz", ".npy") because some writers pick
     # their format from the name; the leading dot and ".part" tag mark it as unfinished.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + "".join(path.suffixes[-2:]),
-                               dir=path.parent)
+    # The first write of this process into a folder first sweeps a killed writer's temp files.
+    if path.parent not in _swept:
+        remove_dead_parts(path.parent)
+        _swept.add(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}-{os.getpid()}.",
+                               suffix=".part" + "".join(path.suffixes[-2:]), dir=path.parent)
     os.close(fd)
     return Path(tmp)
 

@@ -166,3 +166,37 @@ def train_two_ranks(command: list[str], data: Path, out: Path, sets: list[str]) 
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["params_identical_across_ranks"] is True
     return summary
+
+
+# A sitecustomize that SIGKILLs the process (no handler can run) the moment an atomic write is
+# about to rename a finished temp file onto a name ending in $MEDVOL_TEST_KILL_AT.
+_KILL_HOOK = '''
+import os, signal
+_at = os.environ["MEDVOL_TEST_KILL_AT"]
+_replace = os.replace
+def _replace_or_die(src, dst, *a, **k):
+    if os.fspath(dst).endswith(_at):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _replace(src, dst, *a, **k)
+os.replace = _replace_or_die
+'''
+
+
+def run_killed_at(name: str, argv: list[str], hook_dir: Path) -> None:
+    """Run ``argv`` (a medvol command) in a process SIGKILLed just before ``name`` is renamed
+    into place; checks that it did die that way."""
+    import os
+    import signal
+    import subprocess
+
+    hook_dir.mkdir(parents=True, exist_ok=True)
+    (hook_dir / "sitecustomize.py").write_text(_KILL_HOOK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(hook_dir), "MEDVOL_TEST_KILL_AT": name}
+    r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
+
+
+def medvol_argv(*args: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "medvol", *args]

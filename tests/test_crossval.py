@@ -6,7 +6,9 @@ import csv
 import json
 import logging
 import math
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ from medvol.evaluation.metrics import METRICS
 from medvol.io import read_volume
 from medvol.training import train
 
-from conftest import sphere_case, write_v2_dataset
+from conftest import medvol_argv, run_killed_at, sphere_case, write_v2_dataset
 
 TINY = ["model.base_features=4", "model.max_features=8", "data.patch_size=[16, 16, 16]", "data.batch_size=2",
         "data.num_workers=0", "trainer.steps=2", "trainer.val_every=2"]
@@ -244,3 +246,40 @@ def test_a_2d_fold_validates_in_the_scans_geometry(folds, tmp_path):
         pred = read_volume(tmp_path / "run2d" / "validation" / f"{case}.nii.gz")
         assert pred.spatial_shape == src.spatial_shape
         np.testing.assert_allclose(pred.affine, src.affine, atol=1e-5)
+
+
+def test_sigkill_while_cv_renames_its_files_and_the_rerun_writes_the_whole_set(folds, tmp_path):
+    """Issue 35, 3: SIGKILL between cv's renames (png and html renamed, csv and json not): the
+    same command run again writes all four as an unkilled run does, with no temp file left."""
+    _, _, cv = folds
+    runs = [str(cv / f"fold_{k}") for k in (0, 1)]
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    argv = medvol_argv("cv", *runs, "-o", str(out), "--quiet")
+    run_killed_at("cv_summary.csv", argv, tmp_path / "hook")
+    assert {"cv_summary.html", "cv_dice.png"} <= {p.name for p in out.iterdir()}
+    assert not (out / "cv_summary.csv").exists() and list(out.glob(".cv_summary.csv.*.part*"))
+    assert main(["cv", *runs, "-o", str(out), "--quiet"]) == 0
+    assert main(["cv", *runs, "-o", str(ref), "--quiet"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
+    for name in ("cv_summary.json", "cv_summary.csv"):
+        assert (out / name).read_text() == (ref / name).read_text()
+
+
+def test_sigkill_during_the_final_validation_and_resume_validates_every_case(folds, tmp_path):
+    """Issue 35, 3: a finished fold killed (SIGKILL) just before its second validation case's
+    prediction is renamed into place: `--resume auto` trains no further, predicts every case
+    again, sweeps the killed writer's temp file and writes the summary the fold had."""
+    _, pre, cv = folds
+    run = tmp_path / "run"
+    shutil.copytree(cv / "fold_0", run)
+    before = _summary(run)
+    shutil.rmtree(run / "validation")
+    argv = medvol_argv("train", "quickstart", "--data", str(pre), "--out", str(run), "--device", "cpu", "--quiet",
+                       "--resume", "auto", *sum((["--set", s] for s in [*TINY, "data.fold=0"]), []))
+    run_killed_at("s3.nii.gz", argv, tmp_path / "hook")
+    assert not (run / "validation" / "summary.json").exists()
+    assert list((run / "validation").rglob(".s3.nii.gz.*.part*"))
+    assert subprocess.run(argv, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode == 0
+    after = _summary(run)
+    assert after["cases"] == before["cases"] and after["validation"]["step"] == before["validation"]["step"] == 2
+    assert not [p for p in run.rglob("*") if ".part" in p.name]

@@ -18,7 +18,7 @@ import torch
 from medvol.checkpoint import load_checkpoint
 from medvol.errors import PREEMPTED_EXIT
 
-from conftest import sphere_case, write_nifti
+from conftest import medvol_argv, run_killed_at, sphere_case, write_nifti
 
 SETS = ["model.base_features=4", "model.max_features=8", "data.patch_size=[16, 16, 16]", "data.batch_size=2",
         "data.num_workers=0", "trainer.steps=40", "trainer.val_every=40", "trainer.log_every=1",
@@ -185,3 +185,26 @@ def test_sigkill_during_predict_leaves_whole_files_and_the_rerun_finishes(tiny_r
     rerun = subprocess.run(argv, env=ENV, stderr=subprocess.PIPE, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     assert sorted(p.name for p in out.glob("c*.nii.gz")) == [f"{c}.nii.gz" for c in cases]
+    assert not list(out.glob(".*.part*"))  # a write the kill cut short was swept by the rerun
+
+
+def test_sigkill_while_exporting_keeps_the_old_model_and_the_rerun_leaves_what_an_unkilled_export_does(
+        tiny_run, tmp_path):
+    """Issue 35, 3: SIGKILL (no handler) after the zip is written under its temp name and before
+    the rename: no model.zip (or the previous one, byte for byte); the same command run again
+    writes a model predict reads and sweeps the killed writer's temp file."""
+    from medvol.export import unpacked_model
+
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    argv = medvol_argv("export", str(tiny_run), "-o", str(out / "model.zip"), "--quiet")
+    run_killed_at("model.zip", argv, tmp_path / "hook")
+    assert not (out / "model.zip").exists() and len(list(out.glob(".model.zip.*.part.zip"))) == 1
+    assert subprocess.run(argv, env=ENV).returncode == 0
+    assert subprocess.run(medvol_argv("export", str(tiny_run), "-o", str(ref / "model.zip"), "--quiet"),
+                          env=ENV).returncode == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
+    with unpacked_model(out / "model.zip") as run:
+        assert (run / "plans.json").read_bytes() == (tiny_run / "plans.json").read_bytes()
+    before = (out / "model.zip").read_bytes()
+    run_killed_at("model.zip", argv, tmp_path / "hook")  # a second export over the first one, killed
+    assert (out / "model.zip").read_bytes() == before

@@ -144,7 +144,7 @@ def test_get_trainer_imports_only_the_trainer_it_returns():
 def test_every_lazy_trainer_resolves_to_a_class_of_that_name():
     from medvol.training import BUILTIN_TRAINERS, get_trainer
 
-    assert len(BUILTIN_TRAINERS) == 10
+    assert len(BUILTIN_TRAINERS) == 13
     for name, target in BUILTIN_TRAINERS.items():
         cls = get_trainer(name)
         assert isinstance(cls, type) and cls.name == name, target

@@ -132,3 +132,25 @@ def test_one_file_hash_and_one_atomic_text_write(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert out.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.dcm", "b.dcm", "page.html"]  # no temp file left
+
+
+def test_a_killed_writers_temp_files_are_swept_and_no_other_file(tmp_path):
+    """Temp files name their writer (host-pid): a dead writer's on this host are removed by the
+    first atomic write into the folder; a live writer's, another host's and a user's are kept."""
+    import subprocess
+    import sys
+
+    from medvol import utils
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    keep = [f".a.nii.gz.{utils._HOST}-{os.getpid()}.abcd_123.part.nii.gz",  # this (live) process
+            f".a.nii.gz.otherhost-{dead.pid}.abcd_123.part.nii.gz",  # another host: cannot tell
+            ".notes.part", "a.nii.gz.vm-1.part"]  # not medvol's temp names
+    gone = [f".a.nii.gz.{utils._HOST}-{dead.pid}.x1y2z3_4.part.nii.gz",
+            f".b.npy.{utils._HOST}-{dead.pid}.q1w2e3r4.part.npy"]
+    for n in keep + gone:
+        (tmp_path / n).write_bytes(b"x")
+    utils._swept.discard(tmp_path)
+    utils.write_json(tmp_path / "c.json", {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*keep, "c.json"])

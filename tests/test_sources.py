@@ -23,12 +23,13 @@ from medvol.errors import ConfigError
 from medvol.io.slice_features import write_features
 from medvol.training import BUILTIN_TRAINERS, get_trainer
 from medvol.training import load_recipe as load_checked_recipe
+from medvol.training.cascade import CascadeSamples
 from medvol.training.distributed import DistInfo
 from medvol.training.sources import CacheSamples, DataSource, FeatureFile, GradedSlices, PretextVolumes
 
 KINDS = {"supervised": CacheSamples, "canet": CacheSamples, "dodnet": CacheSamples, "ugpcl": CacheSamples,
          "infnet": CacheSamples, "dcmt": GradedSlices, "slice_classifier": GradedSlices,
-         "slice_aggregator": FeatureFile, "pcrl": PretextVolumes}
+         "slice_aggregator": FeatureFile, "pcrl": PretextVolumes, "cascade": CascadeSamples}
 
 
 def test_every_builtin_trainer_names_its_source():

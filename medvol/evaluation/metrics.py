@@ -200,3 +200,97 @@ def region_masks(pred: np.ndarray, ref: np.ndarray, c, ignore: int | None = None
         keep = ref != ignore
         p, r = p & keep, r & keep
     return p, r
+
+
+# ---------------------------------------------------------------- vessel metrics (inside a FOV)
+
+VESSEL_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "f1")
+
+
+def roc_auc(score: np.ndarray, ref: np.ndarray) -> float:
+    """Area under the ROC curve of ``score`` against the boolean ``ref``: the Mann-Whitney
+    statistic, ties counted one half (what trapezoidal integration of the ROC gives); NaN when
+    ``ref`` holds one class only."""
+    from scipy.stats import rankdata
+
+    score, ref = np.asarray(score, np.float64).ravel(), np.asarray(ref, bool).ravel()
+    n_pos, n_neg = int(ref.sum()), int((~ref).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(score)
+    return float((ranks[ref].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def vessel_metrics(prob: np.ndarray, ref: np.ndarray, fov: np.ndarray | None = None,
+                   threshold: float = 0.5) -> dict[str, float]:
+    """Retinal-vessel metrics of one image, counted over the pixels inside ``fov`` (all pixels
+    when None): AUC of the probability map, and of the map thresholded at ``threshold``
+    (``prob >= threshold``) accuracy, sensitivity TP/(TP+FN), specificity TN/(TN+FP) and F1
+    (= the Dice of this module, :func:`dice_from_counts`). A ratio with nothing to count
+    (e.g. sensitivity with no vessel inside the FOV) is NaN."""
+    prob, ref = np.asarray(prob, np.float64), np.asarray(ref) > 0
+    inside = np.ones(ref.shape, bool) if fov is None else np.asarray(fov) > 0
+    if prob.shape != ref.shape or inside.shape != ref.shape:
+        raise ValueError(f"vessel_metrics: shapes differ: probabilities {prob.shape}, reference {ref.shape}, "
+                         f"FOV {inside.shape}")
+    p, r = prob[inside], ref[inside]
+    pred = p >= threshold
+    tp, fp = int((pred & r).sum()), int((pred & ~r).sum())
+    fn, tn = int((~pred & r).sum()), int((~pred & ~r).sum())
+    ratio = lambda a, b: a / b if b else float("nan")  # noqa: E731
+    return {"auc": roc_auc(p, r), "accuracy": ratio(tp + tn, tp + tn + fp + fn), "sensitivity": ratio(tp, tp + fn),
+            "specificity": ratio(tn, tn + fp), "f1": float(dice_from_counts(tp, tp + fp, tp + fn))}
+
+
+def _vessel_probabilities(pred_dir: Path, case: str, label: Path) -> tuple[np.ndarray, bool]:
+    """A case's vessel probability (``<case>.npz`` of ``medvol predict --save-probabilities``:
+    its last class), else its label map as 0/1 (then AUC is not computed: False)."""
+    npz = pred_dir / f"{case}.npz"
+    if npz.is_file():
+        with np.load(npz) as f:
+            if "probabilities" not in f:
+                raise InputError(npz, "holds no 'probabilities' array (write it with medvol predict "
+                                      "--save-probabilities)")
+            return np.asarray(f["probabilities"][-1], np.float64), True
+    return (np.asarray(read_volume(label).array) > 0).astype(np.float64), False
+
+
+def evaluate_vessel_folders(pred_dir: str | Path, ref_dir: str | Path, fov_dir: str | Path | None = None,
+                            out: str | Path | None = None, threshold: float = 0.5) -> dict:
+    """:func:`vessel_metrics` of every prediction with the reference (and FOV mask, from
+    ``fov_dir``, same file names) of the same name; probabilities from ``<case>.npz`` beside
+    the label map when there (AUC needs them; without: NaN). Writes ``<out>.json`` (per case
+    and the mean over cases) and ``<out>.csv``."""
+    pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
+    preds, refs = _label_files(pred_dir), _label_files(ref_dir)
+    fovs = _label_files(Path(fov_dir)) if fov_dir is not None else {}
+    cases = sorted(set(preds) & set(refs))
+    if not cases:
+        raise InputError(pred_dir, f"no prediction has a reference of the same name in {ref_dir}")
+    per_case = {}
+    for case in cases:
+        if fov_dir is not None and case not in fovs:
+            raise InputError(Path(fov_dir), f"no FOV mask for case '{case}'")
+        _load_pair(preds[case], refs[case])  # one grid, or a clear error
+        prob, has_prob = _vessel_probabilities(pred_dir, case, preds[case])
+        fov = np.asarray(read_volume(fovs[case]).array) if case in fovs else None
+        m = vessel_metrics(prob, np.asarray(read_volume(refs[case]).array), fov, threshold)
+        per_case[case] = m if has_prob else {**m, "auc": float("nan")}
+    summary = {k: float(np.nanmean([m[k] for m in per_case.values()])) if any(
+        not math.isnan(m[k]) for m in per_case.values()) else float("nan") for k in VESSEL_METRICS}
+    result = {"cases": per_case, "summary": summary, "threshold": threshold,
+              "fov": str(fov_dir) if fov_dir is not None else None}
+    if out is not None:
+        _write_vessel_metrics(Path(out), result)
+    return result
+
+
+def _write_vessel_metrics(out: Path, result: dict) -> None:
+    claim_files(out.parent, [out.with_suffix(".json").name, out.with_suffix(".csv").name])
+    write_json(out.with_suffix(".json"), result)
+    with atomic_path(out.with_suffix(".csv")) as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["case", *VESSEL_METRICS])
+            for case, m in result["cases"].items():
+                w.writerow([case, *[f"{m[k]:.6g}" for k in VESSEL_METRICS]])

@@ -105,3 +105,64 @@ def dodnet_postprocess(seg: np.ndarray, task_name: str, min_tumour_voxels: int =
         if sizes[c] > min_tumour_voxels and (organ is None or (region & organ).any()):
             out[region] = 2
     return out
+
+
+# --------------------------------------------------------------------------- nnU-Net's post-processing
+# ``medvol best`` decides it on the cross-validation predictions (medvol.evaluation.best) and writes
+# it to postprocessing.json; ``medvol predict --postprocessing FILE`` applies it.
+POSTPROCESSING_FORMAT = "medvol-postprocessing-1"
+
+
+def keep_largest_region(seg: np.ndarray, labels) -> np.ndarray:
+    """nnU-Net's "remove all but the largest component" of the region made of ``labels``
+    (one label value or several): voxels of those labels outside the largest 26-connected
+    component of their union become background; every other voxel is kept. A copy."""
+    mask = np.isin(seg, np.atleast_1d(np.asarray(labels, dtype=np.int64)))
+    out = seg.copy()
+    out[mask & ~keep_largest_components(mask, 1)] = 0
+    return out
+
+
+def apply_postprocessing(seg: np.ndarray, steps: list[list[int]]) -> np.ndarray:
+    """:func:`keep_largest_region` of each step's labels, in order (nnU-Net applies its
+    post-processing functions one after the other, each on the previous one's output)."""
+    for labels in steps:
+        seg = keep_largest_region(seg, labels)
+    return seg
+
+
+def read_postprocessing(path, labels: dict[str, int] | None = None) -> list[list[int]]:
+    """The steps of a ``postprocessing.json`` written by ``medvol best``, checked: one
+    :class:`medvol.errors.InputError` naming the file when it is not such a file or when its
+    dataset's labels differ from ``labels`` (the model's, name -> value)."""
+    from medvol.errors import InputError
+    from medvol.utils import read_json
+
+    try:
+        doc = read_json(path)
+    except FileNotFoundError:
+        raise InputError(path, "post-processing file not found (medvol best -o OUT writes OUT/postprocessing.json)") \
+            from None
+    except (OSError, ValueError) as e:
+        raise InputError(path, f"unreadable post-processing file ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != POSTPROCESSING_FORMAT:
+        raise InputError(path, f"not a post-processing file of medvol best (format {POSTPROCESSING_FORMAT} expected)")
+    steps = doc.get("steps")
+    if not isinstance(steps, list) or not all(isinstance(s, dict) and isinstance(s.get("labels"), list)
+                                              and all(isinstance(v, int) and v > 0 for v in s["labels"])
+                                              for s in steps):
+        raise InputError(path, "'steps' must be a list of {\"labels\": [positive label values]}")
+    if labels is not None and doc.get("labels") != dict(labels):
+        raise InputError(path, f"decided for the labels {doc.get('labels')}, but the model predicts {dict(labels)}: "
+                               "post-processing is decided per dataset (run medvol best on this model's folds)")
+    return [list(s["labels"]) for s in steps]
+
+
+def postprocessing_from_file(path, labels: dict[str, int] | None = None):
+    """The label-map post-processing of a ``postprocessing.json`` (for ``predict(postprocess=...)``)."""
+    steps = read_postprocessing(path, labels)
+
+    def postprocess(seg: np.ndarray) -> np.ndarray:
+        return apply_postprocessing(seg, steps)
+
+    return postprocess

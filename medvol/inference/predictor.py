@@ -265,10 +265,13 @@ def case_outputs(runs: list[RunModel], vols: list[Volume], device: torch.device,
     from medvol.inference.geometry import restore_geometry
     from medvol.preprocessing import preprocess_case
 
+    previous = previous_stage_labels(runs, vols, device, settings, sw_batch_size)  # before inplace may change vols
     array, props = preprocess_case(vols, runs[0].plans.raw, inplace=inplace, body_mask=not settings.all_windows,
                                    slice_axis=_scan_slice_axis(runs))
     image = torch.from_numpy(array).half()
     del array  # the float32 array is dropped here
+    if previous is not None:  # 3d_cascade_fullres: the low-res labels, one-hot, as extra channels
+        image = torch.cat([image, previous_stage_channels(previous, props, runs[0].plans).half()])
     mask = props.pop("body_mask", None)
     stats: dict[str, int] = {}
     for tid, tname in tasks:
@@ -289,6 +292,34 @@ def case_outputs(runs: list[RunModel], vols: list[Volume], device: torch.device,
         if tid is not None and settings.dodnet_postprocess:
             seg = dodnet_postprocess(seg, tname, organ_annotated=_annotated(runs[0], tid)[0])
         yield tname, seg, restored
+
+
+def previous_stage_labels(runs: list[RunModel], vols: list[Volume], device: torch.device, settings: InferenceConfig,
+                          sw_batch_size: int) -> np.ndarray | None:
+    """A 3d_cascade_fullres model's first stage: the scan's label map (its own grid) by the
+    low-res run(s) (an ensemble when the runs name several), with their recipes' window settings
+    and this call's TTA, precision and window mask. nnU-Net's ``-prev_stage_predictions``, made
+    here. None for the models of other configurations."""
+    stages = {str(p.run_dir): p for r in runs for p in r.previous_stage}
+    if not stages:
+        return None
+    if any(not r.previous_stage for r in runs):
+        raise ConfigError("a 3d_cascade_fullres model cannot be ensembled with models of other configurations")
+    low = list(stages.values())
+    own = run_settings(low)[0]
+    low_settings = dataclasses.replace(own, tta=settings.tta, precision=settings.precision,
+                                       all_windows=settings.all_windows)
+    _, seg, _ = next(case_outputs(low, vols, device, low_settings, [(None, "")], sw_batch_size, None))
+    return seg
+
+
+def previous_stage_channels(seg: np.ndarray, props: dict, plans: Plans) -> torch.Tensor:
+    """The low-res label map of a scan (its own grid) on the scan's preprocessed grid, one-hot
+    over the foreground labels ``(F, X, Y, Z)`` (:mod:`medvol.data.cascade`)."""
+    from medvol.data.cascade import foreground_labels, onehot, to_preprocessed_grid
+
+    return onehot(to_preprocessed_grid(seg, props, plans.raw.get("orientation", "stored")),
+                  foreground_labels(plans.label_names))
 
 
 def _scan_slice_axis(runs: list[RunModel]) -> int | None:

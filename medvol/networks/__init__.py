@@ -40,8 +40,8 @@ def model_options(model_cfg, name: str, allowed: Iterable[str]) -> dict:
 def build_model(model_cfg, plans: Plans | None, in_channels: int, num_classes: int) -> nn.Module:
     """Build ``model_cfg.name`` (registered builders: see :data:`_REGISTRY`)."""
     # each module registers its networks
-    from medvol.networks import aggregator, dodnet, dynunet, pcrl, resenc_unet, vnet_transformer  # noqa: F401
-    from medvol.networks.slice import cnn, dcmt, infnet, ugpcl  # noqa: F401
+    from medvol.networks import aggregator, dodnet, dynunet, pcrl, resenc_unet, seran, vnet_transformer  # noqa: F401
+    from medvol.networks.slice import cnn, dcmt, de_dcgcn_ee, infnet, ugpcl  # noqa: F401
 
     if model_cfg.name not in _REGISTRY:
         raise ConfigError(f"model.name '{model_cfg.name}' is unknown; known: {sorted(_REGISTRY)}")

@@ -10,12 +10,12 @@ from pathlib import Path
 
 from medvol.cache import case_paths, load_plans
 from medvol.errors import CacheError, InputError
-from medvol.manifest import OutputFolder, refuse_overlap
+from medvol.manifest import MANIFEST, OutputFolder, refuse_overlap
 from medvol.preprocessing.raw import RawDataset
 from medvol.utils import read_json, write_json
 
 CACHE_ENTRIES = ("cases", "fingerprints", "staging", "dataset.json", "fingerprint.json", "plans.json", "failures.json",
-                 "slice_labels.csv")
+                 "slice_labels.csv", "3d_lowres")
 
 
 def cache_folder(out: Path) -> OutputFolder:
@@ -35,6 +35,7 @@ def prepare_out(raw: RawDataset, out: Path, overwrite: bool, orientation: str = 
     refuse_overlap(out, [raw.root])
     folder = cache_folder(out)
     if overwrite and out.exists():
+        _clear_lowres(out)
         folder.clear()
     folder.claim(adopt=_is_legacy_cache(out))  # refuses a folder of someone else's files
     desc = raw.dataset_json()
@@ -54,6 +55,16 @@ def prepare_out(raw: RawDataset, out: Path, overwrite: bool, orientation: str = 
     folder.claim(desc["training_cases"])
     if not djson.exists():
         write_json(djson, desc)
+
+
+def _clear_lowres(out: Path) -> None:
+    """``--overwrite``: the 3d_lowres cache inside ``out`` (a cache with its own manifest) goes
+    first, by the same rule (only what medvol wrote)."""
+    sub = out / "3d_lowres"
+    if sub.is_dir():
+        cache_folder(sub).clear()
+        (sub / MANIFEST).unlink(missing_ok=True)
+        sub.rmdir()  # refuses (OSError) if anything is left: nothing is, clear() removed or refused
 
 
 def cache_description(out: Path) -> dict:

@@ -279,6 +279,8 @@ def plan_experiment(fingerprint: dict, dataset_json: dict, gpu_memory_gb: float 
     }
     if dataset_json.get("regions_class_order"):  # region-based training (medvol.labels)
         plans["regions_class_order"] = list(dataset_json["regions_class_order"])
+    plans["configurations"].update(plan_cascade(target, median_shape, work_axes, cfg, num_classes, len(spacings),
+                                                gpu_memory_gb, plan))
     if plan is not DEFAULT:
         plans["planner"] = {"name": plan.name, "nnunet_planner": plan.nnunet_class,
                             "nnunet_plans_name": plan.nnunet_plans_name}
@@ -346,3 +348,134 @@ def topology_for_patch(spacing, patch_size) -> dict:
         raise ConfigError(f"data.patch_size {patch}: the U-Net this spacing gives pools {num_pool} times per axis, "
                           f"so each axis must be a multiple of {divisor}; nearest valid sizes: {below} or {padded}")
     return {"kernel_sizes": kernels, "strides": strides, "num_pool_per_axis": num_pool, "n_stages": len(strides)}
+
+
+# nnU-Net's 3d_lowres rule (ExperimentPlanner.plan_experiment): a lowres configuration when the
+# fullres patch holds less than this share of the median resampled shape's voxels ...
+LOWRES_CREATION_THRESHOLD = 0.25
+LOWRES_SPACING_STEP = 1.03  # ... found by growing the spacing by this factor per iteration
+LOWRES_MIN_VOXEL_RATIO = 2.0  # kept only when the fullres median has at least 2x its voxels
+
+
+def lowres_spacings(spacing, median_shape, fullres_patch, plan_at) -> tuple[np.ndarray, dict | None, float]:
+    """nnU-Net's search for the 3d_lowres spacing (planning order). While the last patch holds
+    less than 25 % of the median shape's voxels at the current spacing: grow the spacing by
+    1.03 (only the axes more than 2x finer than the coarsest while there are such, else all),
+    shrink the median shape by fullres / lowres spacing and plan again (``plan_at(spacing,
+    rounded median shape, unrounded median voxels)``). Returns the last spacing, its plan (None
+    when the fullres patch was large enough) and its median voxel count."""
+    fullres = np.asarray(spacing, float)
+    median = np.asarray(median_shape, float)
+    lowres = fullres.copy()
+    median_voxels = float(np.prod(median, dtype=np.float64))
+    patch_voxels = float(np.prod(fullres_patch, dtype=np.float64))
+    cfg = None
+    while patch_voxels / median_voxels < LOWRES_CREATION_THRESHOLD:
+        finer = lowres.max() / lowres > 2
+        if finer.any():
+            lowres[finer] *= LOWRES_SPACING_STEP
+        else:
+            lowres *= LOWRES_SPACING_STEP
+        shape = fullres / lowres * median
+        median_voxels = float(np.prod(shape, dtype=np.float64))
+        cfg = plan_at(lowres.copy(), [round(float(s)) for s in shape], median_voxels)
+        patch_voxels = float(np.prod(cfg["patch_size"], dtype=np.float64))
+    return lowres, cfg, median_voxels
+
+
+def plan_cascade(target, median_shape, work_axes, fullres_cfg: dict, num_classes: int, n_cases: int,
+                 gpu_memory_gb: float, planner: Planner = DEFAULT) -> dict:
+    """nnU-Net's cascade configurations beside the 3d_fullres plan (``fullres_cfg``, planning
+    order): ``3d_lowres`` (:func:`lowres_spacings`; dropped when the fullres median shape has
+    fewer than 2x its voxels) and ``3d_cascade_fullres`` (the fullres plan with the lowres
+    prediction as extra input), and the ``batch_dice`` rule: on for 3d_fullres only when a
+    3d_lowres exists, off for 3d_lowres. Per-axis values in X, Y, Z order; the lowres cases are
+    cached in ``3d_lowres/`` inside the cache (:func:`medvol.plans.lowres_plans`)."""
+    axes = list(work_axes)
+    back = np.argsort(axes)
+
+    def to_xyz(v):
+        return [v[i] for i in back]
+
+    def plan_at(spacing, shape, median_voxels):
+        return plan_configuration(spacing, shape, num_classes, median_voxels * n_cases, gpu_memory_gb, planner)
+
+    spacing, cfg, median_voxels = lowres_spacings(target[axes], median_shape[axes], fullres_cfg["patch_size"],
+                                                  plan_at)
+    if cfg is not None and float(np.prod(median_shape, dtype=np.float64)) / median_voxels < LOWRES_MIN_VOXEL_RATIO:
+        cfg = None
+    if cfg is None:
+        return {"3d_fullres": {"batch_dice": False}}
+    shape = np.asarray(target[axes], float) / spacing * np.asarray(median_shape[axes], float)
+    lowres = {
+        "spacing": to_xyz([float(s) for s in spacing]),
+        "median_shape": to_xyz([float(s) for s in shape]),
+        "patch_size": to_xyz(cfg["patch_size"]),
+        "batch_size": cfg["batch_size"],
+        "batch_dice": False,
+        "network": _network_block(cfg, to_xyz, gpu_memory_gb, planner),
+        "next_stage": "3d_cascade_fullres",
+        "data": "3d_lowres/ (a cache of its own inside this one)",
+    }
+    return {"3d_fullres": {"batch_dice": True}, "3d_lowres": lowres,
+            "3d_cascade_fullres": {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}}
+
+# What ``plan --from-plans`` takes from the other dataset's plans.json (nnU-Net's
+# move_plans_between_datasets moves everything but the dataset's name and image reader, CT
+# clip values, mean and std included) and what stays this dataset's own.
+OWN_KEYS = ("plans_version", "axis_order", "labels", "channel_names", "median_shape_after_resampling")
+
+
+def transfer_plans(source: dict, fingerprint: dict, dataset_json: dict, source_path: str = "",
+                   own_intensities: bool = False) -> dict:
+    """Another dataset's plans (``source``: target spacing, patch and batch size, network
+    topology and planner, normalisation schemes with their intensity statistics, resampling,
+    every configuration) for this dataset (``fingerprint``, ``dataset_json``), as nnU-Net's
+    ``nnUNetv2_move_plans_between_datasets``: only the labels, channel names and median
+    resampled shape (at the transferred spacing) are this dataset's. ``own_intensities``:
+    this dataset's foreground intensity statistics instead of the source's (nnU-Net transfers
+    them: a network pretrained there sees the same intensities here). The plans record what
+    came from where under ``transferred_from``; a channel count that differs is a ConfigError
+    (the normalisation and the network's input are per channel)."""
+    from copy import deepcopy
+
+    from medvol.errors import ConfigError
+
+    channels = {int(k): v for k, v in dataset_json["channel_names"].items()}
+    if len(source.get("normalization", [])) != len(channels):
+        raise ConfigError(f"--from-plans {source_path}: planned for {len(source.get('normalization', []))} image "
+                          f"channel(s), this dataset has {len(channels)}: the normalisation and the network's "
+                          "input are per channel, so these plans do not transfer")
+    plans = deepcopy(source)
+    own = plan_experiment(fingerprint, dataset_json)
+    target = [float(s) for s in source["target_spacing"]]
+    shapes = [compute_new_shape(sh, sp, target) for sp, sh in
+              zip(np.asarray(fingerprint["spacings"], float), np.asarray(fingerprint["shapes_after_crop"], int))]
+    median = [float(s) for s in np.median(np.array(shapes), 0)]
+    plans.update({k: own[k] for k in OWN_KEYS}, median_shape_after_resampling=median)
+    for cfg in (plans.get("configurations") or {}).values():
+        if "in_plane_axes" in cfg and "median_shape" in cfg:
+            cfg["median_shape"] = [median[a] for a in cfg["in_plane_axes"]]
+    for c, norm in enumerate(plans["normalization"]):
+        norm["name"] = channels[c]
+        if own_intensities:
+            norm["statistics"] = own["normalization"][c]["statistics"]
+    plans["transferred_from"] = _transfer_record(source, own, source_path, own_intensities)
+    return plans
+
+
+def _transfer_record(source: dict, own: dict, source_path: str, own_intensities: bool) -> dict:
+    """What came from the source plans, what is this dataset's, and where the two datasets
+    differ in what was not transferred (their labels: the segmentation head of a network
+    trained there does not fit here when the class count differs)."""
+    notes = []
+    if source.get("labels") != own["labels"]:
+        notes.append(f"labels differ ({len(source.get('labels', {}))} classes there, {len(own['labels'])} here: "
+                     f"{own['labels']}); init_from a checkpoint trained there loads all but the segmentation head")
+    if source.get("channel_names") != own["channel_names"]:
+        notes.append(f"channel names differ ({source.get('channel_names')} there, {own['channel_names']} here); "
+                     "the source's normalisation schemes are kept")
+    own_keys = [*OWN_KEYS, *(["normalization.statistics"] if own_intensities else [])]
+    mine = (*OWN_KEYS, "orientation", "transferred_from")  # the cache's voxel order is set by plan_dataset
+    return {"plans": source_path, "from_source": sorted(k for k in source if k not in mine),
+            "from_this_dataset": own_keys, "notes": notes}

@@ -17,6 +17,8 @@ import numpy as np
 
 from medvol.cache import (
     CACHE_VERSION,
+    LOWRES_DIR,
+    SPLITS_FILE,
     case_is_complete,
     case_paths,
     label_locations,
@@ -25,11 +27,14 @@ from medvol.cache import (
     sample_class_locations,
     save_locations,
 )
-from medvol.errors import CacheError, MedvolError, OutputError
+from medvol.errors import CacheError, InputError, MedvolError, OutputError
 from medvol.io import Volume
 from medvol.labels import LabelScheme
+from medvol.manifest import claim_files
+from medvol.plans import LOWRES, lowres_plans
 from medvol.preprocessing.cache_files import (
     cache_description,
+    cache_folder,
     copy_raw_splits,
     copy_slice_labels,
     prepare_out,
@@ -44,7 +49,7 @@ from medvol.preprocessing.fingerprint import (
     warn_mixed_coarse_axes,
     write_case_fingerprint,
 )
-from medvol.preprocessing.planning import plan_experiment
+from medvol.preprocessing.planning import plan_experiment, transfer_plans
 from medvol.preprocessing.pool import (
     Report,
     clean_partial,
@@ -178,10 +183,12 @@ def fingerprint_dataset(raw: str | Path, out: str | Path, num_workers: int | Non
 
 
 def plan_dataset(out: str | Path, gpu_memory_gb: float | None = None, image_interpolation: str = "cubic",
-                 cache_dtype: str = "float32", target_spacing=None, ct_window=None, planner: str = "default") -> dict:
+                 cache_dtype: str = "float32", target_spacing=None, ct_window=None, planner: str = "default",
+                 from_plans: str | Path | None = None, own_intensities: bool = False) -> dict:
     """Merge the per-case fingerprints into ``fingerprint.json`` and write ``plans.json``
     (``planner``: nnU-Net's default planner or a ResEnc preset; ``gpu_memory_gb`` None: its own
-    memory target)."""
+    memory target). ``from_plans``: another dataset's plans.json transferred to this one
+    (:func:`medvol.preprocessing.planning.transfer_plans`) instead of planning."""
     out = Path(out)
     desc = cache_description(out)
     fp_dir = out / "fingerprints"
@@ -193,14 +200,33 @@ def plan_dataset(out: str | Path, gpu_memory_gb: float | None = None, image_inte
     check_dimensionality(fp, desc.get("raw_root", out))
     fp["failed_cases"] = failed
     warn_mixed_coarse_axes(fp)
-    plans = plan_experiment(fp, desc, gpu_memory_gb, image_interpolation, cache_dtype, target_spacing, ct_window,
-                            planner)
+    if from_plans is not None:
+        plans = _transferred_plans(Path(from_plans), fp, desc, own_intensities)
+    else:
+        plans = plan_experiment(fp, desc, gpu_memory_gb, image_interpolation, cache_dtype, target_spacing, ct_window,
+                                planner)
     plans["orientation"] = desc.get("orientation", "stored")
+    _log_lowres(plans)
     write_json(out / "fingerprint.json", fp)
     old = out / "plans.json"
     if not old.exists() or read_json(old) != plans:
         write_json(old, plans)
     return plans
+
+
+def _transferred_plans(path: Path, fp: dict, desc: dict, own_intensities: bool) -> dict:
+    try:
+        source = read_json(path)
+    except FileNotFoundError:
+        raise InputError(path, "not found (--from-plans takes the plans.json of another preprocessing cache)") \
+            from None
+    except (OSError, ValueError) as e:
+        raise InputError(path, f"unreadable plans ({e})") from None
+    missing = [k for k in ("target_spacing", "patch_size", "network", "normalization")
+               if not isinstance(source, dict) or k not in source]
+    if missing:
+        raise InputError(path, f"not a medvol plans.json (no {', '.join(missing) or 'mapping'})")
+    return transfer_plans(source, fp, desc, str(path.resolve()), own_intensities)
 
 
 def preprocess_cases(raw: str | Path, out: str | Path, num_workers: int | None = None, shard: str | None = None,
@@ -252,6 +278,10 @@ def preprocess_dataset(raw: str | Path, out: str | Path, num_workers: int | None
     if shard is None:
         copy_slice_labels(Path(raw), out)
         copy_raw_splits(Path(raw), out)
+    lowres = prepare_lowres_cache(out)
+    if lowres is not None:  # nnU-Net's 3d_lowres: the same cases at the lowres spacing, in a cache of their own
+        report.failures.update({f"{LOWRES_DIR}/{c}": e for c, e in
+                                preprocess_cases(raw, lowres, num_workers, shard, quiet).failures.items()})
     failures_file = out / "failures.json"
     if report.failures:
         write_json(failures_file, report.failures)
@@ -260,3 +290,31 @@ def preprocess_dataset(raw: str | Path, out: str | Path, num_workers: int | None
     if shard is None and not report.failures:  # every case is cached: the cropped copies are spent
         shutil.rmtree(out / "staging", ignore_errors=True)
     return report
+
+
+def _log_lowres(plans: dict) -> None:
+    low = (plans.get("configurations") or {}).get(LOWRES)
+    if low is not None:
+        log.info("3d_lowres planned (the 3d_fullres patch holds < 25 %% of the median image): spacing %s mm, patch "
+                 "%s, batch %d; cached in 3d_lowres/ (train quickstart_lowres, then quickstart_cascade)",
+                 [round(float(s), 3) for s in low["spacing"]], low["patch_size"], low["batch_size"])
+
+
+def prepare_lowres_cache(out: Path) -> Path | None:
+    """``out/3d_lowres/`` ready for :func:`preprocess_cases` when the plan has a 3d_lowres
+    configuration (None otherwise): the cache's ``dataset.json``, ``fingerprint.json`` and
+    splits copied, and ``plans.json`` the lowres plan (:func:`medvol.plans.lowres_plans`), so
+    the lowres cache is a cache like any other (its own plan digest: changed plans redo it)."""
+    plans = load_plans(out)
+    if LOWRES not in (plans.get("configurations") or {}):
+        return None
+    sub = Path(out) / LOWRES_DIR
+    cache_folder(sub).claim(read_json(out / "dataset.json").get("training_cases", []))  # its own manifest
+    for name in ("dataset.json", "fingerprint.json", SPLITS_FILE):
+        if (out / name).exists() and (not (sub / name).exists() or read_json(sub / name) != read_json(out / name)):
+            claim_files(sub, [name])
+            write_json(sub / name, read_json(out / name))
+    lp = lowres_plans(plans)
+    if not (sub / "plans.json").exists() or read_json(sub / "plans.json") != lp:
+        write_json(sub / "plans.json", lp)
+    return sub

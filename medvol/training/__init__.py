@@ -18,6 +18,7 @@ from medvol.errors import ConfigError
 BUILTIN_TRAINERS: dict[str, str] = {
     "canet": "medvol.training.canet:CANetTrainer",
     "dcmt": "medvol.training.dcmt:DCMTTrainer",
+    "de_dcgcn_ee": "medvol.training.de_dcgcn_ee:DEDCGCNEETrainer",
     "dodnet": "medvol.training.dodnet:DoDNetTrainer",
     "infnet": "medvol.training.infnet:InfNetTrainer",
     "pcrl": "medvol.training.pcrl:PCRLTrainer",
@@ -26,6 +27,8 @@ BUILTIN_TRAINERS: dict[str, str] = {
     "slice_classifier": "medvol.training.slice_classifier:SliceClassifierTrainer",
     "supervised": "medvol.training.supervised:SupervisedTrainer",
     "ugpcl": "medvol.training.ugpcl:UGPCLTrainer",
+    "cascade": "medvol.training.cascade:CascadeTrainer",
+    "seran": "medvol.training.seran:SERANTrainer",
 }
 _TRAINERS: dict[str, str | type] = dict(BUILTIN_TRAINERS)  # name -> "module:Class", or the class once imported
 

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from medvol.cache import load_case
-from medvol.checkpoint import inference_weights, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from medvol.cache import configuration_cache, load_case
+from medvol.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from medvol.config import Recipe, save_recipe
 from medvol.data import PatchDataset, Streams, build_augmentation, make_loader
 from medvol.data.dataset import StepDataset
@@ -41,30 +41,10 @@ from medvol.training.logger import RunLogger
 from medvol.training.preemption import PreemptionFlag
 from medvol.training.schedules import make_optimizer, make_scheduler
 from medvol.training.sources import CacheSamples, DataSource
+from medvol.training.transfer import init_from
 from medvol.utils import write_json, write_text
 
 log = logging.getLogger(__name__)
-
-
-def init_from(model: nn.Module, path: str | Path) -> dict:
-    """Load the tensors of ``path`` (a medvol checkpoint or a plain state dict, read with
-    weights_only=True) whose names and shapes match ``model``'s; report what happened."""
-    ckpt = load_checkpoint(path)
-    sd = inference_weights(ckpt) if "models" in ckpt else ckpt.get("encoder", ckpt)
-    own = model.state_dict()
-    loaded = [k for k, v in sd.items() if k in own and own[k].shape == v.shape]
-    skipped = sorted(k for k, v in sd.items() if k in own and own[k].shape != v.shape)
-    unused = sorted(k for k in sd if k not in own)
-    if not loaded:
-        raise ConfigError(f"init_from {path}: none of its {len(sd)} tensors matches a tensor of the model by name "
-                          f"and shape (is it weights for another architecture? e.g. PCRL's encoder.pt needs "
-                          f"model.name pcrl_unet)")
-    model.load_state_dict({k: sd[k] for k in loaded}, strict=False)
-    report = {"loaded": sorted(loaded), "shape_mismatch": skipped, "not_in_model": unused,
-              "missing_from_file": sorted(k for k in own if k not in sd)}
-    log.info("init_from %s: %d tensors loaded, %d shape mismatches, %d not in the model, %d left as initialised",
-             path, len(loaded), len(skipped), len(unused), len(report["missing_from_file"]))
-    return report
 
 
 def mean_scores(scores: dict[str, list[float]]) -> dict[str, float]:
@@ -104,7 +84,8 @@ class Trainer:
     source: DataSource  # what it trains on: from make_source()
 
     def __init__(self, recipe: Recipe, cache_dir: str | Path, run_dir: str | Path, dist: DistInfo):
-        self.recipe, self.cache_dir, self.run_dir, self.dist = recipe, Path(cache_dir), Path(run_dir), dist
+        self.recipe, self.run_dir, self.dist = recipe, Path(run_dir), dist
+        self.cache_dir = configuration_cache(cache_dir, recipe.data.configuration)  # 3d_lowres: PRE/3d_lowres
         self.device = dist.device
         self.options = self._parse_options()
         if self.requires_model is not None and recipe.model.name != self.requires_model:
@@ -122,7 +103,9 @@ class Trainer:
         self.models = {k: self.precision.prepare(m.to(self.device)) for k, m in self.build_models().items()}
         self.init_report = None
         if recipe.init_from:
-            self.init_report = init_from(self.models["model"], recipe.init_from)
+            plans = self.source.find_plans()
+            self.init_report = init_from(self.models["model"], recipe.init_from,
+                                         None if plans is None else plans.raw.get("labels"))
         elif recipe.trainer.freeze_init_steps:
             raise ConfigError("trainer.freeze_init_steps needs init_from (it freezes the tensors loaded from it)")
         self.optimizers = self.build_optimizers()
