@@ -9,7 +9,8 @@
   background outside the nonzero mask (nnU-Net's convention);
 - ``<case>_locations.npz`` (labelled cases): per class ``"<value>"`` an ``(n, 3)`` int32
   array of sampled foreground voxels for oversampling (a binary file: as JSON these were
-  most of preprocessing's writing time);
+  most of preprocessing's writing time), and with an ignore label ``"annotated"``, voxels
+  of any other value;
 - ``<case>.json``: small properties (original shape/affine/spacing, crop box, resampled
   shape, sources, ...). Written last: it marks a finished case. ``load_case`` puts the
   locations back under ``class_locations``.
@@ -41,6 +42,7 @@ from typing import Iterable, Literal
 import numpy as np
 
 from medvol.errors import CacheError, InputError
+from medvol.labels import LabelScheme
 from medvol.utils import atomic_path, read_json, save_npy, write_json
 
 CACHE_VERSION = 3
@@ -104,17 +106,30 @@ def sample_class_locations(seg: np.ndarray, classes: Iterable[int], seed: int = 
     foreground oversampling, as ``(n, 3)`` int32 arrays; fixed seed, as nnU-Net."""
     rng = np.random.default_rng(seed)  # draws n of N in O(n) (RandomState permutes all N)
     flat = seg.reshape(-1)
-    spatial = seg.shape[1:]
-    out: dict[str, np.ndarray] = {}
-    for c in classes:
-        idx = np.flatnonzero(flat == c)
-        if idx.size == 0:
-            out[str(c)] = np.zeros((0, len(spatial)), np.int32)
-            continue
-        n = max(min(NUM_LOCATION_SAMPLES, idx.size), int(np.ceil(idx.size * MIN_LOCATION_COVERAGE)))
-        chosen = idx[rng.choice(idx.size, n, replace=False)]
-        out[str(c)] = np.stack(np.unravel_index(chosen, spatial), axis=1).astype(np.int32)
+    return {str(c): _sample_voxels(np.flatnonzero(flat == c), seg.shape[1:], rng) for c in classes}
+
+
+ANNOTATED = "annotated"  # the locations key of the voxels not of the ignore label (medvol.labels)
+
+
+def label_locations(seg: np.ndarray, scheme: LabelScheme, seed: int = 1234) -> dict[str, np.ndarray]:
+    """:func:`sample_class_locations` of the scheme's foreground labels; with an ignore label
+    also :data:`ANNOTATED`, the voxels of any other value (nnU-Net then centres even its
+    random patches on annotated voxels)."""
+    fg = [v for v in scheme.label_values if v > 0]
+    out = sample_class_locations(seg, fg, seed)
+    if scheme.ignore_label is not None:
+        rng = np.random.default_rng(seed + 1)
+        out[ANNOTATED] = _sample_voxels(np.flatnonzero(seg.reshape(-1) != scheme.ignore_label), seg.shape[1:], rng)
     return out
+
+
+def _sample_voxels(idx: np.ndarray, spatial, rng: np.random.Generator) -> np.ndarray:
+    if idx.size == 0:
+        return np.zeros((0, len(spatial)), np.int32)
+    n = max(min(NUM_LOCATION_SAMPLES, idx.size), int(np.ceil(idx.size * MIN_LOCATION_COVERAGE)))
+    chosen = idx[rng.choice(idx.size, n, replace=False)]
+    return np.stack(np.unravel_index(chosen, spatial), axis=1).astype(np.int32)
 
 
 def link_overlay(src: Path, dst: Path) -> None:

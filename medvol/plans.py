@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from medvol.labels import LabelScheme
+
 
 @dataclass(frozen=True)
 class Plans:
     num_channels: int  # image channels (one normalisation scheme each)
-    label_names: dict[int, str]  # label value -> name, background (0) included
+    label_names: dict[int, str]  # label-map value -> name, background (0) included, ignore label not
     patch_size: list[int]  # (X, Y, Z) voxels
     batch_size: int = 2
     target_spacing: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # mm, (X, Y, Z)
@@ -31,9 +33,16 @@ class Plans:
         return [a for a in range(3) if a != self.slice_axis]
 
     @property
+    def labels(self) -> LabelScheme:
+        """What the labels mean (classes, regions, ignore label): :mod:`medvol.labels`."""
+        if "labels" in self.raw:
+            return LabelScheme.from_plans(self.raw)
+        return LabelScheme({n: v for v, n in self.label_names.items()})
+
+    @property
     def num_classes(self) -> int:
-        """Output classes, background included (labels are 0..K-1)."""
-        return len(self.label_names)
+        """Network outputs: classes with background (labels 0..K-1), or one per region."""
+        return self.labels.num_outputs
 
     @property
     def class_names(self) -> dict[int, str]:
@@ -43,7 +52,7 @@ class Plans:
     @classmethod
     def from_dict(cls, plans: dict) -> Plans:
         return cls(num_channels=len(plans["normalization"]),
-                   label_names={int(v): str(k) for k, v in plans["labels"].items()},
+                   label_names=_label_names(LabelScheme.from_plans(plans)),
                    patch_size=[int(s) for s in plans["patch_size"]], batch_size=int(plans["batch_size"]),
                    target_spacing=[float(s) for s in plans["target_spacing"]],
                    topology=dict(plans.get("network", {})), raw=plans)
@@ -69,6 +78,14 @@ class Plans:
         return replace(self, patch_size=[int(s) for s in cfg["patch_size"]], batch_size=int(cfg["batch_size"]),
                        target_spacing=[float(s) for s in cfg["spacing"]], topology=dict(cfg.get("network", {})),
                        slice_axis=int(cfg["slice_axis"]))
+
+
+def _label_names(scheme: LabelScheme) -> dict[int, str]:
+    """Label-map value -> name: the classes, or for regions the value each region places
+    (``regions_class_order``) named after that region."""
+    if scheme.regions_class_order is None:
+        return dict(scheme.outputs)
+    return {0: "background", **{v: n for v, n in zip(scheme.regions_class_order, scheme.scored())}}
 
 
 LOWRES = "3d_lowres"

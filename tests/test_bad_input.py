@@ -79,7 +79,7 @@ def test_missing_channel_file_is_a_case_failure(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda m: m.update(regions_class_order=[1]), "regions_class_order.*region-based training"),
+    (lambda m: m.update(labels={"background": 0, "a": [1, 2], "b": 2}), "'regions_class_order' is required"),
     (lambda m: m.pop("labels"), r"missing key.*labels"),
     (lambda m: m.update(labels={"background": 0, "x": "one"}), "not an integer"),
     (lambda m: m.update(channel_names={"1": "T1"}), "channel_names keys"),

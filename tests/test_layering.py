@@ -18,7 +18,7 @@ APPLICATION_MODULES = {"cli.py", "__main__.py"}  # may use any library module (n
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("medvol", "medvol.errors", "medvol.utils", "medvol.ramps", "medvol.resources",
                     "medvol.validation", "medvol.config", "medvol.precision", "medvol.plans", "medvol.cache",
-                    "medvol.manifest", "medvol.resampling")),
+                    "medvol.manifest", "medvol.resampling", "medvol.labels")),
     ("io", ("medvol.io",)),
     ("losses", ("medvol.losses",)),
     ("networks", ("medvol.networks",)),

@@ -169,18 +169,38 @@ def test_reader_key_is_honoured_where_medvol_reads_alike_else_refused(tmp_path):
             open_raw_dataset(root)
 
 
-def test_nnunet_ignore_label_is_refused_not_learnt(tmp_path):
+def test_nnunet_ignore_label_opens_and_must_be_the_highest_value(tmp_path):
     root = _v2_with(tmp_path / "Dataset043_Ignore")
     meta = json.loads((root / "dataset.json").read_text())
     meta["labels"] = {"background": 0, "fg": 1, "ignore": 2}
     (root / "dataset.json").write_text(json.dumps(meta))
-    with pytest.raises(InputError, match=r"dataset.json: label 'ignore' \(nnU-Net's ignore label .*\) is not "
-                                         r"supported"):
+    ds = open_raw_dataset(root)
+    assert ds.labels["ignore"] == 2 and ds.label_values == [0, 1, 2]  # label files may hold the ignore value
+    meta["labels"] = {"background": 0, "fg": 1, "ignore": 3}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match=r"dataset.json: label 'ignore' is 3, but the ignore label must be the "
+                                         r"highest label value, one above the others: 2"):
+        open_raw_dataset(root)
+
+
+def test_nnunet_regions_open_with_their_class_order(tmp_path):
+    root = _v2_with(tmp_path / "Dataset044_Regions", regions_class_order=[1])
+    meta = json.loads((root / "dataset.json").read_text())
+    ds = open_raw_dataset(root)  # a class order without regions is not used (as nnU-Net)
+    assert ds.regions_class_order is None
+    meta["labels"] = {"background": 0, "whole": [1, 2], "core": 2}
+    meta["regions_class_order"] = [1, 2]
+    (root / "dataset.json").write_text(json.dumps(meta))
+    ds = open_raw_dataset(root)
+    assert ds.labels == {"background": 0, "whole": [1, 2], "core": 2} and ds.regions_class_order == [1, 2]
+    assert ds.dataset_json()["regions_class_order"] == [1, 2]
+    del meta["regions_class_order"]
+    (root / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match=r"dataset.json: labels declare regions .*'regions_class_order' is required"):
         open_raw_dataset(root)
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("regions_class_order", [1, 2], "region-based training is not supported"),
     ("dataset", {"a": {"images": ["x.nii.gz"], "label": "y.nii.gz"}}, "put the files in imagesTr/ and labelsTr/"),
 ])
 def test_keys_that_change_the_meaning_are_refused(tmp_path, key, value, message):

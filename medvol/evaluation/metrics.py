@@ -7,6 +7,10 @@ Empty masks, by rule:
 - class absent from both prediction and reference: Dice = Jaccard = 1, HD95 = ASD = 0;
 - absent from exactly one: Dice = Jaccard = 0, HD95 = ASD = NaN (undefined; left out of
   means and medians, and counted in the summary's ``n_undefined``).
+
+nnU-Net's label modes (:mod:`medvol.labels`): a region (a list of label values) is scored as
+the mask of any of its values in both maps; voxels of the reference's ignore label are left
+out of every class's masks, so they count as neither hit nor miss.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from medvol.errors import InputError
 from medvol.io import read_volume
 from medvol.io.dataset_json import dataset_labels
 from medvol.io.discovery import find_scans, scan_stem
+from medvol.labels import IGNORE
 from medvol.manifest import claim_files
 from medvol.utils import atomic_path, write_json
 
@@ -44,14 +49,16 @@ def dice_from_counts(inter, n_pred, n_ref):
     return np.where(denom == 0, 1.0, 2.0 * inter / np.maximum(denom, 1e-300))
 
 
-def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing, classes: list[int]) -> dict[int, dict[str, float]]:
-    """Metrics of each class in ``classes`` for label maps ``pred`` and ``ref`` (same grid)."""
+def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing, classes: list, ignore: int | None = None) -> dict:
+    """Metrics of each class in ``classes`` for label maps ``pred`` and ``ref`` (same grid);
+    a class may be a region, a tuple of label values (nnU-Net's regions); ``ignore``: the
+    reference's ignore label, whose voxels count for no class (see :func:`region_masks`)."""
     from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
 
     voxel_ml = float(np.prod(spacing)) / 1000.0
     out = {}
     for c in classes:
-        p, r = pred == c, ref == c
+        p, r = region_masks(pred, ref, c, ignore)
         np_, nr = int(p.sum()), int(r.sum())
         inter = int(np.logical_and(p, r).sum())
         m = {"volume_pred_ml": np_ * voxel_ml, "volume_ref_ml": nr * voxel_ml, "volume_diff_ml": (np_ - nr) * voxel_ml}
@@ -114,7 +121,7 @@ def _load_pair(pred: Path, ref: Path) -> tuple[np.ndarray, np.ndarray, tuple]:
 
 
 def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, out: str | Path | None = None,
-                     labels: dict[str, int] | None = None) -> dict:
+                     labels: dict | None = None) -> dict:
     """Compare every prediction with the reference of the same name; write
     ``<out>.json`` (per case + summary) and ``<out>.csv`` (one row per case and class)."""
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
@@ -131,11 +138,12 @@ def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, out: str | Path 
     return evaluate_pairs({case: (preds[case], refs[case]) for case in cases}, labels, out)
 
 
-def _class_names(labels: dict[str, int] | None, pairs: dict[str, tuple[Path, Path]]) -> dict[int, str]:
-    """{value: name} of the foreground classes: the dataset's labels, else ``class_<v>`` for
-    every value found in the files (read once more: the metrics pass loads one case at a time)."""
+def _class_names(labels: dict | None, pairs: dict[str, tuple[Path, Path]]) -> dict:
+    """{value (or region: a tuple of values): name} of what is scored: the dataset's labels
+    (regions as nnU-Net evaluates them, never the ignore label), else ``class_<v>`` for every
+    value found in the files (read once more: the metrics pass loads one case at a time)."""
     if labels:
-        return {v: k for k, v in labels.items() if v > 0}
+        return {_scored(v): k for k, v in labels.items() if k != IGNORE and set(np.atleast_1d(v)) != {0}}
     found: set[int] = set()
     for pred, ref in pairs.values():
         p, r, _ = _load_pair(pred, ref)
@@ -143,17 +151,18 @@ def _class_names(labels: dict[str, int] | None, pairs: dict[str, tuple[Path, Pat
     return {c: f"class_{c}" for c in sorted(found) if c > 0}
 
 
-def evaluate_pairs(pairs: dict[str, tuple[Path, Path]], labels: dict[str, int] | None = None,
+def evaluate_pairs(pairs: dict[str, tuple[Path, Path]], labels: dict | None = None,
                    out: str | Path | None = None) -> dict:
     """Metrics of each case's (prediction, reference) files, one case in memory at a time,
-    as :func:`evaluate_folders` computes and writes them (``labels``: name -> value; None
-    names the values found)."""
+    as :func:`evaluate_folders` computes and writes them (``labels``: name -> value, region
+    or ignore label, as dataset.json declares them; None names the values found)."""
     cases = sorted(pairs)
     names = _class_names(labels, pairs)
+    ignore = (labels or {}).get(IGNORE)
     per_case = {}
     for case in cases:
         p, r, sp = _load_pair(*pairs[case])
-        per_case[case] = case_metrics(p, r, sp, list(names))
+        per_case[case] = case_metrics(p, r, sp, list(names), ignore)
     rule = (__doc__ or "").split("Empty masks, by rule:")[1].strip()
     result = {"cases": {case: {names[c]: m for c, m in per_case[case].items()} for case in cases},
               "summary": summarize(per_case, names), "empty_mask_rule": rule,
@@ -174,6 +183,23 @@ def write_metrics(out: Path, result: dict) -> None:
             for case, classes in result["cases"].items():
                 for name, m in classes.items():
                     w.writerow([case, name, *[f"{m[k]:.6g}" for k in METRICS]])
+
+
+def _scored(value) -> int | tuple[int, ...]:
+    """A class's key: its value, or a region's values as a tuple (a one-value list is a class)."""
+    if isinstance(value, (list, tuple)):
+        return int(value[0]) if len(value) == 1 else tuple(sorted(int(v) for v in value))
+    return int(value)
+
+
+def region_masks(pred: np.ndarray, ref: np.ndarray, c, ignore: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The masks of class (or region) ``c`` in ``pred`` and ``ref``, without the voxels of the
+    reference's ``ignore`` label."""
+    p, r = (np.isin(pred, c), np.isin(ref, c)) if isinstance(c, tuple) else (pred == c, ref == c)
+    if ignore is not None:
+        keep = ref != ignore
+        p, r = p & keep, r & keep
+    return p, r
 
 
 # ---------------------------------------------------------------- vessel metrics (inside a FOV)

@@ -23,9 +23,10 @@ def _canonical(vol):
 
 
 def case_picture(image_vol, pred_vol, out_png: str | Path, ref_vol=None, title: str = "",
-                 names: dict[int, str] | None = None) -> Path:
+                 names: dict[int, str] | None = None, ignore: int | None = None) -> Path:
     """Axial, coronal and sagittal slices through the structure's centre: prediction outlines
-    as thin lines, the reference (when given) as broad translucent ones, over the image."""
+    as thin lines, the reference (when given) as broad translucent ones, over the image.
+    ``ignore``: the reference's ignore label (sparse annotations), drawn as no class."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -38,9 +39,11 @@ def case_picture(image_vol, pred_vol, out_png: str | Path, ref_vol=None, title: 
     pred, _ = _canonical(pred_vol)
     ref = _canonical(ref_vol)[0] if ref_vol is not None else None
     fg = (ref if ref is not None else pred) > 0
+    if ref is not None and ignore is not None:
+        fg &= ref != ignore
     centre = np.round(np.argwhere(fg).mean(0)).astype(int) if fg.any() else np.array(img.shape) // 2
     classes = sorted(set(np.unique(pred).tolist()) | (set(np.unique(ref).tolist()) if ref is not None else set()))
-    classes = [c for c in classes if c > 0]
+    classes = [c for c in classes if c > 0 and c != ignore]
     lo, hi = np.percentile(img, [0.5, 99.5])
     views = [(name, axis) for name, axis in (("axial", 2), ("coronal", 1), ("sagittal", 0))  # 2D images: one view
              if min(n for i, n in enumerate(img.shape[:3]) if i != axis) > 1]
@@ -114,7 +117,7 @@ def _fmt(v: float) -> str:
 
 
 def write_report(out_dir: str | Path, cases: dict[str, tuple], metrics: dict | None = None,
-                 names: dict[int, str] | None = None, title: str = "medvol report") -> Path:
+                 names: dict[int, str] | None = None, title: str = "medvol report", ignore: int | None = None) -> Path:
     """Pictures of ``cases`` ({case: (image source, prediction file, reference file or None)})
     in ``out_dir/pictures`` and ``out_dir/index.html``; returns the index path."""
     from medvol.io import read_volume
@@ -128,6 +131,6 @@ def write_report(out_dir: str | Path, cases: dict[str, tuple], metrics: dict | N
         if metrics and case in metrics["cases"]:
             dice = "  Dice " + ", ".join(f"{c} {m['dice']:.3f}" for c, m in metrics["cases"][case].items())
         case_picture(read_volume(image_src), read_volume(pred), png, read_volume(ref) if ref else None,
-                     title=case + dice, names=names)
+                     title=case + dice, names=names, ignore=ignore)
         pictures[case] = str(png.relative_to(out_dir))
     return write_index(out_dir, pictures, metrics, title)

@@ -1,6 +1,7 @@
 """From probabilities to label maps, and the clean-ups applied to them.
 
-``argmax_labels`` (class probabilities -> labels), ``task_labels`` (a DoDNet task's organ and
+``to_labels`` (any segmentation model's probabilities -> labels: ``argmax_labels`` of class
+probabilities, ``region_labels`` of nnU-Net's regions), ``task_labels`` (a DoDNet task's organ and
 tumour sigmoid channels -> 0 background, 1 organ, 2 tumour), ``largest_component`` (per
 label), ``keep_largest_components`` (of a mask) and DoDNet's rules (``dodnet_postprocess``).
 Label maps are ``(X, Y, Z)``; probabilities ``(C, X, Y, Z)``.
@@ -8,8 +9,12 @@ Label maps are ``(X, Y, Z)``; probabilities ``(C, X, Y, Z)``.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 from scipy import ndimage
+
+from medvol.labels import LabelScheme
 
 _FULL_CONNECTIVITY = np.ones((3, 3, 3))  # 26-connected components
 
@@ -21,6 +26,27 @@ def argmax_labels(probs: np.ndarray, slab: int = 8) -> np.ndarray:
     for z in range(0, probs.shape[-1], slab):
         out[..., z:z + slab] = probs[..., z:z + slab].argmax(0)
     return out
+
+
+def region_labels(probs: np.ndarray, class_order: Sequence[int], slab: int = 8) -> np.ndarray:
+    """nnU-Net's regions back to a label map: ``class_order[i]`` placed wherever region i's
+    probability ``probs[i]`` exceeds 0.5, in order, so later regions overwrite earlier ones
+    (an encompassing region first, its substructures after). uint8 (int16 past 255)."""
+    out = np.zeros(probs.shape[1:], np.uint8 if max(class_order, default=0) < 256 else np.int16)
+    for z in range(0, probs.shape[-1], slab):
+        view = out[..., z:z + slab]
+        for i, value in enumerate(class_order):
+            view[probs[i, ..., z:z + slab] > 0.5] = value
+    return out
+
+
+def to_labels(probs: np.ndarray, labels: LabelScheme) -> np.ndarray:
+    """The one conversion of a segmentation model's probabilities ``(C, X, Y, Z)`` into a
+    label map, for both of nnU-Net's label modes: the class argmax, or the regions placed in
+    ``regions_class_order`` (:func:`region_labels`)."""
+    if labels.regions_class_order is not None:
+        return region_labels(probs, labels.regions_class_order)
+    return argmax_labels(probs)
 
 
 def task_labels(probs: np.ndarray, threshold: float = 0.5, annotated: tuple[bool, bool] = (True, True)

@@ -22,8 +22,8 @@ import torch
 from medvol.checkpoint import RunModel, expand_fold_folders, load_run
 from medvol.config import InferenceConfig
 from medvol.errors import ConfigError, InputError, PredictionStopped
-from medvol.inference.postprocess import argmax_labels, dodnet_postprocess, largest_component, task_labels
-from medvol.inference.sliding_window import SoftmaxClasses, TaskSigmoid, sliding_window_probabilities
+from medvol.inference.postprocess import dodnet_postprocess, largest_component, task_labels, to_labels
+from medvol.inference.sliding_window import TaskSigmoid, class_decoder, sliding_window_probabilities
 from medvol.io import Volume, read_volume, write_volume
 from medvol.io.dicom import list_dicom_files
 from medvol.io.discovery import input_cases
@@ -38,10 +38,11 @@ log = logging.getLogger(__name__)
 def case_probabilities(run: RunModel, image: np.ndarray | torch.Tensor, device: torch.device,
                        settings: InferenceConfig, sw_batch_size: int = 2, task: int | None = None,
                        mask: np.ndarray | None = None, stats: dict | None = None) -> torch.Tensor:
-    """Probabilities ``(K, X, Y, Z)`` float16 of one preprocessed image: class softmax, or
-    for a task-conditioned model the given task's sigmoid channels. ``mask``: the body mask
-    whose outside windows are skipped (see :func:`sliding_window_probabilities`)."""
-    decoder = SoftmaxClasses() if task is None else TaskSigmoid(task)
+    """Probabilities ``(K, X, Y, Z)`` float16 of one preprocessed image: class softmax (region
+    sigmoids for nnU-Net's regions), or for a task-conditioned model the given task's sigmoid
+    channels. ``mask``: the body mask whose outside windows are skipped (see
+    :func:`sliding_window_probabilities`)."""
+    decoder = class_decoder(run.plans.labels.has_regions) if task is None else TaskSigmoid(task)
     n_out = run.plans.num_classes if task is None else _task_channels(run)
     return sliding_window_probabilities(run.model, image, run.patch_size, device, decoder, n_channels=n_out,
                                         overlap=settings.overlap, step=settings.step, sw_batch_size=sw_batch_size,
@@ -230,7 +231,8 @@ def _expertise_record(runs: list[RunModel]) -> dict:
     return {"expertise": weights} if weights else {}
 
 
-ENSEMBLE_PLAN_KEYS = ("target_spacing", "labels", "normalization", "orientation", "configurations")
+ENSEMBLE_PLAN_KEYS = ("target_spacing", "labels", "normalization", "orientation", "configurations",
+                      "regions_class_order")
 
 
 def _same_plans(runs: list[RunModel]) -> RunModel:
@@ -301,9 +303,10 @@ def case_outputs(runs: list[RunModel], vols: list[Volume], device: torch.device,
         if stats.get("windows_skipped"):
             log.info("%s: %d of %d windows outside the body mask skipped", case, stats["windows_skipped"],
                      stats["windows_skipped"] + stats["windows_run"])
-        if tid is None:
-            restored = restore_geometry(probs, props, dtype=np.float16)
-            seg = argmax_labels(restored)
+        if tid is None:  # class softmax (background outside the crop) or region sigmoids (no region there)
+            regions = runs[0].plans.labels.has_regions
+            restored = restore_geometry(probs, props, fill=0.0 if regions else "background", dtype=np.float16)
+            seg = to_labels(restored, runs[0].plans.labels)
         else:
             restored = restore_geometry(probs, props, fill=0.0, dtype=np.float16)
             seg = task_labels(restored, annotated=_annotated(runs[0], tid))

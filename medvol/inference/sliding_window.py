@@ -13,6 +13,8 @@ What a window's output means is the decoder's business:
   see :func:`medvol.networks.as_class_logits`); softmax probabilities out;
 - :class:`TaskSigmoid`: a task-conditioned multi-label model (DoDNet) called as
   ``model(x, task_ids)``; per-channel sigmoid probabilities out;
+- :class:`RegionSigmoid`: one logit per region (nnU-Net's region-based training); blended
+  logits, per-region sigmoid probabilities out;
 
 A 2D model (the plan's ``2d`` configuration) takes the same path: ``slice_axis`` given, the
 image gets its neighbouring slices as channels when the model was trained with 2.5D context
@@ -80,6 +82,32 @@ class TaskSigmoid:
 
     def finish(self, blended: torch.Tensor) -> torch.Tensor:
         return blended
+
+
+@dataclass(frozen=True)
+class RegionSigmoid:
+    """Region-based models (nnU-Net's regions, :mod:`medvol.labels`): one logit per region;
+    the logits are blended and each region's sigmoid taken at the end, as nnU-Net does."""
+
+    def window_output(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return model(x).float()  # never as_class_logits: one region is one sigmoid channel
+
+    def window_mean(self, mean: torch.Tensor) -> torch.Tensor:
+        return mean
+
+    def empty(self, n_windows: int, n_channels: int, shape: Sequence[int], device) -> torch.Tensor:
+        return torch.full((n_windows, n_channels, *shape), -BACKGROUND_LOGIT, device=device)  # no region
+
+    def finish(self, blended: torch.Tensor) -> torch.Tensor:
+        for z in range(0, blended.shape[-1], 16):
+            sl = blended[..., z:z + 16]
+            sl.copy_(torch.sigmoid(sl.float()).half())
+        return blended
+
+
+def class_decoder(has_regions: bool):
+    """The decoder of a segmentation model's outputs: region sigmoids or class softmax."""
+    return RegionSigmoid() if has_regions else SoftmaxClasses()
 
 
 class WindowPredictor(nn.Module):

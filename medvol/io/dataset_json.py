@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from medvol.errors import InputError
+from medvol.labels import IGNORE, LabelScheme
 
 DATASET_JSON = "dataset.json"
 
@@ -35,52 +36,33 @@ def is_nnunet_v2(meta: dict) -> bool:
     return "channel_names" in meta or "file_ending" in meta
 
 
-def _label_value(jpath: Path, name, value) -> int:
-    """An integer, or (Decathlon keys) a string of one; 1.5, true or "one" are refused."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
-    raise InputError(jpath, f"label '{name}': value {value!r} is not an integer")
-
-
-def parse_labels(jpath: Path, labels, is_v2: bool) -> dict[str, int]:
-    """Label name -> value. As nnU-Net requires, the values are consecutive from 0
-    (background): a gap would become an index error in training."""
+def parse_labels(jpath: Path, labels, is_v2: bool, regions_class_order=None) -> dict[str, int | list[int]]:
+    """Label name -> value, checked by :class:`medvol.labels.LabelScheme` (values consecutive
+    from 0, background 0, as nnU-Net requires: a gap would become an index error in training).
+    nnU-Net v2's dialect may declare regions (lists of values, with ``regions_class_order``)
+    and an ``ignore`` label (the highest value); the Decathlon's maps values to names."""
     if not isinstance(labels, dict) or not labels:
         raise InputError(jpath, "'labels' must be a non-empty mapping")
-    out = {}
-    for k, v in labels.items():
-        if is_v2:
-            if isinstance(v, (list, tuple)):
-                raise InputError(jpath, f"label '{k}' is a region {v}: region-based training is not supported")
-            if k == "ignore":  # nnU-Net leaves these voxels out of the loss; medvol would train them as a class
-                raise InputError(jpath, "label 'ignore' (nnU-Net's ignore label for unannotated voxels) is not "
-                                        "supported: medvol would learn it as a class")
-            name, value = str(k), v
-        else:  # Decathlon: "0": "background"
-            if not isinstance(v, str):
-                raise InputError(jpath, f"'labels' maps values to names (e.g. {{\"1\": \"tumour\"}}), got {k!r}: {v!r}")
-            name, value = v, k
-        out[name] = _label_value(jpath, k, value)
-    if 0 not in out.values():
-        raise InputError(jpath, "labels must declare background as 0")
-    values = sorted(out.values())
-    if values != list(range(len(values))):
-        raise InputError(jpath, f"label values must be consecutive from 0 (0, 1, 2, ...) as nnU-Net requires, "
-                                f"got {values}")
-    return out
+    if not is_v2:  # Decathlon: "0": "background"
+        bad = next(((k, v) for k, v in labels.items() if not isinstance(v, str)), None)
+        if bad is not None:
+            raise InputError(jpath, f"'labels' maps values to names (e.g. {{\"1\": \"tumour\"}}), "
+                                    f"got {bad[0]!r}: {bad[1]!r}")
+        labels = {v: k for k, v in labels.items()}
+        if IGNORE in labels:
+            raise InputError(jpath, "the ignore label needs nnU-Net v2's dataset.json ('labels': name -> value)")
+    return LabelScheme.parse(jpath, labels, regions_class_order if is_v2 else None).as_json()
 
 
-def dataset_labels(root: Path) -> dict[str, int] | None:
-    """The label names of the nnU-Net/Decathlon dataset folder ``root``: None when it has no
-    ``dataset.json`` or that file does not declare valid labels."""
+def dataset_labels(root: Path) -> dict[str, int | list[int]] | None:
+    """The labels (name -> value, region or ignore label) of the nnU-Net/Decathlon dataset
+    folder ``root``: None when it has no ``dataset.json`` or that file does not declare valid labels."""
     jpath = root / DATASET_JSON
     if not jpath.is_file():
         return None
     try:
         meta = read_dataset_json(jpath)
-        return parse_labels(jpath, meta.get("labels"), is_nnunet_v2(meta))
+        return parse_labels(jpath, meta.get("labels"), is_nnunet_v2(meta), meta.get("regions_class_order"))
     except (InputError, OSError):
         return None
 

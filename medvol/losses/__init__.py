@@ -8,22 +8,27 @@ import torch.nn as nn
 from torch.nn.modules.loss import _Loss
 
 from medvol.errors import ConfigError
+from medvol.labels import LabelScheme
 
 
-def segmentation_loss(name: str, deep_supervision: bool) -> nn.Module:
+def segmentation_loss(name: str, deep_supervision: bool, labels: LabelScheme | None = None) -> nn.Module:
     """nnU-Net's loss: batch Dice without background (statistics gathered over DDP ranks) +
-    CE, over every deep-supervision level with MONAI's exponential weights."""
+    CE, over every deep-supervision level with MONAI's exponential weights. ``labels``: an
+    ignore label masks both terms; regions take sigmoid Dice + BCE per region
+    (:mod:`medvol.losses.dice`). The deep-supervision targets are the label map downsampled by
+    nearest neighbour, from which each level's regions are made: the same targets as regions
+    downsampled by nearest neighbour, as nnU-Net makes them."""
     from monai.losses import DeepSupervisionLoss
 
     from medvol.losses.dice import BatchDiceCELoss, BatchDiceLoss
 
     base: nn.Module
     if name == "dice_ce":
-        base = BatchDiceCELoss()
+        base = BatchDiceCELoss(labels=labels)
     elif name == "dice":
-        base = BatchDiceLoss()
+        base = BatchDiceLoss(labels=labels)
     elif name == "ce":
-        base = _CE()
+        base = _CE(labels)
     else:
         raise ConfigError(f"trainer.loss '{name}' is unknown; known: dice_ce, dice, ce")
     if not deep_supervision:
@@ -32,7 +37,14 @@ def segmentation_loss(name: str, deep_supervision: bool) -> nn.Module:
 
 
 class _CE(_Loss):
-    """Cross-entropy with a ``(B, 1, ...)`` integer target, as MONAI's losses take it."""
+    """Cross-entropy with a ``(B, 1, ...)`` integer target, as MONAI's losses take it (BCE per
+    region for regions, ignored voxels left out: :func:`medvol.losses.dice.cross_entropy`)."""
+
+    def __init__(self, labels: LabelScheme | None = None):
+        super().__init__()
+        self.labels = labels
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(logits, target[:, 0].long())
+        from medvol.losses.dice import cross_entropy
+
+        return cross_entropy(logits, target, self.labels)

@@ -19,6 +19,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from medvol.labels import LabelScheme
+
 
 def world_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum of ``x`` over the ranks, with gradients flowing back to every rank's part."""
@@ -44,29 +46,88 @@ def soft_dice(prob: torch.Tensor, target: torch.Tensor, dims, smooth_nr: float =
 class BatchDiceLoss(nn.Module):
     """1 - mean over foreground classes of (2 tp + s_nr) / (2 tp + fp + fn + s_dr), with tp,
     fp, fn summed over the global batch (all ranks) and space. Logits ``(B, C, ...)``, integer
-    target ``(B, 1, ...)``."""
+    target ``(B, 1, ...)``.
 
-    def __init__(self, smooth_nr: float = 1e-5, smooth_dr: float = 1e-5, include_background: bool = False):
+    ``labels`` (:class:`medvol.labels.LabelScheme`) adds nnU-Net's two label modes: with an
+    ignore label the sums run over the annotated voxels only (its partial loss); with regions
+    the probabilities are per-region sigmoids against the regions of the target, every region
+    channel scored (nnU-Net's ``do_bg=True``: no channel is background)."""
+
+    def __init__(self, smooth_nr: float = 1e-5, smooth_dr: float = 1e-5, include_background: bool = False,
+                 labels: LabelScheme | None = None):
         super().__init__()
         self.smooth_nr, self.smooth_dr = smooth_nr, smooth_dr
         self.include_background = include_background
+        self.labels = labels
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        prob = torch.softmax(logits.float(), 1)
-        onehot = F.one_hot(target[:, 0].long(), logits.shape[1]).movedim(-1, 1).to(prob.dtype)
-        if not self.include_background:
-            prob, onehot = prob[:, 1:], onehot[:, 1:]
-        dice = soft_dice(prob, onehot, [0] + list(range(2, prob.ndim)), self.smooth_nr, self.smooth_dr)
+        prob, ref, mask = dice_inputs(logits, target, self.labels, self.include_background)
+        if mask is not None:
+            prob, ref = prob * mask, ref * mask
+        dice = soft_dice(prob, ref, [0] + list(range(2, prob.ndim)), self.smooth_nr, self.smooth_dr)
         return 1 - dice.mean()
+
+
+def dice_inputs(logits: torch.Tensor, target: torch.Tensor, labels: LabelScheme | None = None,
+                include_background: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(probabilities, reference, annotated mask (B, 1, ...) or None)`` of the Dice: class
+    softmax against the one-hot target (ignored voxels given class 0; the mask removes them),
+    or per-region sigmoids against the region targets."""
+    mask = labels.annotated(target) if labels is not None else None
+    mask = mask.float() if mask is not None else None
+    if labels is not None and labels.has_regions:
+        prob = torch.sigmoid(logits.float())
+        return prob, labels.region_targets(target).to(prob.dtype), mask
+    prob = torch.softmax(logits.float(), 1)
+    classes = _annotated_classes(target, labels)
+    onehot = F.one_hot(classes, logits.shape[1]).movedim(-1, 1).to(prob.dtype)
+    if not include_background:
+        prob, onehot = prob[:, 1:], onehot[:, 1:]
+    return prob, onehot, mask
+
+
+def _annotated_classes(target: torch.Tensor, labels: LabelScheme | None) -> torch.Tensor:
+    """The integer target ``(B, ...)`` with ignored voxels set to 0 (masked out later)."""
+    t = target[:, 0].long()
+    if labels is None or labels.ignore_label is None:
+        return t
+    return torch.where(t == labels.ignore_label, torch.zeros_like(t), t)
 
 
 class BatchDiceCELoss(nn.Module):
     """:class:`BatchDiceLoss` + cross-entropy (the mean over the rank's voxels; DDP's gradient
-    averaging makes it the global mean for equal per-rank batches)."""
+    averaging makes it the global mean for equal per-rank batches).
 
-    def __init__(self, smooth_nr: float = 1e-5, smooth_dr: float = 1e-5):
+    With ``labels`` as nnU-Net's compound losses: an ignore label leaves its voxels out of the
+    CE (the mean over annotated voxels; 0 when a batch has none, as nnU-Net skips it); regions
+    take BCE with logits per region channel instead of CE (``DC_and_BCE_loss``). Regions with
+    an ignore label: nnU-Net's masked BCE, the sum over region channels and annotated voxels
+    divided by the number of annotated voxels (not by voxels x regions), kept as it is."""
+
+    def __init__(self, smooth_nr: float = 1e-5, smooth_dr: float = 1e-5, labels: LabelScheme | None = None):
         super().__init__()
-        self.dice = BatchDiceLoss(smooth_nr, smooth_dr)
+        self.dice = BatchDiceLoss(smooth_nr, smooth_dr, include_background=False, labels=labels)
+        self.labels = labels
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.dice(logits, target) + F.cross_entropy(logits.float(), target[:, 0].long())
+        return self.dice(logits, target) + cross_entropy(logits, target, self.labels)
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, labels: LabelScheme | None = None) -> torch.Tensor:
+    """The CE term of :class:`BatchDiceCELoss` (BCE per region for regions), with a
+    ``(B, 1, ...)`` integer target."""
+    logits = logits.float()
+    ignore = labels.ignore_label if labels is not None else None
+    if labels is not None and labels.has_regions:
+        ref = labels.region_targets(target)
+        if ignore is None:
+            return F.binary_cross_entropy_with_logits(logits, ref)
+        mask = (target != ignore).float()
+        bce = F.binary_cross_entropy_with_logits(logits, ref, reduction="none")
+        return (bce * mask).sum() / mask.sum().clamp_min(1e-8)
+    t = target[:, 0].long()
+    if ignore is None:
+        return F.cross_entropy(logits, t)
+    if not bool((t != ignore).any()):
+        return logits.sum() * 0.0  # nothing annotated: no CE (and no NaN), as nnU-Net
+    return F.cross_entropy(logits, t, ignore_index=ignore)

@@ -277,6 +277,8 @@ def plan_experiment(fingerprint: dict, dataset_json: dict, gpu_memory_gb: float 
         "nnunet_transpose_forward": transpose_nn,
         "configurations": {"2d": plan_2d(target, median_shape, work_axes, num_classes, n_vox, gpu_memory_gb, plan)},
     }
+    if dataset_json.get("regions_class_order"):  # region-based training (medvol.labels)
+        plans["regions_class_order"] = list(dataset_json["regions_class_order"])
     plans["configurations"].update(plan_cascade(target, median_shape, work_axes, cfg, num_classes, len(spacings),
                                                 gpu_memory_gb, plan))
     if plan is not DEFAULT:

@@ -21,6 +21,7 @@ from medvol.cache import (
     SPLITS_FILE,
     case_is_complete,
     case_paths,
+    label_locations,
     load_plans,
     plans_digest,
     sample_class_locations,
@@ -28,6 +29,7 @@ from medvol.cache import (
 )
 from medvol.errors import CacheError, InputError, MedvolError, OutputError
 from medvol.io import Volume
+from medvol.labels import LabelScheme
 from medvol.manifest import claim_files
 from medvol.plans import LOWRES, lowres_plans
 from medvol.preprocessing.cache_files import (
@@ -134,10 +136,9 @@ def _preprocess_job(case: RawCase, dataset: RawDataset, out: Path, plans: dict, 
         if has_label:
             dtype = np.int16 if seg_r.max() > 127 else np.int8
             save_npy(s_out, seg_r.astype(dtype))
-            fg = [v for v in sorted(set(plans["labels"].values())) if v > 0]
             # several raters: oversample where any rater drew a class (the highest value drawn)
             union = seg_r if seg_r.shape[0] == 1 else seg_r.max(axis=0, keepdims=True)
-            save_locations(out, case.case_id, sample_class_locations(union, fg))
+            save_locations(out, case.case_id, label_locations(union, LabelScheme.from_plans(plans)))
         write_json(p_out, props)
         for p in (img_p, seg_p, props_p):
             p.unlink(missing_ok=True)

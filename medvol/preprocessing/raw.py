@@ -26,6 +26,7 @@ from medvol.io.dicom import group_series, list_dicom_files
 from medvol.io.discovery import find_scans, scan_id, scan_stem, scan_suffix, split_channel
 from medvol.io.orientation import orient_channels
 from medvol.io.volume import c_order, spacing_from_affine
+from medvol.labels import LabelScheme
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +35,12 @@ DECATHLON_KEYS = {"modality", "labels", "training"}
 # Read (or only informative) keys; any other key is ignored with a warning naming it.
 OPTIONAL_KEYS = {"name", "description", "reference", "licence", "license", "release", "tensorImageSize",
                  "numTest", "test", "dataset_name", "author", "citation", "converted_by", "link", "relase",
-                 "modalities", "overwrite_image_reader_writer",
+                 "modalities", "overwrite_image_reader_writer", "regions_class_order",
                  # medvol extensions: semi-supervised splits and the ids cases had in their source
                  "labelled_cases", "source_ids", "case_tasks", "tasks",
                  "raters"}  # multi-rater labels: labelsTr/<case>_r<k><ext> per rater k (see RATER_SUFFIX)
 # nnU-Net keys that change what the dataset means: medvol does not do what they ask, so they are refused.
-REFUSED_KEYS = {"regions_class_order": "region-based training is not supported; declare one value per label",
-                "dataset": "cases listed in 'dataset' (files outside imagesTr/labelsTr) are not supported; "
+REFUSED_KEYS = {"dataset": "cases listed in 'dataset' (files outside imagesTr/labelsTr) are not supported; "
                            "put the files in imagesTr/ and labelsTr/"}
 KNOWN_KEYS = NNUNET_V2_KEYS | DECATHLON_KEYS | OPTIONAL_KEYS | set(REFUSED_KEYS)
 # overwrite_image_reader_writer: nnU-Net reader classes that read as medvol's own readers do (each scan
@@ -69,7 +69,7 @@ class RawDataset:
     root: Path
     layout: str  # "nnunet_v2" | "decathlon" | "nifti_folder" | "dicom_tree"
     channel_names: dict[int, str]
-    labels: dict[str, int]
+    labels: dict  # name -> value, region (list of values) or the ignore label (medvol.labels)
     file_ending: str
     training: list[RawCase]
     test: list[RawCase]
@@ -77,6 +77,7 @@ class RawDataset:
     case_meta: dict = field(default_factory=dict)  # per case: task_id, annotated channels (partial labels)
     tasks: dict | None = None  # partial labels: task id -> name (and its channel rules)
     raters: list[str] | None = None  # multi-rater labels: the raters' names, in label-channel order
+    regions_class_order: list[int] | None = None  # region-based training (medvol.labels)
 
     @property
     def num_channels(self) -> int:
@@ -84,10 +85,12 @@ class RawDataset:
 
     @property
     def label_values(self) -> list[int]:
-        return sorted(set(self.labels.values()))
+        """The values a label file may hold (the ignore label included)."""
+        return LabelScheme.parse(self.root, self.labels, self.regions_class_order).file_values
 
     def dataset_json(self) -> dict:
-        return {"channel_names": {str(k): v for k, v in self.channel_names.items()}, "labels": self.labels,
+        regions = {"regions_class_order": self.regions_class_order} if self.regions_class_order else {}
+        return {**regions, "channel_names": {str(k): v for k, v in self.channel_names.items()}, "labels": self.labels,
                 "numTraining": len(self.training), "file_ending": self.file_ending, "layout": self.layout,
                 "labelled_cases": self.labelled_cases, "tasks": self.tasks,
                 **({"raters": self.raters} if self.raters else {})}
@@ -137,14 +140,17 @@ def _open_with_json(root: Path) -> RawDataset:
     _check_keys(jpath, meta, is_v2)
     _check_types(jpath, meta)
     _check_reader(jpath, meta)
-    labels = parse_labels(jpath, meta["labels"], is_v2)
+    labels = parse_labels(jpath, meta["labels"], is_v2, meta.get("regions_class_order"))
     if "raters" in meta and not is_v2:
         raise InputError(jpath, "'raters' (one label file per rater) needs the nnU-Net v2 layout (channel_names, "
                                 "file_ending, labelsTr/<case>_r<k><ending>)")
-    return _open_v2(root, jpath, meta, labels) if is_v2 else _open_decathlon(root, jpath, meta, labels)
+    ds = _open_v2(root, jpath, meta, labels) if is_v2 else _open_decathlon(root, jpath, meta, labels)
+    if is_v2 and LabelScheme.parse(jpath, labels, meta.get("regions_class_order")).has_regions:
+        ds.regions_class_order = [int(v) for v in meta["regions_class_order"]]
+    return ds
 
 
-def _open_v2(root: Path, jpath: Path, meta: dict, labels: dict[str, int]) -> RawDataset:
+def _open_v2(root: Path, jpath: Path, meta: dict, labels: dict) -> RawDataset:
     ending = meta["file_ending"]
     channel_names = _channel_names(jpath, meta["channel_names"], "channel_names")
     labelled = meta.get("labelled_cases")
@@ -166,7 +172,7 @@ def _open_v2(root: Path, jpath: Path, meta: dict, labels: dict[str, int]) -> Raw
                       meta.get("tasks"), raters)
 
 
-def _open_decathlon(root: Path, jpath: Path, meta: dict, labels: dict[str, int]) -> RawDataset:
+def _open_decathlon(root: Path, jpath: Path, meta: dict, labels: dict) -> RawDataset:
     channel_names = _channel_names(jpath, meta["modality"], "modality")
     training = []
     for item in meta["training"]:

@@ -32,8 +32,8 @@ from medvol.data import PatchDataset, Streams, build_augmentation, make_loader
 from medvol.data.dataset import StepDataset
 from medvol.errors import ConfigError, Preempted
 from medvol.evaluation.metrics import dice
-from medvol.inference.postprocess import argmax_labels
-from medvol.inference.sliding_window import SoftmaxClasses, sliding_window_probabilities
+from medvol.inference.postprocess import to_labels
+from medvol.inference.sliding_window import class_decoder, sliding_window_probabilities
 from medvol.plans import Plans
 from medvol.precision import choose_precision
 from medvol.training.distributed import DistInfo, barrier, params_identical_across_ranks
@@ -80,6 +80,7 @@ class Trainer:
     scan_validation = True  # end-of-run validation from the raw scans (False: no class-label output to score)
     grad_clip_keys: tuple[str, ...] = ("model",)  # the optimisers whose gradients trainer.grad_clip clips
     requires_model: str | None = None  # the recipe's model.name this trainer works with (None: any)
+    label_modes = False  # True: loss and validation honour regions and the ignore label (medvol.labels)
     source: DataSource  # what it trains on: from make_source()
 
     def __init__(self, recipe: Recipe, cache_dir: str | Path, run_dir: str | Path, dist: DistInfo):
@@ -93,6 +94,7 @@ class Trainer:
         self.current_step = 0
         self.source = self.make_source()
         self.after_source()
+        self._check_label_modes()
         self.global_batch = self.source.batch_size * dist.world_size
         self.precision = choose_precision(self.device, recipe.trainer.precision, recipe.trainer.amp)
         self.amp_dtype = self.precision.dtype
@@ -115,6 +117,18 @@ class Trainer:
                 if any(p.requires_grad for p in m.parameters()) and k in self.optimizers:
                     self.models[k] = nn.parallel.DistributedDataParallel(
                         m, device_ids=ids, find_unused_parameters=self.ddp_find_unused)
+
+    def _check_label_modes(self) -> None:
+        """Regions and the ignore label need a trainer whose loss knows them (``label_modes``)."""
+        plans = self.source.find_plans()
+        if plans is None or self.label_modes or type(self.source) is not CacheSamples:  # graded slices: no labels
+            return
+        labels = plans.labels
+        what = "regions (regions_class_order)" if labels.has_regions else "an ignore label" \
+            if labels.ignore_label is not None else None
+        if what:
+            raise ConfigError(f"{self.source.root}: the dataset declares {what}, which trainer '{self.name}' does not "
+                              "support; use trainer.name: supervised")
 
     # ------------------------------------------------------------------ data
     def make_source(self) -> DataSource:
@@ -280,8 +294,9 @@ class Trainer:
         return unwrap(self.models[self.inference_key])
 
     def validation_decoder(self, props: dict):
-        """How the validation windows' outputs become probabilities (class softmax here)."""
-        return SoftmaxClasses()
+        """How the validation windows' outputs become probabilities (class softmax, or region
+        sigmoids for nnU-Net's regions)."""
+        return class_decoder(self.plans.labels.has_regions)
 
     def validation_probabilities(self, image: np.ndarray, props: dict) -> torch.Tensor:
         """Probabilities of one cached image by the sliding-window path ``medvol predict`` uses
@@ -293,13 +308,20 @@ class Trainer:
                                             context=self.recipe.data.context)
 
     def class_dice(self, pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
-        """``val/dice_<class name>`` of one case, for every foreground class."""
-        names = self.plans.label_names
-        return {f"val/dice_{names.get(c, c)}": dice(pred == c, ref == c) for c in range(1, self.num_classes)}
+        """``val/dice_<name>`` of one case, for every foreground class (or region), the
+        voxels of an ignore label left out (:mod:`medvol.labels`)."""
+        labels = self.plans.labels
+        keep = labels.annotated(ref)
+        out = {}
+        for name, values in labels.scored().items():
+            p, r = np.isin(pred, values), np.isin(ref, values)
+            out[f"val/dice_{name}"] = dice(p, r) if keep is None else dice(p & keep, r & keep)
+        return out
 
     def predicted_labels(self, image: np.ndarray, props: dict) -> np.ndarray:
-        """The label map predicted for one cached image (argmax of the validation probabilities)."""
-        return argmax_labels(self.validation_probabilities(image, props).numpy())
+        """The label map predicted for one cached image (:func:`to_labels` of the validation
+        probabilities: argmax, or the regions in ``regions_class_order``)."""
+        return to_labels(self.validation_probabilities(image, props).numpy(), self.plans.labels)
 
     def score_case(self, case: str, image: np.ndarray, label: np.ndarray | None, props: dict) -> dict:
         """The scores of one validation case (its cached image, label and properties) in the

@@ -160,7 +160,7 @@ def _predict_and_evaluate(run_dir: Path, found: list[tuple[str, list[Path], Path
     out = run_dir / VALIDATION_DIR
     predict_cases([run], [(case, images) for case, images, _ in found], out, device, quiet=quiet,
                   stop=None if flag is None else lambda: flag.signum)
-    labels = {name: value for value, name in run.plans.label_names.items()}
+    labels = run.plans.labels.as_json()  # per class, or per region; the ignore label's voxels left out
     result = evaluate_pairs({case: (out / f"{case}.nii.gz", label) for case, _, label in found}, labels)
     result["recipe"] = run.recipe
     return result

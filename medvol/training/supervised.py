@@ -14,13 +14,17 @@ class SupervisedTrainer(Trainer):
     """``trainer.name: supervised``: the nnU-Net recipe. Any segmentation model of the
     registry (DynUNet by default) on labelled patches, ``trainer.loss`` (Dice + CE by default)
     on every deep-supervision head when ``model.deep_supervision`` is on; no ``method:`` options.
-    Validation is the engine's per-class Dice by the sliding window."""
+    Validation is the engine's per-class Dice by the sliding window. nnU-Net's label modes
+    (:mod:`medvol.labels`): regions train sigmoid Dice + BCE per region and validate per
+    region; an ignore label is left out of the loss and of the validation Dice."""
 
     name = "supervised"
+    label_modes = True  # nnU-Net's regions and ignore label: see medvol.labels
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.loss_fn = segmentation_loss(self.recipe.trainer.loss, self.recipe.model.deep_supervision)
+        self.loss_fn = segmentation_loss(self.recipe.trainer.loss, self.recipe.model.deep_supervision,
+                                         self.plans.labels)
 
     def training_step(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         out = self.models["model"](batch["image"])
