@@ -613,11 +613,14 @@ def _cmd_evaluate(a) -> int:
     print(f"metrics: {out.with_suffix('.json')} and .csv")
     if a.images:
         from medvol.evaluation.report import write_report
+        from medvol.io.dataset_json import dataset_labels
         from medvol.io.discovery import input_cases
+        from medvol.labels import IGNORE
 
         groups = dict(input_cases(a.images, 1))
         cases = {c: (groups[c][0], a.pred / f"{c}.nii.gz", a.ref / f"{c}.nii.gz") for c in res["cases"] if c in groups}
-        print(f"report: {write_report(a.pred, cases, res)}")
+        ignore = (dataset_labels(a.ref.parent) or {}).get(IGNORE)  # sparse references: drawn as no class
+        print(f"report: {write_report(a.pred, cases, res, ignore=ignore if isinstance(ignore, int) else None)}")
     return 0
 
 

@@ -213,3 +213,19 @@ def test_predict_applies_the_postprocessing_file(cv, tmp_path):
     other = tmp_path / "other.json"
     other.write_text(pp.read_text().replace('"fg"', '"liver"'))
     assert main(["predict", *common, "-o", str(tmp_path / "x"), "--postprocessing", str(other)]) == 2
+
+
+@pytest.mark.parametrize("labels", [{"background": 0, "fg": [1], "core": 1},
+                                    {"background": 0, "fg": 1, "ignore": 2}])
+def test_region_and_ignore_label_runs_are_refused_in_one_line(cv, tmp_path, capsys, labels):
+    """`medvol best` scores plain label maps: runs of a region or ignore-label dataset are
+    refused with one line naming the run, not a traceback."""
+    _, runs = cv
+    other = tmp_path / "regions"
+    shutil.copytree(runs / "blob", other)
+    for plans_file in other.glob("fold_*/plans.json"):
+        plans_file.write_text(json.dumps({**json.loads(plans_file.read_text()), "labels": labels}))
+    assert main(["best", str(other), "-o", str(tmp_path / "best"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"medvol best: error: {other}: regions and an ignore label are not supported") and \
+        "\n" not in err

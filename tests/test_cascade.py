@@ -254,3 +254,21 @@ def test_export_refuses_a_cascade_run(cascade_run, tmp_path):
     with pytest.raises(InputError, match="3d_lowres run"):
         export_model(cascade_run, tmp_path / "model.zip", checkpoint="latest")
     assert not (tmp_path / "model.zip").exists()
+
+
+def test_a_cascade_on_an_ignore_label_dataset_is_refused(lowres_pre, lowres_run, tmp_path):
+    """The previous-stage channels are an argmax of plain labels: regions and an ignore label
+    are refused with one ConfigError, not trained wrongly."""
+    import json
+    import shutil
+
+    from medvol.training import train
+
+    pre = tmp_path / "pre"
+    shutil.copytree(lowres_pre, pre)
+    plans = json.loads((pre / "plans.json").read_text())
+    plans["labels"] = {**plans["labels"], "ignore": max(plans["labels"].values()) + 1}
+    (pre / "plans.json").write_text(json.dumps(plans))
+    with pytest.raises(ConfigError, match="regions and an ignore label are not supported"):
+        train(load_recipe("quickstart_cascade", TINY + [f"data.previous_stage={lowres_run}"]), pre, tmp_path / "r",
+              device="cpu", quiet=True)

@@ -85,6 +85,9 @@ def load_configuration(run: Path, name: str) -> Configuration:
 
     cross_validation([run])
     folds = [load_fold(p) for p in expand_fold_folders([run])]
+    if any(isinstance(v, list) for v in folds[0].plans["labels"].values()) or "ignore" in folds[0].plans["labels"]:
+        raise ConfigError(f"{run}: regions and an ignore label are not supported by medvol best yet (it scores "
+                          "plain label maps); compare the runs with medvol cv")
     labels = {str(k): int(v) for k, v in folds[0].plans["labels"].items()}
     checkpoints = {_validation(f).get("checkpoint", "latest") for f in folds}
     cfg = Configuration(name, run, folds, labels, sorted(checkpoints)[0])

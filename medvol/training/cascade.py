@@ -82,6 +82,9 @@ class CascadeTrainer(SupervisedTrainer):
         if self.recipe.data.configuration != "3d_cascade_fullres":
             raise ConfigError("trainer.name cascade needs data.configuration: 3d_cascade_fullres")
         src = CacheSamples.from_recipe(self.cache_dir, self.recipe)
+        if src.plans.labels.has_regions or src.plans.labels.ignore_label is not None:
+            raise ConfigError(f"{self.cache_dir}: the cascade takes plain labels; regions and an ignore label are "
+                              "not supported by its previous-stage channels yet (train 3d_fullres)")
         labels = foreground_labels(src.plans.label_names)
         runs = previous_stage_runs(self.recipe)
         for run in runs:
