@@ -132,6 +132,7 @@ class TrainerConfig:
     val_every: int = 250
     log_every: int = 10
     loss: str = "dice_ce"  # dice_ce | ce | dice
+    batch_dice: bool | None = None  # Dice pooled over the batch or per sample; null: the plan's (nnU-Net's rule)
     grad_clip: float | None = 12.0
     amp: bool = True  # false: fp32 whatever precision says "auto"
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (medvol/precision.py; --precision)

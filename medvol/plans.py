@@ -88,6 +88,18 @@ def _label_names(scheme: LabelScheme) -> dict[int, str]:
     return {0: "background", **{v: n for v, n in zip(scheme.regions_class_order, scheme.scored())}}
 
 
+def batch_dice(plans: dict, configuration: str) -> bool:
+    """nnU-Net's ``batch_dice`` of a configuration in ``plans.json`` (following
+    ``inherits_from``): the Dice pooled over the batch (True) or per sample (False). nnU-Net's
+    planner sets it on for 2d, off for 3d_lowres, and on for 3d_fullres only when a 3d_lowres
+    exists; plans without the key (older medvol) keep the batch Dice."""
+    cfgs = plans.get("configurations") or {}
+    cfg = dict(cfgs.get(configuration) or {})
+    if "inherits_from" in cfg:
+        cfg = {**(cfgs.get(cfg["inherits_from"]) or {}), **cfg}
+    return bool(cfg.get("batch_dice", True))
+
+
 LOWRES = "3d_lowres"
 
 

@@ -11,22 +11,24 @@ from medvol.errors import ConfigError
 from medvol.labels import LabelScheme
 
 
-def segmentation_loss(name: str, deep_supervision: bool, labels: LabelScheme | None = None) -> nn.Module:
+def segmentation_loss(name: str, deep_supervision: bool, labels: LabelScheme | None = None,
+                      batch_dice: bool = True) -> nn.Module:
     """nnU-Net's loss: batch Dice without background (statistics gathered over DDP ranks) +
     CE, over every deep-supervision level with MONAI's exponential weights. ``labels``: an
     ignore label masks both terms; regions take sigmoid Dice + BCE per region
     (:mod:`medvol.losses.dice`). The deep-supervision targets are the label map downsampled by
     nearest neighbour, from which each level's regions are made: the same targets as regions
-    downsampled by nearest neighbour, as nnU-Net makes them."""
+    downsampled by nearest neighbour, as nnU-Net makes them. ``batch_dice``: False takes one
+    Dice per sample (nnU-Net's ``batch_dice`` of the configuration, :func:`medvol.plans.batch_dice`)."""
     from monai.losses import DeepSupervisionLoss
 
     from medvol.losses.dice import BatchDiceCELoss, BatchDiceLoss
 
     base: nn.Module
     if name == "dice_ce":
-        base = BatchDiceCELoss(labels=labels)
+        base = BatchDiceCELoss(labels=labels, batch=batch_dice)
     elif name == "dice":
-        base = BatchDiceLoss(labels=labels)
+        base = BatchDiceLoss(labels=labels, batch=batch_dice)
     elif name == "ce":
         base = _CE(labels)
     else:

@@ -46,7 +46,8 @@ def soft_dice(prob: torch.Tensor, target: torch.Tensor, dims, smooth_nr: float =
 class BatchDiceLoss(nn.Module):
     """1 - mean over foreground classes of (2 tp + s_nr) / (2 tp + fp + fn + s_dr), with tp,
     fp, fn summed over the global batch (all ranks) and space. Logits ``(B, C, ...)``, integer
-    target ``(B, 1, ...)``.
+    target ``(B, 1, ...)``. ``batch=False``: one Dice per sample and class, averaged (nnU-Net's
+    ``batch_dice: false``).
 
     ``labels`` (:class:`medvol.labels.LabelScheme`) adds nnU-Net's two label modes: with an
     ignore label the sums run over the annotated voxels only (its partial loss); with regions
@@ -54,17 +55,20 @@ class BatchDiceLoss(nn.Module):
     channel scored (nnU-Net's ``do_bg=True``: no channel is background)."""
 
     def __init__(self, smooth_nr: float = 1e-5, smooth_dr: float = 1e-5, include_background: bool = False,
-                 labels: LabelScheme | None = None):
+                 labels: LabelScheme | None = None, batch: bool = True):
         super().__init__()
         self.smooth_nr, self.smooth_dr = smooth_nr, smooth_dr
         self.include_background = include_background
         self.labels = labels
+        self.batch = batch
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         prob, ref, mask = dice_inputs(logits, target, self.labels, self.include_background)
         if mask is not None:
             prob, ref = prob * mask, ref * mask
-        dice = soft_dice(prob, ref, [0] + list(range(2, prob.ndim)), self.smooth_nr, self.smooth_dr)
+        spatial = list(range(2, prob.ndim))
+        dice = soft_dice(prob, ref, [0, *spatial] if self.batch else spatial, self.smooth_nr, self.smooth_dr,
+                         gather=self.batch)  # per sample: the rank's mean; DDP averages it into the global one
         return 1 - dice.mean()
 
 
@@ -104,9 +108,10 @@ class BatchDiceCELoss(nn.Module):
     an ignore label: nnU-Net's masked BCE, the sum over region channels and annotated voxels
     divided by the number of annotated voxels (not by voxels x regions), kept as it is."""
 
-    def __init__(self, smooth_nr: float = 1e-5, smooth_dr: float = 1e-5, labels: LabelScheme | None = None):
+    def __init__(self, smooth_nr: float = 1e-5, smooth_dr: float = 1e-5, labels: LabelScheme | None = None,
+                 batch: bool = True):
         super().__init__()
-        self.dice = BatchDiceLoss(smooth_nr, smooth_dr, include_background=False, labels=labels)
+        self.dice = BatchDiceLoss(smooth_nr, smooth_dr, include_background=False, labels=labels, batch=batch)
         self.labels = labels
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

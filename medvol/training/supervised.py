@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from medvol.losses import segmentation_loss
+from medvol.plans import batch_dice
 from medvol.training import register_trainer
 from medvol.training.engine import Trainer
 
@@ -23,8 +24,11 @@ class SupervisedTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        batch = self.recipe.trainer.batch_dice
+        if batch is None:  # nnU-Net's rule, recorded in plans.json per configuration
+            batch = batch_dice(self.plans.raw, self.recipe.data.configuration)
         self.loss_fn = segmentation_loss(self.recipe.trainer.loss, self.recipe.model.deep_supervision,
-                                         self.plans.labels)
+                                         self.plans.labels, batch)
 
     def training_step(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         out = self.models["model"](batch["image"])
