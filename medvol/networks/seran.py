@@ -53,8 +53,8 @@ class ReasoningAttention(nn.Module):
         self.project = nn.Conv2d(channels, channels, 1)
         self.res_scale = float(res_scale)
         if zero_init:
-            nn.init.zeros_(self.project.weight)
-            nn.init.zeros_(self.project.bias)
+            for p in self.project.parameters():
+                nn.init.zeros_(p)
 
     def descriptors(self, x: torch.Tensor) -> torch.Tensor:
         """The reasoned global descriptors ``(N, C, M)`` of ``x`` ``(N, C, H, W)``."""
