@@ -45,6 +45,7 @@ class Setting:
     batch: int = 16
     crop: int = 96
     zero_init: bool = False
+    res_scale: float = 1.0
 
     def opts(self) -> dict:
         return {"scale": self.scale, "groups": self.groups, "blocks": self.blocks, "descriptors": self.descriptors}
@@ -52,7 +53,8 @@ class Setting:
     def sets(self) -> list[str]:
         return [f"model.base_features={self.features}", f"model.options.scale={self.scale}",
                 f"model.options.groups={self.groups}", f"model.options.blocks={self.blocks}",
-                f"model.options.descriptors={self.descriptors}", f"data.batch_size={self.batch}",
+                f"model.options.descriptors={self.descriptors}", f"model.options.res_scale={self.res_scale}",
+                f"data.batch_size={self.batch}",
                 f"method.lr_patch={self.lr_patch}", "optimizer.lr=1.0e-3", f"method.lr_halve_every={self.steps // 2}",
                 "trainer.log_every=50", "method.val_slices=2", "data.num_workers=0", f"trainer.steps={self.steps}",
                 f"trainer.val_every={self.steps}"]
@@ -63,6 +65,7 @@ class Setting:
 SETTINGS = {s.name: s for s in (
     Setting("x2"),
     Setting("x2_zero", zero_init=True),
+    Setting("x2_zero_rs10", zero_init=True, res_scale=10.0),  # with Adam: ~10x the attention output's step
     Setting("x2_p48_zero", lr_patch=48, batch=4, zero_init=True),  # 4x the context, same pixels per step
     Setting("x4", scale=4, crop=128),
     Setting("x4_zero", scale=4, crop=128, zero_init=True),
