@@ -67,6 +67,22 @@ def test_plain_variant_has_no_attention_and_fewer_parameters():
     assert parameter_count(b) < parameter_count(a)
 
 
+def test_zero_initialised_attention_starts_as_the_plain_network_and_still_learns():
+    """``zero_init``: the attention's output convolution starts at zero, so SERAN computes
+    exactly what the plain residual CNN with the same convolution weights computes; the
+    gradient reaches that convolution, so training can move the attention away from zero."""
+    torch.manual_seed(0)
+    seran = SERAN(1, 1, 2, features=8, groups=2, blocks=2, descriptors=4, zero_init=True)
+    plain = SERAN(1, 1, 2, features=8, groups=2, blocks=2, descriptors=4, attention=False)
+    missing, unexpected = plain.load_state_dict(seran.state_dict(), strict=False)
+    assert not missing and all(".attention." in k for k in unexpected)
+    x = torch.randn(2, 1, 10, 12)
+    torch.testing.assert_close(seran(x), plain(x), atol=0, rtol=0)
+    seran(x).square().mean().backward()
+    grads = [m.project.weight.grad for m in seran.modules() if isinstance(m, ReasoningAttention)]
+    assert len(grads) == 4 and all(g.abs().max() > 0 for g in grads)
+
+
 # ---------------------------------------------------------------- degradations
 
 

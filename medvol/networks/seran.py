@@ -17,7 +17,9 @@ The attention (:class:`ReasoningAttention`) of one feature map ``X`` (``C`` chan
    nodes, ``G + G W_adj``, then a learned state update with ReLU);
 3. excitation: at each position a softmax over the ``M`` descriptors (another 1x1
    convolution) picks the descriptors that complement it, ``Z = G' V`` (``C x P``);
-4. residual scaling: ``X + res_scale * conv1x1(Z)``.
+4. residual scaling: ``X + res_scale * conv1x1(Z)``; with ``zero_init`` that last 1x1
+   convolution starts at zero, so the attention starts as the identity and a block starts as
+   the plain residual block (the attention can only add what training finds useful).
 
 ``attention=False`` leaves the attention out: the plain residual CNN that the benchmark
 compares against (same body, widths chosen for the same parameter count).
@@ -41,7 +43,7 @@ class ReasoningAttention(nn.Module):
     """Squeeze (bilinear pooling into ``descriptors`` global descriptors), reasoning (a graph
     convolution over them), excitation (per-position softmax over them), residual scaling."""
 
-    def __init__(self, channels: int, descriptors: int = 16, res_scale: float = 1.0):
+    def __init__(self, channels: int, descriptors: int = 16, res_scale: float = 1.0, zero_init: bool = False):
         super().__init__()
         self.features = nn.Conv2d(channels, channels, 1)
         self.squeeze = nn.Conv2d(channels, descriptors, 1)
@@ -50,6 +52,9 @@ class ReasoningAttention(nn.Module):
         self.excite = nn.Conv2d(channels, descriptors, 1)
         self.project = nn.Conv2d(channels, channels, 1)
         self.res_scale = float(res_scale)
+        if zero_init:
+            for p in self.project.parameters():
+                nn.init.zeros_(p)
 
     def descriptors(self, x: torch.Tensor) -> torch.Tensor:
         """The reasoned global descriptors ``(N, C, M)`` of ``x`` ``(N, C, H, W)``."""
@@ -73,11 +78,12 @@ class ReasoningAttention(nn.Module):
 class AttentionBlock(nn.Module):
     """conv3x3-ReLU-conv3x3, the reasoning attention (or none), plus the block's input."""
 
-    def __init__(self, channels: int, descriptors: int, res_scale: float, attention: bool):
+    def __init__(self, channels: int, descriptors: int, res_scale: float, attention: bool, zero_init: bool = False):
         super().__init__()
         self.body = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True),
                                   nn.Conv2d(channels, channels, 3, padding=1))
-        self.attention = ReasoningAttention(channels, descriptors, res_scale) if attention else nn.Identity()
+        self.attention = (ReasoningAttention(channels, descriptors, res_scale, zero_init) if attention
+                          else nn.Identity())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.attention(self.body(x))
@@ -86,9 +92,11 @@ class AttentionBlock(nn.Module):
 class ResidualGroup(nn.Module):
     """``blocks`` attention blocks and a 3x3 convolution, plus the group's input."""
 
-    def __init__(self, channels: int, blocks: int, descriptors: int, res_scale: float, attention: bool):
+    def __init__(self, channels: int, blocks: int, descriptors: int, res_scale: float, attention: bool,
+                 zero_init: bool = False):
         super().__init__()
-        self.body = nn.Sequential(*[AttentionBlock(channels, descriptors, res_scale, attention) for _ in range(blocks)],
+        self.body = nn.Sequential(*[AttentionBlock(channels, descriptors, res_scale, attention, zero_init)
+                                    for _ in range(blocks)],
                                   nn.Conv2d(channels, channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,12 +117,12 @@ def upsampler(channels: int, scale: int) -> nn.Sequential:
 class SERAN(nn.Module):
     """SERAN for ``scale`` x2/x3/x4: ``(N, in_channels, H, W)`` -> ``(N, out_channels, sH, sW)``.
     ``features`` wide, ``groups`` residual groups of ``blocks`` blocks, ``descriptors`` global
-    descriptors per attention, ``res_scale`` its residual scaling; ``attention=False``: the plain
-    residual CNN of the same body."""
+    descriptors per attention, ``res_scale`` its residual scaling, ``zero_init`` its output
+    convolution zero at the start; ``attention=False``: the plain residual CNN of the same body."""
 
     def __init__(self, in_channels: int = 1, out_channels: int | None = None, scale: int = 2, features: int = 64,
                  groups: int = 10, blocks: int = 20, descriptors: int = 16, res_scale: float = 1.0,
-                 attention: bool = True):
+                 attention: bool = True, zero_init: bool = False):
         super().__init__()
         if min(features, groups, blocks, descriptors) < 1:
             raise ConfigError("SERAN's features, groups, blocks and descriptors must be >= 1")
@@ -122,7 +130,7 @@ class SERAN(nn.Module):
             raise ConfigError(f"SERAN's scale must be one of {SCALES}, got {scale!r}")
         self.scale = int(scale)
         self.head = nn.Conv2d(in_channels, features, 3, padding=1)
-        self.body = nn.Sequential(*[ResidualGroup(features, blocks, descriptors, res_scale, attention)
+        self.body = nn.Sequential(*[ResidualGroup(features, blocks, descriptors, res_scale, attention, zero_init)
                                     for _ in range(groups)], nn.Conv2d(features, features, 3, padding=1))
         self.tail = nn.Sequential(upsampler(features, self.scale),
                                   nn.Conv2d(features, out_channels or in_channels, 3, padding=1))
@@ -139,7 +147,8 @@ def parameter_count(model: nn.Module) -> int:
 @register("seran")
 def _build_seran(model_cfg, plans, in_channels: int, num_classes: int) -> nn.Module:
     """``model.name: seran``: ``model.base_features`` is the width; ``model.options`` the rest
-    (``scale``, ``groups``, ``blocks``, ``descriptors``, ``res_scale``, ``attention``). The
+    (``scale``, ``groups``, ``blocks``, ``descriptors``, ``res_scale``, ``attention``,
+    ``zero_init``). The
     output has ``num_classes`` channels (the SR trainer records the image channels there)."""
     opts = model_options(model_cfg, "seran", keyword_names(SERAN, "in_channels", "out_channels", "features"))
     return SERAN(in_channels, num_classes, features=model_cfg.base_features, **opts)
