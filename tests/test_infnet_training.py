@@ -227,7 +227,7 @@ def test_stage_recipes_turn_epochs_into_steps_and_decay_once():
     # 2 labelled slices, batch 4: one batch per epoch, at 3 scales -> 3 steps an epoch
     assert r.trainer.name == "infnet" and r.trainer.steps == 30 and r.schedule.milestones == [15]
     assert r.data.labelled == ["l0", "l1"] and r.data.val_cases == ["v"] and r.init_from == "backbone.pt"
-    assert set(r.method) == {"scales", "size_multiple", "clip", "official_compat"}
+    assert set(r.method) == {"scales", "size_multiple", "clip", "official_compat", "loss_size"}
     opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
     sched = make_scheduler(r.schedule, opt, r.trainer.steps, 1e-4)
     lrs = []
