@@ -227,7 +227,7 @@ def test_stage_recipes_turn_epochs_into_steps_and_decay_once():
     # 2 labelled slices, batch 4: one batch per epoch, at 3 scales -> 3 steps an epoch
     assert r.trainer.name == "infnet" and r.trainer.steps == 30 and r.schedule.milestones == [15]
     assert r.data.labelled == ["l0", "l1"] and r.data.val_cases == ["v"] and r.init_from == "backbone.pt"
-    assert set(r.method) == {"scales", "size_multiple", "clip", "official_compat"}
+    assert set(r.method) == {"scales", "size_multiple", "clip", "official_compat", "loss_size"}
     opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
     sched = make_scheduler(r.schedule, opt, r.trainer.steps, 1e-4)
     lrs = []
@@ -251,6 +251,7 @@ BAD_OPTIONS = [  # (recipe, override, the key the one-line error names)
     ("infnet_demo", "method.scales=[1.0, big]", "method.scales"),
     ("infnet_demo", "method.size_multiple=0", "method.size_multiple"),
     ("infnet_demo", "method.clip=both", "method.clip"),
+    ("infnet_demo", "method.loss_size=output", "method.loss_size"),
     ("semi_infnet_demo", "method.clip=both", "method.clip"),  # Inf-Net's checks hold in every stage
     ("semi_infnet_demo", "method.per_round=0", "method.per_round"),
     ("semi_infnet_demo", "method.max_rounds=-1", "method.max_rounds"),
@@ -349,6 +350,45 @@ def test_gradients_are_clamped_per_element_or_by_norm(demo_cache, tmp_path):
     assert p.grad.tolist() == pytest.approx([0.3, -0.4, 0.0, 0.0], abs=1e-6)
     with pytest.raises(ConfigError, match="unlabelled_per_batch"):
         _infnet_trainer(demo_cache[1], tmp_path / "run3", ["data.unlabelled_per_batch=2"])
+
+
+def test_with_input_scale_the_loss_sees_the_maps_and_label_at_the_working_size(demo_cache, tmp_path, monkeypatch):
+    """The published loss compares the 352 px maps with the label resized to 352, so its 31 px
+    boundary weight is in working pixels. On a ring 3 px thick at 48 px, input_scale 2.75 (->
+    132 px): the label the loss sees is the ring at 132 px (binary, the same area fraction), its
+    edges the one-pixel line resized (soft); method.loss_size=input keeps the former rule."""
+    import medvol.training.infnet as trainer_module
+    from medvol.losses.structure import structure_weight
+
+    seen = {}
+
+    def spy(out, target, edges, official_compat=False):
+        seen.update(maps=[tuple(m.shape[-2:]) for m in out], target=target, edges=edges)
+        return out.ra2.sum() * 0, {}
+
+    monkeypatch.setattr(trainer_module, "infnet_loss", spy)
+    yy, xx = torch.meshgrid(torch.arange(48.0), torch.arange(48.0), indexing="ij")
+    r = ((yy - 23.5) ** 2 + (xx - 23.5) ** 2).sqrt()
+    ring = ((r >= 15) & (r < 18)).float()[None, None].repeat(2, 1, 1, 1)
+    batch = {"image": torch.rand(2, 1, 48, 48), "label": ring.clone()}
+    sets = ["model.options.input_scale=2.75"]
+    _infnet_trainer(demo_cache[1], tmp_path / "a", sets).training_step(dict(batch), step=1)  # scale 1
+    assert set(seen["maps"]) == {(132, 132)}
+    target, edges = seen["target"], seen["edges"]
+    assert target.shape == (2, 1, 132, 132) and set(torch.unique(target).tolist()) == {0.0, 1.0}
+    assert abs(float(target.mean()) - float(ring.mean())) < 0.01
+    assert edges.shape == (2, 1, 132, 132) and 0 < float(edges.max()) <= 1
+    assert 0.3 < float(((edges > 0) & (edges < 1)).float().sum() / (edges > 0).sum())  # soft, as resized
+    # the boundary weight on the ring against the pixels just outside it (one 48-px pixel):
+    # 4.6 / 2.3 (ratio 2.0) in working pixels, as published; 5.4 / 1.5 (3.5) at 48 px
+    w = structure_weight(target)
+    outside = (torch.nn.functional.max_pool2d(target, 7, 1, 3) > 0) & (target == 0)
+    assert float(w[target > 0].mean() / w[outside].mean()) < 2.5
+    _infnet_trainer(demo_cache[1], tmp_path / "b", [*sets, "method.loss_size=input"]).training_step(dict(batch), 1)
+    assert set(seen["maps"]) == {(48, 48)} and torch.equal(seen["target"], ring)
+    w = structure_weight(ring)
+    outside = (torch.nn.functional.max_pool2d(ring, 3, 1, 1) > 0) & (ring == 0)
+    assert float(w[ring > 0].mean() / w[outside].mean()) > 3.0
 
 
 def test_a_2d_infnet_predicts_a_ct_volume_and_single_slices_in_their_geometry(infnet_run, demo_cache, tmp_path):

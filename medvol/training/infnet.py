@@ -8,7 +8,13 @@ rounded to a multiple of 32 as published (352 → 256, 352, 448); images bilinea
 code trains on the blurred label). The edge target is computed from that binary label on the
 device (:func:`medvol.losses.structure.mask_edges`), so it follows every augmentation and
 rescaling. Loss: BCE(edge) + the structure loss of S_g and of the three reverse-attention
-maps (:func:`medvol.losses.structure.infnet_loss`; every map is already at the input's size).
+maps (:func:`medvol.losses.structure.infnet_loss`). With ``model.options.input_scale`` the
+maps, the label and the edges meet at the working size (input × input_scale; ``method.loss_size:
+working``), as the published loss meets the 352 px maps with the label resized to 352: the
+structure loss's 31 px boundary window is in working pixels. Taking the loss at the input's own
+size (``loss_size: input``, medvol before issue 27's third round) makes that window 2.75x wider
+at 128 -> 352 and the boundary weight of a thin target about twice as lopsided (bone 5.2 against
+1.8 on the pixels just outside, against 3.5 / 2.2 at 352 px), which draws the map too thick.
 
 Gradients: ``trainer.grad_clip`` clamps each gradient element to ±0.5 (``method.clip: value``,
 the published ``clip_gradient``) or clips their global norm (``norm``, the engine's default).
@@ -44,14 +50,16 @@ from medvol.training.engine import Trainer, mean_scores
 class InfNetOptions:
     """The ``method:`` section of ``trainer.name: infnet``: the multi-scale training ``scales``
     (each factor in turn by step), the ``size_multiple`` rescaled sizes are rounded to, how
-    ``trainer.grad_clip`` clips (``clip``: each element, published, or the global norm) and
-    ``official_compat`` (the published unweighted BCE in the structure loss). Every value is
+    ``trainer.grad_clip`` clips (``clip``: each element, published, or the global norm),
+    ``official_compat`` (the published unweighted BCE in the structure loss) and ``loss_size``
+    (the loss at the working size, published, or at the input's size). Every value is
     checked when the recipe is loaded (:func:`medvol.training.load_recipe`)."""
 
     scales: list = field(default_factory=lambda: [0.75, 1.0, 1.25])  # multi-scale training, in turn by step
     size_multiple: int = 32  # rescaled sizes are rounded to a multiple of this (published: 32)
     clip: str = "value"  # trainer.grad_clip clamps each gradient element ("value", published) or the "norm"
     official_compat: bool = False  # structure loss with the published (unweighted) BCE
+    loss_size: str = "working"  # the loss at the working size (input x model.options.input_scale), or "input"
 
     def __post_init__(self) -> None:
         if not self.scales or not all(_positive_number(s) for s in self.scales):
@@ -60,6 +68,8 @@ class InfNetOptions:
             raise ConfigError(f"'method.size_multiple' must be >= 1, got {self.size_multiple!r}")
         if self.clip not in ("value", "norm"):
             raise ConfigError(f"'method.clip' must be 'value' or 'norm', got {self.clip!r}")
+        if self.loss_size not in ("working", "input"):
+            raise ConfigError(f"'method.loss_size' must be 'working' or 'input', got {self.loss_size!r}")
 
 
 def _positive_number(x) -> bool:
@@ -88,6 +98,18 @@ def rescale_batch(image: torch.Tensor, target: torch.Tensor, size) -> tuple[torc
     image = F.interpolate(image, size=size, mode="bilinear", align_corners=True)
     target = F.interpolate(target.float(), size=size, mode="bilinear", align_corners=True)
     return image, (target > 0.5).float()
+
+
+def working_targets(target: torch.Tensor, size: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The binary ``target`` and its edge map at the maps' ``size``, as the published loader
+    resizes GT and ``Edge/`` images to 352: the label bilinear (as the network resizes its
+    input) then re-binarised at 0.5, the one-pixel edges of the label at its own size
+    bilinear, kept soft. At the label's own size: the label and its edges."""
+    edges = mask_edges(target)
+    if tuple(target.shape[-2:]) == tuple(size):
+        return target, edges
+    label = F.interpolate(target, size=size, mode="bilinear", align_corners=False) > 0.5
+    return label.float(), F.interpolate(edges, size=size, mode="bilinear", align_corners=False)
 
 
 def slices_of(volume: np.ndarray, axis: int):
@@ -121,8 +143,9 @@ class InfNetTrainer(Trainer):
         image, target = batch["image"], (batch["label"] > 0).float()
         size = scaled_size(image.shape[-2:], self.scale_at(step), self.options.size_multiple)
         image, target = rescale_batch(image, target, size)
-        out = self.models["model"](image)
-        loss, parts = infnet_loss(out, target, mask_edges(target), self.options.official_compat)
+        out = self.models["model"](image, at_working_size=self.options.loss_size == "working")
+        target, edges = working_targets(target, tuple(out.ra2.shape[-2:]))
+        loss, parts = infnet_loss(out, target, edges, self.options.official_compat)
         logged = {k: torch.tensor(v) for k, v in parts.items()}
         return {"loss": loss, **logged, "size": torch.tensor(float(size[0]))}
 

@@ -268,10 +268,18 @@ class InfNet(nn.Module):
         """Backbone weights from a local file: see :meth:`Res2NetV1b.load_local_weights`."""
         return self.backbone.load_local_weights(path)
 
-    def forward(self, x: torch.Tensor, all_outputs: bool | None = None):
+    def working_size(self, size) -> list[int]:
+        """The side lengths the backbone sees for an input of ``size``: ``size × input_scale``."""
+        return [int(s) if self.input_scale == 1.0 else max(32, int(round(s * self.input_scale))) for s in size]
+
+    def forward(self, x: torch.Tensor, all_outputs: bool | None = None, at_working_size: bool = False):
+        """``at_working_size``: maps at the working resolution (``working_size``) instead of the
+        input's, where the published loss compares them with the label resized to 352."""
         size = x.shape[-2:]
         if self.input_scale != 1.0:  # the working resolution; every map comes back at the input's size
-            x = _resize(x, [max(32, int(round(s * self.input_scale))) for s in size])
+            x = _resize(x, self.working_size(size))
+        if at_working_size:
+            size = x.shape[-2:]
         f1, f2, f3, f4 = self.backbone(x)
         edge_feat, edge_map = self.edge(f1)
         s_g = self.decoder(self.rfb4(f4), self.rfb3(f3), self.rfb2(f2))
