@@ -30,18 +30,16 @@ disagree with the label it belongs to. A given ``Edge/`` folder is therefore not
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from medvol.errors import InputError, MedvolError, OutputError
+from medvol.errors import InputError, MedvolError
 from medvol.io import Volume, write_volume
 from medvol.io.slices2d import IMAGE_SUFFIXES, files_by_stem, read_image_2d, read_mask_2d
-from medvol.utils import write_json
+from medvol.utils import atomic_folder, write_json
 
 SLICE_AFFINE = np.diag([1.0, 1.0, 999.0, 1.0])
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -93,17 +91,8 @@ def convert_covid_semiseg(train: str | Path, out: str | Path, unlabelled: str | 
     Written into a hidden sibling folder renamed to ``out`` when complete: a bad slice leaves
     nothing behind; ``out`` must not exist yet, or be empty."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise OutputError(out, "exists and is not an empty folder: choose a new one (nothing is overwritten)")
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    staging.mkdir(parents=True)  # the user's umask
-    try:
+    with atomic_folder(out) as staging:
         _convert(Path(train), staging, unlabelled, test, label_name)
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 

@@ -29,8 +29,6 @@ red, green and blue channels, channel names ``rgb_to_0_1``: /255), ``labelsTr/<c
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -40,7 +38,7 @@ from medvol.datasets.covid_semiseg import SLICE_AFFINE
 from medvol.errors import InputError, MedvolError, OutputError
 from medvol.io import Volume, write_volume
 from medvol.io.slices2d import read_image_2d, read_mask_2d
-from medvol.utils import write_json
+from medvol.utils import atomic_folder, write_json
 
 FOV_FRACTION = 0.15  # of the red channel's 99th percentile: the threshold of derive_fov
 
@@ -179,18 +177,9 @@ def convert(layout: str, source: str | Path, out: str | Path, n_train: int | Non
                "stare": lambda: stare_pairs(source, n_train)}
     if layout not in finders:
         raise InputError(source, f"unknown layout '{layout}': drive, chase or stare")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise OutputError(out, "exists and is not an empty folder: choose a new one (nothing is overwritten)")
     pairs = finders[layout]()
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    staging.mkdir(parents=True)
-    try:
+    with atomic_folder(out) as staging:
         _convert(pairs, staging, {"drive": "DRIVE", "chase": "CHASE_DB1", "stare": "STARE"}[layout])
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 

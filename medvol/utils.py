@@ -114,6 +114,29 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yield a hidden sibling folder to fill; on success rename it onto ``path``, which must not
+    exist yet or be an empty folder (else :class:`medvol.errors.OutputError`, nothing written).
+    On any exception the sibling is removed: a bad input leaves nothing behind."""
+    import shutil
+
+    from medvol.errors import OutputError
+
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise OutputError(path, "exists and is not an empty folder: choose a new one (nothing is overwritten)")
+    staging = path.parent / f".{path.name}.partial-{os.getpid()}"
+    staging.mkdir(parents=True)  # the user's umask
+    try:
+        yield staging
+        if path.exists():
+            path.rmdir()
+        staging.rename(path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def to_jsonable(obj: Any) -> Any:
     """Convert numpy scalars/arrays and tuples inside ``obj`` to plain JSON types."""
     if isinstance(obj, dict):

@@ -52,9 +52,9 @@ def evaluate_image_folders(pred_dir: str | Path, ref_dir: str | Path, out: str |
     """``medvol evaluate --kind image``: PSNR and SSIM of every scan of ``pred_dir`` against the
     scan of the same name in ``ref_dir`` (same grid required; each volume's data range is its
     reference's); writes ``<out>.json`` (per case + mean/std) and ``<out>.csv`` when ``out`` is given."""
+    from medvol.evaluation.metrics import write_result_table
     from medvol.io import read_volume
     from medvol.io.discovery import find_scans, scan_stem
-    from medvol.utils import write_json, write_text
 
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     preds = {scan_stem(p.name): p for p in find_scans(pred_dir) if p.is_file()}
@@ -73,8 +73,6 @@ def evaluate_image_folders(pred_dir: str | Path, ref_dir: str | Path, out: str |
                    "std": float(np.std([c[k] for c in cases.values()])), "n": len(cases)} for k in ("psnr", "ssim")}
     result = {"cases": cases, "summary": summary}
     if out is not None:
-        out = Path(out)
-        write_json(out.with_suffix(".json"), result)
-        rows = ["case,psnr,ssim"] + [f"{c},{s['psnr']:.6f},{s['ssim']:.6f}" for c, s in cases.items()]
-        write_text(out.with_suffix(".csv"), "\n".join(rows) + "\n")
+        write_result_table(Path(out), result, ["case", "psnr", "ssim"],
+                           ([c, f"{s['psnr']:.6f}", f"{s['ssim']:.6f}"] for c, s in cases.items()))
     return result

@@ -19,6 +19,7 @@ import csv
 import math
 import warnings
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -174,15 +175,21 @@ def evaluate_pairs(pairs: dict[str, tuple[Path, Path]], labels: dict | None = No
 
 def write_metrics(out: Path, result: dict) -> None:
     """``<out>.json`` (the result) and ``<out>.csv`` (one row per case and class)."""
+    write_result_table(out, result, ["case", "class", *METRICS],
+                       ([case, name, *[f"{m[k]:.6g}" for k in METRICS]]
+                        for case, classes in result["cases"].items() for name, m in classes.items()))
+
+
+def write_result_table(out: Path, result: dict, header: list[str], rows: Iterable[list]) -> None:
+    """Every evaluation's files: ``<out>.json`` (the result) and ``<out>.csv`` (``header``, then
+    ``rows``), claimed as medvol's first (a file medvol did not write is never replaced)."""
     claim_files(out.parent, [out.with_suffix(".json").name, out.with_suffix(".csv").name])
     write_json(out.with_suffix(".json"), result)
     with atomic_path(out.with_suffix(".csv")) as tmp:
         with open(tmp, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["case", "class", *METRICS])
-            for case, classes in result["cases"].items():
-                for name, m in classes.items():
-                    w.writerow([case, name, *[f"{m[k]:.6g}" for k in METRICS]])
+            w.writerow(header)
+            w.writerows(rows)
 
 
 def _scored(value) -> int | tuple[int, ...]:
@@ -281,19 +288,11 @@ def evaluate_vessel_folders(pred_dir: str | Path, ref_dir: str | Path, fov_dir: 
     result = {"cases": per_case, "summary": summary, "threshold": threshold,
               "fov": str(fov_dir) if fov_dir is not None else None}
     if out is not None:
-        _write_vessel_metrics(Path(out), result)
+        write_result_table(Path(out), result, ["case", *VESSEL_METRICS],
+                           ([case, *[f"{m[k]:.6g}" for k in VESSEL_METRICS]] for case, m in per_case.items()))
     return result
 
 
-def _write_vessel_metrics(out: Path, result: dict) -> None:
-    claim_files(out.parent, [out.with_suffix(".json").name, out.with_suffix(".csv").name])
-    write_json(out.with_suffix(".json"), result)
-    with atomic_path(out.with_suffix(".csv")) as tmp:
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["case", *VESSEL_METRICS])
-            for case, m in result["cases"].items():
-                w.writerow([case, *[f"{m[k]:.6g}" for k in VESSEL_METRICS]])
 
 # ------------------------------------------------------------------ calibration (multi-rater references)
 SOFT_DICE_THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9)  # MRNet's soft Dice (Ji et al. 2021)
