@@ -53,6 +53,7 @@ medvol: 3D medical image segmentation with nnU-Net-style preprocessing.
   medvol evaluate --pred OUT --ref LABELS
   medvol cv RUNS/                       cross-validation table of the fold_* runs' validations
   medvol best RUN_A RUN_B -o OUT        best configuration/ensemble and its post-processing
+  medvol enhance -m SR_RUN -i SCANS -o OUT   super-resolved scans (SERAN), same field of view
   medvol demo                           the whole pipeline on built-in real data
 
 `medvol COMMAND --help` lists a command's options."""
