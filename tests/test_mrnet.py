@@ -202,6 +202,17 @@ def test_evaluate_soft_by_hand(tmp_path):
         main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--kind", "soft", "--expertise", "a,b"])
 
 
+
+def test_plain_evaluate_on_raters_labels_points_to_kind_soft(tmp_path, capsys):
+    from medvol.cli import main
+    from medvol.io import Volume, write_volume
+
+    for name in ("labelsTs/c_r0", "labelsTs/c_r1", "pred/c"):
+        write_volume(Volume(np.ones((2, 1, 1), np.uint8), np.eye(4)), tmp_path / f"{name}.nii.gz")
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "labelsTs")]) == 2
+    assert "several raters' labels, <case>_r<k>: score them with --kind soft" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- network
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 import warnings
 from pathlib import Path
 from typing import Iterable
@@ -129,7 +130,10 @@ def evaluate_folders(pred_dir: str | Path, ref_dir: str | Path, out: str | Path 
     preds, refs = _label_files(pred_dir), _label_files(ref_dir)
     cases = sorted(set(preds) & set(refs))
     if not cases:
-        raise InputError(pred_dir, f"no prediction has a reference of the same name in {ref_dir}")
+        raters = refs and all(re.search(r"_r\d+$", c) for c in refs)  # <case>_r<k>: several raters per case
+        raise InputError(pred_dir, f"no prediction has a reference of the same name in {ref_dir}" +
+                         (" (its files are several raters' labels, <case>_r<k>: score them with --kind soft)"
+                          if raters else ""))
     missing = sorted(set(refs) - set(preds))
     if missing:  # as nnU-Net's compute_metrics_on_folder: a mean over the cases present would flatter
         raise InputError(pred_dir, f"no prediction for {len(missing)} of the {len(refs)} reference case(s) in "
