@@ -213,6 +213,13 @@ def test_predict_applies_the_postprocessing_file(cv, tmp_path):
     other = tmp_path / "other.json"
     other.write_text(pp.read_text().replace('"fg"', '"liver"'))
     assert main(["predict", *common, "-o", str(tmp_path / "x"), "--postprocessing", str(other)]) == 2
+    from medvol.errors import ConfigError
+    from medvol.inference import Predictor
+
+    with Predictor(model, device="cpu", tta=False, postprocessing=pp) as predictor:  # the same through the API
+        np.testing.assert_array_equal(predictor.predict_array(img, affine=np.eye(4)), done)
+    with pytest.raises(ConfigError, match="not both"):
+        Predictor(model, device="cpu", postprocessing=pp, largest_component_only=True)
 
 
 @pytest.mark.parametrize("labels", [{"background": 0, "fg": [1], "core": 1},

@@ -37,13 +37,14 @@ class Predictor:
 
     ``device``, ``checkpoint`` and the inference options (``tta``, ``overlap``, ``step``,
     ``sw_batch_size``, ``precision``, ``largest_component_only``, ``all_windows``, ``task``,
-    ``expertise``) mean what they mean for ``medvol predict``; unset ones come from the recipe."""
+    ``expertise``, ``postprocessing``: a ``medvol best`` decision file) mean what they mean for
+    ``medvol predict``; unset ones come from the recipe."""
 
     def __init__(self, model: PathLike | Sequence[PathLike], device: str = "auto", checkpoint: str = "best",
                  tta: bool | None = None, overlap: float | None = None, step: list[int] | None = None,
                  sw_batch_size: int = 2, precision: str | None = None, largest_component_only: bool | None = None,
                  all_windows: bool | None = None, task: str | int | None = None,
-                 expertise: Sequence[float] | None = None):
+                 expertise: Sequence[float] | None = None, postprocessing: PathLike | None = None):
         self._stack = ExitStack()
         try:
             run_dirs = self._stack.enter_context(unpacked_models(model))
@@ -52,13 +53,25 @@ class Predictor:
             apply_expertise(self.runs, expertise)  # MRNet: one weight per rater (None: equal)
             self._options: dict[str, Any] = dict(
                 tta=tta, overlap=overlap, sw_batch_size=sw_batch_size, task=task, step=step, precision=precision,
-                largest_component_only=largest_component_only, all_windows=all_windows)
+                largest_component_only=largest_component_only, all_windows=all_windows,
+                postprocess=self._postprocessing(postprocessing, largest_component_only))
             self.settings, self.postprocess, self.tasks = run_settings(self.runs, **self._options)
         except BaseException:
             self._stack.close()
             raise
         self.sw_batch_size = sw_batch_size
         self.num_channels = self.runs[0].plans.num_channels
+
+    def _postprocessing(self, path: PathLike | None, largest_component_only: bool | None):
+        """``medvol best``'s ``postprocessing.json`` as the label-map post-processing (None: none)."""
+        if path is None:
+            return None
+        if largest_component_only is not None:
+            raise ConfigError("Predictor: give postprocessing or largest_component_only, not both (the file decides "
+                              "which largest components are kept)")
+        from medvol.inference.postprocess import postprocessing_from_file
+
+        return postprocessing_from_file(path, self.runs[0].plans.raw["labels"])
 
     def close(self) -> None:
         """Release the models' unpacked zip folders (nothing to do for run folders)."""
