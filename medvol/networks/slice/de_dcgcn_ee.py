@@ -21,8 +21,8 @@ Behaviour matched to the authors' released network (github.com/YangLibuaa/DE-DCG
 
 Changed: the published scale ``s`` of the GCN output is a ``(1, 512, 64, 64)`` parameter (one
 input size only); here it is per channel, ``(1, C, 1, 1)``, so any input size works. The
-published code builds its Sobel convolutions inside ``forward`` and moves them with ``.cuda()``;
-here they are fixed buffers (:class:`SobelEdges`), on the module's device.
+published code builds its Sobel convolutions inside ``forward`` and moves them to the GPU there;
+here they are fixed buffers (:class:`SobelEdges`) that follow the module to its device.
 """
 
 from __future__ import annotations
