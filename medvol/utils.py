@@ -174,6 +174,19 @@ def read_json(path: str | Path) -> Any:
         raise JSONFileError(path, f"invalid JSON{where}: damaged or not written by medvol") from None
 
 
+def read_input_json(path: str | Path, missing: str) -> Any:
+    """:func:`read_json` of a file the user names or a run must hold: a missing one is one
+    InputError ``<path>: not found: <missing>``, an unreadable one ``<path>: unreadable (...)``."""
+    from medvol.errors import InputError
+
+    try:
+        return read_json(path)
+    except FileNotFoundError:
+        raise InputError(path, f"not found: {missing}") from None
+    except (OSError, ValueError) as e:
+        raise InputError(path, f"unreadable ({e})") from None
+
+
 def save_npy(path: str | Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:

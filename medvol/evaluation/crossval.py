@@ -40,7 +40,7 @@ import numpy as np
 from medvol.errors import ConfigError, InputError
 from medvol.evaluation.metrics import summarize
 from medvol.manifest import check_files, claim_files
-from medvol.utils import atomic_path, read_json, to_jsonable
+from medvol.utils import atomic_path, read_input_json, read_json, to_jsonable
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +67,6 @@ class Fold:
     cache: str | None  # the preprocessing cache it was trained from (as its validation recorded it)
 
 
-def _read(path: Path, what: str) -> dict:
-    try:
-        return read_json(path)
-    except FileNotFoundError:
-        raise InputError(path, f"not found: {what}") from None
-    except (OSError, ValueError) as e:
-        raise InputError(path, f"unreadable ({e})") from None
-
-
 def load_fold(run: Path) -> Fold:
     """A run folder's validation summary (checked to be from its final step) and identity."""
     from medvol.config import load_recipe
@@ -89,7 +80,7 @@ def load_fold(run: Path) -> Fold:
         raise InputError(path, "not found: this run has no end-of-run validation (not finished, trained with "
                                "--no-final-validation, its raw data was unreachable, or older than medvol cv); "
                                f"{again}")
-    summary = _read(path, "validation summary")
+    summary = read_input_json(path, "validation summary")
     if not isinstance(summary.get("cases"), dict) or not isinstance(summary.get("validation"), dict):
         raise InputError(path, "not an end-of-run validation summary (no 'cases' or 'validation' block)")
     bad = next((c for c, m in summary["cases"].items() if not isinstance(m, dict)), None)
@@ -104,7 +95,8 @@ def load_fold(run: Path) -> Fold:
     recipe = load_recipe(run / "recipe.yaml")
     dataset = read_json(run / "dataset.json") if (run / "dataset.json").exists() else {}
     split = read_json(run / "split.json") if (run / "split.json").exists() else {}
-    return Fold(run.name, run, recipe.data.fold, summary["cases"], _read(run / "plans.json", "the run's plan"),
+    plans = read_input_json(run / "plans.json", "the run's plan")
+    return Fold(run.name, run, recipe.data.fold, summary["cases"], plans,
                 dataset, recipe.data.configuration, recipe.name, list(split.get("labelled", [])),
                 summary["validation"].get("cache"))
 

@@ -136,15 +136,9 @@ def read_postprocessing(path, labels: dict[str, int] | None = None) -> list[list
     :class:`medvol.errors.InputError` naming the file when it is not such a file or when its
     dataset's labels differ from ``labels`` (the model's, name -> value)."""
     from medvol.errors import InputError
-    from medvol.utils import read_json
+    from medvol.utils import read_input_json
 
-    try:
-        doc = read_json(path)
-    except FileNotFoundError:
-        raise InputError(path, "post-processing file not found (medvol best -o OUT writes OUT/postprocessing.json)") \
-            from None
-    except (OSError, ValueError) as e:
-        raise InputError(path, f"unreadable post-processing file ({e})") from None
+    doc = read_input_json(path, "no post-processing file here (medvol best -o OUT writes OUT/postprocessing.json)")
     if not isinstance(doc, dict) or doc.get("format") != POSTPROCESSING_FORMAT:
         raise InputError(path, f"not a post-processing file of medvol best (format {POSTPROCESSING_FORMAT} expected)")
     steps = doc.get("steps")

@@ -62,7 +62,7 @@ from medvol.preprocessing.pool import (
 from medvol.preprocessing.raw import RawCase, RawDataset, load_raw_case, open_raw_dataset
 from medvol.preprocessing.sources import changed_sources, log_changed, record_sources
 from medvol.preprocessing.transform import geometry_properties, normalise_and_resample, preprocess_case
-from medvol.utils import read_json, save_npy, write_json, write_text
+from medvol.utils import read_input_json, read_json, save_npy, write_json, write_text
 
 __all__ = ["fingerprint_dataset", "plan_dataset", "preprocess_cases", "preprocess_dataset", "preprocess_case",
            "sample_class_locations", "Report"]
@@ -217,13 +217,7 @@ def plan_dataset(out: str | Path, gpu_memory_gb: float | None = None, image_inte
 
 
 def _transferred_plans(path: Path, fp: dict, desc: dict, own_intensities: bool) -> dict:
-    try:
-        source = read_json(path)
-    except FileNotFoundError:
-        raise InputError(path, "not found (--from-plans takes the plans.json of another preprocessing cache)") \
-            from None
-    except (OSError, ValueError) as e:
-        raise InputError(path, f"unreadable plans ({e})") from None
+    source = read_input_json(path, "--from-plans takes the plans.json of another preprocessing cache")
     missing = [k for k in ("target_spacing", "patch_size", "network", "normalization")
                if not isinstance(source, dict) or k not in source]
     if missing:
