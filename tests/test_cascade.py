@@ -16,7 +16,7 @@ import torch
 
 from medvol.cache import configuration_cache, list_cases, load_case, load_plans, plans_digest
 from medvol.config import load_recipe
-from medvol.data.cascade import CascadePatchDataset, foreground_labels, load_previous_stage, onehot
+from medvol.data.cascade import CascadePatchDataset, load_previous_stage, onehot
 from medvol.data.dataset import Streams
 from medvol.data.sampling import patch_bounds
 from medvol.errors import ConfigError
@@ -123,7 +123,7 @@ def test_cascade_channels_are_the_resampled_lowres_prediction(lowres_pre, lowres
 
     # a batch sample of the whole case (patch >= the case: the start is fixed, no augmentation):
     # image channel, then one channel per foreground label = the stored map, one-hot
-    labels = foreground_labels(Plans.from_dict(load_plans(lowres_pre)).label_names)
+    labels = sorted(Plans.from_dict(load_plans(lowres_pre)).class_names)
     assert labels == [1, 2]
     patch = [s + 2 for s in image.shape[1:]]
     ds = CascadePatchDataset(lowres_pre, Streams([case], [], 1, 0, 1), patch, cascade_run, labels, oversample=0.0)

@@ -33,11 +33,6 @@ from medvol.resampling import resample_label
 PREVIOUS_STAGE_DIR = "previous_stage"  # in a cascade run folder: the low-res label maps of the training cases
 
 
-def foreground_labels(label_names: dict[int, str]) -> list[int]:
-    """The labels that get a channel each: every label value but background (0), ascending."""
-    return sorted(v for v in label_names if v != 0)
-
-
 def onehot(seg: np.ndarray | torch.Tensor, labels: Sequence[int]) -> torch.Tensor:
     """``(F, X, Y, Z)`` float32: channel i is 1 where ``seg`` (``(X, Y, Z)`` or ``(1, X, Y, Z)``)
     equals ``labels[i]``."""

@@ -340,10 +340,10 @@ def previous_stage_labels(runs: list[RunModel], vols: list[Volume], device: torc
 def previous_stage_channels(seg: np.ndarray, props: dict, plans: Plans) -> torch.Tensor:
     """The low-res label map of a scan (its own grid) on the scan's preprocessed grid, one-hot
     over the foreground labels ``(F, X, Y, Z)`` (:mod:`medvol.data.cascade`)."""
-    from medvol.data.cascade import foreground_labels, onehot, to_preprocessed_grid
+    from medvol.data.cascade import onehot, to_preprocessed_grid
 
     return onehot(to_preprocessed_grid(seg, props, plans.raw.get("orientation", "stored")),
-                  foreground_labels(plans.label_names))
+                  sorted(plans.class_names))
 
 
 def _scan_slice_axis(runs: list[RunModel]) -> int | None:

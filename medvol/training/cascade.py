@@ -28,7 +28,7 @@ import torch
 
 from medvol.cache import configuration_cache, load_case
 from medvol.checkpoint import PREVIOUS_STAGE_FILE, RunModel, load_run
-from medvol.data.cascade import CascadePatchDataset, foreground_labels, load_previous_stage, onehot, previous_stage_path
+from medvol.data.cascade import CascadePatchDataset, load_previous_stage, onehot, previous_stage_path
 from medvol.data.dataset import StepDataset
 from medvol.errors import ConfigError
 from medvol.plans import LOWRES
@@ -85,7 +85,7 @@ class CascadeTrainer(SupervisedTrainer):
         if src.plans.labels.has_regions or src.plans.labels.ignore_label is not None:
             raise ConfigError(f"{self.cache_dir}: the cascade takes plain labels; regions and an ignore label are "
                               "not supported by its previous-stage channels yet (train 3d_fullres)")
-        labels = foreground_labels(src.plans.label_names)
+        labels = sorted(src.plans.class_names)  # one channel per foreground label, ascending
         runs = previous_stage_runs(self.recipe)
         for run in runs:
             theirs = read_json(run / "plans.json")
