@@ -180,3 +180,5 @@ def test_the_picture_of_a_2d_image_shows_its_one_plane(tmp_path):
     three = case_picture(Volume(np.repeat(img, 3, 2), np.eye(4)), Volume(np.repeat(lab, 3, 2), np.eye(4)),
                          tmp_path / "b.png")
     assert Image.open(three).size == (1200, 440)
+    empty = case_picture(Volume(img, np.eye(4)), Volume(np.zeros_like(lab), np.eye(4)), tmp_path / "c.png")
+    assert Image.open(empty).size == (400, 440)  # nothing predicted, no reference: a picture, no legend (crashed)

@@ -67,8 +67,9 @@ def case_picture(image_vol, pred_vol, out_png: str | Path, ref_vol=None, title: 
                for i, c in enumerate(classes)]
     if ref is not None:
         handles.append(Line2D([0], [0], color="white", lw=3, alpha=0.4, label="reference (broad)"))
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, facecolor="#222",
-               labelcolor="white", frameon=True)
+    if handles:  # nothing found and no reference: no legend (matplotlib refuses ncol=0)
+        fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, facecolor="#222",
+                   labelcolor="white", frameon=True)
     fig.suptitle(title)
     fig.patch.set_facecolor("#111")
     for ax in axes:
