@@ -182,3 +182,21 @@ def test_foreground_locations_live_beside_the_case_not_in_its_json(brain_pre, tm
     assert case_is_complete(brain_pre, case, plans_digest(plans)) is True
     locations_path(old, list_cases(old)[1]).unlink()
     assert case_is_complete(old, list_cases(old)[1], plans_digest(plans)) is False
+
+
+def test_sources_recorded_from_a_relative_path_match_the_same_files_by_absolute_path(tmp_path, monkeypatch):
+    """A cache made with a relative raw path (`medvol preprocess raw/X -o pre/X`): the end-of-run
+    validation reaches the same files through the absolute raw root and must not call them
+    changed; an edited file still is."""
+    from pathlib import Path
+
+    from medvol.preprocessing.sources import changed_sources, record_sources
+
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "a.nii.gz").write_bytes(b"abc")
+    monkeypatch.chdir(tmp_path)
+    record = record_sources([Path("raw/a.nii.gz")])
+    assert changed_sources(record, [tmp_path / "raw" / "a.nii.gz"]) == []
+    assert changed_sources(record, [Path("raw/a.nii.gz")]) == []
+    (tmp_path / "raw" / "a.nii.gz").write_bytes(b"abcd")
+    assert changed_sources(record, [tmp_path / "raw" / "a.nii.gz"]) == [str(tmp_path / "raw" / "a.nii.gz")]

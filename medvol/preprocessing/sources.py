@@ -32,14 +32,14 @@ def _sha256(path: Path) -> str:
 
 
 def record_sources(paths: Iterable[Path | None]) -> list[dict]:
-    """``[{path, size, mtime_ns, sha256}]`` of a case's image and label sources."""
+    """``[{path (absolute), size, mtime_ns, sha256}]`` of a case's image and label sources."""
     out = []
     for p in paths:
         if p is None:
             continue
         p = Path(p)
         size, mtime = _stat(p)
-        out.append({"path": str(p), "size": size, "mtime_ns": mtime, "sha256": _sha256(p)})
+        out.append({"path": str(p.absolute()), "size": size, "mtime_ns": mtime, "sha256": _sha256(p)})
     return out
 
 
@@ -48,8 +48,10 @@ def changed_sources(record: list[dict] | None, paths: Iterable[Path | None]) -> 
     A record from before sources were recorded (None) counts as unchanged."""
     if record is None:
         return []
-    wanted = [str(Path(p)) for p in paths if p is not None]
-    known = {r["path"]: r for r in record}
+    # absolute paths: a cache made with a relative raw path is checked from anywhere (the end-of-run
+    # validation reads the raw dataset through its absolute root)
+    wanted = [str(Path(p).absolute()) for p in paths if p is not None]
+    known = {str(Path(r["path"]).absolute()): r for r in record}
     changed = [p for p in wanted if p not in known] + [p for p in known if p not in wanted]
     for p in wanted:
         r = known.get(p)
