@@ -323,7 +323,7 @@ def run_comparison(c: Comparison, seeds: list[int], work: Path, toy: bool, deadl
                    budgets: list[int] | None = None) -> list[dict]:
     data = build_data(c.dataset, work, toy)
     rows = []
-    for budget in (0,) if c.partial else (2,) if toy else [b for b in c.budgets if not budgets or b in budgets]:
+    for budget in (0,) if c.partial else (2,) if toy else (budgets or c.budgets):
         for seed in seeds:
             for arm in (c.arm, c.baseline):
                 if time.time() > deadline:
@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="repeat for several")
     ap.add_argument("--all", action="store_true")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--budgets", type=int, nargs="+", help="only these labelled budgets (default: the comparison's)")
+    ap.add_argument("--budgets", type=int, nargs="+", help="these labelled budgets (default: the comparison's own)")
     ap.add_argument("--budget-minutes", type=float, default=float("inf"))
     ap.add_argument("--out", type=Path, default=Path("bench_methods"))
     ap.add_argument("--toy", action="store_true", help="toy data and 2 steps: checks the harness, measures nothing")
