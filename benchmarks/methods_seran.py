@@ -46,6 +46,7 @@ class Setting:
     crop: int = 96
     zero_init: bool = False
     res_scale: float = 1.0
+    excitation: str = "add"
 
     def opts(self) -> dict:
         return {"scale": self.scale, "groups": self.groups, "blocks": self.blocks, "descriptors": self.descriptors}
@@ -71,6 +72,9 @@ SETTINGS = {s.name: s for s in (
     Setting("x4_zero", scale=4, crop=128, zero_init=True),
     Setting("x2_w32", features=32),
     Setting("x2_w32_zero", features=32, zero_init=True),
+    # the SE reading of "recalibrate feature responses": X * sigmoid(conv1x1(G' V)) (RCAN's gate)
+    Setting("x2_gate", excitation="gate"),
+    Setting("x2_w32_gate", features=32, excitation="gate"),
 )}
 BENCH = ("x2", "x2_w32_zero")  # what benchmarks/methods.py --method seran runs
 
@@ -194,7 +198,8 @@ def run_setting(st: Setting, seeds: list[int], work: Path, toy: bool, deadline: 
     st, width = matched(st)
     n_seran = parameter_count(SERAN(1, 1, features=st.features, **st.opts()))
     n_plain = parameter_count(SERAN(1, 1, features=width, attention=False, **st.opts()))
-    extras = {"SERAN": [f"model.options.zero_init={str(st.zero_init).lower()}"],
+    extras = {"SERAN": [f"model.options.zero_init={str(st.zero_init).lower()}",
+                        f"model.options.excitation={st.excitation}"],
               "plain residual CNN": [f"model.base_features={width}", "model.options.attention=false"]}
     common = {"method": "seran", "setting": st.name, "scale": st.scale}
     rows = [{**common, "arm": "bicubic", "seed": s, "params": 0, "steps": 0, "seconds": 0.0,
@@ -238,7 +243,8 @@ def table(rows: list[dict], out: Path) -> str:
         st = SETTINGS[name]
         lines += [f"### SERAN `{name}`: x{st.scale} on held-out MNI152 T1 slices ({st.crop}x{st.crop} crops, "
                   f"bicubic degradation; {st.features} wide, {st.groups}x{st.blocks} blocks, LR patch {st.lr_patch}"
-                  f"{', zero-initialised attention' if st.zero_init else ''})", "",
+                  f"{', zero-initialised attention' if st.zero_init else ''}"
+                  f"{', gated excitation' if st.excitation == 'gate' else ''})", "",
                   "| arm | params | steps | PSNR dB (mean ± std) | SSIM (mean ± std) | per seed PSNR / SSIM |",
                   "|---|---|---|---|---|---|"]
         here = [r for r in rows if r.get("setting", "x2") == name]

@@ -8,6 +8,7 @@ import torch
 
 from medvol.checkpoint import load_checkpoint
 from medvol.data.sr_pairs import bicubic_downsample, degrade, kspace_truncate
+from medvol.errors import ConfigError
 from medvol.evaluation.image import psnr, ssim
 from medvol.inference.enhance import upsampled_affine
 from medvol.networks.seran import SERAN, ReasoningAttention, parameter_count
@@ -82,6 +83,24 @@ def test_zero_initialised_attention_starts_as_the_plain_network_and_still_learns
     grads = [m.project.weight.grad for m in seran.modules() if isinstance(m, ReasoningAttention)]
     assert len(grads) == 4 and all(g.abs().max() > 0 for g in grads)
 
+
+
+def test_gate_excitation_recalibrates_the_features_by_a_sigmoid_of_the_distributed_descriptors():
+    """``excitation: gate``: out = X * sigmoid(project(G' V)) by hand, per channel and position;
+    res_scale and zero_init (the additive form's) are refused with it, unknown forms too."""
+    torch.manual_seed(0)
+    att = ReasoningAttention(6, descriptors=3, excitation="gate")
+    x = torch.randn(2, 6, 5, 7)
+    z = (att.descriptors(x) @ att.attention_vectors(x)).view(2, 6, 5, 7)
+    torch.testing.assert_close(att(x), x * torch.sigmoid(att.project(z)))
+    add = ReasoningAttention(6, descriptors=3)
+    add.load_state_dict(att.state_dict())
+    torch.testing.assert_close(add(x), x + att.project(z))
+    for bad in ({"res_scale": 0.5}, {"zero_init": True}):
+        with pytest.raises(ConfigError, match="excitation 'add' only"):
+            ReasoningAttention(6, 3, excitation="gate", **bad)
+    with pytest.raises(ConfigError, match="excitation must be one of"):
+        SERAN(1, 1, 2, features=8, groups=1, blocks=1, descriptors=2, excitation="mul")
 
 # ---------------------------------------------------------------- degradations
 
