@@ -74,7 +74,6 @@ SETTINGS = {s.name: s for s in (
     Setting("x2_w32_zero", features=32, zero_init=True),
     # the SE reading of "recalibrate feature responses": X * sigmoid(conv1x1(G' V)) (RCAN's gate)
     Setting("x2_gate", excitation="gate"),
-    Setting("x2_w32_gate", features=32, excitation="gate"),
 )}
 BENCH = ("x2", "x2_w32_zero")  # what benchmarks/methods.py --method seran runs
 
