@@ -1,4 +1,4 @@
-"""DC-MT against the same network trained on its labelled subjects alone: slice and subject grades.
+"""DC-MT against the same network on its labelled subjects alone and a plain slice CNN: slice and subject grades.
 
 Data (``medvol.datasets.subjects.build_graded_subjects``): the REAL MNI152 T1 that nilearn
 ships, seen through varied crops, flips, intensities and noise, with SYNTHETIC ellipsoidal
@@ -17,9 +17,15 @@ MSE + bound loss on the labelled slices, the mean teacher that predicts):
 - ``DC-MT``: with the unlabelled subjects (4 labelled + 4 unlabelled slices a batch) and the
   class and attention consistency terms;
 - ``supervised``: the semi-supervised terms off (consistency weights 0, no unlabelled stream,
-  the same 4 labelled slices a batch): what the unlabelled subjects and the consistency buy.
+  the same 4 labelled slices a batch): what the unlabelled subjects and the consistency buy;
+- ``slice CNN``: the issue's "plain slice classifier" (``slice_classifier_demo``: a plain 2D
+  CNN, cross-entropy on the labelled slices, no attention target, no teacher, its own batch of
+  16), the same labelled subjects and steps: what DC-MT's network and the rest buy together.
 
-Both run's last checkpoints (the teacher) grade every slice of the held-out subjects
+The subject grade is DC-MT's rule for all three (no aggregator: with 3 or 6 labelled subjects
+a learned subject model would have 3 or 6 examples to learn from).
+
+Each run's last checkpoint (DC-MT's: the teacher) grade every slice of the held-out subjects
 (``medvol extract-features``); scored with ``medvol.evaluation.classification``: accuracy,
 balanced accuracy and AUC (for the ordered grades: the mean of the AUCs of P(grade >= 1) and
 P(grade >= 2), ``ordinal_auc``) over the held-out slices, and over the held-out subjects with
@@ -43,7 +49,8 @@ TOY_SUBJECTS, TOY_SPACING = 9, 6.0
 HELD_OUT = 4  # subjects of each grade (toy: 1)
 BUDGETS = (3, 6)  # labelled subjects (a third of each grade); the other training subjects unlabelled
 STEPS_PER_EPOCH, EPOCHS = 50, 12  # dcmt_demo's 12 epochs (its warm-up, ramp-up and decay in epochs), epochs of 50 steps
-ARMS = ("DC-MT", "supervised")
+ARMS = ("DC-MT", "supervised", "slice CNN")
+RECIPES = {"DC-MT": "dcmt_demo", "supervised": "dcmt_demo", "slice CNN": "slice_classifier_demo"}
 SUPERVISED = ["method.loss.consistency_cls=0", "method.loss.consistency_att=0", "data.unlabelled_per_batch=0",
               "data.batch_size=4"]  # the same 4 labelled slices a batch as DC-MT's 4 + 4
 
@@ -108,6 +115,8 @@ def score(features: Path, test: list[str], truth: dict[str, dict[int, int]], sub
     sp, sy = np.array(sub_pred), np.array(sub_target)
     return {"slices": int(len(y)), "slice_accuracy": float(np.mean(p.argmax(1) == y)),
             "slice_balanced_accuracy": balanced_accuracy(p.argmax(1), y), "slice_auc": ordinal_auc(p, y),
+            "slice_grades_true": np.bincount(y, minlength=p.shape[1]).tolist(),
+            "slice_grades_predicted": np.bincount(p.argmax(1), minlength=p.shape[1]).tolist(),
             "subjects": int(len(sy)), "subject_accuracy": float(np.mean(sp == sy)),
             "subject_balanced_accuracy": balanced_accuracy(sp, sy), "subject_auc": ordinal_auc(sub_p, sy)}
 
@@ -124,11 +133,16 @@ def run_arm(arm: str, cache: Path, test: list[str], labelled: list[str], seed: i
     t0 = time.perf_counter()
     summary = run / "train_summary.json"
     if not (summary.exists() and json.loads(summary.read_text()).get("steps_done") == epochs * steps_per_epoch):
-        sets = [f"data.val_cases={test}", f"data.labelled={labelled}", f"method.steps_per_epoch={steps_per_epoch}",
-                f"method.epochs={epochs}", f"method.val_every_epochs={epochs + 1}", "trainer.final_validation=false",
-                f"trainer.seed={seed}", "trainer.log_every=50", *(SUPERVISED if arm == "supervised" else [])]
-        train(load_recipe("dcmt_demo", sets), cache, run, resume="auto", device="cpu", quiet=True)
-    seconds = time.perf_counter() - t0
+        steps = epochs * steps_per_epoch
+        sets = [f"data.val_cases={test}", f"data.labelled={labelled}", "trainer.final_validation=false",
+                f"trainer.seed={seed}", "trainer.log_every=50"]
+        if arm == "slice CNN":
+            sets += [f"trainer.steps={steps}", f"trainer.val_every={steps + 1}"]
+        else:
+            sets += [f"method.steps_per_epoch={steps_per_epoch}", f"method.epochs={epochs}",
+                     f"method.val_every_epochs={epochs + 1}", *(SUPERVISED if arm == "supervised" else [])]
+        train(load_recipe(RECIPES[arm], sets), cache, run, resume="auto", device="cpu", quiet=True)
+    seconds = json.loads(summary.read_text()).get("seconds", time.perf_counter() - t0)  # a reused run's own time
     used = json.loads((run / "split.json").read_text())
     if set(used["labelled"]) != set(labelled) or set(test) & set(used["labelled"] + used["unlabelled"]):
         raise RuntimeError(f"{run}: trained on {used}, not on labelled {labelled} with {test} held out")
@@ -137,6 +151,10 @@ def run_arm(arm: str, cache: Path, test: list[str], labelled: list[str], seed: i
             "steps": epochs * steps_per_epoch, "train_seconds": round(seconds, 1),
             "labelled": used["labelled"], "unlabelled": len(used["unlabelled"]) if arm == "DC-MT" else 0,
             "held_out": test, **score(features, test, truth, subject_truth)}
+
+
+def run_name(arm: str) -> str:
+    return arm.replace("-", "").replace(" ", "_").lower()
 
 
 def run(seeds: list[int], work: Path, toy: bool, deadline: float) -> list[dict]:
@@ -151,7 +169,7 @@ def run(seeds: list[int], work: Path, toy: bool, deadline: float) -> list[dict]:
                 if time.time() > deadline:
                     print(f"budget spent: dcmt {arm} budget {budget} seed {seed} not run")
                     return rows
-                out = work / "runs" / "dcmt" / f"b{budget}_s{seed}_{arm.replace('-', '').lower()}"
+                out = work / "runs" / "dcmt" / f"b{budget}_s{seed}_{run_name(arm)}"
                 rows.append(run_arm(arm, cache, test, labelled, seed, out, toy, truth, grades))
                 r = rows[-1]
                 print(f"dcmt {arm:10s} budget {budget} seed {seed}: slices acc {r['slice_accuracy']:.3f} bal "
@@ -170,10 +188,10 @@ def _stat(values: list[float]) -> str:
 
 
 def table(rows: list[dict], out: Path) -> str:
-    """Per budget: each arm's mean (min-max over seeds) of every metric, and DC-MT minus the
-    supervised arm paired by seed."""
-    lines = ["### DC-MT vs the same network on its labelled subjects alone (real MNI152 T1, synthetic lesions "
-             "and grades 0/1/2; held-out subjects)", "",
+    """Per budget: each arm's mean (min-max over seeds) of every metric, and DC-MT minus each
+    other arm paired by seed."""
+    lines = ["### DC-MT vs the same network on its labelled subjects alone and vs a plain slice CNN (real MNI152 "
+             "T1, synthetic lesions and grades 0/1/2; held-out subjects; subject = its worst slice)", "",
              "| labelled | arm | seeds | steps | slice acc | slice bal. acc | slice AUC | subject acc "
              "| subject bal. acc | subject AUC |", "|---|---|---|---|---|---|---|---|---|---|"]
     for budget in sorted({r["budget"] for r in rows}):
@@ -182,8 +200,9 @@ def table(rows: list[dict], out: Path) -> str:
             if rs:
                 lines.append(f"| {budget} | {a} | {len(rs)} | {rs[0]['steps']} | "
                              + " | ".join(_stat([r[m] for r in rs]) for m in METRICS) + " |")
-        pairs = [(m, s) for m in by["DC-MT"] for s in by["supervised"] if m["seed"] == s["seed"]]
-        if pairs:
-            lines.append(f"| {budget} | DC-MT - supervised (paired) | {len(pairs)} | | "
-                         + " | ".join(_stat([m[k] - s[k] for m, s in pairs]) for k in METRICS) + " |")
+        for base in ARMS[1:]:
+            pairs = [(m, s) for m in by["DC-MT"] for s in by[base] if m["seed"] == s["seed"]]
+            if pairs:
+                lines.append(f"| {budget} | DC-MT - {base} (paired) | {len(pairs)} | | "
+                             + " | ".join(_stat([m[k] - s[k] for m, s in pairs]) for k in METRICS) + " |")
     return "\n".join(lines)

@@ -86,14 +86,15 @@ def test_dcmt_split_holds_out_whole_grades_and_labels_a_third_of_each():
 @pytest.mark.slow
 @pytest.mark.skipif(not available("nilearn"), reason="needs the nilearn wheel (the real MNI152 T1)")
 def test_the_harness_runs_dcmt_against_its_supervised_arm_end_to_end(tmp_path, one_torch_thread):
-    """DC-MT and the same network without the unlabelled subjects, per seed, trained on the same
-    labelled subjects and scored on every slice of the held-out subjects only."""
+    """DC-MT, the same network without the unlabelled subjects and a plain slice CNN, per seed,
+    trained on the same labelled subjects and scored on every slice of the held-out subjects only."""
     import csv
 
     h, m = _harness(), _dcmt_module()
     assert h.main(["--method", "dcmt", "--toy", "--seeds", "0", "1", "--out", str(tmp_path)]) == 0
     runs = json.loads((tmp_path / "methods.json").read_text())["runs"]
-    assert [(r["arm"], r["seed"]) for r in runs] == [("DC-MT", 0), ("supervised", 0), ("DC-MT", 1), ("supervised", 1)]
+    assert [(r["arm"], r["seed"]) for r in runs] == [(a, s) for s in (0, 1) for a in m.ARMS]
+    assert m.ARMS == ("DC-MT", "supervised", "slice CNN")
     grades = json.loads((tmp_path / "data" / "dcmt" / "subject_grades.json").read_text())
     test, labelled = m.split(grades, 1, 3)
     with open(tmp_path / "data" / "dcmt" / "pre" / "slice_labels.csv", newline="") as f:
@@ -104,9 +105,10 @@ def test_the_harness_runs_dcmt_against_its_supervised_arm_end_to_end(tmp_path, o
         assert (r["unlabelled"] > 0) == (r["arm"] == "DC-MT")
         for k in m.METRICS:
             assert 0.0 <= r[k] <= 1.0, (k, r[k])
-        split = json.loads((tmp_path / "runs" / "dcmt" / f"b3_s{r['seed']}_{r['arm'].replace('-', '').lower()}"
+        split = json.loads((tmp_path / "runs" / "dcmt" / f"b3_s{r['seed']}_{m.run_name(r['arm'])}"
                             / "run" / "split.json").read_text())
         assert split["validation"] == test and not set(test) & set(split["labelled"] + split["unlabelled"])
     table = (tmp_path / "methods.md").read_text()
-    for row in ("| 3 | DC-MT | 2 | 2 |", "| 3 | supervised | 2 | 2 |", "| 3 | DC-MT - supervised (paired) | 2 |"):
+    for row in ("| 3 | DC-MT | 2 | 2 |", "| 3 | supervised | 2 | 2 |", "| 3 | slice CNN | 2 | 2 |",
+                "| 3 | DC-MT - supervised (paired) | 2 |", "| 3 | DC-MT - slice CNN (paired) | 2 |"):
         assert row in table
