@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 N_SUBJECTS, SPACING = 30, 4.0
 TOY_SUBJECTS, TOY_SPACING = 9, 6.0
@@ -113,7 +114,7 @@ def score(features: Path, test: list[str], truth: dict[str, dict[int, int]], sub
     cum = np.array(sub_cum)  # the subject's P(grade >= k) as a distribution for ordinal_auc
     sub_p = np.concatenate([cum[:, :-1] - cum[:, 1:], cum[:, -1:]], 1)
     sp, sy = np.array(sub_pred), np.array(sub_target)
-    return {"slices": int(len(y)), "slice_accuracy": float(np.mean(p.argmax(1) == y)),
+    return {"scored": list(test), "slices": int(len(y)), "slice_accuracy": float(np.mean(p.argmax(1) == y)),
             "slice_balanced_accuracy": balanced_accuracy(p.argmax(1), y), "slice_auc": ordinal_auc(p, y),
             "slice_grades_true": np.bincount(y, minlength=p.shape[1]).tolist(),
             "slice_grades_predicted": np.bincount(p.argmax(1), minlength=p.shape[1]).tolist(),
@@ -125,6 +126,7 @@ def run_arm(arm: str, cache: Path, test: list[str], labelled: list[str], seed: i
             truth: dict[str, dict[int, int]], subject_truth: dict[str, int]) -> dict:
     """Train (or reuse) one arm, grade the held-out subjects' slices with its teacher, score."""
     from medvol.inference.subjects import extract_features
+    from medvol.losses.dcmt import DCMTLossConfig
     from medvol.training import load_recipe, train
 
     epochs = 1 if toy else EPOCHS
@@ -146,11 +148,15 @@ def run_arm(arm: str, cache: Path, test: list[str], labelled: list[str], seed: i
     used = json.loads((run / "split.json").read_text())
     if set(used["labelled"]) != set(labelled) or set(test) & set(used["labelled"] + used["unlabelled"]):
         raise RuntimeError(f"{run}: trained on {used}, not on labelled {labelled} with {test} held out")
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())  # what the run itself used
+    loss = DCMTLossConfig(**(recipe.get("method") or {}).get("loss") or {})
+    consistency = [loss.consistency_cls, loss.consistency_att] if recipe["trainer"]["name"] == "dcmt" else [0, 0]
     features = extract_features(run, cache, out / "features", device="cpu", checkpoint="latest", quiet=True)
     return {"method": "dcmt", "arm": arm, "budget": len(labelled), "seed": seed,
-            "steps": epochs * steps_per_epoch, "train_seconds": round(seconds, 1),
-            "labelled": used["labelled"], "unlabelled": len(used["unlabelled"]) if arm == "DC-MT" else 0,
-            "held_out": test, **score(features, test, truth, subject_truth)}
+            "steps": epochs * steps_per_epoch, "train_seconds": round(seconds, 1), "labelled": used["labelled"],
+            "unlabelled_per_batch": recipe["data"].get("unlabelled_per_batch", 0),
+            "consistency": consistency,
+            "held_out": used["validation"], **score(features, test, truth, subject_truth)}
 
 
 def run_name(arm: str) -> str:

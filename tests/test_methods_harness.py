@@ -100,9 +100,10 @@ def test_the_harness_runs_dcmt_against_its_supervised_arm_end_to_end(tmp_path, o
     with open(tmp_path / "data" / "dcmt" / "pre" / "slice_labels.csv", newline="") as f:
         held_slices = sum(1 for row in csv.DictReader(f) if row["slice_index"] and row["subject"] in test)
     for r in runs:
-        assert r["held_out"] == test and r["labelled"] == labelled and len(labelled) == 3
+        assert r["held_out"] == r["scored"] == test and r["labelled"] == labelled and len(labelled) == 3
         assert r["subjects"] == len(test) and r["slices"] == held_slices
-        assert (r["unlabelled"] > 0) == (r["arm"] == "DC-MT")
+        dcmt = r["arm"] == "DC-MT"  # the unlabelled stream and the consistency terms: DC-MT's alone
+        assert (r["unlabelled_per_batch"] > 0) == dcmt and (min(r["consistency"]) > 0) == dcmt
         for k in m.METRICS:
             assert 0.0 <= r[k] <= 1.0, (k, r[k])
         split = json.loads((tmp_path / "runs" / "dcmt" / f"b3_s{r['seed']}_{m.run_name(r['arm'])}"
