@@ -8,11 +8,12 @@ under 80 mm^2) or 2 (at least 80 mm^2), a subject's grade is the maximum of its 
 slice as the knee's cartilage band is. Written through ``datasets/dcmt.py``'s
 ``write_subject_stacks`` (one stack of axial slices per subject) and preprocessed once.
 
-Held out: the last ``HELD_OUT`` subjects of each grade, never trained on (``data.val_cases``,
-no validation run). Labelled at budget ``b``: the first ``b / 3`` training subjects of each
-grade; every other training subject is unlabelled. Arms, same labelled subjects, same steps,
-same seed, same network and recipe (``dcmt_demo``: DC-MT's attention network, CE + attention
-MSE + bound loss on the labelled slices, the mean teacher that predicts):
+Held out: the last ``HELD_OUT`` subjects of each grade, never trained on (``data.val_cases``;
+the trainers' end-of-run validation on them selects nothing: the last checkpoint grades).
+Labelled at budget ``b``: the first ``b / 3`` training subjects of each grade; every other
+training subject is unlabelled. Arms, same labelled subjects, same steps, same seed; the first
+two the same network and recipe (``dcmt_demo``: DC-MT's attention network, CE + attention MSE +
+bound loss on the labelled slices, the mean teacher that predicts):
 
 - ``DC-MT``: with the unlabelled subjects (4 labelled + 4 unlabelled slices a batch) and the
   class and attention consistency terms;
@@ -25,7 +26,7 @@ MSE + bound loss on the labelled slices, the mean teacher that predicts):
 The subject grade is DC-MT's rule for all three (no aggregator: with 3 or 6 labelled subjects
 a learned subject model would have 3 or 6 examples to learn from).
 
-Each run's last checkpoint (DC-MT's: the teacher) grade every slice of the held-out subjects
+Each run's last checkpoint (``dcmt_demo``'s: the teacher) grades every slice of the held-out subjects
 (``medvol extract-features``); scored with ``medvol.evaluation.classification``: accuracy,
 balanced accuracy and AUC (for the ordered grades: the mean of the AUCs of P(grade >= 1) and
 P(grade >= 2), ``ordinal_auc``) over the held-out slices, and over the held-out subjects with
@@ -48,7 +49,7 @@ import yaml
 N_SUBJECTS, SPACING = 30, 4.0
 TOY_SUBJECTS, TOY_SPACING = 9, 6.0
 HELD_OUT = 4  # subjects of each grade (toy: 1)
-BUDGETS = (3, 6)  # labelled subjects (a third of each grade); the other training subjects unlabelled
+BUDGETS = (3, 6)  # labelled subjects, budget / 3 of each grade; the other training subjects unlabelled
 STEPS_PER_EPOCH, EPOCHS = 50, 12  # dcmt_demo's 12 epochs (its warm-up, ramp-up and decay in epochs), epochs of 50 steps
 ARMS = ("DC-MT", "supervised", "slice CNN")
 RECIPES = {"DC-MT": "dcmt_demo", "supervised": "dcmt_demo", "slice CNN": "slice_classifier_demo"}
