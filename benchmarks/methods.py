@@ -170,6 +170,7 @@ COMPARISONS = {c.method: c for c in [
 # ``run(seeds, work, toy, deadline) -> list[dict]`` (rows with "method", "arm", "seed") and
 # ``table(rows, out) -> str`` (its Markdown table, appended to methods.md; pictures into ``out``).
 SCORED_ELSEWHERE: dict[str, str] = {
+    "dcmt": "methods_dcmt",
     "de_dcgcn_ee": "methods_de_dcgcn_ee",
     "mrnet": "methods_mrnet",
     "seran": "methods_seran",

@@ -77,15 +77,19 @@ def slice_areas_mm2(mask: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     return mask.sum(axis=(0, 1)) * float(spacing[0] * spacing[1])
 
 
-def make_subject(acq: Acquisition, kind: str, rng: np.random.Generator) -> tuple[Volume, Volume]:
-    """Image and lesion-label volumes of one scan (no lesion when ``kind == "none"``)."""
+def make_subject(acq: Acquisition, kind: str, rng: np.random.Generator,
+                 with_brain: bool = False) -> tuple[Volume, ...]:
+    """Image and lesion-label volumes of one scan (no lesion when ``kind == "none"``), and with
+    ``with_brain`` the brain mask (the template's tissue classes) as a third volume."""
     image, tissue = make_case(acq)
     spacing = np.linalg.norm(image.affine[:3, :3], axis=0)
     img = image.array.copy()
     mask = np.zeros(img.shape, bool)
+    brain = tissue.array > 0
     if kind != "none":
-        mask = insert_lesion(img, tissue.array > 0, spacing, kind, rng)
-    return Volume(img, image.affine, {}), Volume(mask.astype(np.uint8), image.affine, {})
+        mask = insert_lesion(img, brain, spacing, kind, rng)
+    out = (Volume(img, image.affine, {}), Volume(mask.astype(np.uint8), image.affine, {}))
+    return (*out, Volume(brain.astype(np.uint8), image.affine, {})) if with_brain else out
 
 
 def slice_label_rows(subject: str, areas: np.ndarray, threshold_mm2: float) -> list[tuple]:
@@ -114,7 +118,7 @@ def build_subject_dataset(out: str | Path, n: int = 12, spacing: float = 2.0, th
     rows: list[tuple] = []
     for i, kind in enumerate(kinds):
         case = f"subject_{i:03d}"
-        image, label = make_subject(random_acquisition(rng, spacing, seed * 1000 + i, slice_spacing), kind, rng)
+        image, label = make_subject(random_acquisition(rng, spacing, seed * 1000 + i, slice_spacing), kind, rng)[:2]
         write_volume(image, out / "imagesTr" / f"{case}_0000.nii.gz")
         write_volume(label, out / "labelsTr" / f"{case}.nii.gz")
         areas = slice_areas_mm2(label.array > 0, np.linalg.norm(label.affine[:3, :3], axis=0))
@@ -137,3 +141,46 @@ def build_subject_dataset(out: str | Path, n: int = 12, spacing: float = 2.0, th
     }
     write_json(out / "dataset.json", meta)
     return out
+
+
+def slice_grades(areas: np.ndarray, threshold_mm2: float) -> np.ndarray:
+    """Per slice: 0 no lesion, 1 a cross-section below ``threshold_mm2``, 2 at or above it."""
+    return np.where(areas <= 0, 0, np.where(areas < threshold_mm2, 1, 2)).astype(np.int64)
+
+
+def build_graded_subjects(out: str | Path, n: int = 30, spacing: float = 4.0, threshold_mm2: float = 80.0,
+                          seed: int = 0, min_brain_fraction: float = 0.3,
+                          labelled: list[str] | None = None) -> tuple[Path, dict[str, int]]:
+    """Graded slices for DC-MT (``datasets/dcmt.py``'s subject stacks): ``n`` scans made as in
+    :func:`build_subject_dataset` (the REAL MNI152 T1 with SYNTHETIC lesions: the lesions and
+    so the grades are made up, the anatomy is not), isotropic ``spacing`` mm, each written as the stack of its axial
+    slices whose brain area is at least ``min_brain_fraction`` of its largest (slices through
+    the brain, as DC-MT takes slices through the knee, chosen without looking at the lesion).
+    Slice grade (:func:`slice_grades`): 0 no lesion, 1 a small cross-section, 2 one of at least
+    ``threshold_mm2``; subject grade = the maximum of its slice grades (DC-MT's rule; large
+    lesions make 2, small ones 1, none 0). Region mask (DC-MT's attention target) = the brain:
+    like the knee's cartilage band it is on every slice, whatever the grade, and marks where a
+    finding can lie. ``labelled``: the semi-supervised split written to ``dataset.json``.
+    Returns ``(out, {subject: grade})``."""
+    from medvol.datasets.dcmt import GradedSlice, write_subject_stacks
+
+    rng = np.random.default_rng(seed)
+    kinds = [KINDS[i % len(KINDS)] for i in range(n)]
+    rng.shuffle(kinds)
+    slices, grades = [], {}
+    for i, kind in enumerate(kinds):
+        case = f"subject_{i:03d}"
+        image, lesion, brain = make_subject(random_acquisition(rng, spacing, seed * 1000 + i),
+                                            kind, rng, with_brain=True)
+        sp = np.linalg.norm(image.affine[:3, :3], axis=0)
+        g = slice_grades(slice_areas_mm2(lesion.array > 0, sp), threshold_mm2)
+        area = brain.array.sum(axis=(0, 1))
+        keep = np.flatnonzero(area >= min_brain_fraction * area.max())
+        grades[case] = int(g[keep].max())
+        slices += [GradedSlice(case, f"{case}_z{z:03d}", image.array[None, :, :, z].astype(np.float32),
+                               brain.array[:, :, z].astype(np.uint8), int(g[z])) for z in keep]
+    write_subject_stacks(slices, out, labelled=labelled, name="Dataset041_BrainGradedSlices",
+                         description="Real MNI152 2009a T1 (nilearn wheel) with SYNTHETIC ellipsoidal lesions: "
+                                     "slice grade 0 none, 1 small, 2 large cross-section (>= "
+                                     f"{threshold_mm2:g} mm^2); subject grade = max; region = the brain mask.")
+    return Path(out), grades

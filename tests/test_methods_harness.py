@@ -64,3 +64,52 @@ def test_semi_infnet_stages_are_sized_in_epochs_of_their_own_slices():
         steps = int(sets["method.initial.epochs"]) * -(-budget // 8) * 3
         assert abs(steps - 300) <= 9
         assert sets["method.max_rounds"] == "4" and sets["method.per_round"] == "6"
+
+
+def _dcmt_module():
+    sys.path.insert(0, str(HARNESS.parent))
+    import methods_dcmt
+
+    return methods_dcmt
+
+
+def test_dcmt_split_holds_out_whole_grades_and_labels_a_third_of_each():
+    m = _dcmt_module()
+    grades = {f"s{i:02d}": i % 3 for i in range(15)}
+    test, labelled = m.split(grades, 2, 6)
+    assert len(test) == 6 and sorted(grades[s] for s in test) == [0, 0, 1, 1, 2, 2]
+    assert sorted(grades[s] for s in labelled) == [0, 0, 1, 1, 2, 2] and not set(test) & set(labelled)
+    assert labelled == ["s00", "s01", "s02", "s03", "s04", "s05"] and test == ["s09", "s10", "s11", "s12", "s13", "s14"]
+    assert m.split(grades, 2, 3)[1] == ["s00", "s01", "s02"]  # the smaller budget: the first of each grade
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not available("nilearn"), reason="needs the nilearn wheel (the real MNI152 T1)")
+def test_the_harness_runs_dcmt_against_its_supervised_arm_end_to_end(tmp_path, one_torch_thread):
+    """DC-MT, the same network without the unlabelled subjects and a plain slice CNN, per seed,
+    trained on the same labelled subjects and scored on every slice of the held-out subjects only."""
+    import csv
+
+    h, m = _harness(), _dcmt_module()
+    assert h.main(["--method", "dcmt", "--toy", "--seeds", "0", "1", "--out", str(tmp_path)]) == 0
+    runs = json.loads((tmp_path / "methods.json").read_text())["runs"]
+    assert [(r["arm"], r["seed"]) for r in runs] == [(a, s) for s in (0, 1) for a in m.ARMS]
+    assert m.ARMS == ("DC-MT", "supervised", "slice CNN")
+    grades = json.loads((tmp_path / "data" / "dcmt" / "subject_grades.json").read_text())
+    test, labelled = m.split(grades, 1, 3)
+    with open(tmp_path / "data" / "dcmt" / "pre" / "slice_labels.csv", newline="") as f:
+        held_slices = sum(1 for row in csv.DictReader(f) if row["slice_index"] and row["subject"] in test)
+    for r in runs:
+        assert r["held_out"] == r["scored"] == test and r["labelled"] == labelled and len(labelled) == 3
+        assert r["subjects"] == len(test) and r["slices"] == held_slices
+        dcmt = r["arm"] == "DC-MT"  # the unlabelled stream and the consistency terms: DC-MT's alone
+        assert (r["unlabelled_per_batch"] > 0) == dcmt and (min(r["consistency"]) > 0) == dcmt
+        for k in m.METRICS:
+            assert 0.0 <= r[k] <= 1.0, (k, r[k])
+        split = json.loads((tmp_path / "runs" / "dcmt" / f"b3_s{r['seed']}_{m.run_name(r['arm'])}"
+                            / "run" / "split.json").read_text())
+        assert split["validation"] == test and not set(test) & set(split["labelled"] + split["unlabelled"])
+    table = (tmp_path / "methods.md").read_text()
+    for row in ("| 3 | DC-MT | 2 | 2 |", "| 3 | supervised | 2 | 2 |", "| 3 | slice CNN | 2 | 2 |",
+                "| 3 | DC-MT - supervised (paired) | 2 |", "| 3 | DC-MT - slice CNN (paired) | 2 |"):
+        assert row in table

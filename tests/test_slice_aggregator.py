@@ -9,7 +9,13 @@ import torch
 from medvol.checkpoint import load_checkpoint
 from medvol.config import load_recipe
 from medvol.errors import ConfigError, InputError
-from medvol.evaluation.classification import balanced_accuracy, binary_auc, classification_metrics, majority_accuracy
+from medvol.evaluation.classification import (
+    balanced_accuracy,
+    binary_auc,
+    classification_metrics,
+    majority_accuracy,
+    ordinal_auc,
+)
 from medvol.io.slice_features import SliceFeatures, SubjectSlices, read_features, write_features
 from medvol.networks.aggregator import PositionalSum
 from medvol.training import get_trainer, train
@@ -96,6 +102,21 @@ def test_classification_metrics_by_hand():
     assert np.isnan(binary_auc(np.array([0.1, 0.2]), np.array([0, 0])))
     assert balanced_accuracy(np.array([2, 2, 1]), np.array([2, 2, 0])) == pytest.approx(0.5)
     assert majority_accuracy(target) == pytest.approx(0.6)
+
+
+def test_ordinal_auc_by_hand():
+    """The mean of the AUCs of P(grade >= 1) and P(grade >= 2); two classes: binary_auc."""
+    target = np.array([0, 1, 2, 2])
+    probs = np.array([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.5, 0.1, 0.4], [0.1, 0.1, 0.8]])
+    # P(>=1) 0.4, 0.8, 0.5, 0.9: the three graded above the 0.4 of grade 0 -> 1; P(>=2) 0.1, 0.1,
+    # 0.4, 0.8: grades 2 above both others -> 1
+    assert ordinal_auc(probs, target) == pytest.approx(1.0)
+    target = np.array([0, 2, 1, 2])  # P(>=1): 1; P(>=2) of 0.1, 0.8 against 0.1, 0.4: (0.5 + 0 + 1 + 1) / 4
+    assert ordinal_auc(probs, target) == pytest.approx((1.0 + 2.5 / 4) / 2)
+    two = np.array([[0.9, 0.1], [0.4, 0.6], [0.3, 0.7]])
+    assert ordinal_auc(two, np.array([0, 1, 0])) == binary_auc(two[:, 1], np.array([0, 1, 0]))
+    assert ordinal_auc(probs, np.array([1, 1, 2, 2])) == pytest.approx(1.0)  # no grade 0: the >= 1 cut-off left out
+    assert np.isnan(ordinal_auc(probs, np.array([0, 0, 0, 0])))
 
 
 # ---------------------------------------------------------------- trainer

@@ -78,3 +78,22 @@ def test_deterministic_for_a_seed(subjects, tmp_path):
     for folder in ("imagesTr", "labelsTr"):
         first, second = _arrays(subjects, folder), _arrays(again, folder)
         assert all(np.array_equal(first[c][0], second[c][0]) for c in first)
+
+
+def test_graded_subject_stacks_for_dcmt(tmp_path):
+    """build_graded_subjects: DC-MT's subject stacks (slices along axis 2, the 999 mm mark), slice
+    grades by lesion cross-section, subject grade = the maximum, the brain as every slice's region."""
+    from medvol.datasets.subjects import build_graded_subjects, slice_grades
+
+    assert slice_grades(np.array([0.0, 10.0, 79.9, 80.0, 300.0]), 80.0).tolist() == [0, 1, 1, 2, 2]
+    out, grades = build_graded_subjects(tmp_path / "raw", n=3, spacing=6.0, labelled=["subject_000"])
+    assert sorted(grades.values()) == [0, 1, 2]  # one subject of each kind (large, small, none)
+    images, labels = _arrays(out, "imagesTr"), _arrays(out, "labelsTr")
+    table, _ = _read_labels(out)
+    for case, (image, zooms) in images.items():
+        region = labels[case][0]
+        assert image.shape == region.shape and zooms[2] == 999.0
+        assert (region.reshape(-1, image.shape[2]) > 0).any(0).all()  # a region on every slice
+        assert table.slice_targets(case, image.shape[2]).max() == grades[case] == table.subjects[case]
+        assert (image[region > 0] > 0).mean() > 0.9  # the region is the brain of the real T1
+    assert json.loads((out / "dataset.json").read_text())["labelled_cases"] == ["subject_000"]

@@ -23,6 +23,16 @@ def binary_auc(score: np.ndarray, target: np.ndarray) -> float:
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def ordinal_auc(probs: np.ndarray, target: np.ndarray) -> float:
+    """For ordered classes (grades): the mean over the cut-offs k = 1 .. K-1 of the AUC of
+    ``P(class >= k)`` for ``target >= k`` (:func:`binary_auc`); with two classes the class-1 AUC.
+    Cut-offs with one side absent from ``target`` are left out; NaN when every one is."""
+    probs, target = np.asarray(probs), np.asarray(target)
+    aucs = [binary_auc(probs[:, k:].sum(1), (target >= k).astype(np.int64)) for k in range(1, probs.shape[1])]
+    aucs = [a for a in aucs if not np.isnan(a)]
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
 def classification_metrics(probs: np.ndarray, target: np.ndarray, prefix: str = "val/") -> dict[str, float]:
     """``accuracy`` and ``balanced_accuracy`` of the argmax of ``probs`` ``(n, K)`` against
     ``target`` ``(n,)``; with two classes also ``auc`` of the class-1 probability."""
@@ -40,4 +50,4 @@ def majority_accuracy(target: np.ndarray) -> float:
     return float(np.bincount(np.asarray(target)).max() / len(target))
 
 
-__all__ = ["balanced_accuracy", "binary_auc", "classification_metrics", "majority_accuracy"]
+__all__ = ["balanced_accuracy", "binary_auc", "classification_metrics", "majority_accuracy", "ordinal_auc"]

@@ -1,0 +1,215 @@
+"""DC-MT against the same network on its labelled subjects alone and a plain slice CNN: slice and subject grades.
+
+Data (``medvol.datasets.subjects.build_graded_subjects``): the REAL MNI152 T1 that nilearn
+ships, seen through varied crops, flips, intensities and noise, with SYNTHETIC ellipsoidal
+lesions; the grades are made up from the lesions: a slice is 0 (no lesion), 1 (a cross-section
+under 80 mm^2) or 2 (at least 80 mm^2), a subject's grade is the maximum of its slice grades
+(DC-MT's rule), and the region mask (DC-MT's attention target) is the brain, present on every
+slice as the knee's cartilage band is. Written through ``datasets/dcmt.py``'s
+``write_subject_stacks`` (one stack of axial slices per subject) and preprocessed once.
+
+Held out: the last ``HELD_OUT`` subjects of each grade, never trained on (``data.val_cases``;
+the trainers' end-of-run validation on them selects nothing: the last checkpoint grades).
+Labelled at budget ``b``: the first ``b / 3`` training subjects of each grade; every other
+training subject is unlabelled. Arms, same labelled subjects, same steps, same seed; the first
+two the same network and recipe (``dcmt_demo``: DC-MT's attention network, CE + attention MSE +
+bound loss on the labelled slices, the mean teacher that predicts):
+
+- ``DC-MT``: with the unlabelled subjects (4 labelled + 4 unlabelled slices a batch) and the
+  class and attention consistency terms;
+- ``supervised``: the semi-supervised terms off (consistency weights 0, no unlabelled stream,
+  the same 4 labelled slices a batch): what the unlabelled subjects and the consistency buy;
+- ``slice CNN``: the issue's "plain slice classifier" (``slice_classifier_demo``: a plain 2D
+  CNN, cross-entropy on the labelled slices, no attention target, no teacher, its own batch of
+  16), the same labelled subjects and steps: what DC-MT's network and the rest buy together.
+
+The subject grade is DC-MT's rule for all three (no aggregator: with 3 or 6 labelled subjects
+a learned subject model would have 3 or 6 examples to learn from).
+
+Each run's last checkpoint (``dcmt_demo``'s: the teacher) grades every slice of the held-out subjects
+(``medvol extract-features``); scored with ``medvol.evaluation.classification``: accuracy,
+balanced accuracy and AUC (for the ordered grades: the mean of the AUCs of P(grade >= 1) and
+P(grade >= 2), ``ordinal_auc``) over the held-out slices, and over the held-out subjects with
+each subject's grade by DC-MT's rule (the maximum of its slices' predicted grades) and its AUC
+scores the maxima over its slices of P(grade >= k).
+
+    python benchmarks/methods.py --method dcmt --seeds 0 1 2 --out bench_methods
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+N_SUBJECTS, SPACING = 30, 4.0
+TOY_SUBJECTS, TOY_SPACING = 9, 6.0
+HELD_OUT = 4  # subjects of each grade (toy: 1)
+BUDGETS = (3, 6)  # labelled subjects, budget / 3 of each grade; the other training subjects unlabelled
+STEPS_PER_EPOCH, EPOCHS = 50, 12  # dcmt_demo's 12 epochs (its warm-up, ramp-up and decay in epochs), epochs of 50 steps
+ARMS = ("DC-MT", "supervised", "slice CNN")
+RECIPES = {"DC-MT": "dcmt_demo", "supervised": "dcmt_demo", "slice CNN": "slice_classifier_demo"}
+SUPERVISED = ["method.loss.consistency_cls=0", "method.loss.consistency_att=0", "data.unlabelled_per_batch=0",
+              "data.batch_size=4"]  # the same 4 labelled slices a batch as DC-MT's 4 + 4
+
+
+def build(work: Path, toy: bool) -> tuple[Path, dict[str, int]]:
+    """(the cache, {subject: grade}), built once under ``work/data/dcmt``."""
+    from medvol.datasets.subjects import build_graded_subjects
+    from medvol.preprocessing import preprocess_dataset
+
+    root = work / "data" / "dcmt"
+    grades_file = root / "subject_grades.json"
+    if not (root / "pre" / "plans.json").exists():
+        _, grades = build_graded_subjects(root / "raw", n=TOY_SUBJECTS if toy else N_SUBJECTS,
+                                          spacing=TOY_SPACING if toy else SPACING)
+        preprocess_dataset(root / "raw", root / "pre", num_workers=1, quiet=True)
+        grades_file.write_text(json.dumps(grades, indent=1))
+    return root / "pre", json.loads(grades_file.read_text())
+
+
+def split(grades: dict[str, int], held_out: int, budget: int) -> tuple[list[str], list[str]]:
+    """(held-out subjects: the last ``held_out`` of each grade; labelled: the first
+    ``budget // 3`` training subjects of each grade)."""
+    by = {g: sorted(s for s, v in grades.items() if v == g) for g in sorted(set(grades.values()))}
+    test = [s for g in by for s in by[g][len(by[g]) - held_out:]]
+    labelled = [s for g in by for s in [s for s in by[g] if s not in test][: budget // len(by)]]
+    return sorted(test), sorted(labelled)
+
+
+def slice_grades(cache: Path) -> dict[str, dict[int, int]]:
+    """{subject: {raw stack index: grade}} from the cache's ``slice_labels.csv``."""
+    out: dict[str, dict[int, int]] = {}
+    with open(cache / "slice_labels.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            if row["slice_index"]:
+                out.setdefault(row["subject"], {})[int(row["slice_index"])] = int(row["label"])
+    return out
+
+
+def score(features: Path, test: list[str], truth: dict[str, dict[int, int]], subject_truth: dict[str, int]) -> dict:
+    """Slice- and subject-level accuracy, balanced accuracy and ordinal AUC over ``test``."""
+    import torch
+
+    from medvol.evaluation.classification import balanced_accuracy, ordinal_auc
+    from medvol.io.slice_features import read_features
+
+    items = {s.subject: s for s in read_features(features).items}
+    probs, target, sub_pred, sub_cum, sub_target = [], [], [], [], []
+    for subject in test:
+        s = items[subject]
+        p = torch.from_numpy(s.logits).softmax(1).numpy()
+        idx = np.where(s.raw_slice >= 0, s.raw_slice, s.slice_index)
+        y = np.array([truth[subject][int(i)] for i in idx])
+        probs.append(p)
+        target.append(y)
+        cum = np.flip(np.cumsum(np.flip(p, 1), 1), 1)  # P(grade >= k), k = 0..K-1
+        sub_pred.append(int(p.argmax(1).max()))  # DC-MT's rule: the subject is its worst slice
+        sub_cum.append(cum.max(0))
+        sub_target.append(subject_truth[subject])
+    p, y = np.concatenate(probs), np.concatenate(target)
+    cum = np.array(sub_cum)  # the subject's P(grade >= k) as a distribution for ordinal_auc
+    sub_p = np.concatenate([cum[:, :-1] - cum[:, 1:], cum[:, -1:]], 1)
+    sp, sy = np.array(sub_pred), np.array(sub_target)
+    return {"scored": list(test), "slices": int(len(y)), "slice_accuracy": float(np.mean(p.argmax(1) == y)),
+            "slice_balanced_accuracy": balanced_accuracy(p.argmax(1), y), "slice_auc": ordinal_auc(p, y),
+            "slice_grades_true": np.bincount(y, minlength=p.shape[1]).tolist(),
+            "slice_grades_predicted": np.bincount(p.argmax(1), minlength=p.shape[1]).tolist(),
+            "subjects": int(len(sy)), "subject_accuracy": float(np.mean(sp == sy)),
+            "subject_balanced_accuracy": balanced_accuracy(sp, sy), "subject_auc": ordinal_auc(sub_p, sy)}
+
+
+def run_arm(arm: str, cache: Path, test: list[str], labelled: list[str], seed: int, out: Path, toy: bool,
+            truth: dict[str, dict[int, int]], subject_truth: dict[str, int]) -> dict:
+    """Train (or reuse) one arm, grade the held-out subjects' slices with its teacher, score."""
+    from medvol.inference.subjects import extract_features
+    from medvol.losses.dcmt import DCMTLossConfig
+    from medvol.training import load_recipe, train
+
+    epochs = 1 if toy else EPOCHS
+    steps_per_epoch = 2 if toy else STEPS_PER_EPOCH
+    run = out / "run"
+    t0 = time.perf_counter()
+    summary = run / "train_summary.json"
+    if not (summary.exists() and json.loads(summary.read_text()).get("steps_done") == epochs * steps_per_epoch):
+        steps = epochs * steps_per_epoch
+        sets = [f"data.val_cases={test}", f"data.labelled={labelled}", "trainer.final_validation=false",
+                f"trainer.seed={seed}", "trainer.log_every=50"]
+        if arm == "slice CNN":
+            sets += [f"trainer.steps={steps}", f"trainer.val_every={steps + 1}"]
+        else:
+            sets += [f"method.steps_per_epoch={steps_per_epoch}", f"method.epochs={epochs}",
+                     f"method.val_every_epochs={epochs + 1}", *(SUPERVISED if arm == "supervised" else [])]
+        train(load_recipe(RECIPES[arm], sets), cache, run, resume="auto", device="cpu", quiet=True)
+    seconds = json.loads(summary.read_text()).get("seconds", time.perf_counter() - t0)  # a reused run's own time
+    used = json.loads((run / "split.json").read_text())
+    if set(used["labelled"]) != set(labelled) or set(test) & set(used["labelled"] + used["unlabelled"]):
+        raise RuntimeError(f"{run}: trained on {used}, not on labelled {labelled} with {test} held out")
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())  # what the run itself used
+    loss = DCMTLossConfig(**(recipe.get("method") or {}).get("loss") or {})
+    consistency = [loss.consistency_cls, loss.consistency_att] if recipe["trainer"]["name"] == "dcmt" else [0, 0]
+    features = extract_features(run, cache, out / "features", device="cpu", checkpoint="latest", quiet=True)
+    return {"method": "dcmt", "arm": arm, "budget": len(labelled), "seed": seed,
+            "steps": epochs * steps_per_epoch, "train_seconds": round(seconds, 1), "labelled": used["labelled"],
+            "unlabelled_per_batch": recipe["data"].get("unlabelled_per_batch", 0),
+            "consistency": consistency,
+            "held_out": used["validation"], **score(features, test, truth, subject_truth)}
+
+
+def run_name(arm: str) -> str:
+    return arm.replace("-", "").replace(" ", "_").lower()
+
+
+def run(seeds: list[int], work: Path, toy: bool, deadline: float) -> list[dict]:
+    work = Path(work)
+    cache, grades = build(work, toy)
+    truth = slice_grades(cache)
+    rows = []
+    for budget in (3,) if toy else BUDGETS:
+        test, labelled = split(grades, 1 if toy else HELD_OUT, budget)
+        for seed in seeds:
+            for arm in ARMS:
+                if time.time() > deadline:
+                    print(f"budget spent: dcmt {arm} budget {budget} seed {seed} not run")
+                    return rows
+                out = work / "runs" / "dcmt" / f"b{budget}_s{seed}_{run_name(arm)}"
+                rows.append(run_arm(arm, cache, test, labelled, seed, out, toy, truth, grades))
+                r = rows[-1]
+                print(f"dcmt {arm:10s} budget {budget} seed {seed}: slices acc {r['slice_accuracy']:.3f} bal "
+                      f"{r['slice_balanced_accuracy']:.3f} AUC {r['slice_auc']:.3f}; subjects acc "
+                      f"{r['subject_accuracy']:.3f} bal {r['subject_balanced_accuracy']:.3f} AUC {r['subject_auc']:.3f}"
+                      f" ({r['train_seconds']:.0f} s training)", flush=True)
+    return rows
+
+
+METRICS = ("slice_accuracy", "slice_balanced_accuracy", "slice_auc",
+           "subject_accuracy", "subject_balanced_accuracy", "subject_auc")
+
+
+def _stat(values: list[float]) -> str:
+    return f"{np.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})" if values else "-"
+
+
+def table(rows: list[dict], out: Path) -> str:
+    """Per budget: each arm's mean (min-max over seeds) of every metric, and DC-MT minus each
+    other arm paired by seed."""
+    lines = ["### DC-MT vs the same network on its labelled subjects alone and vs a plain slice CNN (real MNI152 "
+             "T1, synthetic lesions and grades 0/1/2; held-out subjects; subject = its worst slice)", "",
+             "| labelled | arm | seeds | steps | slice acc | slice bal. acc | slice AUC | subject acc "
+             "| subject bal. acc | subject AUC |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for budget in sorted({r["budget"] for r in rows}):
+        by = {a: [r for r in rows if r["budget"] == budget and r["arm"] == a] for a in ARMS}
+        for a, rs in by.items():
+            if rs:
+                lines.append(f"| {budget} | {a} | {len(rs)} | {rs[0]['steps']} | "
+                             + " | ".join(_stat([r[m] for r in rs]) for m in METRICS) + " |")
+        for base in ARMS[1:]:
+            pairs = [(m, s) for m in by["DC-MT"] for s in by[base] if m["seed"] == s["seed"]]
+            if pairs:
+                lines.append(f"| {budget} | DC-MT - {base} (paired) | {len(pairs)} | | "
+                             + " | ".join(_stat([m[k] - s[k] for m, s in pairs]) for k in METRICS) + " |")
+    return "\n".join(lines)
