@@ -185,6 +185,18 @@ def _elsewhere(method: str):
     return importlib.import_module(SCORED_ELSEWHERE[method])
 
 
+def _run_elsewhere(method: str, a: argparse.Namespace, deadline: float, ap: argparse.ArgumentParser) -> list[dict]:
+    """``method``'s own module; ``--budgets`` only where its ``run`` takes ``budgets``."""
+    import inspect
+
+    run = _elsewhere(method).run
+    if not a.budgets:
+        return run(a.seeds, a.out, a.toy, deadline)
+    if "budgets" not in inspect.signature(run).parameters:
+        ap.error(f"--budgets: {method} has no labelled budgets")
+    return run(a.seeds, a.out, a.toy, deadline, budgets=tuple(a.budgets))
+
+
 def _task_copy(raw: Path, out: Path, cases: list[str], values: list[int], name: str) -> Path:
     """One partial dataset on its own: ``cases`` (and every test scan) with label 1 where the
     label is one of ``values``: what that dataset's annotators drew."""
@@ -365,7 +377,7 @@ def summarise(rows: list[dict]) -> list[dict]:
 def write_table(summary: list[dict], out: Path) -> Path:
     lines = ["| method | labelled | class | method Dice | baseline | baseline Dice | difference "
              "| HD95 (method / baseline) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|"] if summary else []  # only comparisons scored elsewhere
     for s in summary:
         c = COMPARISONS[s["method"]]
         hm, hb = (np.mean(s["hd95"][a.label]) if s["hd95"][a.label] else float("nan") for a in (c.arm, c.baseline))
@@ -424,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
             a.method or ap.error("give --method NAME or --all"))
         deadline = time.time() + 60 * a.budget_minutes
         rows = [r for m in methods for r in (
-            _elsewhere(m).run(a.seeds, a.out, a.toy, deadline) if m in SCORED_ELSEWHERE
+            _run_elsewhere(m, a, deadline, ap) if m in SCORED_ELSEWHERE
             else run_comparison(COMPARISONS[m], a.seeds, a.out, a.toy, deadline, a.budgets))]
     summary = summarise([r for r in rows if r["method"] in COMPARISONS])
     (a.out / "methods.json").write_text(json.dumps({"runs": rows, "summary": summary}, indent=1))

@@ -164,12 +164,13 @@ def run_name(arm: str) -> str:
     return arm.replace("-", "").replace(" ", "_").lower()
 
 
-def run(seeds: list[int], work: Path, toy: bool, deadline: float) -> list[dict]:
+def run(seeds: list[int], work: Path, toy: bool, deadline: float, budgets: tuple[int, ...] = BUDGETS) -> list[dict]:
+    """Every arm at each labelled budget (subjects, a multiple of 3) over ``seeds``."""
     work = Path(work)
     cache, grades = build(work, toy)
     truth = slice_grades(cache)
     rows = []
-    for budget in (3,) if toy else BUDGETS:
+    for budget in (3,) if toy else budgets:
         test, labelled = split(grades, 1 if toy else HELD_OUT, budget)
         for seed in seeds:
             for arm in ARMS:

@@ -36,6 +36,15 @@ def test_paired_differences_and_table_from_rows(tmp_path):
     assert ("| Inf-Net | 24 | bone | 0.800 [0.700, 0.900] | quickstart_2d | 0.775 [0.750, 0.800] "
             "| 0.025 [-0.050, 0.100] |") in table
 
+    assert h.write_table([], tmp_path).read_text() == "\n"  # only comparisons scored elsewhere: no empty header
+
+
+def test_budgets_reach_only_comparisons_that_have_them(tmp_path, capsys):
+    """``--budgets`` is refused for a comparison without labelled budgets (it used to be ignored)."""
+    h = _harness()
+    with pytest.raises(SystemExit) as e:
+        h.main(["--method", "seran", "--budgets", "2", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "--budgets: seran has no labelled budgets" in capsys.readouterr().err
 
 @pytest.mark.slow
 @pytest.mark.skipif(not available("pydicom-data"), reason="needs the pydicom-data wheel (real CT)")
