@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -406,7 +407,7 @@ def plot(summary: list[dict], method: str, out: Path) -> Path:
     ax.set_xticks(budgets)
     ax.set_xlabel("labelled cases")
     ax.set_ylabel("held-out Dice (mean of classes and seeds)")
-    ax.set_title(f"{c.arm.label} vs {c.baseline.label}: {c.note}", fontsize=8)
+    ax.set_title(textwrap.fill(f"{c.arm.label} vs {c.baseline.label}: {c.note}", 70), fontsize=8)
     ax.legend()
     fig.tight_layout()
     path = out / f"{method}.png"
