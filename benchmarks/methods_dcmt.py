@@ -81,7 +81,7 @@ def split(grades: dict[str, int], held_out: int, budget: int) -> tuple[list[str]
     return sorted(test), sorted(labelled)
 
 
-def slice_grades(cache: Path) -> dict[str, dict[int, int]]:
+def cached_slice_grades(cache: Path) -> dict[str, dict[int, int]]:
     """{subject: {raw stack index: grade}} from the cache's ``slice_labels.csv``."""
     out: dict[str, dict[int, int]] = {}
     with open(cache / "slice_labels.csv", newline="") as f:
@@ -168,7 +168,7 @@ def run(seeds: list[int], work: Path, toy: bool, deadline: float, budgets: tuple
     """Every arm at each labelled budget (subjects, a multiple of 3) over ``seeds``."""
     work = Path(work)
     cache, grades = build(work, toy)
-    truth = slice_grades(cache)
+    truth = cached_slice_grades(cache)
     rows = []
     for budget in (3,) if toy else budgets:
         test, labelled = split(grades, 1 if toy else HELD_OUT, budget)
