@@ -103,6 +103,7 @@ Q2D_CPU = ("model.base_features=8", "data.batch_size=8")
 # labelled slices an epoch is ceil(k / 8) x 3 scales steps.
 INFNET_128 = tuple(s for s in INFNET_CPU if not s.startswith("model.options.input_scale"))
 INFNET_352 = (*INFNET_128, "model.options.input_scale=2.75")  # 128 -> 352, the published working size
+INFNET_704 = (*INFNET_128, "model.options.input_scale=5.5")  # 128 -> 704: the skull >= 2 stride-8 cells thick
 SEMI_STEPS = 300  # the initial stage = the baseline's run; pretrain as long; finetune a third
 
 
@@ -134,6 +135,9 @@ COMPARISONS = {c.method: c for c in [
     Comparison("infnet_352", "ct_bone", Arm("Inf-Net 352", "infnet", INFNET_352),
                Arm("quickstart_2d", "quickstart_2d", Q2D_CPU),
                budgets=(24,), steps=300, note="bone on real head-CT slices, Inf-Net at the published 352 px"),
+    Comparison("infnet_704", "ct_bone", Arm("Inf-Net 704", "infnet", INFNET_704),
+               Arm("quickstart_2d", "quickstart_2d", Q2D_CPU),
+               budgets=(24,), steps=300, note="bone on real head-CT slices, Inf-Net at 704 px (2x the published size)"),
     Comparison("infnet_brain", "ct_brain", Arm("Inf-Net", "infnet", INFNET_CPU),
                Arm("quickstart_2d", "quickstart_2d", Q2D_CPU),
                budgets=(24,), steps=300, note="brain on real head-CT slices, 24 labelled slices"),
