@@ -358,8 +358,9 @@ def run_comparison(c: Comparison, seeds: list[int], work: Path, toy: bool, deadl
     return rows
 
 
-def _stat(values: list[float]) -> str:
-    return f"{np.mean(values):.3f} [{min(values):.3f}, {max(values):.3f}]" if values else "-"
+def stat(values: list[float], digits: int = 3) -> str:
+    """Mean [min, max] over seeds (every table of the harness and its modules)."""
+    return f"{np.mean(values):.{digits}f} [{min(values):.{digits}f}, {max(values):.{digits}f}]" if values else "-"
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -386,8 +387,8 @@ def write_table(summary: list[dict], out: Path) -> Path:
     for s in summary:
         c = COMPARISONS[s["method"]]
         hm, hb = (np.mean(s["hd95"][a.label]) if s["hd95"][a.label] else float("nan") for a in (c.arm, c.baseline))
-        lines.append(f"| {c.arm.label} | {s['budget'] or 'all'} | {s['class']} | {_stat(s['dice'][c.arm.label])} | "
-                     f"{c.baseline.label} | {_stat(s['dice'][c.baseline.label])} | {_stat(s['diff'])} | "
+        lines.append(f"| {c.arm.label} | {s['budget'] or 'all'} | {s['class']} | {stat(s['dice'][c.arm.label])} | "
+                     f"{c.baseline.label} | {stat(s['dice'][c.baseline.label])} | {stat(s['diff'])} | "
                      f"{hm:.2f} / {hb:.2f} |")
     path = out / "methods.md"
     path.write_text("\n".join(lines) + "\n")

@@ -191,13 +191,11 @@ METRICS = ("slice_accuracy", "slice_balanced_accuracy", "slice_auc",
            "subject_accuracy", "subject_balanced_accuracy", "subject_auc")
 
 
-def _stat(values: list[float]) -> str:
-    return f"{np.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})" if values else "-"
-
-
 def table(rows: list[dict], out: Path) -> str:
-    """Per budget: each arm's mean (min-max over seeds) of every metric, and DC-MT minus each
+    """Per budget: each arm's mean [min, max] over seeds of every metric, and DC-MT minus each
     other arm paired by seed."""
+    from methods import stat  # this folder is on sys.path (methods._elsewhere)
+
     lines = ["### DC-MT vs the same network on its labelled subjects alone and vs a plain slice CNN (real MNI152 "
              "T1, synthetic lesions and grades 0/1/2; held-out subjects; subject = its worst slice)", "",
              "| labelled | arm | seeds | steps | slice acc | slice bal. acc | slice AUC | subject acc "
@@ -207,10 +205,10 @@ def table(rows: list[dict], out: Path) -> str:
         for a, rs in by.items():
             if rs:
                 lines.append(f"| {budget} | {a} | {len(rs)} | {rs[0]['steps']} | "
-                             + " | ".join(_stat([r[m] for r in rs]) for m in METRICS) + " |")
+                             + " | ".join(stat([r[m] for r in rs]) for m in METRICS) + " |")
         for base in ARMS[1:]:
             pairs = [(m, s) for m in by["DC-MT"] for s in by[base] if m["seed"] == s["seed"]]
             if pairs:
                 lines.append(f"| {budget} | DC-MT - {base} (paired) | {len(pairs)} | | "
-                             + " | ".join(_stat([m[k] - s[k] for m, s in pairs]) for k in METRICS) + " |")
+                             + " | ".join(stat([m[k] - s[k] for m, s in pairs]) for k in METRICS) + " |")
     return "\n".join(lines)

@@ -87,21 +87,19 @@ def run(seeds: list[int], work: Path, toy: bool, deadline: float) -> list[dict]:
     return rows
 
 
-def _stat(values: list[float]) -> str:
-    return f"{np.mean(values):.4f} ({min(values):.4f}-{max(values):.4f})" if values else "-"
-
-
 def table(rows: list[dict], out: Path) -> str:
-    """Mean (min-max over seeds) soft Dice and ECE per arm, and MRNet minus the baseline."""
+    """Mean [min, max] over seeds of the soft Dice and ECE per arm, and MRNet minus the baseline."""
+    from methods import stat  # this folder is on sys.path (methods._elsewhere)
+
     by = {a: [r for r in rows if r["arm"] == a] for a in ("mrnet", "unet_majority")}
     lines = ["### MRNet vs a 2D U-Net on the majority vote (MNI152 multi-rater demo, grey matter)", "",
              "| arm | seeds | steps | soft Dice (higher better) | ECE (lower better) |", "|---|---|---|---|---|"]
     for a, rs in by.items():
-        lines.append(f"| {a} | {len(rs)} | {rs[0]['steps'] if rs else '-'} | {_stat([r['soft_dice'] for r in rs])} | "
-                     f"{_stat([r['ece'] for r in rs])} |")
+        lines.append(f"| {a} | {len(rs)} | {rs[0]['steps'] if rs else '-'} | {stat([r['soft_dice'] for r in rs], 4)} | "
+                     f"{stat([r['ece'] for r in rs], 4)} |")
     pairs = [(m, u) for m in by["mrnet"] for u in by["unet_majority"] if m["seed"] == u["seed"]]
     if pairs:
         lines.append(f"| MRNet - U-Net (paired by seed) | {len(pairs)} | | "
-                     f"{_stat([m['soft_dice'] - u['soft_dice'] for m, u in pairs])} | "
-                     f"{_stat([m['ece'] - u['ece'] for m, u in pairs])} |")
+                     f"{stat([m['soft_dice'] - u['soft_dice'] for m, u in pairs], 4)} | "
+                     f"{stat([m['ece'] - u['ece'] for m, u in pairs], 4)} |")
     return "\n".join(lines)
