@@ -78,6 +78,9 @@ class DataConfig:
     patch_size: list | None = None  # None: the plan's (of the configuration)
     batch_size: int | None = None  # per process; None: the plan's
     oversample_foreground: float = 0.33  # share of each global batch centred on foreground
+    # graded slices (2d, slice_labels.csv): share of each batch's labelled slots drawn class-balanced
+    # (a grade uniformly, then a slice of it; medvol.data.slices)
+    oversample_grades: float = 0.0
     num_workers: int | None = None  # data worker processes; None: one per core but one, at most 12
     val_fraction: float = 0.2
     val_cases: list | None = None  # explicit validation case ids (overrides fold and val_fraction)
@@ -474,6 +477,8 @@ def _check_data(d: DataConfig, bad) -> None:
         bad("data.val_fraction", "in [0, 1)", d.val_fraction)
     if not 0 <= d.oversample_foreground <= 1:
         bad("data.oversample_foreground", "in [0, 1]", d.oversample_foreground)
+    if not 0 <= d.oversample_grades <= 1:
+        bad("data.oversample_grades", "in [0, 1]", d.oversample_grades)
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:

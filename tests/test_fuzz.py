@@ -114,7 +114,8 @@ def test_predict_options_parse_or_exit_2(opts):
 
 
 RECIPE_KEYS = ["trainer.steps", "optimizer.lr", "data.patch_size", "data.batch_size", "data.val_fraction",
-               "trainer.val_overlap", "inference.overlap", "data.oversample_foreground", "schedule.power"]
+               "trainer.val_overlap", "inference.overlap", "data.oversample_foreground", "schedule.power",
+               "data.oversample_grades"]
 
 
 @FUZZ
@@ -129,6 +130,7 @@ def test_recipe_overrides_load_or_are_one_config_error(sets):
     assert r.trainer.steps >= 1 and math.isfinite(r.optimizer.lr) and r.optimizer.lr > 0
     assert r.data.patch_size is None or (len(r.data.patch_size) == 3 and min(r.data.patch_size) >= 1)
     assert math.isfinite(r.schedule.power)
+    assert 0 <= r.data.oversample_grades <= 1
 
 
 @FUZZ

@@ -215,3 +215,34 @@ def test_from_a_real_preprocessed_cache(tmp_path):
     s = ds.item(0, 1)  # the forced slot
     assert s["image"].shape == (1, 32, 28) and int(s["slice_index"]) in (3, 4)
     assert int(s["label"].sum()) == 16  # the 4 x 4 square of that slice
+
+
+def test_grade_oversampling_balances_the_labelled_slots(cache, tmp_path):
+    csv = tmp_path / "slice_labels.csv"
+    # raw slices 5..19 survive the crop; a: raw 7 is grade 2, raw 8 grade 1, the rest 0; b: all 0; u unlabelled
+    rows = [f"a,{r},{2 if r == 7 else 1 if r == 8 else 0}" for r in range(5, 20)]
+    rows += [f"b,{r},0" for r in range(5, 20)] + ["u,9,2"]
+    csv.write_text("subject,slice_index,label\n" + "\n".join(rows) + "\n")
+    labels = read_slice_labels(csv, raw_slice_counts(cache, 2))
+    streams = Streams(["a", "b"], ["u"], global_batch=5, unlabelled_per_batch=1)  # 4 labelled slots
+    ds = SliceDataset(cache, streams, (8, 8), slice_axis=2, oversample=0.0, seed=0, slice_labels=labels,
+                      oversample_grades=0.5)
+    assert ds.grade_slots == 2  # round(4 * 0.5): labelled slots 0 and 1
+    drawn: dict[str, list[int]] = {"graded": [], "plain": []}
+    for step in range(300):
+        for slot in range(4):
+            s = ds.item(step, slot)
+            z, c = int(s["slice_index"]), int(s["class"])
+            # cached z comes from raw z // 2 + 5 (the fixture's geometry): a's 4, 5 are grade 2, 6, 7 grade 1
+            assert c in ({4: 2, 5: 2, 6: 1, 7: 1}.get(z, 0), 0)  # 0: any slice of b
+            drawn["graded" if slot < 2 else "plain"].append(c)
+        assert int(ds.item(step, 4)["class"]) == -1  # the unlabelled slot keeps its label hidden
+    graded = np.bincount(drawn["graded"], minlength=3) / len(drawn["graded"])
+    plain = np.bincount(drawn["plain"], minlength=3) / len(drawn["plain"])
+    np.testing.assert_allclose(graded, [1 / 3] * 3, atol=0.06)  # 600 draws: 3 sigma ~ 0.058
+    assert plain[0] > 0.85 and plain[1:].sum() < 0.15  # random slices: 4 of 60 cached slices are graded > 0
+    again = SliceDataset(cache, streams, (8, 8), slice_axis=2, oversample=0.0, seed=0, slice_labels=labels,
+                         oversample_grades=0.5)
+    assert torch.equal(again.item(7, 0)["image"], ds.item(7, 0)["image"])  # (seed, step, slot) still pure
+    with pytest.raises(ValueError, match="oversample_grades needs slice_labels"):
+        SliceDataset(cache, streams, (8, 8), slice_axis=2, oversample_grades=0.5)

@@ -54,6 +54,15 @@ def test_the_base_trainer_trains_on_cache_samples(brain_pre, tmp_path):
     assert type(t.source) is CacheSamples and t.plans is t.source.plans and t.patch_size == [16, 16, 16]
 
 
+@pytest.mark.parametrize("configuration", ["3d_fullres", "2d"])
+def test_grade_oversampling_needs_slice_grades(brain_pre, tmp_path, configuration):
+    r = load_recipe("quickstart", ["model.base_features=4", "model.max_features=8", "data.oversample_grades=0.5",
+                                   f"data.configuration={configuration}"])
+    t = get_trainer("supervised")(r, brain_pre, tmp_path / "run", DistInfo())  # brain_pre: no slice_labels.csv
+    with pytest.raises(ConfigError, match="data.oversample_grades: trainer 'supervised' has no slice grades"):
+        t.make_dataset()
+
+
 def test_the_aggregator_trains_on_a_feature_file_without_plans(tmp_path):
     write_features(tmp_path / "features.npz", synthetic_features(8, 0))
     t = get_trainer("slice_aggregator")(aggregator_recipe(extra=["data.val_cases=[s000, s001]"]), tmp_path,
@@ -129,6 +138,20 @@ def test_graded_slices_give_the_grades_of_the_cached_slices(graded_cache):
     raw = raw_slice_of(props, src.slice_axis)
     want = np.where(raw == 3, 2, np.where(raw == 4, 0, -1))
     assert np.array_equal(grades, want) and {2, 0} <= set(grades.tolist())
+
+
+def test_dcmt_draws_grade_balanced_slots_when_asked(graded_cache, tmp_path):
+    cache, case = graded_cache
+    (cache / "slice_labels.csv").write_text(f"subject,slice_index,label\n{case},3,2\n{case},4,0\n")
+    try:
+        r = load_recipe("dcmt_demo", ["data.oversample_grades=0.5", "data.val_cases=null", "data.val_fraction=0",
+                                      "data.unlabelled_per_batch=0", "data.batch_size=4"])
+        ds = get_trainer("dcmt")(r, cache, tmp_path / "run", DistInfo()).make_dataset()
+        assert ds.grade_slots == 2  # round(4 labelled slots * 0.5)
+        drawn = [int(ds.item(step, 0)["class"]) for step in range(40)]  # a graded slot: only graded slices
+    finally:
+        (cache / "slice_labels.csv").unlink()
+    assert set(drawn) == {0, 2} and 10 <= drawn.count(2) <= 30  # grade 2 and 0 drawn alike, never ungraded (-1)
 
 
 def test_a_source_without_plans_says_so():

@@ -22,6 +22,13 @@ Classification labels (``slice_labels.csv``, :mod:`medvol.io.slice_labels`) inde
 scan's slices; a cached slice takes the class of the raw slice nearest its centre
 (:func:`raw_slice_of`: crop undone, resampling grid inverted). Samples of the unlabelled
 stream get class -1, so a semi-supervised trainer never sees their labels.
+
+Grade oversampling (``oversample_grades``, for graded slices): the first
+``round(n_labelled * oversample_grades)`` labelled slots of each batch draw a grade uniformly
+among those of the labelled cases' slices, then a labelled case holding slices of that grade,
+then one of those slices (uniform in-plane position): class-balanced sampling, the
+classification counterpart of foreground oversampling, for the common case where most slices
+hold no finding. The other slots are drawn as above.
 """
 
 from __future__ import annotations
@@ -99,6 +106,13 @@ def raw_slice_counts(cache_dir, axis: int) -> dict[str, int]:
     return counts
 
 
+def cached_slice_grades(labels: SliceLabels, props: dict, axis: int) -> np.ndarray:
+    """The class of every cached slice of a case across ``axis`` (-1: none): the class of the
+    raw slice it came from (:func:`raw_slice_of`)."""
+    per = labels.slices.get(props["case_id"], {})
+    return np.array([per.get(int(r), -1) for r in raw_slice_of(props, axis)], np.int64)
+
+
 def cached_slice_labels(cache_dir, axis: int) -> SliceLabels | None:
     """The cache's ``slice_labels.csv`` (copied there by preprocessing), checked, or None."""
     from pathlib import Path
@@ -112,7 +126,7 @@ class SliceDataset(PatchDataset):
 
     def __init__(self, cache_dir, streams: Streams, patch_size: Sequence[int], slice_axis: int,
                  oversample: float = 0.33, augment=None, seed: int = 0, context: int = 0,
-                 slice_labels: SliceLabels | None = None):
+                 slice_labels: SliceLabels | None = None, oversample_grades: float = 0.0):
         if len(patch_size) != 2 or slice_axis not in (0, 1, 2) or context < 0:
             raise ValueError(f"SliceDataset: a 2D patch_size, slice_axis 0-2 and context >= 0 are needed, got "
                              f"{list(patch_size)}, {slice_axis}, {context}")
@@ -120,6 +134,10 @@ class SliceDataset(PatchDataset):
         self.slice_axis = int(slice_axis)
         self.context = int(context)
         self.slice_labels = slice_labels
+        if oversample_grades and slice_labels is None:
+            raise ValueError("SliceDataset: oversample_grades needs slice_labels (the grades to balance)")
+        self.grade_slots = int(round(streams.labelled_slots() * oversample_grades))
+        self._by_grade: dict[int, list[tuple[str, np.ndarray]]] | None = None  # per worker, built on first use
 
     @classmethod
     def from_plans(cls, cache_dir, plans: dict, streams: Streams, **kwargs) -> "SliceDataset":
@@ -128,9 +146,38 @@ class SliceDataset(PatchDataset):
         return cls(cache_dir, streams, cfg["patch_size"], cfg["slice_axis"], **kwargs)
 
     def sample(self, step: int, slot: int, rng: np.random.Generator) -> dict:
-        image, label, props, labelled_slot, force_fg = self._draw_case(rng, slot)
-        index, start = choose_slice(image.shape[1:], self.slice_axis, self.patch, rng,
-                                    props.get("class_locations"), force_fg)
+        index = self.streams.labelled_index(slot)
+        if index is not None and index < self.grade_slots:
+            image, label, props, slice_index = self._draw_graded(rng)
+            labelled_slot = True
+            _, start = choose_slice(image.shape[1:], self.slice_axis, self.patch, rng)
+        else:
+            image, label, props, labelled_slot, force_fg = self._draw_case(rng, slot)
+            slice_index, start = choose_slice(image.shape[1:], self.slice_axis, self.patch, rng,
+                                              props.get("class_locations"), force_fg)
+        return self._slice_sample(image, label, props, labelled_slot, slice_index, start, rng, slot)
+
+    def _draw_graded(self, rng: np.random.Generator):
+        """``(image, label, props, slice index)``: a grade uniformly among the labelled slices',
+        a labelled case with slices of it, one of those slices (the module docstring)."""
+        if self._by_grade is None:
+            assert self.slice_labels is not None
+            pool: dict[int, list[tuple[str, np.ndarray]]] = {}
+            for case in self.streams.labelled:
+                grades = cached_slice_grades(self.slice_labels, self._case(case)[2], self.slice_axis)
+                for g in np.unique(grades[grades >= 0]):
+                    pool.setdefault(int(g), []).append((case, np.flatnonzero(grades == g)))
+            if not pool:
+                raise CacheError(f"{self.cache_dir}: oversample_grades, but no labelled training slice has a grade")
+            self._by_grade = pool
+        holders = self._by_grade[sorted(self._by_grade)[int(rng.integers(len(self._by_grade)))]]
+        case, slices = holders[int(rng.integers(len(holders)))]
+        image, label, props = self._case(case)
+        return image, label, props, int(slices[int(rng.integers(len(slices)))])
+
+    def _slice_sample(self, image, label, props: dict, labelled_slot: bool, index: int, start: np.ndarray,
+                      rng: np.random.Generator, slot: int) -> dict:
+        """The sample of slice ``index`` at in-plane ``start``, with its classes when graded."""
         img = extract_slices(image, self.slice_axis, index, start, self.patch, self.context, 0.0)
         lab = None
         if label is not None and labelled_slot:
@@ -152,5 +199,5 @@ class SliceDataset(PatchDataset):
         return {"class": torch.tensor(slice_class), "subject_class": torch.tensor(subject_class)}
 
 
-__all__ = ["SliceDataset", "cached_slice_labels", "choose_slice", "extract_slices", "raw_slice_counts", "raw_slice_of",
-           "slice_config"]
+__all__ = ["SliceDataset", "cached_slice_grades", "cached_slice_labels", "choose_slice", "extract_slices",
+           "raw_slice_counts", "raw_slice_of", "slice_config"]

@@ -233,6 +233,10 @@ class Trainer:
         """3D patches of the cache, or (``data.configuration: 2d``) 2D slices of it."""
         d, src = self.recipe.data, self.cache_samples("the base trainer's dataset")
         augment = build_augmentation(d.augment, ndim=len(src.patch_size))
+        labels = src.slice_labels()
+        if d.oversample_grades and labels is None:
+            raise ConfigError(f"data.oversample_grades: trainer '{self.recipe.trainer.name}' has no slice grades "
+                              "(2d slices of a cache with slice_labels.csv)")
         if src.slice_axis is None:
             return PatchDataset(src.root, self.streams(), src.patch_size, d.oversample_foreground, augment,
                                 seed=self.recipe.trainer.seed)
@@ -240,7 +244,7 @@ class Trainer:
 
         return SliceDataset(src.root, self.streams(), src.patch_size, src.slice_axis, d.oversample_foreground,
                             augment, seed=self.recipe.trainer.seed, context=src.context,
-                            slice_labels=src.slice_labels())
+                            slice_labels=labels, oversample_grades=d.oversample_grades)
 
     def autocast(self):
         """The run's precision (:mod:`medvol.precision`) as an autocast context."""

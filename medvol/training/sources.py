@@ -31,7 +31,7 @@ import numpy as np
 from medvol.cache import load_plans
 from medvol.data import split_cases, training_cases
 from medvol.data.pretext import PretextConfig, prepare_scan_folder
-from medvol.data.slices import cached_slice_labels, raw_slice_of
+from medvol.data.slices import cached_slice_grades, cached_slice_labels
 from medvol.errors import ConfigError
 from medvol.io.slice_features import SliceFeatures, features_path, read_features
 from medvol.io.slice_labels import SLICE_LABELS_FILE, SliceLabels
@@ -147,8 +147,7 @@ class GradedSlices(CacheSamples):
         """The grade of every cached slice of a case across the slice axis (-1: none): the
         grade of the raw slice it came from (:func:`medvol.data.slices.raw_slice_of`)."""
         assert self.slice_axis is not None
-        per = self.grades.slices.get(props["case_id"], {})
-        return np.array([per.get(int(r), -1) for r in raw_slice_of(props, self.slice_axis)], np.int64)
+        return cached_slice_grades(self.grades, props, self.slice_axis)
 
     @classmethod
     def from_recipe(cls, cache_dir: str | Path, recipe) -> GradedSlices:
