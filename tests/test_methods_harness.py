@@ -108,17 +108,29 @@ def test_the_harness_runs_dcmt_against_its_supervised_arm_end_to_end(tmp_path, o
     test, labelled = m.split(grades, 1, 3)
     with open(tmp_path / "data" / "dcmt" / "pre" / "slice_labels.csv", newline="") as f:
         held_slices = sum(1 for row in csv.DictReader(f) if row["slice_index"] and row["subject"] in test)
+    tuning = json.loads((tmp_path / "runs" / "dcmt" / "tuning_b3.json").read_text())
+    val = tuning["validation"]  # one training subject of each grade, neither held out nor labelled
+    assert sorted(grades[s] for s in val) == [0, 1, 2] and not set(val) & set(test + labelled)
+    assert set(tuning["scores"]) == {str(w) for w in m.TUNE_CLASS_CONSISTENCY}
+    assert tuning["chosen"] in m.TUNE_CLASS_CONSISTENCY
     for r in runs:
         assert r["held_out"] == r["scored"] == test and r["labelled"] == labelled and len(labelled) == 3
+        assert r["oversample_grades"] == 0.5
         assert r["subjects"] == len(test) and r["slices"] == held_slices
         dcmt = r["arm"] == "DC-MT"  # the unlabelled stream and the consistency terms: DC-MT's alone
-        assert (r["unlabelled_per_batch"] > 0) == dcmt and (min(r["consistency"]) > 0) == dcmt
+        assert (r["unlabelled_per_batch"] > 0) == dcmt and (r["consistency"][1] > 0) == dcmt
+        assert r["consistency"][0] == (tuning["chosen"] if dcmt else 0)  # the weight the validation subjects chose
         for k in m.METRICS:
             assert 0.0 <= r[k] <= 1.0, (k, r[k])
-        split = json.loads((tmp_path / "runs" / "dcmt" / f"b3_s{r['seed']}_{m.run_name(r['arm'])}"
-                            / "run" / "split.json").read_text())
+        arm_dir = tmp_path / "runs" / "dcmt" / f"b3_s{r['seed']}_{m.run_name(r['arm'])}"
+        split = json.loads((arm_dir / "run" / "split.json").read_text())
         assert split["validation"] == test and not set(test) & set(split["labelled"] + split["unlabelled"])
+        # the subject model on the arm's features: the same labelled subjects, the others unlabelled, test held out
+        agg = json.loads((arm_dir / "aggregator" / "split.json").read_text())
+        assert agg["labelled"] == labelled and agg["validation"] == test
+        assert sorted(agg["unlabelled"]) == sorted(set(grades) - set(test) - set(labelled))
     table = (tmp_path / "methods.md").read_text()
     for row in ("| 3 | DC-MT | 2 | 2 |", "| 3 | supervised | 2 | 2 |", "| 3 | slice CNN | 2 | 2 |",
                 "| 3 | DC-MT - supervised (paired) | 2 |", "| 3 | DC-MT - slice CNN (paired) | 2 |"):
         assert row in table
+    assert (tmp_path / "dcmt.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the picture the table names
