@@ -43,9 +43,9 @@ the held-out subjects; with 3 or 6 labelled subjects it learns from 3 or 6 examp
 
 from __future__ import annotations
 
-import csv
 import json
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -86,23 +86,19 @@ def build(work: Path, toy: bool) -> tuple[Path, dict[str, int]]:
     return root / "pre", json.loads(grades_file.read_text())
 
 
+def by_grade(grades: dict[str, int], leave: Collection[str] = ()) -> dict[int, list[str]]:
+    """{grade: its subjects in order}, without those in ``leave``."""
+    return {g: sorted(s for s, v in grades.items() if v == g and s not in leave) for g in sorted(set(grades.values()))}
+
+
 def split(grades: dict[str, int], held_out: int, budget: int) -> tuple[list[str], list[str]]:
     """(held-out subjects: the last ``held_out`` of each grade; labelled: the first
     ``budget // 3`` training subjects of each grade)."""
-    by = {g: sorted(s for s, v in grades.items() if v == g) for g in sorted(set(grades.values()))}
+    by = by_grade(grades)
     test = [s for g in by for s in by[g][len(by[g]) - held_out:]]
-    labelled = [s for g in by for s in [s for s in by[g] if s not in test][: budget // len(by)]]
+    rest = by_grade(grades, test)
+    labelled = [s for g in rest for s in rest[g][: budget // len(rest)]]
     return sorted(test), sorted(labelled)
-
-
-def cached_slice_grades(cache: Path) -> dict[str, dict[int, int]]:
-    """{subject: {raw stack index: grade}} from the cache's ``slice_labels.csv``."""
-    out: dict[str, dict[int, int]] = {}
-    with open(cache / "slice_labels.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            if row["slice_index"]:
-                out.setdefault(row["subject"], {})[int(row["slice_index"])] = int(row["label"])
-    return out
 
 
 def score(features: Path, test: list[str], truth: dict[str, dict[int, int]], subject_truth: dict[str, int]) -> dict:
@@ -163,8 +159,9 @@ def aggregate(features: Path, test: list[str], labelled: list[str], seed: int, o
 
 
 def train_arm(arm: str, cache: Path, held_out: list[str], labelled: list[str], seed: int, run: Path, toy: bool,
-              extra: tuple[str, ...] = ()) -> float:
-    """Train (or reuse) one arm's run, ``held_out`` kept out of training; its training seconds."""
+              extra: tuple[str, ...] = ()) -> tuple[float, dict]:
+    """Train (or reuse) one arm's run, ``held_out`` kept out of training: (its training seconds, its
+    checked ``split.json``)."""
     from medvol.training import load_recipe, train
 
     epochs = 1 if toy else EPOCHS
@@ -184,7 +181,7 @@ def train_arm(arm: str, cache: Path, held_out: list[str], labelled: list[str], s
     used = json.loads((run / "split.json").read_text())
     if set(used["labelled"]) != set(labelled) or set(held_out) & set(used["labelled"] + used["unlabelled"]):
         raise RuntimeError(f"{run}: trained on {used}, not on labelled {labelled} with {held_out} held out")
-    return json.loads(summary.read_text()).get("seconds", time.perf_counter() - t0)  # a reused run's own time
+    return json.loads(summary.read_text()).get("seconds", time.perf_counter() - t0), used  # a reused run's own time
 
 
 def run_arm(arm: str, cache: Path, test: list[str], labelled: list[str], seed: int, out: Path, toy: bool,
@@ -194,8 +191,7 @@ def run_arm(arm: str, cache: Path, test: list[str], labelled: list[str], seed: i
     from medvol.losses.dcmt import DCMTLossConfig
 
     run = out / "run"
-    seconds = train_arm(arm, cache, test, labelled, seed, run, toy, extra)
-    used = json.loads((run / "split.json").read_text())
+    seconds, used = train_arm(arm, cache, test, labelled, seed, run, toy, extra)
     recipe = yaml.safe_load((run / "recipe.yaml").read_text())  # what the run itself used
     loss = DCMTLossConfig(**(recipe.get("method") or {}).get("loss") or {})
     consistency = [loss.consistency_cls, loss.consistency_att] if recipe["trainer"]["name"] == "dcmt" else [0, 0]
@@ -210,24 +206,23 @@ def run_arm(arm: str, cache: Path, test: list[str], labelled: list[str], seed: i
 
 def validation_split(grades: dict[str, int], test: list[str], labelled: list[str], per_grade: int) -> list[str]:
     """The last ``per_grade`` training subjects of each grade that are neither held out nor labelled."""
-    by = {g: sorted(s for s, v in grades.items() if v == g and s not in test and s not in labelled)
-          for g in sorted(set(grades.values()))}
+    by = by_grade(grades, test + labelled)
     return sorted(s for g in by for s in by[g][len(by[g]) - per_grade:])
 
 
-def tune(seeds: list[int], work: Path, toy: bool, budget: int, cache: Path, grades: dict[str, int],
-         truth: dict[str, dict[int, int]]) -> float:
-    """DC-MT's class-consistency weight at ``budget``, chosen on validation subjects, never the held-out
+def tune(seeds: list[int], work: Path, toy: bool, cache: Path, grades: dict[str, int], truth: dict[str, dict[int, int]],
+         test: list[str], labelled: list[str]) -> float:
+    """DC-MT's class-consistency weight at the budget of ``labelled``, chosen on validation subjects, never the held-out
     ones: each weight of ``TUNE_CLASS_CONSISTENCY`` trains with the held-out and the validation subjects
     both kept out, its teacher grades the validation subjects' slices, and the weight of the best mean
     slice balanced accuracy over ``seeds`` wins (DC-MT's own selection metric; a tie keeps the earlier,
     the published 5 first). Kept in ``runs/dcmt/tuning_b{budget}.json``."""
     from medvol.inference.subjects import extract_features
 
+    budget = len(labelled)
     path = work / "runs" / "dcmt" / f"tuning_b{budget}.json"
     if path.exists():
         return float(json.loads(path.read_text())["chosen"])
-    test, labelled = split(grades, 1 if toy else HELD_OUT, budget)
     val = validation_split(grades, test, labelled, 1 if toy else VALIDATION)
     scores: dict[float, list[float]] = {}
     for w in TUNE_CLASS_CONSISTENCY:
@@ -253,13 +248,16 @@ def run_name(arm: str) -> str:
 
 def run(seeds: list[int], work: Path, toy: bool, deadline: float, budgets: tuple[int, ...] = BUDGETS) -> list[dict]:
     """Every arm at each labelled budget (subjects, a multiple of 3) over ``seeds``."""
+    from medvol.cache import load_plans
+    from medvol.data.slices import cached_slice_labels, slice_config
+
     work = Path(work)
     cache, grades = build(work, toy)
-    truth = cached_slice_grades(cache)
+    truth = cached_slice_labels(cache, slice_config(load_plans(cache))["slice_axis"]).slices  # checked read
     rows = []
     for budget in (3,) if toy else budgets:
         test, labelled = split(grades, 1 if toy else HELD_OUT, budget)
-        weight = tune(seeds, work, toy, budget, cache, grades, truth)
+        weight = tune(seeds, work, toy, cache, grades, truth, test, labelled)
         for seed in seeds:
             for arm in ARMS:
                 if time.time() > deadline:
