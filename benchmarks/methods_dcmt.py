@@ -44,6 +44,7 @@ the held-out subjects; with 3 or 6 labelled subjects it learns from 3 or 6 examp
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Collection
 from pathlib import Path
@@ -134,9 +135,10 @@ def score(features: Path, test: list[str], truth: dict[str, dict[int, int]], sub
 
 
 def aggregate(features: Path, test: list[str], labelled: list[str], seed: int, out: Path, toy: bool,
-              subject_truth: dict[str, int]) -> dict:
+              subject_truth: dict[str, int], arm_run: Path) -> dict:
     """Subject grades of ``test`` from the slice aggregator (``AGGREGATOR``) trained on ``features``
-    of the training subjects, ``labelled`` keeping their grades: accuracy, balanced accuracy, ordinal AUC."""
+    of the training subjects, ``labelled`` keeping their grades: accuracy, balanced accuracy, ordinal AUC.
+    An aggregator older than its arm's run (``arm_run``, retrained since) is trained again."""
     import torch
 
     from medvol.data.slice_outputs import subject_probabilities
@@ -146,7 +148,10 @@ def aggregate(features: Path, test: list[str], labelled: list[str], seed: int, o
     from medvol.training import load_recipe, train
 
     steps = 4 if toy else AGGREGATOR_STEPS
-    if not (out / "train_summary.json").exists():
+    done = out / "train_summary.json"
+    if done.exists() and done.stat().st_mtime < (arm_run / "train_summary.json").stat().st_mtime:
+        shutil.rmtree(out)  # this harness's own run, on the features of an arm that has been retrained
+    if not done.exists():
         sets = [*AGGREGATOR, f"data.val_cases={test}", f"data.labelled={labelled}", f"trainer.seed={seed}",
                 f"trainer.steps={steps}", f"trainer.val_every={steps + 1}"]
         train(load_recipe("slice_aggregator_demo", sets), features, out, resume="auto", device="cpu", quiet=True)
@@ -201,7 +206,7 @@ def run_arm(arm: str, cache: Path, test: list[str], labelled: list[str], seed: i
             "unlabelled_per_batch": recipe["data"].get("unlabelled_per_batch", 0),
             "consistency": consistency, "oversample_grades": recipe["data"].get("oversample_grades", 0.0),
             "held_out": used["validation"], **score(features, test, truth, subject_truth),
-            **aggregate(features, test, labelled, seed, out / "aggregator", toy, subject_truth)}
+            **aggregate(features, test, labelled, seed, out / "aggregator", toy, subject_truth, run)}
 
 
 def validation_split(grades: dict[str, int], test: list[str], labelled: list[str], per_grade: int) -> list[str]:

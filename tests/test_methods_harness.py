@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -134,3 +135,13 @@ def test_the_harness_runs_dcmt_against_its_supervised_arm_end_to_end(tmp_path, o
                 "| 3 | DC-MT - supervised (paired) | 2 |", "| 3 | DC-MT - slice CNN (paired) | 2 |"):
         assert row in table
     assert (tmp_path / "dcmt.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the picture the table names
+    # a rerun reuses every run, but an aggregator older than its (retrained) arm is trained again
+    arm_dir = tmp_path / "runs" / "dcmt" / "b3_s0_supervised"
+    kept, stale = arm_dir / "aggregator" / "train_summary.json", arm_dir / "run" / "train_summary.json"
+    earlier = stale.stat().st_mtime - 10  # the aggregator trained before its arm's last run
+    os.utime(kept, (earlier, earlier))
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs" / "dcmt").glob("b3_s*/*/train_summary.json")}
+    assert h.main(["--method", "dcmt", "--toy", "--seeds", "0", "1", "--out", str(tmp_path)]) == 0
+    after = {p: p.stat().st_mtime_ns for p in before}
+    assert kept.stat().st_mtime > stale.stat().st_mtime
+    assert [p for p in before if after[p] != before[p]] == [kept]
