@@ -104,6 +104,9 @@ Q2D_CPU = ("model.base_features=8", "data.batch_size=8")
 INFNET_128 = tuple(s for s in INFNET_CPU if not s.startswith("model.options.input_scale"))
 INFNET_352 = (*INFNET_128, "model.options.input_scale=2.75")  # 128 -> 352, the published working size
 INFNET_704 = (*INFNET_128, "model.options.input_scale=5.5")  # 128 -> 704: the skull >= 2 stride-8 cells thick
+# quickstart_2d's own augmentation (nnU-Net's, 2D: rotation to 180 degrees, both in-plane flips); the
+# published Inf-Net resizes only, a setting made for 50 slices on a GPU for 100 epochs
+AUG_2D = ("data.augment.enabled=true", "data.augment.rotate_deg=180", "data.augment.flip_axes=[0,1]")
 SEMI_STEPS = 300  # the initial stage = the baseline's run; pretrain as long; finetune a third
 
 
@@ -144,6 +147,13 @@ COMPARISONS = {c.method: c for c in [
     Comparison("infnet_brain_352", "ct_brain", Arm("Inf-Net 352", "infnet", INFNET_352),
                Arm("quickstart_2d", "quickstart_2d", Q2D_CPU),
                budgets=(24,), steps=300, note="brain on real head-CT slices, Inf-Net at the published 352 px"),
+    # the same two with the baseline's augmentation: both arms see the same data pipeline
+    Comparison("infnet_704_aug", "ct_bone", Arm("Inf-Net 704 aug", "infnet", (*INFNET_704, *AUG_2D)),
+               Arm("quickstart_2d", "quickstart_2d", Q2D_CPU),
+               budgets=(24,), steps=300, note="bone, Inf-Net at 704 px with quickstart_2d's augmentation"),
+    Comparison("infnet_brain_352_aug", "ct_brain", Arm("Inf-Net 352 aug", "infnet", (*INFNET_352, *AUG_2D)),
+               Arm("quickstart_2d", "quickstart_2d", Q2D_CPU),
+               budgets=(24,), steps=300, note="brain, Inf-Net at 352 px with quickstart_2d's augmentation"),
     Comparison("semi_infnet", "ct_brain", Arm("Semi-Inf-Net", "semi_infnet", INFNET_128, sets_for=semi_infnet_stages),
                Arm("Inf-Net", "infnet", INFNET_128), budgets=(8, 24), steps=SEMI_STEPS,
                note="brain on real head-CT slices at 128 px; 24 of the 48 unlabelled slices pseudo-labelled"),
