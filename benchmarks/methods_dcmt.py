@@ -76,6 +76,7 @@ def build(work: Path, toy: bool) -> tuple[Path, dict[str, int]]:
     """(the cache, {subject: grade}), built once under ``work/data/dcmt``."""
     from medvol.datasets.subjects import build_graded_subjects
     from medvol.preprocessing import preprocess_dataset
+    from medvol.utils import read_json, write_json
 
     root = work / "data" / "dcmt"
     grades_file = root / "subject_grades.json"
@@ -83,8 +84,8 @@ def build(work: Path, toy: bool) -> tuple[Path, dict[str, int]]:
         _, grades = build_graded_subjects(root / "raw", n=TOY_SUBJECTS if toy else N_SUBJECTS,
                                           spacing=TOY_SPACING if toy else SPACING)
         preprocess_dataset(root / "raw", root / "pre", num_workers=1, quiet=True)
-        grades_file.write_text(json.dumps(grades, indent=1))
-    return root / "pre", json.loads(grades_file.read_text())
+        write_json(grades_file, grades)  # atomic: a later run reads it back
+    return root / "pre", read_json(grades_file)
 
 
 def by_grade(grades: dict[str, int], leave: Collection[str] = ()) -> dict[int, list[str]]:
@@ -223,11 +224,12 @@ def tune(seeds: list[int], work: Path, toy: bool, cache: Path, grades: dict[str,
     slice balanced accuracy over ``seeds`` wins (DC-MT's own selection metric; a tie keeps the earlier,
     the published 5 first). Kept in ``runs/dcmt/tuning_b{budget}.json``."""
     from medvol.inference.subjects import extract_features
+    from medvol.utils import read_json, write_json
 
     budget = len(labelled)
     path = work / "runs" / "dcmt" / f"tuning_b{budget}.json"
     if path.exists():
-        return float(json.loads(path.read_text())["chosen"])
+        return float(read_json(path)["chosen"])
     val = validation_split(grades, test, labelled, 1 if toy else VALIDATION)
     scores: dict[float, list[float]] = {}
     for w in TUNE_CLASS_CONSISTENCY:
@@ -241,9 +243,8 @@ def tune(seeds: list[int], work: Path, toy: bool, cache: Path, grades: dict[str,
         print(f"dcmt tuning budget {budget}: class consistency {w:g}: validation slice balanced accuracy "
               f"{np.mean(scores[w]):.3f} ({', '.join(f'{v:.3f}' for v in scores[w])})", flush=True)
     chosen = max(TUNE_CLASS_CONSISTENCY, key=lambda w: float(np.mean(scores[w])))
-    path.write_text(json.dumps({"budget": budget, "validation": val, "seeds": seeds, "metric":
-                                "slice_balanced_accuracy", "scores": {str(w): v for w, v in scores.items()},
-                                "chosen": chosen}, indent=1))
+    write_json(path, {"budget": budget, "validation": val, "seeds": seeds, "metric": "slice_balanced_accuracy",
+                      "scores": {str(w): v for w, v in scores.items()}, "chosen": chosen})  # atomic: reused later
     return chosen
 
 
