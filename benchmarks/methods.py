@@ -10,9 +10,12 @@ same labelled cases (``data.labelled``: the first k labelled training cases, at 
 budget), the same steps and seed, no validation split (every labelled case trains); then each
 run's last checkpoint predicts the held-out scans from their raw files in their own geometry
 and ``medvol evaluate``'s scoring gives Dice and HD95 per class. Writes ``OUT/methods.json``
-(every run), ``OUT/methods.md`` (mean and min-max over seeds, method minus baseline) and, per
-comparison, ``OUT/<method>.png`` (Dice against the labelled budget, method and baseline as two
-lines). ``--budget-minutes`` stops starting runs once spent (what ran is still reported).
+(every run), ``OUT/methods.md`` (mean and min-max over seeds, method minus baseline, the wall
+minutes of both arms per seed) and, per comparison, ``OUT/<method>.png`` (Dice against the
+labelled budget, method and baseline as two lines). ``--budget-minutes`` stops starting runs
+once spent (what ran is still reported). ``--all`` runs the comparisons README's figures rest on,
+one or two per method; the screens and studies (Inf-Net at other sizes or without the
+augmentation, UGPCL with its unlabelled terms off) run by name.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class Comparison:
     steps: int
     note: str = ""
     partial: bool = False  # DoDNet: one network over partial datasets (steps x datasets) vs one per dataset
+    study: bool = False  # a screen or one setting studied (size, augmentation, a term off): not in --all
 
 
 @dataclass
@@ -133,17 +137,19 @@ COMPARISONS = {c.method: c for c in [
     # skull cannot be drawn by a 16 x 16 map, and a region's boundary is placed to +-4 px by one
     Comparison("infnet", "ct_bone", Arm("Inf-Net", "infnet", INFNET_CPU),
                Arm("quickstart_2d", "quickstart_2d", Q2D_CPU),
-               budgets=(24,), steps=300, note="bone on real head-CT slices, 24 labelled slices"),
+               study=True, budgets=(24,), steps=300, note="bone on real head-CT slices, 24 labelled slices"),
     # the published resize itself (352 px; here 128 -> 352): the final stride-8 map is 44 x 44
     Comparison("infnet_352", "ct_bone", Arm("Inf-Net 352", "infnet", INFNET_352),
                Arm("quickstart_2d", "quickstart_2d", Q2D_CPU),
-               budgets=(24,), steps=300, note="bone on real head-CT slices, Inf-Net at the published 352 px"),
+               study=True, budgets=(24,), steps=300,
+               note="bone on real head-CT slices, Inf-Net at the published 352 px"),
     Comparison("infnet_704", "ct_bone", Arm("Inf-Net 704", "infnet", INFNET_704),
                Arm("quickstart_2d", "quickstart_2d", Q2D_CPU),
-               budgets=(24,), steps=300, note="bone on real head-CT slices, Inf-Net at 704 px (2x the published size)"),
+               study=True, budgets=(24,), steps=300,
+               note="bone on real head-CT slices, Inf-Net at 704 px (2x the published size)"),
     Comparison("infnet_brain", "ct_brain", Arm("Inf-Net", "infnet", INFNET_CPU),
                Arm("quickstart_2d", "quickstart_2d", Q2D_CPU),
-               budgets=(24,), steps=300, note="brain on real head-CT slices, 24 labelled slices"),
+               study=True, budgets=(24,), steps=300, note="brain on real head-CT slices, 24 labelled slices"),
     Comparison("infnet_brain_352", "ct_brain", Arm("Inf-Net 352", "infnet", INFNET_352),
                Arm("quickstart_2d", "quickstart_2d", Q2D_CPU),
                budgets=(24,), steps=300, note="brain on real head-CT slices, Inf-Net at the published 352 px"),
@@ -153,7 +159,7 @@ COMPARISONS = {c.method: c for c in [
                budgets=(24,), steps=300, note="bone, Inf-Net at 704 px with quickstart_2d's augmentation"),
     Comparison("infnet_brain_352_aug", "ct_brain", Arm("Inf-Net 352 aug", "infnet", (*INFNET_352, *AUG_2D)),
                Arm("quickstart_2d", "quickstart_2d", Q2D_CPU),
-               budgets=(24,), steps=300, note="brain, Inf-Net at 352 px with quickstart_2d's augmentation"),
+               study=True, budgets=(24,), steps=300, note="brain, Inf-Net at 352 px with quickstart_2d's augmentation"),
     Comparison("semi_infnet", "ct_brain", Arm("Semi-Inf-Net", "semi_infnet", INFNET_128, sets_for=semi_infnet_stages),
                Arm("Inf-Net", "infnet", INFNET_128), budgets=(8, 24), steps=SEMI_STEPS,
                note="brain on real head-CT slices at 128 px; 24 of the 48 unlabelled slices pseudo-labelled"),
@@ -165,7 +171,7 @@ COMPARISONS = {c.method: c for c in [
                Arm("UGPCL labelled only", "ugpcl_demo", ("method.consistency=0", "method.rotation_weight=0",
                                                          "method.contrast_weight=0", "data.unlabelled_per_batch=0",
                                                          "data.batch_size=4")),  # the same 4 labelled per batch
-               budgets=(1, 2), steps=300, note="GM/WM on real T1 scans: the unlabelled terms on and off"),
+               study=True, budgets=(1, 2), steps=300, note="GM/WM on real T1 scans: the unlabelled terms on and off"),
     Comparison("canet", "brain_wm", Arm("CANet", "canet_demo", ("data.val_cases=null",)),
                Arm("quickstart", "quickstart", ("model.base_features=8", "data.patch_size=[48,48,48]")),
                budgets=(1, 2), steps=300, note="white matter on real T1 scans, the rest of the 6 unlabelled"),
@@ -178,6 +184,10 @@ COMPARISONS = {c.method: c for c in [
                Arm("scratch", "pcrl_finetune_demo"),
                budgets=(1, 2), steps=200, note="GM/WM on real T1 scans, pretrained on all 6 without labels"),
 ]}
+
+
+# What --all runs: the comparisons README's figures rest on (each study runs by name)
+MAIN = {m: c for m, c in COMPARISONS.items() if not c.study}
 
 
 # Comparisons scored otherwise than by the Dice of a label map (super-resolution, multi-rater
@@ -386,20 +396,27 @@ def summarise(rows: list[dict]) -> list[dict]:
                 h = {a: [r["scores"][cls]["hd95"] for r in mine if r["arm"] == a] for a in arms}
                 n = min(len(v) for v in d.values())
                 diff = [m - b for m, b in zip(d[c.arm.label][:n], d[c.baseline.label][:n])]
-                out.append({"method": method, "budget": budget, "class": cls, "dice": d, "hd95": h, "diff": diff})
+                out.append({"method": method, "budget": budget, "class": cls, "dice": d, "hd95": h, "diff": diff,
+                            "minutes": _minutes(mine)})
     return out
+
+
+def _minutes(rows: list[dict]) -> list[float]:
+    """Per seed, the wall minutes of both arms together (what a comparison costs a seed)."""
+    seeds = dict.fromkeys(r["seed"] for r in rows)
+    return [sum(r.get("seconds", 0.0) for r in rows if r["seed"] == seed) / 60 for seed in seeds]
 
 
 def write_table(summary: list[dict], out: Path) -> Path:
     lines = ["| method | labelled | class | method Dice | baseline | baseline Dice | difference "
-             "| HD95 (method / baseline) |",
-             "|---|---|---|---|---|---|---|---|"] if summary else []  # only comparisons scored elsewhere
+             "| HD95 (method / baseline) | minutes a seed |",
+             "|---|---|---|---|---|---|---|---|---|"] if summary else []  # only comparisons scored elsewhere
     for s in summary:
         c = COMPARISONS[s["method"]]
         hm, hb = (np.mean(s["hd95"][a.label]) if s["hd95"][a.label] else float("nan") for a in (c.arm, c.baseline))
         lines.append(f"| {c.arm.label} | {s['budget'] or 'all'} | {s['class']} | {stat(s['dice'][c.arm.label])} | "
                      f"{c.baseline.label} | {stat(s['dice'][c.baseline.label])} | {stat(s['diff'])} | "
-                     f"{hm:.2f} / {hb:.2f} |")
+                     f"{hm:.2f} / {hb:.2f} | {stat(s.get('minutes', []), 1)} |")
     path = out / "methods.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -435,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--method", action="append", choices=sorted({**COMPARISONS, **SCORED_ELSEWHERE}),
                     help="repeat for several")
-    ap.add_argument("--all", action="store_true")
+    ap.add_argument("--all", action="store_true", help="every comparison but the studies (name those with --method)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--budgets", type=int, nargs="+", help="these labelled budgets (default: the comparison's own)")
     ap.add_argument("--budget-minutes", type=float, default=float("inf"))
@@ -448,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.merge:
         rows = [r for d in a.merge for r in json.loads((d / "methods.json").read_text())["runs"]]
     else:
-        methods = sorted({**COMPARISONS, **SCORED_ELSEWHERE}) if a.all else (
+        methods = sorted({**MAIN, **SCORED_ELSEWHERE}) if a.all else (
             a.method or ap.error("give --method NAME or --all"))
         deadline = time.time() + 60 * a.budget_minutes
         rows = [r for m in methods for r in (

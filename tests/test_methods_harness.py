@@ -35,7 +35,8 @@ def test_paired_differences_and_table_from_rows(tmp_path):
     assert s["diff"] == pytest.approx([0.1, -0.05])
     table = h.write_table([s], tmp_path).read_text()
     assert ("| Inf-Net | 24 | bone | 0.800 [0.700, 0.900] | quickstart_2d | 0.775 [0.750, 0.800] "
-            "| 0.025 [-0.050, 0.100] |") in table
+            "| 0.025 [-0.050, 0.100] | 2.00 / 2.00 | 0.0 [0.0, 0.0] |") in table
+    assert s["minutes"] == pytest.approx([2 / 60, 2 / 60])  # both arms' seconds, per seed
 
     assert h.write_table([], tmp_path).read_text() == "\n"  # only comparisons scored elsewhere: no empty header
 
@@ -46,6 +47,19 @@ def test_budgets_reach_only_comparisons_that_have_them(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         h.main(["--method", "seran", "--budgets", "2", "--out", str(tmp_path)])
     assert e.value.code == 2 and "--budgets: seran has no labelled budgets" in capsys.readouterr().err
+
+def test_all_runs_every_comparison_but_the_studies(tmp_path, monkeypatch):
+    """``--all`` is the table README's figures rest on: every method once, no screen or study."""
+    h = _harness()
+    ran: list[str] = []
+    monkeypatch.setattr(h, "run_comparison", lambda c, *a, **k: ran.append(c.method) or [])
+    monkeypatch.setattr(h, "_run_elsewhere", lambda m, *a: ran.append(m) or [])
+    assert h.main(["--all", "--out", str(tmp_path)]) == 0
+    assert sorted(ran) == sorted(["infnet_704_aug", "infnet_brain_352", "semi_infnet", "ugpcl", "canet", "dodnet",
+                                  "pcrl", "dcmt", "de_dcgcn_ee", "mrnet", "seran"])
+    assert {c.method for c in h.COMPARISONS.values() if c.study} == {
+        "infnet", "infnet_352", "infnet_704", "infnet_brain", "infnet_brain_352_aug", "ugpcl_semi"}
+
 
 @pytest.mark.slow
 @pytest.mark.skipif(not available("pydicom-data"), reason="needs the pydicom-data wheel (real CT)")
