@@ -740,6 +740,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    code = _run(args)
+    group = sys.modules.get("medvol.training.distributed")
+    if group is not None and group.joined_a_group():  # one of several processes: leave at once
+        group.exit_process(code)
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command's exit status; a medvol error or a stop is one line on stderr."""
     try:
         return COMMANDS[args.command](args)
     except (MedvolError, OSError) as e:

@@ -156,6 +156,69 @@ def test_srun_style_launch_matches_nproc(brain_pre, ddp_run, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("outcome", ["ends", "preempted", "fails"])
+def test_processes_meet_before_leaving_the_group_unless_one_failed(outcome, tmp_path, monkeypatch):
+    """After a run that ended (or was pre-empted, every process at the same step) the processes
+    meet at a barrier before destroying the group (a gloo process that leaves alone aborts at
+    exit more often: benchmarks/gloo_teardown.py). After an error on one process there is no
+    barrier, which the others, inside some other collective, would never match."""
+    import medvol.training.distributed as mdist
+    import medvol.training.engine as engine
+    from medvol.errors import Preempted
+
+    calls: list[str] = []
+    monkeypatch.setattr(mdist, "setup", lambda device: mdist.DistInfo(rank=1, world_size=2))
+    monkeypatch.setattr(mdist.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(mdist.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(mdist.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    raised = {"ends": None, "preempted": Preempted(3, tmp_path / "latest.pt"), "fails": ValueError("bad case")}[outcome]
+
+    def fit(trainer, **kw):
+        calls.append("fit")
+        if raised is not None:
+            raise raised
+        return {"val/dice": 0.5}
+
+    monkeypatch.setattr(engine, "fit", fit)
+    monkeypatch.setattr("medvol.training.get_trainer", lambda name: lambda *a: object())
+    recipe = load_recipe("quickstart")
+    if raised is None:
+        assert train(recipe, tmp_path, tmp_path / "run") == {"val/dice": 0.5}
+    else:
+        with pytest.raises(type(raised)):
+            train(recipe, tmp_path, tmp_path / "run")
+    assert calls == (["fit", "destroy"] if outcome == "fails" else ["fit", "barrier", "destroy"])
+
+
+@pytest.mark.parametrize("status", [0, 2])
+def test_the_cli_ends_a_process_of_a_group_through_exit_process(status, monkeypatch):
+    """A command run as one of several processes ends through ``exit_process`` with its own
+    status (no interpreter finalization, where gloo's threads can abort it); a lone one returns."""
+    from medvol import cli
+    from medvol.training import distributed
+
+    left: list[int] = []
+    monkeypatch.setattr(cli, "COMMANDS", {**cli.COMMANDS, "check": lambda a: status})
+    monkeypatch.setattr(distributed, "exit_process", left.append)
+    for joined, expected in ((True, [status]), (False, [])):
+        monkeypatch.setattr(distributed, "_JOINED", [joined])
+        left.clear()
+        assert cli.main(["check", "raw"]) == status
+        assert left == expected
+
+
+def test_exit_process_flushes_and_leaves_with_the_status(tmp_path):
+    """Block-buffered stdout (a pipe) and a log file handler still reach their files."""
+    code = ("import logging, sys; from medvol.training.distributed import exit_process; "
+            "logging.basicConfig(filename=sys.argv[1]); logging.warning('logged'); "
+            "print('printed'); sys.stdout.write('tail'); exit_process(3)")
+    log = tmp_path / "log.txt"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    r = subprocess.run([sys.executable, "-c", code, str(log)], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 3 and r.stdout == "printed\ntail"
+    assert "logged" in log.read_text()
+
+
 @pytest.mark.parametrize("form", [["--nproc", "3"], ["--nproc=3"]])
 def test_nproc_relaunches_the_same_command_under_torchrun(form, monkeypatch):
     from medvol import cli

@@ -143,6 +143,7 @@ def train(recipe, data: str | Path, out: str | Path, resume: bool | str = False,
     otherwise, so one job script serves the first start and every requeue after a pre-emption
     (:func:`medvol.training.run_folder.resume_flag`, the one rule for every trainer; a driver
     of several runs names the file it resumes from as ``resume_file``)."""
+    from medvol.errors import Preempted
     from medvol.training.distributed import setup, teardown
     from medvol.training.engine import fit
     from medvol.training.run_folder import LATEST, resume_flag
@@ -155,9 +156,16 @@ def train(recipe, data: str | Path, out: str | Path, resume: bool | str = False,
     resume = resume_flag(out, resume, getattr(cls, "resume_file", LATEST))
     driver = getattr(cls, "drive", None)  # several runs in one (Semi-Inf-Net): its own layout
     info = setup(device)
+    together = False  # whether every process ends here at the same point
     try:
         if driver is not None:
-            return driver(recipe, data, out, info, resume=resume, stop_at=stop_at, quiet=quiet)
-        return fit(cls(recipe, data, out, info), resume=resume, stop_at=stop_at, quiet=quiet)
+            result = driver(recipe, data, out, info, resume=resume, stop_at=stop_at, quiet=quiet)
+        else:
+            result = fit(cls(recipe, data, out, info), resume=resume, stop_at=stop_at, quiet=quiet)
+        together = True
+        return result
+    except Preempted:
+        together = True  # every process stops after the same step
+        raise
     finally:
-        teardown(info)
+        teardown(info, together)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable
+from typing import Callable, NoReturn
 
 import torch
 import torch.distributed as dist
+
+_JOINED = [False]  # set by setup() when this process joins a group of several
 
 
 @dataclass
@@ -63,6 +66,7 @@ def setup(device: str = "auto") -> DistInfo:
         dev = torch.device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        _JOINED[0] = True
         if dev.type == "cpu":  # share the cores between the processes
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // _env_int("LOCAL_WORLD_SIZE", default=world)))
     return DistInfo(rank, world, local, dev)
@@ -86,9 +90,39 @@ def run_on_main(info: DistInfo, fn: Callable[[], object], wait_hours: float = 24
             dist.barrier(group=group)
 
 
-def teardown(info: DistInfo) -> None:
+def teardown(info: DistInfo, together: bool = False) -> None:
+    """Leave the process group. ``together``: every process got here at the same point (the
+    command ended, or all stopped at one step), so they first meet at a barrier; not after an
+    error on one process, where the others may be inside a collective the barrier would never
+    match. The barrier makes the exit abort below rarer (``benchmarks/gloo_teardown.py``); only
+    :func:`exit_process` rules it out."""
     if info.distributed and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+def joined_a_group() -> bool:
+    """Whether :func:`setup` made this process one of several."""
+    return _JOINED[0]
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a process that was one of a gloo group without interpreter finalization.
+
+    A group that DistributedDataParallel was built on outlives ``destroy_process_group`` (the
+    wrapper leaves references to it behind), and so do its worker threads. One of them may still
+    be freeing the tensors of the last collective when the interpreter shuts down; it cannot
+    take the GIL then, and the process dies with SIGABRT ("terminate called without an active
+    exception") after its work was done and written. So the outputs are flushed and the
+    process leaves at once with its own status (what the CLI does after a multi-process
+    command)."""
+    import logging
+
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 def params_identical_across_ranks(module: torch.nn.Module, info: DistInfo) -> bool:
