@@ -48,6 +48,7 @@ def test_budgets_reach_only_comparisons_that_have_them(tmp_path, capsys):
         h.main(["--method", "seran", "--budgets", "2", "--out", str(tmp_path)])
     assert e.value.code == 2 and "--budgets: seran has no labelled budgets" in capsys.readouterr().err
 
+
 def test_all_runs_every_comparison_but_the_studies(tmp_path, monkeypatch):
     """``--all`` is the table README's figures rest on: every method once, no screen or study."""
     h = _harness()

@@ -201,7 +201,7 @@ def test_the_cli_ends_a_process_of_a_group_through_exit_process(status, monkeypa
     monkeypatch.setattr(cli, "COMMANDS", {**cli.COMMANDS, "check": lambda a: status})
     monkeypatch.setattr(distributed, "exit_process", left.append)
     for joined, expected in ((True, [status]), (False, [])):
-        monkeypatch.setattr(distributed, "_JOINED", [joined])
+        monkeypatch.setattr(distributed, "_joined", joined)
         left.clear()
         assert cli.main(["check", "raw"]) == status
         assert left == expected

@@ -11,7 +11,7 @@ from typing import Callable, NoReturn
 import torch
 import torch.distributed as dist
 
-_JOINED = [False]  # set by setup() when this process joins a group of several
+_joined = False  # set by setup() when this process joins a group of several
 
 
 @dataclass
@@ -66,7 +66,8 @@ def setup(device: str = "auto") -> DistInfo:
         dev = torch.device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-        _JOINED[0] = True
+        global _joined
+        _joined = True
         if dev.type == "cpu":  # share the cores between the processes
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // _env_int("LOCAL_WORLD_SIZE", default=world)))
     return DistInfo(rank, world, local, dev)
@@ -104,7 +105,7 @@ def teardown(info: DistInfo, together: bool = False) -> None:
 
 def joined_a_group() -> bool:
     """Whether :func:`setup` made this process one of several."""
-    return _JOINED[0]
+    return _joined
 
 
 def exit_process(code: int) -> NoReturn:
