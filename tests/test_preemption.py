@@ -174,7 +174,9 @@ def test_sigkill_during_predict_leaves_whole_files_and_the_rerun_finishes(tiny_r
             "--device", "cpu", "--quiet", "--tta", "--no-pictures"]
     proc = subprocess.Popen(argv, env=ENV, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while not list(out.glob("*.nii.gz")) and proc.poll() is None and time.time() < deadline:
+    # a finished case (its name): "*.nii.gz" also matches the temp file ".c00.nii.gz.<...>.part.nii.gz",
+    # and a kill while the first case is still being written left no case file at all under load
+    while not list(out.glob("c*.nii.gz")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     proc.kill()
     proc.communicate(timeout=60)
