@@ -103,6 +103,8 @@ INFNET_CPU = ("model.options.width_mult=0.25", "model.options.rfb_channels=16", 
               "data.batch_size=8", "data.patch_size=[128,128]", "optimizer.lr=1e-3", "schedule.milestones=[225]",
               "model.options.input_scale=2.0")
 Q2D_CPU = ("model.base_features=8", "data.batch_size=8")
+UNET_2D = Arm("quickstart_2d", "quickstart_2d", Q2D_CPU)  # the 2D baseline of the Inf-Net comparisons
+UNET_3D = Arm("quickstart", "quickstart", ("model.base_features=8", "data.patch_size=[48,48,48]"))  # CANet's
 # Semi-Inf-Net against the supervised Inf-Net at the slices' own 128 px (4x cheaper than 256;
 # both arms alike). Its stages are sized in epochs of their own slices, as published: with k
 # labelled slices an epoch is ceil(k / 8) x 3 scales steps.
@@ -137,29 +139,29 @@ COMPARISONS = {c.method: c for c in [
     # the published whole-slice resize (here 128 -> 256) gives the stride-8 final map its cells: a 2-4 px
     # skull cannot be drawn by a 16 x 16 map, and a region's boundary is placed to +-4 px by one
     Comparison("infnet", "ct_bone", Arm("Inf-Net", "infnet", INFNET_CPU),
-               Arm("quickstart_2d", "quickstart_2d", Q2D_CPU),
+               UNET_2D,
                study=True, budgets=(24,), steps=300, note="bone on real head-CT slices, 24 labelled slices"),
     # the published resize itself (352 px; here 128 -> 352): the final stride-8 map is 44 x 44
     Comparison("infnet_352", "ct_bone", Arm("Inf-Net 352", "infnet", INFNET_352),
-               Arm("quickstart_2d", "quickstart_2d", Q2D_CPU),
+               UNET_2D,
                study=True, budgets=(24,), steps=300,
                note="bone on real head-CT slices, Inf-Net at the published 352 px"),
     Comparison("infnet_704", "ct_bone", Arm("Inf-Net 704", "infnet", INFNET_704),
-               Arm("quickstart_2d", "quickstart_2d", Q2D_CPU),
+               UNET_2D,
                study=True, budgets=(24,), steps=300,
                note="bone on real head-CT slices, Inf-Net at 704 px (2x the published size)"),
     Comparison("infnet_brain", "ct_brain", Arm("Inf-Net", "infnet", INFNET_CPU),
-               Arm("quickstart_2d", "quickstart_2d", Q2D_CPU),
+               UNET_2D,
                study=True, budgets=(24,), steps=300, note="brain on real head-CT slices, 24 labelled slices"),
     Comparison("infnet_brain_352", "ct_brain", Arm("Inf-Net 352", "infnet", INFNET_352),
-               Arm("quickstart_2d", "quickstart_2d", Q2D_CPU),
+               UNET_2D,
                budgets=(24,), steps=300, note="brain on real head-CT slices, Inf-Net at the published 352 px"),
     # the same two with the baseline's augmentation: both arms see the same data pipeline
     Comparison("infnet_704_aug", "ct_bone", Arm("Inf-Net 704 aug", "infnet", (*INFNET_704, *AUG_2D)),
-               Arm("quickstart_2d", "quickstart_2d", Q2D_CPU),
+               UNET_2D,
                budgets=(24,), steps=300, note="bone, Inf-Net at 704 px with quickstart_2d's augmentation"),
     Comparison("infnet_brain_352_aug", "ct_brain", Arm("Inf-Net 352 aug", "infnet", (*INFNET_352, *AUG_2D)),
-               Arm("quickstart_2d", "quickstart_2d", Q2D_CPU),
+               UNET_2D,
                study=True, budgets=(24,), steps=300, note="brain, Inf-Net at 352 px with quickstart_2d's augmentation"),
     Comparison("semi_infnet", "ct_brain", Arm("Semi-Inf-Net", "semi_infnet", INFNET_128, sets_for=semi_infnet_stages),
                Arm("Inf-Net", "infnet", INFNET_128), budgets=(8, 24), steps=SEMI_STEPS,
@@ -176,11 +178,11 @@ COMPARISONS = {c.method: c for c in [
     # canet_demo's published-width attention discriminator (64 -> 512 channels) costs more than the
     # segmenter at this scale; 16 wide (16 -> 128) is 2.3x faster a step and scores alike (canet.md)
     Comparison("canet", "brain_wm", Arm("CANet", "canet_demo", ("data.val_cases=null",)),
-               Arm("quickstart", "quickstart", ("model.base_features=8", "data.patch_size=[48,48,48]")),
+               UNET_3D,
                study=True, budgets=(1, 2), steps=300,
                note="white matter on real T1 scans, the rest of the 6 unlabelled"),
     Comparison("canet_d16", "brain_wm", Arm("CANet D16", "canet_demo", ("data.val_cases=null", "method.d_base=16")),
-               Arm("quickstart", "quickstart", ("model.base_features=8", "data.patch_size=[48,48,48]")),
+               UNET_3D,
                budgets=(1, 2), steps=300,
                note="white matter on real T1 scans, CANet's discriminator 16 wide (published 64)"),
     Comparison("dodnet", "brain_partial", Arm("DoDNet", "dodnet_demo"),

@@ -741,6 +741,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     code = _run(args)
+    # looked up, not imported: only a command that trained has it loaded (a plain import would
+    # load torch for every command)
     group = sys.modules.get("medvol.training.distributed")
     if group is not None and group.joined_a_group():  # one of several processes: leave at once
         group.exit_process(code)
