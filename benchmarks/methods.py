@@ -1,7 +1,7 @@
 """Each method beside the baseline it exists to beat, on real data, same cases, steps and scoring.
 
     python benchmarks/methods.py --method infnet --seeds 0 1 2 --out bench_methods
-    python benchmarks/methods.py --all --budget-minutes 60
+    python benchmarks/methods.py --all --seeds 0 --jobs 2   # the whole table, one seed, both cores
     python benchmarks/methods.py --method ugpcl --toy            # seconds: the harness end to end
 
 For every comparison: one real dataset (``DATASETS``: built from the real volumes the wheels
@@ -13,10 +13,13 @@ and ``medvol evaluate``'s scoring gives Dice and HD95 per class. Writes ``OUT/me
 (every run), ``OUT/methods.md`` (mean and min-max over seeds, method minus baseline, the wall
 minutes of both arms per seed) and, per comparison, ``OUT/<method>.png`` (Dice against the
 labelled budget, method and baseline as two lines). ``--budget-minutes`` stops starting runs
-once spent (what ran is still reported). ``--all`` runs the comparisons README's figures rest on,
-one or two per method; the screens and studies (Inf-Net at other sizes or without the
-augmentation, UGPCL with its unlabelled terms off, CANet with the published-width discriminator)
-run by name.
+once spent (what ran is still reported). ``--jobs N`` runs N at once, each its own process on
+one thread (log in ``OUT/jobs/``), the dearest first (``Arm.minutes``): an arm at one seed and
+budget (an arm that pretrains: at every budget, pretrained once), or a whole comparison scored
+elsewhere. The rows and table are those one process gives; a failed run is named and the exit
+status is 1. ``--all`` runs the comparisons README's figures rest on, one or two per method; the
+screens and studies (Inf-Net at other sizes or without the augmentation, UGPCL with its
+unlabelled terms off, CANet with the published-width discriminator) run by name.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class Arm:
     sets: tuple[str, ...] = ()
     pretrain: str | None = None  # a self-supervised recipe run first on the same cache; init_from its encoder.pt
     sets_for: Callable[[int, int], tuple[str, ...]] | None = None  # more overrides, of (labelled budget, steps)
+    minutes: float = 2.0  # about what one seed at one budget takes on one idle thread: --jobs starts dear runs first
 
 
 @dataclass(frozen=True)
@@ -104,7 +108,7 @@ INFNET_CPU = ("model.options.width_mult=0.25", "model.options.rfb_channels=16", 
               "model.options.input_scale=2.0")
 Q2D_CPU = ("model.base_features=8", "data.batch_size=8")
 UNET_2D = Arm("quickstart_2d", "quickstart_2d", Q2D_CPU)  # the 2D baseline of the Inf-Net comparisons
-UNET_3D = Arm("quickstart", "quickstart", ("model.base_features=8", "data.patch_size=[48,48,48]"))  # CANet's
+UNET_3D = Arm("quickstart", "quickstart", ("model.base_features=8", "data.patch_size=[48,48,48]"), minutes=4)  # CANet's
 # Semi-Inf-Net against the supervised Inf-Net at the slices' own 128 px (4x cheaper than 256;
 # both arms alike). Its stages are sized in epochs of their own slices, as published: with k
 # labelled slices an epoch is ceil(k / 8) x 3 scales steps.
@@ -138,33 +142,39 @@ def semi_infnet_stages(budget: int, steps: int, per_round: int = 6, rounds: int 
 COMPARISONS = {c.method: c for c in [
     # the published whole-slice resize (here 128 -> 256) gives the stride-8 final map its cells: a 2-4 px
     # skull cannot be drawn by a 16 x 16 map, and a region's boundary is placed to +-4 px by one
-    Comparison("infnet", "ct_bone", Arm("Inf-Net", "infnet", INFNET_CPU),
+    Comparison("infnet", "ct_bone", Arm("Inf-Net", "infnet", INFNET_CPU, minutes=10),
                UNET_2D,
                study=True, budgets=(24,), steps=300, note="bone on real head-CT slices, 24 labelled slices"),
     # the published resize itself (352 px; here 128 -> 352): the final stride-8 map is 44 x 44
-    Comparison("infnet_352", "ct_bone", Arm("Inf-Net 352", "infnet", INFNET_352),
+    Comparison("infnet_352", "ct_bone", Arm("Inf-Net 352", "infnet", INFNET_352, minutes=9),
                UNET_2D,
                study=True, budgets=(24,), steps=300,
                note="bone on real head-CT slices, Inf-Net at the published 352 px"),
-    Comparison("infnet_704", "ct_bone", Arm("Inf-Net 704", "infnet", INFNET_704),
+    Comparison("infnet_704", "ct_bone", Arm("Inf-Net 704", "infnet", INFNET_704, minutes=34),
                UNET_2D,
                study=True, budgets=(24,), steps=300,
                note="bone on real head-CT slices, Inf-Net at 704 px (2x the published size)"),
-    Comparison("infnet_brain", "ct_brain", Arm("Inf-Net", "infnet", INFNET_CPU),
+    Comparison("infnet_brain", "ct_brain", Arm("Inf-Net", "infnet", INFNET_CPU, minutes=10),
                UNET_2D,
                study=True, budgets=(24,), steps=300, note="brain on real head-CT slices, 24 labelled slices"),
-    Comparison("infnet_brain_352", "ct_brain", Arm("Inf-Net 352", "infnet", INFNET_352),
+    Comparison("infnet_brain_352", "ct_brain", Arm("Inf-Net 352", "infnet", INFNET_352, minutes=9),
                UNET_2D,
                budgets=(24,), steps=300, note="brain on real head-CT slices, Inf-Net at the published 352 px"),
     # the same two with the baseline's augmentation: both arms see the same data pipeline
-    Comparison("infnet_704_aug", "ct_bone", Arm("Inf-Net 704 aug", "infnet", (*INFNET_704, *AUG_2D)),
+    Comparison("infnet_704_aug", "ct_bone", Arm("Inf-Net 704 aug", "infnet", (*INFNET_704, *AUG_2D), minutes=34),
                UNET_2D,
                budgets=(24,), steps=300, note="bone, Inf-Net at 704 px with quickstart_2d's augmentation"),
-    Comparison("infnet_brain_352_aug", "ct_brain", Arm("Inf-Net 352 aug", "infnet", (*INFNET_352, *AUG_2D)),
+    # the same at a quarter of the pixels a step: 64 px patches (352 px at work), also as the windows predict uses
+    Comparison("infnet_704_aug_p64", "ct_bone",
+               Arm("Inf-Net 704 aug p64", "infnet", (*INFNET_704, *AUG_2D, "data.patch_size=[64,64]"), minutes=9),
+               UNET_2D,
+               study=True, budgets=(24,), steps=300, note="bone, Inf-Net at 704 px with augmentation, 64 px patches"),
+    Comparison("infnet_brain_352_aug", "ct_brain", Arm("Inf-Net 352 aug", "infnet", (*INFNET_352, *AUG_2D), minutes=9),
                UNET_2D,
                study=True, budgets=(24,), steps=300, note="brain, Inf-Net at 352 px with quickstart_2d's augmentation"),
-    Comparison("semi_infnet", "ct_brain", Arm("Semi-Inf-Net", "semi_infnet", INFNET_128, sets_for=semi_infnet_stages),
-               Arm("Inf-Net", "infnet", INFNET_128), budgets=(8, 24), steps=SEMI_STEPS,
+    Comparison("semi_infnet", "ct_brain",
+               Arm("Semi-Inf-Net", "semi_infnet", INFNET_128, sets_for=semi_infnet_stages, minutes=10),
+               Arm("Inf-Net", "infnet", INFNET_128, minutes=3), budgets=(2, 8), steps=SEMI_STEPS,
                note="brain on real head-CT slices at 128 px; 24 of the 48 unlabelled slices pseudo-labelled"),
     Comparison("ugpcl", "brain_tissue", Arm("UGPCL", "ugpcl_demo"),
                Arm("quickstart_2d", "quickstart_2d", ("model.base_features=8",)),
@@ -177,21 +187,22 @@ COMPARISONS = {c.method: c for c in [
                study=True, budgets=(1, 2), steps=300, note="GM/WM on real T1 scans: the unlabelled terms on and off"),
     # canet_demo's published-width attention discriminator (64 -> 512 channels) costs more than the
     # segmenter at this scale; 16 wide (16 -> 128) is 2.3x faster a step and scores alike (canet.md)
-    Comparison("canet", "brain_wm", Arm("CANet", "canet_demo", ("data.val_cases=null",)),
+    Comparison("canet", "brain_wm", Arm("CANet", "canet_demo", ("data.val_cases=null",), minutes=16),
                UNET_3D,
                study=True, budgets=(1, 2), steps=300,
                note="white matter on real T1 scans, the rest of the 6 unlabelled"),
-    Comparison("canet_d16", "brain_wm", Arm("CANet D16", "canet_demo", ("data.val_cases=null", "method.d_base=16")),
+    Comparison("canet_d16", "brain_wm",
+               Arm("CANet D16", "canet_demo", ("data.val_cases=null", "method.d_base=16"), minutes=7),
                UNET_3D,
                budgets=(1, 2), steps=300,
                note="white matter on real T1 scans, CANet's discriminator 16 wide (published 64)"),
-    Comparison("dodnet", "brain_partial", Arm("DoDNet", "dodnet_demo"),
+    Comparison("dodnet", "brain_partial", Arm("DoDNet", "dodnet_demo", minutes=6),
                Arm("quickstart per dataset", "quickstart", ("model.base_features=8", "data.patch_size=[48,48,48]",
-                                                            "data.batch_size=2")),
+                                                            "data.batch_size=2"), minutes=8),
                budgets=(0,), steps=200, partial=True,
                note="brain (even cases) and white matter (odd cases) from two partially labelled sets"),
-    Comparison("pcrl", "brain_tissue", Arm("PCRL", "pcrl_finetune_demo", pretrain="pcrl_demo"),
-               Arm("scratch", "pcrl_finetune_demo"),
+    Comparison("pcrl", "brain_tissue", Arm("PCRL", "pcrl_finetune_demo", pretrain="pcrl_demo", minutes=12),
+               Arm("scratch", "pcrl_finetune_demo", minutes=4),
                budgets=(1, 2), steps=200, note="GM/WM on real T1 scans, pretrained on all 6 without labels"),
 ]}
 
@@ -210,6 +221,7 @@ SCORED_ELSEWHERE: dict[str, str] = {
     "mrnet": "methods_mrnet",
     "seran": "methods_seran",
 }
+ELSEWHERE_MINUTES_A_SEED = 5.0  # what --jobs takes such a comparison to cost a seed (it starts dear runs first)
 
 
 def _elsewhere(method: str):
@@ -360,23 +372,28 @@ def run_arm(arm: Arm, c: Comparison, data: Data, budget: int, seed: int, out: Pa
     t0 = time.perf_counter()
     by_budget = arm.sets_for(budget, 2 if toy else c.steps) if arm.sets_for else ()
     sets = [*arm.sets, *by_budget, *_common(c, budget, seed, toy)]
-    if arm.pretrain:  # labels unused: every training case, as a user would pretrain
-        pre_sets = [f"trainer.seed={seed}", *(TOY if toy else [])]
-        _train(arm.pretrain, pre_sets, data.pre, out / "pretrain")
-        sets.append(f"init_from={out / 'pretrain' / 'encoder.pt'}")
+    if arm.pretrain:  # labels unused: every training case, as a user would pretrain; once a seed, for every budget
+        pre, pre_sets = out.parent / f"pretrain_s{seed}", [f"trainer.seed={seed}", *(TOY if toy else [])]
+        _train(arm.pretrain, pre_sets, data.pre, pre)
+        sets.append(f"init_from={pre / 'encoder.pt'}")
     _train(arm.recipe, sets, data.pre, out / "run")
     predict(out / "run", data.images, out / "pred", device="cpu", checkpoint="latest", tta=False, quiet=True)
     return {"method": c.method, "arm": arm.label, "budget": budget, "seed": seed,
             "scores": _scores(out / "pred", data.labels), "seconds": time.perf_counter() - t0}
 
 
+def _budgets(c: Comparison, toy: bool, budgets: list[int] | None) -> tuple[int, ...]:
+    return (0,) if c.partial else (2,) if toy else tuple(budgets or c.budgets)
+
+
 def run_comparison(c: Comparison, seeds: list[int], work: Path, toy: bool, deadline: float,
-                   budgets: list[int] | None = None) -> list[dict]:
+                   budgets: list[int] | None = None, arm_label: str | None = None) -> list[dict]:
+    """Both arms (or the one labelled ``arm_label``) at every budget and seed, one after another."""
     data = build_data(c.dataset, work, toy)
-    rows = []
-    for budget in (0,) if c.partial else (2,) if toy else (budgets or c.budgets):
+    rows: list[dict] = []
+    for budget in _budgets(c, toy, budgets):
         for seed in seeds:
-            for arm in (c.arm, c.baseline):
+            for arm in (a for a in (c.arm, c.baseline) if arm_label in (None, a.label)):
                 if time.time() > deadline:
                     print(f"budget spent: {c.method} {arm.label} budget {budget} seed {seed} not run")
                     return rows
@@ -386,6 +403,85 @@ def run_comparison(c: Comparison, seeds: list[int], work: Path, toy: bool, deadl
                 print(f"{c.method:8s} {arm.label:14s} budget {budget:3d} seed {seed}: "
                       + ", ".join(f"{k} {v['dice']:.3f}" for k, v in s.items()) + f" ({rows[-1]['seconds']:.0f} s)")
     return rows
+
+
+@dataclass(frozen=True)
+class Job:
+    """One process of ``--jobs``: one arm at one budget and seed, or a whole comparison scored
+    elsewhere (its module keeps its own order: DC-MT tunes once, then runs every seed)."""
+
+    method: str
+    seeds: tuple[int, ...]
+    budgets: tuple[int, ...] = ()
+    arm: str | None = None
+    minutes: float = ELSEWHERE_MINUTES_A_SEED
+
+    @property
+    def name(self) -> str:
+        where = "" if self.arm is None else f"_b{'-'.join(map(str, self.budgets))}_{self.arm.replace(' ', '_')}"
+        return f"{self.method}{where}_s{'-'.join(map(str, self.seeds))}"
+
+    def argv(self, a: argparse.Namespace) -> list[str]:
+        one = [] if self.arm is None else ["--arm", self.arm, "--budgets", *map(str, self.budgets)]
+        budgets = ["--budgets", *map(str, a.budgets)] if self.arm is None and a.budgets else []
+        return ["--method", self.method, "--seeds", *map(str, self.seeds), *one, *budgets, "--out", str(a.out),
+                *(["--toy"] if a.toy else [])]
+
+
+def jobs_of(methods: list[str], a: argparse.Namespace) -> list[Job]:
+    """Every run of ``methods`` (an arm at a seed and budget, or a module's whole comparison); the
+    data built here first, so that no two processes build one dataset."""
+    jobs = []
+    for m in methods:
+        if m in SCORED_ELSEWHERE:
+            jobs.append(Job(m, tuple(a.seeds), minutes=ELSEWHERE_MINUTES_A_SEED * len(a.seeds)))
+            continue
+        c = COMPARISONS[m]
+        data = build_data(c.dataset, a.out, a.toy)
+        if c.partial:
+            task_datasets(data.pre.parent / "raw", data.pre.parent)
+        budgets = _budgets(c, a.toy, a.budgets)
+        for seed in a.seeds:
+            for arm in (c.arm, c.baseline):  # an arm that pretrains: every budget in one job (one pretraining)
+                ways = [budgets] if arm.pretrain else [(b,) for b in budgets]
+                jobs += [Job(m, (seed,), bs, arm.label, arm.minutes * len(bs)) for bs in ways]
+    return jobs
+
+
+def run_job(job: Job, a: argparse.Namespace) -> list[dict] | None:
+    """``job`` as its own process on one thread; its rows, or None when it failed (its log says why)."""
+    import os
+    import subprocess
+    import sys
+
+    rows, log = a.out / "jobs" / f"{job.name}.json", a.out / "jobs" / f"{job.name}.log"
+    rows.unlink(missing_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        code = subprocess.run([sys.executable, __file__, *job.argv(a), "--job-rows", str(rows)], stdout=f,
+                              stderr=subprocess.STDOUT, env=env).returncode
+    print(f"job {job.name}: {'done' if code == 0 else f'FAILED (exit {code}), see {log}'} "
+          f"in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
+    return json.loads(rows.read_text()) if code == 0 else None
+
+
+def run_jobs(jobs: list[Job], a: argparse.Namespace, deadline: float) -> tuple[list[dict], list[Job]]:
+    """``a.jobs`` processes at a time, dearest first; the rows in ``jobs``' order, and the jobs that failed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    (a.out / "jobs").mkdir(parents=True, exist_ok=True)
+
+    def one(job: Job) -> list[dict] | None:
+        if time.time() > deadline:
+            print(f"budget spent: {job.name} not run")
+            return []
+        return run_job(job, a)
+
+    with ThreadPoolExecutor(a.jobs) as pool:
+        futures = {job: pool.submit(one, job) for job in sorted(jobs, key=lambda j: -j.minutes)}
+    results = [futures[job].result() for job in jobs]
+    return [r for rows in results if rows for r in rows], [j for j, rows in zip(jobs, results) if rows is None]
 
 
 def stat(values: list[float], digits: int = 3) -> str:
@@ -465,6 +561,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--all", action="store_true", help="every comparison but the studies (name those with --method)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--budgets", type=int, nargs="+", help="these labelled budgets (default: the comparison's own)")
+    ap.add_argument("--arm", help="only the arm of this label (one --method scored by Dice)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs at once, each its own process on one thread, dearest first (2 on a 2-core CPU)")
+    ap.add_argument("--job-rows", type=Path, help=argparse.SUPPRESS)  # a --jobs process: its rows here, no table
     ap.add_argument("--budget-minutes", type=float, default=float("inf"))
     ap.add_argument("--out", type=Path, default=Path("bench_methods"))
     ap.add_argument("--toy", action="store_true", help="toy data and 2 steps: checks the harness, measures nothing")
@@ -472,25 +572,45 @@ def main(argv: list[str] | None = None) -> int:
                     help="run nothing: one table and pictures in --out from the methods.json of earlier --out folders")
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    failed: list[Job] = []
     if a.merge:
         rows = [r for d in a.merge for r in json.loads((d / "methods.json").read_text())["runs"]]
     else:
         methods = sorted({**MAIN, **SCORED_ELSEWHERE}) if a.all else (
             a.method or ap.error("give --method NAME or --all"))
+        if a.arm and (len(methods) != 1 or methods[0] not in COMPARISONS):
+            ap.error("--arm: give one --method scored by Dice")
         deadline = time.time() + 60 * a.budget_minutes
-        rows = [r for m in methods for r in (
-            _run_elsewhere(m, a, deadline, ap) if m in SCORED_ELSEWHERE
-            else run_comparison(COMPARISONS[m], a.seeds, a.out, a.toy, deadline, a.budgets))]
+        if a.jobs > 1:
+            rows, failed = run_jobs(jobs_of(methods, a), a, deadline)
+        else:
+            rows = [r for m in methods for r in (
+                _run_elsewhere(m, a, deadline, ap) if m in SCORED_ELSEWHERE
+                else run_comparison(COMPARISONS[m], a.seeds, a.out, a.toy, deadline, a.budgets, a.arm))]
+        if a.job_rows:
+            from medvol.utils import write_json
+
+            write_json(a.job_rows, rows)
+            return 0
+    report(rows, a.out)
+    print(f"{time.perf_counter() - t0:.0f} s in all" + "".join(f"\nFAILED: {j.name}" for j in failed))
+    return 1 if failed else 0
+
+
+def report(rows: list[dict], out: Path) -> None:
+    """``methods.json``, ``methods.md`` (printed) and a picture per Dice comparison."""
+    from medvol.utils import write_json
+
     summary = summarise([r for r in rows if r["method"] in COMPARISONS])
-    (a.out / "methods.json").write_text(json.dumps({"runs": rows, "summary": summary}, indent=1))
-    table = write_table(summary, a.out)
+    write_json(out / "methods.json", {"runs": rows, "summary": summary})
+    table = write_table(summary, out)
     for m in dict.fromkeys(r["method"] for r in rows if r["method"] in SCORED_ELSEWHERE):
         with table.open("a") as f:
-            f.write("\n" + _elsewhere(m).table([r for r in rows if r["method"] == m], a.out) + "\n")
+            f.write("\n" + _elsewhere(m).table([r for r in rows if r["method"] == m], out) + "\n")
     print(table.read_text())
     for m in dict.fromkeys(r["method"] for r in rows if r["method"] in COMPARISONS):
-        print("picture:", plot(summary, m, a.out))
-    return 0
+        print("picture:", plot(summary, m, out))
 
 
 if __name__ == "__main__":

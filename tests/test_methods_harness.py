@@ -59,7 +59,74 @@ def test_all_runs_every_comparison_but_the_studies(tmp_path, monkeypatch):
     assert sorted(ran) == sorted(["infnet_704_aug", "infnet_brain_352", "semi_infnet", "ugpcl", "canet_d16", "dodnet",
                                   "pcrl", "dcmt", "de_dcgcn_ee", "mrnet", "seran"])
     assert {c.method for c in h.COMPARISONS.values() if c.study} == {
-        "infnet", "infnet_352", "infnet_704", "infnet_brain", "infnet_brain_352_aug", "ugpcl_semi", "canet"}
+        "infnet", "infnet_352", "infnet_704", "infnet_704_aug_p64", "infnet_brain", "infnet_brain_352_aug",
+        "ugpcl_semi", "canet"}
+
+
+def _namespace(h, tmp_path, *argv):
+    import argparse
+
+    a = argparse.Namespace(seeds=[0, 1], budgets=None, toy=False, out=tmp_path, jobs=2)
+    for k, v in zip(argv[::2], argv[1::2]):
+        setattr(a, k, v)
+    return a
+
+
+def test_jobs_split_arms_by_seed_and_budget_and_keep_a_pretraining_arm_whole(tmp_path, monkeypatch):
+    """One process per arm, seed and budget; an arm that pretrains runs its budgets in one process
+    (one pretraining a seed); a module scored elsewhere is one process for every seed."""
+    h = _harness()
+    built: list[str] = []
+    data = h.Data(tmp_path, tmp_path, tmp_path)
+    monkeypatch.setattr(h, "build_data", lambda name, work, toy: built.append(name) or data)
+    jobs = h.jobs_of(["pcrl", "ugpcl", "mrnet"], _namespace(h, tmp_path))
+    assert built == ["brain_tissue", "brain_tissue"]  # before any process starts
+    names = [j.name for j in jobs]
+    assert names == ["pcrl_b1-2_PCRL_s0", "pcrl_b1_scratch_s0", "pcrl_b2_scratch_s0",
+                     "pcrl_b1-2_PCRL_s1", "pcrl_b1_scratch_s1", "pcrl_b2_scratch_s1",
+                     "ugpcl_b1_UGPCL_s0", "ugpcl_b2_UGPCL_s0", "ugpcl_b1_quickstart_2d_s0", "ugpcl_b2_quickstart_2d_s0",
+                     "ugpcl_b1_UGPCL_s1", "ugpcl_b2_UGPCL_s1", "ugpcl_b1_quickstart_2d_s1", "ugpcl_b2_quickstart_2d_s1",
+                     "mrnet_s0-1"]
+    pcrl = h.COMPARISONS["pcrl"].arm
+    assert jobs[0].minutes == 2 * pcrl.minutes and jobs[-1].minutes == 2 * h.ELSEWHERE_MINUTES_A_SEED
+    assert jobs[0].argv(_namespace(h, tmp_path)) == ["--method", "pcrl", "--seeds", "0", "--arm", "PCRL", "--budgets",
+                                                     "1", "2", "--out", str(tmp_path)]
+    assert jobs[-1].argv(_namespace(h, tmp_path, "budgets", [3], "toy", True)) == [
+        "--method", "mrnet", "--seeds", "0", "1", "--budgets", "3", "--out", str(tmp_path), "--toy"]
+
+
+def test_jobs_start_dearest_first_report_in_order_and_name_what_failed(tmp_path, monkeypatch, capsys):
+    h = _harness()
+    started: list[str] = []
+
+    def fake(job, a):
+        started.append(job.name)
+        return None if job.arm == "scratch" else [{"job": job.name}]
+
+    monkeypatch.setattr(h, "run_job", fake)
+    jobs = [h.Job("pcrl", (0,), (1,), "scratch", 4), h.Job("pcrl", (0,), (1, 2), "PCRL", 24), h.Job("mrnet", (0,))]
+    rows, failed = h.run_jobs(jobs, _namespace(h, tmp_path, "jobs", 1), deadline=float("inf"))
+    assert started == ["pcrl_b1-2_PCRL_s0", "mrnet_s0", "pcrl_b1_scratch_s0"]
+    assert rows == [{"job": "pcrl_b1-2_PCRL_s0"}, {"job": "mrnet_s0"}] and failed == [jobs[0]]
+    rows, failed = h.run_jobs(jobs, _namespace(h, tmp_path, "jobs", 2), deadline=0.0)  # past its deadline
+    assert rows == [] and failed == [] and capsys.readouterr().out.count("not run") == 3
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not available("nilearn"), reason="needs the nilearn wheel (the real MNI152 T1)")
+def test_jobs_give_the_rows_of_one_process(tmp_path, one_torch_thread):
+    """``--jobs 2`` (each run its own one-thread process) scores exactly what one process scores,
+    rows in the same order; the pretraining is shared by the budgets."""
+    h = _harness()
+    for jobs in ("1", "2"):
+        argv = ["--method", "pcrl", "--toy", "--seeds", "0", "1", "--jobs", jobs, "--out", str(tmp_path / jobs)]
+        assert h.main(argv) == 0
+    one, two = (json.loads((tmp_path / j / "methods.json").read_text())["runs"] for j in ("1", "2"))
+    assert [(r["arm"], r["seed"], r["scores"]) for r in one] == [(r["arm"], r["seed"], r["scores"]) for r in two]
+    assert [r["arm"] for r in two] == ["PCRL", "scratch", "PCRL", "scratch"]
+    pretrained = sorted(p.name for p in (tmp_path / "2" / "runs" / "pcrl").glob("pretrain_s*"))
+    assert pretrained == ["pretrain_s0", "pretrain_s1"]
+    assert len(list((tmp_path / "2" / "jobs").glob("*.log"))) == 4
 
 
 @pytest.mark.slow
