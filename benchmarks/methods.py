@@ -18,8 +18,8 @@ one thread (log in ``OUT/jobs/``), the dearest first (``Arm.minutes``): an arm a
 budget (an arm that pretrains: at every budget, pretrained once), or a whole comparison scored
 elsewhere. The rows and table are those one process gives; a failed run is named and the exit
 status is 1. ``--all`` runs the comparisons README's figures rest on, one or two per method; the
-screens and studies (Inf-Net at other sizes or without the augmentation, UGPCL with its
-unlabelled terms off, CANet with the published-width discriminator) run by name.
+screens and studies (Inf-Net at other sizes, without the augmentation or on whole bone slices,
+UGPCL with its unlabelled terms off, CANet with the published-width discriminator) run by name.
 """
 
 from __future__ import annotations
@@ -163,12 +163,13 @@ COMPARISONS = {c.method: c for c in [
     # the same two with the baseline's augmentation: both arms see the same data pipeline
     Comparison("infnet_704_aug", "ct_bone", Arm("Inf-Net 704 aug", "infnet", (*INFNET_704, *AUG_2D), minutes=34),
                UNET_2D,
-               budgets=(24,), steps=300, note="bone, Inf-Net at 704 px with quickstart_2d's augmentation"),
-    # the same at a quarter of the pixels a step: 64 px patches (352 px at work), also as the windows predict uses
+               study=True, budgets=(24,), steps=300, note="bone, Inf-Net at 704 px with quickstart_2d's augmentation"),
+    # the same on 64 px patches (352 px at work; predict's windows too): a quarter of the pixels a step,
+    # scores alike over 6 seeds, 8 min a run where whole slices take 33 (infnet.md, eighth round)
     Comparison("infnet_704_aug_p64", "ct_bone",
                Arm("Inf-Net 704 aug p64", "infnet", (*INFNET_704, *AUG_2D, "data.patch_size=[64,64]"), minutes=9),
                UNET_2D,
-               study=True, budgets=(24,), steps=300, note="bone, Inf-Net at 704 px with augmentation, 64 px patches"),
+               budgets=(24,), steps=300, note="bone, Inf-Net at 704 px with augmentation, on 64 px patches"),
     Comparison("infnet_brain_352_aug", "ct_brain", Arm("Inf-Net 352 aug", "infnet", (*INFNET_352, *AUG_2D), minutes=9),
                UNET_2D,
                study=True, budgets=(24,), steps=300, note="brain, Inf-Net at 352 px with quickstart_2d's augmentation"),

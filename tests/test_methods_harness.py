@@ -56,10 +56,10 @@ def test_all_runs_every_comparison_but_the_studies(tmp_path, monkeypatch):
     monkeypatch.setattr(h, "run_comparison", lambda c, *a, **k: ran.append(c.method) or [])
     monkeypatch.setattr(h, "_run_elsewhere", lambda m, *a: ran.append(m) or [])
     assert h.main(["--all", "--out", str(tmp_path)]) == 0
-    assert sorted(ran) == sorted(["infnet_704_aug", "infnet_brain_352", "semi_infnet", "ugpcl", "canet_d16", "dodnet",
-                                  "pcrl", "dcmt", "de_dcgcn_ee", "mrnet", "seran"])
+    assert sorted(ran) == sorted(["infnet_704_aug_p64", "infnet_brain_352", "semi_infnet", "ugpcl", "canet_d16",
+                                  "dodnet", "pcrl", "dcmt", "de_dcgcn_ee", "mrnet", "seran"])
     assert {c.method for c in h.COMPARISONS.values() if c.study} == {
-        "infnet", "infnet_352", "infnet_704", "infnet_704_aug_p64", "infnet_brain", "infnet_brain_352_aug",
+        "infnet", "infnet_352", "infnet_704", "infnet_704_aug", "infnet_brain", "infnet_brain_352_aug",
         "ugpcl_semi", "canet"}
 
 
