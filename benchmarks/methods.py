@@ -383,29 +383,6 @@ def run_arm(arm: Arm, c: Comparison, data: Data, budget: int, seed: int, out: Pa
             "scores": _scores(out / "pred", data.labels), "seconds": time.perf_counter() - t0}
 
 
-def _budgets(c: Comparison, toy: bool, budgets: list[int] | None) -> tuple[int, ...]:
-    return (0,) if c.partial else (2,) if toy else tuple(budgets or c.budgets)
-
-
-def run_comparison(c: Comparison, seeds: list[int], work: Path, toy: bool, deadline: float,
-                   budgets: list[int] | None = None, arm_label: str | None = None) -> list[dict]:
-    """Both arms (or the one labelled ``arm_label``) at every budget and seed, one after another."""
-    data = build_data(c.dataset, work, toy)
-    rows: list[dict] = []
-    for budget in _budgets(c, toy, budgets):
-        for seed in seeds:
-            for arm in (a for a in (c.arm, c.baseline) if arm_label in (None, a.label)):
-                if time.time() > deadline:
-                    print(f"budget spent: {c.method} {arm.label} budget {budget} seed {seed} not run")
-                    return rows
-                out = work / "runs" / c.method / f"b{budget}_s{seed}_{arm.label.replace(' ', '_')}"
-                rows.append(run_arm(arm, c, data, budget, seed, out, toy))
-                s = rows[-1]["scores"]
-                print(f"{c.method:8s} {arm.label:14s} budget {budget:3d} seed {seed}: "
-                      + ", ".join(f"{k} {v['dice']:.3f}" for k, v in s.items()) + f" ({rows[-1]['seconds']:.0f} s)")
-    return rows
-
-
 @dataclass(frozen=True)
 class Job:
     """One process of ``--jobs``: one arm at one budget and seed, or a whole comparison scored
@@ -441,9 +418,9 @@ def jobs_of(methods: list[str], a: argparse.Namespace) -> list[Job]:
         data = build_data(c.dataset, a.out, a.toy)
         if c.partial:
             task_datasets(data.pre.parent / "raw", data.pre.parent)
-        budgets = _budgets(c, a.toy, a.budgets)
-        for seed in a.seeds:
-            for arm in (c.arm, c.baseline):  # an arm that pretrains: every budget in one job (one pretraining)
+        budgets = (0,) if c.partial else (2,) if a.toy else tuple(a.budgets or c.budgets)
+        for seed in a.seeds:  # an arm that pretrains runs its budgets as one job: one pretraining a seed
+            for arm in (x for x in (c.arm, c.baseline) if a.arm in (None, x.label)):
                 ways = [budgets] if arm.pretrain else [(b,) for b in budgets]
                 jobs += [Job(m, (seed,), bs, arm.label, arm.minutes * len(bs)) for bs in ways]
     return jobs
@@ -465,6 +442,25 @@ def run_job(job: Job, a: argparse.Namespace) -> list[dict] | None:
     print(f"job {job.name}: {'done' if code == 0 else f'FAILED (exit {code}), see {log}'} "
           f"in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
     return json.loads(rows.read_text()) if code == 0 else None
+
+
+def run_here(job: Job, a: argparse.Namespace, deadline: float, ap: argparse.ArgumentParser) -> list[dict]:
+    """``job`` in this process: its arm at each of its budgets and seeds, or the module's comparison."""
+    if time.time() > deadline:
+        print(f"budget spent: {job.name} not run")
+        return []
+    if job.arm is None:
+        return _run_elsewhere(job.method, a, deadline, ap)
+    c = COMPARISONS[job.method]
+    arm, data, rows = c.arm if job.arm == c.arm.label else c.baseline, build_data(c.dataset, a.out, a.toy), []
+    for budget in job.budgets:
+        for seed in job.seeds:
+            out = a.out / "runs" / c.method / f"b{budget}_s{seed}_{arm.label.replace(' ', '_')}"
+            rows.append(run_arm(arm, c, data, budget, seed, out, a.toy))
+            s = rows[-1]["scores"]
+            print(f"{c.method:8s} {arm.label:14s} budget {budget:3d} seed {seed}: "
+                  + ", ".join(f"{k} {v['dice']:.3f}" for k, v in s.items()) + f" ({rows[-1]['seconds']:.0f} s)")
+    return rows
 
 
 def run_jobs(jobs: list[Job], a: argparse.Namespace, deadline: float) -> tuple[list[dict], list[Job]]:
@@ -583,12 +579,11 @@ def main(argv: list[str] | None = None) -> int:
         if a.arm and (len(methods) != 1 or methods[0] not in COMPARISONS):
             ap.error("--arm: give one --method scored by Dice")
         deadline = time.time() + 60 * a.budget_minutes
+        jobs = jobs_of(methods, a)
         if a.jobs > 1:
-            rows, failed = run_jobs(jobs_of(methods, a), a, deadline)
+            rows, failed = run_jobs(jobs, a, deadline)
         else:
-            rows = [r for m in methods for r in (
-                _run_elsewhere(m, a, deadline, ap) if m in SCORED_ELSEWHERE
-                else run_comparison(COMPARISONS[m], a.seeds, a.out, a.toy, deadline, a.budgets, a.arm))]
+            rows = [r for job in jobs for r in run_here(job, a, deadline, ap)]
         if a.job_rows:
             from medvol.utils import write_json
 

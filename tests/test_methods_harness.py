@@ -53,10 +53,11 @@ def test_all_runs_every_comparison_but_the_studies(tmp_path, monkeypatch):
     """``--all`` is the table README's figures rest on: every method once, no screen or study."""
     h = _harness()
     ran: list[str] = []
-    monkeypatch.setattr(h, "run_comparison", lambda c, *a, **k: ran.append(c.method) or [])
-    monkeypatch.setattr(h, "_run_elsewhere", lambda m, *a: ran.append(m) or [])
+    monkeypatch.setattr(h, "build_data", lambda *a: h.Data(tmp_path, tmp_path, tmp_path))
+    monkeypatch.setattr(h, "task_datasets", lambda *a: {})
+    monkeypatch.setattr(h, "run_here", lambda job, *a: ran.append(job.method) or [])
     assert h.main(["--all", "--out", str(tmp_path)]) == 0
-    assert sorted(ran) == sorted(["infnet_704_aug_p64", "infnet_brain_352", "semi_infnet", "ugpcl", "canet_d16",
+    assert sorted(set(ran)) == sorted(["infnet_704_aug_p64", "infnet_brain_352", "semi_infnet", "ugpcl", "canet_d16",
                                   "dodnet", "pcrl", "dcmt", "de_dcgcn_ee", "mrnet", "seran"])
     assert {c.method for c in h.COMPARISONS.values() if c.study} == {
         "infnet", "infnet_352", "infnet_704", "infnet_704_aug", "infnet_brain", "infnet_brain_352_aug",
@@ -66,7 +67,7 @@ def test_all_runs_every_comparison_but_the_studies(tmp_path, monkeypatch):
 def _namespace(h, tmp_path, *argv):
     import argparse
 
-    a = argparse.Namespace(seeds=[0, 1], budgets=None, toy=False, out=tmp_path, jobs=2)
+    a = argparse.Namespace(seeds=[0, 1], budgets=None, toy=False, out=tmp_path, jobs=2, arm=None)
     for k, v in zip(argv[::2], argv[1::2]):
         setattr(a, k, v)
     return a
