@@ -28,7 +28,7 @@ from medvol.losses.pixel_contrast import (
     uncertainty_threshold,
 )
 from medvol.networks import build_model
-from medvol.networks.slice.ugpcl import UGPCLNet
+from medvol.networks.slice.ugpcl import UGPCLNet, working_size
 from medvol.plans import Plans
 
 TINY = dict(width=8, layers=(1, 1, 1, 1), embed_dim=8, heads=(4, 2, 1), depths=(2, 2, 2), proj_dim=16, queue_size=6)
@@ -79,6 +79,28 @@ def test_other_input_size_than_built_runs_and_bad_sizes_fail():
         net(torch.randn(1, 1, 70, 64))
     with pytest.raises(ConfigError, match="multiples of 32"):
         UGPCLNet(1, 2, (100, 100), **TINY)
+
+
+def test_input_scale_works_at_the_zoomed_size_and_answers_at_the_input_size():
+    """The published loader zooms slices to 224²: ``input_scale`` does it inside the network."""
+    net = UGPCLNet(1, 3, (128, 128), **TINY, input_scale=2.0).eval()
+    assert working_size((64, 64), 2.0) == (128, 128) and working_size((60, 80), 2.0) == (128, 160)
+    assert working_size((40, 72), 1.0) == (40, 72) and working_size((10, 10), 0.5) == (32, 32)
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        out = net(x, all_outputs=True)
+        assert out["seg_cnn"].shape == (2, 3, 64, 64) and out["proj"].shape == (2, 16, 16, 16)
+        # = the network at scale 1 on the input zoomed x2, its logits brought back to 64²
+        net.input_scale = 1.0
+        ref = net(F.interpolate(x, size=(128, 128), mode="bilinear"), all_outputs=True)
+        assert torch.allclose(out["seg_cnn"], F.interpolate(ref["seg_cnn"], size=(64, 64), mode="bilinear"))
+        assert torch.equal(out["proj"], ref["proj"])
+        net.input_scale = 2.0
+        assert net(torch.randn(1, 1, 60, 72)).shape == (1, 3, 60, 72)  # any input size; the zoom is a multiple of 32
+    cfg = ModelConfig(name="ugpcl", options=dict(TINY, input_scale=3.5))
+    assert build_model(cfg, {"patch_size": [64, 64]}, 1, 3).input_size == (224, 224)  # the published 224²
+    with pytest.raises(ConfigError, match="input_scale"):
+        UGPCLNet(1, 3, (64, 64), **TINY, input_scale=0)
 
 
 def test_position_embeddings_are_saved_and_trained():

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from medvol.errors import ConfigError
 from medvol.networks import model_options, register
+from medvol.networks.slice import resize2d
 from medvol.networks.weights import load_local_weights
 
 
@@ -48,11 +49,6 @@ class InfNetOutput(NamedTuple):
     def segmentation_maps(self) -> tuple[torch.Tensor, ...]:
         """The four maps the structure loss supervises."""
         return (self.global_map, self.ra4, self.ra3, self.ra2)
-
-
-def _resize(x: torch.Tensor, size, align_corners: bool = False) -> torch.Tensor:
-    return x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(
-        x, size=tuple(size), mode="bilinear", align_corners=align_corners)
 
 
 # ---------------------------------------------------------------- Res2Net-50 v1b 26w×4s
@@ -188,7 +184,7 @@ class PartialDecoder(nn.Module):
 
     def forward(self, f4: torch.Tensor, f3: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
         s3, s2 = f3.shape[-2:], f2.shape[-2:]
-        up = lambda x, s: _resize(x, s, align_corners=True)  # noqa: E731
+        up = lambda x, s: resize2d(x, s, align_corners=True)  # noqa: E731
         f4_3 = up(f4, s3)
         m3 = self.up4_3(f4_3) * f3
         m2 = self.up4_2(up(f4_3, s2)) * self.up3_2(up(f3, s2)) * f2
@@ -226,9 +222,9 @@ class ReverseAttention(nn.Module):
         return 1.0 - torch.sigmoid(prior)
 
     def forward(self, feat: torch.Tensor, prior: torch.Tensor, edge_feat: torch.Tensor) -> torch.Tensor:
-        prior = _resize(prior, feat.shape[-2:])
+        prior = resize2d(prior, feat.shape[-2:])
         x = self.reduce(self.weight(prior) * feat)
-        x = torch.cat([x, _resize(edge_feat, feat.shape[-2:])], 1)
+        x = torch.cat([x, resize2d(edge_feat, feat.shape[-2:])], 1)
         for conv in self.convs:
             x = F.relu(conv(x))
         return self.out(x) + prior
@@ -277,7 +273,7 @@ class InfNet(nn.Module):
         input's, where the published loss compares them with the label resized to 352."""
         size = x.shape[-2:]
         if self.input_scale != 1.0:  # the working resolution; every map comes back at the input's size
-            x = _resize(x, self.working_size(size))
+            x = resize2d(x, self.working_size(size))
         if at_working_size:
             size = x.shape[-2:]
         f1, f2, f3, f4 = self.backbone(x)
@@ -287,8 +283,8 @@ class InfNet(nn.Module):
         r3 = self.ra3(f3, r4, edge_feat)
         r2 = self.ra2(f2, r3, edge_feat)
         if not (self.training if all_outputs is None else all_outputs):
-            return _resize(r2, size)
-        return InfNetOutput(*(_resize(m, size) for m in (s_g, r4, r3, r2, edge_map)))
+            return resize2d(r2, size)
+        return InfNetOutput(*(resize2d(m, size) for m in (s_g, r4, r3, r2, edge_map)))
 
 
 _OPTIONS = {"width_mult", "base_width", "rfb_channels", "input_scale", "backbone_weights"}

@@ -19,10 +19,19 @@ import torch.nn.functional as F
 from medvol.errors import ConfigError
 from medvol.losses.pixel_contrast import ClassMemoryQueue
 from medvol.networks import model_options, register
+from medvol.networks.slice import resize2d
 from medvol.networks.weights import load_local_weights
 from medvol.plans import Plans
 
 STRIDE = 32  # the encoder's total downsampling: H and W must be multiples of it
+
+
+def working_size(size: Sequence[int], input_scale: float) -> tuple[int, ...]:
+    """The side lengths UGPCL's encoder sees for an input of ``size``: ``size × input_scale``,
+    rounded to a multiple of 32 (the input itself when ``input_scale`` is 1)."""
+    if input_scale == 1.0:
+        return tuple(int(s) for s in size)
+    return tuple(max(STRIDE, STRIDE * round(s * input_scale / STRIDE)) for s in size)
 
 
 class ResNetEncoder(nn.Module):
@@ -162,7 +171,11 @@ class UGPCLNet(nn.Module):
     L2-normalised) and ``rot`` (``(B, 4)`` logits of k·90°). In eval mode it returns the CNN
     decoder's logits alone, as the published inference does (validation, ``medvol predict``).
     ``input_size`` (H, W) sizes the position embeddings (224² in the paper); another size of a
-    multiple of 32 also runs, with the embeddings interpolated. ``memory`` is the per-class
+    multiple of 32 also runs, with the embeddings interpolated. ``input_scale`` resizes the
+    input inside the network (bilinear, to the nearest multiple of 32) and returns the logits at
+    the input's own size: the published loader zooms every slice to 224², so small slices reach
+    the stride-2 stem enlarged (``proj`` stays on the working size's stride-8 grid; give
+    ``input_size`` as the working size). ``memory`` is the per-class
     queue of class-mean embeddings used by :class:`medvol.losses.pixel_contrast.PixelContrastLoss`.
     Faithful: ``width`` 64, ``layers`` (3, 4, 6, 3), ``embed_dim`` 96; smaller ones for tests.
     """
@@ -170,8 +183,11 @@ class UGPCLNet(nn.Module):
     def __init__(self, in_channels: int = 1, num_classes: int = 4, input_size: Sequence[int] = (224, 224),
                  width: int = 64, layers: Sequence[int] = (3, 4, 6, 3), decoder_widths: Sequence[int] | None = None,
                  embed_dim: int = 96, heads: Sequence[int] = (12, 6, 3), depths: Sequence[int] = (2, 2, 2),
-                 window: int = 7, proj_dim: int = 256, queue_size: int = 500):
+                 window: int = 7, proj_dim: int = 256, queue_size: int = 500, input_scale: float = 1.0):
         super().__init__()
+        if not input_scale > 0:
+            raise ConfigError(f"model.options.input_scale must be positive, got {input_scale}")
+        self.input_scale = float(input_scale)
         input_size = tuple(int(s) for s in input_size)
         if len(input_size) != 2 or any(s % STRIDE or s <= 0 for s in input_size):
             raise ConfigError(f"UGPCL input_size {input_size}: give (H, W), both positive multiples of {STRIDE}")
@@ -190,21 +206,23 @@ class UGPCLNet(nn.Module):
         self.memory = ClassMemoryQueue(num_classes, proj_dim, queue_size)
 
     def forward(self, x: torch.Tensor, all_outputs: bool | None = None) -> dict[str, torch.Tensor] | torch.Tensor:
-        if x.ndim != 4 or x.shape[-2] % STRIDE or x.shape[-1] % STRIDE:
+        work = working_size(x.shape[-2:], self.input_scale)
+        if x.ndim != 4 or work[0] % STRIDE or work[1] % STRIDE:
             raise ValueError(f"UGPCLNet takes (B, C, H, W) with H, W multiples of {STRIDE}; got {tuple(x.shape)}")
-        feats = self.encoder(x)
+        size = x.shape[-2:]
+        feats = self.encoder(resize2d(x, work))
         if not (self.training if all_outputs is None else all_outputs):
-            return self.cnn_decoder(feats)  # what prediction uses: the CNN decoder's logits
+            return resize2d(self.cnn_decoder(feats), size)  # what prediction uses: the CNN decoder's logits
         return {
-            "seg_cnn": self.cnn_decoder(feats),
-            "seg_tf": self.tf_decoder(feats),
+            "seg_cnn": resize2d(self.cnn_decoder(feats), size),
+            "seg_tf": resize2d(self.tf_decoder(feats), size),
             "proj": F.normalize(self.proj_head(feats[2]), dim=1),
             "rot": self.rot_head(feats[4]),
         }
 
 
 _OPTIONS = {"input_size", "width", "layers", "decoder_widths", "embed_dim", "heads", "depths", "window",
-            "proj_dim", "queue_size", "backbone_weights"}
+            "proj_dim", "queue_size", "input_scale", "backbone_weights"}
 
 
 def resnet_names(key: str) -> str:
@@ -221,12 +239,14 @@ def resnet_names(key: str) -> str:
 @register("ugpcl")
 def build_ugpcl(model_cfg, plans: Plans | dict | None, in_channels: int, num_classes: int) -> nn.Module:
     """``model.options``: any of :data:`_OPTIONS` (see :class:`UGPCLNet`); ``input_size``
-    defaults to the plan's 2D ``patch_size``, else 224². ``model.base_features`` is not used."""
+    defaults to the working size of the plan's 2D ``patch_size`` (× ``input_scale``), else 224².
+    ``model.base_features`` is not used."""
     opts = model_options(model_cfg, "ugpcl", _OPTIONS)
+    weights = opts.pop("backbone_weights", None)  # a local ResNet-50 state dict for the encoder
     if "input_size" not in opts:
         patch = plans.patch_size if isinstance(plans, Plans) else (plans or {}).get("patch_size")
-        opts["input_size"] = tuple(patch) if patch is not None and len(patch) == 2 else (224, 224)
-    weights = opts.pop("backbone_weights", None)  # a local ResNet-50 state dict for the encoder
+        opts["input_size"] = (working_size(patch, float(opts.get("input_scale", 1.0)))
+                              if patch is not None and len(patch) == 2 else (224, 224))
     model = UGPCLNet(in_channels, num_classes, **opts)
     if weights:
         load_local_weights(model.encoder, weights, "ResNet-50 encoder", rename=resnet_names)
