@@ -61,7 +61,27 @@ def test_all_runs_every_comparison_but_the_studies(tmp_path, monkeypatch):
                                   "dodnet", "pcrl", "dcmt", "de_dcgcn_ee", "mrnet", "seran"])
     assert {c.method for c in h.COMPARISONS.values() if c.study} == {
         "infnet", "infnet_352", "infnet_704", "infnet_704_aug", "infnet_brain", "infnet_brain_352_aug",
-        "ugpcl_semi", "canet"}
+        "ugpcl_native", "ugpcl_x2", "ugpcl_224_b16", "ugpcl_zoomed_data", "ugpcl_semi", "ugpcl_semi_224", "canet"}
+
+
+def test_a_zoomed_dataset_is_the_same_scans_cached_finer_in_plane(tmp_path, monkeypatch):
+    """``ZOOMED``: the base dataset's raw files, preprocessed again with the 2D plan's in-plane
+    spacing divided by the zoom (the slice axis kept); held-out files and labels unchanged."""
+    import medvol.preprocessing
+
+    h = _harness()
+    base = h.Data(tmp_path / "pre", tmp_path / "raw" / "imagesTs", tmp_path / "raw" / "labelsTs")
+    base.pre.mkdir()
+    (base.pre / "plans.json").write_text(json.dumps(
+        {"target_spacing": [3.0, 3.5, 7.0], "configurations": {"2d": {"in_plane_axes": [1, 2]}}}))
+    calls = []
+    monkeypatch.setattr(h, "build_data", lambda name, work, toy: base if name == "brain_tissue" else None)
+    monkeypatch.setattr(medvol.preprocessing, "preprocess_dataset", lambda raw, out, **kw: calls.append((raw, out, kw)))
+    data = h._zoomed("brain_tissue_x3.5", tmp_path, False)
+    ((raw, out, kw),) = calls
+    assert raw == tmp_path / "raw" and out == tmp_path / "data" / "brain_tissue_x3.5" / "pre" == data.pre
+    assert kw["target_spacing"] == pytest.approx([3.0, 1.0, 2.0])
+    assert (data.images, data.labels) == (base.images, base.labels)
 
 
 def _namespace(h, tmp_path, *argv):
@@ -85,8 +105,9 @@ def test_jobs_split_arms_by_seed_and_budget_and_keep_a_pretraining_arm_whole(tmp
     names = [j.name for j in jobs]
     assert names == ["pcrl_b1-2_PCRL_s0", "pcrl_b1_scratch_s0", "pcrl_b2_scratch_s0",
                      "pcrl_b1-2_PCRL_s1", "pcrl_b1_scratch_s1", "pcrl_b2_scratch_s1",
-                     "ugpcl_b1_UGPCL_s0", "ugpcl_b2_UGPCL_s0", "ugpcl_b1_quickstart_2d_s0", "ugpcl_b2_quickstart_2d_s0",
-                     "ugpcl_b1_UGPCL_s1", "ugpcl_b2_UGPCL_s1", "ugpcl_b1_quickstart_2d_s1", "ugpcl_b2_quickstart_2d_s1",
+                     "ugpcl_b1_UGPCL_224_s0", "ugpcl_b2_UGPCL_224_s0", "ugpcl_b1_quickstart_2d_s0",
+                     "ugpcl_b2_quickstart_2d_s0", "ugpcl_b1_UGPCL_224_s1", "ugpcl_b2_UGPCL_224_s1",
+                     "ugpcl_b1_quickstart_2d_s1", "ugpcl_b2_quickstart_2d_s1",
                      "mrnet_s0-1"]
     pcrl = h.COMPARISONS["pcrl"].arm
     assert jobs[0].minutes == 2 * pcrl.minutes and jobs[-1].minutes == 2 * h.ELSEWHERE_MINUTES_A_SEED
