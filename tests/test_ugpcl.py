@@ -103,6 +103,31 @@ def test_input_scale_works_at_the_zoomed_size_and_answers_at_the_input_size():
         UGPCLNet(1, 3, (64, 64), **TINY, input_scale=0)
 
 
+def test_published_decoders_add_the_published_details_and_default_checkpoints_keep_their_keys():
+    """``published_decoders``: nearest upsampling and a 3×3 head in the CNN decoder, LayerNorm on
+    the Swin skips, drop path rising to 0.1 with depth; off, the parameters are those of before."""
+    plain, pub = UGPCLNet(1, 3, (64, 64), **TINY), UGPCLNet(1, 3, (64, 64), **TINY, published_decoders=True)
+    assert all(k in pub.state_dict() for k in plain.state_dict() if "skip_proj" not in k)
+    assert {k for k in plain.state_dict() if "skip_proj" in k} == {
+        f"tf_decoder.stages.{i}.skip_proj.{p}" for i in range(3) for p in ("weight", "bias")}
+    assert [type(s.skip_proj[1]).__name__ for s in pub.tf_decoder.stages] == ["_ChannelNorm"] * 3
+    assert pub.cnn_decoder.head.kernel_size == (3, 3) and plain.cnn_decoder.head.kernel_size == (1, 1)
+    rates = [getattr(b.drop_path, "drop_prob", 0.0) for s in pub.tf_decoder.stages for b in s.blocks.blocks]
+    assert rates == pytest.approx([0.08, 0.1, 0.04, 0.06, 0.0, 0.02])  # strides 16, 8, 4
+    assert all(not hasattr(b.drop_path, "drop_prob") for s in plain.tf_decoder.stages for b in s.blocks.blocks)
+    assert (pub.cnn_decoder.upsample, plain.cnn_decoder.upsample) == ("nearest", "bilinear")
+    qkv = [n.tf_decoder.stages[0].blocks.blocks[0].attn.qkv.weight for n in (pub, plain)]
+    assert 0.017 < qkv[0].std() < 0.023 and qkv[1].std() > 0.05  # truncated normal 0.02 vs PyTorch's default
+    x = torch.randn(2, 1, 64, 64)
+    _check_outputs(pub(x), 2, 3, (64, 64), 16)
+    pub.eval()
+    with torch.no_grad():
+        assert torch.equal(pub(x, all_outputs=True)["seg_tf"], pub(x, all_outputs=True)["seg_tf"])
+        pub.train()
+        a, b = pub(x)["seg_tf"], pub(x)["seg_tf"]  # stochastic depth draws anew each pass
+    assert not torch.allclose(a, b)
+
+
 def test_position_embeddings_are_saved_and_trained():
     net = UGPCLNet(1, 3, (64, 64), **TINY)
     names = [k for k in net.state_dict() if k.endswith("pos_embed")]

@@ -66,23 +66,27 @@ def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
 
 
 class UNetDecoder(nn.Module):
-    """U-Net decoder: five ×2 bilinear upsamplings, each followed (where the encoder has one) by
-    concatenation with the skip feature and two 3×3 conv-BN-ReLU; a 1×1 conv to the classes."""
+    """U-Net decoder: five ×2 upsamplings (bilinear, or ``nearest`` as segmentation-models-pytorch's
+    ``UnetDecoder``), each followed (where the encoder has one) by concatenation with the skip
+    feature and two 3×3 conv-BN-ReLU; a ``head_kernel`` conv (1, or the published 3) to the classes."""
 
-    def __init__(self, enc_channels: Sequence[int], widths: Sequence[int], num_classes: int):
+    def __init__(self, enc_channels: Sequence[int], widths: Sequence[int], num_classes: int,
+                 upsample: str = "bilinear", head_kernel: int = 1):
         super().__init__()
+        self.upsample = upsample
         skips = list(enc_channels[3::-1]) + [0]  # strides 16, 8, 4, 2, then none at full size
         blocks, cin = [], enc_channels[4]
         for skip, cout in zip(skips, widths):
             blocks.append(nn.Sequential(*_conv_bn_relu(cin + skip, cout), *_conv_bn_relu(cout, cout)))
             cin = cout
         self.blocks = nn.ModuleList(blocks)
-        self.head = nn.Conv2d(cin, num_classes, 1)
+        self.head = nn.Conv2d(cin, num_classes, head_kernel, padding=head_kernel // 2)
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         x = feats[4]
         for i, block in enumerate(self.blocks):
-            x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+            x = (F.interpolate(x, scale_factor=2.0, mode="nearest") if self.upsample == "nearest"
+                 else F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False))
             if i < 4:
                 x = torch.cat([x, feats[3 - i]], 1)
             x = block(x)
@@ -113,18 +117,21 @@ class PatchExpand(nn.Module):
 class SwinDecoderStage(nn.Module):
     """The upsampled tokens fused with the encoder's skip feature (each to ``dim``, concatenated,
     linear back to ``dim``), plus a learned absolute position embedding for a ``grid``-sized map,
-    then ``depth`` Swin blocks (MONAI's, windowed attention with shifts)."""
+    then ``depth`` Swin blocks (MONAI's, windowed attention with shifts) with stochastic depth
+    ``drop_path`` (one rate a block). ``skip_norm``: LayerNorm after the skip's projection (published)."""
 
-    def __init__(self, dim: int, skip_channels: int, heads: int, depth: int, window: int, grid: Sequence[int]):
+    def __init__(self, dim: int, skip_channels: int, heads: int, depth: int, window: int, grid: Sequence[int],
+                 drop_path: Sequence[float] | None = None, skip_norm: bool = False):
         super().__init__()
         from monai.networks.nets.swin_unetr import BasicLayer
 
-        self.skip_proj = nn.Conv2d(skip_channels, dim, 1)
+        proj = nn.Conv2d(skip_channels, dim, 1)
+        self.skip_proj = nn.Sequential(proj, _ChannelNorm(dim)) if skip_norm else proj
         self.fuse = nn.Conv2d(2 * dim, dim, 1)
         self.pos_embed = nn.Parameter(torch.zeros(1, dim, *grid))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.blocks = BasicLayer(dim=dim, depth=depth, num_heads=heads, window_size=(window, window),
-                                 drop_path=[0.0] * depth, qkv_bias=True)
+                                 drop_path=list(drop_path or [0.0] * depth), qkv_bias=True)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = self.fuse(torch.cat([x, self.skip_proj(skip)], 1))
@@ -138,20 +145,25 @@ class SwinDecoder(nn.Module):
     """Transformer decoder (Swin-UNet's up path): the stride-32 feature projected to 2·(4e),
     patch-expanded to stride 16; stages at strides 16, 8, 4 of widths 4e, 2e, e with ``heads``
     (12, 6, 3) and window 7, patch expanding between them; LayerNorm, ×4 patch expanding to the
-    input size, 1×1 conv to the classes. ``input_size`` sizes the position embeddings."""
+    input size, 1×1 conv to the classes. ``input_size`` sizes the position embeddings.
+    ``published``: the skips' LayerNorm and stochastic depth rising linearly to 0.1 with depth
+    (the stride-16 stage's blocks last, as Swin-UNet's up path takes its encoder's rates)."""
 
     def __init__(self, enc_channels: Sequence[int], num_classes: int, input_size: Sequence[int],
                  embed_dim: int = 96, heads: Sequence[int] = (12, 6, 3), depths: Sequence[int] = (2, 2, 2),
-                 window: int = 7):
+                 window: int = 7, published: bool = False):
         super().__init__()
         dims = [embed_dim * 4, embed_dim * 2, embed_dim]
         strides = [16, 8, 4]
+        rates = torch.linspace(0.0, 0.1 if published else 0.0, sum(depths)).tolist()[::-1]  # deepest first
+        ends = [sum(depths[:i + 1]) for i in range(len(depths))]
         self.bottleneck = nn.Sequential(nn.Conv2d(enc_channels[4], 2 * dims[0], 1), _ChannelNorm(2 * dims[0]))
         self.expands = nn.ModuleList([PatchExpand(2 * dims[0], dims[0]), PatchExpand(dims[0], dims[1]),
                                       PatchExpand(dims[1], dims[2])])
         self.stages = nn.ModuleList(
-            SwinDecoderStage(d, enc_channels[3 - i], h, n, window, [s // st for s in input_size])
-            for i, (d, h, n, st) in enumerate(zip(dims, heads, depths, strides)))
+            SwinDecoderStage(d, enc_channels[3 - i], h, n, window, [s // st for s in input_size],
+                             rates[e - n:e][::-1], skip_norm=published)
+            for i, (d, h, n, st, e) in enumerate(zip(dims, heads, depths, strides, ends)))
         self.norm = _ChannelNorm(embed_dim)
         self.final_expand = PatchExpand(embed_dim, embed_dim, scale=4)
         self.head = nn.Conv2d(embed_dim, num_classes, 1)
@@ -178,12 +190,16 @@ class UGPCLNet(nn.Module):
     ``input_size`` as the working size). ``memory`` is the per-class
     queue of class-mean embeddings used by :class:`medvol.losses.pixel_contrast.PixelContrastLoss`.
     Faithful: ``width`` 64, ``layers`` (3, 4, 6, 3), ``embed_dim`` 96; smaller ones for tests.
+    ``published_decoders``: the published decoders' details medvol otherwise leaves out (nearest
+    upsampling and a 3×3 head in the CNN decoder, the Swin skips' LayerNorm, stochastic depth to
+    0.1, Kaiming-normal convolutions and truncated-normal (0.02) Swin linear layers).
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 4, input_size: Sequence[int] = (224, 224),
                  width: int = 64, layers: Sequence[int] = (3, 4, 6, 3), decoder_widths: Sequence[int] | None = None,
                  embed_dim: int = 96, heads: Sequence[int] = (12, 6, 3), depths: Sequence[int] = (2, 2, 2),
-                 window: int = 7, proj_dim: int = 256, queue_size: int = 500, input_scale: float = 1.0):
+                 window: int = 7, proj_dim: int = 256, queue_size: int = 500, input_scale: float = 1.0,
+                 published_decoders: bool = False):
         super().__init__()
         if not input_scale > 0:
             raise ConfigError(f"model.options.input_scale must be positive, got {input_scale}")
@@ -197,13 +213,16 @@ class UGPCLNet(nn.Module):
         self.encoder = ResNetEncoder(in_channels, width, layers)
         enc = self.encoder.channels
         widths = tuple(decoder_widths) if decoder_widths else (4 * width, 2 * width, width, width // 2, width // 4)
-        self.cnn_decoder = UNetDecoder(enc, widths, num_classes)
-        self.tf_decoder = SwinDecoder(enc, num_classes, input_size, embed_dim, heads, depths, window)
+        pub = bool(published_decoders)
+        self.cnn_decoder = UNetDecoder(enc, widths, num_classes, "nearest" if pub else "bilinear", 3 if pub else 1)
+        self.tf_decoder = SwinDecoder(enc, num_classes, input_size, embed_dim, heads, depths, window, pub)
         c8 = enc[2]  # 512 for ResNet-50
         self.proj_head = nn.Sequential(nn.Conv2d(c8, c8, 1), nn.BatchNorm2d(c8), nn.ReLU(inplace=True),
                                        nn.Conv2d(c8, proj_dim, 1))
         self.rot_head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(enc[4], 4))
         self.memory = ClassMemoryQueue(num_classes, proj_dim, queue_size)
+        if pub:
+            _published_init(self)
 
     def forward(self, x: torch.Tensor, all_outputs: bool | None = None) -> dict[str, torch.Tensor] | torch.Tensor:
         work = working_size(x.shape[-2:], self.input_scale)
@@ -221,8 +240,21 @@ class UGPCLNet(nn.Module):
         }
 
 
+def _published_init(net: UGPCLNet) -> None:
+    """The published initialisation of the decoders and heads: Kaiming-normal convolutions (zero
+    bias) and truncated-normal (std 0.02) linear layers in the Transformer decoder."""
+    for part in (net.cnn_decoder, net.tf_decoder, net.proj_head):
+        for m in part.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            elif isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 _OPTIONS = {"input_size", "width", "layers", "decoder_widths", "embed_dim", "heads", "depths", "window",
-            "proj_dim", "queue_size", "input_scale", "backbone_weights"}
+            "proj_dim", "queue_size", "input_scale", "published_decoders", "backbone_weights"}
 
 
 def resnet_names(key: str) -> str:
