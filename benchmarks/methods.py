@@ -204,6 +204,12 @@ COMPARISONS = {c.method: c for c in [
                Arm("quickstart_2d", "quickstart_2d", ("model.base_features=8",), minutes=7),
                study=True, budgets=(1, 2), steps=300,
                note="GM/WM on real T1 scans resampled x3.5 in plane, both arms on the plan's 192 x 224 patches"),
+    # the published decoders' details (nearest upsampling, 3x3 head, skip LayerNorm, drop path, init)
+    Comparison("ugpcl_published_decoders", "brain_tissue",
+               Arm("UGPCL 224 published decoders", "ugpcl_demo", (*UGPCL_224, "model.options.published_decoders=true"),
+                   minutes=4),
+               Arm("UGPCL 224", "ugpcl_demo", UGPCL_224, minutes=4),
+               study=True, budgets=(1, 2), steps=300, note="GM/WM on real T1 scans: the published decoders' details"),
     # the same UGPCL network with its unlabelled terms off: what the unlabelled scans themselves buy
     Comparison("ugpcl_semi", "brain_tissue", Arm("UGPCL", "ugpcl_demo"),
                Arm("UGPCL labelled only", "ugpcl_demo", UGPCL_LABELLED_ONLY),

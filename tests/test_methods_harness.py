@@ -61,7 +61,8 @@ def test_all_runs_every_comparison_but_the_studies(tmp_path, monkeypatch):
                                   "dodnet", "pcrl", "dcmt", "de_dcgcn_ee", "mrnet", "seran"])
     assert {c.method for c in h.COMPARISONS.values() if c.study} == {
         "infnet", "infnet_352", "infnet_704", "infnet_704_aug", "infnet_brain", "infnet_brain_352_aug",
-        "ugpcl_native", "ugpcl_x2", "ugpcl_224_b16", "ugpcl_zoomed_data", "ugpcl_semi", "ugpcl_semi_224", "canet"}
+        "ugpcl_native", "ugpcl_x2", "ugpcl_224_b16", "ugpcl_zoomed_data", "ugpcl_published_decoders", "ugpcl_semi",
+        "ugpcl_semi_224", "canet"}
 
 
 def test_a_zoomed_dataset_is_the_same_scans_cached_finer_in_plane(tmp_path, monkeypatch):
