@@ -25,6 +25,7 @@ UGPCL with its unlabelled terms off, CANet with the published-width discriminato
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import textwrap
@@ -482,6 +483,9 @@ def jobs_of(methods: list[str], a: argparse.Namespace) -> list[Job]:
     return jobs
 
 
+RUNNING: set = set()  # the job processes alive (subprocess.Popen), stopped when the harness is
+
+
 def run_job(job: Job, a: argparse.Namespace) -> list[dict] | None:
     """``job`` as its own process on one thread; its rows, or None when it failed (its log says why)."""
     import os
@@ -492,9 +496,11 @@ def run_job(job: Job, a: argparse.Namespace) -> list[dict] | None:
     rows.unlink(missing_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     t0 = time.perf_counter()
-    with log.open("w") as f:
-        code = subprocess.run([sys.executable, __file__, *job.argv(a), "--job-rows", str(rows)], stdout=f,
-                              stderr=subprocess.STDOUT, env=env).returncode
+    with log.open("w") as f, subprocess.Popen([sys.executable, __file__, *job.argv(a), "--job-rows", str(rows)],
+                                              stdout=f, stderr=subprocess.STDOUT, env=env) as p:
+        RUNNING.add(p)
+        code = p.wait()
+    RUNNING.discard(p)
     print(f"job {job.name}: {'done' if code == 0 else f'FAILED (exit {code}), see {log}'} "
           f"in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
     return json.loads(rows.read_text()) if code == 0 else None
@@ -531,10 +537,34 @@ def run_jobs(jobs: list[Job], a: argparse.Namespace, deadline: float) -> tuple[l
             return []
         return run_job(job, a)
 
-    with ThreadPoolExecutor(a.jobs) as pool:
-        futures = {job: pool.submit(one, job) for job in sorted(jobs, key=lambda j: -j.minutes)}
-    results = [futures[job].result() for job in jobs]
+    pool = ThreadPoolExecutor(a.jobs)
+    try:  # Ctrl-C or SIGTERM: no job starts any more, the running ones are stopped
+        with _interrupted_by_sigterm():
+            futures = {job: pool.submit(one, job) for job in sorted(jobs, key=lambda j: -j.minutes)}
+            results = [futures[job].result() for job in jobs]
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        for p in list(RUNNING):
+            p.terminate()
+        raise
+    pool.shutdown()
     return [r for rows in results if rows for r in rows], [j for j, rows in zip(jobs, results) if rows is None]
+
+
+@contextlib.contextmanager
+def _interrupted_by_sigterm():
+    """SIGTERM raises KeyboardInterrupt in the main thread for the duration (so ``kill`` of the
+    harness stops its jobs as Ctrl-C does)."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def stat(values: list[float], digits: int = 3) -> str:

@@ -135,6 +135,33 @@ def test_jobs_start_dearest_first_report_in_order_and_name_what_failed(tmp_path,
     assert rows == [] and failed == [] and capsys.readouterr().out.count("not run") == 3
 
 
+def test_sigterm_starts_no_further_job_and_stops_the_running_one(tmp_path, monkeypatch):
+    """``kill`` of the harness (SIGTERM, as Ctrl-C): the queued jobs never start, the running job's
+    process is terminated, the interrupt propagates and the old SIGTERM handler is back."""
+    import signal
+    import subprocess
+    import threading
+
+    h = _harness()
+    started, procs = [], []
+
+    def fake(job, a):  # a job that runs a process, during which the harness is killed
+        started.append(job.name)
+        procs.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]))
+        h.RUNNING.add(procs[-1])
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+        procs[-1].wait(timeout=30)
+        return None
+
+    monkeypatch.setattr(h, "run_job", fake)
+    before = signal.getsignal(signal.SIGTERM)
+    jobs = [h.Job("mrnet", (0,)), h.Job("mrnet", (1,))]
+    with pytest.raises(KeyboardInterrupt):
+        h.run_jobs(jobs, _namespace(h, tmp_path, "jobs", 1), deadline=float("inf"))
+    assert procs[0].wait(timeout=30) == -signal.SIGTERM
+    assert started == ["mrnet_s0"] and signal.getsignal(signal.SIGTERM) is before
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not available("nilearn"), reason="needs the nilearn wheel (the real MNI152 T1)")
 def test_jobs_give_the_rows_of_one_process(tmp_path, one_torch_thread):
