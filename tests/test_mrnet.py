@@ -274,8 +274,8 @@ def test_losses_fall_and_one_hot_expertise_moves_the_prediction_toward_that_rate
     not their noise, so Dice with the strict rater's thin map stays near its noise floor.)
     Measured over ``trainer.seed`` 0-2 at 2 threads and seed 0 at 1 thread: own-rater volume
     error 0.01-0.43 (the strict rater's the largest), always the smallest of its column; the
-    lenient rater's Dice 0.04-0.37 higher with the lenient prediction. (A bar of 15 % volume
-    error, set on one seed, failed on seeds 1 and 2 and on one thread.)"""
+    lenient rater's Dice 0.04-0.37 higher with the lenient prediction (seeds 0-2, 2 threads).
+    (A bar of 15 % volume error, set on one seed, failed on seeds 1 and 2 and on one thread.)"""
     raw, _, run = learned
     series = metric_series(run)
     for key in ("train/loss_recon", "train/loss_main", "train/loss_final"):
