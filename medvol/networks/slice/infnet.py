@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from medvol.errors import ConfigError
 from medvol.networks import model_options, register
-from medvol.networks.slice import resize2d
+from medvol.networks.slice import resize2d, scaled_size
 from medvol.networks.weights import load_local_weights
 
 
@@ -266,7 +266,7 @@ class InfNet(nn.Module):
 
     def working_size(self, size) -> list[int]:
         """The side lengths the backbone sees for an input of ``size``: ``size × input_scale``."""
-        return [int(s) if self.input_scale == 1.0 else max(32, int(round(s * self.input_scale))) for s in size]
+        return scaled_size(size, self.input_scale)
 
     def forward(self, x: torch.Tensor, all_outputs: bool | None = None, at_working_size: bool = False):
         """``at_working_size``: maps at the working resolution (``working_size``) instead of the

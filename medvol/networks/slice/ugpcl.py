@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from medvol.errors import ConfigError
 from medvol.losses.pixel_contrast import ClassMemoryQueue
 from medvol.networks import model_options, register
-from medvol.networks.slice import resize2d
+from medvol.networks.slice import resize2d, scaled_size
 from medvol.networks.weights import load_local_weights
 from medvol.plans import Plans
 
@@ -29,9 +29,7 @@ STRIDE = 32  # the encoder's total downsampling: H and W must be multiples of it
 def working_size(size: Sequence[int], input_scale: float) -> tuple[int, ...]:
     """The side lengths UGPCL's encoder sees for an input of ``size``: ``size × input_scale``,
     rounded to a multiple of 32 (the input itself when ``input_scale`` is 1)."""
-    if input_scale == 1.0:
-        return tuple(int(s) for s in size)
-    return tuple(max(STRIDE, STRIDE * round(s * input_scale / STRIDE)) for s in size)
+    return tuple(scaled_size(size, input_scale, STRIDE, STRIDE))
 
 
 class ResNetEncoder(nn.Module):
@@ -74,6 +72,7 @@ class UNetDecoder(nn.Module):
                  upsample: str = "bilinear", head_kernel: int = 1):
         super().__init__()
         self.upsample = upsample
+        self._align = None if upsample == "nearest" else False  # interpolate takes align_corners for bilinear only
         skips = list(enc_channels[3::-1]) + [0]  # strides 16, 8, 4, 2, then none at full size
         blocks, cin = [], enc_channels[4]
         for skip, cout in zip(skips, widths):
@@ -85,8 +84,7 @@ class UNetDecoder(nn.Module):
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         x = feats[4]
         for i, block in enumerate(self.blocks):
-            x = (F.interpolate(x, scale_factor=2.0, mode="nearest") if self.upsample == "nearest"
-                 else F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False))
+            x = F.interpolate(x, scale_factor=2.0, mode=self.upsample, align_corners=self._align)
             if i < 4:
                 x = torch.cat([x, feats[3 - i]], 1)
             x = block(x)
@@ -155,15 +153,14 @@ class SwinDecoder(nn.Module):
         super().__init__()
         dims = [embed_dim * 4, embed_dim * 2, embed_dim]
         strides = [16, 8, 4]
-        rates = torch.linspace(0.0, 0.1 if published else 0.0, sum(depths)).tolist()[::-1]  # deepest first
-        ends = [sum(depths[:i + 1]) for i in range(len(depths))]
+        rates = torch.linspace(0.0, 0.1 if published else 0.0, sum(depths)).tolist()  # shallowest block first
         self.bottleneck = nn.Sequential(nn.Conv2d(enc_channels[4], 2 * dims[0], 1), _ChannelNorm(2 * dims[0]))
         self.expands = nn.ModuleList([PatchExpand(2 * dims[0], dims[0]), PatchExpand(dims[0], dims[1]),
                                       PatchExpand(dims[1], dims[2])])
         self.stages = nn.ModuleList(
             SwinDecoderStage(d, enc_channels[3 - i], h, n, window, [s // st for s in input_size],
-                             rates[e - n:e][::-1], skip_norm=published)
-            for i, (d, h, n, st, e) in enumerate(zip(dims, heads, depths, strides, ends)))
+                             rates[sum(depths[i + 1:]):sum(depths[i:])], skip_norm=published)
+            for i, (d, h, n, st) in enumerate(zip(dims, heads, depths, strides)))
         self.norm = _ChannelNorm(embed_dim)
         self.final_expand = PatchExpand(embed_dim, embed_dim, scale=4)
         self.head = nn.Conv2d(embed_dim, num_classes, 1)
