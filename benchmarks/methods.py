@@ -109,6 +109,7 @@ INFNET_CPU = ("model.options.width_mult=0.25", "model.options.rfb_channels=16", 
               "model.options.input_scale=2.0")
 Q2D_CPU = ("model.base_features=8", "data.batch_size=8")
 UNET_2D = Arm("quickstart_2d", "quickstart_2d", Q2D_CPU)  # the 2D baseline of the Inf-Net comparisons
+UNET_2D_PLAN = Arm("quickstart_2d", "quickstart_2d", ("model.base_features=8",))  # the plan's batch (UGPCL's)
 UNET_3D = Arm("quickstart", "quickstart", ("model.base_features=8", "data.patch_size=[48,48,48]"), minutes=4)  # CANet's
 # Semi-Inf-Net against the supervised Inf-Net at the slices' own 128 px (4x cheaper than 256;
 # both arms alike). Its stages are sized in epochs of their own slices, as published: with k
@@ -185,18 +186,18 @@ COMPARISONS = {c.method: c for c in [
     # the published loader zooms every slice to 224²: the 64 px slices reach the stride-2 stem at 224 px
     # (x3.5; ugpcl.md, ninth round); at their own size UGPCL trails on white matter (a study now)
     Comparison("ugpcl", "brain_tissue", Arm("UGPCL 224", "ugpcl_demo", UGPCL_224, minutes=4),
-               Arm("quickstart_2d", "quickstart_2d", ("model.base_features=8",)),
+               UNET_2D_PLAN,
                budgets=(1, 2), steps=300, note="GM/WM on real T1 scans, the rest of the 6 unlabelled"),
     Comparison("ugpcl_native", "brain_tissue", Arm("UGPCL", "ugpcl_demo"),
-               Arm("quickstart_2d", "quickstart_2d", ("model.base_features=8",)),
+               UNET_2D_PLAN,
                study=True, budgets=(1, 2), steps=300, note="GM/WM on real T1 scans, UGPCL at the slices' 64 px"),
     Comparison("ugpcl_x2", "brain_tissue", Arm("UGPCL x2", "ugpcl_demo", UGPCL_X2, minutes=2),
-               Arm("quickstart_2d", "quickstart_2d", ("model.base_features=8",)),
+               UNET_2D_PLAN,
                study=True, budgets=(1, 2), steps=300, note="GM/WM on real T1 scans, UGPCL at 128 px"),
     Comparison("ugpcl_224_b16", "brain_tissue",
                Arm("UGPCL 224 8+8", "ugpcl_demo", (*UGPCL_224, "data.batch_size=16", "data.unlabelled_per_batch=8"),
                    minutes=8),
-               Arm("quickstart_2d", "quickstart_2d", ("model.base_features=8",)),
+               UNET_2D_PLAN,
                study=True, budgets=(1, 2), steps=300, note="GM/WM on real T1 scans, UGPCL at 224 px, 8 + 8 a batch"),
     # both arms on the scans resampled x3.5 in plane (a cache at 0.85 mm): the U-Net given UGPCL's zoom
     Comparison("ugpcl_zoomed_data", "brain_tissue_x3.5",
@@ -326,13 +327,14 @@ ZOOMED = {"brain_tissue_x3.5": ("brain_tissue", 3.5)}
 def _zoomed(name: str, work: Path, toy: bool) -> Data:
     """``ZOOMED[name]``'s dataset preprocessed again at its plan's target spacing with the 2D
     in-plane axes ``zoom`` times finer (``medvol preprocess --target-spacing``)."""
+    from medvol.cache import load_plans
     from medvol.preprocessing import preprocess_dataset
 
     base, zoom = ZOOMED[name]
     data = build_data(base, work, toy)
     pre = work / "data" / name / "pre"
     if not (pre / "plans.json").exists():
-        plans = json.loads((data.pre / "plans.json").read_text())
+        plans = load_plans(data.pre)
         spacing = [float(s) for s in plans["target_spacing"]]
         for ax in plans["configurations"]["2d"]["in_plane_axes"]:
             spacing[ax] /= zoom
